@@ -1,0 +1,161 @@
+"""Shared benchmark harness: copy bandwidth, median timing, and the printed table.
+
+Every RecStack benchmark prints one table: the workload, our time, the plain-PyTorch
+baseline's time measured in the same run, their ratio, and MBU (model bandwidth
+utilisation) = bytes that must move / time / the device-to-device copy bandwidth measured
+in this run (bytes read plus bytes written). The card (or CPU) is named in the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# The benchmarks run from a checkout without installing anything (the GPU machine has torch
+# and triton but not RecStack), so make the packages' sources importable.
+_ROOT = Path(__file__).resolve().parents[1]
+for _src in sorted(_ROOT.glob("packages/*/src")):
+    if str(_src) not in sys.path:
+        sys.path.insert(0, str(_src))
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name, or the CPU model and core count."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        memory = props.total_memory / 2**30
+        return f"{props.name} ({memory:.0f} GiB, {props.multi_processor_count} SMs)"
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(
+    fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 20
+) -> float:
+    """Median seconds of ``fn()``: CUDA events on a GPU, the wall clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeat)
+        ]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) / 1e3 for start, end in events]
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if nbytes is None:
+        nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, warmup=3, repeat=20)
+    return 2 * nbytes / seconds
+
+
+@dataclass
+class Row:
+    """One workload: our time and the baseline's, both in seconds, and the bytes moved."""
+
+    workload: str
+    ours_s: float
+    baseline_s: float
+    nbytes: int
+    baseline: str = "plain PyTorch"
+    notes: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def speedup(self) -> float:
+        return self.baseline_s / self.ours_s
+
+    def mbu(self, bandwidth: float, seconds: float) -> float:
+        return self.nbytes / seconds / bandwidth
+
+
+@dataclass
+class Report:
+    """A benchmark run: the device, its measured copy bandwidth, and the rows."""
+
+    title: str
+    device: str
+    bandwidth: float
+    rows: list[Row] = field(default_factory=list)
+    command: str = field(default_factory=lambda: " ".join(["python", *sys.argv]))
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
+    versions: str = field(
+        default_factory=lambda: f"torch {torch.__version__}, triton {_triton_version()}"
+    )
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(
+            f"  measured: {row.workload}: ours {row.ours_s * 1e3:.3f} ms, "
+            f"baseline {row.baseline_s * 1e3:.3f} ms",
+            flush=True,
+        )
+        return row
+
+    def markdown(self) -> str:
+        lines = [
+            f"**{self.title}** on {self.device}, {self.date}; {self.versions}; "
+            f"copy bandwidth {self.bandwidth / 1e9:,.0f} GB/s (read + write); `{self.command}`",
+            "",
+            "| workload | ours (ms) | baseline (ms) | baseline | speedup | MBU ours "
+            "| MBU baseline |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.workload} | {r.ours_s * 1e3:.3f} | {r.baseline_s * 1e3:.3f} | {r.baseline} "
+                f"| {r.speedup():.2f}x | {r.mbu(self.bandwidth, r.ours_s):.0%} "
+                f"| {r.mbu(self.bandwidth, r.baseline_s):.0%} |"
+            )
+        return "\n".join(lines)
+
+    def save(self, path: str | None) -> None:
+        if path:
+            payload = asdict(self)
+            Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "absent"

@@ -1,0 +1,169 @@
+"""recstack.core kernels against plain PyTorch: paged gather/scatter, coalesce, hash64.
+
+Workload (issue 2): a 20M-row, dim-64 fp32 table and 1.3M random rows; ``gather_rows``
+against ``index_select`` on a plain tensor, ``scatter_rows`` against ``index_put_`` (set) and
+``index_add_`` (add), ``SparseGrad.coalesce`` against ``unique`` + ``index_add_``, and
+``hash64`` against the same XXH64 written in plain torch ops (our reference, run on the GPU).
+
+    python benchmarks/core.py                  # on a GPU
+    python benchmarks/core.py --device cpu --table-rows 2000000 --batch 130000
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _harness import Report, Row, copy_bandwidth, device_name, median_time
+
+from recstack.core import JaggedTensor, PagedTensor, SparseGrad, hash64, kernels
+
+
+def _random_table(rows: int, dim: int, device: torch.device, page_rows: int) -> PagedTensor:
+    table = PagedTensor(dim, torch.float32, device=device, page_rows=page_rows, name="bench")
+    table.append_rows(rows)
+    for page in table.pages:
+        page.uniform_(-1.0, 1.0)
+    return table
+
+
+def _zipf_rows(n: int, universe: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    # Recommendation ids are heavy-tailed: a few ids repeat thousands of times per batch.
+    ranks = torch.rand(n, generator=gen, device=device).pow(-1.0 / 1.05)
+    return (ranks.to(torch.int64) - 1).clamp_(0, universe - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--table-rows", type=int, default=20_000_000)
+    parser.add_argument("--batch", type=int, default=1_300_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--page-rows", type=int, default=65536)
+    parser.add_argument("--strings", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json", help="also write the report as JSON here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    bandwidth = copy_bandwidth(device)
+    report = Report("recstack.core kernels", device_name(device), bandwidth)
+    print(f"{report.device}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
+
+    def timed(fn):
+        return median_time(fn, device, repeat=args.repeat)
+
+    n, dim, rows_total = args.batch, args.dim, args.table_rows
+    table = _random_table(rows_total, dim, device, args.page_rows)
+    dense = torch.cat(table.pages)[:rows_total]  # same content as a plain tensor
+    rows = torch.randint(0, rows_total, (n,), device=device, generator=gen)
+    values = torch.randn(n, dim, device=device, generator=gen)
+    row_bytes = dim * 4
+
+    # gather: read n rows + indices, write n rows.
+    out = torch.empty(n, dim, device=device)
+    assert torch.equal(table.gather_rows(rows), torch.index_select(dense, 0, rows))
+    gather_bytes = 2 * n * row_bytes + n * 8
+    report.add(
+        Row(
+            f"gather_rows {rows_total / 1e6:.0f}M x {dim} fp32, {n / 1e6:.1f}M rows",
+            timed(lambda: table.gather_rows(rows, check_bounds=False, out=out)),
+            timed(lambda: torch.index_select(dense, 0, rows, out=out)),
+            gather_bytes,
+            baseline="index_select",
+            notes="unchecked (trusted rows)",
+        )
+    )
+    report.add(
+        Row(
+            "gather_rows, bounds-checked (default)",
+            timed(lambda: table.gather_rows(rows)),
+            timed(lambda: torch.index_select(dense, 0, rows)),
+            gather_bytes,
+            baseline="index_select",
+        )
+    )
+
+    # scatter set: read n rows of values + indices, write n rows.
+    report.add(
+        Row(
+            "scatter_rows set",
+            timed(lambda: table.scatter_rows(rows, values, reduce="set", check_bounds=False)),
+            timed(lambda: dense.index_put_((rows,), values)),
+            gather_bytes,
+            baseline="index_put_",
+        )
+    )
+    # scatter add: read values + indices, read-modify-write n table rows.
+    report.add(
+        Row(
+            "scatter_rows add",
+            timed(lambda: table.scatter_rows(rows, values, reduce="add", check_bounds=False)),
+            timed(lambda: dense.index_add_(0, rows, values)),
+            3 * n * row_bytes + n * 8,
+            baseline="index_add_",
+        )
+    )
+
+    # coalesce: Zipf rows with heavy duplicates; read rows + values, write unique rows + sums.
+    zrows = _zipf_rows(n, rows_total, device, gen)
+    grad = SparseGrad(zrows, values)
+    uniq = grad.coalesce().rows.numel()
+
+    def unique_index_add():
+        u, inverse = torch.unique(zrows, return_inverse=True)
+        return u, torch.zeros(u.numel(), dim, device=device).index_add_(0, inverse, values)
+
+    report.add(
+        Row(
+            f"SparseGrad.coalesce Zipf ({uniq / 1e3:.0f}k unique of {n / 1e6:.1f}M)",
+            timed(lambda: SparseGrad(zrows, values).coalesce()),
+            timed(unique_index_add),
+            n * (row_bytes + 8) + uniq * (row_bytes + 8),
+            baseline="unique + index_add_",
+        )
+    )
+
+    # hash64 of int64 ids: read 8 bytes, write 8 bytes each.
+    ids = torch.randint(-(2**63), 2**63 - 1, (16 * n,), device=device, generator=gen)
+    ours = hash64(ids, seed=7)
+    with kernels.use_backend("torch"):
+        assert torch.equal(ours, hash64(ids, seed=7))
+        baseline_s = timed(lambda: hash64(ids, seed=7))
+    report.add(
+        Row(
+            f"hash64 int64 ({ids.numel() / 1e6:.1f}M ids)",
+            timed(lambda: hash64(ids, seed=7)),
+            baseline_s,
+            16 * ids.numel(),
+            baseline="same XXH64 in torch ops",
+        )
+    )
+
+    # hash64 of strings: lengths 1..48 bytes (ids, tags, short titles).
+    lengths = torch.randint(1, 49, (args.strings,), device=device, generator=gen)
+    nbytes = int(lengths.sum())
+    data = torch.randint(0, 256, (nbytes,), device=device, generator=gen, dtype=torch.int64)
+    strings = JaggedTensor.from_lengths(data.to(torch.uint8), lengths)
+    ours = hash64(strings)
+    with kernels.use_backend("torch"):
+        assert torch.equal(ours, hash64(strings))
+        baseline_s = timed(lambda: hash64(strings))
+    report.add(
+        Row(
+            f"hash64 strings ({args.strings / 1e6:.1f}M, mean {nbytes / args.strings:.1f} B)",
+            timed(lambda: hash64(strings)),
+            baseline_s,
+            nbytes + 8 * (args.strings + 1) + 8 * args.strings,
+            baseline="same XXH64 in torch ops",
+        )
+    )
+
+    print()
+    print(report.markdown())
+    report.save(args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""recstack.core: the shared interface of every RecStack package.
+
+* :class:`JaggedTensor`, :class:`KeyedJaggedTensor`: variable-length features, packed.
+* :class:`PagedTensor`: a growable row store addressed through a page table of data pointers.
+* :class:`SparseGrad`: row-sparse gradients with a fused :meth:`SparseGrad.coalesce`.
+* :func:`hash64` (XXH64), :func:`mix64` (fmix64): the documented 64-bit hashes.
+* :func:`owner`, :class:`ShardSpec`: the id-to-rank map shared by all-to-all and the saver.
+* :mod:`recstack.core.distributed`: torchrun environment and :func:`all_to_all_v`.
+* :class:`KeyedState`: the protocol for keyed sparse state that the saver writes.
+* :mod:`recstack.core.kernels`: Triton on CUDA, torch reference on CPU, launch counting.
+"""
+
+from recstack.core import distributed, kernels
+from recstack.core.distributed import DistEnv, all_to_all_v, all_to_all_v_list, dist_env
+from recstack.core.hashing import hash64, mix64
+from recstack.core.jagged import JaggedTensor
+from recstack.core.keyed_jagged import KeyedJaggedTensor
+from recstack.core.keyed_state import (
+    KeyedState,
+    check_json_metadata,
+    iter_chunks,
+    select_owned,
+    validate_chunk,
+)
+from recstack.core.paged import PagedTensor
+from recstack.core.sharding import SHARD_SEED, ShardSpec, owner
+from recstack.core.sparse_grad import SparseGrad
+from recstack.core.torchrec_interop import from_torchrec, to_torchrec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SHARD_SEED",
+    "DistEnv",
+    "JaggedTensor",
+    "KeyedJaggedTensor",
+    "KeyedState",
+    "PagedTensor",
+    "ShardSpec",
+    "SparseGrad",
+    "__version__",
+    "all_to_all_v",
+    "all_to_all_v_list",
+    "check_json_metadata",
+    "dist_env",
+    "distributed",
+    "from_torchrec",
+    "hash64",
+    "iter_chunks",
+    "kernels",
+    "mix64",
+    "owner",
+    "select_owned",
+    "to_torchrec",
+    "validate_chunk",
+]

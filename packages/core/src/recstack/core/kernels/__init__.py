@@ -1,0 +1,158 @@
+"""Kernel backend choice and launch accounting shared by every RecStack kernel.
+
+Every op in RecStack has two implementations: a Triton kernel and a vectorized torch
+reference. Which one runs is decided per call from the tensors' device:
+
+* CUDA tensors run the Triton kernel;
+* CPU tensors run the torch reference, except when ``TRITON_INTERPRET=1`` is set (before
+  Triton is imported), in which case the Triton kernel runs on the CPU through Triton's
+  interpreter. The test-suite uses this so every kernel is checked without a GPU.
+
+The choice can be forced with :func:`use_backend` / :func:`set_backend` or the
+``RECSTACK_KERNELS`` environment variable (``auto``, ``triton`` or ``torch``); forcing
+``torch`` on CUDA runs the reference on the GPU, which is what benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "Backend",
+    "HAS_TRITON",
+    "count_launches",
+    "get_backend",
+    "interpret_mode",
+    "record_launch",
+    "set_backend",
+    "triton_available",
+    "use_backend",
+    "use_triton",
+]
+
+Backend = Literal["auto", "triton", "torch"]
+_BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported on this machine."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+HAS_TRITON: bool = triton_available()
+
+
+def interpret_mode() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _backend_from_env() -> Backend:
+    value = os.environ.get("RECSTACK_KERNELS", "auto").strip().lower()
+    if value not in _BACKENDS:
+        raise ValueError(
+            f"RECSTACK_KERNELS={value!r} is not a kernel backend; use one of {_BACKENDS}"
+        )
+    return value  # type: ignore[return-value]
+
+
+_state = threading.local()
+
+
+def get_backend() -> Backend:
+    """The backend in force for this thread: ``auto`` unless set or forced."""
+    backend = getattr(_state, "backend", None)
+    return backend if backend is not None else _backend_from_env()
+
+
+def set_backend(backend: Backend) -> None:
+    """Force the kernel backend for this thread (``auto``, ``triton`` or ``torch``)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; use one of {_BACKENDS}")
+    _state.backend = backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend) -> Iterator[None]:
+    """Run the enclosed code with ``backend`` forced, then restore the previous choice.
+
+    Example:
+        >>> from recstack.core import kernels
+        >>> with kernels.use_backend("torch"):
+        ...     pass  # every RecStack op in here runs its torch reference
+    """
+    previous = getattr(_state, "backend", None)
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def use_triton(*tensors: torch.Tensor, op: str = "op") -> bool:
+    """Decide whether ``op`` on ``tensors`` runs its Triton kernel (True) or torch reference.
+
+    Raises a clear error when Triton is forced but cannot run on these tensors.
+    """
+    backend = get_backend()
+    on_cuda = any(t.is_cuda for t in tensors)
+    if backend == "torch":
+        return False
+    runnable = HAS_TRITON and (on_cuda or interpret_mode())
+    if backend == "triton":
+        if not runnable:
+            reason = (
+                "the triton package is not installed"
+                if not HAS_TRITON
+                else "its tensors are on the CPU and TRITON_INTERPRET=1 was not set before "
+                "Triton was imported"
+            )
+            raise RuntimeError(f"{op}: the Triton backend was forced but cannot run: {reason}")
+        return True
+    return runnable
+
+
+_counting = threading.local()
+
+
+def record_launch(name: str, n: int = 1) -> None:
+    """Count ``n`` kernel launches of ``name``; launchers call this once per launch."""
+    for counter in getattr(_counting, "active", ()):
+        counter[name] += n
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[Counter[str]]:
+    """Count RecStack kernel launches (Triton or reference) made in this thread inside the block.
+
+    Yields a :class:`collections.Counter` keyed by kernel name, updated as launches happen.
+    Blocks may nest; each counts what ran inside it.
+
+    Example:
+        >>> from recstack.core import kernels
+        >>> with kernels.count_launches() as launches:
+        ...     pass
+        >>> sum(launches.values())
+        0
+    """
+    counter: Counter[str] = Counter()
+    active = getattr(_counting, "active", ())
+    _counting.active = (*active, counter)
+    try:
+        yield counter
+    finally:
+        _counting.active = active

@@ -1,0 +1,535 @@
+"""XXH64 and fmix64 kernels: Triton kernels, vectorized torch references and launchers.
+
+Three ops, each bit-exact with its published definition:
+
+* ``xxh64_int``: XXH64 (xxHash64, https://github.com/Cyan4973/xxHash/blob/dev/doc/xxhash_spec.md)
+  of each int64 id's 8 little-endian bytes, with a seed;
+* ``xxh64_bytes``: XXH64 of each row of a uint8 jagged buffer (strings as bytes), with a seed;
+* ``fmix64``: MurmurHash3's 64-bit finalizer.
+
+``shard_owner`` fuses ``xxh64_int`` with the multiply-high rank mapping used by
+:mod:`recstack.core.sharding`, so routing ids costs one launch.
+
+Values are uint64 bit patterns carried in int64 tensors (torch has no uint64 arithmetic on
+every supported version). In the torch references, add and multiply wrap modulo 2**64 exactly
+as unsigned arithmetic does, and logical right shift is an arithmetic shift followed by a mask.
+The Triton kernels bitcast to uint64 and work unsigned. ``tl_xxh64_u64`` and ``tl_fmix64`` are
+``@triton.jit`` device functions other kernels (hash tables) call so they hash identically.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from recstack.core import kernels
+from recstack.core.kernels import HAS_TRITON
+
+__all__ = [
+    "PRIME64_1",
+    "PRIME64_2",
+    "PRIME64_3",
+    "PRIME64_4",
+    "PRIME64_5",
+    "FMIX64_C1",
+    "FMIX64_C2",
+    "MAX_WORLD_SIZE",
+    "check_seed",
+    "fmix64",
+    "fmix64_reference",
+    "shard_owner",
+    "shard_owner_reference",
+    "xxh64_bytes",
+    "xxh64_bytes_reference",
+    "xxh64_int",
+    "xxh64_int_reference",
+]
+
+_MASK64 = (1 << 64) - 1
+
+# XXH64 primes, from the xxHash specification.
+PRIME64_1 = 0x9E3779B185EBCA87
+PRIME64_2 = 0xC2B2AE3D27D4EB4F
+PRIME64_3 = 0x165667B19E3779F9
+PRIME64_4 = 0x85EBCA77C2B2AE63
+PRIME64_5 = 0x27D4EB2F165667C5
+# MurmurHash3 fmix64 multipliers.
+FMIX64_C1 = 0xFF51AFD7ED558CCD
+FMIX64_C2 = 0xC4CEB9FE1A85EC53
+
+# World sizes are multiplied by a 32-bit hash slice in int64: keep the product below 2**63.
+MAX_WORLD_SIZE = 2**31 - 1
+
+_INT_BLOCK = 1024
+_BYTES_BLOCK = 64
+
+
+def _signed(v: int) -> int:
+    """The int64 whose two's complement bit pattern is the uint64 ``v mod 2**64``."""
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+_S_P1 = _signed(PRIME64_1)
+_S_P2 = _signed(PRIME64_2)
+_S_P3 = _signed(PRIME64_3)
+_S_P4 = _signed(PRIME64_4)
+_S_P5 = _signed(PRIME64_5)
+_S_C1 = _signed(FMIX64_C1)
+_S_C2 = _signed(FMIX64_C2)
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """Validate a hash seed (an int in ``[0, 2**64)``) and return it as a Python int."""
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__}")
+    value = operator.index(seed)
+    if not 0 <= value <= _MASK64:
+        raise ValueError(f"{name} must be in [0, 2**64 - 1], got {value}")
+    return value
+
+
+def _check_int64(x: object, name: str, op: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{op}: {name} must be int64, got {x.dtype}")
+    return x
+
+
+def _check_world_size(world_size: object, op: str) -> int:
+    if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
+        raise TypeError(f"{op}: world_size must be an int, got {type(world_size).__name__}")
+    value = operator.index(world_size)
+    if not 1 <= value <= MAX_WORLD_SIZE:
+        raise ValueError(f"{op}: world_size must be in [1, {MAX_WORLD_SIZE}], got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# torch references (int64 tensors holding uint64 bit patterns)
+# ----------------------------------------------------------------------------------------
+
+
+def _lshr(x: torch.Tensor, r: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it logical.
+    return (x >> r) & ((1 << (64 - r)) - 1)
+
+
+def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
+    return (x << r) | _lshr(x, 64 - r)
+
+
+def _round(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    return _rotl(acc + lane * _S_P2, 31) * _S_P1
+
+
+def _round0(lane: torch.Tensor) -> torch.Tensor:
+    return _rotl(lane * _S_P2, 31) * _S_P1
+
+
+def _merge(acc: torch.Tensor, lane_acc: torch.Tensor) -> torch.Tensor:
+    return (acc ^ _round0(lane_acc)) * _S_P1 + _S_P4
+
+
+def _avalanche(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ _lshr(h, 33)
+    h = h * _S_P2
+    h = h ^ _lshr(h, 29)
+    h = h * _S_P3
+    return h ^ _lshr(h, 32)
+
+
+def _step8(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    return _rotl(acc ^ _round0(lane), 27) * _S_P1 + _S_P4
+
+
+def _step4(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    return _rotl(acc ^ (lane * _S_P1), 23) * _S_P2 + _S_P3
+
+
+def _step1(acc: torch.Tensor, byte: torch.Tensor) -> torch.Tensor:
+    return _rotl(acc ^ (byte * _S_P5), 11) * _S_P1
+
+
+def xxh64_int_reference(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """XXH64 of each int64's 8 little-endian bytes (torch reference, any device)."""
+    seed = check_seed(seed)
+    # An 8-byte input takes the short path: acc = seed + PRIME64_5 + len, one 8-byte lane.
+    acc0 = _signed(seed + PRIME64_5 + 8)
+    return _avalanche(_step8(torch.full_like(x, acc0), x))
+
+
+def fmix64_reference(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3 fmix64 of each int64's bit pattern (torch reference, any device)."""
+    k = x ^ _lshr(x, 33)
+    k = k * _S_C1
+    k = k ^ _lshr(k, 33)
+    k = k * _S_C2
+    return k ^ _lshr(k, 33)
+
+
+def _rank_of(h: torch.Tensor, world_size: int) -> torch.Tensor:
+    # Multiply-high on the top 32 bits: floor(hi32 * world / 2**32), no division, no low bits.
+    return (_lshr(h, 32) * world_size) >> 32
+
+
+def shard_owner_reference(x: torch.Tensor, seed: int, world_size: int) -> torch.Tensor:
+    """Owner rank of each id: multiply-high of ``xxh64_int(x, seed)``'s top 32 bits."""
+    return _rank_of(xxh64_int_reference(x, seed), world_size)
+
+
+def _read_le(
+    values: torch.Tensor, pos: torch.Tensor, nbytes: int, active: torch.Tensor
+) -> torch.Tensor:
+    """Little-endian unsigned word of ``nbytes`` bytes at ``pos`` per row; 0 where inactive."""
+    shifts = torch.arange(0, 8 * nbytes, 8, device=pos.device, dtype=torch.int64)
+    idx = pos[:, None] + torch.arange(nbytes, device=pos.device, dtype=torch.int64)
+    idx = torch.where(active[:, None], idx, 0)
+    b = torch.where(active[:, None], values[idx].to(torch.int64), 0)
+    # Bytes occupy disjoint bits, so the wrapping sum is their OR.
+    return (b << shifts).sum(dim=1)
+
+
+def xxh64_bytes_reference(
+    values: torch.Tensor, offsets: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
+    """XXH64 of each row ``values[offsets[i]:offsets[i+1]]`` (torch reference, any device).
+
+    Vectorized over rows: the only Python loop is over the 32-byte stripe index, and each
+    stripe step touches only the rows still that long (rows are visited longest first, so
+    the rows active at stripe ``s`` are a prefix), which keeps the work proportional to the
+    bytes hashed even when one row is far longer than the rest.
+    """
+    seed = check_seed(seed)
+    dev = offsets.device
+    starts = offsets[:-1]
+    lens = offsets[1:] - starts
+    n = lens.numel()
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev)
+    if values.numel() == 0:
+        values = torch.zeros(1, dtype=torch.uint8, device=dev)
+
+    nstripes = lens // 32
+    acc = torch.full((n,), _signed(seed + PRIME64_5), dtype=torch.int64, device=dev)
+    max_stripes = int(nstripes.max())
+    if max_stripes > 0:
+        order = torch.argsort(nstripes, descending=True)
+        o_starts = starts[order]
+        # active[s] = number of rows with more than s stripes (one host sync for all of them).
+        hist = torch.bincount(nstripes, minlength=max_stripes + 1)
+        active_counts = (hist.flip(0).cumsum(0).flip(0)[1:]).tolist()
+        n_long = active_counts[0]
+        init = (
+            PRIME64_1 + PRIME64_2 + seed,
+            PRIME64_2 + seed,
+            seed,
+            seed - PRIME64_1,
+        )
+        accs = [torch.full((n_long,), _signed(v), dtype=torch.int64, device=dev) for v in init]
+        all_on = torch.ones(n_long, dtype=torch.bool, device=dev)
+        for s in range(max_stripes):
+            m = active_counts[s]
+            base = o_starts[:m] + 32 * s
+            for j in range(4):
+                lane = _read_le(values, base + 8 * j, 8, all_on[:m])
+                accs[j][:m] = _round(accs[j][:m], lane)
+        a1, a2, a3, a4 = accs
+        conv = _rotl(a1, 1) + _rotl(a2, 7) + _rotl(a3, 12) + _rotl(a4, 18)
+        for a in accs:
+            conv = _merge(conv, a)
+        acc[order[:n_long]] = conv
+
+    acc = acc + lens
+    tail = starts + nstripes * 32
+    rem = lens - nstripes * 32
+    for j in range(3):
+        on = rem >= 8 * (j + 1)
+        acc = torch.where(on, _step8(acc, _read_le(values, tail + 8 * j, 8, on)), acc)
+    pos = tail + (rem // 8) * 8
+    rem = rem % 8
+    on = rem >= 4
+    acc = torch.where(on, _step4(acc, _read_le(values, pos, 4, on)), acc)
+    pos = pos + torch.where(on, 4, 0)
+    rem = rem % 4
+    for k in range(3):
+        on = rem > k
+        acc = torch.where(on, _step1(acc, _read_le(values, pos + k, 1, on)), acc)
+    return _avalanche(acc)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels (uint64 arithmetic)
+# ----------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _P1 = tl.constexpr(PRIME64_1)
+    _P2 = tl.constexpr(PRIME64_2)
+    _P3 = tl.constexpr(PRIME64_3)
+    _P4 = tl.constexpr(PRIME64_4)
+    _P5 = tl.constexpr(PRIME64_5)
+    _P5_8 = tl.constexpr((PRIME64_5 + 8) & _MASK64)
+    _P1_P2 = tl.constexpr((PRIME64_1 + PRIME64_2) & _MASK64)
+    _NEG_P1 = tl.constexpr((-PRIME64_1) & _MASK64)
+    _C1 = tl.constexpr(FMIX64_C1)
+    _C2 = tl.constexpr(FMIX64_C2)
+
+    @triton.jit
+    def _tl_rotl(x, r: tl.constexpr):
+        return (x << r) | (x >> (64 - r))
+
+    @triton.jit
+    def _tl_round(acc, lane):
+        return _tl_rotl(acc + lane * _P2, 31) * _P1
+
+    @triton.jit
+    def _tl_round0(lane):
+        return _tl_rotl(lane * _P2, 31) * _P1
+
+    @triton.jit
+    def _tl_merge(acc, lane_acc):
+        return (acc ^ _tl_round0(lane_acc)) * _P1 + _P4
+
+    @triton.jit
+    def _tl_avalanche(h):
+        h = h ^ (h >> 33)
+        h = h * _P2
+        h = h ^ (h >> 29)
+        h = h * _P3
+        return h ^ (h >> 32)
+
+    @triton.jit
+    def tl_xxh64_u64(x, seed):
+        """XXH64 of a uint64's 8 little-endian bytes; ``x`` and ``seed`` uint64."""
+        acc = seed + _P5_8
+        acc = _tl_rotl(acc ^ _tl_round0(x), 27) * _P1 + _P4
+        return _tl_avalanche(acc)
+
+    @triton.jit
+    def tl_fmix64(k):
+        """MurmurHash3 fmix64 of a uint64."""
+        k = k ^ (k >> 33)
+        k = k * _C1
+        k = k ^ (k >> 33)
+        k = k * _C2
+        return k ^ (k >> 33)
+
+    @triton.jit(do_not_specialize=["seed", "world_size"])
+    def _xxh64_int_kernel(
+        x_ptr, out_ptr, n, seed, world_size, OWNER: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint64, bitcast=True)
+        seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+        h = tl_xxh64_u64(x, seed_u)
+        if OWNER:
+            # hi32 < 2**32 and world_size < 2**31: the product fits, no division needed.
+            out = ((h >> 32) * world_size.to(tl.uint64)) >> 32
+            tl.store(out_ptr + offs, out.to(tl.int64, bitcast=True), mask=mask)
+        else:
+            tl.store(out_ptr + offs, h.to(tl.int64, bitcast=True), mask=mask)
+
+    @triton.jit
+    def _fmix64_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint64, bitcast=True)
+        tl.store(out_ptr + offs, tl_fmix64(x).to(tl.int64, bitcast=True), mask=mask)
+
+    @triton.jit
+    def _tl_read_le(values_ptr, pos, active, NBYTES: tl.constexpr):
+        # Strings are unaligned: build the little-endian word from single-byte loads.
+        k = tl.arange(0, NBYTES)
+        b = tl.load(values_ptr + (pos[:, None] + k[None, :]), mask=active[:, None], other=0)
+        b = b.to(tl.uint64) << (k * 8).to(tl.uint64)[None, :]
+        # Bytes occupy disjoint bits: the sum is their OR.
+        return tl.sum(b, axis=1)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _xxh64_bytes_kernel(values_ptr, offsets_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_batch = rows < n
+        starts = tl.load(offsets_ptr + rows, mask=in_batch, other=0)
+        ends = tl.load(offsets_ptr + rows + 1, mask=in_batch, other=0)
+        lens = ends - starts
+        nstripes = lens // 32
+        seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+        zero = tl.zeros([BLOCK], dtype=tl.uint64)
+        a1 = zero + (seed_u + _P1_P2)
+        a2 = zero + (seed_u + _P2)
+        a3 = zero + seed_u
+        a4 = zero + (seed_u + _NEG_P1)
+        # Every lane walks to the block's longest string; shorter ones are masked off.
+        for s in range(0, tl.max(nstripes, axis=0)):
+            on = nstripes > s
+            base = starts + s * 32
+            a1 = tl.where(on, _tl_round(a1, _tl_read_le(values_ptr, base, on, 8)), a1)
+            a2 = tl.where(on, _tl_round(a2, _tl_read_le(values_ptr, base + 8, on, 8)), a2)
+            a3 = tl.where(on, _tl_round(a3, _tl_read_le(values_ptr, base + 16, on, 8)), a3)
+            a4 = tl.where(on, _tl_round(a4, _tl_read_le(values_ptr, base + 24, on, 8)), a4)
+        conv = _tl_rotl(a1, 1) + _tl_rotl(a2, 7) + _tl_rotl(a3, 12) + _tl_rotl(a4, 18)
+        conv = _tl_merge(conv, a1)
+        conv = _tl_merge(conv, a2)
+        conv = _tl_merge(conv, a3)
+        conv = _tl_merge(conv, a4)
+        acc = tl.where(nstripes > 0, conv, zero + (seed_u + _P5))
+        acc = acc + lens.to(tl.uint64, bitcast=True)
+
+        tail = starts + nstripes * 32
+        rem = lens - nstripes * 32
+        for j in tl.static_range(3):
+            on = rem >= 8 * (j + 1)
+            lane = _tl_read_le(values_ptr, tail + 8 * j, on, 8)
+            acc = tl.where(on, _tl_rotl(acc ^ _tl_round0(lane), 27) * _P1 + _P4, acc)
+        pos = tail + (rem // 8) * 8
+        rem = rem % 8
+        on4 = rem >= 4
+        lane4 = _tl_read_le(values_ptr, pos, on4, 4)
+        acc = tl.where(on4, _tl_rotl(acc ^ (lane4 * _P1), 23) * _P2 + _P3, acc)
+        pos = pos + tl.where(on4, 4, 0)
+        rem = rem % 4
+        for k in tl.static_range(3):
+            on1 = rem > k
+            byte = tl.load(values_ptr + pos + k, mask=on1, other=0).to(tl.uint64)
+            acc = tl.where(on1, _tl_rotl(acc ^ (byte * _P5), 11) * _P1, acc)
+        h = _tl_avalanche(acc)
+        tl.store(out_ptr + rows, h.to(tl.int64, bitcast=True), mask=in_batch)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _launch_int(x: torch.Tensor, seed: int, world_size: int, owner: bool) -> torch.Tensor:
+    flat = x.contiguous().view(-1)
+    out = torch.empty_like(flat)
+    n = flat.numel()
+    if n:
+        kernels.record_launch("shard_owner" if owner else "xxh64_int")
+        grid = (triton.cdiv(n, _INT_BLOCK),)
+        _xxh64_int_kernel[grid](
+            flat, out, n, _signed(seed), world_size, OWNER=owner, BLOCK=_INT_BLOCK, num_warps=4
+        )
+    return out.view(x.shape)
+
+
+def xxh64_int(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """XXH64 of each int64 id's 8 little-endian bytes, as int64 (the uint64 bit pattern).
+
+    Example:
+        >>> import torch, xxhash
+        >>> h = xxh64_int(torch.tensor([42]), seed=7)
+        >>> h.item() & (2**64 - 1) == xxhash.xxh64_intdigest((42).to_bytes(8, "little"), 7)
+        True
+    """
+    x = _check_int64(x, "x", "xxh64_int")
+    seed = check_seed(seed)
+    if not kernels.use_triton(x, op="xxh64_int"):
+        kernels.record_launch("xxh64_int_reference")
+        return xxh64_int_reference(x, seed)
+    return _launch_int(x, seed, 1, owner=False)
+
+
+def shard_owner(x: torch.Tensor, seed: int, world_size: int) -> torch.Tensor:
+    """Owner rank in ``[0, world_size)`` of each int64 id (see :mod:`recstack.core.sharding`)."""
+    x = _check_int64(x, "keys", "shard_owner")
+    seed = check_seed(seed)
+    world_size = _check_world_size(world_size, "shard_owner")
+    if not kernels.use_triton(x, op="shard_owner"):
+        kernels.record_launch("shard_owner_reference")
+        return shard_owner_reference(x, seed, world_size)
+    return _launch_int(x, seed, world_size, owner=True)
+
+
+def fmix64(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3 fmix64 of each int64's bit pattern, as int64.
+
+    Example:
+        >>> import torch
+        >>> fmix64(torch.tensor([0])).item()  # fmix64 fixes zero
+        0
+    """
+    x = _check_int64(x, "x", "fmix64")
+    if not kernels.use_triton(x, op="fmix64"):
+        kernels.record_launch("fmix64_reference")
+        return fmix64_reference(x)
+    flat = x.contiguous().view(-1)
+    out = torch.empty_like(flat)
+    n = flat.numel()
+    if n:
+        kernels.record_launch("fmix64")
+        _fmix64_kernel[(triton.cdiv(n, _INT_BLOCK),)](flat, out, n, BLOCK=_INT_BLOCK, num_warps=4)
+    return out.view(x.shape)
+
+
+def _check_bytes_layout(values: torch.Tensor, offsets: torch.Tensor, op: str) -> None:
+    if not isinstance(values, torch.Tensor) or not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{op}: values and offsets must be torch.Tensors")
+    if values.dtype != torch.uint8:
+        raise TypeError(
+            f"{op}: string values must be uint8 bytes (UTF-8), got {values.dtype}; "
+            "to hash integer ids of a jagged feature, hash its .values tensor"
+        )
+    if values.dim() != 1:
+        raise ValueError(f"{op}: values must be 1-D, got shape {tuple(values.shape)}")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"{op}: offsets must be int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() == 0:
+        raise ValueError(
+            f"{op}: offsets must be 1-D with B + 1 entries, got {tuple(offsets.shape)}"
+        )
+    if values.device != offsets.device:
+        raise ValueError(
+            f"{op}: values ({values.device}) and offsets ({offsets.device}) "
+            "are on different devices"
+        )
+    if offsets.numel() == 1:
+        bad = bool(offsets[0] < 0) or bool(offsets[0] > values.numel())
+    else:
+        diffs = offsets[1:] - offsets[:-1]
+        # One host sync for all three checks.
+        bad = bool(((offsets[0] < 0) | (offsets[-1] > values.numel()) | (diffs < 0).any()).item())
+    if bad:
+        raise ValueError(
+            f"{op}: offsets must be non-decreasing within [0, {values.numel()}] "
+            f"(values has {values.numel()} bytes); got first={int(offsets[0])}, "
+            f"last={int(offsets[-1])}"
+        )
+
+
+def xxh64_bytes(values: torch.Tensor, offsets: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """XXH64 of each row ``values[offsets[i]:offsets[i+1]]`` of a uint8 buffer -> int64 [B].
+
+    Example:
+        >>> import torch, xxhash
+        >>> v = torch.tensor(list(b"abcde"), dtype=torch.uint8)
+        >>> h = xxh64_bytes(v, torch.tensor([0, 2, 5]))
+        >>> h[1].item() & (2**64 - 1) == xxhash.xxh64_intdigest(b"cde")
+        True
+    """
+    _check_bytes_layout(values, offsets, "xxh64_bytes")
+    seed = check_seed(seed)
+    values = values.contiguous()
+    offsets = offsets.contiguous()
+    if not kernels.use_triton(values, offsets, op="xxh64_bytes"):
+        kernels.record_launch("xxh64_bytes_reference")
+        return xxh64_bytes_reference(values, offsets, seed)
+    n = offsets.numel() - 1
+    out = torch.empty(n, dtype=torch.int64, device=offsets.device)
+    if n:
+        kernels.record_launch("xxh64_bytes")
+        if values.numel() == 0:
+            # Every row is empty and no byte is read, but the kernel still needs a real buffer.
+            values = torch.zeros(1, dtype=torch.uint8, device=offsets.device)
+        grid = (triton.cdiv(n, _BYTES_BLOCK),)
+        _xxh64_bytes_kernel[grid](
+            values, offsets, out, n, _signed(seed), BLOCK=_BYTES_BLOCK, num_warps=2
+        )
+    return out

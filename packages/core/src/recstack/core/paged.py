@@ -1,0 +1,356 @@
+"""PagedTensor: a growable 2-D row store kept in fixed-size pages.
+
+Embedding values and every optimizer state slot are PagedTensors. Rows live in contiguous
+``[page_rows, dim]`` pages; an int64 ``page_table`` holds the pages' data pointers so a
+kernel reaches row ``r`` at page ``r >> page_shift``, offset ``r & page_mask``. Growing
+adds pages and never moves an existing row, so pointers and rows handed out stay valid.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from recstack.core.kernels.paged_rows import gather_paged_rows, scatter_paged_rows
+
+__all__ = ["PagedTensor"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A shift this large maps every valid row of a wrapped tensor to page 0, so one kernel
+# serves paged and wrapped storage alike.
+_WRAP_SHIFT = 62
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as a Python int (numpy/torch integers too), or None; bools are not ints."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _normalize_device(device: torch.device | str | int) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _check_dtype(dtype: torch.dtype, name: str) -> None:
+    if dtype not in _DTYPES:
+        raise TypeError(
+            f"PagedTensor {name!r}: dtype {dtype} is not supported; use one of "
+            f"{', '.join(str(d) for d in _DTYPES)}"
+        )
+
+
+class PagedTensor:
+    """A growable ``[num_rows, dim]`` row store in fixed-size pages.
+
+    Args:
+        dim: row width (> 0).
+        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        device: where the pages (and the page table) live.
+        page_rows: rows per page, a power of two.
+        capacity: rows to allocate up front (``num_rows`` stays 0 until rows are appended).
+        name: the table's name, used in every error message.
+
+    Example:
+        >>> import torch
+        >>> t = PagedTensor(dim=4, page_rows=8, name="item_emb")
+        >>> ids = t.append_rows(20)  # rows 0..19, spread over 3 pages, zero-filled
+        >>> t.scatter_rows(torch.tensor([3, 17]), torch.ones(2, 4))
+        >>> t.gather_rows(torch.tensor([17, 0])).tolist()
+        [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | int = "cpu",
+        page_rows: int = 65536,
+        capacity: int = 0,
+        name: str = "paged",
+    ) -> None:
+        self._name = str(name)
+        dim_, rows_, capacity_ = _as_int(dim), _as_int(page_rows), _as_int(capacity)
+        if dim_ is None or dim_ <= 0:
+            raise ValueError(f"PagedTensor {self._name!r}: dim must be a positive int, got {dim!r}")
+        _check_dtype(dtype, self._name)
+        if rows_ is None or rows_ <= 0 or rows_ & (rows_ - 1):
+            raise ValueError(
+                f"PagedTensor {self._name!r}: page_rows must be a power of two, got {page_rows!r}"
+            )
+        if capacity_ is None or capacity_ < 0:
+            raise ValueError(
+                f"PagedTensor {self._name!r}: capacity must be an int >= 0, got {capacity!r}"
+            )
+        dim, page_rows, capacity = dim_, rows_, capacity_
+        self._dim = dim
+        self._dtype = dtype
+        self._device = _normalize_device(device)
+        self._page_rows = page_rows
+        self._page_shift = page_rows.bit_length() - 1
+        self._page_mask = page_rows - 1
+        self._pages: list[torch.Tensor] = []
+        self._num_rows = 0
+        self._fixed = False
+        self._page_table = torch.empty(0, dtype=torch.int64, device=self._device)
+        self._pages_aligned = True
+        self._reserve(capacity)
+
+    @classmethod
+    def wrap(cls, tensor: torch.Tensor, name: str = "paged") -> PagedTensor:
+        """View a contiguous 2-D tensor as a one-page PagedTensor, without copying.
+
+        Writes through the PagedTensor change ``tensor``. The result has a fixed capacity
+        (the tensor's row count): ``append_rows`` past it raises.
+
+        Example:
+            >>> import torch
+            >>> w = torch.zeros(3, 2)
+            >>> PagedTensor.wrap(w, name="w").scatter_rows(torch.tensor([1]), torch.ones(1, 2))
+            >>> w[1].tolist()
+            [1.0, 1.0]
+        """
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"PagedTensor.wrap {name!r}: expected a torch.Tensor, got {type(tensor).__name__}"
+            )
+        if tensor.dim() != 2:
+            raise ValueError(
+                f"PagedTensor.wrap {name!r}: tensor must be 2-D, got shape {tuple(tensor.shape)}"
+            )
+        _check_dtype(tensor.dtype, name)
+        if tensor.shape[1] == 0:
+            raise ValueError(f"PagedTensor.wrap {name!r}: tensor has zero columns")
+        if not tensor.is_contiguous():
+            raise ValueError(
+                f"PagedTensor.wrap {name!r}: tensor must be contiguous (wrapping never copies; "
+                "pass tensor.contiguous() and keep that tensor)"
+            )
+        self = cls.__new__(cls)
+        self._name = str(name)
+        self._dim = int(tensor.shape[1])
+        self._dtype = tensor.dtype
+        self._device = _normalize_device(tensor.device)
+        self._page_rows = int(tensor.shape[0])
+        self._page_shift = _WRAP_SHIFT
+        self._page_mask = (1 << _WRAP_SHIFT) - 1
+        self._pages = [tensor]
+        self._num_rows = int(tensor.shape[0])
+        self._fixed = True
+        self._rebuild_page_table()
+        return self
+
+    @classmethod
+    def like(
+        cls,
+        other: PagedTensor,
+        dtype: torch.dtype | None = None,
+        name: str | None = None,
+        dim: int | None = None,
+    ) -> PagedTensor:
+        """A zero-filled PagedTensor row-aligned with ``other`` (same page_rows and num_rows).
+
+        Used for optimizer state slots: ``dtype`` defaults to ``other.dtype`` and ``dim`` to
+        ``other.dim`` (pass ``dim=1`` for a per-row scalar such as row-wise Adagrad). A
+        wrapped ``other`` gives a wrapped, fixed-capacity result of the same row count.
+        """
+        dtype = other.dtype if dtype is None else dtype
+        dim = other.dim if dim is None else dim
+        name = f"{other.name}.like" if name is None else name
+        if other._fixed:
+            _check_dtype(dtype, name)
+            return cls.wrap(
+                torch.zeros((other.num_rows, dim), dtype=dtype, device=other.device), name=name
+            )
+        out = cls(
+            dim,
+            dtype=dtype,
+            device=other.device,
+            page_rows=other.page_rows,
+            capacity=other.num_rows,
+            name=name,
+        )
+        out.append_rows(other.num_rows)
+        return out
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def __len__(self) -> int:
+        return self._num_rows
+
+    @property
+    def page_rows(self) -> int:
+        """Rows per page (for a wrapped tensor: its row count)."""
+        return self._page_rows
+
+    @property
+    def num_pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated; ``append_rows`` up to this adds no page."""
+        return self._page_rows * len(self._pages)
+
+    @property
+    def is_wrapped(self) -> bool:
+        """True for a :meth:`wrap` view (fixed capacity, one page)."""
+        return self._fixed
+
+    @property
+    def pages(self) -> tuple[torch.Tensor, ...]:
+        """The page tensors, each ``[page_rows, dim]`` (rows past ``num_rows`` are zeros)."""
+        return tuple(self._pages)
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """int64 data pointers of the pages, on the table's device (for kernels)."""
+        return self._page_table
+
+    @property
+    def page_shift(self) -> int:
+        """Row ``r`` lives in page ``r >> page_shift`` (62 for a wrapped tensor)."""
+        return self._page_shift
+
+    @property
+    def page_mask(self) -> int:
+        """Row ``r`` lives at offset ``r & page_mask`` of its page."""
+        return self._page_mask
+
+    # ------------------------------------------------------------------ growth
+    def _rebuild_page_table(self) -> None:
+        ptrs = [p.data_ptr() for p in self._pages]
+        self._page_table = torch.tensor(ptrs, dtype=torch.int64).to(self._device)
+        self._pages_aligned = all(ptr % 16 == 0 for ptr in ptrs)
+
+    def _reserve(self, rows: int) -> None:
+        missing = -(-rows // self._page_rows) - len(self._pages)
+        if missing <= 0:
+            return
+        for _ in range(missing):
+            # Zeroed, not empty: rows past num_rows must never expose stale memory.
+            self._pages.append(
+                torch.zeros((self._page_rows, self._dim), dtype=self._dtype, device=self._device)
+            )
+        self._rebuild_page_table()
+
+    def _fill_range(self, start: int, stop: int, value: float) -> None:
+        row = start
+        while row < stop:
+            page, offset = row >> self._page_shift, row & self._page_mask
+            take = min(stop - row, self._page_rows - offset)
+            self._pages[page][offset : offset + take].fill_(value)
+            row += take
+
+    def append_rows(self, n: int, fill: float | None = 0.0) -> torch.Tensor:
+        """Add ``n`` rows filled with ``fill`` (``None`` means zeros); return their int64 ids.
+
+        New ids follow the last row contiguously. Pages are added as needed; existing rows
+        and pages never move.
+        """
+        n_ = _as_int(n)
+        if n_ is None or n_ < 0:
+            raise ValueError(
+                f"PagedTensor {self._name!r}: append_rows needs an int n >= 0, got {n!r}"
+            )
+        n = n_
+        start, stop = self._num_rows, self._num_rows + n
+        if self._fixed and stop > self.capacity:
+            raise ValueError(
+                f"PagedTensor {self._name!r} wraps a fixed tensor of {self.capacity} rows; "
+                f"cannot append {n} rows to its {self._num_rows} (create a PagedTensor to grow)"
+            )
+        self._reserve(stop)
+        self._fill_range(start, stop, 0.0 if fill is None else float(fill))
+        self._num_rows = stop
+        return torch.arange(start, stop, dtype=torch.int64, device=self._device)
+
+    def ensure_rows(self, n: int, fill: float | None = 0.0) -> None:
+        """Grow to at least ``n`` rows (new rows filled with ``fill``); never shrinks."""
+        if n > self._num_rows:
+            self.append_rows(n - self._num_rows, fill=fill)
+
+    # ------------------------------------------------------------------ row access
+    def gather_rows(
+        self,
+        rows: torch.Tensor,
+        check_bounds: bool = True,
+        out: torch.Tensor | None = None,
+        **tile: int,
+    ) -> torch.Tensor:
+        """Return rows ``rows`` (1-D, any integer dtype) as a ``[len(rows), dim]`` tensor.
+
+        ``check_bounds`` costs one ``aminmax`` and a host sync and raises
+        :class:`IndexError` naming the table and the bad row; pass ``False`` for rows known
+        valid. ``out`` (``[len(rows), dim]``, table dtype) receives the rows if given.
+        ``tile`` keywords (``tile_elems``, ``max_block_d``, ``num_warps``) tune the kernel.
+        """
+        return gather_paged_rows(self, rows, out=out, check_bounds=check_bounds, **tile)
+
+    def scatter_rows(
+        self,
+        rows: torch.Tensor,
+        values: torch.Tensor,
+        reduce: str = "set",
+        check_bounds: bool = True,
+        **tile: int,
+    ) -> None:
+        """Store (``"set"``) or add (``"add"``) ``values`` ``[len(rows), dim]`` at ``rows``.
+
+        Values of any float dtype are cast to the table dtype. ``"add"`` sums all duplicate
+        rows (fp32 accumulation, one rounding); ``"set"`` with duplicates stores one of them.
+        """
+        scatter_paged_rows(self, rows, values, reduce=reduce, check_bounds=check_bounds, **tile)
+
+    def to_dense(self) -> torch.Tensor:
+        """A ``[num_rows, dim]`` copy of every row."""
+        parts = []
+        row = 0
+        for page in self._pages:
+            if row >= self._num_rows:
+                break
+            take = min(self._num_rows - row, page.shape[0])
+            parts.append(page[:take])
+            row += take
+        if not parts:
+            return torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
+        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    def fill_(self, value: float) -> PagedTensor:
+        """Set every row to ``value``; returns ``self``."""
+        self._fill_range(0, self._num_rows, float(value))
+        return self
+
+    def __repr__(self) -> str:
+        kind = ", wrapped" if self._fixed else ""
+        return (
+            f"PagedTensor(name={self._name!r}, num_rows={self._num_rows}, dim={self._dim}, "
+            f"dtype={self._dtype}, device={self._device}, page_rows={self._page_rows}, "
+            f"num_pages={self.num_pages}{kind})"
+        )

@@ -1,0 +1,127 @@
+"""Which rank owns an id: ``owner(keys, world_size)`` and ``ShardSpec``.
+
+Embedding all-to-all and checkpoint resharding both route ids with this one function, so a
+checkpoint written by N ranks loads on M ranks: each rank keeps the keys whose
+``owner(key, M) == rank``. The mapping is part of RecStack's on-disk contract and will not
+change across releases (``tests/test_sharding.py`` pins it with golden values).
+
+The rule::
+
+    h     = hash64(key, seed=SHARD_SEED)          # XXH64 of the key's 8 LE bytes, as uint64
+    owner = ((h >> 32) * world_size) >> 32        # multiply-high of the top 32 bits
+
+It is uniform for any key pattern (sequential ids, multiples of ``world_size``, ids with
+structured low bits), uses no division, and reads only the hash's high bits.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from recstack.core.kernels import hash as _k
+
+__all__ = ["SHARD_SEED", "ShardSpec", "owner"]
+
+SHARD_SEED: int = 0x72732D7368617264
+"""XXH64 seed used for sharding: the ASCII bytes of ``"rs-shard"`` read big-endian.
+
+Why a separate, seeded function: hash tables pick slots from ``mix64(key)``. Were the rank
+also taken from ``mix64(key)``, the bits that choose the rank would be fixed (or constrained)
+for every key on a rank, and a table whose slot index draws on those same bits (a
+power-of-two table with a modulo-style owner, or multiply-high slot selection with this
+owner rule) would see each rank's keys cluster into about ``1 / world_size`` of its slots,
+with long probe chains. XXH64 under this fixed seed is unrelated to fmix64, so the slot
+hash stays uniform within each rank whatever bits a table uses.
+"""
+
+
+def _keys_as_int64(keys: object) -> torch.Tensor:
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"keys must be an integer torch.Tensor, got {type(keys).__name__}")
+    if keys.dtype == torch.int64:
+        return keys
+    if keys.dtype == torch.bool or keys.dtype.is_floating_point or keys.dtype.is_complex:
+        raise TypeError(f"keys must have an integer dtype, got {keys.dtype}")
+    if keys.dtype == getattr(torch, "uint64", None):
+        return keys.view(torch.int64)
+    return keys.to(torch.int64)
+
+
+def _check_world_size(world_size: object) -> int:
+    if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
+        raise TypeError(f"world_size must be an int, got {type(world_size).__name__}")
+    value = operator.index(world_size)
+    if value < 1:
+        raise ValueError(f"world_size must be >= 1, got {value}")
+    if value > _k.MAX_WORLD_SIZE:
+        raise ValueError(f"world_size must be <= {_k.MAX_WORLD_SIZE}, got {value}")
+    return value
+
+
+def owner(keys: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Rank in ``[0, world_size)`` that owns each key, as an int64 tensor of ``keys``' shape.
+
+    Keys are integer ids (any integer dtype, converted to int64). One fused kernel launch
+    on CUDA.
+
+    Example:
+        >>> import torch
+        >>> from recstack.core.sharding import owner
+        >>> ranks = owner(torch.arange(10), world_size=4)
+        >>> bool(((ranks >= 0) & (ranks < 4)).all())
+        True
+    """
+    world_size = _check_world_size(world_size)
+    return _k.shard_owner(_keys_as_int64(keys), SHARD_SEED, world_size)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One rank's view of a sharded key space: ``world_size`` ranks, this one is ``rank``.
+
+    Example:
+        >>> import torch
+        >>> from recstack.core.sharding import ShardSpec
+        >>> spec = ShardSpec(world_size=2, rank=0)
+        >>> keys = torch.tensor([10, 11, 12, 13])
+        >>> order, splits = spec.route(keys)
+        >>> sum(splits) == keys.numel()
+        True
+    """
+
+    world_size: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        _check_world_size(self.world_size)
+        if isinstance(self.rank, bool) or not hasattr(self.rank, "__index__"):
+            raise TypeError(f"ShardSpec: rank must be an int, got {type(self.rank).__name__}")
+        if not 0 <= operator.index(self.rank) < self.world_size:
+            raise ValueError(f"ShardSpec: rank must be in [0, {self.world_size}), got {self.rank}")
+
+    def owner(self, keys: torch.Tensor) -> torch.Tensor:
+        """Owner rank of each key (see :func:`owner`)."""
+        return owner(keys, self.world_size)
+
+    def owns(self, keys: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the keys this rank owns."""
+        return owner(keys, self.world_size) == self.rank
+
+    def route(self, keys: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Group 1-D ``keys`` by owner rank, for a variable-split all-to-all.
+
+        Returns ``(order, send_splits)``: ``keys[order]`` lists rank 0's keys first, then
+        rank 1's, ...; within a rank the keys keep their input order (stable).
+        ``send_splits[r]`` is how many keys go to rank ``r``; it has ``world_size`` entries
+        and costs the only host sync.
+        """
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 1:
+            shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ValueError(f"ShardSpec.route: keys must be a 1-D tensor, got {shape}")
+        ranks = owner(keys, self.world_size)
+        order = torch.argsort(ranks, stable=True)
+        splits = torch.bincount(ranks, minlength=self.world_size)
+        return order, splits.tolist()

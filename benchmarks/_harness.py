@@ -51,7 +51,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time(
-    fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 20
+    fn: Callable[[], object], device: torch.device, warmup: int = 5, repeat: int = 20
 ) -> float:
     """Median seconds of ``fn()``: CUDA events on a GPU, the wall clock on a CPU."""
     for _ in range(warmup):
@@ -78,11 +78,18 @@ def median_time(
 
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written.
+
+    Copies for about a second first, so an idle GPU's clocks are up before anything is timed.
+    """
     if nbytes is None:
         nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
+    deadline = time.perf_counter() + 1.0
+    while time.perf_counter() < deadline:
+        dst.copy_(src)
+        synchronize(device)
     seconds = median_time(lambda: dst.copy_(src), device, warmup=3, repeat=20)
     return 2 * nbytes / seconds
 

@@ -27,6 +27,10 @@ def _random_table(rows: int, dim: int, device: torch.device, page_rows: int) -> 
     return table
 
 
+def _count(x: int) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 10**6 else f"{x / 1e3:.1f}k"
+
+
 def _zipf_rows(n: int, universe: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
     # Recommendation ids are heavy-tailed: a few ids repeat thousands of times per batch.
     ranks = torch.rand(n, generator=gen, device=device).pow(-1.0 / 1.05)
@@ -106,24 +110,43 @@ def main() -> None:
         )
     )
 
-    # coalesce: Zipf rows with heavy duplicates; read rows + values, write unique rows + sums.
-    zrows = _zipf_rows(n, rows_total, device, gen)
-    grad = SparseGrad(zrows, values)
-    uniq = grad.coalesce().rows.numel()
+    # coalesce: read rows + values, write unique rows + sums. Two extremes: Zipf rows (heavy
+    # duplicates, as recommendation ids are) and uniform rows (almost all unique, sort-bound).
+    coalesce_cases = {
+        "Zipf": _zipf_rows(n, rows_total, device, gen),
+        "uniform": torch.randint(0, rows_total, (n,), device=device, generator=gen),
+    }
+    for kind, grad_rows in coalesce_cases.items():
+        coalesced = SparseGrad(grad_rows, values).coalesce()
+        ours_rows, ours_sums = coalesced.rows, coalesced.values
+        uniq = ours_rows.numel()
 
-    def unique_index_add():
-        u, inverse = torch.unique(zrows, return_inverse=True)
-        return u, torch.zeros(u.numel(), dim, device=device).index_add_(0, inverse, values)
+        def unique_index_add(grad_rows=grad_rows):
+            u, inverse = torch.unique(grad_rows, return_inverse=True)
+            return u, torch.zeros(u.numel(), dim, device=device).index_add_(0, inverse, values)
 
-    report.add(
-        Row(
-            f"SparseGrad.coalesce Zipf ({uniq / 1e3:.0f}k unique of {n / 1e6:.1f}M)",
-            timed(lambda: SparseGrad(zrows, values).coalesce()),
-            timed(unique_index_add),
-            n * (row_bytes + 8) + uniq * (row_bytes + 8),
-            baseline="unique + index_add_",
+        base_rows, base_sums = unique_index_add()
+        assert torch.equal(ours_rows, base_rows)
+        # Both sum in fp32 in different orders (a hot id repeats ~650k times): check each
+        # against an fp64 sum rather than against each other.
+        inverse = torch.searchsorted(base_rows, grad_rows)
+        exact = torch.zeros(uniq, dim, dtype=torch.float64, device=device)
+        exact.index_add_(0, inverse, values.double())
+        errors = [float((s.double() - exact).norm() / exact.norm()) for s in (ours_sums, base_sums)]
+        print(
+            f"  coalesce {kind}: relative error vs fp64 ours {errors[0]:.1e}, "
+            f"baseline {errors[1]:.1e}"
         )
-    )
+        assert errors[0] < 1e-5, errors
+        report.add(
+            Row(
+                f"SparseGrad.coalesce {kind} ({_count(uniq)} unique of {_count(n)})",
+                timed(lambda grad_rows=grad_rows: SparseGrad(grad_rows, values).coalesce()),
+                timed(unique_index_add),
+                n * (row_bytes + 8) + uniq * (row_bytes + 8),
+                baseline="unique + index_add_",
+            )
+        )
 
     # hash64 of int64 ids: read 8 bytes, write 8 bytes each.
     ids = torch.randint(-(2**63), 2**63 - 1, (16 * n,), device=device, generator=gen)
@@ -150,12 +173,23 @@ def main() -> None:
     with kernels.use_backend("torch"):
         assert torch.equal(ours, hash64(strings))
         baseline_s = timed(lambda: hash64(strings))
+    string_bytes = nbytes + 8 * (args.strings + 1) + 8 * args.strings
+    label = f"hash64 strings ({args.strings / 1e6:.1f}M, mean {nbytes / args.strings:.1f} B)"
     report.add(
         Row(
-            f"hash64 strings ({args.strings / 1e6:.1f}M, mean {nbytes / args.strings:.1f} B)",
+            label + ", trusted offsets",
+            timed(lambda: hash64(strings, check_offsets=False)),
+            baseline_s,
+            string_bytes,
+            baseline="same XXH64 in torch ops",
+        )
+    )
+    report.add(
+        Row(
+            label + ", offsets checked (default)",
             timed(lambda: hash64(strings)),
             baseline_s,
-            nbytes + 8 * (args.strings + 1) + 8 * args.strings,
+            string_bytes,
             baseline="same XXH64 in torch ops",
         )
     )

@@ -117,6 +117,25 @@ def test_xxh64_bytes_unaligned_and_offset_start(backend, device):
     assert out == expected
 
 
+@pytest.mark.parametrize("shift", [1, 3, 5, 7])
+def test_xxh64_bytes_misaligned_buffer(backend, device, shift):
+    # A values view whose data pointer is not 8-byte aligned, with rows running to the very
+    # last byte of the storage: word-wise reads must not shift or overrun.
+    blob = os.urandom(shift + 257)
+    storage = torch.tensor(list(blob), dtype=torch.uint8, device=device)
+    values = storage[shift:]
+    assert values.data_ptr() % 8 != 0 or storage.data_ptr() % 8 != 0
+    body = blob[shift:]
+    cuts = [0, 1, 9, 40, 41, 77, 120, 200, 257]
+    offsets = torch.tensor(cuts, dtype=torch.int64, device=device)
+    out = hk.xxh64_bytes(values, offsets, 11).cpu().tolist()
+    expected = [
+        _s64(xxhash.xxh64_intdigest(body[a:b], 11))
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
+    assert out == expected
+
+
 def test_xxh64_bytes_empty_batch_and_all_empty_rows(backend, device):
     values = torch.empty(0, dtype=torch.uint8, device=device)
     out = hk.xxh64_bytes(values, torch.zeros(1, dtype=torch.int64, device=device), 0)

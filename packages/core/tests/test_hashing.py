@@ -257,3 +257,10 @@ def test_hash64_rejects_out_of_range_seed(device, seed):
 def test_hash64_rejects_non_int_seed(device, seed):
     with pytest.raises(TypeError, match="seed"):
         hash64(torch.arange(3, device=device), seed=seed)  # type: ignore[arg-type]
+
+
+def test_hash64_strings_unchecked_offsets_same_result(backend, device):
+    strings = JaggedTensor.from_strings(["", "a", "recstack", "x" * 70, "ü"]).to(device)
+    checked = hash64(strings, seed=9)
+    unchecked = hash64(strings, seed=9, check_offsets=False)
+    assert torch.equal(checked, unchecked)

@@ -48,7 +48,9 @@ def _ids_as_int64(x: object, fn: str) -> torch.Tensor:
         raise TypeError(f"{fn}: x has unsupported dtype {x.dtype}") from exc
 
 
-def hash64(x: torch.Tensor | JaggedTensor, seed: int = 0) -> torch.Tensor:
+def hash64(
+    x: torch.Tensor | JaggedTensor, seed: int = 0, *, check_offsets: bool = True
+) -> torch.Tensor:
     """XXH64 of integer ids or of strings, as int64 (the uint64 bit pattern).
 
     Args:
@@ -57,6 +59,10 @@ def hash64(x: torch.Tensor | JaggedTensor, seed: int = 0) -> torch.Tensor:
             ``JaggedTensor`` whose ``values`` are uint8 bytes (row ``i`` is one string,
             usually UTF-8) whose rows are hashed as their bytes.
         seed: the XXH64 seed, an int in ``[0, 2**64)``.
+        check_offsets: for strings, check that the offsets are non-decreasing and inside
+            the byte buffer (one host sync) and raise a clear error otherwise. Pass
+            ``False`` only for offsets known valid (e.g. built by RecStack itself): invalid
+            offsets then read out of bounds.
 
     Returns:
         For ids: an int64 tensor of ``x``'s shape on ``x``'s device. For strings: an int64
@@ -85,7 +91,7 @@ def hash64(x: torch.Tensor | JaggedTensor, seed: int = 0) -> torch.Tensor:
                 f"bytes, got {values.dtype}; to hash the integer ids of a jagged feature, "
                 "pass its .values tensor"
             )
-        return _k.xxh64_bytes(values, offsets, _k.check_seed(seed))
+        return _k.xxh64_bytes(values, offsets, _k.check_seed(seed), check_offsets=check_offsets)
     ids = _ids_as_int64(x, "hash64")
     return _k.xxh64_int(ids, _k.check_seed(seed))
 

@@ -1,0 +1,76 @@
+"""The kernel backend switch: per-device choice, forcing, env default, launch counting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from recstack.core import kernels
+
+
+def test_auto_follows_device_and_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.zeros(1)
+    with kernels.use_backend("auto"):
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert kernels.use_triton(cpu) is False
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.use_triton(cpu) is kernels.HAS_TRITON
+        if torch.cuda.is_available():
+            assert kernels.use_triton(cpu.cuda()) is kernels.HAS_TRITON
+
+
+def test_forcing_restores_previous_choice() -> None:
+    before = kernels.get_backend()
+    with kernels.use_backend("torch"):
+        assert kernels.get_backend() == "torch"
+        assert kernels.use_triton(torch.zeros(1)) is False
+        with kernels.use_backend("auto"):
+            assert kernels.get_backend() == "auto"
+        assert kernels.get_backend() == "torch"
+    assert kernels.get_backend() == before
+
+
+def test_forcing_is_per_thread() -> None:
+    seen: list[str] = []
+    with kernels.use_backend("torch"):
+        thread = threading.Thread(target=lambda: seen.append(kernels.get_backend()))
+        thread.start()
+        thread.join()
+    assert seen == ["auto"]
+
+
+def test_env_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSTACK_KERNELS", "torch")
+    assert kernels.get_backend() == "torch"
+    monkeypatch.setenv("RECSTACK_KERNELS", "fast")
+    with pytest.raises(ValueError, match="RECSTACK_KERNELS='fast'"):
+        kernels.get_backend()
+
+
+def test_unknown_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.set_backend("cuda")  # type: ignore[arg-type]
+
+
+def test_forced_triton_that_cannot_run_names_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with (
+        kernels.use_backend("triton"),
+        pytest.raises(RuntimeError, match="gather_rows: the Triton backend was forced"),
+    ):
+        kernels.use_triton(torch.zeros(1), op="gather_rows")
+
+
+def test_count_launches_nests_and_counts_live() -> None:
+    with kernels.count_launches() as outer:
+        kernels.record_launch("a")
+        assert outer == {"a": 1}
+        with kernels.count_launches() as inner:
+            kernels.record_launch("b", 2)
+        assert inner == {"b": 2}
+        kernels.record_launch("a")
+    assert outer == {"a": 2, "b": 2}
+    kernels.record_launch("c")  # outside any block: not counted anywhere
+    assert "c" not in outer

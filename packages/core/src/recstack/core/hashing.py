@@ -24,7 +24,7 @@ from recstack.core.kernels import hash as _k
 __all__ = ["hash64", "mix64"]
 
 
-def _ids_as_int64(x: object, fn: str) -> torch.Tensor:
+def ids_as_int64(x: object, fn: str) -> torch.Tensor:
     """Integer ids as an int64 tensor, keeping each id's value (uint64 keeps its bit pattern)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -92,7 +92,7 @@ def hash64(
                 "pass its .values tensor"
             )
         return _k.xxh64_bytes(values, offsets, _k.check_seed(seed), check_offsets=check_offsets)
-    ids = _ids_as_int64(x, "hash64")
+    ids = ids_as_int64(x, "hash64")
     return _k.xxh64_int(ids, _k.check_seed(seed))
 
 
@@ -109,4 +109,4 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
         >>> mix64(torch.tensor([0, 1])).tolist()[0]
         0
     """
-    return _k.fmix64(_ids_as_int64(x, "mix64"))
+    return _k.fmix64(ids_as_int64(x, "mix64"))

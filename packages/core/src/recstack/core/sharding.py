@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recstack.core.hashing import ids_as_int64
 from recstack.core.kernels import hash as _k
 
 __all__ = ["SHARD_SEED", "ShardSpec", "owner"]
@@ -38,29 +39,6 @@ hash stays uniform within each rank whatever bits a table uses.
 """
 
 
-def _keys_as_int64(keys: object) -> torch.Tensor:
-    if not isinstance(keys, torch.Tensor):
-        raise TypeError(f"keys must be an integer torch.Tensor, got {type(keys).__name__}")
-    if keys.dtype == torch.int64:
-        return keys
-    if keys.dtype == torch.bool or keys.dtype.is_floating_point or keys.dtype.is_complex:
-        raise TypeError(f"keys must have an integer dtype, got {keys.dtype}")
-    if keys.dtype == getattr(torch, "uint64", None):
-        return keys.view(torch.int64)
-    return keys.to(torch.int64)
-
-
-def _check_world_size(world_size: object) -> int:
-    if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
-        raise TypeError(f"world_size must be an int, got {type(world_size).__name__}")
-    value = operator.index(world_size)
-    if value < 1:
-        raise ValueError(f"world_size must be >= 1, got {value}")
-    if value > _k.MAX_WORLD_SIZE:
-        raise ValueError(f"world_size must be <= {_k.MAX_WORLD_SIZE}, got {value}")
-    return value
-
-
 def owner(keys: torch.Tensor, world_size: int) -> torch.Tensor:
     """Rank in ``[0, world_size)`` that owns each key, as an int64 tensor of ``keys``' shape.
 
@@ -74,8 +52,8 @@ def owner(keys: torch.Tensor, world_size: int) -> torch.Tensor:
         >>> bool(((ranks >= 0) & (ranks < 4)).all())
         True
     """
-    world_size = _check_world_size(world_size)
-    return _k.shard_owner(_keys_as_int64(keys), SHARD_SEED, world_size)
+    world_size = _k.check_world_size(world_size, "owner")
+    return _k.shard_owner(ids_as_int64(keys, "owner"), SHARD_SEED, world_size)
 
 
 @dataclass(frozen=True)
@@ -96,7 +74,7 @@ class ShardSpec:
     rank: int
 
     def __post_init__(self) -> None:
-        _check_world_size(self.world_size)
+        _k.check_world_size(self.world_size, "ShardSpec")
         if isinstance(self.rank, bool) or not hasattr(self.rank, "__index__"):
             raise TypeError(f"ShardSpec: rank must be an int, got {type(self.rank).__name__}")
         if not 0 <= operator.index(self.rank) < self.world_size:

@@ -36,6 +36,7 @@ __all__ = [
     "FMIX64_C2",
     "MAX_WORLD_SIZE",
     "check_seed",
+    "check_world_size",
     "fmix64",
     "fmix64_reference",
     "shard_owner",
@@ -99,7 +100,7 @@ def _check_int64(x: object, name: str, op: str) -> torch.Tensor:
     return x
 
 
-def _check_world_size(world_size: object, op: str) -> int:
+def check_world_size(world_size: object, op: str) -> int:
     if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
         raise TypeError(f"{op}: world_size must be an int, got {type(world_size).__name__}")
     value = operator.index(world_size)
@@ -474,7 +475,7 @@ def shard_owner(x: torch.Tensor, seed: int, world_size: int) -> torch.Tensor:
     """Owner rank in ``[0, world_size)`` of each int64 id (see :mod:`recstack.core.sharding`)."""
     x = _check_int64(x, "keys", "shard_owner")
     seed = check_seed(seed)
-    world_size = _check_world_size(world_size, "shard_owner")
+    world_size = check_world_size(world_size, "shard_owner")
     if not kernels.use_triton(x, op="shard_owner"):
         kernels.record_launch("shard_owner_reference")
         return shard_owner_reference(x, seed, world_size)

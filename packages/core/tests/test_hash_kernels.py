@@ -124,7 +124,7 @@ def test_xxh64_bytes_misaligned_buffer(backend, device, shift):
     blob = os.urandom(shift + 257)
     storage = torch.tensor(list(blob), dtype=torch.uint8, device=device)
     values = storage[shift:]
-    assert values.data_ptr() % 8 != 0 or storage.data_ptr() % 8 != 0
+    assert values.data_ptr() % 8 != 0  # allocations are aligned, so the view is not
     body = blob[shift:]
     cuts = [0, 1, 9, 40, 41, 77, 120, 200, 257]
     offsets = torch.tensor(cuts, dtype=torch.int64, device=device)

@@ -347,8 +347,8 @@ if HAS_TRITON:
     @triton.jit
     def _tl_word_at(words_ptr, pos, active):
         # The aligned 8-byte word holding byte ``pos``. Every byte read is inside the row, so
-        # its aligned word lies inside the allocation (allocations are 8-byte aligned and
-        # padded to whole words), even when the row starts or ends mid-word.
+        # its aligned word lies inside the allocation (torch's allocators and Arrow buffers
+        # are aligned and padded past whole words), even when a row starts or ends mid-word.
         return tl.load(words_ptr + (pos >> 3), mask=active, other=0)
 
     @triton.jit

@@ -1,8 +1,70 @@
-"""recstack.columnio: ColumnIO: columnar (Parquet/ORC/Arrow) reading straight into device batches.
+"""recstack.columnio: columnar files (Parquet, ORC, Arrow IPC) in, device batches out.
 
-Package skeleton: the public API lands with issue 3; see docs/packages/columnio.md.
+* :class:`ColumnReader` reads files, directories, globs or ``s3://``/``gs://``/``hdfs://``
+  URIs with multi-threaded decoding into ``dict[str, Tensor | JaggedTensor]`` batches, sharded
+  by rank, shuffled per epoch, with exact resume from :meth:`ColumnReader.state_dict`.
+* :class:`StreamingReader` follows a directory for online learning, in windows.
+* :func:`to_device` copies batch k+1 to the GPU on a side stream while batch k trains.
+* :func:`write_parquet` and :func:`write_synthetic_ctr` write data (atomically).
 """
+
+from recstack.columnio.batching import Batch
+from recstack.columnio.columns import MISSING, Column
+from recstack.columnio.device import (
+    DevicePrefetcher,
+    batch_to,
+    pin_batch,
+    record_batch_stream,
+    to_device,
+)
+from recstack.columnio.errors import ColumnIOError, ReadStats
+from recstack.columnio.files import FORMATS, FileRef
+from recstack.columnio.formats import FileMeta, inspect_file, read_unit
+from recstack.columnio.paths import infer_format, resolve_files
+from recstack.columnio.reader import ColumnReader
+from recstack.columnio.streaming import EndOfWindow, StreamingReader
+from recstack.columnio.synthetic import (
+    SyntheticCTRConfig,
+    SyntheticCTRInfo,
+    best_auc,
+    iter_synthetic_ctr,
+    roc_auc,
+    synthetic_ctr_table,
+    write_synthetic_ctr,
+)
+from recstack.columnio.writer import batch_to_table, write_parquet
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "FORMATS",
+    "MISSING",
+    "Batch",
+    "Column",
+    "ColumnIOError",
+    "ColumnReader",
+    "DevicePrefetcher",
+    "EndOfWindow",
+    "FileMeta",
+    "FileRef",
+    "ReadStats",
+    "StreamingReader",
+    "SyntheticCTRConfig",
+    "SyntheticCTRInfo",
+    "__version__",
+    "batch_to",
+    "batch_to_table",
+    "best_auc",
+    "infer_format",
+    "inspect_file",
+    "iter_synthetic_ctr",
+    "pin_batch",
+    "read_unit",
+    "record_batch_stream",
+    "resolve_files",
+    "roc_auc",
+    "synthetic_ctr_table",
+    "to_device",
+    "write_parquet",
+    "write_synthetic_ctr",
+]

@@ -60,15 +60,21 @@ def _check_same_device(owner: str, **tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{owner}: tensors must be on one device, got {listed}")
 
 
-def _check_weights(owner: str, values: torch.Tensor, weights: torch.Tensor | None) -> None:
+def _num_items(values: Any) -> int:
+    """Items in ``values``: its first dim, or the rows of a nested JaggedTensor."""
+    return len(values) if isinstance(values, JaggedTensor) else int(values.shape[0])
+
+
+def _check_weights(owner: str, values: Any, weights: torch.Tensor | None) -> None:
     if weights is None:
         return
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{owner}: weights must be a torch.Tensor, got {type(weights).__name__}")
-    if weights.dim() != 1 or weights.shape[0] != values.shape[0]:
+    n = _num_items(values)
+    if weights.dim() != 1 or weights.shape[0] != n:
         raise ValueError(
             f"{owner}: weights must be 1-D with one entry per item of values "
-            f"({values.shape[0]}), got shape {tuple(weights.shape)}"
+            f"({n}), got shape {tuple(weights.shape)}"
         )
 
 
@@ -92,6 +98,11 @@ class JaggedTensor:
     devices), so it never waits on the GPU; call :meth:`validate` to check the offsets too.
     Integer offsets of any width are converted to int64.
 
+    ``values`` may itself be a JaggedTensor (two levels: a ``list<string>`` column is rows
+    of strings, each string a row of bytes; see :meth:`from_string_lists`). A nested
+    JaggedTensor moves, pins, slices, validates and converts to lists like a flat one;
+    padding needs a flat one.
+
     Example::
 
         >>> jt = JaggedTensor(torch.tensor([5, 6, 7]), torch.tensor([0, 2, 2, 3]))
@@ -105,9 +116,11 @@ class JaggedTensor:
         offsets: torch.Tensor,
         weights: torch.Tensor | None = None,
     ) -> None:
-        if not isinstance(values, torch.Tensor):
-            raise TypeError(f"JaggedTensor: values must be a torch.Tensor, got {type(values)}")
-        if values.dim() < 1:
+        if not isinstance(values, (torch.Tensor, JaggedTensor)):
+            raise TypeError(
+                f"JaggedTensor: values must be a torch.Tensor or JaggedTensor, got {type(values)}"
+            )
+        if isinstance(values, torch.Tensor) and values.dim() < 1:
             raise ValueError("JaggedTensor: values must have at least 1 dim (items first)")
         offsets = _as_index_tensor("JaggedTensor: offsets", offsets)
         if offsets.numel() < 1:
@@ -123,7 +136,7 @@ class JaggedTensor:
     @classmethod
     def from_lengths(
         cls,
-        values: torch.Tensor,
+        values: torch.Tensor | JaggedTensor,
         lengths: torch.Tensor,
         weights: torch.Tensor | None = None,
     ) -> JaggedTensor:
@@ -131,7 +144,7 @@ class JaggedTensor:
 
         ``lengths`` is moved to ``values``' device if it lives elsewhere.
         """
-        if not isinstance(values, torch.Tensor):
+        if not isinstance(values, (torch.Tensor, JaggedTensor)):
             raise TypeError(f"from_lengths: values must be a torch.Tensor, got {type(values)}")
         lengths = _as_index_tensor("from_lengths: lengths", lengths, values.device)
         return cls(values, _offsets_from_lengths(lengths), weights)
@@ -236,6 +249,8 @@ class JaggedTensor:
     ) -> JaggedTensor:
         """One row of utf-8 bytes (uint8 values) per string; ``bytes`` are taken as is."""
         encoded: list[bytes] = []
+        if isinstance(strings, (str, bytes)):
+            raise TypeError("from_strings takes a sequence of strings, not one string")
         for i, s in enumerate(strings):
             if isinstance(s, str):
                 encoded.append(s.encode("utf-8"))
@@ -253,6 +268,33 @@ class JaggedTensor:
             values = values.to(device)
         return cls.from_lengths(values, lengths)
 
+    @classmethod
+    def from_string_lists(
+        cls, rows: Sequence[Sequence[str | bytes]], device: torch.device | str | None = None
+    ) -> JaggedTensor:
+        """Nested: row ``i`` holds the strings ``rows[i]``, each a row of utf-8 bytes.
+
+        ``jt.values`` is the flat :meth:`from_strings` JaggedTensor of every string.
+        """
+        rows = list(rows)
+        for i, r in enumerate(rows):
+            if isinstance(r, (str, bytes)):
+                raise TypeError(f"from_string_lists: row {i} is one string, not a list of them")
+        inner = cls.from_strings(list(itertools.chain.from_iterable(rows)), device=device)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        if device is not None:
+            lengths = lengths.to(device)
+        return cls.from_lengths(inner, lengths)
+
+    @property
+    def is_nested(self) -> bool:
+        """Whether ``values`` is itself a JaggedTensor."""
+        return isinstance(self.values, JaggedTensor)
+
+    def _require_flat(self, op: str) -> None:
+        if self.is_nested:
+            raise TypeError(f"JaggedTensor.{op} needs flat values; this one is nested")
+
     # ------------------------------------------------------------------ checks
 
     def validate(self) -> JaggedTensor:
@@ -261,8 +303,10 @@ class JaggedTensor:
         Raises ``ValueError`` unless ``offsets[0] == 0``, ``offsets`` is non-decreasing and
         ``offsets[-1] == len(values)``.
         """
-        n = self.values.shape[0]
+        n = _num_items(self.values)
         _check_weights("JaggedTensor", self.values, self.weights)
+        if isinstance(self.values, JaggedTensor):
+            self.values.validate()
         decreasing = (self.offsets[1:] < self.offsets[:-1]).any()
         first, last, bad = torch.stack(
             [self.offsets[0], self.offsets[-1], decreasing.to(torch.int64)]
@@ -289,7 +333,7 @@ class JaggedTensor:
 
     def numel(self) -> int:
         """Number of items over all rows (``values.shape[0]``), not counting trailing dims."""
-        return int(self.values.shape[0])
+        return _num_items(self.values)
 
     def weights_or_none(self) -> torch.Tensor | None:
         return self.weights
@@ -321,6 +365,8 @@ class JaggedTensor:
     def unbind(self) -> list[torch.Tensor]:
         """Every row as a view of ``values`` (one host sync)."""
         offs = self.offsets.tolist()
+        if isinstance(self.values, JaggedTensor):
+            return [self.values[a:b] for a, b in itertools.pairwise(offs)]
         base = self.values.narrow(0, offs[0], offs[-1] - offs[0])
         return list(base.split([b - a for a, b in itertools.pairwise(offs)]))
 
@@ -330,11 +376,20 @@ class JaggedTensor:
     def to_list(self) -> list[list[Any]]:
         """Rows as Python lists (trailing dims become nested lists)."""
         offs = self.offsets.tolist()
-        flat = self.values.tolist()
+        flat = (
+            self.values.to_list() if isinstance(self.values, JaggedTensor) else self.values.tolist()
+        )
         return [flat[a:b] for a, b in itertools.pairwise(offs)]
 
-    def to_strings(self, errors: str = "strict") -> list[str]:
-        """Decode uint8 rows as utf-8 (the inverse of :meth:`from_strings`)."""
+    def to_strings(self, errors: str = "strict") -> list[Any]:
+        """Decode uint8 rows as utf-8 (the inverse of :meth:`from_strings`).
+
+        A nested JaggedTensor gives a list of strings per row (see :meth:`from_string_lists`).
+        """
+        if isinstance(self.values, JaggedTensor):
+            flat = self.values.to_strings(errors)
+            offs = self.offsets.tolist()
+            return [flat[a:b] for a, b in itertools.pairwise(offs)]
         if self.values.dtype != torch.uint8 or self.values.dim() != 1:
             raise TypeError(
                 "to_strings needs 1-D uint8 values (utf-8 bytes), got "
@@ -404,6 +459,7 @@ class JaggedTensor:
         the last ``max_len`` items (the most recent behaviours). ``max_len=None`` uses the
         longest row, which costs one host sync; with ``max_len`` given nothing syncs.
         """
+        self._require_flat("to_padded")
         max_len = self._resolve_max_len(max_len)
         _check_pad_value(self.values.dtype, pad_value, "pad_value")
         index, valid = self._padded_gather(max_len, side, truncate)
@@ -439,9 +495,18 @@ class JaggedTensor:
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> JaggedTensor:
+        """The same rows with ``fn`` applied to every tensor inside (nested values too).
+
+        How batches are moved, pinned or repacked generically: ``fn`` must keep each
+        tensor's shape and meaning (a copy, a move, a view of another buffer).
+        """
+        return self._map(fn)
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> JaggedTensor:
         w = fn(self.weights) if self.weights is not None else None
-        return JaggedTensor(fn(self.values), fn(self.offsets), w)
+        values = self.values._map(fn) if isinstance(self.values, JaggedTensor) else fn(self.values)
+        return JaggedTensor(values, fn(self.offsets), w)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> JaggedTensor:
         """Move every tensor to ``device``. ``non_blocking`` needs pinned memory to overlap."""
@@ -468,12 +533,16 @@ class JaggedTensor:
 
         CPU tensors have nothing to record and are skipped.
         """
+        if isinstance(self.values, JaggedTensor):
+            self.values.record_stream(stream)
         for t in (self.values, self.offsets, self.weights):
-            if t is not None and t.is_cuda:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
                 t.record_stream(stream)
 
     def __repr__(self) -> str:
         w = "" if self.weights is None else f", weights={self.weights.dtype}"
+        if isinstance(self.values, JaggedTensor):
+            return f"JaggedTensor(batch={len(self)}, values={self.values!r}{w})"
         return (
             f"JaggedTensor(batch={len(self)}, values={tuple(self.values.shape)} "
             f"{self.values.dtype}, device={self.values.device}{w})"

@@ -426,6 +426,14 @@ class KeyedJaggedTensor:
 
     # ------------------------------------------------------------------ device movement
 
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> KeyedJaggedTensor:
+        """The same rows with ``fn`` applied to every tensor inside (nested values too).
+
+        How batches are moved, pinned or repacked generically: ``fn`` must keep each
+        tensor's shape and meaning (a copy, a move, a view of another buffer).
+        """
+        return self._map(fn)
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> KeyedJaggedTensor:
         out = KeyedJaggedTensor(
             self._keys,

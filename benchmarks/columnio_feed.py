@@ -446,6 +446,17 @@ def main() -> None:
             )
             name = "ColumnReader(device=cuda)"
             stats.append(feed_loop(name, direct, step, device, args.steps, args.warmup))
+            process = pieces["ColumnReader"](
+                paths,
+                columns,
+                args.batch_size,
+                num_threads=args.threads,
+                device=device,
+                worker="process",
+            )
+            name = "ColumnReader(device=cuda, worker=process)"
+            stats.append(feed_loop(name, process, step, device, args.steps, args.warmup))
+            process.close()
         for prefetch in args.prefetch:
             name = f"to_device(prefetch={prefetch})"
             feed = to_device(reader(), device, prefetch=prefetch, pin_memory=cuda)

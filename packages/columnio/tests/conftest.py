@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,9 @@ from urllib.parse import urlencode
 
 import pyarrow.fs as pafs
 import pytest
+
+# Shared test data helpers (columnio_testdata.py) import by name from this directory.
+sys.path.insert(0, os.path.dirname(__file__))
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"

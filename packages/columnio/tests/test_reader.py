@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +11,7 @@ import pyarrow.orc as orc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from columnio_testdata import make_table, write_parts
 
 from recstack.columnio.columns import Column
 from recstack.columnio.errors import ColumnIOError
@@ -19,40 +19,12 @@ from recstack.columnio.reader import ColumnReader
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 
 
-def _table(n: int, start: int = 0, seed: int = 0) -> pa.Table:
-    rng = random.Random(seed)
-    ids = list(range(start, start + n))
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "x": pa.array([rng.random() for _ in ids], pa.float32()),
-            "small": pa.array([i % 100 for i in ids], pa.int8()),
-            "flag": pa.array([i % 3 == 0 for i in ids], pa.bool_()),
-            "name": pa.array([f"n{i}" * (i % 4) for i in ids], pa.string()),
-            "hist": pa.array([list(range(i, i + i % 5)) for i in ids], pa.list_(pa.int64())),
-            "w": pa.array([[0.5] * (i % 3) for i in ids], pa.list_(pa.float32())),
-            "tags": pa.array([[f"t{j}" for j in range(i % 3)] for i in ids], pa.list_(pa.string())),
-            "vec": pa.array([[i, -i] for i in ids], pa.list_(pa.int32(), 2)),
-        }
-    )
-
-
-def _write(tmp: Path, sizes: list[int], row_group: int, name: str = "part") -> list[str]:
-    paths, start = [], 0
-    for k, n in enumerate(sizes):
-        p = tmp / f"{name}-{k:03d}.parquet"
-        pq.write_table(_table(n, start, seed=k), p, row_group_size=row_group)
-        paths.append(str(p))
-        start += n
-    return paths
-
-
 def _ids(batches: list[dict]) -> list[int]:
     return [i for b in batches for i in b["id"].tolist()]
 
 
 def test_reads_every_type_exactly(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [130, 0, 71], row_group=50)
+    paths = write_parts(tmp_path, [130, 0, 71], row_group=50)
     source = pa.concat_tables([pq.read_table(p) for p in paths])
     reader = ColumnReader(paths, batch_size=64)
     batches = list(reader)
@@ -83,7 +55,7 @@ def test_reads_every_type_exactly(tmp_path: Path) -> None:
 
 
 def test_selects_columns_and_casts(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [40], row_group=16)
+    paths = write_parts(tmp_path, [40], row_group=16)
     reader = ColumnReader(paths, ["hist", Column("small", dtype=torch.int64)], batch_size=16)
     b = next(iter(reader))
     assert list(b) == ["hist", "small"] and b["small"].dtype == torch.int64
@@ -92,7 +64,7 @@ def test_selects_columns_and_casts(tmp_path: Path) -> None:
 
 
 def test_batches_own_their_memory(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [32], row_group=32)
+    paths = write_parts(tmp_path, [32], row_group=32)
     b = next(iter(ColumnReader(paths, ["id"], batch_size=32)))
     b["id"].add_(1)  # writable, and not Arrow's memory
     b2 = next(iter(ColumnReader(paths, ["id"], batch_size=32)))
@@ -101,7 +73,7 @@ def test_batches_own_their_memory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])
 def test_drop_last_and_ragged_sizes(tmp_path: Path, batch_size: int) -> None:
-    paths = _write(tmp_path, [23, 1, 40], row_group=9)
+    paths = write_parts(tmp_path, [23, 1, 40], row_group=9)
     full = list(ColumnReader(paths, ["id"], batch_size=batch_size))
     assert _ids(full) == list(range(64))
     reader = ColumnReader(paths, ["id"], batch_size=batch_size, drop_last=True)
@@ -113,11 +85,11 @@ def test_drop_last_and_ragged_sizes(tmp_path: Path, batch_size: int) -> None:
 
 def test_empty_files_and_zero_row_groups(tmp_path: Path) -> None:
     empty = tmp_path / "empty.parquet"
-    pq.write_table(_table(0), empty)
-    with pq.ParquetWriter(tmp_path / "zero_rg.parquet", _table(0).schema) as w:
-        w.write_table(_table(3))
-        w.write_table(_table(0))
-        w.write_table(_table(2, start=3))
+    pq.write_table(make_table(0), empty)
+    with pq.ParquetWriter(tmp_path / "zero_rg.parquet", make_table(0).schema) as w:
+        w.write_table(make_table(3))
+        w.write_table(make_table(0))
+        w.write_table(make_table(2, start=3))
     reader = ColumnReader([str(empty), str(tmp_path / "zero_rg.parquet")], ["id"], batch_size=4)
     assert _ids(list(reader)) == [0, 1, 2, 3, 4]
     only_empty = ColumnReader(str(empty), ["id", "hist"], batch_size=4)
@@ -125,7 +97,7 @@ def test_empty_files_and_zero_row_groups(tmp_path: Path) -> None:
 
 
 def test_epochs_and_shuffle_order(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [300, 200], row_group=64)
+    paths = write_parts(tmp_path, [300, 200], row_group=64)
     plain = ColumnReader(paths, ["id"], batch_size=50)
     assert _ids(list(plain)) == list(range(500))
     assert plain.epoch == 1
@@ -142,7 +114,7 @@ def test_epochs_and_shuffle_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_sharded_readers_cover_every_row_once(tmp_path: Path, world: int, shuffle: bool) -> None:
-    paths = _write(tmp_path, [333, 20, 150, 1], row_group=37)
+    paths = write_parts(tmp_path, [333, 20, 150, 1], row_group=37)
     seen: list[int] = []
     counts = []
     for rank in range(world):
@@ -165,7 +137,7 @@ def test_sharded_readers_cover_every_row_once(tmp_path: Path, world: int, shuffl
 
 
 def _resume_case(tmp_path: Path, k: int, **kw) -> None:
-    paths = _write(tmp_path, [157, 64, 90], row_group=30)
+    paths = write_parts(tmp_path, [157, 64, 90], row_group=30)
     full_reader = ColumnReader(paths, ["id", "hist"], **kw)
     full = _ids(list(full_reader))
     first = ColumnReader(paths, ["id", "hist"], **kw)
@@ -196,7 +168,7 @@ def test_resume_is_exact_with_shuffle_and_shards(tmp_path: Path, k: int) -> None
 
 
 def test_resume_with_another_batch_size(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [100], row_group=32)
+    paths = write_parts(tmp_path, [100], row_group=32)
     r = ColumnReader(paths, ["id"], batch_size=30, shuffle=True, shuffle_buffer=64)
     it = iter(r)
     head = _ids([next(it), next(it)])
@@ -208,7 +180,7 @@ def test_resume_with_another_batch_size(tmp_path: Path) -> None:
 
 
 def test_state_from_other_data_is_refused(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [50, 50], row_group=25)
+    paths = write_parts(tmp_path, [50, 50], row_group=25)
     state = ColumnReader(paths, ["id"], batch_size=10).state_dict()
     with pytest.raises(ValueError, match="different data"):
         ColumnReader(paths[:1], ["id"], batch_size=10).load_state_dict(state)
@@ -219,7 +191,7 @@ def test_state_from_other_data_is_refused(tmp_path: Path) -> None:
 
 
 def test_break_then_continue_yields_the_rest(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [90], row_group=20)
+    paths = write_parts(tmp_path, [90], row_group=20)
     r = ColumnReader(paths, ["id"], batch_size=10, num_threads=3, prefetch=2)
     got = []
     for i, b in enumerate(r):
@@ -265,7 +237,7 @@ def test_nulls_need_a_default(tmp_path: Path) -> None:
 
 
 def test_bad_files_name_the_file(tmp_path: Path) -> None:
-    good = _write(tmp_path, [20], row_group=10)
+    good = write_parts(tmp_path, [20], row_group=10)
     other = tmp_path / "other.parquet"
     pq.write_table(pa.table({"id": pa.array(["a", "b"])}), other)
     with pytest.raises(ColumnIOError, match=r"other\.parquet.*column 'id'.*type changed"):
@@ -288,7 +260,7 @@ def test_bad_files_name_the_file(tmp_path: Path) -> None:
 
 def test_corrupt_row_group_is_skipped_and_counted(tmp_path: Path) -> None:
     p = tmp_path / "c.parquet"
-    pq.write_table(_table(300), p, row_group_size=100, compression="snappy")
+    pq.write_table(make_table(300), p, row_group_size=100, compression="snappy")
     data = bytearray(p.read_bytes())
     meta = pq.ParquetFile(p).metadata
     col = meta.row_group(1).column(0)
@@ -304,7 +276,7 @@ def test_corrupt_row_group_is_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_keyed_jagged_packing(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [10], row_group=10)
+    paths = write_parts(tmp_path, [10], row_group=10)
     r = ColumnReader(paths, ["id", "hist", "x"], batch_size=4, keyed_jagged=["id", "hist"])
     b = next(iter(r))
     assert set(b) == {"x", "sparse"}
@@ -318,7 +290,7 @@ def test_keyed_jagged_packing(tmp_path: Path) -> None:
 
 
 def test_orc_and_arrow_ipc(tmp_path: Path) -> None:
-    t = _table(250).drop_columns(["vec"])
+    t = make_table(250).drop_columns(["vec"])
     orc.write_table(t, tmp_path / "a.orc", stripe_size=4096)
     feather.write_feather(t, tmp_path / "a.arrow", chunksize=60)
     for path in (tmp_path / "a.orc", tmp_path / "a.arrow"):
@@ -340,7 +312,10 @@ def test_s3_for_real(tmp_path: Path, s3_server) -> None:
     fs = s3_server.filesystem()
     for k in range(2):
         pq.write_table(
-            _table(60, start=60 * k), f"ctr-data/day/p{k}.parquet", filesystem=fs, row_group_size=25
+            make_table(60, start=60 * k),
+            f"ctr-data/day/p{k}.parquet",
+            filesystem=fs,
+            row_group_size=25,
         )
     r = ColumnReader(s3_server.uri("ctr-data/day"), ["id", "name"], batch_size=32)
     assert r.files == ["s3://ctr-data/day/p0.parquet", "s3://ctr-data/day/p1.parquet"]
@@ -351,7 +326,7 @@ def test_s3_for_real(tmp_path: Path, s3_server) -> None:
 def test_pinned_batches_reach_the_gpu_intact(tmp_path: Path) -> None:
     from recstack.columnio.device import to_device
 
-    paths = _write(tmp_path, [300, 77], row_group=64)
+    paths = write_parts(tmp_path, [300, 77], row_group=64)
     cols = ["id", "name", "hist", "tags", "vec"]
     want = list(ColumnReader(paths, cols, batch_size=50))
     reader = ColumnReader(paths, cols, batch_size=50, pin_memory=True, keyed_jagged=["hist"])
@@ -368,7 +343,7 @@ def test_pinned_batches_reach_the_gpu_intact(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
-    paths = _write(tmp_path, [300, 77], row_group=64)
+    paths = write_parts(tmp_path, [300, 77], row_group=64)
     cols = ["id", "name", "hist", "tags", "vec"]
     want = list(ColumnReader(paths, cols, batch_size=50))
     reader = ColumnReader(paths, cols, batch_size=50, device="cuda", shuffle=False)

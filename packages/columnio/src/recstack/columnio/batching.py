@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
@@ -184,18 +184,26 @@ class BatchBuilder:
                 )
         return keys
 
-    def assemble(self, pieces: list[Piece]) -> Batch:
+    def assemble(
+        self, pieces: list[Piece], into: Callable[[int], torch.Tensor] | None = None
+    ) -> Batch:
+        """The batch of ``pieces``' rows.
+
+        With ``into``, every tensor is carved from the uint8 buffer ``into(nbytes)``
+        returns (at least ``nbytes`` long); else from one pinned block when
+        ``pin_memory``; else each tensor is allocated on its own.
+        """
         plain = [rc.name for rc in self.columns if rc.name not in self.keys]
         parts = {name: [p.column(name) for p in pieces] for name in plain}
         keyed = self._keyed_parts(pieces) if self.keys else None
         alloc: Alloc = new_tensor
-        if self.pin_memory:
-            # One page-locked block per batch, every column copied straight into it: the
-            # trip to the GPU is then one copy, and no second host copy is made.
+        if self.pin_memory or into is not None:
+            # One block per batch, every column copied straight into it: the trip to the
+            # GPU (or to another process) is then one copy, and no second host copy is made.
             shapes = [shape for name in plain for shape in cat_shapes(parts[name])]
             if keyed is not None:
                 shapes += [shape for group in keyed[:2] for shape in cat_shapes(group)]
-            alloc = _Block(shapes)
+            alloc = _Block(shapes, into)
         batch: Batch = {name: cat_rows(parts[name], alloc) for name in plain}
         if keyed is not None:
             values, lengths, per_key, rows = keyed
@@ -226,20 +234,35 @@ class BatchBuilder:
 
 
 class _Block:
-    """An allocator handing out 64-byte-aligned views of one pinned buffer, in plan order."""
+    """An allocator handing out views of one buffer, in plan order.
 
-    def __init__(self, shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> None:
-        self._views: deque[torch.Tensor] = deque()
-        sizes = []
-        for shape, dtype in shapes:
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            sizes.append(-(-n // 64) * 64)
-        block = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
-        at = 0
-        for (shape, dtype), size in zip(shapes, sizes, strict=True):
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            self._views.append(block[at : at + n].view(dtype).view(shape))
-            at += size
+    Tensors are laid out grouped by dtype, back to back, each group 64-byte aligned: a
+    reader in another process can then rebuild a whole group with one ``split``.
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[tuple[int, ...], torch.dtype]],
+        into: Callable[[int], torch.Tensor] | None = None,
+    ) -> None:
+        nbytes = [math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in shapes]
+        order = sorted(range(len(shapes)), key=lambda i: str(shapes[i][1]))
+        starts = [0] * len(shapes)
+        at, dtype = 0, None
+        for i in order:
+            if shapes[i][1] != dtype:
+                at, dtype = -(-at // 64) * 64, shapes[i][1]
+            starts[i] = at
+            at += nbytes[i]
+        total = -(-at // 64) * 64
+        if into is not None:
+            block = into(total)
+        else:
+            block = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        self._views: deque[torch.Tensor] = deque(
+            block[a : a + n].view(d).view(s)
+            for (s, d), a, n in zip(shapes, starts, nbytes, strict=True)
+        )
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         view = self._views.popleft()

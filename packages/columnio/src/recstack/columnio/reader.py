@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import queue
 import threading
 from collections import deque
@@ -35,7 +36,7 @@ from recstack.columnio.batching import (
     resolve_in,
     same_types,
 )
-from recstack.columnio.columns import Column, ResolvedColumn, normalize_columns
+from recstack.columnio.columns import MISSING, Column, ResolvedColumn, normalize_columns
 from recstack.columnio.convert import ColumnValue
 from recstack.columnio.device import batch_to, move_batch_to_cuda
 from recstack.columnio.errors import ColumnIOError, ReadStats
@@ -50,6 +51,7 @@ from recstack.columnio.plan import (
     segments,
     window_order,
 )
+from recstack.columnio.process_run import ReaderProcess, _ProcessRun
 from recstack.columnio.rows import cat_rows, slice_rows, take_rows
 from recstack.core.distributed import dist_env
 
@@ -116,6 +118,12 @@ class ColumnReader:
         keyed_jagged_key: the batch key of that KeyedJaggedTensor.
         on_error: ``"raise"`` stops at the first bad file; ``"skip"`` skips it, counts its
             rows in :attr:`stats` and logs a warning.
+        worker: ``"thread"`` decodes and assembles on threads of this process;
+            ``"process"`` does it in a separate reader process that writes each batch into
+            shared memory, so the training thread never waits for Python's GIL on account
+            of data loading (the better choice for GPU training; it needs ``paths`` as
+            strings or URIs, not a ``filesystem`` object, and JSON-able column defaults).
+            Call :meth:`close` (or use ``with``) to stop the process early.
 
     Example::
 
@@ -145,7 +153,19 @@ class ColumnReader:
         keyed_jagged: Sequence[str] | None = None,
         keyed_jagged_key: str = "sparse",
         on_error: OnError = "raise",
+        worker: Literal["thread", "process"] = "thread",
     ) -> None:
+        if worker not in ("thread", "process"):
+            raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
+        if worker == "process" and filesystem is not None:
+            raise ValueError(
+                "worker='process' re-opens the files in the reader process: give paths as "
+                "strings or URIs instead of a filesystem object"
+            )
+        self.worker = worker
+        self._paths_arg = paths
+        self._format_arg = format
+        self._keyed_arg = list(keyed_jagged) if keyed_jagged else None
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.num_threads = _check_int("num_threads", num_threads, 1)
         self.prefetch = _check_int("prefetch", prefetch, 1)
@@ -180,6 +200,7 @@ class ColumnReader:
         )
         self._resolved = self._resolve_columns(normalize_columns(columns))
         self._builder = BatchBuilder(self._resolved, keyed_jagged, keyed_jagged_key, pin_memory)
+        self._process: ReaderProcess | None = None
         self._units = [
             UnitRef(fi, ui, rows)
             for fi, meta in enumerate(self._metas)
@@ -283,19 +304,91 @@ class ColumnReader:
         if self._active is not None:
             self._active.close()
         epoch, start = self.epoch, self._position
-        run = _EpochRun(self, epoch, start)
+        run: _EpochRun | _ProcessRun
+        if self.worker == "process":
+            if self._process is None:
+                self._process = ReaderProcess(self._process_config(), self.device, self.pin_memory)
+            run = self._process.run(epoch, start, self.stats)
+        else:
+            run = _EpochRun(self, epoch, start)
         self._active = run
         try:
             for batch, pos_after, rows in run:
                 self._position = pos_after
-                self.stats.rows_yielded += rows
-                self.stats.batches_yielded += 1
+                if isinstance(run, _EpochRun):
+                    self.stats.rows_yielded += rows
+                    self.stats.batches_yielded += 1
+                else:
+                    self.stats = run.stats  # the reader process counts for us
                 yield run.deliver(batch)
+            if not isinstance(run, _EpochRun):
+                self.stats = run.stats
             self.epoch, self._position = epoch + 1, 0
         finally:
             run.close()
             if self._active is run:
                 self._active = None
+
+    def _process_config(self) -> dict[str, Any]:
+        paths = self._paths_arg
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        columns = []
+        for rc in self._resolved:
+            spec: dict[str, Any] = {"name": rc.name}
+            for key in ("default", "element_default"):
+                value = getattr(rc.spec, key)
+                if value is not MISSING:
+                    try:
+                        json.dumps(value)
+                    except TypeError as e:
+                        raise ValueError(
+                            f"column {rc.name!r}: {key}={value!r} must be JSON-able to reach "
+                            "the reader process"
+                        ) from e
+                    spec[key] = value
+            if rc.spec.dtype is not None:
+                spec["dtype"] = str(rc.spec.dtype).removeprefix("torch.")
+            columns.append(spec)
+        reader = {
+            "paths": paths,
+            "columns": columns,
+            "batch_size": self.batch_size,
+            "format": self._format_arg,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "drop_last": self.drop_last,
+            "num_threads": self.num_threads,
+            "keyed_jagged": self._keyed_arg,
+            "keyed_jagged_key": self._builder.keyed_jagged_key,
+            "on_error": self.on_error,
+        }
+        return {"reader": reader, "fingerprint": self._fingerprint, "slots": self.prefetch + 2}
+
+    def close(self) -> None:
+        """Stop any pass in progress and the reader process (``worker="process"``)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    def __enter__(self) -> ColumnReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        process = getattr(self, "_process", None)
+        if process is not None:
+            with contextlib.suppress(Exception):
+                process.close()
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch``."""
@@ -383,7 +476,9 @@ class _InFlight:
 class _EpochRun:
     """One pass over (the rest of) an epoch: decoding pool, assembler thread, batch queue."""
 
-    def __init__(self, reader: ColumnReader, epoch: int, start: int) -> None:
+    def __init__(
+        self, reader: ColumnReader, epoch: int, start: int, start_thread: bool = True
+    ) -> None:
         self.r = reader
         self.epoch = epoch
         self.start = start
@@ -393,7 +488,8 @@ class _EpochRun:
         self.retiring: deque[tuple[torch.cuda.Event, Batch]] = deque()
         self.pool = ThreadPoolExecutor(reader.num_threads, thread_name_prefix="columnio-decode")
         self.thread = threading.Thread(target=self._produce, name="columnio-assemble", daemon=True)
-        self.thread.start()
+        if start_thread:
+            self.thread.start()
 
     # consumer side
     def __iter__(self) -> Iterator[tuple[Batch, int, int]]:
@@ -538,17 +634,22 @@ class _EpochRun:
         yield Piece(cols, base + kept_slots)
 
     def _batches(self) -> Iterator[tuple[Batch, int, int]]:
+        for parts in self.batch_parts():
+            yield self._emit(parts)
+
+    def batch_parts(self) -> Iterator[list[Piece]]:
+        """The pieces of each batch of the run, in order (``drop_last`` applied)."""
         r = self.r
         buf = PieceBuffer()
         for piece in self._pieces():
             buf.add(piece)
             while buf.rows >= r.batch_size:
-                yield self._emit(buf.take(r.batch_size))
+                yield buf.take(r.batch_size)
         if buf.rows:
             if r.drop_last:
                 r.stats.rows_dropped_last += buf.rows
             else:
-                yield self._emit(buf.take(buf.rows))
+                yield buf.take(buf.rows)
 
     def _emit(self, parts: list[Piece]) -> tuple[Any, int, int]:
         rows = sum(p.rows for p in parts)

@@ -1,0 +1,143 @@
+"""ColumnReader(worker="process"): the same batches as the threaded reader, from another process."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from columnio_testdata import make_table, write_parts
+
+from recstack.columnio.columns import Column
+from recstack.columnio.errors import ColumnIOError
+from recstack.columnio.reader import ColumnReader
+from recstack.columnio.shm import Slot, decode_layout, encode_layout
+from recstack.core import JaggedTensor, KeyedJaggedTensor
+
+
+def _flat(batch: dict) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.tolist()
+        elif isinstance(v, KeyedJaggedTensor):
+            out[k] = {key: v[key].to_list() for key in v}
+        elif v.is_nested:
+            out[k] = v.to_strings()
+        else:
+            out[k] = v.to_list()
+    return out
+
+
+def test_same_batches_as_threads_then_resume(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [150, 0, 61], row_group=40)
+    cols = ["id", Column("small", dtype=torch.int64), "flag", "name", "hist", "tags", "vec"]
+    kw = dict(batch_size=32, shuffle=True, seed=4, shuffle_buffer=70, keyed_jagged=["id"])
+    want = [_flat(b) for b in ColumnReader(paths, cols, **kw)]
+    with ColumnReader(paths, cols, worker="process", **kw) as reader:
+        got = [_flat(b) for b in reader]
+        assert got == want
+        assert reader.stats.rows_yielded == 211 and reader.epoch == 1
+        # Second epoch, interrupted, then resumed by a fresh process reader.
+        nxt = [_flat(b) for b in ColumnReader(paths, cols, **kw) for _ in [0]]
+        it = iter(reader)
+        head = [_flat(next(it)) for _ in range(3)]
+        state = json.loads(json.dumps(reader.state_dict()))
+    assert state["epoch"] == 1 and state["position"] == 96
+    threaded = ColumnReader(paths, cols, **kw)
+    threaded.set_epoch(1)
+    epoch1 = [_flat(b) for b in threaded]
+    assert head == epoch1[:3]
+    with ColumnReader(paths, cols, worker="process", **kw) as again:
+        again.load_state_dict(state)
+        assert head + [_flat(b) for b in again] == epoch1
+    assert nxt  # the threaded reader ran too
+
+
+def test_errors_in_the_reader_process_name_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"a": pa.array([1, None, 3], pa.int64())}), p)
+    reader = ColumnReader(str(p), ["a"], batch_size=2, worker="process")
+    with reader, pytest.raises(ColumnIOError, match=r"nulls\.parquet.*column 'a'.*null"):
+        list(reader)
+
+
+def test_close_stops_the_process_and_removes_its_slots(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [300], row_group=50)
+    reader = ColumnReader(paths, ["id", "hist"], batch_size=10, worker="process", prefetch=2)
+    it = iter(reader)
+    next(it)
+    proc = reader._process
+    assert proc is not None
+    slot_files = [m.slot.path for m in proc.maps.values()]
+    assert slot_files and all(os.path.exists(f) for f in slot_files)
+    reader.close()
+    assert proc.proc.poll() is not None
+    assert not any(os.path.exists(f) for f in slot_files)
+
+
+def test_process_mode_arguments(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [10], row_group=10)
+    with pytest.raises(ValueError, match="filesystem"):
+        ColumnReader(paths, ["id"], worker="process", filesystem=pafs.LocalFileSystem())
+    with pytest.raises(ValueError, match="worker"):
+        ColumnReader(paths, ["id"], worker="fork")  # type: ignore[arg-type]
+    bad = ColumnReader(paths, [Column("id", default=object())], worker="process")
+    with pytest.raises(ValueError, match="JSON"):
+        next(iter(bad))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 17])
+def test_layout_round_trip(tmp_path: Path, rows: int) -> None:
+    t = make_table(rows)
+    batch = {
+        "id": torch.tensor(t.column("id").to_pylist(), dtype=torch.int64),
+        "hist": JaggedTensor.from_list(t.column("hist").to_pylist(), dtype=torch.int64),
+        "tags": JaggedTensor.from_string_lists(t.column("tags").to_pylist()),
+        "kjt": KeyedJaggedTensor(["a"], torch.arange(rows), torch.ones(rows, dtype=torch.int64)),
+    }
+    slot = Slot.create(1 << 16, "test")
+    try:
+        at = 0
+        placed = {}
+        for name, v in batch.items():
+
+            def put(t: torch.Tensor) -> torch.Tensor:
+                nonlocal at
+                n = t.numel() * t.element_size()
+                view = slot.tensor[at : at + n].view(t.dtype).view(t.shape)
+                view.copy_(t)
+                at += -(-n // 64) * 64 if n else 0
+                return view
+
+            placed[name] = put(v) if isinstance(v, torch.Tensor) else v.map_tensors(put)
+        layout = json.loads(json.dumps(encode_layout(placed, slot.tensor)))
+        back = decode_layout(layout, slot.tensor.clone())
+        assert _flat(back) == _flat(batch)
+    finally:
+        slot.close(unlink=True)
+
+
+@pytest.mark.gpu
+def test_process_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [300, 77], row_group=64)
+    cols = ["id", "name", "hist", "tags", "vec"]
+    want = [_flat(b) for b in ColumnReader(paths, cols, batch_size=50)]
+    got = []
+    with ColumnReader(paths, cols, batch_size=50, worker="process", device="cuda") as reader:
+        for b in reader:
+            torch.cuda._sleep(1_000_000)  # the compute stream lags the copies
+            assert b["id"].is_cuda
+            got.append(
+                {k: (v * 1 if isinstance(v, torch.Tensor) else v.to("cpu")) for k, v in b.items()}
+            )
+    torch.cuda.synchronize()
+    assert [
+        _flat({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in g.items()})
+        for g in got
+    ] == want

@@ -1,0 +1,345 @@
+"""Compiling a list of features into an execution plan, with every check done up front.
+
+The plan is a list of *nodes*. A node has one input (a batch column, another node's output,
+or a cross of nodes) and a list of *steps*: runs of elementwise ops merged into one
+``program`` step, and the structural steps (truncate, pad, filter, fill) between them.
+Nodes are grouped into levels by dependency; the engine runs each level's steps in rounds,
+one fused launch per step type per round, whatever the number of features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from recstack.feature_engine.feature import Feature, FeatureError
+from recstack.feature_engine.kernels.program import (
+    DOP_CLIP,
+    DOP_FILL_NAN,
+    DOP_LOG1P,
+    DOP_NORMALIZE,
+    OP_BUCKETIZE,
+    OP_HASH,
+    OP_MOD,
+    OP_UMOD,
+)
+from recstack.feature_engine.ops import (
+    Bucketize,
+    Clip,
+    Cross,
+    FillMissing,
+    FilterIds,
+    Hash,
+    Log1p,
+    Mod,
+    MultiHash,
+    Normalize,
+    Pad,
+    Truncate,
+)
+
+__all__ = ["COLUMN_KINDS", "DenseNode", "Node", "Plan", "compile_plan", "schema_of"]
+
+#: What a batch column can be, as a schema names it.
+COLUMN_KINDS = ("int", "float", "int_list", "float_list", "string", "string_list")
+
+_INF = float("inf")
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def schema_of(batch: Mapping[str, Any]) -> dict[str, str]:
+    """The schema (column -> kind) of a batch, for ``FeatureEngine(schema=...)``.
+
+    Keys of a :class:`~recstack.core.KeyedJaggedTensor` in the batch count as ``int_list``
+    columns.
+    """
+    import torch
+
+    from recstack.core import JaggedTensor, KeyedJaggedTensor
+
+    out: dict[str, str] = {}
+    for name, v in batch.items():
+        if isinstance(v, KeyedJaggedTensor):
+            for key in v:
+                out[key] = "int_list"
+        elif isinstance(v, JaggedTensor):
+            if v.is_nested:
+                out[name] = "string_list"
+            elif v.values.dtype == torch.uint8:
+                out[name] = "string"
+            else:
+                out[name] = "float_list" if v.values.dtype.is_floating_point else "int_list"
+        elif isinstance(v, torch.Tensor) and v.dim() == 1:
+            out[name] = "float" if v.dtype.is_floating_point else "int"
+    return out
+
+
+@dataclass
+class Step:
+    """One unit of work on a node's ids. ``kind``: program, truncate, pad, filter, fill."""
+
+    kind: str
+    params: Any
+
+
+@dataclass
+class Node:
+    """A sparse feature (or a hidden intermediate one) in the plan."""
+
+    name: str
+    emit: bool
+    # input: ("column", name, kind) | ("node", name) | ("cross", [names], seed)
+    input: tuple[Any, ...]
+    first: Any = None  # ("hash_string", seed) | ("bucketize_float", boundaries, right) | None
+    steps: list[Step] = field(default_factory=list)
+    level: int = 0
+
+
+@dataclass
+class DenseNode:
+    """A dense float feature: a column and a program of dense ops."""
+
+    name: str
+    column: str
+    ops: list[tuple[int, float, float]]
+
+
+@dataclass
+class Plan:
+    nodes: list[Node]
+    dense: list[DenseNode]
+    levels: list[list[Node]]
+    columns: dict[str, str]  # the columns the plan reads, with their kinds
+
+
+def _program_ops(op: Any, feature: str) -> list[tuple[int, int, int, int]] | None:
+    """The program opcodes of an elementwise op on int ids, or None when not elementwise."""
+    if isinstance(op, Hash):
+        out = [(OP_HASH, _signed(op.seed), 0, 0)]
+        if op.buckets is not None:
+            out.append((OP_UMOD, op.buckets, 0, 0))
+        return out
+    if isinstance(op, Mod):
+        return [(OP_MOD, op.m, 0, 0)]
+    if isinstance(op, Bucketize):
+        return [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right))]  # offset filled later
+    return None
+
+
+def _check_int_boundaries(op: Bucketize, feature: str) -> None:
+    if any(float(b) != int(b) for b in op.boundaries):
+        raise FeatureError(
+            f"Bucketize on integer ids needs integer boundaries, got {list(op.boundaries)}",
+            feature,
+        )
+
+
+class _Builder:
+    def __init__(self, features: Sequence[Feature], schema: Mapping[str, str]) -> None:
+        self.schema = dict(schema)
+        for col, kind in self.schema.items():
+            if kind not in COLUMN_KINDS:
+                raise FeatureError(f"schema: column {col!r} has unknown kind {kind!r}")
+        self.features = {f.name: f for f in features}
+        self.nodes: dict[str, Node] = {}
+        self.dense: list[DenseNode] = []
+        self.columns: dict[str, str] = {}
+        self.sparse_names: set[str] = set()
+
+    def kind_of_source(self, feature: str, source: str) -> str:
+        if source in self.features and source != feature:
+            return "feature"
+        if source in self.schema:
+            self.columns[source] = self.schema[source]
+            return self.schema[source]
+        raise FeatureError(
+            f"unknown source {source!r}: not a batch column (schema has "
+            f"{sorted(self.schema)}) nor a feature",
+            feature,
+        )
+
+    def build(self) -> None:
+        for f in self.features.values():
+            self.add(f)
+
+    def add(self, f: Feature) -> None:
+        kind = self.kind_of_source(f.name, f.source)
+        ops = list(f.ops)
+        dense_ops = (Log1p, Clip, Normalize)
+        if kind in ("float", "float_list") and (
+            not ops or all(isinstance(o, (*dense_ops, FillMissing)) for o in ops)
+        ):
+            if kind == "float_list":
+                raise FeatureError("dense ops need a float column with one value a row", f.name)
+            self.dense.append(DenseNode(f.name, f.source, [self.dense_op(o, f.name) for o in ops]))
+            return
+        first_bucketize = next((i for i, o in enumerate(ops) if isinstance(o, Bucketize)), len(ops))
+        for i, op in enumerate(ops):
+            if isinstance(op, dense_ops) and not (
+                kind in ("float", "float_list") and i < first_bucketize
+            ):
+                raise FeatureError(
+                    f"op {i} ({type(op).__name__}) is a dense op but the feature is sparse "
+                    "at that point (dense ops go on float columns, before any Bucketize)",
+                    f.name,
+                )
+        node = Node(
+            f.name, True, ("node", f.source) if kind == "feature" else ("column", f.source, kind)
+        )
+        if kind in ("string", "string_list"):
+            if not ops or not isinstance(ops[0], Hash):
+                raise FeatureError("a string column needs Hash as its first op", f.name)
+            node.first = ("hash_string", _signed(ops[0].seed))
+            if ops[0].buckets is not None:
+                node.steps.append(Step("program", [(OP_UMOD, ops[0].buckets, 0, 0)]))
+            ops = ops[1:]
+        elif kind in ("float", "float_list"):
+            # Dense ops may prepare the numbers (fill NaN, clip, log) before they are
+            # bucketized; they run in float32, as dense features do.
+            pre = 0
+            while pre < len(ops) and isinstance(ops[pre], (*dense_ops, FillMissing)):
+                pre += 1
+            if pre == len(ops) or not isinstance(ops[pre], Bucketize):
+                raise FeatureError(
+                    "a float column becomes ids only through Bucketize, got "
+                    f"{type(ops[pre]).__name__ if pre < len(ops) else 'no Bucketize'}",
+                    f.name,
+                )
+            if pre and kind == "float_list":
+                raise FeatureError("dense ops before Bucketize need a float column", f.name)
+            node.first = (
+                "bucketize_float",
+                tuple(float(b) for b in ops[pre].boundaries),
+                ops[pre].right,
+                tuple(self.dense_op(o, f.name) for o in ops[:pre]),
+            )
+            ops = ops[pre:]
+            ops = ops[1:]
+        self.sparse_names.add(f.name)
+        self.nodes[f.name] = node
+        self.add_steps(node, ops)
+
+    def dense_op(self, op: Any, feature: str) -> tuple[int, float, float]:
+        if isinstance(op, Log1p):
+            return (DOP_LOG1P, 0.0, 0.0)
+        if isinstance(op, Clip):
+            lo = -_INF if op.min is None else float(op.min)
+            hi = _INF if op.max is None else float(op.max)
+            return (DOP_CLIP, lo, hi)
+        if isinstance(op, Normalize):
+            return (DOP_NORMALIZE, float(op.mean), float(op.std))
+        if isinstance(op, FillMissing):
+            return (DOP_FILL_NAN, float(op.value), 0.0)
+        raise FeatureError(f"{type(op).__name__} does not apply to a dense float column", feature)
+
+    def add_steps(self, node: Node, ops: list[Any]) -> None:
+        for i, op in enumerate(ops):
+            if isinstance(op, MultiHash):
+                if i != len(ops) - 1:
+                    raise FeatureError("MultiHash must be the last op", node.name)
+                node.emit = False
+                for k in range(op.k):
+                    child = Node(f"{node.name}/{k}", True, ("node", node.name))
+                    child.steps.append(
+                        Step("program", _program_ops(Hash(op.seed + k, op.buckets), node.name))
+                    )
+                    self.nodes[child.name] = child
+                    self.sparse_names.add(child.name)
+                return
+            if isinstance(op, Cross):
+                # Ops before the cross make a hidden node; the cross reads it and the others.
+                pre = Node(f"{node.name}@pre", False, node.input, node.first, node.steps)
+                self.nodes[pre.name] = pre
+                node.input = ("cross", [pre.name, *op.others], _signed(op.seed))
+                node.first = None
+                node.steps = []
+                if node.name in op.others:
+                    raise FeatureError("a cross of a feature with itself", node.name)
+                if op.buckets is not None:
+                    node.steps.append(Step("program", [(OP_UMOD, op.buckets, 0, 0)]))
+                continue
+            prog = _program_ops(op, node.name)
+            if prog is not None:
+                if isinstance(op, Bucketize):
+                    _check_int_boundaries(op, node.name)
+                    prog = [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right), op.boundaries)]  # type: ignore[list-item]
+                if node.steps and node.steps[-1].kind == "program":
+                    node.steps[-1].params.extend(prog)
+                else:
+                    node.steps.append(Step("program", list(prog)))
+            elif isinstance(op, Truncate):
+                node.steps.append(Step("truncate", (op.max_len, op.side)))
+            elif isinstance(op, Pad):
+                node.steps.append(Step("pad", (op.length, op.value, op.side, op.truncate)))
+            elif isinstance(op, FilterIds):
+                node.steps.append(Step("filter", (op.ids, op.keep)))
+            elif isinstance(op, FillMissing):
+                if float(op.value) != int(op.value):
+                    raise FeatureError("FillMissing on ids needs an integer value", node.name)
+                node.steps.append(Step("fill", int(op.value)))
+            else:  # pragma: no cover - every op class is handled above
+                raise FeatureError(f"unsupported op {type(op).__name__}", node.name)
+
+    def deps(self, node: Node) -> list[str]:
+        if node.input[0] == "node":
+            return [node.input[1]]
+        if node.input[0] == "cross":
+            return list(node.input[1])
+        return []
+
+    def levels(self) -> list[list[Node]]:
+        for node in self.nodes.values():
+            for dep in self.deps(node):
+                if dep not in self.nodes:
+                    kind = "dense" if any(d.name == dep for d in self.dense) else "unknown"
+                    raise FeatureError(
+                        f"depends on {dep!r}, which is {kind}: sources and crosses need a "
+                        "sparse feature",
+                        node.name.split("@")[0],
+                    )
+        state: dict[str, int] = {}  # 1 visiting, 2 done
+
+        def visit(name: str, path: list[str]) -> int:
+            node = self.nodes[name]
+            if state.get(name) == 2:
+                return node.level
+            if state.get(name) == 1:
+                cycle = " -> ".join([*path[path.index(name) :], name])
+                raise FeatureError(f"the features form a cycle: {cycle}", name.split("@")[0])
+            state[name] = 1
+            node.level = 1 + max((visit(d, [*path, name]) for d in self.deps(node)), default=-1)
+            state[name] = 2
+            return node.level
+
+        for name in list(self.nodes):
+            visit(name, [])
+        depth = 1 + max((n.level for n in self.nodes.values()), default=-1)
+        # Within a level, crosses come last (the engine appends the cross kernel's output
+        # after the other inputs), and nodes with the same steps sit together, so each
+        # step touches a few contiguous ranges of the level buffer rather than scattered
+        # nodes.
+        return [
+            sorted(
+                (n for n in self.nodes.values() if n.level == k),
+                key=lambda n: (n.input[0] == "cross", [s.kind for s in n.steps]),
+            )
+            for k in range(depth)
+        ]
+
+
+def compile_plan(features: Sequence[Feature], schema: Mapping[str, str]) -> Plan:
+    """Check ``features`` against ``schema`` and lay out their execution."""
+    names = [f.name for f in features]
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise FeatureError("defined twice", n)
+        seen.add(n)
+    b = _Builder(features, schema)
+    b.build()
+    levels = b.levels()
+    return Plan(list(b.nodes.values()), b.dense, levels, b.columns)

@@ -1,0 +1,330 @@
+"""The ops a feature is made of, as small typed, validated, serializable dataclasses.
+
+Sparse ops act on ids (int64, one or many per row); dense ops act on one float per row.
+
+=============  ========================================================================
+op             what it does
+=============  ========================================================================
+Hash           int ids, strings or lists of strings -> int64 ids: ``hash64`` (XXH64)
+               with ``seed``; ``buckets`` maps the 64-bit hash to ``[0, buckets)``.
+Mod            ``id mod m`` into ``[0, m)`` (floor modulo: never negative).
+Bucketize      numbers -> bucket index ``i`` with ``boundaries[i-1] < x <= boundaries[i]``
+               (``right=True``: ``boundaries[i-1] <= x < boundaries[i]``), in ``[0, n]``.
+MultiHash      ``k`` independent hashes of each id, as ``k`` features ``name/0`` ...
+Cross          per-row cartesian product with other features, each pair hashed.
+Truncate       keep at most ``max_len`` ids per row, cutting the ``side`` end.
+Pad            make every row exactly ``length`` ids: cut, then fill with ``value``.
+FilterIds      drop the ids in ``ids`` (``keep=True``: keep only those).
+FillMissing    an empty row (sparse) or a NaN (dense) becomes ``value``.
+Log1p          ``log(1 + x)`` (dense).
+Clip           clamp into ``[min, max]`` (dense).
+Normalize      ``(x - mean) / std`` (dense).
+=============  ========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+__all__ = [
+    "OPS",
+    "Bucketize",
+    "Clip",
+    "Cross",
+    "FillMissing",
+    "FilterIds",
+    "Hash",
+    "Log1p",
+    "Mask",
+    "Mod",
+    "MultiHash",
+    "Normalize",
+    "Op",
+    "OpError",
+    "Pad",
+    "Truncate",
+    "op_from_dict",
+]
+
+_U64 = 1 << 64
+
+
+class OpError(ValueError):
+    """An op's parameters are invalid (the engine adds the feature's name)."""
+
+
+def _int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OpError(f"{name} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise OpError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise OpError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def _seed(value: Any) -> int:
+    return _int("seed", value, 0, _U64 - 1)
+
+
+def _buckets(value: Any) -> int | None:
+    return None if value is None else _int("buckets", value, 1, (1 << 63) - 1)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OpError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Op:
+    """Base class. ``kind`` says what the op takes: ``"sparse"``, ``"dense"`` or ``"any"``."""
+
+    kind: ClassVar[str] = "sparse"
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"op": "<Name>", **params}``: what config files hold."""
+        out: dict[str, Any] = {"op": type(self).__name__}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class Hash(Op):
+    """``hash64(x, seed)`` of ints, strings or lists of strings; optional ``buckets``."""
+
+    seed: int = 0
+    buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        _seed(self.seed)
+        _buckets(self.buckets)
+
+
+@dataclass(frozen=True)
+class Mod(Op):
+    """``x mod m`` with the result in ``[0, m)`` (floor modulo, as ``torch.remainder``)."""
+
+    m: int = 1
+
+    def __post_init__(self) -> None:
+        _int("m", self.m, 1, (1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Bucketize(Op):
+    """Bucket index of each number: ``torch.bucketize(x, boundaries, right=right)``.
+
+    ``boundaries`` must be non-empty, finite and strictly increasing. On a dense column
+    the result is a sparse feature with one id per row.
+    """
+
+    kind: ClassVar[str] = "any"
+    boundaries: tuple[float, ...] = ()
+    right: bool = False
+
+    def __post_init__(self) -> None:
+        b = self.boundaries
+        if isinstance(b, (str, bytes)) or not isinstance(b, Sequence):
+            raise OpError(f"boundaries must be a list of numbers, got {b!r}")
+        values = [_number("boundaries", v) for v in b]
+        if not values:
+            raise OpError("boundaries is empty: give at least one boundary")
+        if any(not math.isfinite(v) for v in values):
+            raise OpError("boundaries must be finite")
+        if any(y <= x for x, y in zip(values, values[1:], strict=False)):
+            raise OpError(f"boundaries must be strictly increasing, got {list(b)}")
+        object.__setattr__(self, "boundaries", tuple(b))
+        if not isinstance(self.right, bool):
+            raise OpError(f"right must be a bool, got {self.right!r}")
+
+
+@dataclass(frozen=True)
+class MultiHash(Op):
+    """``k`` hashes of each id with seeds ``seed, seed+1, ...``: features ``name/0..k-1``."""
+
+    k: int = 2
+    seed: int = 0
+    buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        _int("k", self.k, 1, 64)
+        _seed(self.seed)
+        _seed(self.seed + self.k - 1)
+        _buckets(self.buckets)
+
+
+@dataclass(frozen=True)
+class Cross(Op):
+    """Per-row cartesian product of this feature's ids with the named features' outputs.
+
+    Each tuple is hashed: ``h = xxh64(LE(a) || LE(b), seed)``, folded for more features.
+    """
+
+    others: tuple[str, ...] = ()
+    seed: int = 0
+    buckets: int | None = None
+
+    def __post_init__(self) -> None:
+        o = self.others
+        if isinstance(o, str):
+            o = (o,)
+        if not isinstance(o, Sequence) or not all(isinstance(x, str) and x for x in o):
+            raise OpError(f"others must be feature names, got {self.others!r}")
+        if not 1 <= len(o) <= 3:
+            raise OpError(f"a cross takes 1 to 3 other features, got {len(o)}")
+        if len(set(o)) != len(o):
+            raise OpError(f"a cross names the same feature twice: {list(o)}")
+        object.__setattr__(self, "others", tuple(o))
+        _seed(self.seed)
+        _buckets(self.buckets)
+
+
+@dataclass(frozen=True)
+class Truncate(Op):
+    """At most ``max_len`` ids per row; ``side="left"`` cuts the start (keeps the latest)."""
+
+    max_len: int = 1
+    side: str = "left"
+
+    def __post_init__(self) -> None:
+        _int("max_len", self.max_len, 0)
+        if self.side not in ("left", "right"):
+            raise OpError(f"side must be 'left' or 'right', got {self.side!r}")
+
+
+@dataclass(frozen=True)
+class Pad(Op):
+    """Exactly ``length`` ids per row: cut as :class:`Truncate` with ``truncate``, then
+    fill with ``value`` on the ``side`` end."""
+
+    length: int = 1
+    value: int = 0
+    side: str = "right"
+    truncate: str = "left"
+
+    def __post_init__(self) -> None:
+        _int("length", self.length, 0)
+        _int("value", self.value, -(1 << 63), (1 << 63) - 1)
+        for name in ("side", "truncate"):
+            if getattr(self, name) not in ("left", "right"):
+                raise OpError(f"{name} must be 'left' or 'right', got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class FilterIds(Op):
+    """Drop the ids in ``ids`` from every row (``keep=True``: keep only those)."""
+
+    ids: tuple[int, ...] = ()
+    keep: bool = False
+
+    def __post_init__(self) -> None:
+        ids = self.ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise OpError(f"ids must be a list of ints, got {ids!r}")
+        object.__setattr__(
+            self, "ids", tuple(_int("ids", v, -(1 << 63), (1 << 63) - 1) for v in ids)
+        )
+        if not isinstance(self.keep, bool):
+            raise OpError(f"keep must be a bool, got {self.keep!r}")
+
+
+def Mask(ids: Sequence[int], keep: bool = False) -> FilterIds:  # noqa: N802 - an op alias
+    """Alias of :class:`FilterIds`."""
+    return FilterIds(tuple(ids), keep)
+
+
+@dataclass(frozen=True)
+class FillMissing(Op):
+    """An empty row becomes ``[value]`` (sparse); a NaN becomes ``value`` (dense)."""
+
+    kind: ClassVar[str] = "any"
+    value: float = 0
+
+    def __post_init__(self) -> None:
+        _number("value", self.value)
+
+
+@dataclass(frozen=True)
+class Log1p(Op):
+    """``log(1 + x)``; clip first if ``x`` can be below -1."""
+
+    kind: ClassVar[str] = "dense"
+
+
+@dataclass(frozen=True)
+class Clip(Op):
+    """Clamp into ``[min, max]``; either bound may be ``None``."""
+
+    kind: ClassVar[str] = "dense"
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        lo = None if self.min is None else _number("min", self.min)
+        hi = None if self.max is None else _number("max", self.max)
+        if lo is None and hi is None:
+            raise OpError("Clip needs min, max or both")
+        if lo is not None and hi is not None and lo > hi:
+            raise OpError(f"Clip min {lo} is above max {hi}")
+
+
+@dataclass(frozen=True)
+class Normalize(Op):
+    """``(x - mean) / std`` with ``std > 0``."""
+
+    kind: ClassVar[str] = "dense"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        _number("mean", self.mean)
+        if _number("std", self.std) <= 0 or not math.isfinite(self.std):
+            raise OpError(f"std must be a positive finite number, got {self.std!r}")
+
+
+#: Every op by the name config files use.
+OPS: dict[str, type[Op]] = {
+    cls.__name__: cls
+    for cls in (
+        Hash,
+        Mod,
+        Bucketize,
+        MultiHash,
+        Cross,
+        Truncate,
+        Pad,
+        FilterIds,
+        FillMissing,
+        Log1p,
+        Clip,
+        Normalize,
+    )
+}
+
+
+def op_from_dict(data: Mapping[str, Any]) -> Op:
+    """The op a config entry ``{"op": "Hash", "seed": 1, ...}`` describes."""
+    if not isinstance(data, Mapping) or "op" not in data:
+        raise OpError(f"an op needs an 'op' name, got {data!r}")
+    name = data["op"]
+    if name == "Mask":
+        name = "FilterIds"
+    cls = OPS.get(name)
+    if cls is None:
+        raise OpError(f"unknown op {name!r}; known ops: {sorted(OPS)}")
+    known = {f.name for f in fields(cls)}
+    extra = set(data) - known - {"op"}
+    if extra:
+        raise OpError(f"{name} has no parameter(s) {sorted(extra)}; it takes {sorted(known)}")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "op"}
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise OpError(f"{name}: {e}") from e

@@ -1,0 +1,827 @@
+"""Elementwise op-program kernels: Triton vs torch reference vs plain-Python oracles."""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import pytest
+import torch
+import xxhash
+
+from recstack.core import hash64, kernels
+from recstack.feature_engine.kernels import program as P
+from recstack.feature_engine.kernels.program import (
+    DOP_CLIP,
+    DOP_FILL_NAN,
+    DOP_LOG1P,
+    DOP_NOP,
+    DOP_NORMALIZE,
+    OP_BUCKETIZE,
+    OP_HASH,
+    OP_MOD,
+    OP_NOP,
+    OP_UMOD,
+    bucketize_float,
+    compile_dense_program,
+    compile_float_boundaries,
+    compile_sparse_program,
+    dense_program,
+    sparse_program,
+)
+
+M64 = (1 << 64) - 1
+I64_MIN, I64_MAX = -(1 << 63), (1 << 63) - 1
+EXTREMES = [I64_MAX, -I64_MAX, I64_MIN, -1, 0, 1]
+NAN = float("nan")
+INF = float("inf")
+
+# Dense kernels in Triton's interpreter evaluate log on every lane with numpy, which warns
+# on the lanes whose result is NaN/-inf by definition (x <= -1) or is discarded.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _s64(v: int) -> int:
+    v &= M64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _triton_runs() -> bool:
+    return kernels.HAS_TRITON and (torch.cuda.is_available() or kernels.interpret_mode())
+
+
+def _both(fn):
+    """``fn()`` under the torch reference and, where it can run, the Triton kernel."""
+    outs = []
+    for backend in ("torch", "triton") if _triton_runs() else ("torch",):
+        with kernels.use_backend(backend):
+            outs.append(fn())
+    return outs
+
+
+def _offsets(lengths: list[int], device) -> torch.Tensor:
+    off = [0]
+    for n in lengths:
+        off.append(off[-1] + n)
+    return torch.tensor(off, dtype=torch.int64, device=device)
+
+
+# ----------------------------------------------------------------------------------------
+# plain-Python oracle of the sparse ops (xxhash for HASH, bisect for BUCKETIZE)
+# ----------------------------------------------------------------------------------------
+
+
+def _oracle(values: list[int], offsets: list[int], program, boundaries: list[int]) -> list[int]:
+    out = []
+    for f in range(len(offsets) - 1):
+        for v in values[offsets[f] : offsets[f + 1]]:
+            for code, p0, p1, p2 in program[f]:
+                if code == OP_HASH:
+                    v = _s64(xxhash.xxh64_intdigest((v & M64).to_bytes(8, "little"), p0 & M64))
+                elif code == OP_MOD:
+                    v = v % p0  # Python's % on a positive modulus == torch.remainder
+                elif code == OP_UMOD:
+                    v = (v & M64) % p0
+                elif code == OP_BUCKETIZE:
+                    b = boundaries[p0 : p0 + p1]
+                    v = bisect.bisect_right(b, v) if p2 else bisect.bisect_left(b, v)
+            out.append(v)
+    return out
+
+
+def _run_sparse(values, lengths, ops_per_feature, device, *, slots=None):
+    """Compile, run, and compare with the oracle; return the result tensor."""
+    prog, bounds = compile_sparse_program(ops_per_feature, slots=slots)
+    x = torch.tensor(values, dtype=torch.int64, device=device)
+    off = _offsets(lengths, device)
+    got = sparse_program(x, off, prog.to(device), bounds.to(device))
+    assert got.dtype == torch.int64 and got.device == x.device and got.shape == x.shape
+    want = _oracle(values, off.tolist(), prog.tolist(), bounds.tolist())
+    assert got.cpu().tolist() == want
+    return got
+
+
+def _random_values(rng: random.Random, n: int) -> list[int]:
+    vals = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.5:
+            vals.append(rng.randint(-60, 60))  # lands between bucketize boundaries
+        elif r < 0.9:
+            vals.append(rng.randint(I64_MIN, I64_MAX))
+        else:
+            vals.append(rng.choice(EXTREMES))
+    return vals
+
+
+def _random_op(rng: random.Random):
+    kind = rng.randrange(6)
+    if kind == 0:
+        return (OP_NOP,)
+    if kind == 1:
+        return (OP_HASH, rng.choice([0, 1, M64, rng.randrange(1 << 64)]))
+    if kind == 2:
+        return (OP_MOD, rng.choice([1, 2, 7, 1000, I64_MAX, rng.randint(1, I64_MAX)]))
+    if kind == 3:
+        return (
+            OP_UMOD,
+            rng.choice([1, 3, 1 << 20, (1 << 62) + 1, I64_MAX, rng.randint(1, I64_MAX)]),
+        )
+    bounds = sorted(rng.randint(-50, 50) for _ in range(rng.randint(1, 12)))
+    return (OP_BUCKETIZE, bounds, rng.random() < 0.5)
+
+
+# ----------------------------------------------------------------------------------------
+# sparse_program
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        (OP_HASH, 0),
+        (OP_HASH, M64),
+        (OP_HASH, 0x9E3779B97F4A7C15),
+        (OP_MOD, 1),
+        (OP_MOD, 7),
+        (OP_MOD, I64_MAX),
+        (OP_UMOD, 1),
+        (OP_UMOD, 1000),
+        (OP_UMOD, (1 << 62) + 1),
+        (OP_UMOD, I64_MAX),
+        (OP_BUCKETIZE, [-10, 0, 0, 25], False),
+        (OP_BUCKETIZE, [-10, 0, 0, 25], True),
+        (OP_BUCKETIZE, [I64_MIN, I64_MAX], False),
+        (OP_BUCKETIZE, [I64_MIN, I64_MAX], True),
+        (OP_NOP,),
+    ],
+)
+def test_each_opcode_alone(backend, device, op):
+    rng = random.Random(hash(repr(op)) & 0xFFFF)
+    lengths = [0, 1, 37, 0, 300, 5]
+    vals = EXTREMES + [-10, 0, 25, 24, 26, -11] + _random_values(rng, sum(lengths) - 12)
+    _run_sparse(vals, lengths, [[op]] * len(lengths), device)
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [(OP_HASH, 42), (OP_UMOD, 1000), (OP_NOP,)],
+        [(OP_BUCKETIZE, [-20, -5, 0, 5, 20], False), (OP_MOD, 3)],
+        [(OP_MOD, 100), (OP_BUCKETIZE, [10, 50, 90], True)],
+        [(OP_HASH, 1), (OP_HASH, 2), (OP_UMOD, 97)],
+        [(OP_NOP,), (OP_NOP,), (OP_UMOD, 5), (OP_MOD, 3)],
+        [(OP_UMOD, 7), (OP_HASH, M64), (OP_MOD, (1 << 62) + 3)],
+    ],
+)
+def test_chains(backend, device, chain):
+    rng = random.Random(len(chain))
+    lengths = [3, 0, 129, 1]
+    _run_sparse(EXTREMES + _random_values(rng, sum(lengths) - 6), lengths, [chain] * 4, device)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_many_features_with_different_programs(backend, device, seed):
+    rng = random.Random(seed)
+    num_features = rng.choice([1, 9, 57])
+    lengths = [rng.choice([0, 0, 1, 2, 17, 40]) for _ in range(num_features)]
+    programs = [[_random_op(rng) for _ in range(rng.randint(0, 4))] for _ in range(num_features)]
+    _run_sparse(_random_values(rng, sum(lengths)), lengths, programs, device)
+
+
+def test_thousands_of_features(backend, device):
+    # Deep binary search over value_offsets: mostly empty features, a few with values.
+    rng = random.Random(7)
+    num_features = 3001
+    lengths = [0] * num_features
+    for f in rng.sample(range(num_features), 40) + [0, num_features - 1]:
+        lengths[f] = rng.randint(1, 9)
+    programs = [[(OP_MOD, f + 1)] for f in range(num_features)]
+    _run_sparse(_random_values(rng, sum(lengths)), lengths, programs, device)
+
+
+def test_empty_inputs(backend, device):
+    e = torch.empty(0, dtype=torch.int64, device=device)
+    # F = 0
+    out = sparse_program(e, _offsets([], device), e.view(0, 2, 4), e)
+    assert out.shape == (0,) and out.dtype == torch.int64
+    # F > 0, N = 0 (every feature empty), with BUCKETIZE tables present
+    prog, bounds = compile_sparse_program([[(OP_HASH, 3)], [(OP_BUCKETIZE, [1, 2])]])
+    out = sparse_program(e, _offsets([0, 0], device), prog.to(device), bounds.to(device))
+    assert out.numel() == 0
+    # K = 0: a copy, not the same tensor
+    x = torch.tensor([5, -5], device=device)
+    out = sparse_program(x, _offsets([2], device), e.view(1, 0, 4), e)
+    assert out.tolist() == [5, -5] and out.data_ptr() != x.data_ptr()
+
+
+def test_length_one_and_ragged(backend, device):
+    _run_sparse([I64_MIN], [1], [[(OP_UMOD, 10)]], device)
+    _run_sparse([-7], [1], [[(OP_MOD, 10)]], device)
+    rng = random.Random(3)
+    lengths = [1, 1023, 1, 0, 1025]
+    programs = [[(OP_HASH, f), (OP_UMOD, 10 + f)] for f in range(5)]
+    _run_sparse(_random_values(rng, sum(lengths)), lengths, programs, device)
+
+
+def test_input_is_not_modified(backend, device):
+    x = torch.tensor([1, 2, 3], device=device)
+    prog, bounds = compile_sparse_program([[(OP_HASH, 1), (OP_MOD, 5)]])
+    sparse_program(x, _offsets([3], device), prog.to(device), bounds.to(device))
+    assert x.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("seed", [0, 1, M64, 0x9E3779B97F4A7C15])
+def test_hash_equals_core_hash64(backend, device, seed):
+    g = torch.Generator().manual_seed(seed & 0xFFFF)
+    x = torch.randint(I64_MIN, I64_MAX, (2500,), generator=g)
+    x[: len(EXTREMES)] = torch.tensor(EXTREMES)
+    x = x.to(device)
+    prog, bounds = compile_sparse_program([[(OP_HASH, seed)]])
+    got = sparse_program(x, _offsets([2500], device), prog.to(device), bounds.to(device))
+    assert torch.equal(got, hash64(x, seed))
+
+
+def test_umod_equals_python_unsigned_mod(backend, device):
+    rng = random.Random(11)
+    vals = EXTREMES + [rng.randint(I64_MIN, I64_MAX) for _ in range(300)]
+    mods = [1, 2, 3, 10, 1 << 32, (1 << 62) - 1, (1 << 62) + 1, I64_MAX - 1, I64_MAX]
+    mods += [rng.randint(1, I64_MAX) for _ in range(6)]
+    lengths = [len(vals)] * len(mods)
+    x = torch.tensor(vals * len(mods), device=device)
+    prog, bounds = compile_sparse_program([[(OP_UMOD, m)] for m in mods])
+    got = sparse_program(x, _offsets(lengths, device), prog.to(device), bounds.to(device))
+    want = [(v & M64) % m for m in mods for v in vals]
+    assert got.cpu().tolist() == want
+    # A shared modulus takes the reference's scalar path; per-feature moduli the tensor one.
+    prog1, _ = compile_sparse_program([[(OP_UMOD, mods[-1])]] * len(mods))
+    got1 = sparse_program(x, _offsets(lengths, device), prog1.to(device), bounds.to(device))
+    assert got1.cpu().tolist() == [(v & M64) % mods[-1] for _ in mods for v in vals]
+
+
+def test_mod_equals_torch_remainder(backend, device):
+    rng = random.Random(5)
+    vals = EXTREMES + [rng.randint(I64_MIN, I64_MAX) for _ in range(200)]
+    vals += [rng.randint(-100, 100) for _ in range(200)]
+    x = torch.tensor(vals, device=device)
+    for mods in ([7] * 3, [1, 1000, I64_MAX]):
+        lens = [100, 150, len(vals) - 250]
+        prog, bounds = compile_sparse_program([[(OP_MOD, m)] for m in mods])
+        got = sparse_program(x, _offsets(lens, device), prog.to(device), bounds.to(device))
+        want = torch.cat([torch.remainder(s, m) for s, m in zip(x.split(lens), mods, strict=True)])
+        assert torch.equal(got, want)
+        assert bool((got >= 0).all())
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_bucketize_values_on_boundaries(backend, device, right):
+    bounds = [-5, 0, 0, 3, 10]
+    vals = [-6, -5, -4, -1, 0, 1, 2, 3, 4, 9, 10, 11, I64_MIN, I64_MAX]
+    got = _run_sparse(vals, [len(vals)], [[(OP_BUCKETIZE, bounds, right)]], device)
+    b = torch.tensor(bounds, device=device)
+    assert torch.equal(got, torch.bucketize(torch.tensor(vals, device=device), b, right=right))
+
+
+def test_bucketize_slices_and_shared_lists(backend, device):
+    # Each feature its own list; two features share one list (one slice, deduplicated).
+    ops = [
+        [(OP_BUCKETIZE, [0], False)],
+        [(OP_BUCKETIZE, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], True)],
+        [(OP_BUCKETIZE, [0], False)],
+        [(OP_BUCKETIZE, [-3, 3], True), (OP_BUCKETIZE, [1], False)],
+    ]
+    prog, bounds = compile_sparse_program(ops)
+    assert bounds.numel() == 1 + 17 + 2 + 1
+    rng = random.Random(2)
+    _run_sparse([rng.randint(-20, 20) for _ in range(120)], [30] * 4, ops, device)
+
+
+def test_program_table_changed_in_place_is_revalidated(backend, device):
+    x = torch.tensor([10, -3, 7], device=device)
+    off = _offsets([3], device)
+    prog, bounds = compile_sparse_program([[(OP_MOD, 4)]])
+    prog, bounds = prog.to(device), bounds.to(device)
+    assert sparse_program(x, off, prog, bounds).tolist() == [2, 1, 3]
+    prog[0, 0] = torch.tensor([OP_UMOD, 4, 0, 0])  # cached slot-op mask must not go stale
+    assert sparse_program(x, off, prog, bounds).tolist() == [2, (-3 & M64) % 4, 3]
+    prog[0, 0, 1] = 0
+    with pytest.raises(ValueError, match=r"program\[0, 0\].*modulus"):
+        sparse_program(x, off, prog, bounds)
+
+
+def test_inference_mode_tables(backend, device):
+    # Inference tensors keep no version counter: validation then runs uncached.
+    with torch.inference_mode():
+        prog, bounds = compile_sparse_program([[(OP_UMOD, 3)]])
+        x = torch.tensor([-1, 4], device=device)
+        for _ in range(2):
+            got = sparse_program(x, _offsets([2], device), prog.to(device), bounds.to(device))
+            assert got.tolist() == [M64 % 3, 1]
+
+
+def test_launch_counts(backend, device):
+    prog, bounds = compile_sparse_program([[(OP_HASH, 1), (OP_BUCKETIZE, [0], False)]] * 2)
+    x = torch.arange(-50, 50, device=device)
+    suffix = "" if backend == "triton" else "_reference"
+    with kernels.count_launches() as c:
+        sparse_program(x, _offsets([40, 60], device), prog.to(device), bounds.to(device))
+    assert dict(c) == {"sparse_program" + suffix: 1}
+    xf = torch.randn(3, 50, device=device)
+    ops, params = compile_dense_program([[(DOP_LOG1P,), (DOP_CLIP, -1, 1)]] * 3)
+    with kernels.count_launches() as c:
+        dense_program(xf, ops.to(device), params.to(device))
+    assert dict(c) == {"dense_program" + suffix: 1}
+    b, bo, r = compile_float_boundaries([[0.0, 1.0], [2.0]], right=[False, True])
+    with kernels.count_launches() as c:
+        bucketize_float(
+            xf.view(-1)[:77], _offsets([7, 70], device), *(t.to(device) for t in (b, bo, r))
+        )
+    assert dict(c) == {"bucketize_float" + suffix: 1}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_triton_equals_torch(device, seed):
+    rng = random.Random(100 + seed)
+    num_features = 23
+    lengths = [rng.choice([0, 1, 3, 64, 200]) for _ in range(num_features)]
+    programs = [[_random_op(rng) for _ in range(rng.randint(1, 5))] for _ in range(num_features)]
+    prog, bounds = compile_sparse_program(programs)
+    x = torch.tensor(_random_values(rng, sum(lengths)), device=device)
+    outs = _both(
+        lambda: sparse_program(x, _offsets(lengths, device), prog.to(device), bounds.to(device))
+    )
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+# ----------------------------------------------------------------------------------------
+# dense_program
+# ----------------------------------------------------------------------------------------
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal NaN positions and bit-identical values elsewhere (signed zeros included)."""
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(a.isnan(), b.isnan())
+    ok = ~a.isnan()
+    assert torch.equal(a[ok].view(torch.int32), b[ok].view(torch.int32))
+
+
+def _dense_inputs(num_features: int, batch: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_features, batch, generator=g) * 3
+    special = torch.tensor([NAN, INF, -INF, 0.0, -0.0, -1.0, -2.0, 1e-30, -1e-12, 3e38])
+    flat = x.view(-1)
+    k = min(flat.numel(), special.numel())
+    flat[:k] = special[:k]
+    flat[k::7] = NAN
+    return x.to(device)
+
+
+def _dense_oracle(x: torch.Tensor, features_ops) -> torch.Tensor:
+    rows = []
+    for f, ops in enumerate(features_ops):
+        r = x[f].clone()
+        for op in ops:
+            code, p = op[0], [torch.tensor(v, dtype=torch.float64).float() for v in op[1:]]
+            if code == DOP_LOG1P:
+                r = r.double().log1p().float()
+            elif code == DOP_CLIP:
+                r = torch.clamp(r, p[0], p[1])
+            elif code == DOP_NORMALIZE:
+                r = (r - p[0]) / p[1]
+            elif code == DOP_FILL_NAN:
+                r = torch.where(r.isnan(), p[0], r)
+        rows.append(r)
+    return torch.stack(rows, 1) if rows else torch.empty(x.shape[1], 0, device=x.device)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        (DOP_NOP,),
+        (DOP_LOG1P,),
+        (DOP_CLIP, -1.0, 2.5),
+        (DOP_CLIP, -INF, 0.0),
+        (DOP_CLIP, 0.1, INF),
+        (DOP_NORMALIZE, 0.1, 3.7),
+        (DOP_NORMALIZE, -1e3, 1e-3),
+        (DOP_FILL_NAN, 0.0),
+        (DOP_FILL_NAN, -7.25),
+    ],
+)
+def test_dense_each_op(backend, device, op):
+    x = _dense_inputs(3, 517, device)
+    ops, params = compile_dense_program([[op]] * 3)
+    got = dense_program(x, ops.to(device), params.to(device))
+    assert got.shape == (517, 3) and got.dtype == torch.float32
+    want = _dense_oracle(x, [[op]] * 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_dense_log1p_tiny_and_edges(backend, device):
+    x = torch.tensor([[0.0, -0.0, 1e-30, -1e-30, 2.0**-30, 2.0**-29, 1e-6, -1.0, -1.5, INF, NAN]])
+    ops, params = compile_dense_program([[(DOP_LOG1P,)]])
+    got = dense_program(x.to(device), ops.to(device), params.to(device))[:, 0].cpu()
+    want = x[0].double().log1p().float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.signbit(got[1]) and got[7] == -INF and got[8].isnan()
+
+
+def test_dense_params_round_to_float32(backend, device):
+    x = torch.tensor([[1.0, 2.0]], device=device)
+    ops, params = compile_dense_program([[(DOP_NORMALIZE, 0.1, 0.3)]])
+    got = dense_program(x, ops.to(device), params.to(device))
+    want = (x.cpu() - torch.tensor(0.1).float()) / torch.tensor(0.3).float()
+    assert torch.equal(got.cpu(), want.t())
+
+
+@pytest.mark.parametrize("num_features,batch", [(0, 5), (4, 0), (1, 1), (5, 3), (37, 129)])
+def test_dense_chains_and_shapes(backend, device, num_features, batch):
+    rng = random.Random(num_features * 1000 + batch)
+    choices = [
+        (DOP_LOG1P,),
+        (DOP_CLIP, -0.5, 0.5),
+        (DOP_NORMALIZE, 0.25, 2.0),
+        (DOP_FILL_NAN, 1.5),
+        (DOP_NOP,),
+    ]
+    feats = [[rng.choice(choices) for _ in range(rng.randint(0, 4))] for _ in range(num_features)]
+    ops, params = compile_dense_program(feats, slots=4)
+    x = _dense_inputs(num_features, batch, device, seed=batch)
+    got = dense_program(x, ops.to(device), params.to(device))
+    assert got.shape == (batch, num_features)
+    torch.testing.assert_close(got, _dense_oracle(x, feats), rtol=0, atol=0, equal_nan=True)
+
+
+def test_dense_fill_then_log_has_no_nan(backend, device):
+    x = torch.tensor([[NAN, 0.5, NAN], [NAN, NAN, 4.0]], device=device)
+    ops, params = compile_dense_program(
+        [[(DOP_FILL_NAN, 0.0), (DOP_LOG1P,)], [(DOP_FILL_NAN, -3.0), (DOP_CLIP, -1.0, 1.0)]]
+    )
+    got = dense_program(x, ops.to(device), params.to(device))
+    assert not got.isnan().any()
+    assert got[:, 1].tolist() == [-1.0, -1.0, 1.0]
+
+
+def test_dense_triton_equals_torch_bitwise(device):
+    rng = random.Random(9)
+    choices = [
+        (DOP_LOG1P,),
+        (DOP_CLIP, -0.0, 0.7),
+        (DOP_NORMALIZE, -0.3, 1.1),
+        (DOP_FILL_NAN, -0.0),
+        (DOP_NOP,),
+    ]
+    feats = [[rng.choice(choices) for _ in range(3)] for _ in range(19)]
+    ops, params = compile_dense_program(feats)
+    x = _dense_inputs(19, 301, device, seed=4)
+    outs = _both(lambda: dense_program(x, ops.to(device), params.to(device)))
+    for out in outs[1:]:
+        _same_bits(out, outs[0])
+
+
+# ----------------------------------------------------------------------------------------
+# bucketize_float
+# ----------------------------------------------------------------------------------------
+
+
+def _float_oracle(values, lengths, lists, rights):
+    out, at = [], 0
+    for n, b, r in zip(lengths, lists, rights, strict=True):
+        for v in values[at : at + n]:
+            v = float(v)
+            if v != v:
+                out.append(len(b))
+            else:
+                out.append(bisect.bisect_right(b, v) if r else bisect.bisect_left(b, v))
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bucketize_float_matches_oracle(backend, device, dtype):
+    rng = random.Random(21)
+    lists = [[0.5], [-1.0, 0.0, 1.0], [-INF, 0.1, 0.2, 0.30000001192092896, 5.0], [1e300]]
+    lists.append(sorted({rng.uniform(-3, 3) for _ in range(40)}))
+    rights = [False, True, False, True, True]
+    lengths = [1, 0, 50, 9, 400]
+    vals = [v for b in lists for v in b] + [NAN, INF, -INF, 0.0, -0.0, 0.3]
+    vals += [rng.uniform(-4, 4) for _ in range(sum(lengths) - len(vals))]
+    rng.shuffle(vals)
+    x = torch.tensor(vals, dtype=dtype)
+    b, bo, r = compile_float_boundaries(lists, right=rights)
+    got = bucketize_float(
+        x.to(device), _offsets(lengths, device), b.to(device), bo.to(device), r.to(device)
+    )
+    assert got.dtype == torch.int64 and got.shape == x.shape
+    assert got.cpu().tolist() == _float_oracle(x.tolist(), lengths, lists, rights)
+
+
+def test_bucketize_float_equals_torch_bucketize_in_float64(backend, device):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(700, generator=g).to(device)
+    bounds = torch.linspace(-2, 2, 33, dtype=torch.float64)
+    for right in (False, True):
+        b, bo, r = compile_float_boundaries([bounds.tolist()], right=right)
+        got = bucketize_float(x, _offsets([700], device), b.to(device), bo.to(device), r.to(device))
+        assert torch.equal(got, torch.bucketize(x.double(), bounds.to(device), right=right))
+
+
+def test_bucketize_float_empty_and_single(backend, device):
+    e64 = torch.empty(0, dtype=torch.float64, device=device)
+    ei = torch.empty(0, dtype=torch.int64, device=device)
+    assert bucketize_float(e64, _offsets([], device), e64, _offsets([], device), ei).numel() == 0
+    b, bo, r = compile_float_boundaries([[1.0], [2.0, 3.0]])
+    out = bucketize_float(e64, _offsets([0, 0], device), *(t.to(device) for t in (b, bo, r)))
+    assert out.numel() == 0
+    x = torch.tensor([NAN], device=device)
+    out = bucketize_float(x, _offsets([0, 1], device), *(t.to(device) for t in (b, bo, r)))
+    assert out.tolist() == [2]
+
+
+def test_bucketize_float_triton_equals_torch(device):
+    rng = random.Random(4)
+    lists = [sorted({rng.uniform(-2, 2) for _ in range(rng.randint(1, 30))}) for _ in range(31)]
+    rights = [rng.random() < 0.5 for _ in lists]
+    lengths = [rng.choice([0, 1, 5, 80]) for _ in lists]
+    x = torch.randn(sum(lengths))
+    x[::13] = NAN
+    b, bo, r = compile_float_boundaries(lists, right=rights)
+    args = [t.to(device) for t in (x, _offsets(lengths, "cpu"), b, bo, r)]
+    outs = _both(lambda: bucketize_float(*args))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert outs[0].cpu().tolist() == _float_oracle(x.tolist(), lengths, lists, rights)
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+
+
+def _sparse_args():
+    prog, bounds = compile_sparse_program([[(OP_MOD, 3)], [(OP_BUCKETIZE, [1, 2], True)]])
+    return [torch.arange(5), torch.tensor([0, 2, 5]), prog, bounds]
+
+
+def _with(args, i, value):
+    args = list(args)
+    args[i] = value
+    return args
+
+
+@pytest.mark.parametrize(
+    "i,value,exc,match",
+    [
+        (0, [1, 2], TypeError, "values must be a torch.Tensor"),
+        (0, torch.arange(5, dtype=torch.int32), TypeError, "values must be torch.int64"),
+        (0, torch.arange(6).view(2, 3), ValueError, "values must be 1-D"),
+        (1, torch.tensor([0.0, 2.0, 5.0]), TypeError, "value_offsets must be torch.int64"),
+        (1, torch.tensor([0, 5]), ValueError, "program must have shape"),
+        (1, torch.empty(0, dtype=torch.int64), ValueError, "value_offsets must have F"),
+        (1, torch.tensor([1, 2, 5]), ValueError, "value_offsets must be non-decreasing"),
+        (1, torch.tensor([0, 2, 4]), ValueError, r"len\(values\)=5"),
+        (
+            1,
+            torch.tensor([0, 3, 2]),
+            ValueError,
+            r"feature 1 would have a negative length \(value_offsets\[1\]=3",
+        ),
+        (2, torch.zeros(2, 1, 3, dtype=torch.int64), ValueError, "program must have shape"),
+        (2, torch.zeros(2, 13, 4, dtype=torch.int64), ValueError, "at most 12"),
+        (
+            2,
+            torch.tensor([[[5, 0, 0, 0]], [[0, 0, 0, 0]]]),
+            ValueError,
+            r"program\[0, 0\].*unknown",
+        ),
+        (2, torch.tensor([[[0, 0, 0, 0]], [[-1, 0, 0, 0]]]), ValueError, r"program\[1, 0\]"),
+        (2, torch.tensor([[[OP_MOD, 0, 0, 0]], [[0] * 4]]), ValueError, "modulus"),
+        (2, torch.tensor([[[OP_UMOD, -5, 0, 0]], [[0] * 4]]), ValueError, "modulus"),
+        (2, torch.tensor([[[OP_BUCKETIZE, 0, 0, 0]], [[0] * 4]]), ValueError, "BUCKETIZE"),
+        (2, torch.tensor([[[OP_BUCKETIZE, -1, 1, 0]], [[0] * 4]]), ValueError, "BUCKETIZE"),
+        (
+            2,
+            torch.tensor([[[OP_BUCKETIZE, 1, 2, 0]], [[0] * 4]]),
+            ValueError,
+            "len\\(boundaries\\)=2",
+        ),
+        (2, torch.tensor([[[OP_BUCKETIZE, 1, I64_MAX, 0]], [[0] * 4]]), ValueError, "BUCKETIZE"),
+        (2, torch.tensor([[[OP_BUCKETIZE, 0, 1, 2]], [[0] * 4]]), ValueError, "right flag"),
+        (3, torch.tensor([1.0, 2.0]), TypeError, "boundaries must be torch.int64"),
+        (3, torch.tensor([2, 1]), ValueError, "non-decreasing"),
+        (3, torch.empty(0, dtype=torch.int64, device="meta"), ValueError, "one device"),
+    ],
+)
+def test_sparse_validation(i, value, exc, match):
+    with pytest.raises(exc, match=match):
+        sparse_program(*_with(_sparse_args(), i, value))
+
+
+def test_sparse_check_offsets_false_skips_offset_checks():
+    args = _with(_sparse_args(), 1, torch.tensor([0, 2, 4]))
+    out = sparse_program(*args, check_offsets=False)  # trusted: no error, no host sync
+    assert out.shape == (5,)
+
+
+def test_values_without_features_always_rejected():
+    e = torch.empty(0, dtype=torch.int64)
+    for check in (True, False):
+        with pytest.raises(ValueError, match="no features"):
+            sparse_program(
+                torch.arange(3), torch.tensor([0]), e.view(0, 1, 4), e, check_offsets=check
+            )
+        with pytest.raises(ValueError, match="no features"):
+            bucketize_float(
+                torch.zeros(3),
+                torch.tensor([0]),
+                e.double(),
+                torch.tensor([0]),
+                e,
+                check_offsets=check,
+            )
+
+
+def _dense_args():
+    ops, params = compile_dense_program([[(DOP_CLIP, -1, 1)], [(DOP_NORMALIZE, 0.0, 2.0)]])
+    return [torch.zeros(2, 3), ops, params]
+
+
+@pytest.mark.parametrize(
+    "i,value,exc,match",
+    [
+        (0, torch.zeros(2, 3, dtype=torch.float64), TypeError, "x must be torch.float32"),
+        (0, torch.zeros(6), ValueError, "x must be 2-D"),
+        (1, torch.zeros(3, 1, dtype=torch.int64), ValueError, "ops must have shape"),
+        (1, torch.zeros(2, 1, dtype=torch.int32), TypeError, "ops must be torch.int64"),
+        (2, torch.zeros(2, 1, 2, dtype=torch.float32), TypeError, "params must be torch.float64"),
+        (2, torch.zeros(2, 2, 2, dtype=torch.float64), ValueError, "params must have shape"),
+        (1, torch.tensor([[5], [0]]), ValueError, "unknown opcode"),
+        (2, torch.tensor([[[2.0, 1.0]], [[0.0, 1.0]]], dtype=torch.float64), ValueError, "CLIP"),
+        (2, torch.tensor([[[NAN, 1.0]], [[0.0, 1.0]]], dtype=torch.float64), ValueError, "CLIP"),
+        (2, torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]]], dtype=torch.float64), ValueError, "std"),
+        (2, torch.tensor([[[0.0, 1.0]], [[0.0, -1.0]]], dtype=torch.float64), ValueError, "std"),
+        (2, torch.tensor([[[0.0, 1.0]], [[0.0, 1e-50]]], dtype=torch.float64), ValueError, "std"),
+        (2, torch.tensor([[[0.0, 1.0]], [[INF, 1.0]]], dtype=torch.float64), ValueError, "mean"),
+        (0, torch.zeros(2, 3, device="meta"), ValueError, "one device"),
+    ],
+)
+def test_dense_validation(i, value, exc, match):
+    with pytest.raises(exc, match=match):
+        dense_program(*_with(_dense_args(), i, value))
+
+
+def _float_args():
+    b, bo, r = compile_float_boundaries([[0.0, 1.0], [5.0]])
+    return [torch.zeros(4), torch.tensor([0, 1, 4]), b, bo, r]
+
+
+@pytest.mark.parametrize(
+    "i,value,exc,match",
+    [
+        (0, torch.zeros(4, dtype=torch.int64), TypeError, "values must be torch.float32"),
+        (1, torch.tensor([0, 1, 3]), ValueError, "value_offsets"),
+        (2, torch.zeros(3, dtype=torch.float32), TypeError, "boundaries must be torch.float64"),
+        (3, torch.tensor([0, 3]), ValueError, "bound_offsets must have F \\+ 1 = 3"),
+        (3, torch.tensor([0, 2, 2]), ValueError, "feature 1 has no boundaries"),
+        (3, torch.tensor([0, 2, 4]), ValueError, "bound_offsets"),
+        (4, torch.tensor([0]), ValueError, "right must have F = 2"),
+        (4, torch.tensor([0, 2]), ValueError, "right must be 0 or 1"),
+        (2, torch.tensor([1.0, 0.0, 5.0], dtype=torch.float64), ValueError, "strictly increasing"),
+        (2, torch.tensor([1.0, 1.0, 5.0], dtype=torch.float64), ValueError, "strictly increasing"),
+        (2, torch.tensor([0.0, NAN, 5.0], dtype=torch.float64), ValueError, "NaN"),
+    ],
+)
+def test_bucketize_float_validation(i, value, exc, match):
+    with pytest.raises(exc, match=match):
+        bucketize_float(*_with(_float_args(), i, value))
+
+
+# ----------------------------------------------------------------------------------------
+# compile helpers
+# ----------------------------------------------------------------------------------------
+
+
+def test_compile_sparse_program_layout():
+    prog, bounds = compile_sparse_program(
+        [
+            [(OP_HASH, M64), (OP_UMOD, 10)],
+            [(OP_BUCKETIZE, [1, 5], True)],
+            [],
+            [(OP_NOP,), (OP_BUCKETIZE, [1, 5])],
+            [(OP_BUCKETIZE, [7])],
+        ],
+        slots=3,
+    )
+    assert prog.dtype == torch.int64 and prog.shape == (5, 3, 4)
+    assert bounds.tolist() == [1, 5, 7]
+    assert prog[0].tolist() == [[OP_HASH, -1, 0, 0], [OP_UMOD, 10, 0, 0], [0, 0, 0, 0]]
+    assert prog[1, 0].tolist() == [OP_BUCKETIZE, 0, 2, 1]
+    assert prog[3, 1].tolist() == [OP_BUCKETIZE, 0, 2, 0]
+    assert prog[4, 0].tolist() == [OP_BUCKETIZE, 2, 1, 0]
+    assert prog[2].abs().sum() == 0
+    empty_prog, empty_bounds = compile_sparse_program([])
+    assert empty_prog.shape == (0, 0, 4) and empty_bounds.numel() == 0
+
+
+@pytest.mark.parametrize(
+    "ops,exc,match",
+    [
+        ([(OP_HASH, 1 << 64)], ValueError, "seed"),
+        ([(OP_HASH, -1)], ValueError, "seed"),
+        ([(OP_HASH, 1.5)], TypeError, "seed"),
+        ([(OP_MOD, 0)], ValueError, "modulus"),
+        ([(OP_UMOD, 1 << 63)], ValueError, "modulus"),
+        ([(OP_MOD,)], ValueError, "takes 1 parameter"),
+        ([(OP_BUCKETIZE, [])], ValueError, "at least one boundary"),
+        ([(OP_BUCKETIZE, [3, 1])], ValueError, "non-decreasing"),
+        ([(OP_BUCKETIZE, [1 << 63])], ValueError, "int64"),
+        ([(OP_BUCKETIZE, [1.5])], TypeError, "ints"),
+        ([(OP_BUCKETIZE, [1], 2)], ValueError, "right"),
+        ([(9, 1)], ValueError, "unknown sparse opcode 9"),
+        ([()], TypeError, "tuple"),
+        ([(OP_NOP,)] * 13, ValueError, "at most 12"),
+    ],
+)
+def test_compile_sparse_program_errors(ops, exc, match):
+    with pytest.raises(exc, match=match):
+        compile_sparse_program([[(OP_NOP,)], ops], names=["a", "price"])
+    with pytest.raises(exc, match="price"):
+        compile_sparse_program([[(OP_NOP,)], ops], names=["a", "price"])
+
+
+def test_compile_slots_too_small():
+    with pytest.raises(ValueError, match="slots=1"):
+        compile_sparse_program([[(OP_NOP,), (OP_NOP,)]], slots=1)
+
+
+def test_compile_dense_program():
+    ops, params = compile_dense_program(
+        [[(DOP_FILL_NAN, 2), (DOP_LOG1P,)], [(DOP_NORMALIZE, 1.0, 2.0)]], slots=3
+    )
+    assert ops.tolist() == [[DOP_FILL_NAN, DOP_LOG1P, 0], [DOP_NORMALIZE, 0, 0]]
+    assert params.dtype == torch.float64 and params.shape == (2, 3, 2)
+    assert params[0, 0].tolist() == [2.0, 0.0] and params[1, 0].tolist() == [1.0, 2.0]
+    for bad, match in [
+        ((DOP_CLIP, 1.0), "takes 2 parameter"),
+        ((DOP_CLIP, 2.0, 1.0), "lo <= hi"),
+        ((DOP_NORMALIZE, 0.0, 0.0), "std"),
+        ((7,), "unknown dense opcode"),
+        ((DOP_FILL_NAN, "x"), "floats"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            compile_dense_program([[bad]], names=["age"])
+
+
+def test_compile_float_boundaries():
+    b, bo, r = compile_float_boundaries([[0.5, 1.5], [-INF, 10.0]], right=True)
+    assert b.dtype == torch.float64 and b.tolist() == [0.5, 1.5, -INF, 10.0]
+    assert bo.tolist() == [0, 2, 4] and r.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="no boundaries"):
+        compile_float_boundaries([[1.0], []])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        compile_float_boundaries([[1.0, 1.0]])
+    with pytest.raises(ValueError, match="2 flags for 1"):
+        compile_float_boundaries([[1.0]], right=[True, False])
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA: bigger sizes through the compiled kernels (skipped without a GPU)
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_match_cpu_reference():
+    rng = random.Random(0)
+    num_features = 1500
+    lengths = [rng.choice([0, 1, 7, 100, 1000]) for _ in range(num_features)]
+    programs = [[_random_op(rng) for _ in range(rng.randint(1, 6))] for _ in range(num_features)]
+    prog, bounds = compile_sparse_program(programs)
+    x = torch.tensor(_random_values(rng, sum(lengths)))
+    off = _offsets(lengths, "cpu")
+    with kernels.use_backend("torch"):
+        want = sparse_program(x, off, prog, bounds)
+    got = sparse_program(x.cuda(), off.cuda(), prog.cuda(), bounds.cuda())
+    assert torch.equal(got.cpu(), want)
+
+    feats = [[(DOP_FILL_NAN, 0.0), (DOP_LOG1P,), (DOP_NORMALIZE, 0.5, 1.5)]] * 50
+    ops, params = compile_dense_program(feats)
+    xd = _dense_inputs(50, 8193, "cpu")
+    with kernels.use_backend("torch"):
+        want_d = dense_program(xd, ops, params)
+    _same_bits(dense_program(xd.cuda(), ops.cuda(), params.cuda()).cpu(), want_d)
+
+    lists = [sorted({rng.uniform(-2, 2) for _ in range(rng.randint(1, 200))}) for _ in range(300)]
+    b, bo, r = compile_float_boundaries(lists, right=[f % 2 == 1 for f in range(300)])
+    xf = torch.randn(300 * 517)
+    vo = _offsets([517] * 300, "cpu")
+    with kernels.use_backend("torch"):
+        want_f = bucketize_float(xf, vo, b, bo, r)
+    got_f = bucketize_float(xf.cuda(), vo.cuda(), b.cuda(), bo.cuda(), r.cuda())
+    assert torch.equal(got_f.cpu(), want_f)
+
+
+def test_module_exports():
+    for name in P.__all__:
+        assert hasattr(P, name), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -195,3 +196,27 @@ def test_launcher_errors(device):
         hk.xxh64_bytes(values, torch.tensor([-1, 2], device=device), 0)
     with pytest.raises(ValueError, match="B \\+ 1"):
         hk.xxh64_bytes(values, torch.empty(0, dtype=torch.int64, device=device), 0)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 70])
+def test_xxh64_bytes_per_row_seeds(backend, device, rows):
+    rng = random.Random(rows)
+    strings = [
+        bytes(rng.randrange(256) for _ in range(rng.choice([0, 3, 8, 31, 32, 77])))
+        for _ in range(rows)
+    ]
+    seeds_py = [rng.choice([0, 7, 2**63 + 5, 2**64 - 1]) for _ in range(rows)]
+    values = torch.tensor(list(b"".join(strings)), dtype=torch.uint8, device=device)
+    offsets = torch.tensor([0, *itertools.accumulate(len(s) for s in strings)], device=device)
+    seeds = torch.tensor(
+        [s - 2**64 if s >= 2**63 else s for s in seeds_py], dtype=torch.int64, device=device
+    )
+    with kernels.count_launches() as launches:
+        got = hk.xxh64_bytes(values, offsets, seeds=seeds).cpu().tolist()
+    want = [xxhash.xxh64_intdigest(s, seed) for s, seed in zip(strings, seeds_py, strict=True)]
+    assert [g & (2**64 - 1) for g in got] == want
+    assert sum(launches.values()) <= 1
+    with pytest.raises(ValueError, match="seeds must be"):
+        hk.xxh64_bytes(
+            values, offsets, seeds=seeds[:0] if rows else torch.zeros(1, dtype=torch.int64)
+        )

@@ -7,7 +7,7 @@ table and an identity setting for the features it does not touch:
 
 * the elementwise ops (Hash, Mod, Bucketize and their chains) in one program kernel;
 * Truncate/Pad, FilterIds and FillMissing as a few vectorized ops each;
-* crosses in one kernel; string hashing once per distinct seed; float bucketizing once.
+* crosses in one kernel; string hashing in one launch (per-row seeds); float bucketizing once.
 
 So a forward pass costs a number of launches that depends on the op types and the depth
 of the feature graph, never on the number of features.
@@ -21,7 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from recstack.core import JaggedTensor, KeyedJaggedTensor, hash64
+from recstack.core import JaggedTensor, KeyedJaggedTensor
+from recstack.core.kernels.hash import xxh64_bytes
 from recstack.feature_engine.feature import Feature, FeatureError
 from recstack.feature_engine.graph import Node, Plan, compile_plan, schema_of
 from recstack.feature_engine.kernels.concat import concat_1d
@@ -39,6 +40,13 @@ __all__ = ["FeatureEngine"]
 Passthrough = Literal["unused", "all", "none"]
 
 
+def _weight(node: Node) -> int:
+    """A rough size of a node's ids: list columns hold many ids a row, others one."""
+    if node.input[0] == "column" and node.input[2] in ("int_list", "float_list", "string_list"):
+        return 16
+    return 1
+
+
 class _Tables:
     """The per-round parameter tables of one level, built once per device."""
 
@@ -51,10 +59,18 @@ class _Tables:
             ops: list[tuple[str, list[int], Any]] = []
             for kind in ("program", "truncate", "pad", "fill", "filter"):
                 picked = [(i, s) for i, s in here if s.kind == kind]
-                if picked:
-                    runs = _ranges([i for i, _ in picked])
-                    local = [(k, s) for k, (_, s) in enumerate(picked)]
-                    ops.append((kind, runs, self._table(kind, local, len(picked), device)))
+                if not picked:
+                    continue
+                touched = sum(_weight(nodes[i]) for i, _ in picked)
+                if kind == "program" and 2 * touched >= sum(_weight(n) for n in nodes):
+                    # Elementwise over most of the buffer: one launch over all of it, with
+                    # all-NOP programs for the other nodes, beats cutting them out and back.
+                    table = self._table(kind, picked, len(nodes), device)
+                    ops.append((kind, [(0, len(nodes))], table))
+                    continue
+                runs = _ranges([i for i, _ in picked])
+                local = [(k, s) for k, (_, s) in enumerate(picked)]
+                ops.append((kind, runs, self._table(kind, local, len(picked), device)))
             self.rounds.append(ops)
 
     @staticmethod
@@ -209,10 +225,11 @@ class FeatureEngine(nn.Module):
                 v_parts.append(vals[at[a] : at[b]])
                 l_parts.append(lens[a * size : b * size])
         if keys:
+            one = len(v_parts) == 1  # one run: the level buffer itself, no copy
             out[self.sparse_key] = KeyedJaggedTensor(
                 keys,
-                concat_1d(v_parts, dtype=torch.int64, device=device),
-                concat_1d(l_parts, dtype=torch.int64, device=device),
+                v_parts[0] if one else concat_1d(v_parts, dtype=torch.int64, device=device),
+                l_parts[0] if one else concat_1d(l_parts, dtype=torch.int64, device=device),
                 stride=size,
                 length_per_key=per_key,
             )
@@ -280,19 +297,30 @@ class FeatureEngine(nn.Module):
                 floats.append(i)
             else:
                 values[i] = v.values if isinstance(v, JaggedTensor) else v
-        for seed, idx in by_seed.items():
-            names = list(dict.fromkeys(nodes[i].input[1] for i in idx))
-            strings = [cols[c] if not cols[c].is_nested else cols[c].values for c in names]
-            hashed = hash64(
-                _join_strings(strings, device), seed & ((1 << 64) - 1), check_offsets=False
+        if by_seed:
+            # Every (string column, seed) pair once, all in one launch with per-row seeds.
+            pairs = list(
+                dict.fromkeys(
+                    (nodes[i].input[1], seed) for seed, idx in by_seed.items() for i in idx
+                )
+            )
+            strings = [cols[c] if not cols[c].is_nested else cols[c].values for c, _ in pairs]
+            counts = [len(st) for st in strings]
+            seeds = torch.tensor([seed for _, seed in pairs], dtype=torch.int64).repeat_interleave(
+                torch.tensor(counts)
+            )
+            joined = _join_strings(strings, device)
+            hashed = xxh64_bytes(
+                joined.values, joined.offsets, check_offsets=False, seeds=seeds.to(device)
             )
             at, spans = 0, {}
-            for c, s in zip(names, strings, strict=True):
-                spans[c] = (at, at + len(s))
-                at += len(s)
-            for i in idx:
-                a, b = spans[nodes[i].input[1]]
-                values[i] = hashed[a:b]
+            for pair, n in zip(pairs, counts, strict=True):
+                spans[pair] = (at, at + n)
+                at += n
+            for seed, idx in by_seed.items():
+                for i in idx:
+                    a, b = spans[(nodes[i].input[1], seed)]
+                    values[i] = hashed[a:b]
         if floats:
             parts = [cols[nodes[i].input[1]] for i in floats]
             flat = [p.values if isinstance(p, JaggedTensor) else p for p in parts]
@@ -319,6 +347,7 @@ class FeatureEngine(nn.Module):
                 torch.tensor(bounds, dtype=torch.float64, device=device),
                 torch.tensor(b_off, dtype=torch.int64, device=device),
                 torch.tensor(right, dtype=torch.int64, device=device),
+                check_offsets=False,  # built here from host sizes
             )
             for i, a, b in zip(floats, v_off[:-1], v_off[1:], strict=True):
                 values[i] = ids[a:b]
@@ -362,7 +391,8 @@ class FeatureEngine(nn.Module):
                 sv, sl = (vals, lens) if whole else _take_nodes(vals, lens, runs, f, size)
                 if kind == "program":
                     prog, bounds = table
-                    sv = sparse_program(sv, _value_offsets(sl, count, size), prog, bounds)
+                    offsets = _value_offsets(sl, count, size)  # built here: valid by construction
+                    sv = sparse_program(sv, offsets, prog, bounds, check_offsets=False)
                 elif kind in ("truncate", "pad"):
                     sv, sl = reshape_rows(sv, sl, size, *table)
                 elif kind == "fill":

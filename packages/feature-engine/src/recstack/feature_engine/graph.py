@@ -251,10 +251,22 @@ class _Builder:
                     self.sparse_names.add(child.name)
                 return
             if isinstance(op, Cross):
-                # Ops before the cross make a hidden node; the cross reads it and the others.
-                pre = Node(f"{node.name}@pre", False, node.input, node.first, node.steps)
-                self.nodes[pre.name] = pre
-                node.input = ("cross", [pre.name, *op.others], _signed(op.seed))
+                if node.name in op.others:
+                    raise FeatureError("a cross of a feature with itself", node.name)
+                if node.input[0] == "node" and not node.steps and node.first is None:
+                    # Crossing another feature's output as it is: read it directly.
+                    first = node.input[1]
+                    if first in op.others:
+                        raise FeatureError(
+                            f"crosses {first!r} with itself (it is both the source and in others)",
+                            node.name,
+                        )
+                else:
+                    # Ops before the cross make a hidden node the cross reads.
+                    pre = Node(f"{node.name}@pre", False, node.input, node.first, node.steps)
+                    self.nodes[pre.name] = pre
+                    first = pre.name
+                node.input = ("cross", [first, *op.others], _signed(op.seed))
                 node.first = None
                 node.steps = []
                 if node.name in op.others:

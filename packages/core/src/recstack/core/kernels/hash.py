@@ -195,7 +195,7 @@ def _read_le(
 
 
 def xxh64_bytes_reference(
-    values: torch.Tensor, offsets: torch.Tensor, seed: int = 0
+    values: torch.Tensor, offsets: torch.Tensor, seed: int = 0, seeds: torch.Tensor | None = None
 ) -> torch.Tensor:
     """XXH64 of each row ``values[offsets[i]:offsets[i+1]]`` (torch reference, any device).
 
@@ -215,7 +215,10 @@ def xxh64_bytes_reference(
         values = torch.zeros(1, dtype=torch.uint8, device=dev)
 
     nstripes = lens // 32
-    acc = torch.full((n,), _signed(seed + PRIME64_5), dtype=torch.int64, device=dev)
+    if seeds is None:
+        acc = torch.full((n,), _signed(seed + PRIME64_5), dtype=torch.int64, device=dev)
+    else:
+        acc = seeds + _signed(PRIME64_5)  # int64 adds wrap like uint64 ones
     max_stripes = int(nstripes.max())
     if max_stripes > 0:
         order = torch.argsort(nstripes, descending=True)
@@ -224,13 +227,22 @@ def xxh64_bytes_reference(
         hist = torch.bincount(nstripes, minlength=max_stripes + 1)
         active_counts = (hist.flip(0).cumsum(0).flip(0)[1:]).tolist()
         n_long = active_counts[0]
-        init = (
-            PRIME64_1 + PRIME64_2 + seed,
-            PRIME64_2 + seed,
-            seed,
-            seed - PRIME64_1,
-        )
-        accs = [torch.full((n_long,), _signed(v), dtype=torch.int64, device=dev) for v in init]
+        if seeds is None:
+            init = (
+                PRIME64_1 + PRIME64_2 + seed,
+                PRIME64_2 + seed,
+                seed,
+                seed - PRIME64_1,
+            )
+            accs = [torch.full((n_long,), _signed(v), dtype=torch.int64, device=dev) for v in init]
+        else:
+            long_seeds = seeds[order[:n_long]]
+            accs = [
+                long_seeds + _signed((PRIME64_1 + PRIME64_2) & _MASK64),
+                long_seeds + _signed(PRIME64_2),
+                long_seeds.clone(),
+                long_seeds + _signed((-PRIME64_1) & _MASK64),
+            ]
         all_on = torch.ones(n_long, dtype=torch.bool, device=dev)
         for s in range(max_stripes):
             m = active_counts[s]
@@ -375,7 +387,15 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["seed", "misalign"])
     def _xxh64_bytes_kernel(
-        values_ptr, offsets_ptr, out_ptr, n, seed, misalign, BLOCK: tl.constexpr
+        values_ptr,
+        offsets_ptr,
+        out_ptr,
+        n,
+        seed,
+        misalign,
+        seeds_ptr,
+        BLOCK: tl.constexpr,
+        PER_ROW: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_batch = rows < n
@@ -386,7 +406,10 @@ if HAS_TRITON:
         # Word reads address bytes from the 8-byte aligned address just below values_ptr.
         words_ptr = (values_ptr - misalign).to(tl.pointer_type(tl.uint64))
         wstarts = starts + misalign
-        seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+        if PER_ROW:
+            seed_u = tl.load(seeds_ptr + rows, mask=in_batch, other=0).to(tl.uint64, bitcast=True)
+        else:
+            seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
         zero = tl.zeros([BLOCK], dtype=tl.uint64)
         a1 = zero + (seed_u + _P1_P2)
         a2 = zero + (seed_u + _P2)
@@ -543,9 +566,17 @@ def _check_bytes_layout(
 
 
 def xxh64_bytes(
-    values: torch.Tensor, offsets: torch.Tensor, seed: int = 0, *, check_offsets: bool = True
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    seed: int = 0,
+    *,
+    check_offsets: bool = True,
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """XXH64 of each row ``values[offsets[i]:offsets[i+1]]`` of a uint8 buffer -> int64 [B].
+
+    ``seeds`` (int64 ``[B]``, each the bit pattern of a uint64 seed) gives every row its
+    own seed, in the same single launch; ``seed`` is then unused.
 
     Example:
         >>> import torch, xxhash
@@ -558,9 +589,18 @@ def xxh64_bytes(
     seed = check_seed(seed)
     values = values.contiguous()
     offsets = offsets.contiguous()
+    if seeds is not None:
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+            raise TypeError("xxh64_bytes: seeds must be an int64 tensor (uint64 bit patterns)")
+        if seeds.shape != (offsets.numel() - 1,) or seeds.device != offsets.device:
+            raise ValueError(
+                f"xxh64_bytes: seeds must be [B] = [{offsets.numel() - 1}] on {offsets.device}, "
+                f"got {tuple(seeds.shape)} on {seeds.device}"
+            )
+        seeds = seeds.contiguous()
     if not kernels.use_triton(values, offsets, op="xxh64_bytes"):
         kernels.record_launch("xxh64_bytes_reference")
-        return xxh64_bytes_reference(values, offsets, seed)
+        return xxh64_bytes_reference(values, offsets, seed, seeds)
     n = offsets.numel() - 1
     out = torch.empty(n, dtype=torch.int64, device=offsets.device)
     if n:
@@ -576,7 +616,9 @@ def xxh64_bytes(
             n,
             _signed(seed),
             values.data_ptr() % 8,
+            seeds if seeds is not None else out,
             BLOCK=_BYTES_BLOCK,
+            PER_ROW=seeds is not None,
             num_warps=_BYTES_WARPS,
         )
     return out

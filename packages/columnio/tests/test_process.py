@@ -141,3 +141,17 @@ def test_process_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
         _flat({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in g.items()})
         for g in got
     ] == want
+
+
+def test_a_dead_reader_process_is_reported(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [400], row_group=20)
+    reader = ColumnReader(paths, ["id"], batch_size=10, worker="process", prefetch=2)
+    it = iter(reader)
+    next(it)
+    assert reader._process is not None
+    reader._process.proc.kill()
+    reader._process.proc.wait()
+    with pytest.raises(RuntimeError, match="reader process exited"):
+        for _ in range(100):
+            next(it)
+    reader.close()  # still cleans up its slot mappings

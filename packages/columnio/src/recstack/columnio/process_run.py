@@ -11,6 +11,7 @@ at all, so its training thread never waits for the GIL on account of data loadin
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch
 
 from recstack.columnio.errors import ColumnIOError, ReadStats
 from recstack.columnio.procio import MessageReader, MessageWriter, WorkerGone
-from recstack.columnio.shm import Slot, decode_layout
+from recstack.columnio.shm import Slot, decode_layout, shm_dir
 
 if TYPE_CHECKING:
     pass
@@ -81,14 +82,23 @@ class ReaderProcess:
             self.close()
             _raise_remote(reply["error"])
 
+    def _gone(self, error: WorkerGone) -> RuntimeError:
+        code = self.proc.poll()
+        return RuntimeError(
+            f"the ColumnIO reader process exited (code {code}); its stderr says why"
+        )
+
     def _recv(self) -> dict[str, Any]:
         try:
             return self.inp.recv()
         except WorkerGone as e:
-            code = self.proc.poll()
-            raise RuntimeError(
-                f"the ColumnIO reader process exited (code {code}); its stderr says why"
-            ) from e
+            raise self._gone(e) from e
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.out.send(msg)
+        except WorkerGone as e:
+            raise self._gone(e) from e
 
     def mapped(self, i: int, path: str, capacity: int) -> _Mapped:
         m = self.maps.get(i)
@@ -115,6 +125,10 @@ class ReaderProcess:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(m.slot.path)  # in case the reader process died before it could
         self.maps.clear()
+        # Slots the reader process made but this side never mapped (it died mid-batch).
+        for path in glob.glob(os.path.join(shm_dir(), f"recstack-columnio-{self.proc.pid}-*")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
@@ -133,9 +147,7 @@ class _ProcessRun:
         self.done = False
         self.stats = stats
         self.copying: deque[tuple[torch.cuda.Event, int]] = deque()
-        proc.out.send(
-            {"cmd": "run", "epoch": epoch, "position": position, "stats": stats.to_dict()}
-        )
+        proc.send({"cmd": "run", "epoch": epoch, "position": position, "stats": stats.to_dict()})
 
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         while True:
@@ -161,7 +173,7 @@ class _ProcessRun:
             # The slot is reused as soon as it is handed back: the batch gets its own copy.
             block = torch.empty(host.numel(), dtype=torch.uint8, pin_memory=p.pin_memory)
             block.copy_(host)
-            p.out.send({"cmd": "free", "slot": int(b["slot"])})
+            p.send({"cmd": "free", "slot": int(b["slot"])})
             return decode_layout(b["layout"], block)
         if p.stream is None:
             p.stream = torch.cuda.Stream(device=p.device)
@@ -178,7 +190,7 @@ class _ProcessRun:
     def _release_copied(self) -> None:
         while self.copying and self.copying[0][0].query():
             _, slot = self.copying.popleft()
-            self.p.out.send({"cmd": "free", "slot": slot})
+            self.p.send({"cmd": "free", "slot": slot})
 
     def deliver(self, item: Any) -> Any:
         if not isinstance(item, _InFlight):

@@ -388,7 +388,8 @@ class FeatureEngine(nn.Module):
                 # few contiguous runs (nodes with the same steps sit together).
                 whole = runs == [(0, f)]
                 count = sum(b - a for a, b in runs)
-                sv, sl = (vals, lens) if whole else _take_nodes(vals, lens, runs, f, size)
+                at = None if whole else _spans(lens, f, size)  # one sync per cut
+                sv, sl = (vals, lens) if at is None else _take_nodes(vals, lens, runs, at, size)
                 if kind == "program":
                     prog, bounds = table
                     offsets = _value_offsets(sl, count, size)  # built here: valid by construction
@@ -399,8 +400,8 @@ class FeatureEngine(nn.Module):
                     sv, sl = fill_rows(sv, sl, size, *table)
                 else:
                     sv, sl = filter_ids(sv, sl, size, *table)
-                if not whole:
-                    vals, lens = _put_nodes(vals, lens, sv, sl, runs, f, size)
+                if at is not None:
+                    vals, lens = _put_nodes(vals, lens, sv, sl, runs, at, f, size)
                 else:
                     vals, lens = sv, sl
         at = _spans(lens, f, size)  # one sync per level: every node's span
@@ -515,9 +516,16 @@ def _ranges(idx: list[int]) -> list[tuple[int, int]]:
 
 
 def _take_nodes(
-    vals: torch.Tensor, lens: torch.Tensor, runs: list[tuple[int, int]], f: int, size: int
+    vals: torch.Tensor,
+    lens: torch.Tensor,
+    runs: list[tuple[int, int]],
+    at: list[int],
+    size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    at = _spans(lens, f, size)
+    """The runs' ids and lengths: views for one run, one concatenation for several."""
+    if len(runs) == 1:
+        a, b = runs[0]
+        return vals[at[a] : at[b]], lens[a * size : b * size]
     device = vals.device
     sv = concat_1d([vals[at[a] : at[b]] for a, b in runs], dtype=torch.int64, device=device)
     sl = concat_1d([lens[a * size : b * size] for a, b in runs], dtype=torch.int64, device=device)
@@ -530,11 +538,15 @@ def _put_nodes(
     sv: torch.Tensor,
     sl: torch.Tensor,
     runs: list[tuple[int, int]],
+    at: list[int],
     f: int,
     size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    at = _spans(lens, f, size)
-    sub_at = _spans(sl, sum(b - a for a, b in runs), size)
+    """The buffer with the runs replaced by ``(sv, sl)``; ``at`` are the old spans."""
+    # With one run the transformed ids go in whole; several need their own spans.
+    sub_at = (
+        [0, int(sv.numel())] if len(runs) == 1 else _spans(sl, sum(b - a for a, b in runs), size)
+    )
     v_parts, l_parts = [], []
     done, k = 0, 0  # next untouched node, next node of the transformed buffer
     for a, b in runs:
@@ -542,8 +554,12 @@ def _put_nodes(
             v_parts.append(vals[at[done] : at[a]])
             l_parts.append(lens[done * size : a * size])
         n = b - a
-        v_parts.append(sv[sub_at[k] : sub_at[k + n]])
-        l_parts.append(sl[k * size : (k + n) * size])
+        if len(runs) == 1:
+            v_parts.append(sv)
+            l_parts.append(sl)
+        else:
+            v_parts.append(sv[sub_at[k] : sub_at[k + n]])
+            l_parts.append(sl[k * size : (k + n) * size])
         done, k = b, k + n
     if done < f:
         v_parts.append(vals[at[done] : at[f]])

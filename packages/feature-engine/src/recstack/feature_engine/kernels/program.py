@@ -372,6 +372,22 @@ def _same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
 
 
+def _check_values_span(
+    values: torch.Tensor,
+    value_offsets: torch.Tensor,
+    num_features: int,
+    op: str,
+    check_offsets: bool,
+) -> int:
+    """``len(values)``, after checking the offsets cover it (the sync only when asked)."""
+    n = values.numel()
+    if num_features == 0 and n:  # host-known, so checked even when offsets are trusted
+        raise ValueError(f"{op}: values has {n} elements but there are no features")
+    if check_offsets:
+        _check_offsets(value_offsets, n, op)
+    return n
+
+
 def _check_offsets(offsets: torch.Tensor, n: int, op: str, name: str = "value_offsets") -> None:
     """``offsets`` starts at 0, ends at ``n`` and never decreases (one host sync)."""
     bad = (offsets[0] != 0) | (offsets[-1] != n)
@@ -961,11 +977,7 @@ def sparse_program(
     slot_ops, max_count = _cached(
         op, (program, boundaries), lambda: _sparse_tables_check(program, boundaries, op)
     )
-    n = values.numel()
-    if num_features == 0 and n:  # host-known, so checked even when offsets are trusted
-        raise ValueError(f"{op}: values has {n} elements but there are no features")
-    if check_offsets:
-        _check_offsets(value_offsets, n, op)
+    n = _check_values_span(values, value_offsets, num_features, op, check_offsets)
     values = values.contiguous()
     value_offsets = value_offsets.contiguous()
     program = program.contiguous()
@@ -1124,11 +1136,7 @@ def bucketize_float(
         (bound_offsets, boundaries, right),
         lambda: _float_tables_check(boundaries, bound_offsets, right, op),
     )
-    n = values.numel()
-    if num_features == 0 and n:  # host-known, so checked even when offsets are trusted
-        raise ValueError(f"{op}: values has {n} elements but there are no features")
-    if check_offsets:
-        _check_offsets(value_offsets, n, op)
+    n = _check_values_span(values, value_offsets, num_features, op, check_offsets)
     values = values.contiguous()
     value_offsets = value_offsets.contiguous()
     boundaries = boundaries.contiguous()

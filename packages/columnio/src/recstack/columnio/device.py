@@ -198,6 +198,22 @@ def record_batch_stream(batch: Any, stream: torch.cuda.Stream) -> None:
                 t.record_stream(stream)
 
 
+def hand_over(
+    event: torch.cuda.Event, owners: Iterable[torch.Tensor], device: torch.device
+) -> None:
+    """Let the current stream use a batch copied on a side stream: wait for the copy's
+    ``event`` on the GPU (no host sync), and ``record_stream`` its device memory.
+
+    The memory was allocated on the side stream; without the record the caching allocator
+    could give it to a later copy as soon as the batch is dropped, while kernels queued on
+    the compute stream still read it.
+    """
+    current = torch.cuda.current_stream(device)
+    current.wait_event(event)
+    for t in owners:
+        t.record_stream(current)
+
+
 def _all_host_pinned(batch: Any) -> bool:
     # An empty tensor has no memory to pin (torch never reports it pinned) nor to copy.
     return all(
@@ -464,13 +480,11 @@ class DevicePrefetcher:
             raise StopIteration
         self._set_state(entry.state)
         if entry.event is not None:
-            current = torch.cuda.current_stream(self._device)
-            current.wait_event(entry.event)
             if entry.owners is not None:
-                for t in entry.owners:
-                    t.record_stream(current)
+                hand_over(entry.event, entry.owners, self._device)
             else:
-                record_batch_stream(entry.value, current)
+                torch.cuda.current_stream(self._device).wait_event(entry.event)
+                record_batch_stream(entry.value, torch.cuda.current_stream(self._device))
             self._retire(entry)
         return entry.value
 

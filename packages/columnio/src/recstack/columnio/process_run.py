@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recstack.columnio.device import hand_over
 from recstack.columnio.errors import ColumnIOError, ReadStats
 from recstack.columnio.procio import MessageReader, MessageWriter, WorkerGone
 from recstack.columnio.shm import Slot, decode_layout, shm_dir
@@ -195,11 +196,7 @@ class _ProcessRun:
     def deliver(self, item: Any) -> Any:
         if not isinstance(item, _InFlight):
             return item
-        current = torch.cuda.current_stream(self.p.device)
-        current.wait_event(item.event)
-        # The device block was allocated on the copy stream; without this the allocator
-        # could reuse it while the compute stream still reads this batch.
-        item.owner.record_stream(current)
+        hand_over(item.event, [item.owner], self.p.device)
         return item.batch
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ from recstack.columnio.batching import (
 )
 from recstack.columnio.columns import MISSING, Column, ResolvedColumn, normalize_columns
 from recstack.columnio.convert import ColumnValue
-from recstack.columnio.device import batch_to, move_batch_to_cuda
+from recstack.columnio.device import batch_to, hand_over, move_batch_to_cuda
 from recstack.columnio.errors import ColumnIOError, ReadStats
 from recstack.columnio.files import FileRef
 from recstack.columnio.formats import FileMeta, inspect_file
@@ -674,12 +674,7 @@ class _EpochRun:
         """The consumer's side: wait (on the GPU, not the host) for the batch's copy."""
         if not isinstance(item, _InFlight):
             return item
-        current = torch.cuda.current_stream(item.event.device)
-        current.wait_event(item.event)
-        # The memory was allocated on the side stream; without this the allocator could
-        # reuse it for a later copy while the compute stream still reads this batch.
-        for t in item.owners:
-            t.record_stream(current)
+        hand_over(item.event, item.owners, self.r.device)
         # Pinned host blocks stay referenced until their copy has run.
         self.retiring.append((item.event, item.host))
         while self.retiring and self.retiring[0][0].query():

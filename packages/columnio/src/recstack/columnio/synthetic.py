@@ -45,9 +45,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import torch
 
 from recstack.columnio.errors import ColumnIOError, logger
 from recstack.columnio.writer import resolve_path, write_parquet
+from recstack.core import mix64
 
 __all__ = [
     "METADATA_KEY",
@@ -70,9 +72,6 @@ _TABLE_VOCAB = 2**22  # effects of smaller vocabularies are tabulated once, then
 
 # Stream ids of the per-block random generators.
 _DENSE, _SPARSE, _NULLS, _SEQ_LEN, _SEQ_ITEMS, _STRINGS, _LABEL = range(1, 8)
-
-_C1 = np.uint64(0xFF51AFD7ED558CCD)
-_C2 = np.uint64(0xC4CEB9FE1A85EC53)
 
 
 # ---------------------------------------------------------------------------- config
@@ -256,13 +255,9 @@ class SyntheticCTRInfo:
 
 
 def _fmix64(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3 fmix64 on uint64 (== ``recstack.core.mix64``), wrapping arithmetic."""
-    x = x ^ (x >> np.uint64(33))
-    x *= _C1
-    x ^= x >> np.uint64(33)
-    x *= _C2
-    x ^= x >> np.uint64(33)
-    return x
+    """``recstack.core.mix64`` of uint64 values (through int64 views, no copies)."""
+    bits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint64).view(np.int64))
+    return mix64(bits).numpy().view(np.uint64)
 
 
 def _effect(ids: np.ndarray, salt: np.uint64) -> np.ndarray:

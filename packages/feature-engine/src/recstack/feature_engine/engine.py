@@ -168,8 +168,8 @@ class FeatureEngine(nn.Module):
         if schema is not None:
             self._set_plan(compile_plan(self.features, self._schema))
         self._tables: dict[tuple[int, str], _Tables] = {}
-        # Host tables: cross's launcher reads them on the host, so they stay on the CPU.
         self._dense_tables: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Host tables: cross's launcher reads them on the host, so they stay on the CPU.
         self._cross_tables: dict[
             tuple[str, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]
         ] = {}
@@ -201,7 +201,7 @@ class FeatureEngine(nn.Module):
             plan = self._plan
             assert plan is not None
         columns = self._columns(batch, plan)
-        size = self._batch_size(columns, plan)
+        size = self._batch_size(columns)
         device = self._device(columns)
         outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         levels: list[tuple[list[Node], torch.Tensor, torch.Tensor, list[int]]] = []
@@ -209,9 +209,8 @@ class FeatureEngine(nn.Module):
             self._run_level(k, nodes, columns, size, device, outputs, levels)
         out: dict[str, Any] = {}
         if self.passthrough != "none":
-            used = set(plan.columns) | {d.column for d in plan.dense}
             for name, value in batch.items():
-                if self.passthrough == "all" or name not in used:
+                if self.passthrough == "all" or name not in plan.columns:
                     out[name] = value
         # Emitted nodes in level order, cut from each level buffer in contiguous runs.
         keys: list[str] = []
@@ -239,7 +238,7 @@ class FeatureEngine(nn.Module):
 
     def _columns(self, batch: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
         cols: dict[str, Any] = {}
-        wanted = set(plan.columns) | {d.column for d in plan.dense}
+        wanted = set(plan.columns)
         for name, v in batch.items():
             if isinstance(v, KeyedJaggedTensor):
                 for key in v:
@@ -253,7 +252,7 @@ class FeatureEngine(nn.Module):
         return cols
 
     @staticmethod
-    def _batch_size(cols: Mapping[str, Any], plan: Plan) -> int:
+    def _batch_size(cols: Mapping[str, Any]) -> int:
         sizes = {
             name: (len(v) if isinstance(v, JaggedTensor) else int(v.shape[0]))
             for name, v in cols.items()
@@ -283,8 +282,7 @@ class FeatureEngine(nn.Module):
         rows = torch.arange(size + 1, device=device)
         values: list[torch.Tensor | None] = [None] * len(nodes)
         offsets: list[torch.Tensor] = [rows] * len(nodes)
-        # Strings: one hash launch per distinct seed over every string column it needs.
-        by_seed: dict[int, list[int]] = {}
+        strings_at: list[int] = []
         floats: list[int] = []
         for i, n in enumerate(nodes):
             _, col, kind = n.input
@@ -292,18 +290,14 @@ class FeatureEngine(nn.Module):
             if isinstance(v, JaggedTensor) and kind != "string":  # a string is one id a row
                 offsets[i] = v.offsets
             if n.first is not None and n.first[0] == "hash_string":
-                by_seed.setdefault(n.first[1], []).append(i)
+                strings_at.append(i)
             elif n.first is not None and n.first[0] == "bucketize_float":
                 floats.append(i)
             else:
                 values[i] = v.values if isinstance(v, JaggedTensor) else v
-        if by_seed:
+        if strings_at:
             # Every (string column, seed) pair once, all in one launch with per-row seeds.
-            pairs = list(
-                dict.fromkeys(
-                    (nodes[i].input[1], seed) for seed, idx in by_seed.items() for i in idx
-                )
-            )
+            pairs = list(dict.fromkeys((nodes[i].input[1], nodes[i].first[1]) for i in strings_at))
             strings = [cols[c] if not cols[c].is_nested else cols[c].values for c, _ in pairs]
             counts = [len(st) for st in strings]
             seeds = torch.tensor([seed for _, seed in pairs], dtype=torch.int64).repeat_interleave(
@@ -317,10 +311,9 @@ class FeatureEngine(nn.Module):
             for pair, n in zip(pairs, counts, strict=True):
                 spans[pair] = (at, at + n)
                 at += n
-            for seed, idx in by_seed.items():
-                for i in idx:
-                    a, b = spans[(nodes[i].input[1], seed)]
-                    values[i] = hashed[a:b]
+            for i in strings_at:
+                a, b = spans[(nodes[i].input[1], nodes[i].first[1])]
+                values[i] = hashed[a:b]
         if floats:
             parts = [cols[nodes[i].input[1]] for i in floats]
             flat = [p.values if isinstance(p, JaggedTensor) else p for p in parts]

@@ -116,8 +116,12 @@ class Plan:
     columns: dict[str, str]  # the columns the plan reads, with their kinds
 
 
-def _program_ops(op: Any, feature: str) -> list[tuple[int, int, int, int]] | None:
-    """The program opcodes of an elementwise op on int ids, or None when not elementwise."""
+def _program_ops(op: Any, feature: str) -> list[tuple[Any, ...]] | None:
+    """The program opcodes of an elementwise op on int ids, or None when not elementwise.
+
+    A Bucketize entry carries its boundaries as a fifth item; the engine lays every
+    feature's boundaries out in one table and puts the offset in their place.
+    """
     if isinstance(op, Hash):
         out = [(OP_HASH, _signed(op.seed), 0, 0)]
         if op.buckets is not None:
@@ -126,7 +130,8 @@ def _program_ops(op: Any, feature: str) -> list[tuple[int, int, int, int]] | Non
     if isinstance(op, Mod):
         return [(OP_MOD, op.m, 0, 0)]
     if isinstance(op, Bucketize):
-        return [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right))]  # offset filled later
+        _check_int_boundaries(op, feature)
+        return [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right), op.boundaries)]
     return None
 
 
@@ -276,9 +281,6 @@ class _Builder:
                 continue
             prog = _program_ops(op, node.name)
             if prog is not None:
-                if isinstance(op, Bucketize):
-                    _check_int_boundaries(op, node.name)
-                    prog = [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right), op.boundaries)]  # type: ignore[list-item]
                 if node.steps and node.steps[-1].kind == "program":
                     node.steps[-1].params.extend(prog)
                 else:

@@ -51,14 +51,30 @@ def synchronize(device: torch.device) -> None:
 
 
 def median_time(
-    fn: Callable[[], object], device: torch.device, warmup: int = 5, repeat: int = 20
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int = 5,
+    repeat: int = 20,
+    *,
+    wall: bool = False,
 ) -> float:
-    """Median seconds of ``fn()``: CUDA events on a GPU, the wall clock on a CPU."""
+    """Median seconds of ``fn()``: CUDA events on a GPU, the wall clock on a CPU.
+
+    ``wall=True`` times GPU calls by the wall clock too, each call followed by a device
+    sync: the honest measure for work that waits on the device inside the call (reads a
+    size back, say), where the time a training step loses is the host's.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
-    if device.type == "cuda":
+    if device.type == "cuda" and wall:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    elif device.type == "cuda":
         events = [
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             for _ in range(repeat)

@@ -4,7 +4,9 @@ Workload (issue 4): a 200-feature graph over a batch of 8192 rows: 80 int hash+m
 40 float bucketizes, 20 string hashes, 20 truncated behaviour sequences, 20 crosses, 10 padded
 sequences and 10 id filters. Each op type is also timed on its own (its features only) for
 its MBU: the bytes that must move (inputs read once, outputs written once) over the time,
-over the device-to-device copy bandwidth measured in the same run.
+over the device-to-device copy bandwidth measured in the same run. Both sides are timed by
+the wall clock with a device sync after each call (both read sizes back mid-call, so the
+host's time is what a training step loses); the median of ``--repeat`` calls.
 
     python benchmarks/feature_engine.py                  # on a GPU
     python benchmarks/feature_engine.py --device cpu     # the torch reference path
@@ -142,8 +144,11 @@ def main() -> None:
         want = run_per_feature(feats, batch)
         for key in out["sparse"]:
             assert torch.equal(out["sparse"][key].values, want[key].values), key
-        ours = median_time(lambda e=engine: e(batch), device, repeat=args.repeat)
-        loop = median_time(lambda f=feats: run_per_feature(f, batch), device, repeat=args.repeat)
+        # Wall clock, a sync after each call: both sides read sizes back mid-call.
+        ours = median_time(lambda e=engine: e(batch), device, repeat=args.repeat, wall=True)
+        loop = median_time(
+            lambda f=feats: run_per_feature(f, batch), device, repeat=args.repeat, wall=True
+        )
         if name.startswith("full"):
             size = sum(nbytes(n, g, batch, args.rows) for n, g in groups.items())
         else:

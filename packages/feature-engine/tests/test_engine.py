@@ -94,7 +94,8 @@ FEATURES = [
 
 def check_against_loop(engine: FeatureEngine, batch: dict) -> dict:
     out = engine(batch)
-    want = run_per_feature(engine.features, {k: v.cpu() for k, v in batch.items()})
+    with core_kernels.use_backend("torch"):  # the oracle runs on the CPU whatever is forced
+        want = run_per_feature(engine.features, {k: v.cpu() for k, v in batch.items()})
     kjt = out["sparse"]
     assert isinstance(kjt, KeyedJaggedTensor)
     for key in kjt:
@@ -119,13 +120,14 @@ def test_engine_matches_the_per_feature_loop(backend: str, device: str, rows: in
     assert "label" in out and "user_id" not in out  # unused columns pass through
 
 
-def test_schema_from_the_first_batch_and_kjt_columns(backend: str) -> None:
-    batch = make_batch(9, seed=3)
+def test_schema_from_the_first_batch_and_kjt_columns(backend: str, device: str) -> None:
+    batch = make_batch(9, seed=3, device=device)
     hist = batch.pop("hist")
     batch["ids"] = KeyedJaggedTensor.from_jagged_dict({"hist": hist})
     engine = FeatureEngine([Feature("h", "hist", [Hash(buckets=10)])])
     out = engine(batch)
-    want = run_per_feature(engine.features, batch)
+    with core_kernels.use_backend("torch"):
+        want = run_per_feature(engine.features, batch)
     assert torch.equal(out["sparse"]["h"].values, want["h"].values)
     assert schema_of(batch)["hist"] == "int_list"
 
@@ -150,7 +152,7 @@ _VIEWS = {
     not (core_kernels.interpret_mode() or torch.cuda.is_available()),
     reason="the fused path is the Triton one: needs TRITON_INTERPRET=1 or a GPU",
 )
-def test_launches_do_not_grow_with_features() -> None:
+def test_launches_do_not_grow_with_features(device: str) -> None:
     """A forward pass makes the same launches for 12 or 72 features (6x more)."""
 
     def graph(copies: int) -> list[Feature]:
@@ -168,7 +170,7 @@ def test_launches_do_not_grow_with_features() -> None:
             ]
         return out
 
-    batch = make_batch(16, seed=1)
+    batch = make_batch(16, seed=1, device=device)
     counts = []
     with core_kernels.use_backend("triton"):
         for copies in (2, 12):
@@ -209,14 +211,14 @@ def test_dedupes_and_errors_at_construction() -> None:
         Bucketize([])
 
 
-def test_empty_sequences_and_batch(backend: str) -> None:
-    batch = make_batch(5, seed=2)
+def test_empty_sequences_and_batch(backend: str, device: str) -> None:
+    batch = make_batch(5, seed=2, device=device)
     batch["hist"] = JaggedTensor.from_lengths(
         torch.empty(0, dtype=torch.int64), torch.zeros(5, dtype=torch.int64)
-    )
+    ).to(device)
     engine = FeatureEngine(FEATURES, SCHEMA)
     check_against_loop(engine, batch)
-    out = engine(make_batch(0))
+    out = engine(make_batch(0, device=device))
     assert out["sparse"].values().numel() == 0
 
 
@@ -230,3 +232,34 @@ def test_cuda_is_bit_identical_to_cpu() -> None:
     assert torch.equal(gpu["sparse"].values().cpu(), cpu["sparse"].values())
     assert torch.equal(gpu["sparse"].lengths().cpu(), cpu["sparse"].lengths())
     torch.testing.assert_close(gpu["dense"].cpu(), cpu["dense"], equal_nan=True)
+
+
+def test_identical_features_are_computed_once(backend: str, device: str) -> None:
+    features = [
+        Feature("a", "user_id", [Hash(seed=4, buckets=100)]),
+        Feature("b", "user_id", [Hash(seed=4, buckets=100)]),  # same as "a"
+        Feature("c", "user_id", [Hash(seed=5, buckets=100)]),
+        Feature("a_x_b", "a", [Cross(["b"])]),  # reads one buffer twice
+        Feature("a_x_c", "a", [Cross(["c"])]),
+        Feature("b_x_c", "b", [Cross(["c"])]),  # same as "a_x_c" once b is a
+        Feature("t1", "hist", [Truncate(2), Mod(7)]),
+        Feature("t2", "hist", [Truncate(2), Mod(7)]),
+    ]
+    engine = FeatureEngine(features, SCHEMA)
+    computed = [n.name for level in engine.plan.levels for n in level]
+    assert sorted(computed) == ["a", "a_x_b", "a_x_c", "c", "t1"]
+    assert engine.plan.aliases == {"b": "a", "b_x_c": "a_x_c", "t2": "t1"}
+    out = check_against_loop(engine, make_batch(11, seed=5, device=device))
+    assert set(out["sparse"].keys()) == {f.name for f in features}
+
+
+def test_a_batch_column_of_the_wrong_kind_is_named() -> None:
+    engine = FeatureEngine(FEATURES, SCHEMA)
+    batch = make_batch(4)
+    batch["query"] = torch.arange(4)
+    with pytest.raises(FeatureError, match="column 'query' should be string"):
+        engine(batch)
+    batch = make_batch(4)
+    batch["user_id"] = torch.rand(4)
+    with pytest.raises(FeatureError, match="column 'user_id' should be int"):
+        engine(batch)

@@ -185,10 +185,12 @@ def test_reference_in_small_chunks(device, monkeypatch):
     gen = torch.Generator().manual_seed(6)
     values, row_offsets = _batch(gen, 4, 13, 3, device)
     comps, seeds = _crosses(gen, 4, [2, 4, 3])
-    whole = cross_reference(values, row_offsets, 13, comps, seeds)
+    # The reference takes its tables on the values' device (cross() moves them there).
+    c_dev, s_dev = comps.to(device), seeds.to(device)
+    whole = cross_reference(values, row_offsets, 13, c_dev, s_dev)
     monkeypatch.setattr(cross_module, "_REF_CHUNK_CPU", 7)
     monkeypatch.setattr(cross_module, "_REF_CHUNK", 7)
-    chunked = cross_reference(values, row_offsets, 13, comps, seeds)
+    chunked = cross_reference(values, row_offsets, 13, c_dev, s_dev)
     assert whole[0].numel() > 7 * 5
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     exp_out, _ = _oracle(values.cpu(), row_offsets.cpu(), 13, comps, seeds)
@@ -313,3 +315,42 @@ def test_gpu_large_batch_cpu_config(backend):
     exp_out, exp_lens = _oracle(values.cpu(), row_offsets.cpu(), 4096, comps[:2], seeds[:2])
     assert lens[: 2 * 4096].tolist() == exp_lens
     assert out[: len(exp_out)].tolist() == exp_out
+
+
+@pytest.mark.parametrize("batch_size", [0, 1, 9])
+def test_cross_checked_with_repeated_components(backend, device, batch_size):
+    # The engine's path: tables checked once, a component may repeat (a feature computed
+    # once for two identical names), and each cross's item count comes back too.
+    from recstack.feature_engine.kernels.cross import cross_checked, cross_tables
+
+    gen = torch.Generator().manual_seed(11 + batch_size)
+    values, row_offsets = _batch(gen, 5, batch_size, 4, device)
+    comps = [[0, 1], [2, 2], [3, 0, 4], [1, 1, 2, 3]]
+    seeds = [0, 7, 2**64 - 1, -5]
+    tables = cross_tables(comps, seeds, device)
+    out, lens, counts = cross_checked(values, row_offsets, batch_size, tables, 5)
+    padded = torch.tensor([c + [-1] * (4 - len(c)) for c in comps])
+    exp_out, exp_lens = _oracle(
+        values.cpu(),
+        row_offsets.cpu(),
+        batch_size,
+        padded,
+        torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds]),
+    )
+    assert out.cpu().tolist() == exp_out and lens.cpu().tolist() == exp_lens
+    per = [sum(exp_lens[c * batch_size : (c + 1) * batch_size]) for c in range(len(comps))]
+    assert counts == per
+    with pytest.raises(ValueError, match="out of range"):
+        cross_checked(values, row_offsets, batch_size, tables, 4)
+    with pytest.raises(ValueError, match="2 to 4"):
+        cross_tables([[0]], [0], device)
+
+
+def test_cross_checked_overflow_is_an_error(backend, device):
+    from recstack.feature_engine.kernels.cross import cross_checked, cross_tables
+
+    values = torch.zeros(4, dtype=torch.int64, device=device)
+    row_offsets = torch.tensor([0, 2**40], device=device)  # one row of 2**40 ids (not read)
+    tables = cross_tables([[0, 0]], [0], device)
+    with pytest.raises(ValueError, match="cross:"):
+        cross_checked(values, row_offsets, 1, tables, 1)

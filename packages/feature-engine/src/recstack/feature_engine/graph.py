@@ -114,6 +114,8 @@ class Plan:
     dense: list[DenseNode]
     levels: list[list[Node]]
     columns: dict[str, str]  # the columns the plan reads, with their kinds
+    # Emitted features computed by an identical node under another name: name -> that node.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 def _program_ops(op: Any, feature: str) -> list[tuple[Any, ...]] | None:
@@ -355,5 +357,31 @@ def compile_plan(features: Sequence[Feature], schema: Mapping[str, str]) -> Plan
         seen.add(n)
     b = _Builder(features, schema)
     b.build()
-    levels = b.levels()
-    return Plan(list(b.nodes.values()), b.dense, levels, b.columns)
+    levels, aliases = _dedupe(b.levels())
+    nodes = [n for level in levels for n in level]
+    return Plan(nodes, b.dense, levels, b.columns, aliases)
+
+
+def _dedupe(levels: list[list[Node]]) -> tuple[list[list[Node]], dict[str, str]]:
+    """Drop nodes that repeat an earlier node's input and steps; they read its output."""
+    canon: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    out: list[list[Node]] = []
+    for level in levels:
+        kept: list[Node] = []
+        for n in level:
+            if n.input[0] == "node":
+                n.input = ("node", canon.get(n.input[1], n.input[1]))
+            elif n.input[0] == "cross":
+                n.input = ("cross", [canon.get(c, c) for c in n.input[1]], n.input[2])
+            sig = repr((n.input, n.first, [(s.kind, s.params) for s in n.steps]))
+            if sig in seen:
+                canon[n.name] = seen[sig]
+                if n.emit:
+                    aliases[n.name] = seen[sig]
+                continue
+            seen[sig] = n.name
+            kept.append(n)
+        out.append(kept)
+    return out, aliases

@@ -13,8 +13,9 @@ Three ops, each bit-exact with its published definition:
 Values are uint64 bit patterns carried in int64 tensors (torch has no uint64 arithmetic on
 every supported version). In the torch references, add and multiply wrap modulo 2**64 exactly
 as unsigned arithmetic does, and logical right shift is an arithmetic shift followed by a mask.
-The Triton kernels bitcast to uint64 and work unsigned. ``tl_xxh64_u64`` and ``tl_fmix64`` are
-``@triton.jit`` device functions other kernels (hash tables) call so they hash identically.
+The Triton kernels bitcast to uint64 and work unsigned. ``tl_xxh64_u64``, ``tl_xxh64_bytes``
+and ``tl_fmix64`` are ``@triton.jit`` device functions other kernels (hash tables, fused
+feature gathers) call so they hash identically.
 """
 
 from __future__ import annotations
@@ -385,31 +386,25 @@ if HAS_TRITON:
         hi = _tl_word_at(words_ptr, pos + 8, active & (misalign > 4))
         return _tl_join(lo, hi, misalign) & 0xFFFFFFFF
 
-    @triton.jit(do_not_specialize=["seed", "misalign"])
-    def _xxh64_bytes_kernel(
-        values_ptr,
-        offsets_ptr,
-        out_ptr,
-        n,
-        seed,
-        misalign,
-        seeds_ptr,
-        BLOCK: tl.constexpr,
-        PER_ROW: tl.constexpr,
-    ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_batch = rows < n
-        starts = tl.load(offsets_ptr + rows, mask=in_batch, other=0)
-        ends = tl.load(offsets_ptr + rows + 1, mask=in_batch, other=0)
-        lens = ends - starts
+    @triton.jit
+    def tl_xxh64_bytes(values_ptr, misalign, starts, lens, seed_u, active, BLOCK: tl.constexpr):
+        """XXH64 of ``BLOCK`` byte strings ``values[starts[i]:starts[i] + lens[i]]`` -> uint64.
+
+        Args:
+            values_ptr: ``uint8`` pointer the byte positions are relative to.
+            misalign: the address of ``values_ptr`` modulo 8 (scalar).
+            starts, lens: int64 ``[BLOCK]`` byte positions and lengths (garbage where inactive).
+            seed_u: uint64 seed, a scalar or one per row.
+            active: bool ``[BLOCK]``; inactive rows read nothing and hash as empty strings.
+
+        Every byte read lies inside an active row, so callers need no padding of their own.
+        """
+        lens = tl.where(active, lens, 0)
+        starts = tl.where(active, starts, 0)
         nstripes = lens // 32
         # Word reads address bytes from the 8-byte aligned address just below values_ptr.
         words_ptr = (values_ptr - misalign).to(tl.pointer_type(tl.uint64))
         wstarts = starts + misalign
-        if PER_ROW:
-            seed_u = tl.load(seeds_ptr + rows, mask=in_batch, other=0).to(tl.uint64, bitcast=True)
-        else:
-            seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
         zero = tl.zeros([BLOCK], dtype=tl.uint64)
         a1 = zero + (seed_u + _P1_P2)
         a2 = zero + (seed_u + _P2)
@@ -455,7 +450,29 @@ if HAS_TRITON:
             on1 = rem > k
             byte = tl.load(values_ptr + pos + k, mask=on1, other=0).to(tl.uint64)
             acc = tl.where(on1, _tl_rotl(acc ^ (byte * _P5), 11) * _P1, acc)
-        h = _tl_avalanche(acc)
+        return _tl_avalanche(acc)
+
+    @triton.jit(do_not_specialize=["seed", "misalign"])
+    def _xxh64_bytes_kernel(
+        values_ptr,
+        offsets_ptr,
+        out_ptr,
+        n,
+        seed,
+        misalign,
+        seeds_ptr,
+        BLOCK: tl.constexpr,
+        PER_ROW: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_batch = rows < n
+        starts = tl.load(offsets_ptr + rows, mask=in_batch, other=0)
+        ends = tl.load(offsets_ptr + rows + 1, mask=in_batch, other=0)
+        if PER_ROW:
+            seed_u = tl.load(seeds_ptr + rows, mask=in_batch, other=0).to(tl.uint64, bitcast=True)
+        else:
+            seed_u = seed.to(tl.int64).to(tl.uint64, bitcast=True)
+        h = tl_xxh64_bytes(values_ptr, misalign, starts, ends - starts, seed_u, in_batch, BLOCK)
         tl.store(out_ptr + rows, h.to(tl.int64, bitcast=True), mask=in_batch)
 
 

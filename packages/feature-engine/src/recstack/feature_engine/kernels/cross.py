@@ -24,6 +24,8 @@ range, splits its local index over the component lengths and hashes.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -40,8 +42,11 @@ from recstack.core.kernels.hash import (
 
 __all__ = [
     "MAX_CROSS_COMPONENTS",
+    "CrossTables",
     "cross",
+    "cross_checked",
     "cross_reference",
+    "cross_tables",
     "xxh64_pair_reference",
 ]
 
@@ -50,6 +55,7 @@ MAX_CROSS_COMPONENTS = 4
 
 _MASK64 = (1 << 64) - 1
 _BLOCK = 512
+_LEN_BLOCK = 1024  # output rows per program of the lengths kernel
 _NUM_WARPS = 4
 # Total output items must stay well inside int64 (offsets, allocation sizes).
 _MAX_ITEMS = 1 << 62
@@ -107,10 +113,11 @@ def _plan(
     row_offsets: torch.Tensor,
     batch_size: int,
     components: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Output row lengths ``[C*B]``, output offsets ``[C*B + 1]`` and the item total.
+) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+    """Output row lengths ``[C*B]``, output offsets ``[C*B + 1]``, the item total and the
+    items of each cross.
 
-    One host sync reads the total together with the checks that need the device: offsets
+    One host sync reads the totals together with the checks that need the device: offsets
     inside ``values`` and non-decreasing, and a total that fits.
     """
     dev = values.device
@@ -121,6 +128,7 @@ def _plan(
             torch.zeros(0, dtype=torch.int64, device=dev),
             torch.zeros(1, dtype=torch.int64, device=dev),
             0,
+            [0] * n_crosses,
         )
     row_len = row_offsets[1:] - row_offsets[:-1]
     used = components >= 0
@@ -132,8 +140,13 @@ def _plan(
     bad_offsets = (row_offsets[0] < 0) | (row_offsets[-1] > values.numel()) | (row_len < 0).any()
     # Products and sums in float64 cannot wrap, so they tell an overflowed int64 total.
     too_many = comp_len.double().prod(dim=1).sum() >= _MAX_ITEMS
-    flags = torch.stack([out_off[-1], bad_offsets.to(torch.int64), too_many.to(torch.int64)])
-    total, bad, overflow = flags.tolist()
+    flags = torch.cat(
+        [
+            torch.stack([out_off[-1], bad_offsets.to(torch.int64), too_many.to(torch.int64)]),
+            out_off[batch_size::batch_size] - out_off[:-1:batch_size],
+        ]
+    )
+    total, bad, overflow, *per_cross = flags.tolist()
     if bad:
         raise ValueError(
             f"cross: row_offsets must be non-decreasing within [0, {values.numel()}] "
@@ -144,7 +157,48 @@ def _plan(
         raise ValueError(
             f"cross: the crosses would produce 2**62 or more items (limit {_MAX_ITEMS})"
         )
-    return out_len, out_off, int(total)
+    return out_len, out_off, int(total), per_cross
+
+
+def _plan_trusted(
+    row_offsets: torch.Tensor, batch_size: int, components: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, list[int]]:
+    """:func:`_plan` for offsets the caller built (Triton path): one lengths kernel, one
+    cumsum, one host sync for the total, the per-cross totals and the overflow flags."""
+    dev = row_offsets.device
+    n_crosses = components.shape[0]
+    n_out = n_crosses * batch_size
+    if n_out == 0:
+        return (
+            torch.zeros(0, dtype=torch.int64, device=dev),
+            torch.zeros(1, dtype=torch.int64, device=dev),
+            0,
+            [0] * n_crosses,
+        )
+    n_blocks = triton.cdiv(n_out, _LEN_BLOCK)
+    lengths = torch.empty(n_out + n_blocks, dtype=torch.int64, device=dev)
+    out_off = torch.empty(n_out + n_blocks + 1, dtype=torch.int64, device=dev)
+    kernels.record_launch("cross_lengths")
+    _cross_lengths_kernel[(n_blocks,)](
+        row_offsets,
+        components,
+        lengths,
+        out_off,
+        n_out,
+        batch_size,
+        float(_MAX_ITEMS // n_out),
+        BLOCK=_LEN_BLOCK,
+        num_warps=_NUM_WARPS,
+    )
+    # The flags after the lengths share the cumsum: their count is the last entry's excess.
+    torch.cumsum(lengths, 0, out=out_off[1:])
+    per_cross = out_off[batch_size : n_out + 1 : batch_size] - out_off[:n_out:batch_size]
+    total, end, *counts = torch.cat([out_off[n_out : n_out + 1], out_off[-1:], per_cross]).tolist()
+    if end != total:
+        raise ValueError(
+            f"cross: the crosses would produce 2**62 or more items (limit {_MAX_ITEMS})"
+        )
+    return lengths[:n_out], out_off[: n_out + 1], total, counts
 
 
 def cross_reference(
@@ -165,7 +219,7 @@ def cross_reference(
     no cross uses.
     """
     dev = values.device
-    out_len, out_off, total = _plan(values, row_offsets, batch_size, components)
+    out_len, out_off, total, _ = _plan(values, row_offsets, batch_size, components)
     out = torch.empty(total, dtype=torch.int64, device=dev)
     if total == 0:
         return out, out_len
@@ -224,6 +278,42 @@ if HAS_TRITON:
         acc = _tl_rotl(acc ^ _tl_round0(a), 27) * _P1 + _P4
         acc = _tl_rotl(acc ^ _tl_round0(b), 27) * _P1 + _P4
         return _tl_avalanche(acc)
+
+    @triton.jit(do_not_specialize=["n_out", "batch_size", "limit"])
+    def _cross_lengths_kernel(
+        row_offsets_ptr,
+        comps_ptr,
+        lengths_ptr,
+        out_off_ptr,
+        n_out,
+        batch_size,
+        limit,
+        BLOCK: tl.constexpr,
+    ):
+        # Output row r = c*B + b holds the product of cross c's component row lengths at b.
+        # A float64 product flags rows past ``limit`` (where the int64 total could wrap).
+        pid = tl.program_id(0).to(tl.int64)
+        n = n_out.to(tl.int64)
+        bs = batch_size.to(tl.int64)
+        r = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = r < n
+        c = r // bs
+        b = r - c * bs
+        prod = tl.full([BLOCK], 1, dtype=tl.int64)
+        prod_f = tl.full([BLOCK], 1.0, dtype=tl.float64)
+        for j in tl.static_range(4):
+            f = tl.load(comps_ptr + c * 4 + j, mask=ok, other=-1)
+            used = ok & (f >= 0)
+            rr = tl.where(used, f, 0) * bs + b
+            start = tl.load(row_offsets_ptr + rr, mask=used, other=0)
+            end = tl.load(row_offsets_ptr + rr + 1, mask=used, other=1)
+            length = tl.where(used, end - start, 1)
+            prod = prod * length
+            prod_f = prod_f * length.to(tl.float64)
+        tl.store(lengths_ptr + r, prod, mask=ok)
+        tl.store(out_off_ptr + r, tl.zeros([BLOCK], dtype=tl.int64), mask=r == 0)
+        flag = tl.max((ok & (prod_f > limit)).to(tl.int64), axis=0)
+        tl.store(lengths_ptr + n + pid, flag)
 
     @triton.jit
     def _component(values_ptr, row_offsets_ptr, comps_ptr, c, b, B, local, J: tl.constexpr):
@@ -436,17 +526,99 @@ def cross(
     n_features = _num_features(row_offsets, batch_size, num_features)
     padded, most = _check_components(components, n_features)
     comps = torch.tensor(padded, dtype=torch.int64).view(-1, MAX_CROSS_COMPONENTS).to(dev)
-    seeds = seeds.to(dev)
+    tables = CrossTables(comps, seeds.to(dev), most, -1)
+    out, out_len, _ = _run(values, row_offsets, batch_size, tables, trusted=False)
+    return out, out_len
+
+
+class CrossTables(NamedTuple):
+    """Validated cross parameters on the device (see :func:`cross_tables`)."""
+
+    components: torch.Tensor  # int64 [C, 4], unused slots -1
+    seeds: torch.Tensor  # int64 [C]
+    most: int  # the most components any cross uses
+    max_index: int  # the largest feature index named
+
+
+def cross_tables(
+    components: Sequence[Sequence[int]], seeds: Sequence[int], device: torch.device
+) -> CrossTables:
+    """Check a list of crosses once and lay them out on ``device`` for :func:`cross_checked`.
+
+    ``components[c]`` lists cross ``c``'s 2 to 4 feature indices; ``seeds[c]`` is its seed
+    (an int in ``[-2**63, 2**64)``, taken modulo ``2**64``). Unlike :func:`cross`, an index
+    may repeat: the feature engine computes two identical features once, and a cross of
+    the two then reads one buffer twice (the product of a row with itself).
+    """
+    if len(seeds) != len(components):
+        raise ValueError(f"cross: {len(seeds)} seeds for {len(components)} crosses")
+    rows = []
+    for c, comp in enumerate(components):
+        if not 2 <= len(comp) <= MAX_CROSS_COMPONENTS or min(comp) < 0:
+            raise ValueError(
+                f"cross: components[{c}] = {list(comp)}: a cross needs 2 to "
+                f"{MAX_CROSS_COMPONENTS} feature indices >= 0"
+            )
+        rows.append([*comp, *[-1] * (MAX_CROSS_COMPONENTS - len(comp))])
+    most = max((len(comp) for comp in components), default=2)
+    seed_t = torch.tensor([_signed(int(s)) for s in seeds], dtype=torch.int64)
+    return CrossTables(
+        torch.tensor(rows, dtype=torch.int64, device=device).view(-1, MAX_CROSS_COMPONENTS),
+        seed_t.to(device),
+        most,
+        max((f for comp in components for f in comp), default=-1),
+    )
+
+
+def cross_checked(
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    batch_size: int,
+    tables: CrossTables,
+    num_features: int,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`cross` with parameters checked once by :func:`cross_tables` (no table upload).
+
+    ``values``/``row_offsets`` are a key-major buffer of ``num_features`` features built by
+    the caller; the component indices must be below ``num_features`` (checked on the host).
+    Returns :func:`cross`'s two tensors and each cross's number of items (read in the same
+    host sync as the total).
+    """
+    if tables.max_index >= num_features:
+        raise ValueError(
+            f"cross: a component index ({tables.max_index}) is out of range for "
+            f"{num_features} features"
+        )
+    return _run(values.contiguous(), row_offsets.contiguous(), batch_size, tables, trusted=True)
+
+
+def _run(
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    batch_size: int,
+    tables: CrossTables,
+    *,
+    trusted: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    comps, seeds, most, _ = tables
+    dev = values.device
     values = values.contiguous()
     row_offsets = row_offsets.contiguous()
-
     if not kernels.use_triton(values, row_offsets, op="cross"):
         kernels.record_launch("cross_reference")
-        return cross_reference(values, row_offsets, batch_size, comps, seeds, max_components=most)
-    out_len, out_off, total = _plan(values, row_offsets, batch_size, comps)
+        out, out_len = cross_reference(
+            values, row_offsets, batch_size, comps, seeds, max_components=most
+        )
+        n = comps.shape[0]
+        per_cross = out_len.view(n, batch_size).sum(1).tolist() if batch_size else [0] * n
+        return out, out_len, per_cross
+    if trusted:
+        out_len, out_off, total, per_cross = _plan_trusted(row_offsets, batch_size, comps)
+    else:
+        out_len, out_off, total, per_cross = _plan(values, row_offsets, batch_size, comps)
     out = torch.empty(total, dtype=torch.int64, device=dev)
     if total == 0:
-        return out, out_len
+        return out, out_len, per_cross
     kernels.record_launch("cross")
     _cross_kernel[(triton.cdiv(total, _BLOCK),)](
         values,
@@ -462,4 +634,4 @@ def cross(
         BLOCK=_BLOCK,
         num_warps=_NUM_WARPS,
     )
-    return out, out_len
+    return out, out_len, per_cross

@@ -621,6 +621,11 @@ def sparse_program_reference(
     scalar, otherwise it is expanded per element with ``repeat_interleave``; BUCKETIZE runs
     ``torch.bucketize`` once per run of adjacent features with the same boundary slice.
     """
+    end = int(value_offsets[-1]) if value_offsets.numel() else 0
+    if end < values.numel():  # spare room past the last feature: copied unchanged
+        out = values.clone()
+        out[:end] = sparse_program_reference(values[:end], value_offsets, program, boundaries)
+        return out
     x = values.clone()
     n = x.numel()
     num_slots = program.shape[1]
@@ -632,6 +637,22 @@ def sparse_program_reference(
     offs_list = offs.tolist()
     lengths = offs[1:] - offs[:-1]
     live = lengths > 0  # features with values: only their programs matter
+    busy = (prog[:, :, 0] != OP_NOP).any(1) & live
+    if not bool(busy.all()):
+        # Only the runs of features with ops do any work; the rest is copied as it is.
+        flags = busy.tolist()
+        fa = 0
+        while fa < len(flags):
+            fb = fa + 1
+            while fb < len(flags) and flags[fb] == flags[fa]:
+                fb += 1
+            if flags[fa]:
+                a, b = offs_list[fa], offs_list[fb]
+                x[a:b] = sparse_program_reference(
+                    values[a:b], value_offsets[fa : fb + 1] - a, program[fa:fb], boundaries
+                )
+            fa = fb
+        return x
     lengths_dev = lengths.to(dev)
     for k in range(num_slots):
         code = prog[:, k, 0]
@@ -758,11 +779,12 @@ def bucketize_float_reference(
 if HAS_TRITON:
 
     @triton.jit
-    def _feature_of(offsets_ptr, i, num_features, steps, BLOCK: tl.constexpr):
+    def _feature_of(offsets_ptr, i, num_features, steps):
         # Largest f in [0, F) with offsets[f] <= i: the feature owning element i (empty
         # features share their start with the next one and lose the tie). ``steps`` =
-        # ceil(log2(F)); once hi == lo + 1, mid == lo and the step is a no-op.
-        lo = tl.zeros([BLOCK], dtype=tl.int64)
+        # ceil(log2(F)); once hi == lo + 1, mid == lo and the step is a no-op. ``i`` is one
+        # int64 position or a block of them.
+        lo = i * 0
         hi = lo + num_features
         for _ in range(steps):
             mid = (lo + hi) >> 1
@@ -771,26 +793,11 @@ if HAS_TRITON:
             hi = tl.where(go, hi, mid)
         return lo
 
-    @triton.jit(do_not_specialize=["num_features", "f_steps", "b_steps"])
-    def _sparse_program_kernel(
-        values_ptr,
-        offsets_ptr,
-        program_ptr,
-        bounds_ptr,
-        out_ptr,
-        n,
-        num_features,
-        f_steps,
-        b_steps,
-        K: tl.constexpr,
-        SLOT_OPS: tl.constexpr,
-        BLOCK: tl.constexpr,
+    @triton.jit
+    def _apply_program(
+        x, row, bounds_ptr, b_steps, K: tl.constexpr, SLOT_OPS: tl.constexpr, BLOCK: tl.constexpr
     ):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        in_range = i < n
-        x = tl.load(values_ptr + i, mask=in_range, other=0)
-        feat = _feature_of(offsets_ptr, i, num_features, f_steps, BLOCK)
-        row = program_ptr + feat * (K * 4)  # feat < F always: table loads need no mask
+        """``x`` through the op slots at ``row`` (one feature's, or one per element)."""
         for k in tl.static_range(K):
             # SLOT_OPS has one bit per (slot, opcode) in use: absent ops cost nothing.
             if (SLOT_OPS >> (4 * k)) & 15:
@@ -815,7 +822,7 @@ if HAS_TRITON:
                     right = tl.load(row + 4 * k + 3) != 0
                     # lower_bound (right=0: first b >= x) / upper_bound (right=1: first b > x)
                     lo = tl.zeros([BLOCK], dtype=tl.int64)
-                    hi = tl.where(is_bucket, tl.load(row + 4 * k + 2), 0)
+                    hi = lo + tl.where(is_bucket, tl.load(row + 4 * k + 2), 0)  # a block
                     for _ in range(b_steps):
                         active = lo < hi
                         mid = (lo + hi) >> 1
@@ -824,7 +831,58 @@ if HAS_TRITON:
                         lo = tl.where(active & go, mid + 1, lo)
                         hi = tl.where(active & ~go, mid, hi)
                     x = tl.where(is_bucket, lo, x)
-        tl.store(out_ptr + i, x, mask=in_range)
+        return x
+
+    @triton.jit(do_not_specialize=["num_features", "f_steps", "b_steps"])
+    def _sparse_program_kernel(
+        values_ptr,
+        offsets_ptr,
+        program_ptr,
+        bounds_ptr,
+        out_ptr,
+        n,
+        num_features,
+        f_steps,
+        b_steps,
+        K: tl.constexpr,
+        SLOT_OPS: tl.constexpr,
+        IN_PLACE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        first = tl.program_id(0).to(tl.int64) * BLOCK
+        i = first + tl.arange(0, BLOCK)
+        in_range = i < n
+        # Ids past the last feature's end are spare room: copied, never transformed.
+        end = tl.load(offsets_ptr + num_features)
+        # Most tiles lie inside one feature: then its program is read once for the tile,
+        # and in place a tile of a feature without ops is skipped altogether.
+        last = tl.minimum(tl.minimum(first + BLOCK, n), end) - 1
+        f0 = _feature_of(offsets_ptr, first, num_features, f_steps)
+        f1 = _feature_of(offsets_ptr, tl.maximum(last, first), num_features, f_steps)
+        if first >= end:
+            if not IN_PLACE:
+                z = tl.load(values_ptr + i, mask=in_range, other=0)
+                tl.store(out_ptr + i, z, mask=in_range)
+        elif f0 == f1:
+            prog_row = program_ptr + f0 * (K * 4)
+            busy = 0
+            for k in tl.static_range(K):
+                if (SLOT_OPS >> (4 * k)) & 15:
+                    busy = busy | tl.load(prog_row + 4 * k)
+            if IN_PLACE:  # noqa: SIM108  (a constexpr branch)
+                run = busy != 0
+            else:
+                run = True
+            if run:
+                x = tl.load(values_ptr + i, mask=in_range, other=0)
+                t = _apply_program(x, prog_row, bounds_ptr, b_steps, K, SLOT_OPS, BLOCK)
+                tl.store(out_ptr + i, tl.where(i < end, t, x), mask=in_range)
+        else:
+            y = tl.load(values_ptr + i, mask=in_range, other=0)
+            feat = _feature_of(offsets_ptr, i, num_features, f_steps)
+            rows = program_ptr + feat * (K * 4)  # feat < F always: table loads need no mask
+            u = _apply_program(y, rows, bounds_ptr, b_steps, K, SLOT_OPS, BLOCK)
+            tl.store(out_ptr + i, tl.where(i < end, u, y), mask=in_range)
 
     @triton.jit(do_not_specialize=["num_features", "f_steps", "b_steps"])
     def _bucketize_float_kernel(
@@ -843,7 +901,7 @@ if HAS_TRITON:
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_range = i < n
         x = tl.load(values_ptr + i, mask=in_range, other=0).to(tl.float64)
-        feat = _feature_of(offsets_ptr, i, num_features, f_steps, BLOCK)
+        feat = _feature_of(offsets_ptr, i, num_features, f_steps)
         start = tl.load(bound_offsets_ptr + feat)
         count = tl.load(bound_offsets_ptr + feat + 1) - start
         right = tl.load(right_ptr + feat) != 0
@@ -929,19 +987,24 @@ def sparse_program(
     boundaries: torch.Tensor,
     *,
     check_offsets: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run each feature's op program over its slice of ``values``, one launch for all features.
 
     Args:
         values: int64 ``[N]``, every feature's values back to back.
         value_offsets: int64 ``[F + 1]``, non-decreasing from 0 to ``N``; feature ``f`` owns
-            ``values[value_offsets[f]:value_offsets[f + 1]]``.
+            ``values[value_offsets[f]:value_offsets[f + 1]]``. With ``check_offsets=False``
+            the last offset may stop short of ``N``: the ids past it are spare room (a
+            buffer sized by an upper bound), copied unchanged.
         program: int64 ``[F, K, 4]``; feature ``f``'s slot ``k`` is ``(opcode, p0, p1, p2)``,
             applied for ``k = 0..K-1`` (NOP slots skipped). See the module docstring.
         boundaries: int64 ``[M]``, the boundary lists BUCKETIZE slots point into.
         check_offsets: check ``value_offsets`` (one host sync on CUDA). Pass ``False`` only
             for offsets known valid: bad offsets then pick wrong programs (never read out of
             bounds). The program and boundaries are always checked (cached per version).
+        out: where to write, ``values`` itself for in place (then the features whose
+            programs are all NOP cost nothing on the Triton path); default a new tensor.
 
     Returns:
         A new int64 ``[N]`` tensor on ``values``' device.
@@ -978,14 +1041,23 @@ def sparse_program(
         op, (program, boundaries), lambda: _sparse_tables_check(program, boundaries, op)
     )
     n = _check_values_span(values, value_offsets, num_features, op, check_offsets)
+    in_place = out is not None and out.data_ptr() == values.data_ptr() and n > 0
+    if out is not None:
+        _tensor(out, "out", op, (torch.int64,), 1)
+        if out.shape != values.shape or out.device != values.device:
+            raise ValueError(f"{op}: out must be like values, got shape {tuple(out.shape)}")
+        if not out.is_contiguous() or (in_place and out is not values):
+            raise ValueError(f"{op}: out must be contiguous, and be values itself to alias it")
     values = values.contiguous()
     value_offsets = value_offsets.contiguous()
     program = program.contiguous()
     boundaries = boundaries.contiguous()
     if not kernels.use_triton(values, op=op):
         kernels.record_launch("sparse_program_reference")
-        return sparse_program_reference(values, value_offsets, program, boundaries)
-    out = torch.empty_like(values)
+        result = sparse_program_reference(values, value_offsets, program, boundaries)
+        return result if out is None else out.copy_(result)
+    if out is None:
+        out = torch.empty_like(values)
     if n:
         kernels.record_launch(op)
         num_slots = program.shape[1]
@@ -1001,6 +1073,7 @@ def sparse_program(
             max_count.bit_length(),  # search steps over <= max_count + 1 answers
             K=num_slots,
             SLOT_OPS=slot_ops,
+            IN_PLACE=in_place,
             BLOCK=_SPARSE_BLOCK,
             num_warps=4,
         )

@@ -715,7 +715,9 @@ class GatherPlan:
     Args:
         kinds: one ``SEG_*`` kind per segment.
         seeds: ``SEG_STRING`` seeds in ``[0, 2**64)`` (default 0 each).
-        bound_starts, bound_counts, rights: ``SEG_FLOAT`` boundary slices and flags.
+        bound_starts: ``SEG_FLOAT`` segments' first boundary index.
+        bound_counts: ``SEG_FLOAT`` segments' number of boundaries.
+        rights: ``SEG_FLOAT`` segments' ``torch.bucketize`` ``right`` flags.
         boundaries: float64 ``[M]`` table the slices index (kept by the plan).
 
     Calling ``plan(items, row_offsets, string_offsets, batch_size)`` takes per segment its

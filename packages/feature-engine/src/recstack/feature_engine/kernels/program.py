@@ -1010,7 +1010,8 @@ def sparse_program(
         A new int64 ``[N]`` tensor on ``values``' device.
 
     Raises:
-        TypeError / ValueError naming the argument, or the ``program[f, k]`` slot at fault.
+        TypeError: an argument of the wrong type or dtype, named.
+        ValueError: a bad shape or table, naming the argument or the ``program[f, k]`` slot.
 
     Example:
         >>> import torch

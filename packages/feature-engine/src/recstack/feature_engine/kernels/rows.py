@@ -914,8 +914,9 @@ def reshape_rows(
         ``T``), key-major like the input, on ``values``' device.
 
     Raises:
-        TypeError / ValueError naming the argument, or ``params[f]`` (feature ``f``) and the
-        rule it breaks.
+        TypeError: an argument of the wrong type or dtype, named.
+        ValueError: a bad shape or offsets, or ``params[f]`` (feature ``f``) and the rule it
+            breaks.
 
     Triton path: 2 launches (row lengths, then output items), one ``torch.cumsum`` and one
     host sync for the output size; torch path: the vectorized reference, also one sync.
@@ -1045,7 +1046,8 @@ def filter_rows(
         ``out_row_offsets`` int64 ``[F * B + 1]`` (from 0 to ``T``), on ``values``' device.
 
     Raises:
-        TypeError / ValueError naming the argument, or the feature whose mode or list is bad.
+        TypeError: an argument of the wrong type or dtype, named.
+        ValueError: a bad shape or offsets, or the feature whose mode or list is bad.
 
     Triton path: 2 launches (count kept ids per row, then write them), one ``torch.cumsum``
     and one host sync for the output size; torch path: the vectorized reference, one sync.

@@ -1,8 +1,40 @@
-"""recstack.embedding_engine: Embedding Engine: dynamic, collision-free GPU hash embeddings.
+"""recstack.embedding_engine: dynamic, collision-free GPU hash embeddings.
 
-Package skeleton: the public API lands with issue 5; see docs/packages/embedding-engine.md.
+Issue 5 lands in parts. Available now: :class:`EmbeddingCollection` (dynamic tables with
+sum/mean/weighted pooling and sequences, merged physical tables, a backward to core
+``SparseGrad``), :class:`HashTable` (the GPU id -> row map), the table and feature configs
+(:class:`TableConfig`, :class:`FeatureConfig`, ...) and :func:`init_rows`, which gives every
+id the same initial row on any device and rank. See docs/packages/embedding-engine.md.
 """
+
+from recstack.embedding_engine.collection import EmbeddingCollection
+from recstack.embedding_engine.config import (
+    Admission,
+    ConfigError,
+    Eviction,
+    FeatureConfig,
+    Initializer,
+    TableConfig,
+    check_configs,
+)
+from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
+from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "EMPTY",
+    "TOMBSTONE",
+    "Admission",
+    "ConfigError",
+    "EmbeddingCollection",
+    "Eviction",
+    "FeatureConfig",
+    "HashTable",
+    "Initializer",
+    "TableConfig",
+    "__version__",
+    "check_configs",
+    "init_rows",
+    "init_rows_into",
+]

@@ -1,0 +1,269 @@
+"""``HashTable``: a growable open-addressing map from int64 keys to int64 rows, on any device.
+
+It is the index of a dynamic embedding table: ids of any value map to dense row numbers of a
+value store that the caller owns. The table hands rows out itself, lowest free row first
+(rows freed by :meth:`HashTable.erase` before never-used ones, so an embedding table
+re-initializes reused rows), and :attr:`HashTable.num_rows_allocated` says how many rows the
+value store needs.
+
+Everything is deterministic: the same sequence of calls gives the same rows on CPU and GPU,
+whatever order the GPU's atomics land in (see :mod:`recstack.embedding_engine.kernels.hash_table`
+for the kernels, their launch counts and the torch reference the CPU runs).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+
+import torch
+
+from recstack.embedding_engine.kernels.hash_table import (
+    EMPTY,
+    MAX_CAPACITY,
+    TOMBSTONE,
+    empty_slots,
+    table_erase,
+    table_find,
+    table_find_or_insert,
+    table_rehash,
+)
+
+__all__ = ["EMPTY", "TOMBSTONE", "HashTable"]
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+class HashTable:
+    """An open-addressing hash map from int64 key to int64 row, with batched operations.
+
+    Keys are any int64 except the reserved :data:`EMPTY` (``-2**63``) and :data:`TOMBSTONE`
+    (``-2**63 + 1``); passing one raises a ValueError naming it and leaves the table as it
+    was. Rows are handed out by the table: a key keeps its row until it is erased, and a new
+    key gets the lowest free row (rows freed by :meth:`erase` first, then never-used rows in
+    increasing order). New keys of one batch are numbered in order of their first occurrence.
+
+    The table grows by itself: before an insert of ``n`` keys that could push live keys plus
+    tombstones plus ``n`` past ``max_load * capacity``, it rehashes into a power-of-two table
+    at least twice as large (or, when erased keys' tombstones are what fills it and the live
+    keys need at most half the limit, into a fresh table of the same size), keeping every
+    key's row. Not thread-safe; do not call it from several threads at once.
+
+    Args:
+        capacity: initial number of slots, rounded up to a power of two (at least 1).
+        device: where the slots live; operations take keys on this device.
+        max_load: the fraction of slots that may be used (live keys plus tombstones) before
+            the table grows, in ``(0, 1)``.
+
+    Example:
+        >>> import torch
+        >>> table = HashTable(16)
+        >>> rows, is_new = table.find_or_insert(torch.tensor([7, -3, 7]))
+        >>> rows.tolist(), is_new.tolist()
+        ([0, 1, 0], [True, True, False])
+        >>> table.erase(torch.tensor([7]))
+        1
+        >>> table.find_or_insert(torch.tensor([42]))[0].tolist()  # row 0 is reused
+        [0]
+        >>> table.find(torch.tensor([42, 7, -3])).tolist()
+        [0, -1, 1]
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        *,
+        max_load: float = 0.75,
+    ) -> None:
+        if isinstance(capacity, bool) or not hasattr(capacity, "__index__"):
+            raise TypeError(f"HashTable: capacity must be an int, got {type(capacity).__name__}")
+        cap = operator.index(capacity)
+        if not 1 <= cap <= MAX_CAPACITY:
+            raise ValueError(f"HashTable: capacity must be in [1, 2**60], got {cap}")
+        if isinstance(max_load, bool) or not isinstance(max_load, (int, float)):
+            raise TypeError(f"HashTable: max_load must be a float, got {type(max_load).__name__}")
+        if not (0.0 < max_load < 1.0) or math.isnan(max_load):
+            raise ValueError(
+                f"HashTable: max_load must be in (0, 1), got {max_load} (linear probing needs "
+                "free slots to end its probes)"
+            )
+        self._max_load = float(max_load)
+        self._slots = empty_slots(_next_pow2(cap), device)
+        self._device = self._slots.device
+        self._free = torch.empty(0, dtype=torch.int64, device=self._device)
+        self._next_row = 0
+        self._size = 0
+        self._tombstones = 0
+
+    # ------------------------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of keys in the table."""
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots (a power of two)."""
+        return self._slots.shape[0]
+
+    @property
+    def load_factor(self) -> float:
+        """``len(self) / capacity``."""
+        return self._size / self.capacity
+
+    @property
+    def max_load(self) -> float:
+        """Fraction of slots (live keys plus tombstones) the table fills before it grows."""
+        return self._max_load
+
+    @property
+    def device(self) -> torch.device:
+        """The device the slots live on; keys must be on it."""
+        return self._device
+
+    @property
+    def num_rows_allocated(self) -> int:
+        """Rows ever handed out (the high-water mark): every row is below it.
+
+        The caller's value store needs this many rows. Rows below it that no key holds are
+        free and handed out again first.
+        """
+        return self._next_row
+
+    def __repr__(self) -> str:
+        return (
+            f"HashTable(len={self._size}, capacity={self.capacity}, "
+            f"num_rows_allocated={self._next_row}, device={self._device})"
+        )
+
+    # ------------------------------------------------------------------------------------
+    # Operations
+    # ------------------------------------------------------------------------------------
+
+    def find(self, keys: torch.Tensor, *, check_keys: bool = True) -> torch.Tensor:
+        """Row of each key (int64, ``keys``' shape), -1 where the key is absent.
+
+        Args:
+            keys: int64 tensor of any shape on the table's device.
+            check_keys: raise a ValueError for a reserved key, at the cost of one host sync.
+                With ``False`` the call never syncs and reserved keys read as absent.
+
+        One kernel launch on the Triton path.
+        """
+        return table_find(self._slots, keys, check_keys=check_keys)
+
+    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the keys, inserting the absent ones -> ``(rows, is_new)``.
+
+        Args:
+            keys: int64 tensor of any shape on the table's device; duplicates are allowed and
+                map to one row.
+
+        Returns:
+            ``rows``, int64 of ``keys``' shape; ``is_new``, bool of ``keys``' shape: True at
+            exactly one occurrence (the first in batch order) of each key that was not in the
+            table before this call.
+
+        Raises:
+            ValueError: a key is :data:`EMPTY` or :data:`TOMBSTONE`; nothing is inserted.
+
+        Triton path: 3 launches, one ``cumsum`` and one host sync (plus one rehash launch
+        and sync when the table grows).
+        """
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(
+                f"HashTable.find_or_insert: keys must be a torch.Tensor, got {type(keys).__name__}"
+            )
+        n = keys.numel()
+        if n and keys.dtype == torch.int64 and keys.device == self._device:
+            self._make_room(n)  # keys of a wrong dtype or device fail below, ungrown
+        rows, is_new, n_new = table_find_or_insert(self._slots, keys, self._free, self._next_row)
+        reused = min(n_new, self._free.numel())
+        if reused:
+            self._free = self._free[reused:]
+        self._next_row += n_new - reused
+        self._size += n_new
+        return rows, is_new
+
+    def erase(self, keys: torch.Tensor) -> int:
+        """Remove the keys present (absent keys are ignored); return how many were removed.
+
+        Their rows become free and go to new keys first, lowest row first. A key repeated in
+        ``keys`` is removed once.
+
+        Raises:
+            ValueError: a key is :data:`EMPTY` or :data:`TOMBSTONE`; nothing is removed.
+
+        Triton path: 1 launch, one host sync, and a sort of the free list when keys were
+        removed.
+        """
+        self._free, n_erased = table_erase(self._slots, keys, self._free)
+        self._size -= n_erased
+        self._tombstones += n_erased
+        return n_erased
+
+    def items(self, chunk_size: int = 1 << 20) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every ``(keys, rows)`` entry, in chunks of at most ``chunk_size``, by ascending row.
+
+        The entries are gathered when this is called (one host sync), so the iterator is a
+        snapshot: changing the table while iterating does not affect it. Row order makes the
+        export the same on every device and reads the caller's value store in order.
+        """
+        if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
+            raise TypeError(
+                f"HashTable.items: chunk_size must be an int, got {type(chunk_size).__name__}"
+            )
+        chunk = operator.index(chunk_size)
+        if chunk < 1:
+            raise ValueError(f"HashTable.items: chunk_size must be >= 1, got {chunk}")
+        keys, rows = self._entries_by_row()
+        return _chunks(keys, rows, chunk)
+
+    # ------------------------------------------------------------------------------------
+    # Internals
+    # ------------------------------------------------------------------------------------
+
+    def _entries_by_row(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows = self._next_row
+        key_col, row_col = self._slots[:, 0], self._slots[:, 1]
+        live = key_col > TOMBSTONE
+        # Rows are distinct below n_rows: scatter keys into a row-indexed array (free and
+        # erased slots all land in one spare entry), then keep the rows that got a key.
+        by_row = torch.full((n_rows + 1,), EMPTY, dtype=torch.int64, device=self._device)
+        by_row.scatter_(0, torch.where(live, row_col, n_rows), key_col)
+        by_row = by_row[:n_rows]
+        rows = (by_row != EMPTY).nonzero().squeeze(1)
+        return by_row[rows], rows
+
+    def _make_room(self, n: int) -> None:
+        """Rehash first if inserting ``n`` keys could push the used slots past the limit."""
+        cap = self.capacity
+        limit = self._max_load
+        if self._size + self._tombstones + n <= limit * cap:
+            return
+        need = self._size + n
+        # Tombstones alone can fill a table whose live keys come and go: rebuilding at the
+        # same size when the live keys need at most half the limit keeps such a table from
+        # growing forever, and still leaves half the limit before the next rehash.
+        new_cap = cap if need <= limit * cap / 2 else 2 * cap
+        while need > limit * new_cap:
+            new_cap *= 2
+        if new_cap > MAX_CAPACITY:
+            raise ValueError(
+                f"HashTable: holding {need} keys at max_load={limit} needs more than 2**60 slots"
+            )
+        self._slots = table_rehash(self._slots, new_cap)
+        self._tombstones = 0
+
+
+def _chunks(
+    keys: torch.Tensor, rows: torch.Tensor, chunk: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, keys.numel(), chunk):
+        yield keys[start : start + chunk], rows[start : start + chunk]

@@ -1,0 +1,420 @@
+"""EmbeddingCollection: outputs and SparseGrads against a dense nn.Embedding-style oracle."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from recstack.core import JaggedTensor, KeyedJaggedTensor, SparseGrad, kernels
+from recstack.embedding_engine.collection import EmbeddingCollection
+from recstack.embedding_engine.config import (
+    Admission,
+    Eviction,
+    FeatureConfig,
+    Initializer,
+    TableConfig,
+)
+from recstack.embedding_engine.kernels.init_rows import init_rows
+
+DIM = 8
+
+# ---------------------------------------------------------------------------------- inputs
+
+
+def seed(*parts: object) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def make_kjt(
+    bags: dict[str, list[list[int]]],
+    device: torch.device,
+    weights: dict[str, list[list[float]]] | None = None,
+) -> KeyedJaggedTensor:
+    """A key-major KJT from ``{feature: [bag ids, ...]}`` (every feature has B bags)."""
+    keys = list(bags)
+    values = [i for k in keys for bag in bags[k] for i in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    w = None
+    if weights is not None:
+        flat = [x for k in keys for bag in weights[k] for x in bag]
+        w = torch.tensor(flat, dtype=torch.float32, device=device)
+    return KeyedJaggedTensor(
+        keys,
+        torch.tensor(values, dtype=torch.int64, device=device),
+        lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
+        weights=w,
+        stride=len(next(iter(bags.values()))) if bags else 0,
+    )
+
+
+def random_bags(
+    gen: torch.Generator, batch: int, max_len: int, vocab: int, *, lo: int = 0
+) -> list[list[int]]:
+    """Ragged bags (empty and length-1 included) over a small vocabulary (many repeats)."""
+    lengths = torch.randint(0, max_len + 1, (batch,), generator=gen).tolist()
+    if batch > 1:
+        lengths[0], lengths[1] = 0, 1
+    return [torch.randint(lo, lo + vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def tables_and_features() -> tuple[list[TableConfig], list[FeatureConfig]]:
+    """Three dim-8 tables (merged into one physical table) and one dim-4 table."""
+    tables = [
+        TableConfig("item", dim=DIM, initializer=Initializer.normal(std=0.5)),
+        TableConfig("user", dim=DIM, initializer=Initializer.uniform(-1.0, 1.0)),
+        TableConfig("shop", dim=DIM, initializer=Initializer.truncated_normal(std=0.3)),
+        TableConfig("cat", dim=4, initializer=Initializer.xavier_uniform()),
+    ]
+    features = [
+        FeatureConfig("clicks", "item", pooling="sum"),
+        FeatureConfig("carts", "item", pooling="mean"),
+        FeatureConfig("uid", "user", pooling="sum"),
+        FeatureConfig("shops", "shop", pooling="sum", weighted=True),
+        FeatureConfig("shops_mean", "shop", pooling="mean", weighted=True),
+        FeatureConfig("hist", "item", pooling="none"),
+        FeatureConfig("hist_pad", "shop", pooling="none", max_len=3),
+        FeatureConfig("cats", "cat", pooling="mean"),
+    ]
+    return tables, features
+
+
+def random_batch(gen: torch.Generator, batch: int, device: torch.device) -> KeyedJaggedTensor:
+    _, features = tables_and_features()
+    bags = {f.name: random_bags(gen, batch, 5, 12) for f in features}
+    weights = {
+        name: [torch.rand(len(b), generator=gen).add(0.5).tolist() for b in bb]
+        for name, bb in bags.items()
+    }
+    return make_kjt(bags, device, weights)
+
+
+# ---------------------------------------------------------------------------------- oracle
+
+
+def oracle(
+    ec: EmbeddingCollection, kjt: KeyedJaggedTensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs from dense fp32 ``nn.Embedding``-style tables (one per physical table).
+
+    Returns ``(outputs, dense tables)``; the tables require grad, so a loss on the outputs
+    gives the dense gradient to compare the SparseGrads with.
+    """
+    dense = {
+        name: p.values.to_dense().to(torch.float32).clone().requires_grad_(True)
+        for name, p in ec.physical_tables.items()
+    }
+    configs = {f.name: f for f in ec._features}
+    out: dict[str, torch.Tensor] = {}
+    for name in kjt:
+        if name not in configs:
+            continue
+        f = configs[name]
+        jt = kjt[name]
+        rows = ec.find_rows(f.table, jt.values)
+        assert bool((rows >= 0).all()), "training forward inserts every id"
+        table = dense[ec.physical_table_of(f.table)]
+        per_id = torch.nn.functional.embedding(rows, table)
+        if f.weighted:
+            per_id = per_id * jt.weights[:, None]
+        offs = jt.offsets.tolist()
+        if f.pooling == "none":
+            seq = JaggedTensor(per_id, jt.offsets)
+            out[name] = seq.values if f.max_len is None else seq.to_padded(f.max_len)
+            continue
+        bags = []
+        for b in range(len(offs) - 1):
+            s = per_id[offs[b] : offs[b + 1]].sum(0)
+            if f.pooling == "mean" and offs[b + 1] > offs[b]:
+                s = s / (offs[b + 1] - offs[b])
+            bags.append(s)
+        out[name] = torch.stack(bags) if bags else per_id.new_zeros((0, table.shape[1]))
+    return out, dense
+
+
+def as_tensor(x: torch.Tensor | JaggedTensor) -> torch.Tensor:
+    return x.values if isinstance(x, JaggedTensor) else x
+
+
+def densify(grad: SparseGrad, num_rows: int, dim: int) -> torch.Tensor:
+    rows = grad.rows
+    assert grad.is_coalesced
+    if rows.numel() > 1:
+        assert bool((rows[1:] > rows[:-1]).all()), "rows must be sorted and unique"
+    dense = torch.zeros((num_rows, dim), dtype=torch.float32, device=rows.device)
+    dense[rows] = grad.values.to(torch.float32)
+    return dense
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_forward_and_sparse_grads_match_dense_oracle(backend, device, batch) -> None:
+    gen = torch.Generator().manual_seed(seed("fwd", batch, backend))
+    tables, features = tables_and_features()
+    ec = EmbeddingCollection(tables, features, device=device, page_rows=4)
+    assert ec.table_groups == {"item+user+shop": ("item", "user", "shop"), "cat": ("cat",)}
+    kjt = random_batch(gen, batch, device)
+    out = ec(kjt)
+    assert list(out) == [f.name for f in features]
+    expected, dense = oracle(ec, kjt)
+    for name, want in expected.items():
+        got = as_tensor(out[name])
+        assert got.requires_grad, name
+        torch.testing.assert_close(got, want.detach(), msg=name)
+    assert out["clicks"].shape == (batch, DIM)
+    assert out["cats"].shape == (batch, 4)
+    assert out["hist_pad"].shape == (batch, 3, DIM)
+    assert isinstance(out["hist"], JaggedTensor)
+
+    # One loss over every output, with random output gradients.
+    grads = {n: torch.randn(as_tensor(o).shape, generator=gen).to(device) for n, o in out.items()}
+    (sum((as_tensor(out[n]) * g).sum() for n, g in grads.items())).backward()
+    (sum((expected[n] * g).sum() for n, g in grads.items())).backward()
+    sparse = ec.sparse_grads()
+    assert set(sparse) == set(ec.physical_tables)
+    for name, p in ec.physical_tables.items():
+        want = dense[name].grad
+        got = densify(sparse[name], p.values.num_rows, p.dim)
+        torch.testing.assert_close(got, want, msg=name)
+        # Exactly the rows this batch touched (every row here was inserted by it).
+        assert sparse[name].rows.tolist() == list(range(p.values.num_rows))
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "weighted", "none", "padded"])
+def test_each_pooling_grad_alone(backend, device, pooling) -> None:
+    gen = torch.Generator().manual_seed(seed("one", pooling, backend))
+    feature = {
+        "sum": FeatureConfig("f", "t", pooling="sum"),
+        "mean": FeatureConfig("f", "t", pooling="mean"),
+        "weighted": FeatureConfig("f", "t", pooling="mean", weighted=True),
+        "none": FeatureConfig("f", "t", pooling="none"),
+        "padded": FeatureConfig("f", "t", pooling="none", max_len=2),
+    }[pooling]
+    ec = EmbeddingCollection([TableConfig("t", dim=DIM)], [feature], device=device)
+    bags = {"f": random_bags(gen, 6, 4, 5, lo=-2)}  # negative ids: fine in a lone table
+    weights = {"f": [[0.5 + i for i in range(len(b))] for b in bags["f"]]}
+    kjt = make_kjt(bags, device, weights)
+    out = as_tensor(ec(kjt)["f"])
+    expected, dense = oracle(ec, kjt)
+    torch.testing.assert_close(out, expected["f"].detach())
+    g = torch.randn(out.shape, generator=gen).to(device)
+    (out * g).sum().backward()
+    (expected["f"] * g).sum().backward()
+    p = ec.physical_tables["t"]
+    got = densify(ec.sparse_grads()["t"], p.values.num_rows, DIM)
+    torch.testing.assert_close(got, dense["t"].grad)
+
+
+def test_merged_equals_unmerged_and_initial_rows(backend, device) -> None:
+    gen = torch.Generator().manual_seed(seed("merge", backend))
+    tables, features = tables_and_features()
+    merged = EmbeddingCollection(tables, features, device=device, page_rows=4)
+    alone = EmbeddingCollection(tables, features, device=device, merge_tables=False)
+    assert set(alone.physical_tables) == {"item", "user", "shop", "cat"}
+    kjt = random_batch(gen, 4, device)
+    out_m, out_a = merged(kjt), alone(kjt)
+    for name in out_m:
+        torch.testing.assert_close(as_tensor(out_m[name]), as_tensor(out_a[name]), msg=name)
+    # Initial rows are the logical table's init_rows of the logical id, merged or not.
+    for t in tables:
+        ids = torch.arange(12, device=device)
+        want = init_rows(ids, t.dim, t.initializer, seed=t.init_seed, dtype=t.dtype)
+        for ec in (merged, alone):
+            rows = ec.find_rows(t.name, ids)
+            seen = rows >= 0
+            p = ec.physical_tables[ec.physical_table_of(t.name)]
+            assert torch.equal(p.values.gather_rows(rows[seen]), want[seen]), t.name
+
+
+def test_training_inserts_once_and_reuses_rows(backend, device) -> None:
+    ec = EmbeddingCollection(
+        [TableConfig("t", dim=DIM)], [FeatureConfig("f", "t", pooling="none")], device=device
+    )
+    first = ec(make_kjt({"f": [[5, 7, 5], [9]]}, device))["f"].values.detach()
+    p = ec.physical_tables["t"]
+    assert len(p.hash_table) == 3 and p.values.num_rows == 3
+    second = ec(make_kjt({"f": [[9, 11], [7]]}, device))["f"].values.detach()
+    assert len(p.hash_table) == 4 and p.values.num_rows == 4
+    torch.testing.assert_close(second[0], first[3])  # id 9
+    torch.testing.assert_close(second[2], first[1])  # id 7
+
+
+def test_backward_accumulates_and_clears(backend, device) -> None:
+    ec = EmbeddingCollection([TableConfig("t", dim=DIM)], [FeatureConfig("f", "t")], device=device)
+    kjt = make_kjt({"f": [[1, 2], [2]]}, device)
+    out = ec(kjt)["f"]
+    out.sum().backward(retain_graph=True)
+    once = ec.sparse_grads()["t"].values.clone()
+    out.sum().backward()
+    torch.testing.assert_close(ec.sparse_grads()["t"].values, 2 * once)
+    torch.testing.assert_close(once, torch.tensor([[1.0] * DIM, [2.0] * DIM], device=device))
+    ec.zero_grad_sparse()
+    assert ec.sparse_grads() == {}
+    ec(kjt)["f"].sum().backward()
+    assert "t" in ec.sparse_grads()
+    ec(kjt)  # a new forward clears the stored gradients
+    assert ec.sparse_grads() == {}
+
+
+def test_dense_tower_on_top(backend, device) -> None:
+    gen = torch.Generator().manual_seed(seed("tower", backend))
+    tables, features = tables_and_features()
+    ec = EmbeddingCollection(tables, features, device=device)
+    kjt = random_batch(gen, 3, device)
+    tower = torch.nn.Linear(DIM, 1).to(device)
+    out = ec(kjt)
+    # Only some outputs reach the loss; the others get no (or zero) gradient.
+    tower(out["clicks"] + out["uid"]).sum().add(out["cats"].sum()).backward()
+    assert tower.weight.grad is not None
+    expected, dense = oracle(ec, kjt)
+    tower(expected["clicks"] + expected["uid"]).sum().add(expected["cats"].sum()).backward()
+    for name, p in ec.physical_tables.items():
+        got = densify(ec.sparse_grads()[name], p.values.num_rows, p.dim)
+        torch.testing.assert_close(got, dense[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("eval_default", ["initializer", "zeros"])
+def test_eval_is_read_only(backend, device, eval_default) -> None:
+    init = Initializer.normal(std=0.2)
+    tables = [
+        TableConfig("a", dim=DIM, initializer=init, eval_default=eval_default),
+        TableConfig("b", dim=DIM, initializer=init),  # merged with a, default "initializer"
+    ]
+    features = [
+        FeatureConfig("fa", "a", pooling="mean"),
+        FeatureConfig("fs", "a", pooling="none"),
+        FeatureConfig("fb", "b", pooling="none"),
+    ]
+    ec = EmbeddingCollection(tables, features, device=device)
+    ec(make_kjt({"fa": [[1]], "fs": [[2]], "fb": [[3]]}, device))
+    p = ec.physical_tables["a+b"]
+    before = (len(p.hash_table), p.values.num_rows, p.values.to_dense().clone())
+    ec.eval()
+    out = ec(make_kjt({"fa": [[1, 40]], "fs": [[2, 41]], "fb": [[3, 42]]}, device))
+    assert (len(p.hash_table), p.values.num_rows) == before[:2]
+    assert torch.equal(p.values.to_dense(), before[2])
+    assert bool((ec.find_rows("a", torch.tensor([40, 41], device=device)) == -1).all())
+    for x in out.values():
+        assert not as_tensor(x).requires_grad
+
+    def row(table: TableConfig, i: int) -> torch.Tensor:
+        rows = ec.find_rows(table.name, torch.tensor([i], device=device))
+        if int(rows[0]) >= 0:
+            return p.values.gather_rows(rows)[0]
+        if table.eval_default == "zeros":
+            return torch.zeros(DIM, device=device)
+        key = torch.tensor([i], device=device)
+        return init_rows(key, DIM, table.initializer, seed=table.init_seed)[0]
+
+    a, b = tables
+    torch.testing.assert_close(out["fa"][0], (row(a, 1) + row(a, 40)) / 2)
+    torch.testing.assert_close(out["fs"].values, torch.stack([row(a, 2), row(a, 41)]))
+    torch.testing.assert_close(out["fb"].values, torch.stack([row(b, 3), row(b, 42)]))
+    if eval_default == "zeros":
+        assert bool((out["fs"].values[1] == 0).all())
+
+
+def test_id_encoding_range(device) -> None:
+    tables = [TableConfig("a", dim=DIM), TableConfig("b", dim=DIM), TableConfig("c", dim=DIM)]
+    features = [FeatureConfig("fa", "a"), FeatureConfig("fb", "b"), FeatureConfig("fc", "c")]
+    ec = EmbeddingCollection(tables, features, device=device)
+    p = ec.physical_tables["a+b+c"]
+    assert p.tag_bits == 2 and p.id_bits == 61
+    top = 2**61 - 1
+    # Same id in three tables: three distinct rows (no collision), largest id accepted.
+    ec(make_kjt({"fa": [[0, top]], "fb": [[0, top]], "fc": [[0, top]]}, device))
+    assert len(p.hash_table) == 6
+    for bad in (2**61, -1, -(2**63)):
+        kjt = make_kjt({"fa": [[1]], "fb": [[2, bad]], "fc": [[3]]}, device)
+        with pytest.raises(ValueError, match=r"feature 'fb' \(table 'b'\).*\[0, 2\*\*61\)"):
+            ec(kjt)
+    assert len(p.hash_table) == 6  # nothing inserted by the failing forwards
+    with pytest.raises(ValueError, match="out of range"):
+        ec.find_rows("c", torch.tensor([2**62], device=device))
+    # A lone table takes any int64 but the hash table's two sentinels.
+    alone = EmbeddingCollection(tables, features, device=device, merge_tables=False)
+    alone(make_kjt({"fa": [[-1, 2**62, 2**63 - 1]], "fb": [[-(2**63) + 2]], "fc": [[]]}, device))
+    with pytest.raises(ValueError, match=r"feature 'fa' \(table 'a'\).*reserved"):
+        alone(make_kjt({"fa": [[-(2**63) + 1]], "fb": [[]], "fc": [[]]}, device))
+
+
+def test_empty_batch_and_empty_bags(backend, device) -> None:
+    tables, features = tables_and_features()
+    ec = EmbeddingCollection(tables, features, device=device)
+    empty = make_kjt({f.name: [] for f in features}, device, {f.name: [] for f in features})
+    out = ec(empty)
+    assert out["clicks"].shape == (0, DIM) and out["cats"].shape == (0, 4)
+    assert out["hist"].values.shape == (0, DIM) and len(out["hist"]) == 0
+    assert out["hist_pad"].shape == (0, 3, DIM)
+    sum(as_tensor(x).sum() for x in out.values()).backward()
+    assert all(g.rows.numel() == 0 for g in ec.sparse_grads().values())
+    # Every bag empty: zeros out, nothing inserted, empty gradients.
+    bags = {f.name: [[], []] for f in features}
+    out = ec(make_kjt(bags, device, bags))
+    assert bool((out["carts"] == 0).all()) and bool((out["hist_pad"] == 0).all())
+    assert out["hist"].values.shape == (0, DIM) and len(out["hist"]) == 2
+    sum(as_tensor(x).sum() for x in out.values()).backward()
+    assert all(len(p.hash_table) == 0 for p in ec.physical_tables.values())
+    assert all(g.rows.numel() == 0 for g in ec.sparse_grads().values())
+
+
+def test_bf16_table(backend, device) -> None:
+    gen = torch.Generator().manual_seed(seed("bf16", backend))
+    t = TableConfig("t", dim=DIM, dtype=torch.bfloat16)
+    ec = EmbeddingCollection([t], [FeatureConfig("f", "t", pooling="mean")], device=device)
+    kjt = make_kjt({"f": random_bags(gen, 4, 4, 6)}, device)
+    out = ec(kjt)["f"]
+    assert out.dtype == torch.bfloat16
+    expected, dense = oracle(ec, kjt)
+    torch.testing.assert_close(out.float(), expected["f"].detach(), atol=1e-2, rtol=1e-2)
+    out.float().sum().backward()
+    expected["f"].sum().backward()
+    grad = ec.sparse_grads()["t"]
+    assert grad.values.dtype == torch.float32
+    torch.testing.assert_close(
+        densify(grad, ec.physical_tables["t"].values.num_rows, DIM), dense["t"].grad
+    )
+
+
+def test_errors(device) -> None:
+    t = TableConfig("t", dim=DIM)
+    with pytest.raises(NotImplementedError, match="tile"):
+        EmbeddingCollection([t], [FeatureConfig("f", "t", pooling="tile", max_len=2)])
+    for bad in (
+        TableConfig("t", dim=DIM, fixed_size=10),
+        TableConfig("t", dim=DIM, eviction=Eviction(ttl_steps=5)),
+        TableConfig("t", dim=DIM, admission=Admission(min_count=2)),
+    ):
+        field = (
+            "fixed_size" if bad.fixed_size else "eviction" if bad.eviction.enabled else "admission"
+        )
+        with pytest.raises(NotImplementedError, match=field):
+            EmbeddingCollection([bad], [FeatureConfig("f", "t")])
+    ec = EmbeddingCollection([t], [FeatureConfig("f", "t", weighted=True)], device=device)
+    with pytest.raises(ValueError, match="'f' is weighted but the KeyedJaggedTensor has no"):
+        ec(make_kjt({"f": [[1]]}, device))
+    with pytest.raises(ValueError, match=r"lacks feature\(s\) \['f'\]"):
+        ec(make_kjt({"g": [[1]]}, device))
+    with pytest.raises(TypeError, match="KeyedJaggedTensor"):
+        ec({"f": torch.tensor([1])})
+    with pytest.raises(KeyError, match="unknown table"):
+        ec.find_rows("nope", torch.tensor([1]))
+
+
+def test_launches_per_physical_table(backend, device) -> None:
+    gen = torch.Generator().manual_seed(seed("launch", backend))
+    tables, features = tables_and_features()
+    ec = EmbeddingCollection(tables, features, device=device)
+    kjt = random_batch(gen, 3, device)
+    with kernels.count_launches() as launches:
+        out = ec(kjt)
+    suffix = "" if backend == "triton" else "_reference"
+    # One pooled lookup per physical table (both have pooled features), whatever the
+    # number of features; one gather for the sequence features of "item+user+shop".
+    assert launches[f"pooled_lookup{suffix}"] == 2
+    with kernels.count_launches() as launches:
+        sum(as_tensor(x).sum() for x in out.values()).backward()
+    assert launches[f"pooled_lookup_backward{suffix}"] == 2

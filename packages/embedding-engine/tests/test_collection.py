@@ -10,8 +10,6 @@ import torch
 from recstack.core import JaggedTensor, KeyedJaggedTensor, SparseGrad, kernels
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import (
-    Admission,
-    Eviction,
     FeatureConfig,
     Initializer,
     TableConfig,
@@ -383,16 +381,8 @@ def test_errors(device) -> None:
     t = TableConfig("t", dim=DIM)
     with pytest.raises(NotImplementedError, match="tile"):
         EmbeddingCollection([t], [FeatureConfig("f", "t", pooling="tile", max_len=2)])
-    for bad in (
-        TableConfig("t", dim=DIM, fixed_size=10),
-        TableConfig("t", dim=DIM, eviction=Eviction(ttl_steps=5)),
-        TableConfig("t", dim=DIM, admission=Admission(min_count=2)),
-    ):
-        field = (
-            "fixed_size" if bad.fixed_size else "eviction" if bad.eviction.enabled else "admission"
-        )
-        with pytest.raises(NotImplementedError, match=field):
-            EmbeddingCollection([bad], [FeatureConfig("f", "t")])
+    with pytest.raises(NotImplementedError, match="fixed_size"):
+        EmbeddingCollection([TableConfig("t", dim=DIM, fixed_size=10)], [FeatureConfig("f", "t")])
     ec = EmbeddingCollection([t], [FeatureConfig("f", "t", weighted=True)], device=device)
     with pytest.raises(ValueError, match="'f' is weighted but the KeyedJaggedTensor has no"):
         ec(make_kjt({"f": [[1]]}, device))

@@ -19,6 +19,13 @@ from recstack.embedding_engine.config import (
 )
 from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
+from recstack.embedding_engine.state import (
+    CollectionTableState,
+    collection_state_metadata,
+    collection_table_states,
+    export_collection_chunks,
+    import_collection_chunk,
+)
 
 __version__ = "0.1.0"
 
@@ -34,7 +41,12 @@ __all__ = [
     "Initializer",
     "TableConfig",
     "__version__",
+    "CollectionTableState",
     "check_configs",
+    "collection_state_metadata",
+    "collection_table_states",
+    "export_collection_chunks",
+    "import_collection_chunk",
     "init_rows",
     "init_rows_into",
 ]

@@ -35,8 +35,36 @@ They are cleared by :meth:`EmbeddingCollection.zero_grad_sparse` and at the star
 forward; several backwards before that (``retain_graph`` or several forwards' outputs in one
 loss) accumulate.
 
+**Steps and row metadata.** :attr:`EmbeddingCollection.step` is the training step the
+next training forward stamps on the rows it looks up; every training forward (grad enabled
+or not) advances it by one afterwards, and :meth:`EmbeddingCollection.set_step` sets it
+(e.g. to the trainer's global step after a restore). Each row keeps its last-seen step and
+hit count (every occurrence counts) in :attr:`PhysicalTable.meta`
+(:class:`~recstack.embedding_engine.eviction.RowMetadata`); a row a new key takes restarts
+at that key's hits.
+
+**Eviction.** :meth:`EmbeddingCollection.evict` erases ids last seen before a step or seen
+fewer than a count of times; their rows go to the hash table's free list and the next new
+ids take them, re-initialized from the new id. A table with ``Eviction(policy, max_rows)``
+is capped after every training forward: while it holds more than ``max_rows`` ids, the
+least recently (``"lru"``) or least frequently (``"lfu"``) seen ids go, ties to the lower
+row, never an id of the current batch (a batch with more than ``max_rows`` new ids leaves
+the table over the cap until the next forward). ``Eviction(ttl_steps=, min_count=)`` rules
+run in :meth:`EmbeddingCollection.maybe_evict` (call it every N steps, or before a
+checkpoint), and inside the training forward every ``evict_every`` steps when the
+constructor got ``evict_every`` (scanning all rows costs ``O(rows)``, so not every step by
+default). Evict after the optimizer step: the stored SparseGrads index rows, and an id
+evicted before its gradient is applied would have it applied to a freed (or reused) row.
+
+**Admission.** A table with ``Admission(min_count=k)`` counts the training sightings of ids
+without a row in a count-min sketch (:mod:`recstack.embedding_engine.admission`); an id
+gets a row in the forward in which its count reaches ``k`` (occurrences in that batch
+included). Until then it reads the eval default (initializer row or zeros, not inserted)
+and gets no gradient. A batch with such ids reads its rows through a compact per-batch
+table (one gather of its unique rows) and maps the gradient back to the physical rows.
+
 Not in this increment (a config asking for them raises NotImplementedError naming the
-field): ``fixed_size`` tables, ``eviction``, ``admission``, ``pooling="tile"``.
+field): ``fixed_size`` tables, ``pooling="tile"``.
 
 Example:
     >>> import torch
@@ -63,13 +91,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor, PagedTensor, SparseGrad
+from recstack.embedding_engine.admission import CountMinSketch
 from recstack.embedding_engine.autograd import (
     EmbeddingLookupFunction,
     LookupPlan,
@@ -77,6 +106,7 @@ from recstack.embedding_engine.autograd import (
     merge_sparse_grads,
 )
 from recstack.embedding_engine.config import FeatureConfig, TableConfig, check_configs
+from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_mask
 from recstack.embedding_engine.hash_table import TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 from recstack.embedding_engine.kernels.pooling import MODE_MEAN, MODE_SUM
@@ -101,6 +131,8 @@ class PhysicalTable:
         tag_bits: bits of the key holding the table index (0 for one table).
         hash_table: key -> row.
         values: the rows (``values.num_rows == hash_table.num_rows_allocated``).
+        meta: last-seen step and hit count of every row (``meta.num_rows`` covers them).
+        sketches: admission counters by logical table index (tables with admission only).
     """
 
     name: str
@@ -110,6 +142,8 @@ class PhysicalTable:
     tag_bits: int
     hash_table: HashTable
     values: PagedTensor
+    meta: RowMetadata = field(default_factory=RowMetadata)
+    sketches: dict[int, CountMinSketch] = field(default_factory=dict)
 
     @property
     def table_names(self) -> tuple[str, ...]:
@@ -164,6 +198,10 @@ class EmbeddingCollection(nn.Module):
         merge_tables: merge tables of equal ``(dim, dtype)`` into one physical table (see
             the module docs for the id range it implies).
         page_rows: rows per page of each physical table's value store (a power of two).
+        evict_every: also run the ``ttl_steps``/``min_count`` eviction rules
+            (:meth:`maybe_evict`) at the end of every ``evict_every``-th training forward,
+            sparing the ids of that forward's batch; ``None`` (default) leaves them to
+            explicit :meth:`maybe_evict` calls. Capacity caps run every training forward.
 
     Outputs, per feature:
 
@@ -178,8 +216,8 @@ class EmbeddingCollection(nn.Module):
 
     Raises:
         ConfigError: invalid configs (:func:`check_configs`).
-        NotImplementedError: ``fixed_size``, ``eviction``, ``admission`` or
-            ``pooling="tile"``, which later increments add.
+        NotImplementedError: ``fixed_size`` or ``pooling="tile"``, which later increments
+            add.
     """
 
     def __init__(
@@ -190,8 +228,18 @@ class EmbeddingCollection(nn.Module):
         *,
         merge_tables: bool = True,
         page_rows: int = DEFAULT_PAGE_ROWS,
+        evict_every: int | None = None,
     ) -> None:
         super().__init__()
+        if evict_every is not None and (
+            isinstance(evict_every, bool) or not isinstance(evict_every, int) or evict_every < 1
+        ):
+            raise ValueError(
+                f"EmbeddingCollection: evict_every must be None or an int >= 1, got {evict_every!r}"
+            )
+        self._evict_every = evict_every
+        self._step = 0
+        self._forwards = 0
         by_name = check_configs(tables, features)
         for t in by_name.values():
             _check_supported_table(t)
@@ -230,12 +278,21 @@ class EmbeddingCollection(nn.Module):
             for p, fs in self._pooled.items()
         }
         self._grads: dict[str, SparseGrad] = {}
+        # Ids per logical table of each merged physical table (one table: len(hash_table)).
+        self._num_ids: dict[str, list[int]] = {
+            p: [0] * len(v.tables) for p, v in self._physical.items()
+        }
 
     def _make_physical(self, members: list[TableConfig], page_rows: int) -> PhysicalTable:
         name = "+".join(t.name for t in members)
         hint = sum(t.capacity or 0 for t in members)
         slots = max(_DEFAULT_SLOTS, int(hint / _MAX_LOAD) + 1)
         n = len(members)
+        sketches = {
+            i: CountMinSketch(t.admission.counter_slots, t.admission.min_count, device=self._device)
+            for i, t in enumerate(members)
+            if t.admission.enabled
+        }
         return PhysicalTable(
             name=name,
             tables=tuple(members),
@@ -251,6 +308,8 @@ class EmbeddingCollection(nn.Module):
                 capacity=hint,
                 name=name,
             ),
+            meta=RowMetadata(self._device),
+            sketches=sketches,
         )
 
     # ------------------------------------------------------------------------------------
@@ -291,6 +350,153 @@ class EmbeddingCollection(nn.Module):
         if ids.numel() and bool(phys.bad_ids(ids).any()):
             _raise_bad_ids(phys, f"find_rows of table {table!r}", table, ids)
         return phys.hash_table.find(phys.encode(index, ids), check_keys=False)
+
+    def num_ids(self, table: str) -> int:
+        """How many ids of logical table ``table`` have a row."""
+        pname, index = self._locate(table)
+        phys = self._physical[pname]
+        if len(phys.tables) == 1:
+            return len(phys.hash_table)
+        return self._num_ids[pname][index]
+
+    def recount_ids(self) -> None:
+        """Recount :meth:`num_ids` from the hash tables (after keys were inserted directly)."""
+        for pname, phys in self._physical.items():
+            if len(phys.tables) > 1:
+                keys = self._all_entries(phys)[0]
+                tags = phys.decode(keys)[0]
+                self._num_ids[pname] = torch.bincount(tags, minlength=len(phys.tables)).tolist()
+
+    def _locate(self, table: str) -> tuple[str, int]:
+        if table not in self._physical_of:
+            raise KeyError(f"EmbeddingCollection: unknown table {table!r}")
+        return self._physical_of[table]
+
+    # ------------------------------------------------------------------------------------
+    # Steps and eviction
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The step the next training forward stamps on its rows (then advances by one)."""
+        return self._step
+
+    def set_step(self, step: int) -> None:
+        """Set :attr:`step` (e.g. to the trainer's global step after a restore)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(
+                f"EmbeddingCollection.set_step: step must be an int >= 0, got {step!r}"
+            )
+        self._step = step
+
+    def evict(
+        self,
+        table: str | None = None,
+        *,
+        older_than_step: int | None = None,
+        min_count: int | None = None,
+    ) -> dict[str, int]:
+        """Erase ids last seen before ``older_than_step`` or seen fewer than ``min_count`` times.
+
+        Args:
+            table: a logical table, or ``None`` for every table.
+            older_than_step: evict ids whose last-seen step is ``< older_than_step``.
+            min_count: evict ids whose hit count is ``< min_count``.
+
+        The rules are or-ed; at least one is required. Evicted rows go to the free list and
+        are re-initialized when new ids take them. Call it after the optimizer step (see the
+        module docs).
+
+        Returns:
+            ``{logical table: ids evicted}`` for the tables considered.
+        """
+        if older_than_step is None and min_count is None:
+            raise ValueError("EmbeddingCollection.evict: pass older_than_step and/or min_count")
+        for what, v in (("older_than_step", older_than_step), ("min_count", min_count)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise TypeError(
+                    f"EmbeddingCollection.evict: {what} must be an int, got {type(v).__name__}"
+                )
+        names = list(self._physical_of) if table is None else [table]
+        out: dict[str, int] = {}
+        for name in names:
+            pname, index = self._locate(name)
+            out[name] = self._evict_stale(
+                self._physical[pname], index, older_than_step, min_count, None
+            )
+        return out
+
+    def maybe_evict(self) -> dict[str, int]:
+        """Apply every table's ``Eviction(ttl_steps=, min_count=)`` rules now.
+
+        ``ttl_steps=n`` evicts ids that none of the last ``n`` training forwards saw (last
+        seen before ``step - n``); ``min_count=c`` evicts ids seen fewer than ``c`` times.
+        Returns ``{logical table: ids evicted}`` for the tables with such rules.
+        """
+        return self._run_rules(protect_step=None)
+
+    def _run_rules(self, protect_step: int | None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for phys in self._physical.values():
+            for index, cfg in enumerate(phys.tables):
+                ev = cfg.eviction
+                if ev.ttl_steps is None and ev.min_count is None:
+                    continue
+                older = None if ev.ttl_steps is None else self._step - ev.ttl_steps
+                out[cfg.name] = self._evict_stale(phys, index, older, ev.min_count, protect_step)
+        return out
+
+    def _all_entries(self, phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = list(phys.hash_table.items(chunk_size=max(len(phys.hash_table), 1)))
+        if not chunks:
+            empty = torch.zeros(0, dtype=torch.int64, device=self._device)
+            return empty, empty
+        return chunks[0]
+
+    def _entries(self, phys: PhysicalTable, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, rows)`` of logical table ``index``, by ascending row."""
+        keys, rows = self._all_entries(phys)
+        if len(phys.tables) > 1:
+            mine = phys.decode(keys)[0] == index
+            keys, rows = keys[mine], rows[mine]
+        return keys, rows
+
+    def _erase(self, phys: PhysicalTable, index: int, keys: torch.Tensor) -> int:
+        if not keys.numel():
+            return 0
+        n = phys.hash_table.erase(keys)
+        if len(phys.tables) > 1:
+            self._num_ids[phys.name][index] -= n
+        return n
+
+    def _evict_stale(
+        self,
+        phys: PhysicalTable,
+        index: int,
+        older_than_step: int | None,
+        min_count: int | None,
+        protect_step: int | None,
+    ) -> int:
+        keys, rows = self._entries(phys, index)
+        mask = stale_mask(phys.meta, rows, older_than_step=older_than_step, min_count=min_count)
+        if protect_step is not None:
+            mask &= phys.meta.last_seen[rows] != protect_step
+        return self._erase(phys, index, keys[mask])
+
+    def _enforce_caps(self, stamped: int) -> None:
+        """Evict LRU/LFU ids of tables over ``max_rows``, sparing the batch just looked up."""
+        for phys in self._physical.values():
+            for index, cfg in enumerate(phys.tables):
+                cap = cfg.eviction.max_rows
+                if cap is None:
+                    continue
+                excess = self.num_ids(cfg.name) - cap
+                if excess <= 0:
+                    continue
+                keys, rows = self._entries(phys, index)
+                protected = phys.meta.last_seen[rows] == stamped
+                victims = cap_victims(phys.meta, rows, cfg.eviction.policy, excess, protected)
+                self._erase(phys, index, keys[victims])
 
     # ------------------------------------------------------------------------------------
     # Sparse gradients
@@ -348,6 +554,13 @@ class EmbeddingCollection(nn.Module):
                 start += n
                 max_len = f.config.max_len
                 out[f.config.name] = rows if max_len is None else rows.to_padded(max_len)
+        if self.training:
+            stamped = self._step
+            self._step += 1
+            self._forwards += 1
+            self._enforce_caps(stamped)
+            if self._evict_every is not None and self._forwards % self._evict_every == 0:
+                self._run_rules(protect_step=stamped)
         return {f.name: out[f.name] for f in self._features}
 
     def _check_kjt(self, kjt: object) -> None:
@@ -383,11 +596,22 @@ class EmbeddingCollection(nn.Module):
         self._check_ids(phys, feats, ids)
         keys = torch.cat([phys.encode(f.index, x) for f, x in zip(feats, ids, strict=True)])
         n_pooled = sum(x.numel() for x in ids[: len(pooled_fs)])
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        sink = self._sink
         if self.training:
-            table = phys.values
-            rows = self._insert(phys, unique)[inverse]
+            unique, inverse, hits = torch.unique(
+                keys, sorted=True, return_inverse=True, return_counts=True
+            )
+            rows_u, partial = self._insert(phys, unique, hits)
+            if partial:
+                # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
+                table = self._compact_table(phys, unique, rows_u)
+                rows = inverse
+                sink = _RowMapSink(rows_u, self._sink)
+            else:
+                table = phys.values
+                rows = rows_u[inverse]
         else:
+            unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
             table = self._eval_table(phys, unique)
             rows = inverse
         offsets, weights = self._pooled_layout(pooled_fs, jts)
@@ -400,7 +624,7 @@ class EmbeddingCollection(nn.Module):
             modes=self._modes[phys.name],
             weights=weights,
             sequence_rows=rows[n_pooled:],
-            sink=self._sink,
+            sink=sink,
         )
 
     def _check_ids(
@@ -413,16 +637,58 @@ class EmbeddingCollection(nn.Module):
             if x.numel() and bool(phys.bad_ids(x).any()):
                 _raise_bad_ids(phys, f"feature {f.config.name!r}", f.config.table, x)
 
-    def _insert(self, phys: PhysicalTable, unique: torch.Tensor) -> torch.Tensor:
-        """Rows of the unique keys, inserting and initializing the new ones."""
+    def _insert(
+        self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
+        """Rows of the unique keys, inserting and initializing the new admitted ones.
+
+        Returns ``(rows, partial)``: ``rows`` is -1 for keys admission keeps out, and
+        ``partial`` says whether there are any. Stamps the rows' metadata.
+        """
         if not unique.numel():
-            return unique
-        rows, is_new = phys.hash_table.find_or_insert(unique)
-        phys.values.ensure_rows(phys.hash_table.num_rows_allocated)
-        new_rows, new_keys = rows[is_new], unique[is_new]
+            return unique, False
+        admit = self._admit(phys, unique, hits) if phys.sketches else None
+        if admit is not None and bool(admit.all()):
+            admit = None
+        keys_a, hits_a = (unique, hits) if admit is None else (unique[admit], hits[admit])
+        if keys_a.numel():
+            rows_a, is_new = phys.hash_table.find_or_insert(keys_a)
+        else:
+            rows_a = keys_a
+            is_new = torch.zeros(0, dtype=torch.bool, device=self._device)
+        n_rows = phys.hash_table.num_rows_allocated
+        phys.values.ensure_rows(n_rows)
+        phys.meta.ensure_rows(n_rows)
+        phys.meta.touch(rows_a, self._step, hits_a, is_new)
+        self._init_new(phys, rows_a[is_new], keys_a[is_new])
+        if admit is None:
+            return rows_a, False
+        rows = torch.full_like(unique, -1)
+        rows[admit] = rows_a
+        return rows, True
+
+    def _admit(self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the unique keys that have or get a row (counting the others)."""
+        admit = torch.ones(unique.shape, dtype=torch.bool, device=self._device)
+        absent = phys.hash_table.find(unique, check_keys=False) < 0
+        tags, logical = phys.decode(unique)
+        for t, sketch in phys.sketches.items():
+            mine = absent & (tags == t) if len(phys.tables) > 1 else absent
+            counts = sketch.add(logical[mine], hits[mine])
+            admit[mine] = counts >= phys.tables[t].admission.min_count
+        return admit
+
+    def _init_new(
+        self, phys: PhysicalTable, new_rows: torch.Tensor, new_keys: torch.Tensor
+    ) -> None:
+        """Initialize rows new keys took (fresh or freed by eviction) and count the ids."""
         if not new_keys.numel():
-            return rows
+            return
         tags, logical = phys.decode(new_keys)
+        if len(phys.tables) > 1:
+            added = torch.bincount(tags, minlength=len(phys.tables)).tolist()
+            counts = self._num_ids[phys.name]
+            self._num_ids[phys.name] = [a + b for a, b in zip(counts, added, strict=True)]
         for t, cfg in enumerate(phys.tables):
             mine = tags == t if len(phys.tables) > 1 else slice(None)
             keys_t = logical[mine]
@@ -435,13 +701,17 @@ class EmbeddingCollection(nn.Module):
                     seed=cfg.init_seed,
                     check_bounds=False,
                 )
-        return rows
 
     def _eval_table(self, phys: PhysicalTable, unique: torch.Tensor) -> PagedTensor:
         """A compact ``[U, dim]`` table of the unique keys' rows (read-only lookup)."""
         if not unique.numel():
             return phys.values  # nothing is read
-        rows = phys.hash_table.find(unique, check_keys=False)
+        return self._compact_table(phys, unique, phys.hash_table.find(unique, check_keys=False))
+
+    def _compact_table(
+        self, phys: PhysicalTable, unique: torch.Tensor, rows: torch.Tensor
+    ) -> PagedTensor:
+        """``[U, dim]``: the rows of the unique keys, the eval default where ``rows < 0``."""
         vals = torch.zeros((unique.numel(), phys.dim), dtype=phys.dtype, device=self._device)
         found = rows >= 0
         vals[found] = phys.values.gather_rows(rows[found], check_bounds=False)
@@ -484,14 +754,23 @@ class EmbeddingCollection(nn.Module):
         return offsets, torch.cat(weights)
 
 
+class _RowMapSink:
+    """Maps a compact per-batch table's gradient to physical rows, dropping rows < 0."""
+
+    def __init__(self, rows: torch.Tensor, sink: Callable[[str, SparseGrad], None]) -> None:
+        self._rows = rows
+        self._sink = sink
+
+    def __call__(self, name: str, grad: SparseGrad) -> None:
+        rows = self._rows[grad.rows]
+        keep = rows >= 0
+        self._sink(name, SparseGrad(rows[keep], grad.values[keep]).coalesce())
+
+
 def _check_supported_table(t: TableConfig) -> None:
     owner = f"EmbeddingCollection: TableConfig {t.name!r}"
     if t.fixed_size is not None:
         raise NotImplementedError(f"{owner}: fixed_size tables are not implemented yet")
-    if t.eviction.enabled:
-        raise NotImplementedError(f"{owner}: eviction is not implemented yet")
-    if t.admission.enabled:
-        raise NotImplementedError(f"{owner}: admission (min_count > 1) is not implemented yet")
 
 
 def _as_ids(ids: object, what: str, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""Per-row metadata of a physical table and the choice of rows to evict.
+
+:class:`RowMetadata` keeps, for every row of a physical table's value store, the training
+step that last looked it up and how many times it was looked up (every occurrence counts,
+duplicates inside a batch included). The collection updates it in each training forward
+with one vectorized ``index_put`` over the batch's unique rows, and resets a row's counts
+when a new key takes it (a row freed by eviction and reused starts from zero).
+
+Why plain int64 tensors and not :class:`~recstack.core.PagedTensor`: a PagedTensor holds
+float32/bfloat16/float16 only, and a float32 step or count is exact only up to ``2**24``
+(16.7M steps or hits), which long online training passes. The two int64 columns grow like
+the value store (geometrically, so amortized O(1) per new row) and move with it.
+
+:func:`stale_mask` and :func:`cap_victims` pick victims among a logical table's live rows;
+the collection erases their keys from its :class:`~recstack.embedding_engine.hash_table.
+HashTable`, which puts the rows on its free list.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RowMetadata", "cap_victims", "stale_mask"]
+
+
+class RowMetadata:
+    """Last-seen step and hit count of each row, int64, on one device.
+
+    Args:
+        device: where the columns live (the physical table's device).
+
+    Example:
+        >>> import torch
+        >>> meta = RowMetadata()
+        >>> meta.ensure_rows(3)
+        >>> meta.touch(torch.tensor([0, 2]), 7, torch.tensor([2, 1]), torch.tensor([True, True]))
+        >>> meta.last_seen.tolist(), meta.counts.tolist()
+        ([7, 0, 7], [2, 0, 1])
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self._device = torch.device(device)
+        self._last_seen = torch.zeros(0, dtype=torch.int64, device=self._device)
+        self._counts = torch.zeros(0, dtype=torch.int64, device=self._device)
+        self._num_rows = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows covered (the value store's ``num_rows``)."""
+        return self._num_rows
+
+    @property
+    def last_seen(self) -> torch.Tensor:
+        """int64 ``[num_rows]``: the step of each row's last training lookup (a view)."""
+        return self._last_seen[: self._num_rows]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """int64 ``[num_rows]``: training lookups of each row since its key got it (a view)."""
+        return self._counts[: self._num_rows]
+
+    def ensure_rows(self, n: int) -> None:
+        """Cover at least ``n`` rows (new rows read step 0, count 0)."""
+        if n <= self._num_rows:
+            return
+        if n > self._last_seen.numel():
+            cap = max(n, 2 * self._last_seen.numel(), 16)
+            for name in ("_last_seen", "_counts"):
+                old = getattr(self, name)
+                new = torch.zeros(cap, dtype=torch.int64, device=self._device)
+                new[: old.numel()] = old
+                setattr(self, name, new)
+        self._num_rows = n
+
+    def touch(
+        self, rows: torch.Tensor, step: int, hits: torch.Tensor, is_new: torch.Tensor
+    ) -> None:
+        """Record a lookup of unique ``rows`` at ``step``, ``hits`` times each.
+
+        ``is_new`` marks rows a new key just took: their count restarts at ``hits``.
+        """
+        if not rows.numel():
+            return
+        hits = hits.to(torch.int64)
+        self._last_seen[rows] = step
+        self._counts[rows] = torch.where(is_new, hits, self._counts[rows] + hits)
+
+    def set_rows(self, rows: torch.Tensor, last_seen: torch.Tensor, counts: torch.Tensor) -> None:
+        """Overwrite the metadata of ``rows`` (for state import); rows must be covered."""
+        self._last_seen[rows] = last_seen.to(torch.int64)
+        self._counts[rows] = counts.to(torch.int64)
+
+
+def stale_mask(
+    meta: RowMetadata,
+    rows: torch.Tensor,
+    *,
+    older_than_step: int | None = None,
+    min_count: int | None = None,
+) -> torch.Tensor:
+    """Bool mask of ``rows`` last seen before ``older_than_step`` or seen < ``min_count`` times.
+
+    The two rules are or-ed; a rule that is ``None`` selects nothing.
+    """
+    mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+    if older_than_step is not None:
+        mask |= meta.last_seen[rows] < older_than_step
+    if min_count is not None:
+        mask |= meta.counts[rows] < min_count
+    return mask
+
+
+def cap_victims(
+    meta: RowMetadata,
+    rows: torch.Tensor,
+    policy: str,
+    excess: int,
+    protected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices into ``rows`` of the ``excess`` rows a capacity cap drops.
+
+    Args:
+        meta: the physical table's metadata.
+        rows: int64 ``[n]`` live rows of one logical table, in ascending order.
+        policy: ``"lru"`` (smallest last-seen step first) or ``"lfu"`` (smallest hit count
+            first).
+        excess: how many to drop; fewer when not enough rows are unprotected.
+        protected: bool ``[n]``, rows that must stay (the current batch's).
+
+    Ties go to the lower row first (a stable sort of rows in ascending order), so the
+    choice is the same on every device.
+    """
+    if policy == "lru":
+        score = meta.last_seen[rows]
+    elif policy == "lfu":
+        score = meta.counts[rows]
+    else:
+        raise ValueError(f"cap_victims: policy must be 'lru' or 'lfu', got {policy!r}")
+    order = torch.sort(score, stable=True).indices
+    if protected is not None:
+        order = order[~protected[order]]
+    return order[: max(excess, 0)]

@@ -1,0 +1,499 @@
+"""Checkpoint state of an :class:`~recstack.embedding_engine.collection.EmbeddingCollection`.
+
+The collection's rows leave and come back through core's
+:class:`~recstack.core.keyed_state.KeyedState` chunk format, one *logical* table at a time:
+
+* keys are the table's **logical ids** (int64), never the merged hash keys, so a checkpoint
+  does not depend on how tables were merged: state exported with ``merge_tables=True``
+  loads into ``merge_tables=False`` and back;
+* slots are ``{"values": [n, dim] rows in the table dtype}`` plus, when the physical table
+  keeps per-row metadata (last-seen step, hit count), one slot per metadata store under
+  its own name, ``[n, ...]``;
+* chunks hold at most ``chunk_rows`` keys, gathered from the value store one chunk at a
+  time (the only full-size buffers are the key -> row index, 16 bytes per key);
+* resharding uses core's :func:`~recstack.core.sharding.owner` on the logical ids: a rank
+  importing with ``world_size=M, rank=r`` keeps the ids with ``owner(id, M) == r``.
+
+:func:`collection_table_states` wraps each logical table as a ``KeyedState`` for the saver.
+
+Example:
+    >>> import torch
+    >>> from recstack.core import KeyedJaggedTensor
+    >>> from recstack.embedding_engine.collection import EmbeddingCollection
+    >>> from recstack.embedding_engine.config import FeatureConfig, TableConfig
+    >>> def make():
+    ...     return EmbeddingCollection([TableConfig("item", dim=4)], [FeatureConfig("f", "item")])
+    >>> ec = make()
+    >>> _ = ec(KeyedJaggedTensor(["f"], torch.tensor([3, 5, 3]), lengths=torch.tensor([2, 1])))
+    >>> chunks = list(export_collection_chunks(ec, chunk_rows=1))
+    >>> [(table, keys.tolist()) for table, keys, _ in chunks]
+    [('item', [3]), ('item', [5])]
+    >>> fresh = make()
+    >>> sum(import_collection_chunk(fresh, t, k, s) for t, k, s in chunks)
+    2
+    >>> torch.equal(fresh.physical_tables["item"].values.to_dense(),
+    ...             ec.physical_tables["item"].values.to_dense())
+    True
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recstack.core import PagedTensor
+from recstack.core.keyed_state import check_json_metadata, select_owned, validate_chunk
+from recstack.core.sharding import ShardSpec
+from recstack.embedding_engine.config import TABLE_DTYPES
+
+if TYPE_CHECKING:
+    from recstack.embedding_engine.collection import EmbeddingCollection, PhysicalTable
+
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "VALUES_SLOT",
+    "CollectionTableState",
+    "collection_state_metadata",
+    "collection_table_states",
+    "export_collection_chunks",
+    "import_collection_chunk",
+]
+
+#: ``metadata["format"]`` of a collection's state.
+STATE_FORMAT = "recstack.embedding_engine.EmbeddingCollection"
+#: ``metadata["version"]``; bumped when the chunk format changes.
+STATE_VERSION = 1
+#: The slot holding the embedding rows.
+VALUES_SLOT = "values"
+
+_DTYPE_NAMES = {v: k for k, v in TABLE_DTYPES.items()}
+# Per-row metadata stores a physical table may expose (besides a ``row_metadata`` mapping):
+# looked up with getattr so this module works with tables that keep none.
+_METADATA_ATTRS = ("last_seen", "hit_count")
+
+_RowStore = PagedTensor | torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------
+# Introspection
+# ------------------------------------------------------------------------------------------
+
+
+def _row_metadata(phys: PhysicalTable) -> dict[str, _RowStore]:
+    """The per-row metadata stores of ``phys``, by slot name (empty if it keeps none).
+
+    A store is a :class:`~recstack.core.PagedTensor` or a tensor indexed by row on dim 0.
+    """
+    found: dict[str, _RowStore] = {}
+    meta = getattr(phys, "meta", None)  # the collection's RowMetadata (eviction.py)
+    if meta is not None:
+        found["last_seen"] = meta.last_seen
+        found["hit_count"] = meta.counts
+    mapping = getattr(phys, "row_metadata", None)
+    if isinstance(mapping, Mapping):
+        found.update(
+            (str(k), v) for k, v in mapping.items() if isinstance(v, (PagedTensor, torch.Tensor))
+        )
+    for attr in _METADATA_ATTRS:
+        store = getattr(phys, attr, None)
+        if attr not in found and isinstance(store, (PagedTensor, torch.Tensor)):
+            found[attr] = store
+    found.pop(VALUES_SLOT, None)
+    return found
+
+
+def _store_info(store: _RowStore) -> dict[str, Any]:
+    if isinstance(store, PagedTensor):
+        return {"dtype": str(store.dtype).removeprefix("torch."), "shape": [store.dim]}
+    return {"dtype": str(store.dtype).removeprefix("torch."), "shape": list(store.shape[1:])}
+
+
+def _locate(ec: EmbeddingCollection, table: object, what: str) -> tuple[PhysicalTable, int]:
+    """``(physical table, index)`` of logical ``table``; KeyError naming the known ones."""
+    groups = ec.table_groups
+    for pname, names in groups.items():
+        if table in names:
+            return ec.physical_tables[pname], names.index(table)
+    known = [t for names in groups.values() for t in names]
+    raise KeyError(f"{what}: unknown table {table!r}; the collection has tables {known}")
+
+
+def _entries(phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(table index, logical id, row)`` of every key of ``phys``, by ascending row."""
+    ht = phys.hash_table
+    keys, rows = next(ht.items(max(len(ht), 1)), (None, None))
+    if keys is None:
+        empty = torch.empty(0, dtype=torch.int64, device=ht.device)
+        return empty, empty, empty
+    tags, ids = phys.decode(keys)
+    return tags, ids, rows
+
+
+def _table_slots(phys: PhysicalTable) -> dict[str, dict[str, Any]]:
+    slots = {VALUES_SLOT: {"dtype": _DTYPE_NAMES[phys.dtype], "shape": [phys.dim]}}
+    slots.update((name, _store_info(s)) for name, s in _row_metadata(phys).items())
+    return slots
+
+
+def collection_state_metadata(ec: EmbeddingCollection) -> dict[str, Any]:
+    """A JSON-able description of the collection's state (one host sync per physical table).
+
+    Returns:
+        ``{"format", "version", "key": "logical_id", "tables": {name: {...}},
+        "physical_tables": {name: {...}}}``. Each logical table entry holds its
+        ``config`` (``TableConfig.to_dict()``), ``dim``, ``dtype``, ``physical`` (the
+        physical table holding it), ``index`` (its table index there), ``num_keys`` and
+        ``slots`` (``{slot: {"dtype", "shape"}}``, shape without the key dimension).
+        Each physical table entry holds ``tables``, ``dim``, ``dtype``, ``tag_bits``,
+        ``num_keys`` and ``num_rows_allocated``.
+    """
+    tables: dict[str, Any] = {}
+    physical: dict[str, Any] = {}
+    for pname, phys in ec.physical_tables.items():
+        tags, _, _ = _entries(phys)
+        counts = torch.bincount(tags, minlength=len(phys.tables)).tolist()
+        slots = _table_slots(phys)
+        for index, cfg in enumerate(phys.tables):
+            tables[cfg.name] = {
+                "config": cfg.to_dict(),
+                "dim": phys.dim,
+                "dtype": _DTYPE_NAMES[phys.dtype],
+                "physical": pname,
+                "index": index,
+                "num_keys": int(counts[index]),
+                "slots": slots,
+            }
+        physical[pname] = {
+            "tables": list(phys.table_names),
+            "dim": phys.dim,
+            "dtype": _DTYPE_NAMES[phys.dtype],
+            "tag_bits": phys.tag_bits,
+            "num_keys": int(tags.numel()),
+            "num_rows_allocated": phys.hash_table.num_rows_allocated,
+        }
+    meta = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "key": "logical_id",
+        "tables": tables,
+        "physical_tables": physical,
+    }
+    check_json_metadata(meta)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------
+
+
+def _check_chunk_rows(chunk_rows: object) -> int:
+    if isinstance(chunk_rows, bool) or not hasattr(chunk_rows, "__index__"):
+        raise TypeError(f"chunk_rows must be an int, got {type(chunk_rows).__name__}")
+    n = operator.index(chunk_rows)
+    if n < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {n}")
+    return n
+
+
+def _gather(store: _RowStore, rows: torch.Tensor) -> torch.Tensor:
+    if isinstance(store, PagedTensor):
+        return store.gather_rows(rows, check_bounds=False)
+    return store.index_select(0, rows)
+
+
+def _export_physical(
+    phys: PhysicalTable, only: int | None, chunk_rows: int
+) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    tags, ids, rows = _entries(phys)
+    meta = _row_metadata(phys)
+    for index, cfg in enumerate(phys.tables):
+        if only is not None and index != only:
+            continue
+        if len(phys.tables) > 1:
+            mine = (tags == index).nonzero().squeeze(1)
+            ids_t, rows_t = ids.index_select(0, mine), rows.index_select(0, mine)
+        else:
+            ids_t, rows_t = ids, rows
+        for start in range(0, ids_t.numel(), chunk_rows):
+            r = rows_t[start : start + chunk_rows]
+            slots = {VALUES_SLOT: phys.values.gather_rows(r, check_bounds=False)}
+            slots.update((name, _gather(store, r)) for name, store in meta.items())
+            yield cfg.name, ids_t[start : start + chunk_rows], slots
+
+
+def export_collection_chunks(
+    ec: EmbeddingCollection, chunk_rows: int, *, table: str | None = None
+) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(table, ids, {slot: rows})`` for every logical table, tables by name.
+
+    Args:
+        ec: the collection.
+        chunk_rows: at most this many ids per chunk (>= 1).
+        table: export only this logical table.
+
+    Within a table, ids come by ascending row and each id appears in exactly one chunk;
+    an empty table yields nothing. ``ids`` is int64 ``[n]`` (logical ids, on the
+    collection's device); ``rows["values"]`` is ``[n, dim]`` in the table dtype, gathered
+    when the chunk is produced (a copy; later forwards do not change it). The key -> row
+    index of a physical table is snapshotted when its first chunk is produced, so finish
+    the iteration before the collection changes.
+
+    Raises:
+        TypeError, ValueError: ``chunk_rows`` is not an int >= 1.
+        KeyError: ``table`` is unknown.
+    """
+    chunk_rows = _check_chunk_rows(chunk_rows)
+    if table is not None:
+        phys, index = _locate(ec, table, "export_collection_chunks")
+        return _export_physical(phys, index, chunk_rows)
+    return _export_all(ec, chunk_rows)
+
+
+def _export_all(
+    ec: EmbeddingCollection, chunk_rows: int
+) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    by_table = {
+        name: (phys, index)
+        for phys in ec.physical_tables.values()
+        for index, name in enumerate(phys.table_names)
+    }
+    # By name, so the order does not depend on how tables were grouped.
+    for name in sorted(by_table):
+        phys, index = by_table[name]
+        yield from _export_physical(phys, index, chunk_rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Import
+# ------------------------------------------------------------------------------------------
+
+
+def _check_rows(
+    where: str, slot: str, rows: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """``rows`` must be ``[n, *shape]`` and of the same kind as ``dtype`` (float, int, bool)."""
+    if tuple(rows.shape[1:]) != shape:
+        raise ValueError(
+            f"{where}, slot {slot!r}: rows have shape {tuple(rows.shape)} but the table "
+            f"stores [n, {', '.join(map(str, shape))}] (dim mismatch)"
+        )
+    if _kind(rows.dtype) != _kind(dtype):
+        raise TypeError(
+            f"{where}, slot {slot!r}: rows are {rows.dtype} but the table stores {dtype}; "
+            "rows are cast only within a kind (any float to the table's float dtype, any "
+            "integer to its integer dtype)"
+        )
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "int"
+
+
+def _check_metadata(where: str, table: str, phys: PhysicalTable, metadata: object) -> None:
+    """Check the exporting side's metadata against this table (format, dim)."""
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"{where}: metadata must be a dict, got {type(metadata).__name__}")
+    if metadata.get("format") != STATE_FORMAT:
+        raise ValueError(
+            f"{where}: metadata format is {metadata.get('format')!r}, expected {STATE_FORMAT!r}"
+        )
+    version = metadata.get("version")
+    if not isinstance(version, int) or version > STATE_VERSION:
+        raise ValueError(
+            f"{where}: metadata version {version!r} is not supported (this build reads "
+            f"versions up to {STATE_VERSION})"
+        )
+    tables = metadata.get("tables")
+    info = tables.get(table) if isinstance(tables, Mapping) else None
+    if not isinstance(info, Mapping):
+        raise ValueError(f"{where}: the exported metadata has no table {table!r}")
+    if info.get("dim") != phys.dim:
+        raise ValueError(
+            f"{where}: the checkpoint's table has dim {info.get('dim')} but this "
+            f"collection's has dim {phys.dim}"
+        )
+
+
+def _scatter(store: _RowStore, rows: torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(store, PagedTensor):
+        store.scatter_rows(rows, values, check_bounds=False)
+    else:
+        store.index_copy_(0, rows, values.to(store.dtype))
+
+
+def _shard(where: str, shard: ShardSpec | None, world_size: int, rank: int) -> ShardSpec | None:
+    if shard is not None:
+        if not isinstance(shard, ShardSpec):
+            raise TypeError(f"{where}: shard must be a ShardSpec, got {type(shard).__name__}")
+        if (world_size, rank) != (1, 0):
+            raise ValueError(f"{where}: pass either shard or world_size/rank, not both")
+        return shard
+    spec = ShardSpec(world_size, rank)
+    return spec if spec.world_size > 1 else None
+
+
+def import_collection_chunk(
+    ec: EmbeddingCollection,
+    table: str,
+    keys: torch.Tensor,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    world_size: int = 1,
+    rank: int = 0,
+    shard: ShardSpec | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Insert or overwrite the rows of logical ids ``keys`` of ``table``; return how many
+    ids were kept.
+
+    Args:
+        ec: the collection to load into (its device; chunks on another device are moved).
+        table: the logical table the chunk was exported from.
+        keys: int64 ``[n]`` logical ids, distinct within the chunk.
+        tensors: ``{"values": [n, dim] floating rows, metadata slot: [n, ...]}``; rows of
+            another floating dtype are cast to the table dtype, integer metadata to the
+            store's integer dtype. A metadata slot the table keeps but the chunk lacks is
+            left as on a fresh insert.
+        world_size: with ``rank``, keep only the ids with ``owner(id, world_size) == rank``
+            (core's :func:`~recstack.core.sharding.owner`); or pass ``shard``.
+        rank: this rank, in ``[0, world_size)``.
+        shard: a :class:`~recstack.core.sharding.ShardSpec` (instead of world_size/rank).
+        metadata: :func:`collection_state_metadata` of the exporting collection, checked
+            against this one (format, version, dim) when given.
+
+    The whole chunk is validated before anything changes, ranks' shards included, so a
+    bad chunk raises on every rank and never loads half-way. Kept ids get a row through
+    the hash table's ``find_or_insert`` (no initializer runs) and the imported values are
+    written with ``scatter_rows``.
+
+    Raises:
+        KeyError: unknown ``table``.
+        TypeError: keys not int64, rows of a dtype that cannot be cast (integer values).
+        ValueError: keys not 1-D, a slot whose first dim is not the key count, a dim
+            mismatch, a missing ``"values"`` slot or an unknown slot, duplicate ids, or
+            ids outside the table's encodable range (``[0, 2**id_bits)`` in a merged
+            physical table; any int64 but the two hash-table sentinels otherwise).
+    """
+    where = f"import_collection_chunk: table {table!r}"
+    phys, index = _locate(ec, table, "import_collection_chunk")
+    spec = _shard(where, shard, world_size, rank)
+    if metadata is not None:
+        _check_metadata(where, table, phys, metadata)
+    validate_chunk(keys, tensors, name=table)
+    meta_stores = _row_metadata(phys)
+    if VALUES_SLOT not in tensors:
+        raise ValueError(f"{where}: the chunk has no {VALUES_SLOT!r} slot (got {list(tensors)})")
+    unknown = [s for s in tensors if s != VALUES_SLOT and s not in meta_stores]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown slot(s) {unknown}; this table stores {[VALUES_SLOT, *meta_stores]}"
+        )
+    _check_rows(where, VALUES_SLOT, tensors[VALUES_SLOT], (phys.dim,), phys.dtype)
+    for name, store in meta_stores.items():
+        if name in tensors:
+            shape = (store.dim,) if isinstance(store, PagedTensor) else tuple(store.shape[1:])
+            _check_rows(where, name, tensors[name], shape, store.dtype)
+    if not keys.numel():
+        return 0
+    device = ec.device
+    keys = keys.to(device)
+    if bool(phys.bad_ids(keys).any()):
+        bad = int(keys[phys.bad_ids(keys)][0])
+        raise ValueError(
+            f"{where}: id {bad} cannot be stored; ids of this table must lie in "
+            f"{phys.id_range()} (physical table {phys.name!r} holds "
+            f"{len(phys.tables)} table(s))"
+        )
+    if torch.unique(keys).numel() != keys.numel():
+        raise ValueError(f"{where}: the chunk repeats ids; each id must appear once")
+    keys, slots = select_owned(keys, {s: t.to(device) for s, t in tensors.items()}, spec)
+    if not keys.numel():
+        return 0
+    rows, is_new = phys.hash_table.find_or_insert(phys.encode(index, keys))
+    n_rows = phys.hash_table.num_rows_allocated
+    phys.values.ensure_rows(n_rows)
+    phys.values.scatter_rows(rows, slots[VALUES_SLOT], check_bounds=False)
+    if getattr(phys, "meta", None) is not None:
+        # The collection's metadata grows with its table; its views change when it does.
+        phys.meta.ensure_rows(n_rows)
+        meta_stores = _row_metadata(phys)
+    counts = getattr(ec, "_num_ids", None)
+    if counts is not None:  # the collection's per-table id counts (capacity caps read them)
+        counts[phys.name][index] += int(is_new.sum())
+    for name, store in meta_stores.items():
+        if isinstance(store, PagedTensor):
+            store.ensure_rows(n_rows)
+        elif store.shape[0] < n_rows:
+            raise RuntimeError(
+                f"{where}: metadata store {name!r} has {store.shape[0]} rows but the table "
+                f"needs {n_rows}; it must grow with the hash table"
+            )
+        if name in slots:
+            _scatter(store, rows, slots[name])
+    return int(keys.numel())
+
+
+# ------------------------------------------------------------------------------------------
+# KeyedState adapter
+# ------------------------------------------------------------------------------------------
+
+
+class CollectionTableState:
+    """One logical table of a collection as a core ``KeyedState`` (for the saver).
+
+    Keys are the table's logical ids; slots as :func:`export_collection_chunks`.
+
+    Args:
+        ec: the collection.
+        table: a logical table name.
+    """
+
+    def __init__(self, ec: EmbeddingCollection, table: str) -> None:
+        _locate(ec, table, "CollectionTableState")
+        self._ec = ec
+        self._table = table
+
+    @property
+    def table(self) -> str:
+        """The logical table name."""
+        return self._table
+
+    def state_metadata(self) -> dict[str, Any]:
+        """The collection's metadata with ``"table"`` set to this table's name."""
+        meta = collection_state_metadata(self._ec)
+        meta["table"] = self._table
+        return meta
+
+    def export_chunks(
+        self, chunk_rows: int
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(ids, {slot: rows})`` chunks of this table (see :func:`export_collection_chunks`)."""
+        for _, keys, slots in export_collection_chunks(self._ec, chunk_rows, table=self._table):
+            yield keys, slots
+
+    def import_chunk(
+        self,
+        keys: torch.Tensor,
+        slots: dict[str, torch.Tensor],
+        metadata: dict[str, Any],
+        shard: ShardSpec | None = None,
+    ) -> int:
+        """Load one chunk (see :func:`import_collection_chunk`); returns the ids kept."""
+        return import_collection_chunk(
+            self._ec, self._table, keys, slots, shard=shard, metadata=metadata
+        )
+
+
+def collection_table_states(ec: EmbeddingCollection) -> dict[str, CollectionTableState]:
+    """A :class:`CollectionTableState` per logical table, by table name."""
+    names = sorted(t for phys in ec.physical_tables.values() for t in phys.table_names)
+    return {name: CollectionTableState(ec, name) for name in names}

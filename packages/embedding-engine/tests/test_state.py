@@ -1,0 +1,337 @@
+"""Collection state export/import: round trips, regrouping, resharding and bad chunks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from recstack.core import KeyedJaggedTensor, KeyedState, ShardSpec, owner
+from recstack.core.keyed_state import check_json_metadata
+from recstack.embedding_engine.collection import EmbeddingCollection
+from recstack.embedding_engine.config import FeatureConfig, TableConfig
+from recstack.embedding_engine.state import (
+    STATE_FORMAT,
+    CollectionTableState,
+    collection_state_metadata,
+    collection_table_states,
+    export_collection_chunks,
+    import_collection_chunk,
+)
+
+TABLES = [
+    TableConfig("item", dim=4),
+    TableConfig("user", dim=4),
+    TableConfig("cat", dim=3, dtype=torch.float16),
+    TableConfig("tag", dim=4, dtype="bfloat16"),
+]
+FEATURES = [
+    FeatureConfig("clicks", "item", pooling="mean"),
+    FeatureConfig("hist", "item", pooling="none"),
+    FeatureConfig("uid", "user"),
+    FeatureConfig("cid", "cat"),
+    FeatureConfig("tid", "tag", pooling="sum"),
+]
+
+
+def make(merge: bool = True) -> EmbeddingCollection:
+    return EmbeddingCollection(TABLES, FEATURES, merge_tables=merge)
+
+
+def batch(seed: int, n_bags: int = 4, vocab: int = 16) -> KeyedJaggedTensor:
+    gen = torch.Generator().manual_seed(seed)
+    names = [f.name for f in FEATURES]
+    lengths = torch.randint(0, 4, (len(names) * n_bags,), generator=gen)
+    lengths[0], lengths[1] = 0, 1
+    values = torch.randint(0, vocab, (int(lengths.sum()),), generator=gen)
+    return KeyedJaggedTensor(names, values, lengths=lengths)
+
+
+def trained(merge: bool = True, seed: int = 0) -> EmbeddingCollection:
+    ec = make(merge)
+    for s in range(3):
+        ec(batch(seed * 10 + s))
+    # Make rows differ from their initializer rows, so a missed write would show.
+    for phys in ec.physical_tables.values():
+        n = phys.values.num_rows
+        gen = torch.Generator().manual_seed(seed + n)
+        phys.values.scatter_rows(torch.arange(n), torch.randn(n, phys.dim, generator=gen))
+    return ec
+
+
+def as_dict(ec: EmbeddingCollection) -> dict[tuple[str, int], torch.Tensor]:
+    """``{(table, id): row}`` of every stored id."""
+    out = {}
+    for table, keys, slots in export_collection_chunks(ec, chunk_rows=1000):
+        for k, row in zip(keys.tolist(), slots["values"], strict=True):
+            out[(table, k)] = row
+    return out
+
+
+def assert_same_outputs(a: EmbeddingCollection, b: EmbeddingCollection, seed: int) -> None:
+    a.eval()
+    b.eval()
+    kjt = batch(seed, vocab=24)  # some ids unseen: both read their initializer rows
+    out_a, out_b = a(kjt), b(kjt)
+    for name in out_a:
+        x, y = out_a[name], out_b[name]
+        if hasattr(x, "values") and not isinstance(x, torch.Tensor):
+            x, y = x.values, y.values
+        assert torch.equal(x, y), name
+
+
+def copy_state(src, dst, chunk_rows: int, **kw) -> int:
+    meta = collection_state_metadata(src)
+    return sum(
+        import_collection_chunk(dst, t, k, s, metadata=meta, **kw)
+        for t, k, s in export_collection_chunks(src, chunk_rows)
+    )
+
+
+# ------------------------------------------------------------------------------ round trips
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1 << 20])
+@pytest.mark.parametrize(("merge_src", "merge_dst"), [(True, True), (True, False), (False, True)])
+def test_round_trip(chunk_rows: int, merge_src: bool, merge_dst: bool) -> None:
+    src = trained(merge_src, seed=chunk_rows)
+    dst = make(merge_dst)
+    n = copy_state(src, dst, chunk_rows)
+    expect = as_dict(src)
+    assert n == len(expect) > 0
+    got = as_dict(dst)
+    assert got.keys() == expect.keys()
+    for key, row in expect.items():
+        assert torch.equal(got[key], row), key
+    assert_same_outputs(src, dst, seed=99)
+
+
+def test_chunk_shapes_and_order() -> None:
+    ec = trained()
+    meta = collection_state_metadata(ec)
+    chunks = list(export_collection_chunks(ec, chunk_rows=7))
+    assert [t for t, _, _ in chunks] == sorted(t for t, _, _ in chunks)
+    for table, keys, slots in chunks:
+        info = meta["tables"][table]
+        assert 1 <= keys.numel() <= 7 and keys.dtype == torch.int64
+        assert set(slots) == set(info["slots"]) == {"values", "last_seen", "hit_count"}
+        assert slots["values"].shape == (keys.numel(), info["dim"])
+        assert str(slots["values"].dtype) == "torch." + info["dtype"]
+    for table, info in meta["tables"].items():
+        keys = torch.cat([k for t, k, _ in chunks if t == table])
+        assert keys.unique().numel() == keys.numel() == info["num_keys"]
+
+
+def test_export_only_one_table_and_bad_chunk_rows() -> None:
+    ec = trained()
+    only = list(export_collection_chunks(ec, 5, table="user"))
+    assert only and {t for t, _, _ in only} == {"user"}
+    with pytest.raises(KeyError, match="unknown table 'nope'"):
+        export_collection_chunks(ec, 5, table="nope")
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        export_collection_chunks(ec, 0)
+    with pytest.raises(TypeError, match="chunk_rows must be an int"):
+        export_collection_chunks(ec, 2.0)
+
+
+def test_empty_collection() -> None:
+    ec = make()
+    assert list(export_collection_chunks(ec, 3)) == []
+    meta = collection_state_metadata(ec)
+    assert all(info["num_keys"] == 0 for info in meta["tables"].values())
+    empty = torch.empty(0, dtype=torch.int64)
+    assert import_collection_chunk(ec, "item", empty, {"values": torch.empty(0, 4)}) == 0
+    assert list(export_collection_chunks(ec, 3)) == []
+
+
+def test_one_table_empty_others_not() -> None:
+    ec = make()
+    kjt = KeyedJaggedTensor(
+        [f.name for f in FEATURES],
+        torch.tensor([5, 2**40]),
+        lengths=torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+    )
+    ec(kjt)
+    chunks = list(export_collection_chunks(ec, 1))
+    assert [(t, k.tolist()) for t, k, _ in chunks] == [("item", [5]), ("tag", [2**40])]
+
+
+def test_import_overwrites_existing_rows() -> None:
+    ec = trained()
+    ids = torch.tensor([0, 1, 2, 12345])
+    vals = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    assert import_collection_chunk(ec, "user", ids, {"values": vals}) == 4
+    rows = ec.find_rows("user", ids)
+    phys = ec.physical_tables[ec.physical_table_of("user")]
+    assert torch.equal(phys.values.gather_rows(rows), vals)
+    assert len(set(rows.tolist())) == 4
+
+
+def test_import_casts_float_values() -> None:
+    ec = make()
+    vals = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    import_collection_chunk(ec, "cat", torch.tensor([1, 2, 3]), {"values": vals})
+    phys = ec.physical_tables[ec.physical_table_of("cat")]
+    got = phys.values.gather_rows(ec.find_rows("cat", torch.tensor([1, 2, 3])))
+    assert got.dtype == torch.float16 and torch.equal(got, vals.to(torch.float16))
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_metadata_is_json(merge: bool) -> None:
+    ec = trained(merge)
+    meta = collection_state_metadata(ec)
+    check_json_metadata(meta)
+    assert json.loads(json.dumps(meta)) == meta
+    assert meta["format"] == STATE_FORMAT and meta["key"] == "logical_id"
+    assert set(meta["tables"]) == {t.name for t in TABLES}
+    for t in TABLES:
+        info = meta["tables"][t.name]
+        assert TableConfig.from_dict(info["config"]) == t
+        assert info["physical"] == ec.physical_table_of(t.name)
+    total = sum(p["num_keys"] for p in meta["physical_tables"].values())
+    assert total == sum(info["num_keys"] for info in meta["tables"].values()) == len(as_dict(ec))
+    if merge:
+        assert meta["physical_tables"]["item+user"]["tag_bits"] == 1
+
+
+# ------------------------------------------------------------------------------ resharding
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reshard_one_to_many(world: int) -> None:
+    src = trained(seed=5)
+    expect = as_dict(src)
+    ranks = [make() for _ in range(world)]
+    kept = [copy_state(src, ranks[r], 7, world_size=world, rank=r) for r in range(world)]
+    assert sum(kept) == len(expect)
+    parts = [as_dict(ec) for ec in ranks]
+    union: dict = {}
+    for r, part in enumerate(parts):
+        assert not union.keys() & part.keys()  # no id on two ranks
+        union.update(part)
+        for (_, k), _row in part.items():
+            assert int(owner(torch.tensor([k]), world)[0]) == r
+    assert union.keys() == expect.keys()
+    for key, row in expect.items():
+        assert torch.equal(union[key], row)
+
+
+def test_reshard_many_to_one_with_shardspec() -> None:
+    src = trained(seed=6)
+    halves = [make(merge=False) for _ in range(2)]
+    for r in range(2):
+        copy_state(src, halves[r], 16, shard=ShardSpec(2, r))
+    merged = make()
+    for half in halves:
+        copy_state(half, merged, 16)
+    assert as_dict(merged).keys() == as_dict(src).keys()
+    assert_same_outputs(src, merged, seed=7)
+
+
+# ------------------------------------------------------------------------------ KeyedState
+
+
+def test_table_states_are_keyed_state() -> None:
+    src, dst = trained(seed=8), make(merge=False)
+    states = collection_table_states(src)
+    assert list(states) == sorted(t.name for t in TABLES)
+    for name, state in states.items():
+        assert isinstance(state, KeyedState) and state.table == name
+        meta = state.state_metadata()
+        check_json_metadata(meta, name)
+        target = CollectionTableState(dst, name)
+        for keys, slots in state.export_chunks(5):
+            target.import_chunk(keys, slots, meta, ShardSpec(1, 0))
+    assert_same_outputs(src, dst, seed=9)
+    with pytest.raises(KeyError, match="unknown table"):
+        CollectionTableState(src, "nope")
+
+
+# ------------------------------------------------------------------------------ bad chunks
+
+
+def bad(ec, table="item", keys=None, slots=None, **kw):
+    keys = torch.tensor([1, 2]) if keys is None else keys
+    slots = {"values": torch.zeros(2, 4)} if slots is None else slots
+    return import_collection_chunk(ec, table, keys, slots, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"table": "nope"}, KeyError, "unknown table 'nope'"),
+        ({"keys": torch.tensor([1.0, 2.0])}, TypeError, "keys must be int64"),
+        ({"keys": torch.tensor([[1, 2]])}, ValueError, "keys must be 1-D"),
+        ({"slots": {"values": torch.zeros(3, 4)}}, ValueError, "first dimension"),
+        ({"slots": {"values": torch.zeros(2, 5)}}, ValueError, "dim mismatch"),
+        ({"slots": {"values": torch.zeros(2, 4, dtype=torch.int32)}}, TypeError, "cast"),
+        ({"slots": {"weights": torch.zeros(2, 4)}}, ValueError, "no 'values' slot"),
+        (
+            {"slots": {"values": torch.zeros(2, 4), "exp_avg": torch.zeros(2, 4)}},
+            ValueError,
+            "unknown slot",
+        ),
+        ({"keys": torch.tensor([3, 3])}, ValueError, "repeats ids"),
+        ({"keys": torch.tensor([1, -1])}, ValueError, r"id -1 cannot be stored.*\[0, 2\*\*62\)"),
+        ({"keys": torch.tensor([1, 2**62])}, ValueError, "cannot be stored"),
+        ({"world_size": 2, "rank": 2}, ValueError, "rank must be in"),
+        ({"shard": ShardSpec(2, 0), "world_size": 2}, ValueError, "not both"),
+        ({"metadata": {"format": "x"}}, ValueError, "metadata format"),
+    ],
+)
+def test_bad_chunks(kwargs, error, match) -> None:
+    ec = make()
+    with pytest.raises(error, match=match):
+        bad(ec, **kwargs)
+    assert list(export_collection_chunks(ec, 10)) == []  # nothing loaded half-way
+
+
+def test_reserved_sentinel_in_unmerged_table() -> None:
+    ec = make(merge=False)
+    keys = torch.tensor([-(2**63) + 1, 2**62])
+    with pytest.raises(ValueError, match="cannot be stored"):
+        bad(ec, keys=keys)
+    # Unmerged: the whole int64 range (but the sentinels) round-trips.
+    keys = torch.tensor([-(2**63) + 2, 2**63 - 1, -5])
+    assert bad(ec, keys=keys, slots={"values": torch.ones(3, 4)}) == 3
+    assert as_dict(ec).keys() == {("item", k) for k in keys.tolist()}
+
+
+def test_metadata_dim_mismatch() -> None:
+    src = trained()
+    meta = collection_state_metadata(src)
+    meta["tables"]["item"]["dim"] = 8
+    with pytest.raises(ValueError, match="dim 8"):
+        bad(make(), metadata=meta)
+    meta = collection_state_metadata(src)
+    with pytest.raises(ValueError, match="version"):
+        bad(make(), metadata={**meta, "version": 99})
+
+
+# ------------------------------------------------------------------------------ row metadata
+
+
+def test_row_metadata_stores_travel() -> None:
+    """The collection's per-row metadata (last-seen step, hit count) is exported and loaded."""
+    src, dst = trained(seed=3), make()
+    slots_info = collection_state_metadata(src)["tables"]["item"]["slots"]
+    assert slots_info["last_seen"] == {"dtype": "int64", "shape": []}
+    assert slots_info["hit_count"] == {"dtype": "int64", "shape": []}
+    copy_state(src, dst, 5)
+    expect, got = {}, {}
+    for ec, out in ((src, expect), (dst, got)):
+        for table, keys, slots in export_collection_chunks(ec, 100):
+            assert slots["last_seen"].shape == slots["hit_count"].shape == (keys.numel(),)
+            for k, seen, hits in zip(
+                keys.tolist(), slots["last_seen"].tolist(), slots["hit_count"].tolist(), strict=True
+            ):
+                out[(table, k)] = (seen, hits)
+    assert got == expect and min(h for _, h in expect.values()) >= 1
+    for table in ("item", "user"):
+        assert dst.num_ids(table) == src.num_ids(table)
+    with pytest.raises(TypeError, match="slot 'last_seen'"):
+        bad(dst, slots={"values": torch.zeros(2, 4), "last_seen": torch.zeros(2)})

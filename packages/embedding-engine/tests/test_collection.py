@@ -379,10 +379,6 @@ def test_bf16_table(backend, device) -> None:
 
 def test_errors(device) -> None:
     t = TableConfig("t", dim=DIM)
-    with pytest.raises(NotImplementedError, match="tile"):
-        EmbeddingCollection([t], [FeatureConfig("f", "t", pooling="tile", max_len=2)])
-    with pytest.raises(NotImplementedError, match="fixed_size"):
-        EmbeddingCollection([TableConfig("t", dim=DIM, fixed_size=10)], [FeatureConfig("f", "t")])
     ec = EmbeddingCollection([t], [FeatureConfig("f", "t", weighted=True)], device=device)
     with pytest.raises(ValueError, match="'f' is weighted but the KeyedJaggedTensor has no"):
         ec(make_kjt({"f": [[1]]}, device))

@@ -1,6 +1,6 @@
 """``EmbeddingCollection``: many features over dynamic hash embedding tables, one module.
 
-Tables with the same ``(dim, dtype)`` are merged into one *physical table*: one
+Dynamic tables with the same ``(dim, dtype)`` are merged into one *physical table*: one
 :class:`~recstack.embedding_engine.hash_table.HashTable` and one
 :class:`~recstack.core.PagedTensor` of rows, so a forward costs a few launches per physical
 table whatever the number of features (dedup, find_or_insert, one pooled lookup for all
@@ -63,8 +63,22 @@ included). Until then it reads the eval default (initializer row or zeros, not i
 and gets no gradient. A batch with such ids reads its rows through a compact per-batch
 table (one gather of its unique rows) and maps the gradient back to the physical rows.
 
-Not in this increment (a config asking for them raises NotImplementedError naming the
-field): ``fixed_size`` tables, ``pooling="tile"``.
+**Fixed-size tables.** ``TableConfig(fixed_size=N)`` is a small vocabulary with the same
+API: ids must lie in ``[0, N)`` (an id outside raises a ValueError naming the feature, the
+table and the range; ids are never wrapped) and index rows directly (row = id), with no hash
+table (:class:`FixedIndex` stands in its place). Its ``N`` rows are created up front and
+initialized like a dynamic table's rows (:func:`~recstack.embedding_engine.kernels.init_rows.
+init_rows_into` from ids ``0..N-1``, so values are the same pure function of id and seed).
+A fixed table is never merged: it is its own physical table, named after it, whatever
+``merge_tables`` says. Eval reads the same rows; the gradient is its physical table's
+SparseGrad as for dynamic tables; row metadata (last-seen step, hits) is kept too. It has
+no eviction, admission or capacity (rejected by :class:`~recstack.embedding_engine.config.
+TableConfig`), and :meth:`EmbeddingCollection.evict` skips it.
+
+**Tile pooling.** ``pooling="tile"`` outputs the padded sequence of ``pooling="none"`` with
+``max_len`` (zeros on the right, a longer bag keeps its first ``max_len`` ids) reshaped to
+``[B, max_len * dim]``: position ``j`` of a bag occupies columns ``[j * dim, (j + 1) * dim)``.
+It shares the sequence features' lookup and gradient path.
 
 Example:
     >>> import torch
@@ -91,7 +105,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,7 +125,7 @@ from recstack.embedding_engine.hash_table import TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 from recstack.embedding_engine.kernels.pooling import MODE_MEAN, MODE_SUM
 
-__all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "PhysicalTable"]
+__all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "FixedIndex", "PhysicalTable"]
 
 #: Rows per page of a physical table's value store (see :class:`~recstack.core.PagedTensor`).
 DEFAULT_PAGE_ROWS = 65536
@@ -119,9 +133,89 @@ _DEFAULT_SLOTS = 1024
 _MAX_LOAD = 0.75
 
 
+class FixedIndex:
+    """The id -> row map of a fixed-size table: row = id, all ``size`` rows always present.
+
+    It stands where a dynamic physical table has its
+    :class:`~recstack.embedding_engine.hash_table.HashTable` and offers the same read API
+    (``len``, :meth:`find`, :meth:`find_or_insert` of present ids, :meth:`items`,
+    :attr:`num_rows_allocated`, :attr:`device`), so code written against the hash table
+    (state export/import) works unchanged. It never inserts or erases.
+
+    Args:
+        size: the number of rows (ids ``[0, size)``).
+        device: where its tensors are made.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self._size = int(size)
+        self._device = torch.device(device)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def size(self) -> int:
+        """The number of rows, ``fixed_size``."""
+        return self._size
+
+    @property
+    def capacity(self) -> int:
+        """Same as :attr:`size`."""
+        return self._size
+
+    @property
+    def num_rows_allocated(self) -> int:
+        """Same as :attr:`size`: every row exists from the start."""
+        return self._size
+
+    @property
+    def device(self) -> torch.device:
+        """Where its tensors are made."""
+        return self._device
+
+    def __repr__(self) -> str:
+        return f"FixedIndex(size={self._size}, device={self._device})"
+
+    def find(self, keys: torch.Tensor, *, check_keys: bool = True) -> torch.Tensor:
+        """Rows of int64 ``keys``: the key itself, ``-1`` outside ``[0, size)``."""
+        del check_keys  # every int64 is a valid query
+        keys = keys.to(torch.int64)
+        inside = (keys >= 0) & (keys < self._size)
+        return torch.where(inside, keys, torch.full_like(keys, -1))
+
+    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, is_new)``: rows of ``keys`` (all present, so ``is_new`` is all False).
+
+        Raises:
+            ValueError: a key outside ``[0, size)`` (a fixed table cannot grow).
+        """
+        rows = self.find(keys)
+        if rows.numel() and bool((rows < 0).any()):
+            bad = int(keys.reshape(-1)[(rows < 0).reshape(-1)][0])
+            raise ValueError(
+                f"FixedIndex: id {bad} is outside the fixed-size table's range [0, {self._size})"
+            )
+        return rows, torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+
+    def erase(self, keys: torch.Tensor) -> int:
+        """Always raises: a fixed-size table keeps all its rows."""
+        raise ValueError("FixedIndex: a fixed-size table cannot erase ids (it has no eviction)")
+
+    def items(self, chunk_size: int = 1 << 20) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(keys, rows)`` chunks by ascending row (here keys == rows)."""
+        if chunk_size < 1:
+            raise ValueError(f"FixedIndex.items: chunk_size must be >= 1, got {chunk_size}")
+        for start in range(0, self._size, chunk_size):
+            stop = min(start + chunk_size, self._size)
+            r = torch.arange(start, stop, dtype=torch.int64, device=self._device)
+            yield r, r.clone()
+
+
 @dataclass
 class PhysicalTable:
-    """The storage of one or more logical tables with the same ``(dim, dtype)``.
+    """The storage of one or more dynamic tables with the same ``(dim, dtype)``, or of one
+    fixed-size table.
 
     Attributes:
         name: the logical table names joined by ``"+"`` (table names are identifiers, so
@@ -129,10 +223,11 @@ class PhysicalTable:
         tables: the logical tables, in config order; ``tables[t]`` has table index ``t``.
         dim, dtype: the row width and dtype.
         tag_bits: bits of the key holding the table index (0 for one table).
-        hash_table: key -> row.
+        hash_table: key -> row (a :class:`FixedIndex`, row = id, for a fixed-size table).
         values: the rows (``values.num_rows == hash_table.num_rows_allocated``).
         meta: last-seen step and hit count of every row (``meta.num_rows`` covers them).
         sketches: admission counters by logical table index (tables with admission only).
+        fixed_size: the row count of a fixed-size table, ``None`` for a dynamic one.
     """
 
     name: str
@@ -140,10 +235,16 @@ class PhysicalTable:
     dim: int
     dtype: torch.dtype
     tag_bits: int
-    hash_table: HashTable
+    hash_table: HashTable | FixedIndex
     values: PagedTensor
     meta: RowMetadata = field(default_factory=RowMetadata)
     sketches: dict[int, CountMinSketch] = field(default_factory=dict)
+    fixed_size: int | None = None
+
+    @property
+    def is_fixed_size(self) -> bool:
+        """True for a fixed-size table (row = id, no hash table)."""
+        return self.fixed_size is not None
 
     @property
     def table_names(self) -> tuple[str, ...]:
@@ -157,6 +258,8 @@ class PhysicalTable:
 
     def id_range(self) -> str:
         """The valid ids, in words (for errors and docs)."""
+        if self.fixed_size is not None:
+            return f"[0, {self.fixed_size})"
         if self.tag_bits == 0:
             return "any int64 except the reserved -2**63 and -2**63 + 1"
         return f"[0, 2**{self.id_bits})"
@@ -174,7 +277,9 @@ class PhysicalTable:
         return keys >> self.id_bits, keys & ((1 << self.id_bits) - 1)
 
     def bad_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask of ids that cannot be encoded."""
+        """Bool mask of ids that cannot be encoded (outside ``[0, fixed_size)`` if fixed)."""
+        if self.fixed_size is not None:
+            return (ids < 0) | (ids >= self.fixed_size)
         if self.tag_bits == 0:
             return ids <= TOMBSTONE
         return (ids < 0) | (ids >= (1 << self.id_bits))
@@ -213,11 +318,13 @@ class EmbeddingCollection(nn.Module):
       with the feature's offsets; with ``max_len``, a padded ``[B, max_len, dim]`` tensor
       instead (zeros on the right; a longer bag keeps its first ``max_len`` ids, all of
       which are still looked up and inserted).
+    * ``pooling="tile"``: that padded tensor reshaped to ``[B, max_len * dim]``.
+
+    ``fixed_size`` tables take ids in ``[0, fixed_size)`` as rows directly and are never
+    merged (see the module docs).
 
     Raises:
         ConfigError: invalid configs (:func:`check_configs`).
-        NotImplementedError: ``fixed_size`` or ``pooling="tile"``, which later increments
-            add.
     """
 
     def __init__(
@@ -241,18 +348,14 @@ class EmbeddingCollection(nn.Module):
         self._step = 0
         self._forwards = 0
         by_name = check_configs(tables, features)
-        for t in by_name.values():
-            _check_supported_table(t)
-        for f in features:
-            if f.pooling == "tile":
-                raise NotImplementedError(
-                    f"EmbeddingCollection: FeatureConfig {f.name!r}: pooling='tile' is not "
-                    "implemented yet; use pooling='none' with max_len and reshape"
-                )
         self._device = torch.device("cpu" if device is None else device)
         groups: dict[object, list[TableConfig]] = {}
         for t in by_name.values():
-            group = (t.dim, t.dtype) if merge_tables else t.name
+            # A fixed table indexes rows by id, so it cannot share a key space: never merged.
+            if t.fixed_size is not None:
+                group: object = ("fixed", t.name)
+            else:
+                group = (t.dim, t.dtype) if merge_tables else t.name
             groups.setdefault(group, []).append(t)
         self._physical: dict[str, PhysicalTable] = {}
         self._physical_of: dict[str, tuple[str, int]] = {}  # logical -> (physical, index)
@@ -284,6 +387,8 @@ class EmbeddingCollection(nn.Module):
         }
 
     def _make_physical(self, members: list[TableConfig], page_rows: int) -> PhysicalTable:
+        if members[0].fixed_size is not None:
+            return self._make_fixed(members[0], page_rows)
         name = "+".join(t.name for t in members)
         hint = sum(t.capacity or 0 for t in members)
         slots = max(_DEFAULT_SLOTS, int(hint / _MAX_LOAD) + 1)
@@ -310,6 +415,32 @@ class EmbeddingCollection(nn.Module):
             ),
             meta=RowMetadata(self._device),
             sketches=sketches,
+        )
+
+    def _make_fixed(self, t: TableConfig, page_rows: int) -> PhysicalTable:
+        """A fixed-size table: all ``fixed_size`` rows made and initialized now (row = id)."""
+        n = t.fixed_size
+        assert n is not None and t.initializer is not None and t.init_seed is not None
+        # A small vocabulary needs no 64K-row page.
+        page = min(page_rows, 1 << max(n - 1, 0).bit_length())
+        values = PagedTensor(
+            t.dim, dtype=t.dtype, device=self._device, page_rows=page, capacity=n, name=t.name
+        )
+        values.ensure_rows(n)
+        ids = torch.arange(n, dtype=torch.int64, device=self._device)
+        init_rows_into(values, ids, ids, t.initializer, seed=t.init_seed, check_bounds=False)
+        meta = RowMetadata(self._device)
+        meta.ensure_rows(n)
+        return PhysicalTable(
+            name=t.name,
+            tables=(t,),
+            dim=t.dim,
+            dtype=t.dtype,
+            tag_bits=0,
+            hash_table=FixedIndex(n, self._device),
+            values=values,
+            meta=meta,
+            fixed_size=n,
         )
 
     # ------------------------------------------------------------------------------------
@@ -405,10 +536,13 @@ class EmbeddingCollection(nn.Module):
 
         The rules are or-ed; at least one is required. Evicted rows go to the free list and
         are re-initialized when new ids take them. Call it after the optimizer step (see the
-        module docs).
+        module docs). Fixed-size tables never evict: ``table=None`` skips them.
 
         Returns:
             ``{logical table: ids evicted}`` for the tables considered.
+
+        Raises:
+            ValueError: ``table`` is a fixed-size table.
         """
         if older_than_step is None and min_count is None:
             raise ValueError("EmbeddingCollection.evict: pass older_than_step and/or min_count")
@@ -421,6 +555,13 @@ class EmbeddingCollection(nn.Module):
         out: dict[str, int] = {}
         for name in names:
             pname, index = self._locate(name)
+            if self._physical[pname].is_fixed_size:
+                if table is None:
+                    continue
+                raise ValueError(
+                    f"EmbeddingCollection.evict: table {name!r} is a fixed-size table; it "
+                    "keeps all its rows and cannot evict"
+                )
             out[name] = self._evict_stale(
                 self._physical[pname], index, older_than_step, min_count, None
             )
@@ -553,7 +694,14 @@ class EmbeddingCollection(nn.Module):
                 rows = JaggedTensor(seq[start : start + n], jt.offsets)
                 start += n
                 max_len = f.config.max_len
-                out[f.config.name] = rows if max_len is None else rows.to_padded(max_len)
+                if max_len is None:
+                    out[f.config.name] = rows
+                elif f.config.pooling == "tile":
+                    # A view of the padded copy: same gradient path as padded "none".
+                    padded = rows.to_padded(max_len)
+                    out[f.config.name] = padded.reshape(batch, f.config.output_dim(phys.dim))
+                else:
+                    out[f.config.name] = rows.to_padded(max_len)
         if self.training:
             stamped = self._step
             self._step += 1
@@ -597,7 +745,15 @@ class EmbeddingCollection(nn.Module):
         keys = torch.cat([phys.encode(f.index, x) for f, x in zip(feats, ids, strict=True)])
         n_pooled = sum(x.numel() for x in ids[: len(pooled_fs)])
         sink = self._sink
-        if self.training:
+        if phys.is_fixed_size:
+            # Row = id: no hash table, no compact table (every row exists, eval included).
+            table = phys.values
+            rows = keys
+            if self.training and keys.numel():
+                unique, hits = torch.unique(keys, sorted=True, return_counts=True)
+                no_new = torch.zeros(unique.shape, dtype=torch.bool, device=self._device)
+                phys.meta.touch(unique, self._step, hits, no_new)
+        elif self.training:
             unique, inverse, hits = torch.unique(
                 keys, sorted=True, return_inverse=True, return_counts=True
             )
@@ -767,12 +923,6 @@ class _RowMapSink:
         self._sink(name, SparseGrad(rows[keep], grad.values[keep]).coalesce())
 
 
-def _check_supported_table(t: TableConfig) -> None:
-    owner = f"EmbeddingCollection: TableConfig {t.name!r}"
-    if t.fixed_size is not None:
-        raise NotImplementedError(f"{owner}: fixed_size tables are not implemented yet")
-
-
 def _as_ids(ids: object, what: str, device: torch.device) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{what}: ids must be a torch.Tensor, got {type(ids).__name__}")
@@ -785,6 +935,12 @@ def _as_ids(ids: object, what: str, device: torch.device) -> torch.Tensor:
 
 def _raise_bad_ids(phys: PhysicalTable, where: str, table: str, ids: torch.Tensor) -> None:
     bad = int(ids[phys.bad_ids(ids)][0])
+    if phys.fixed_size is not None:
+        raise ValueError(
+            f"EmbeddingCollection: {where} (table {table!r}): id {bad} is out of range; "
+            f"table {table!r} is a fixed-size table whose ids must lie in {phys.id_range()} "
+            "(ids are never wrapped)"
+        )
     if phys.tag_bits == 0:
         raise ValueError(
             f"EmbeddingCollection: {where} (table {table!r}): id {bad} is reserved by the "

@@ -18,7 +18,7 @@ Segment ``s``'s items fill ``values[base_s:base_s + count_s]`` in segment order;
 ``count_s`` is known on the host (``items.numel()``, or the number of strings), so nothing
 waits on the device.
 
-Kernel layout: the host builds one int64 table (see :func:`_build_table`) holding the prefix
+Kernel layout: the host builds one int64 table (see :func:`_plan_launch`) holding the prefix
 sums of every work item's tile count, then one 16-entry record per segment (its kind, data
 pointers, dtype code, output base, count, seed, boundary slice, ...). A segment has two work
 items: its value tiles (``_BLOCK`` ids/floats or ``_SBLOCK`` strings per tile) and its row
@@ -96,7 +96,6 @@ _F_BCOUNT = 9
 _F_RIGHT = 10
 _F_STEPS = 11  # binary-search steps over bound_count + 1 answers
 _F_NROWS = 12  # row_offsets entries this segment writes: B, or B + 1 for the last one
-_PAD = (0,) * (_NF - _F_NROWS - 1)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -561,53 +560,88 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _build_table(
-    segs: list[_Seg], bsz: int, boundaries: torch.Tensor | None, placeholder: int
-) -> tuple[array.array, int, int, int, bool]:
-    """The kernel's int64 table -> (table, records' start, tiles, N, all pointers aligned).
+class _Static(NamedTuple):
+    """The per-segment table fields that do not change from batch to batch."""
 
-    Pure Python over host-known sizes and data pointers: no torch op per segment.
+    kinds: list[int]
+    template: list[int]  # the records with their static fields filled in
+    bstart: list[int]  # byte offset of each segment's boundary slice
+    block: list[int]  # items per value tile
+
+
+def _static_table(
+    kinds: Sequence[int],
+    seeds: Sequence[int],
+    starts: Sequence[int],
+    counts: Sequence[int],
+    rights: Sequence[int],
+) -> _Static:
+    kinds = [int(k) for k in kinds]
+    template = [0] * (len(kinds) * _NF)
+    template[_F_KIND::_NF] = kinds
+    template[_F_SEED::_NF] = [_signed(int(x)) for x in seeds]  # uint64 seed's bit pattern
+    template[_F_BCOUNT::_NF] = [int(c) for c in counts]
+    template[_F_RIGHT::_NF] = [int(r) for r in rights]
+    template[_F_STEPS::_NF] = [int(c).bit_length() for c in counts]
+    block = [_SBLOCK if k == SEG_STRING else _BLOCK for k in kinds]
+    return _Static(kinds, template, [8 * int(x) for x in starts], block)
+
+
+def _plan_launch(
+    static: _Static,
+    boundaries: torch.Tensor | None,
+    items: Sequence[torch.Tensor],
+    row_offsets: Sequence[torch.Tensor | None],
+    string_offsets: Sequence[torch.Tensor | None],
+    bsz: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the table from pointers and host-known sizes (no torch op per segment), launch.
+
+    ``items`` must be contiguous and of :data:`CONCAT_DTYPES`; the caller checked the rest.
     """
-    f = len(segs)
+    f = len(static.kinds)
+    dev = items[0].device
+    try:
+        codes = [CONCAT_DTYPES[t.dtype] for t in items]
+    except KeyError:
+        bad = next(t.dtype for t in items if t.dtype not in CONCAT_DTYPES)
+        raise TypeError(f"{_OP}: items of dtype {bad} are not supported") from None
+    counts = [
+        t.shape[0] if so is None else so.shape[0] - 1
+        for t, so in zip(items, string_offsets, strict=True)
+    ]
+    rows = torch.empty(f * bsz + 1, dtype=torch.int64, device=dev)
+    spare = rows.data_ptr()  # empty inputs point here: never read, but a real address
+    ptrs = [t.data_ptr() if c else spare for t, c in zip(items, counts, strict=True)]
+    ro_ptrs = [0 if r is None else r.data_ptr() for r in row_offsets]
+    rec = static.template.copy()
+    rec[_F_DTYPE::_NF] = codes
+    rec[_F_ITEMS::_NF] = ptrs
+    rec[_F_SOFF::_NF] = [0 if x is None else x.data_ptr() for x in string_offsets]
+    rec[_F_ROFF::_NF] = ro_ptrs
+    ends = list(itertools.accumulate(counts))
+    rec[_F_BASE::_NF] = [e - c for e, c in zip(ends, counts, strict=True)]
+    rec[_F_COUNT::_NF] = counts
+    if boundaries is not None:
+        b0 = boundaries.data_ptr()
+        rec[_F_BPTR::_NF] = [b0 + x for x in static.bstart]
+    rec[_F_NROWS::_NF] = [bsz] * f
+    rec[(f - 1) * _NF + _F_NROWS] = bsz + 1  # the last segment also writes N
+    # Work items: value tiles of segments 0..F-1, then row tiles of segments 0..F-1.
+    work = [-(-c // b) for c, b in zip(counts, static.block, strict=True)]
+    work += [-(-bsz // _BLOCK)] * (f - 1) + [-(-(bsz + 1) // _BLOCK)]
     rec0 = -(-(2 * f + 1) // _NF) * _NF
-    tiles = [0]  # prefix sums: value work items, then row work items
-    recs: list[int] = []
-    put = recs.extend
-    bptr0 = boundaries.data_ptr() if boundaries is not None else 0
-    bits = 0
-    base = 0
-    for kind, items, ro, so, count, seed, bstart, bcount, right in segs:
-        code = CONCAT_DTYPES[items.dtype]
-        ro_ptr = ro.data_ptr() if ro is not None else 0
-        bits |= ro_ptr
-        if kind == SEG_STRING:
-            ptr = items.data_ptr() if items.shape[0] else placeholder
-            seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # the int64 bit pattern
-            # Field order: _F_KIND .. _F_NROWS, then padding to _NF.
-            put((kind, code, ptr, so.data_ptr(), ro_ptr, base, count, seed, 0, 0, 0, 0, bsz))
-            tiles.append(tiles[-1] + -(-count // _SBLOCK))
-        else:
-            ptr = items.data_ptr() if count else placeholder
-            bits |= ptr
-            bptr = bptr0 + 8 * bstart
-            put((kind, code, ptr, 0, ro_ptr, base, count, 0, bptr, bcount, right))
-            put((bcount.bit_length(), bsz))
-            tiles.append(tiles[-1] + -(-count // _BLOCK))
-        put(_PAD)
-        base += count
-    # The last segment also writes row_offsets[F * B] = N.
-    recs[(f - 1) * _NF + _F_NROWS] = bsz + 1
-    row_t = -(-bsz // _BLOCK)
-    t = tiles[-1]
-    for _ in range(f - 1):
-        t += row_t
-        tiles.append(t)
-    t += -(-(bsz + 1) // _BLOCK)
-    tiles.append(t)
-    tiles.extend([0] * (rec0 - len(tiles)))
+    tiles = list(itertools.accumulate(work, initial=0))
     table = array.array("q", tiles)
-    table.extend(recs)
-    return table, rec0, t, base, bits & 15 == 0
+    table.extend([0] * (rec0 - len(tiles)))
+    table.extend(rec)
+    # Strings are read word by word whatever their alignment; ids, floats and offsets are
+    # vector-loaded only when every pointer is 16-byte aligned.
+    read = (p for p, k in zip(ptrs, static.kinds, strict=True) if k != SEG_STRING)
+    bits = functools.reduce(operator.or_, read, functools.reduce(operator.or_, ro_ptrs, 0))
+    values = _launch(table, rows, f, rec0, tiles[-1], ends[-1], bsz, bits & 15 == 0)
+    # ``items`` kept every input referenced until the launch was queued.
+    return values, rows
 
 
 def gather_inputs(
@@ -660,13 +694,21 @@ def gather_inputs(
     if not kernels.use_triton(first, op=_OP):
         kernels.record_launch("gather_inputs_reference")
         return _reference(segs, bsz, boundaries, dev)
-    f = len(segs)
-    rows = torch.empty(f * bsz + 1, dtype=torch.int64, device=dev)
-    # Empty inputs point at ``rows``: never read, but a real address.
-    table, rec0, n_tiles, n, aligned = _build_table(segs, bsz, boundaries, rows.data_ptr())
-    values = _launch(table, rows, f, rec0, n_tiles, n, bsz, aligned)
-    # ``segs`` kept every (possibly copied) input referenced until the launch was queued.
-    return values, rows
+    static = _static_table(
+        [g.kind for g in segs],
+        [g.seed for g in segs],
+        [g.bstart for g in segs],
+        [g.bcount for g in segs],
+        [g.right for g in segs],
+    )
+    return _plan_launch(
+        static,
+        boundaries,
+        [g.items for g in segs],
+        [g.ro for g in segs],
+        [g.so for g in segs],
+        bsz,
+    )
 
 
 def _launch(
@@ -772,16 +814,7 @@ class GatherPlan:
             _validate(self.segments, 0, boundaries.cpu() if boundaries is not None else None, None)
         self.boundaries = boundaries
         self.kinds = [int(k) for k in kinds]
-        # The table's records with their static fields filled in (see _build_table).
-        template = [0] * (f * _NF)
-        template[_F_KIND::_NF] = self.kinds
-        template[_F_SEED::_NF] = [_signed(int(x)) for x in seeds]
-        template[_F_BCOUNT::_NF] = [int(c) for c in counts]
-        template[_F_RIGHT::_NF] = [int(r) for r in rights]
-        template[_F_STEPS::_NF] = [int(c).bit_length() for c in counts]
-        self._template = template
-        self._bstart = [8 * int(x) for x in starts]
-        self._block = [_SBLOCK if k == SEG_STRING else _BLOCK for k in self.kinds]
+        self._static = _static_table(kinds, seeds, starts, counts, rights)
 
     def __call__(
         self,
@@ -810,52 +843,7 @@ class GatherPlan:
                 )
             ]
             return gather_inputs(segments, batch_size, self.boundaries)
-        dev = items[0].device
-        bsz = batch_size
         items = [t if t.is_contiguous() else t.contiguous() for t in items]
-        try:
-            codes = [CONCAT_DTYPES[t.dtype] for t in items]
-        except KeyError:
-            bad = next(t.dtype for t in items if t.dtype not in CONCAT_DTYPES)
-            raise TypeError(f"{_OP}: items of dtype {bad} are not supported") from None
-        counts = [
-            t.shape[0] if so is None else so.shape[0] - 1
-            for t, so in zip(items, string_offsets, strict=True)
-        ]
-        rows = torch.empty(f * bsz + 1, dtype=torch.int64, device=dev)
-        spare = rows.data_ptr()  # empty inputs point here: never read, but a real address
-        ptrs = [t.data_ptr() if c else spare for t, c in zip(items, counts, strict=True)]
-        ro_ptrs = [0 if r is None else r.data_ptr() for r in row_offsets]
-        rec = self._template.copy()
-        rec[_F_DTYPE::_NF] = codes
-        rec[_F_ITEMS::_NF] = ptrs
-        rec[_F_SOFF::_NF] = [0 if x is None else x.data_ptr() for x in string_offsets]
-        rec[_F_ROFF::_NF] = ro_ptrs
-        ends = list(itertools.accumulate(counts))
-        rec[_F_BASE::_NF] = [e - c for e, c in zip(ends, counts, strict=True)]
-        rec[_F_COUNT::_NF] = counts
-        if self.boundaries is not None:
-            b0 = self.boundaries.data_ptr()
-            rec[_F_BPTR::_NF] = [b0 + x for x in self._bstart]
-        rec[_F_NROWS::_NF] = [bsz] * f
-        rec[(f - 1) * _NF + _F_NROWS] = bsz + 1
-        n = ends[-1]
-        row_t = -(-bsz // _BLOCK)
-        work = [-(-c // b) for c, b in zip(counts, self._block, strict=True)]
-        work += [row_t] * (f - 1) + [-(-(bsz + 1) // _BLOCK)]
-        rec0 = -(-(2 * f + 1) // _NF) * _NF
-        tiles = list(itertools.accumulate(work, initial=0))
-        n_tiles = tiles[-1]
-        table = array.array("q", tiles)
-        table.extend([0] * (rec0 - len(tiles)))
-        table.extend(rec)
-        bits = functools.reduce(operator.or_, ro_ptrs, 0)
-        bits = functools.reduce(
-            operator.or_,
-            (p for p, k in zip(ptrs, self.kinds, strict=True) if k != SEG_STRING),
-            bits,
+        return _plan_launch(
+            self._static, self.boundaries, items, row_offsets, string_offsets, batch_size
         )
-        aligned = bits & 15 == 0
-        values = _launch(table, rows, f, rec0, n_tiles, n, bsz, aligned)
-        # ``items`` kept every (possibly copied) input referenced until the launch was queued.
-        return values, rows

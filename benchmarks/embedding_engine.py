@@ -1,7 +1,17 @@
-"""Embedding Engine benchmarks: the GPU hash table and the fused pooled lookup.
+"""Embedding Engine benchmarks: the GPU hash table, the fused pooled lookup and its backward,
+and a 100M-id table.
 
 Lookup + sum pooling: 26 features, batch 65536, about 20 ids a bag, dim 64 fp32, against
-``torch.nn.EmbeddingBag`` of the same shape (issue 5; more workloads land with the module).
+``torch.nn.EmbeddingBag`` of the same shape. Its backward to one coalesced ``SparseGrad``
+(what ``EmbeddingCollection`` runs: dedup of the rows, then the segmented reduction) against
+``EmbeddingBag(sparse=True)``'s backward. MBU of the backward counts the bytes that must
+move: the output gradient and the ids read, the unique rows' gradients written.
+
+A 100M-id table (issue 5): ``EmbeddingCollection`` with one dim-64 fp32 table is filled with
+100M random 62-bit ids, then looks up batches of 65536 bags of about 20 present ids. It
+reports GPU memory per id and the lookup's ids/s in training mode (find_or_insert, stamps,
+pooling) and eval mode, against ``nn.EmbeddingBag`` over a 100M-row weight given the rows
+directly (no id map). MBU counts the id read and the row read per id.
 
 HashTable ``find`` and ``find_or_insert`` in keys/s for 1M-key batches in a 64M-slot table
 at load factors 0.25, 0.5 and 0.75 (issue 5). The plain-PyTorch baseline, in the same run,
@@ -37,15 +47,9 @@ def pooling(report: Report, device: torch.device, args: argparse.Namespace) -> N
     from recstack.core import PagedTensor
     from recstack.embedding_engine.kernels.pooling import pooled_lookup
 
-    k, b, ids_per_bag, dim, n_rows = 26, args.pool_batch, 20, 64, 1 << 20
-    gen = torch.Generator().manual_seed(1)
-    lengths = torch.randint(0, 2 * ids_per_bag + 1, (k * b,), generator=gen)
-    offsets = torch.zeros(k * b + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    n = int(offsets[-1])
-    rows = torch.randint(0, n_rows, (n,), generator=gen)
-    weight = torch.randn(n_rows, dim, generator=gen)
-    rows, offsets, weight = rows.to(device), offsets.to(device), weight.to(device)
+    b, n_rows = args.pool_batch, 1 << 20
+    k, rows, offsets, weight = _pooling_batch(device, b, n_rows)
+    n, dim = rows.numel(), weight.shape[1]
     table = PagedTensor.wrap(weight)
     modes = torch.zeros(k, dtype=torch.int64, device=device)
     bag = torch.nn.EmbeddingBag(n_rows, dim, mode="sum", device=device)
@@ -72,13 +76,143 @@ def pooling(report: Report, device: torch.device, args: argparse.Namespace) -> N
     )
 
 
+def _pooling_batch(device: torch.device, b: int, n_rows: int):
+    """The pooling workload: rows, key-major offsets and a weight of ``n_rows`` x 64 fp32."""
+    k, ids_per_bag, dim = 26, 20, 64
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(0, 2 * ids_per_bag + 1, (k * b,), generator=gen)
+    offsets = torch.zeros(k * b + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    rows = torch.randint(0, n_rows, (int(offsets[-1]),), generator=gen)
+    weight = torch.randn(n_rows, dim, generator=gen)
+    return k, rows.to(device), offsets.to(device), weight.to(device)
+
+
+def backward(report: Report, device: torch.device, args: argparse.Namespace) -> None:
+    """Backward of lookup + sum pooling to a coalesced ``SparseGrad`` against
+    ``EmbeddingBag(sparse=True)``'s backward, same workload as :func:`pooling`."""
+    from recstack.core import PagedTensor
+    from recstack.embedding_engine.autograd import LookupPlan, lookup_backward
+
+    b, n_rows = args.backward_batch, 1 << 20
+    k, rows, offsets, weight = _pooling_batch(device, b, n_rows)
+    dim = weight.shape[1]
+    plan = LookupPlan(
+        name="t",
+        table=PagedTensor.wrap(weight),
+        batch_size=b,
+        pooled_rows=rows,
+        pooled_offsets=offsets,
+        modes=torch.zeros(k, dtype=torch.int64, device=device),
+        weights=None,
+        sequence_rows=torch.empty(0, dtype=torch.int64, device=device),
+    )
+    grad = torch.randn(b, k, dim, generator=torch.Generator().manual_seed(2)).to(device)
+    bag = torch.nn.EmbeddingBag(n_rows, dim, mode="sum", sparse=True, device=device)
+    out = bag(rows, offsets[:-1])
+    grad_bags = grad.permute(1, 0, 2).reshape(k * b, dim)
+
+    def base() -> torch.Tensor:
+        return torch.autograd.grad(out, bag.weight, grad_bags, retain_graph=True)[0]
+
+    ours = median_time(lambda: lookup_backward(plan, grad, None), device, repeat=args.repeat)
+    base_s = median_time(base, device, repeat=args.repeat)
+    got = lookup_backward(plan, grad, None)
+    want = base().coalesce()
+    assert torch.equal(got.rows, want.indices()[0])
+    torch.testing.assert_close(got.values, want.values(), rtol=1e-4, atol=1e-3)
+    n, u = rows.numel(), got.rows.numel()
+    nbytes = grad.numel() * 4 + n * 8 + offsets.numel() * 8 + u * (dim * 4 + 8)
+    report.add(
+        Row(
+            f"backward to SparseGrad, {k} features, batch {b} ({u:,} unique rows)",
+            ours,
+            base_s,
+            nbytes,
+            baseline="EmbeddingBag(sparse=True) backward",
+        )
+    )
+
+
+def big_table(report: Report, device: torch.device, args: argparse.Namespace) -> None:
+    """Fill an ``EmbeddingCollection`` with ``args.big_ids`` ids; memory per id and lookup
+    throughput in training and eval mode against ``nn.EmbeddingBag`` over the same rows."""
+    from recstack.core import KeyedJaggedTensor
+    from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+
+    n_ids, dim, b, per_bag = args.big_ids, 64, 65536, 20
+    gen = torch.Generator(device=device).manual_seed(3)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    ec = EmbeddingCollection([TableConfig("t", dim=dim)], [FeatureConfig("f", "t")], device=device)
+    ids = torch.randint(0, 2**62, (n_ids,), generator=gen, device=device)
+    chunk = 1 << 21
+    with torch.no_grad():
+        for i, start in enumerate(range(0, n_ids, chunk)):
+            part = ids[start : start + chunk]
+            lengths = torch.full((part.numel(),), 1, dtype=torch.int64, device=device)
+            ec(KeyedJaggedTensor(["f"], part, lengths=lengths))
+            if i % 10 == 0:
+                print(f"  filling: {start + part.numel():,} / {n_ids:,} ids", flush=True)
+    torch.cuda.synchronize(device)
+    phys = next(iter(ec.physical_tables.values()))
+    held = len(phys.hash_table)
+    per_id = (torch.cuda.memory_allocated(device) - before - ids.numel() * 8) / held
+    parts = {
+        "slots": phys.hash_table.capacity * 16 / held,
+        "values": phys.values.capacity * dim * 4 / held,
+    }
+    print(
+        f"  {held:,} ids held: {per_id:.0f} bytes/id on the GPU "
+        f"(hash slots {parts['slots']:.0f}, values {parts['values']:.0f}, the rest metadata); "
+        f"{phys.hash_table.capacity:,} slots, load {phys.hash_table.load_factor:.2f}",
+        flush=True,
+    )
+    pick = torch.randint(0, n_ids, (b * per_bag,), generator=gen, device=device)
+    batch_ids = ids[pick]
+    lengths = torch.full((b,), per_bag, dtype=torch.int64, device=device)
+    kjt = KeyedJaggedTensor(["f"], batch_ids, lengths=lengths)
+    rows = phys.hash_table.find(batch_ids)
+    del ids
+    weight = torch.empty(phys.values.num_rows, dim, device=device)
+    with torch.no_grad():
+        weight.copy_(phys.values.to_dense())
+    bag = torch.nn.EmbeddingBag.from_pretrained(weight, mode="sum", freeze=True)
+    offsets = torch.arange(0, b * per_bag, per_bag, device=device)
+    n = batch_ids.numel()
+    nbytes = n * (8 + dim * 4) + b * dim * 4
+    with torch.no_grad():
+        base = median_time(lambda: bag(rows, offsets), device, repeat=args.repeat)
+        for mode in ("train", "eval"):
+            ec.train(mode == "train")
+            ours = median_time(lambda: ec(kjt), device, repeat=args.repeat, wall=True)
+            torch.testing.assert_close(ec(kjt)["f"], bag(rows, offsets), rtol=1e-4, atol=1e-4)
+            report.add(
+                Row(
+                    f"{held / 1e6:.0f}M-id table, lookup + sum pooling ({mode}), "
+                    f"{n:,} ids, {per_id:.0f} B/id",
+                    ours,
+                    base,
+                    nbytes,
+                    baseline="EmbeddingBag on the rows (no id map)",
+                    extra={"ids/s (ours)": n / ours, "bytes/id": per_id},
+                )
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--capacity", type=int, default=1 << 26)
     parser.add_argument("--batch", type=int, default=1 << 20)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--pool-batch", type=int, default=65536)
-    parser.add_argument("--only", choices=["table", "pooling"], default=None)
+    # EmbeddingBag(sparse=True)'s backward fails (illegal memory access, torch 2.11) once its
+    # per-id gradient passes 2**31 elements: batch 65536 has 34M ids x 64.
+    parser.add_argument("--backward-batch", type=int, default=32768)
+    parser.add_argument("--big-ids", type=int, default=100_000_000)
+    parser.add_argument(
+        "--only", choices=["table", "pooling", "backward", "big"], nargs="*", default=None
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -88,12 +222,29 @@ def main() -> None:
         device_name(device),
         copy_bandwidth(device),
     )
-    if args.only != "table":
+    only = set(args.only or ["pooling", "backward", "table", "big"])
+    if "pooling" in only:
         pooling(report, device, args)
-    if args.only == "pooling":
-        print(report.markdown())
-        report.save(args.json)
-        return
+    if "backward" in only:
+        backward(report, device, args)
+    if "table" in only:
+        hash_table(report, device, args, gen)
+    if "big" in only:
+        big_table(report, device, args)
+    print()
+    print(report.markdown())
+    for row in report.rows:
+        if "keys/s (ours)" in row.extra:
+            print(f"{row.workload}: {row.extra['keys/s (ours)'] / 1e9:.2f} billion keys/s")
+        if "ids/s (ours)" in row.extra:
+            print(f"{row.workload}: {row.extra['ids/s (ours)'] / 1e9:.2f} billion ids/s")
+    report.save(args.json)
+
+
+def hash_table(
+    report: Report, device: torch.device, args: argparse.Namespace, gen: torch.Generator
+) -> None:
+    """find and find_or_insert at load 0.25, 0.5 and 0.75 of a 64M-slot table."""
     table = HashTable(args.capacity, device, max_load=0.8)
     inserted: list[torch.Tensor] = []
     sorted_keys = torch.empty(0, dtype=torch.int64, device=device)
@@ -159,12 +310,6 @@ def main() -> None:
                 extra={"keys/s (ours)": args.batch / ours},
             )
         )
-    print()
-    print(report.markdown())
-    for row in report.rows:
-        if "keys/s (ours)" in row.extra:
-            print(f"{row.workload}: {row.extra['keys/s (ours)'] / 1e9:.2f} billion keys/s")
-    report.save(args.json)
 
 
 if __name__ == "__main__":

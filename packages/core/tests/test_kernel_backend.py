@@ -74,3 +74,17 @@ def test_count_launches_nests_and_counts_live() -> None:
     assert outer == {"a": 2, "b": 2}
     kernels.record_launch("c")  # outside any block: not counted anywhere
     assert "c" not in outer
+
+
+def test_count_launches_counts_other_threads() -> None:
+    # Autograd runs a CUDA backward pass in a device thread of its own.
+    import threading
+
+    with kernels.count_launches() as outer, kernels.count_launches() as inner:
+        worker = threading.Thread(target=kernels.record_launch, args=("bwd",))
+        worker.start()
+        worker.join()
+    assert outer == {"bwd": 1} and inner == {"bwd": 1}
+    with kernels.count_launches() as later:
+        pass
+    assert later == {}  # both blocks left the active list, equal counters included

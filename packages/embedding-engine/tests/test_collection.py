@@ -390,6 +390,24 @@ def test_errors(device) -> None:
         ec.find_rows("nope", torch.tensor([1]))
 
 
+def test_backward_keeps_the_forward_backend(device) -> None:
+    # A CUDA backward runs in autograd's device thread, where use_backend() of the calling
+    # thread does not hold: the lookup carries the forward's choice over.
+    import threading
+
+    tables, features = tables_and_features()
+    ec = EmbeddingCollection(tables, features, device=device)
+    with kernels.use_backend("torch"):
+        out = ec(random_batch(torch.Generator().manual_seed(5), 3, device))
+    loss = sum(as_tensor(x).sum() for x in out.values())
+    with kernels.count_launches() as launches:
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+    assert launches["pooled_lookup_backward_reference"] == 2
+    assert launches["pooled_lookup_backward"] == 0
+
+
 def test_launches_per_physical_table(backend, device) -> None:
     gen = torch.Generator().manual_seed(seed("launch", backend))
     tables, features = tables_and_features()

@@ -248,7 +248,10 @@ def test_fixed_table_state_round_trip(device) -> None:
         )
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         import_collection_chunk(
-            dst, "cat", torch.tensor([VOCAB], device=device), {"values": torch.ones(1, DIM)}
+            dst,
+            "cat",
+            torch.tensor([VOCAB], device=device),
+            {"values": torch.ones(1, DIM, device=device)},
         )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from recstack.core import PagedTensor, SparseGrad
+from recstack.core import PagedTensor, SparseGrad, kernels
 from recstack.core.kernels.segment_sum import coalesce_rows
 from recstack.embedding_engine.kernels.pooling import pooled_lookup, pooled_lookup_backward
 
@@ -161,6 +161,9 @@ class EmbeddingLookupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, plan: LookupPlan) -> Any:  # type: ignore[override]
         ctx.plan = plan
+        # Autograd runs a CUDA backward in its own thread, where this thread's forced
+        # backend (kernels.use_backend) does not hold: carry it over.
+        ctx.backend = kernels.get_backend()
         # Unused outputs get None, not a materialized [B, K, dim] zero gradient.
         ctx.set_materialize_grads(False)
         return lookup_forward(plan)
@@ -170,7 +173,8 @@ class EmbeddingLookupFunction(torch.autograd.Function):
         ctx: Any, grad_pooled: torch.Tensor | None, grad_sequence: torch.Tensor | None
     ) -> tuple[None, None]:
         plan: LookupPlan = ctx.plan
-        grad = lookup_backward(plan, grad_pooled, grad_sequence)
+        with kernels.use_backend(ctx.backend):
+            grad = lookup_backward(plan, grad_pooled, grad_sequence)
         if plan.sink is not None:
             plan.sink(plan.name, grad)
         return None, None

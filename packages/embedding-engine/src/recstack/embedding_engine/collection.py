@@ -149,7 +149,7 @@ class FixedIndex:
 
     def __init__(self, size: int, device: torch.device) -> None:
         self._size = int(size)
-        self._device = torch.device(device)
+        self._device = torch.empty(0, device=device).device
 
     def __len__(self) -> int:
         return self._size
@@ -348,7 +348,9 @@ class EmbeddingCollection(nn.Module):
         self._step = 0
         self._forwards = 0
         by_name = check_configs(tables, features)
-        self._device = torch.device("cpu" if device is None else device)
+        # A real tensor's device carries the index ("cuda" -> "cuda:0"), so the device
+        # checks below compare equal for tensors the user made on the default GPU.
+        self._device = torch.empty(0, device="cpu" if device is None else device).device
         groups: dict[object, list[TableConfig]] = {}
         for t in by_name.values():
             # A fixed table indexes rows by id, so it cannot share a key space: never merged.

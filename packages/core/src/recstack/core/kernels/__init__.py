@@ -126,21 +126,27 @@ def use_triton(*tensors: torch.Tensor, op: str = "op") -> bool:
     return runnable
 
 
-_counting = threading.local()
+# Launch counters are process-wide, not per thread: autograd runs a CUDA backward pass in
+# its own device thread, and its launches belong to the block that called backward().
+_counting_lock = threading.Lock()
+_counting_active: list[Counter[str]] = []
 
 
 def record_launch(name: str, n: int = 1) -> None:
     """Count ``n`` kernel launches of ``name``; launchers call this once per launch."""
-    for counter in getattr(_counting, "active", ()):
-        counter[name] += n
+    if _counting_active:
+        with _counting_lock:
+            for counter in _counting_active:
+                counter[name] += n
 
 
 @contextlib.contextmanager
 def count_launches() -> Iterator[Counter[str]]:
-    """Count RecStack kernel launches (Triton or reference) made in this thread inside the block.
+    """Count RecStack kernel launches (Triton or reference) made inside the block.
 
     Yields a :class:`collections.Counter` keyed by kernel name, updated as launches happen.
-    Blocks may nest; each counts what ran inside it.
+    Launches from every thread count (autograd runs a CUDA backward pass in a thread of its
+    own), so count in one thread at a time. Blocks may nest; each counts what ran inside it.
 
     Example:
         >>> from recstack.core import kernels
@@ -150,9 +156,12 @@ def count_launches() -> Iterator[Counter[str]]:
         0
     """
     counter: Counter[str] = Counter()
-    active = getattr(_counting, "active", ())
-    _counting.active = (*active, counter)
+    with _counting_lock:
+        _counting_active.append(counter)
     try:
         yield counter
     finally:
-        _counting.active = active
+        with _counting_lock:
+            # By identity: nested counters that counted the same launches compare equal.
+            at = next(i for i, c in enumerate(_counting_active) if c is counter)
+            del _counting_active[at]

@@ -8,23 +8,33 @@ probe walks ``home, home + 1, ...`` (mod ``capacity``) until it meets its key or
 :data:`EMPTY` slot. An erased key leaves a :data:`TOMBSTONE`, which probes walk past and which
 inserts never reuse (:func:`table_rehash` drops them). Free slots and tombstones hold row -1.
 
+The kernels walk that sequence a *window* at a time: a lane reads the 8 slots of an aligned
+128-byte line in one go (its home's line first, from its home on), finds the first slot that
+holds its key and the first EMPTY one, and only moves to the next line when the window has
+neither. At load 0.75 most probes end in the first window, so a warp rarely loops.
+
 Ops (each validates its inputs, then runs its Triton kernels or its torch reference):
 
 * :func:`table_find`: one launch (plus a one-sync sentinel check when asked).
 * :func:`table_find_or_insert`: three launches, one ``torch.cumsum`` and one host sync.
 
-  1. *claim*: each lane probes for its key; at an EMPTY slot it tries a 64-bit
-     ``atomic_cas(EMPTY -> key)``. A lane that wins, or that sees its own key, owns that slot.
-     Every lane whose slot was claimed during this call (its row field is still negative)
-     ``atomic_min``-s ``_ENC_BASE + lane`` into the row field, which leaves the key's first
-     occurrence in batch order there.
-  2. *first*: ``is_new[i] = row_field(slot_i) == _ENC_BASE + i``.
-  3. ``torch.cumsum(is_new)``: rank of each new key in batch order; one host sync reads the
+  1. *claim*: each lane probes for its key; at the window's first EMPTY slot it tries a
+     64-bit ``atomic_cas(EMPTY -> key)``. A lane that wins, or that sees its own key, owns
+     that slot; one that loses to another key looks on right after it. Every lane whose slot
+     was claimed during this call (its row field is still negative) ``atomic_min``-s
+     ``_ENC_BASE + lane`` into the row field, which leaves the key's first occurrence in
+     batch order there.
+  2. *first*: ``is_new[i] = row_field(slot_i) == _ENC_BASE + i``, as int64 flags.
+  3. ``torch.cumsum`` of the flags: rank of each new key in batch order; one host sync reads the
      number of new keys together with the counts of sentinel keys and of unplaced keys.
   4. *assign*: new key number ``r`` (0-based) gets ``free_rows[r]`` while the free list lasts,
      then ``next_row + r - len(free_rows)``. Its first lane writes the row into the slot; every
-     lane outputs its row, computing a new key's row from its first lane's rank when the
-     write is not visible yet, so no lane waits on another.
+     lane of a new key computes the row from its first lane's rank, so no lane waits on
+     another.
+
+  Lanes of keys already in the table take their row from the claim's window scan and touch
+  the table in no later launch; only new keys' lanes read (*first*) and write (*assign*,
+  first lanes only) their slot again.
 
   Rows therefore depend only on the call sequence, never on the order in which atomics land.
   The slot a new key takes can depend on it when several new keys of one batch compete for
@@ -33,7 +43,8 @@ Ops (each validates its inputs, then runs its Triton kernels or its torch refere
   first, so a batch that fits one program (``_BLOCK`` keys) lands in exactly the reference's
   slots.
 * :func:`table_erase`: one launch (an ``atomic_xchg`` to TOMBSTONE picks the one lane that
-  erases a duplicated key), one host sync for the counts, one ``torch.sort`` merging the freed
+  erases a duplicated key, and a second exchange takes the slot's row as it resets it to -1),
+  one host sync for the counts, one ``torch.sort`` merging the freed
   rows into the free list (kept ascending).
 * :func:`table_rehash`: one launch re-inserting every live ``(key, row)`` into a new table.
 
@@ -41,8 +52,8 @@ Keys :data:`EMPTY` and :data:`TOMBSTONE` are reserved. A call that meets one rai
 ValueError naming it and leaves the table as it was (the claims or erasures its kernels made
 are undone before raising).
 
-The torch reference is vectorized over keys: a Python loop over probe *rounds* (round ``r``
-looks at ``home + r`` for every pending key) in which keys meeting the same EMPTY slot are
+The torch reference is vectorized over keys: a Python loop over probe *rounds* (in a round
+every pending key reads its current window) in which keys aiming at the same EMPTY slot are
 resolved lowest batch position (first occurrence) first, exactly as the interpreter resolves
 one program.
 """
@@ -90,8 +101,14 @@ MAX_CAPACITY = 2**60
 _ENC_BASE = -(2**62)
 _MAX_BATCH = 2**62 - 2
 
-_BLOCK = 256  # lanes (keys or old slots) per program; small blocks cut probe-loop divergence
-_NUM_WARPS = 4
+# Probing kernels: one warp of lanes (keys or old slots) per program, so a lane's probe
+# loop never waits on another warp's longer probe.
+_BLOCK = 32
+_NUM_WARPS = 1
+_WINDOW = 8  # slots a lane reads per probe step: 8 (key, row) pairs are one 128-byte line
+# The first and assign launches only stream per-lane arrays: wide programs.
+_STREAM_BLOCK = 1024
+_STREAM_WARPS = 4
 
 _NAMES = {
     "find": "HashTable.find",
@@ -234,35 +251,49 @@ def _probe_find(slots: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _probe_insert(slots: torch.Tensor, keys: torch.Tensor, op: str) -> torch.Tensor:
     """Write distinct absent ``keys`` into EMPTY slots; return their slots.
 
-    Round ``r`` every pending key looks at ``home + r``; of the keys meeting one EMPTY slot
-    the earliest in ``keys`` takes it and the rest move on, as one Triton program resolves.
+    As the kernels do, every pending key reads a window of ``_WINDOW`` slots per round (its
+    home's aligned window first, from its home on) and aims at the first EMPTY one; of the
+    keys aiming at one slot the earliest in ``keys`` takes it (as one Triton program
+    resolves its lanes' CAS), and the others look on right after it.
     """
     cap = slots.shape[0]
-    n = keys.numel()
+    w = _window(cap)
+    dev = keys.device
     out = torch.full_like(keys, -1)
-    idx = torch.arange(n, device=keys.device)
-    pos = _homes(keys, cap)
+    idx = torch.arange(keys.numel(), device=dev)
+    home = _homes(keys, cap)
+    start = home & (w - 1)
+    base = home - start
+    seen = torch.zeros_like(keys)
+    off = torch.arange(w, device=dev)
     key_col = slots[:, 0]
-    for _ in range(cap):
-        if idx.numel() == 0:
-            break
-        free = (key_col[pos] == EMPTY).nonzero().squeeze(1)
-        if free.numel():
-            fpos = pos[free]
-            # idx ascends, so a stable sort by slot puts each slot's earliest claimant first.
-            order = torch.argsort(fpos, stable=True)
-            spos = fpos[order]
-            lead = torch.ones_like(spos, dtype=torch.bool)
-            lead[1:] = spos[1:] != spos[:-1]
-            won = free[order[lead]]
-            key_col[pos[won]] = keys[idx[won]]
-            out[idx[won]] = pos[won]
-            keep = torch.ones_like(idx, dtype=torch.bool)
-            keep[won] = False
-            idx, pos = idx[keep], pos[keep]
-        pos = (pos + 1) & (cap - 1)
-    if idx.numel():
-        _raise_full(op, idx.numel())
+    while idx.numel():
+        empty = (key_col[base[:, None] + off] == EMPTY) & (off >= start[:, None])
+        fe = torch.where(empty, off, w).amin(1)
+        aim = (fe < w).nonzero().squeeze(1)
+        won = aim[:0]
+        if aim.numel():
+            tgt = (base + fe)[aim]
+            # aim ascends in batch order, so a stable sort by slot puts each slot's
+            # earliest claimant first.
+            order = torch.argsort(tgt, stable=True)
+            stgt = tgt[order]
+            lead = torch.ones_like(stgt, dtype=torch.bool)
+            lead[1:] = stgt[1:] != stgt[:-1]
+            won = aim[order[lead]]
+            key_col[stgt[lead]] = keys[idx[won]]
+            out[idx[won]] = stgt[lead]
+        lost = fe < w
+        seen += torch.where(lost, fe + 1 - start, w - start)
+        start = torch.where(lost, fe + 1, 0)
+        move = ~lost | (start == w)
+        base = torch.where(move, (base + w) & (cap - 1), base)
+        start = torch.where(move, 0, start)
+        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep[won] = False
+        if bool((keep & (seen >= cap)).any()):
+            _raise_full(op, int((keep & (seen >= cap)).sum()))
+        idx, base, start, seen = idx[keep], base[keep], start[keep], seen[keep]
     return out
 
 
@@ -308,7 +339,7 @@ def table_find_or_insert_reference(
         slot[absent] = new_slot[rank_of[inv]]
         is_new[first] = True
     rows = slots[:, 1][slot]
-    return rows.view(keys.shape), is_new.view(keys.shape), n_new
+    return rows.view(keys.shape), is_new.view(torch.bool).view(keys.shape), n_new
 
 
 def _merge_free(free_rows: torch.Tensor, freed: torch.Tensor) -> torch.Tensor:
@@ -362,72 +393,129 @@ if HAS_TRITON:
         if c > 0:
             tl.atomic_add(ptr, c)
 
+    @triton.jit
+    def _scan_window(slots_ptr, base, start, k, active, W: tl.constexpr):
+        """Scan each lane's window of slots ``base + start .. base + W - 1`` for key ``k``.
+
+        Returns ``(fh, fe)``: the offset of the first slot holding ``k`` (``W`` if none comes
+        before an EMPTY one) and the offset of the first EMPTY slot (``W`` if none comes
+        before ``k``).
+        """
+        fh = tl.zeros_like(k) + W
+        fe = tl.zeros_like(k) + W
+        # One lane's window is one thread's: W independent loads of one 128-byte line in
+        # flight together, and nothing shared between threads.
+        for j in tl.static_range(W):
+            ok = active & (start <= j)
+            sk = tl.load(slots_ptr + 2 * (base + j), mask=ok, other=_TOMBSTONE)
+            open_ = ok & (fh == W) & (fe == W)
+            fh = tl.where(open_ & (sk == k), j, fh)
+            fe = tl.where(open_ & (sk == _EMPTY), j, fe)
+        return fh, fe
+
     @triton.jit(do_not_specialize=["n", "mask"])
-    def _find_kernel(slots_ptr, keys_ptr, rows_ptr, stats_ptr, n, mask, BLOCK: tl.constexpr):
+    def _find_kernel(
+        slots_ptr, keys_ptr, rows_ptr, stats_ptr, n, mask, BLOCK: tl.constexpr, W: tl.constexpr
+    ):
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
         k = tl.load(keys_ptr + lane, mask=inb, other=0)
         # EMPTY and TOMBSTONE are the two smallest int64s: reserved lanes stay inactive (-1).
         active = inb & (k > _TOMBSTONE)
-        pos = _home(k, mask)
+        home = _home(k, mask)
+        start = home & (W - 1)
+        base = home - start
         row = tl.full([BLOCK], -1, tl.int64)
-        probes = tl.zeros([BLOCK], dtype=tl.int64)
+        seen = tl.zeros([BLOCK], dtype=tl.int64)
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            sk = tl.load(slots_ptr + 2 * pos, mask=active, other=_EMPTY)
-            hit = active & (sk == k)
-            row = tl.where(hit, tl.load(slots_ptr + 2 * pos + 1, mask=hit, other=-1), row)
-            probes += 1
-            # A full table has no EMPTY slot: stop after visiting every slot once.
-            active = active & ~hit & (sk != _EMPTY) & (probes <= mask)
-            pos = (pos + 1) & mask
+            fh, fe = _scan_window(slots_ptr, base, start, k, active, W)
+            hit = active & (fh < W)
+            # The row shares the key's line, which the scan just brought in.
+            row = tl.where(hit, tl.load(slots_ptr + 2 * (base + fh) + 1, mask=hit, other=-1), row)
+            seen += W - start
+            # Go on only past a window with neither the key nor an EMPTY slot; a full table
+            # has no EMPTY slot, so stop after visiting every slot once.
+            active = active & (fh == W) & (fe == W) & (seen <= mask)
+            base = (base + W) & mask
+            start = tl.zeros_like(start)
         tl.store(rows_ptr + lane, row, mask=inb)
         _count(stats_ptr, inb & (k <= _TOMBSTONE))
 
     @triton.jit(do_not_specialize=["n", "mask"])
-    def _claim_kernel(slots_ptr, keys_ptr, slot_ptr, stats_ptr, n, mask, BLOCK: tl.constexpr):
+    def _claim_kernel(
+        slots_ptr,
+        keys_ptr,
+        slot_ptr,
+        rows_ptr,
+        stats_ptr,
+        n,
+        mask,
+        BLOCK: tl.constexpr,
+        W: tl.constexpr,
+    ):
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
         k = tl.load(keys_ptr + lane, mask=inb, other=0)
         active = inb & (k > _TOMBSTONE)
-        pos = _home(k, mask)
+        home = _home(k, mask)
+        start = home & (W - 1)
+        base = home - start
         slot = tl.full([BLOCK], -1, tl.int64)
-        probes = tl.zeros([BLOCK], dtype=tl.int64)
+        row = tl.full([BLOCK], -1, tl.int64)  # the row of a key already in the table
+        fresh = inb & (k < 0) & (k > 0)  # lanes whose slot was claimed in this call
+        seen = tl.zeros([BLOCK], dtype=tl.int64)
+        # atomic_cas takes no mask: lanes with nothing to claim aim a no-op CAS (0 -> 0) at
+        # their own output entry, which only this call uses, instead of at the table.
+        idle_ptrs = slot_ptr + tl.minimum(lane, n - 1)
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            key_ptrs = slots_ptr + 2 * pos
-            sk = tl.load(key_ptrs, mask=active, other=0)
-            empty = active & (sk == _EMPTY)
-            if tl.max(empty.to(tl.int32), axis=0) > 0:
-                # atomic_cas takes no mask: every other lane swaps the value it read for
-                # itself, a no-op (a slot's key only ever changes from EMPTY here). A stale
-                # EMPTY read is settled by the CAS, whose result is authoritative.
-                old = tl.atomic_cas(key_ptrs, tl.where(empty, _EMPTY, sk), tl.where(empty, k, sk))
-                # A winner's slot now holds k; a loser sees the key that won (maybe its own).
-                sk = tl.where(empty, tl.where(old == _EMPTY, k, old), sk)
-            found = active & (sk == k)
-            slot = tl.where(found, pos, slot)
-            probes += 1
-            # Tombstones are walked past, never claimed: the key may live further on.
-            active = active & ~found & (probes <= mask)
-            pos = (pos + 1) & mask
-        # A slot claimed during this call still has a negative row field (rows are written
-        # by the assign launch); its lowest claiming lane is the key's first occurrence.
-        has = slot >= 0
-        row_ptrs = slots_ptr + 2 * slot + 1
-        r = tl.load(row_ptrs, mask=has, other=0)
-        tl.atomic_min(row_ptrs, lane + _ENC, mask=has & (r < 0))
+            fh, fe = _scan_window(slots_ptr, base, start, k, active, W)
+            found = active & (fh < W)
+            # A slot claimed in this call still has a negative row field (rows are written
+            # by the assign launch); a key already in the table has its row (>= 0).
+            at = tl.load(slots_ptr + 2 * (base + fh) + 1, mask=found, other=0)
+            want = active & (fe < W)
+            tgt = base + fe
+            won = want & (fe < 0)
+            same = won
+            if tl.max(want.to(tl.int32), axis=0) > 0:
+                ptrs = tl.where(want, slots_ptr + 2 * tgt, idle_ptrs)
+                old = tl.atomic_cas(
+                    ptrs, tl.where(want, _EMPTY, 0), tl.where(want, k, 0), sem="relaxed"
+                )
+                won = want & (old == _EMPTY)
+                same = want & (old == k)  # another lane of this key claimed it first
+            slot = tl.where(found, base + fh, tl.where(won | same, tgt, slot))
+            fresh = fresh | won | same | (found & (at < 0))
+            row = tl.where(found & (at >= 0), at, row)
+            # A lost CAS means another key took that EMPTY slot: look on right after it.
+            lost = want & ~won & ~same
+            past = active & (fh == W) & (fe == W)
+            seen += tl.where(lost, fe + 1 - start, W - start)
+            start = tl.where(lost, fe + 1, 0)
+            move = past | (start == W)
+            base = tl.where(move, (base + W) & mask, base)
+            start = tl.where(move, 0, start)
+            active = (lost | past) & (seen <= mask)
+        # The lowest lane of a claimed slot is its key's first occurrence in batch order.
+        tl.atomic_min(slots_ptr + 2 * slot + 1, lane + _ENC, mask=fresh, sem="relaxed")
         tl.store(slot_ptr + lane, slot, mask=inb)
+        tl.store(rows_ptr + lane, row, mask=inb)
         _count(stats_ptr, inb & (k <= _TOMBSTONE))
         _count(stats_ptr + 1, active)  # keys that found no EMPTY slot (never below max_load)
 
     @triton.jit(do_not_specialize=["n"])
-    def _first_kernel(slots_ptr, slot_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+    def _first_kernel(slots_ptr, slot_ptr, rows_ptr, flag_ptr, n, BLOCK: tl.constexpr):
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
         s = tl.load(slot_ptr + lane, mask=inb, other=-1)
-        has = s >= 0
-        r = tl.load(slots_ptr + 2 * s + 1, mask=has, other=0)
-        first = has & (r == lane + _ENC)
-        tl.store(flag_ptr + lane, first.to(tl.uint8), mask=inb)
+        row = tl.load(rows_ptr + lane, mask=inb, other=0)
+        # Lanes of keys already in the table have their row; the others read their slot's
+        # row field, which now encodes the key's first lane, and keep it for the assign.
+        fresh = (s >= 0) & (row < 0)
+        r = tl.load(slots_ptr + 2 * s + 1, mask=fresh, other=0)
+        tl.store(rows_ptr + lane, r, mask=fresh)
+        # int64 flags: the rank scan reads them as they are, with no dtype conversion.
+        tl.store(flag_ptr + lane, (fresh & (r == lane + _ENC)).to(tl.int64), mask=inb)
 
     @triton.jit(do_not_specialize=["n", "n_free", "next_row"])
     def _assign_kernel(
@@ -436,6 +524,7 @@ if HAS_TRITON:
         rank_ptr,
         free_ptr,
         rows_ptr,
+        new_ptr,
         n,
         n_free,
         next_row,
@@ -443,75 +532,106 @@ if HAS_TRITON:
     ):
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
-        s = tl.load(slot_ptr + lane, mask=inb, other=-1)
-        has = s >= 0
-        row_ptrs = slots_ptr + 2 * s + 1
-        r = tl.load(row_ptrs, mask=has, other=-1)
-        # Negative: a key new in this call whose row is not written yet; r encodes its first
-        # lane, whose inclusive rank (cumsum of is_new) numbers the key among the new ones.
-        pending = has & (r < 0)
+        r = tl.load(rows_ptr + lane, mask=inb, other=0)
+        # Negative: a key new in this call; r encodes its first lane, whose inclusive rank
+        # (cumsum of is_new) numbers the key among the new ones.
+        pending = inb & (r < 0)
         first = r - _ENC
         rank = tl.load(rank_ptr + first, mask=pending, other=1) - 1
         from_free = pending & (rank < n_free)
         reused = tl.load(free_ptr + rank, mask=from_free, other=0)
         row = tl.where(from_free, reused, rank - n_free + next_row)
-        row = tl.where(pending, row, r)
-        tl.store(row_ptrs, row, mask=pending & (first == lane))
-        tl.store(rows_ptr + lane, row, mask=inb)
+        tl.store(rows_ptr + lane, row, mask=pending)
+        # The key's first lane writes its row into the table, once; it is the is_new lane.
+        writer = pending & (first == lane)
+        s = tl.load(slot_ptr + lane, mask=writer, other=0)
+        tl.store(slots_ptr + 2 * s + 1, row, mask=writer)
+        tl.store(new_ptr + lane, writer.to(tl.uint8), mask=inb)
 
     @triton.jit(do_not_specialize=["n", "mask"])
     def _erase_kernel(
-        slots_ptr, keys_ptr, rows_ptr, slot_ptr, stats_ptr, n, mask, BLOCK: tl.constexpr
+        slots_ptr,
+        keys_ptr,
+        rows_ptr,
+        slot_ptr,
+        stats_ptr,
+        n,
+        mask,
+        BLOCK: tl.constexpr,
+        W: tl.constexpr,
     ):
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
         k = tl.load(keys_ptr + lane, mask=inb, other=0)
         active = inb & (k > _TOMBSTONE)
-        pos = _home(k, mask)
+        home = _home(k, mask)
+        start = home & (W - 1)
+        base = home - start
         slot = tl.full([BLOCK], -1, tl.int64)
-        probes = tl.zeros([BLOCK], dtype=tl.int64)
+        seen = tl.zeros([BLOCK], dtype=tl.int64)
         tomb = tl.full([BLOCK], _TOMBSTONE, tl.int64)
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            key_ptrs = slots_ptr + 2 * pos
-            sk = tl.load(key_ptrs, mask=active, other=_EMPTY)
-            hit = active & (sk == k)
+            fh, fe = _scan_window(slots_ptr, base, start, k, active, W)
+            hit = active & (fh < W)
             # Duplicates of a key all hit its slot: the exchange that returns the key erases.
-            old = tl.atomic_xchg(key_ptrs, tomb, mask=hit)
-            slot = tl.where(hit & (old == k), pos, slot)
-            probes += 1
-            active = active & ~hit & (sk != _EMPTY) & (probes <= mask)
-            pos = (pos + 1) & mask
+            old = tl.atomic_xchg(slots_ptr + 2 * (base + fh), tomb, mask=hit, sem="relaxed")
+            slot = tl.where(hit & (old == k), base + fh, slot)
+            seen += W - start
+            active = active & (fh == W) & (fe == W) & (seen <= mask)
+            base = (base + W) & mask
+            start = tl.zeros_like(start)
         mine = slot >= 0
-        row_ptrs = slots_ptr + 2 * slot + 1
-        r = tl.load(row_ptrs, mask=mine, other=-1)
-        tl.store(row_ptrs, tl.full([BLOCK], -1, tl.int64), mask=mine)
-        tl.store(rows_ptr + lane, r, mask=inb)
+        # An exchange, not a load and a store: the row comes back from the same atomic
+        # that frees it.
+        minus_one = tl.full([BLOCK], -1, tl.int64)
+        r = tl.atomic_xchg(slots_ptr + 2 * slot + 1, minus_one, mask=mine, sem="relaxed")
+        tl.store(rows_ptr + lane, tl.where(mine, r, -1), mask=inb)
         tl.store(slot_ptr + lane, slot, mask=inb)
         _count(stats_ptr, inb & (k <= _TOMBSTONE))
         _count(stats_ptr + 1, mine)
 
     @triton.jit(do_not_specialize=["n_old", "mask"])
-    def _rehash_kernel(old_ptr, new_ptr, stats_ptr, n_old, mask, BLOCK: tl.constexpr):
+    def _rehash_kernel(
+        old_ptr, new_ptr, stats_ptr, n_old, mask, BLOCK: tl.constexpr, W: tl.constexpr
+    ):
         j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = j < n_old
-        k = tl.load(old_ptr + 2 * j, mask=inb, other=_EMPTY)
-        row = tl.load(old_ptr + 2 * j + 1, mask=inb, other=-1)
+        k, row = tl.split(
+            tl.load(
+                old_ptr + 2 * j[:, None] + tl.arange(0, 2)[None, :],
+                mask=inb[:, None],
+                other=_EMPTY,
+            )
+        )
         active = inb & (k > _TOMBSTONE)
-        pos = _home(k, mask)
-        probes = tl.zeros([BLOCK], dtype=tl.int64)
+        home = _home(k, mask)
+        start = home & (W - 1)
+        base = home - start
+        seen = tl.zeros([BLOCK], dtype=tl.int64)
+        # Idle lanes aim their no-op CAS (0 -> 0) at their own old slot, never at the new table.
+        idle_ptrs = old_ptr + 2 * tl.minimum(j, n_old - 1)
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            key_ptrs = new_ptr + 2 * pos
-            sk = tl.load(key_ptrs, mask=active, other=0)
-            empty = active & (sk == _EMPTY)
-            if tl.max(empty.to(tl.int32), axis=0) > 0:
+            # Keys are distinct and absent from the new table: only EMPTY slots stop a lane.
+            fh, fe = _scan_window(new_ptr, base, start, k, active, W)
+            want = active & (fe < W)
+            tgt = base + fe
+            won = want & (fe < 0)
+            if tl.max(want.to(tl.int32), axis=0) > 0:
+                ptrs = tl.where(want, new_ptr + 2 * tgt, idle_ptrs)
+                old = tl.atomic_cas(
+                    ptrs, tl.where(want, _EMPTY, 0), tl.where(want, k, 0), sem="relaxed"
+                )
                 # Keys are distinct, so a lost CAS only means another key took the slot.
-                old = tl.atomic_cas(key_ptrs, tl.where(empty, _EMPTY, sk), tl.where(empty, k, sk))
-                won = empty & (old == _EMPTY)
-                tl.store(key_ptrs + 1, row, mask=won)
-                active = active & ~won
-            probes += 1
-            active = active & (probes <= mask)
-            pos = tl.where(active, (pos + 1) & mask, pos)
+                won = want & (old == _EMPTY)
+                tl.store(new_ptr + 2 * tgt + 1, row, mask=won)
+            lost = want & ~won
+            past = active & (fe == W)
+            seen += tl.where(lost, fe + 1 - start, W - start)
+            start = tl.where(lost, fe + 1, 0)
+            move = past | (start == W)
+            base = tl.where(move, (base + W) & mask, base)
+            start = tl.where(move, 0, start)
+            active = (lost | past) & (seen <= mask)
         _count(stats_ptr, active)
 
 
@@ -520,8 +640,12 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 
 
-def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, _BLOCK),)
+def _window(capacity: int) -> int:
+    return min(_WINDOW, capacity)
+
+
+def _grid(n: int, block: int | None = None) -> tuple[int]:
+    return (triton.cdiv(n, block or _BLOCK),)
 
 
 def _undo_claims(slots: torch.Tensor) -> None:
@@ -558,7 +682,15 @@ def table_find(slots: torch.Tensor, keys: torch.Tensor, *, check_keys: bool = Tr
         stats = make(1, dtype=torch.int64, device=slots.device)
         kernels.record_launch("hash_table_find")
         _find_kernel[_grid(n)](
-            slots, flat, rows, stats, n, slots.shape[0] - 1, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+            slots,
+            flat,
+            rows,
+            stats,
+            n,
+            slots.shape[0] - 1,
+            BLOCK=_BLOCK,
+            W=_window(slots.shape[0]),
+            num_warps=_NUM_WARPS,
         )
         if check_keys and int(stats[0]):
             _raise_sentinel(flat, op)
@@ -600,7 +732,7 @@ def table_find_or_insert(
     if not kernels.use_triton(slots, flat, op="hash_table_find_or_insert"):
         kernels.record_launch("hash_table_find_or_insert_reference")
         rows, is_new, n_new = table_find_or_insert_reference(slots, flat, free_rows, next_row)
-        return rows.view(keys.shape), is_new.view(keys.shape), n_new
+        return rows.view(keys.shape), is_new.view(torch.bool).view(keys.shape), n_new
     n = flat.numel()
     dev = slots.device
     if n == 0:
@@ -612,35 +744,50 @@ def table_find_or_insert(
     scan = torch.empty(n + 2, dtype=torch.int64, device=dev)
     scan[n:].zero_()
     slot = torch.empty(n, dtype=torch.int64, device=dev)
-    flags = torch.empty(n, dtype=torch.uint8, device=dev)
+    # Each lane's row once known; between the launches, a new key's encoded first lane.
+    rows = torch.empty(n, dtype=torch.int64, device=dev)
+    flags = torch.empty(n, dtype=torch.int64, device=dev)
     grid = _grid(n)
     kernels.record_launch("hash_table_claim")
-    _claim_kernel[grid](slots, flat, slot, scan[n:], n, mask, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+    _claim_kernel[grid](
+        slots,
+        flat,
+        slot,
+        rows,
+        scan[n:],
+        n,
+        mask,
+        BLOCK=_BLOCK,
+        W=_window(mask + 1),
+        num_warps=_NUM_WARPS,
+    )
     kernels.record_launch("hash_table_first")
-    _first_kernel[grid](slots, slot, flags, n, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
-    torch.cumsum(flags, 0, dtype=torch.int64, out=scan[:n])
+    stream = _grid(n, _STREAM_BLOCK)
+    _first_kernel[stream](slots, slot, rows, flags, n, BLOCK=_STREAM_BLOCK, num_warps=_STREAM_WARPS)
+    torch.cumsum(flags, 0, out=scan[:n])
     n_new, n_bad, n_lost = scan[n - 1 :].tolist()
     if n_bad or n_lost:
         _undo_claims(slots)
         if n_bad:
             _raise_sentinel(flat, op)
         _raise_full(op, n_lost)
-    rows = torch.empty(n, dtype=torch.int64, device=dev)
     n_free = free_rows.numel()
     kernels.record_launch("hash_table_assign")
-    _assign_kernel[grid](
+    is_new = torch.empty(n, dtype=torch.uint8, device=dev)
+    _assign_kernel[stream](
         slots,
         slot,
         scan,
         free_rows if n_free else scan,
         rows,
+        is_new,
         n,
         n_free,
         next_row,
-        BLOCK=_BLOCK,
-        num_warps=_NUM_WARPS,
+        BLOCK=_STREAM_BLOCK,
+        num_warps=_STREAM_WARPS,
     )
-    return rows.view(keys.shape), flags.view(torch.bool).view(keys.shape), n_new
+    return rows.view(keys.shape), is_new.view(torch.bool).view(keys.shape), n_new
 
 
 def table_erase(
@@ -674,7 +821,16 @@ def table_erase(
     stats = torch.zeros(2, dtype=torch.int64, device=dev)
     kernels.record_launch("hash_table_erase")
     _erase_kernel[_grid(n)](
-        slots, flat, rows, slot, stats, n, slots.shape[0] - 1, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        slots,
+        flat,
+        rows,
+        slot,
+        stats,
+        n,
+        slots.shape[0] - 1,
+        BLOCK=_BLOCK,
+        W=_window(slots.shape[0]),
+        num_warps=_NUM_WARPS,
     )
     n_bad, n_erased = stats.tolist()
     if n_bad:
@@ -711,7 +867,7 @@ def table_rehash(slots: torch.Tensor, capacity: int) -> torch.Tensor:
     stats = torch.zeros(1, dtype=torch.int64, device=slots.device)
     kernels.record_launch("hash_table_rehash")
     _rehash_kernel[_grid(n_old)](
-        slots, new, stats, n_old, cap - 1, BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        slots, new, stats, n_old, cap - 1, BLOCK=_BLOCK, W=_window(cap), num_warps=_NUM_WARPS
     )
     lost = int(stats[0])
     if lost:

@@ -394,6 +394,19 @@ if HAS_TRITON:
             tl.atomic_add(ptr, c)
 
     @triton.jit
+    def _lanes(keys_ptr, n, mask, BLOCK: tl.constexpr, W: tl.constexpr):
+        """A program's lanes, their keys, and where each key's probe starts."""
+        lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = lane < n
+        k = tl.load(keys_ptr + lane, mask=inb, other=0)
+        # EMPTY and TOMBSTONE are the two smallest int64s: reserved lanes stay inactive.
+        active = inb & (k > _TOMBSTONE)
+        home = _home(k, mask)
+        # The window is the aligned line holding the home slot, read from the home slot on.
+        start = home & (W - 1)
+        return lane, inb, k, active, start, home - start
+
+    @triton.jit
     def _scan_window(slots_ptr, base, start, k, active, W: tl.constexpr):
         """Scan each lane's window of slots ``base + start .. base + W - 1`` for key ``k``.
 
@@ -417,14 +430,7 @@ if HAS_TRITON:
     def _find_kernel(
         slots_ptr, keys_ptr, rows_ptr, stats_ptr, n, mask, BLOCK: tl.constexpr, W: tl.constexpr
     ):
-        lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inb = lane < n
-        k = tl.load(keys_ptr + lane, mask=inb, other=0)
-        # EMPTY and TOMBSTONE are the two smallest int64s: reserved lanes stay inactive (-1).
-        active = inb & (k > _TOMBSTONE)
-        home = _home(k, mask)
-        start = home & (W - 1)
-        base = home - start
+        lane, inb, k, active, start, base = _lanes(keys_ptr, n, mask, BLOCK, W)
         row = tl.full([BLOCK], -1, tl.int64)
         seen = tl.zeros([BLOCK], dtype=tl.int64)
         while tl.max(active.to(tl.int32), axis=0) > 0:
@@ -453,13 +459,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
         W: tl.constexpr,
     ):
-        lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inb = lane < n
-        k = tl.load(keys_ptr + lane, mask=inb, other=0)
-        active = inb & (k > _TOMBSTONE)
-        home = _home(k, mask)
-        start = home & (W - 1)
-        base = home - start
+        lane, inb, k, active, start, base = _lanes(keys_ptr, n, mask, BLOCK, W)
         slot = tl.full([BLOCK], -1, tl.int64)
         row = tl.full([BLOCK], -1, tl.int64)  # the row of a key already in the table
         fresh = inb & (k < 0) & (k > 0)  # lanes whose slot was claimed in this call
@@ -560,13 +560,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
         W: tl.constexpr,
     ):
-        lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inb = lane < n
-        k = tl.load(keys_ptr + lane, mask=inb, other=0)
-        active = inb & (k > _TOMBSTONE)
-        home = _home(k, mask)
-        start = home & (W - 1)
-        base = home - start
+        lane, inb, k, active, start, base = _lanes(keys_ptr, n, mask, BLOCK, W)
         slot = tl.full([BLOCK], -1, tl.int64)
         seen = tl.zeros([BLOCK], dtype=tl.int64)
         tomb = tl.full([BLOCK], _TOMBSTONE, tl.int64)

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from embedding_testdata import kjt
 
-from recstack.core import KeyedJaggedTensor
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import Eviction, FeatureConfig, TableConfig
 from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_mask
 from recstack.embedding_engine.kernels.init_rows import init_rows
 
 DIM = 4
-
-
-def kjt(device: torch.device, **bags: list[int]) -> KeyedJaggedTensor:
-    """One bag per feature holding all its ids (batch size 1)."""
-    keys = list(bags)
-    values = [i for k in keys for i in bags[k]]
-    return KeyedJaggedTensor(
-        keys,
-        torch.tensor(values, dtype=torch.int64, device=device),
-        lengths=torch.tensor([len(bags[k]) for k in keys], dtype=torch.int64, device=device),
-        stride=1,
-    )
 
 
 def one_table(device: torch.device, **eviction: object) -> EmbeddingCollection:

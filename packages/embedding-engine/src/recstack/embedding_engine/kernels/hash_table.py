@@ -401,10 +401,41 @@ if HAS_TRITON:
         k = tl.load(keys_ptr + lane, mask=inb, other=0)
         # EMPTY and TOMBSTONE are the two smallest int64s: reserved lanes stay inactive.
         active = inb & (k > _TOMBSTONE)
+        start, base = _probe_start(k, mask, W)
+        return lane, inb, k, active, start, base
+
+    @triton.jit
+    def _probe_start(k, mask, W: tl.constexpr):
+        """``(start, base)``: a key's first window is the aligned line holding its home
+        slot, at ``base``, read from offset ``start`` (the home slot) on."""
         home = _home(k, mask)
-        # The window is the aligned line holding the home slot, read from the home slot on.
         start = home & (W - 1)
-        return lane, inb, k, active, start, home - start
+        return start, home - start
+
+    @triton.jit
+    def _try_claim(table_ptr, tgt, want, k, idle_ptrs):
+        """``atomic_cas(EMPTY -> k)`` at slot ``tgt`` of the lanes that ``want`` it; the old key.
+
+        atomic_cas takes no mask: the other lanes aim a no-op CAS (0 -> 0) at their
+        ``idle_ptrs``, memory of their own that only this launch uses, not at the table.
+        """
+        ptrs = tl.where(want, table_ptr + 2 * tgt, idle_ptrs)
+        return tl.atomic_cas(ptrs, tl.where(want, _EMPTY, 0), tl.where(want, k, 0), sem="relaxed")
+
+    @triton.jit
+    def _next_step(lost, past, fe, start, base, seen, mask, W: tl.constexpr):
+        """Where each lane probes next -> ``(start, base, seen, active)``.
+
+        A lane that ``lost`` its CAS at offset ``fe`` (another key took that EMPTY slot)
+        looks on right after it; one whose window held neither its key nor an EMPTY slot
+        (``past``) moves to the next line. A lane stops after seeing every slot once.
+        """
+        seen += tl.where(lost, fe + 1 - start, W - start)
+        start = tl.where(lost, fe + 1, 0)
+        move = past | (start == W)
+        base = tl.where(move, (base + W) & mask, base)
+        start = tl.where(move, 0, start)
+        return start, base, seen, (lost | past) & (seen <= mask)
 
     @triton.jit
     def _scan_window(slots_ptr, base, start, k, active, W: tl.constexpr):
@@ -464,9 +495,7 @@ if HAS_TRITON:
         row = tl.full([BLOCK], -1, tl.int64)  # the row of a key already in the table
         fresh = inb & (k < 0) & (k > 0)  # lanes whose slot was claimed in this call
         seen = tl.zeros([BLOCK], dtype=tl.int64)
-        # atomic_cas takes no mask: lanes with nothing to claim aim a no-op CAS (0 -> 0) at
-        # their own output entry, which only this call uses, instead of at the table.
-        idle_ptrs = slot_ptr + tl.minimum(lane, n - 1)
+        idle_ptrs = slot_ptr + tl.minimum(lane, n - 1)  # each lane's own output entry
         while tl.max(active.to(tl.int32), axis=0) > 0:
             fh, fe = _scan_window(slots_ptr, base, start, k, active, W)
             found = active & (fh < W)
@@ -478,24 +507,15 @@ if HAS_TRITON:
             won = want & (fe < 0)
             same = won
             if tl.max(want.to(tl.int32), axis=0) > 0:
-                ptrs = tl.where(want, slots_ptr + 2 * tgt, idle_ptrs)
-                old = tl.atomic_cas(
-                    ptrs, tl.where(want, _EMPTY, 0), tl.where(want, k, 0), sem="relaxed"
-                )
+                old = _try_claim(slots_ptr, tgt, want, k, idle_ptrs)
                 won = want & (old == _EMPTY)
                 same = want & (old == k)  # another lane of this key claimed it first
             slot = tl.where(found, base + fh, tl.where(won | same, tgt, slot))
             fresh = fresh | won | same | (found & (at < 0))
             row = tl.where(found & (at >= 0), at, row)
-            # A lost CAS means another key took that EMPTY slot: look on right after it.
             lost = want & ~won & ~same
             past = active & (fh == W) & (fe == W)
-            seen += tl.where(lost, fe + 1 - start, W - start)
-            start = tl.where(lost, fe + 1, 0)
-            move = past | (start == W)
-            base = tl.where(move, (base + W) & mask, base)
-            start = tl.where(move, 0, start)
-            active = (lost | past) & (seen <= mask)
+            start, base, seen, active = _next_step(lost, past, fe, start, base, seen, mask, W)
         # The lowest lane of a claimed slot is its key's first occurrence in batch order.
         tl.atomic_min(slots_ptr + 2 * slot + 1, lane + _ENC, mask=fresh, sem="relaxed")
         tl.store(slot_ptr + lane, slot, mask=inb)
@@ -598,12 +618,9 @@ if HAS_TRITON:
             )
         )
         active = inb & (k > _TOMBSTONE)
-        home = _home(k, mask)
-        start = home & (W - 1)
-        base = home - start
+        start, base = _probe_start(k, mask, W)
         seen = tl.zeros([BLOCK], dtype=tl.int64)
-        # Idle lanes aim their no-op CAS (0 -> 0) at their own old slot, never at the new table.
-        idle_ptrs = old_ptr + 2 * tl.minimum(j, n_old - 1)
+        idle_ptrs = old_ptr + 2 * tl.minimum(j, n_old - 1)  # each lane's own old slot
         while tl.max(active.to(tl.int32), axis=0) > 0:
             # Keys are distinct and absent from the new table: only EMPTY slots stop a lane.
             fh, fe = _scan_window(new_ptr, base, start, k, active, W)
@@ -611,21 +628,13 @@ if HAS_TRITON:
             tgt = base + fe
             won = want & (fe < 0)
             if tl.max(want.to(tl.int32), axis=0) > 0:
-                ptrs = tl.where(want, new_ptr + 2 * tgt, idle_ptrs)
-                old = tl.atomic_cas(
-                    ptrs, tl.where(want, _EMPTY, 0), tl.where(want, k, 0), sem="relaxed"
-                )
+                old = _try_claim(new_ptr, tgt, want, k, idle_ptrs)
                 # Keys are distinct, so a lost CAS only means another key took the slot.
                 won = want & (old == _EMPTY)
                 tl.store(new_ptr + 2 * tgt + 1, row, mask=won)
             lost = want & ~won
             past = active & (fe == W)
-            seen += tl.where(lost, fe + 1 - start, W - start)
-            start = tl.where(lost, fe + 1, 0)
-            move = past | (start == W)
-            base = tl.where(move, (base + W) & mask, base)
-            start = tl.where(move, 0, start)
-            active = (lost | past) & (seen <= mask)
+            start, base, seen, active = _next_step(lost, past, fe, start, base, seen, mask, W)
         _count(stats_ptr, active)
 
 

@@ -4,8 +4,11 @@ and a 100M-id table.
 Lookup + sum pooling: 26 features, batch 65536, about 20 ids a bag, dim 64 fp32, against
 ``torch.nn.EmbeddingBag`` of the same shape. Its backward to one coalesced ``SparseGrad``
 (what ``EmbeddingCollection`` runs: dedup of the rows, then the segmented reduction) against
-``EmbeddingBag(sparse=True)``'s backward. MBU of the backward counts the bytes that must
-move: the output gradient and the ids read, the unique rows' gradients written.
+``EmbeddingBag(sparse=True)``'s backward, given the forward's dedup (one sort of the ids,
+kept for the backward; timed on its own against ``torch.unique``), and a whole forward +
+backward. MBU of the backward counts, as the lookup's does, one row read per id (here a
+gradient row) plus the index reads and the rows written; the stricter "must move" count
+(the output gradient read once) is printed in the notes.
 
 A 100M-id table (issue 5): ``EmbeddingCollection`` with one dim-64 fp32 table is filled with
 100M random 62-bit ids, then looks up batches of 65536 bags of about 20 present ids. It
@@ -90,25 +93,42 @@ def _pooling_batch(device: torch.device, b: int, n_rows: int):
 
 def backward(report: Report, device: torch.device, args: argparse.Namespace) -> None:
     """Backward of lookup + sum pooling to a coalesced ``SparseGrad`` against
-    ``EmbeddingBag(sparse=True)``'s backward, same workload as :func:`pooling`."""
+    ``EmbeddingBag(sparse=True)``'s backward, same workload as :func:`pooling`; the forward's
+    dedup against ``torch.unique``; a whole forward + backward against EmbeddingBag's."""
     from recstack.core import PagedTensor
-    from recstack.embedding_engine.autograd import LookupPlan, lookup_backward
+    from recstack.embedding_engine.autograd import LookupPlan, RowSort, lookup_backward
+    from recstack.embedding_engine.dedup import sort_ids
+    from recstack.embedding_engine.kernels.pooling import pooled_lookup
 
     b, n_rows = args.backward_batch, 1 << 20
     k, rows, offsets, weight = _pooling_batch(device, b, n_rows)
     dim = weight.shape[1]
-    plan = LookupPlan(
-        name="t",
-        table=PagedTensor.wrap(weight),
-        batch_size=b,
-        pooled_rows=rows,
-        pooled_offsets=offsets,
-        modes=torch.zeros(k, dtype=torch.int64, device=device),
-        weights=None,
-        sequence_rows=torch.empty(0, dtype=torch.int64, device=device),
-    )
+    n = rows.numel()
+    table = PagedTensor.wrap(weight)
+    modes = torch.zeros(k, dtype=torch.int64, device=device)
+
+    def plan_of(s) -> LookupPlan:
+        # As EmbeddingCollection hands it over: the forward's sort, labels in key order
+        # (rows_sorted=False also times the sort of the U rows a hash table leaves unsorted).
+        return LookupPlan(
+            name="t",
+            table=table,
+            batch_size=b,
+            pooled_rows=rows,
+            pooled_offsets=offsets,
+            modes=modes,
+            weights=None,
+            sequence_rows=torch.empty(0, dtype=torch.int64, device=device),
+            row_sort=RowSort(s.order, s.sorted_seg, s.unique, s.num_unique, rows_sorted=False),
+        )
+
+    sorted_ids = sort_ids(rows)
+    plan = plan_of(sorted_ids)
+    u = sorted_ids.num_unique
     grad = torch.randn(b, k, dim, generator=torch.Generator().manual_seed(2)).to(device)
     bag = torch.nn.EmbeddingBag(n_rows, dim, mode="sum", sparse=True, device=device)
+    with torch.no_grad():
+        bag.weight.copy_(weight)
     out = bag(rows, offsets[:-1])
     grad_bags = grad.permute(1, 0, 2).reshape(k * b, dim)
 
@@ -121,17 +141,87 @@ def backward(report: Report, device: torch.device, args: argparse.Namespace) -> 
     want = base().coalesce()
     assert torch.equal(got.rows, want.indices()[0])
     torch.testing.assert_close(got.values, want.values(), rtol=1e-4, atol=1e-3)
-    n, u = rows.numel(), got.rows.numel()
-    nbytes = grad.numel() * 4 + n * 8 + offsets.numel() * 8 + u * (dim * 4 + 8)
-    report.add(
+    # Per-id count, the forward's mirror: sorted position and label, one gradient row per id
+    # read; the rows and their gradients written. "must move" reads grad_out once instead.
+    per_id = n * (8 + 4 + dim * 4) + u * (dim * 4 + 8)
+    must = grad.numel() * 4 + n * 8 + offsets.numel() * 8 + u * (dim * 4 + 8)
+    bw = report.bandwidth
+    row = report.add(
         Row(
             f"backward to SparseGrad, {k} features, batch {b} ({u:,} unique rows)",
             ours,
             base_s,
-            nbytes,
+            per_id,
             baseline="EmbeddingBag(sparse=True) backward",
+            notes=f"MBU by the must-move count: ours {must / ours / bw:.1%}, "
+            f"baseline {must / base_s / bw:.1%}",
         )
     )
+    print(f"  {row.notes}")
+
+    # The forward's dedup (kept for the backward) against torch.unique of the same ids.
+    ours = median_time(lambda: sort_ids(rows), device, repeat=args.repeat)
+    base_s = median_time(
+        lambda: torch.unique(rows, sorted=True, return_inverse=True, return_counts=True),
+        device,
+        repeat=args.repeat,
+    )
+    report.add(
+        Row(
+            f"dedup of {n:,} ids (sort_ids, kept for the backward)",
+            ours,
+            base_s,
+            n * 8 * 4,  # ids read, inverse + order + labels written (lower bound)
+            baseline="torch.unique(return_inverse, return_counts)",
+        )
+    )
+
+    # One training step's embedding work, end to end: dedup + pooled lookup + backward.
+    def step_ours():
+        s = sort_ids(rows)
+        pooled_lookup(table, rows, offsets, b, modes, check_bounds=False)
+        return lookup_backward(plan_of(s), grad, None)
+
+    def step_base():
+        o = bag(rows, offsets[:-1])
+        return torch.autograd.grad(o, bag.weight, grad_bags)[0]
+
+    ours = median_time(step_ours, device, repeat=args.repeat)
+    base_s = median_time(step_base, device, repeat=args.repeat)
+    report.add(
+        Row(
+            f"forward + backward, {k} features, batch {b}",
+            ours,
+            base_s,
+            n * (8 + dim * 4) + k * b * dim * 4 + per_id,
+            baseline="EmbeddingBag(sparse=True) forward + backward",
+        )
+    )
+    if args.full_batch_backward:
+        # Batch 65536 (34M ids), ours only: the baseline's backward fails there.
+        k, rows, offsets, weight = _pooling_batch(device, args.pool_batch, n_rows)
+        big = sort_ids(rows)
+        grad = torch.randn(args.pool_batch, k, dim, device=device)
+        plan = LookupPlan(
+            name="t",
+            table=PagedTensor.wrap(weight),
+            batch_size=args.pool_batch,
+            pooled_rows=rows,
+            pooled_offsets=offsets,
+            modes=modes,
+            weights=None,
+            sequence_rows=torch.empty(0, dtype=torch.int64, device=device),
+            row_sort=RowSort(
+                big.order, big.sorted_seg, big.unique, big.num_unique, rows_sorted=False
+            ),
+        )
+        t = median_time(lambda: lookup_backward(plan, grad, None), device, repeat=args.repeat)
+        n, u = rows.numel(), big.num_unique
+        nbytes = n * (8 + 4 + dim * 4) + u * (dim * 4 + 8)
+        print(
+            f"backward to SparseGrad, batch {args.pool_batch} ({n:,} ids): {t * 1e3:.3f} ms, "
+            f"MBU {nbytes / t / bw:.1%} (per-id count)"
+        )
 
 
 def big_table(report: Report, device: torch.device, args: argparse.Namespace) -> None:
@@ -209,6 +299,12 @@ def main() -> None:
     # EmbeddingBag(sparse=True)'s backward fails (illegal memory access, torch 2.11) once its
     # per-id gradient passes 2**31 elements: batch 65536 has 34M ids x 64.
     parser.add_argument("--backward-batch", type=int, default=32768)
+    parser.add_argument(
+        "--full-batch-backward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time our backward alone at --pool-batch",
+    )
     parser.add_argument("--big-ids", type=int, default=100_000_000)
     parser.add_argument(
         "--only", choices=["table", "pooling", "backward", "big"], nargs="*", default=None

@@ -404,8 +404,8 @@ def test_backward_keeps_the_forward_backend(device) -> None:
         worker = threading.Thread(target=loss.backward)
         worker.start()
         worker.join()
-    assert launches["pooled_lookup_backward_reference"] == 2
-    assert launches["pooled_lookup_backward"] == 0
+    assert launches["lookup_grad_sums_reference"] == 2
+    assert launches["lookup_grad_sums"] == 0
 
 
 def test_launches_per_physical_table(backend, device) -> None:
@@ -421,4 +421,4 @@ def test_launches_per_physical_table(backend, device) -> None:
     assert launches[f"pooled_lookup{suffix}"] == 2
     with kernels.count_launches() as launches:
         sum(as_tensor(x).sum() for x in out.values()).backward()
-    assert launches[f"pooled_lookup_backward{suffix}"] == 2
+    assert launches[f"lookup_grad_sums{suffix}"] == 2

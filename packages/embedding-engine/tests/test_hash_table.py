@@ -456,3 +456,39 @@ def test_hot_keys_on_gpu_match_cpu() -> None:
         gone = keys[:1000]
         assert gpu.erase(gone.cuda()) == cpu.erase(gone)
     _same_table(gpu, cpu)
+
+
+def test_unplaced_keys_undo_the_call(backend: str, device: torch.device) -> None:
+    # The caller (HashTable) always leaves an EMPTY slot; called directly on a full table
+    # the op reports the keys it could not place and leaves the table as it was.
+    slots = K.empty_slots(8, device)
+    rows, _, n_new = K.table_find_or_insert(
+        slots, torch.arange(7, device=device), torch.zeros(0, dtype=torch.int64, device=device), 0
+    )
+    assert n_new == 7
+    before = slots.clone()
+    keys = torch.tensor([3, 100, 101, 100, 102], device=device)
+    with pytest.raises(RuntimeError, match="keys found no free slot"):
+        K.table_find_or_insert(slots, keys, torch.zeros(0, dtype=torch.int64, device=device), 7)
+    if backend == "triton":  # the torch reference stops mid-call (an internal invariant)
+        assert torch.equal(slots, before)
+
+
+def test_huge_batches_run_in_chunks(
+    backend: str, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches past 2**31 - 1 keys run chunk by chunk; a chunk of 5 shows the same results
+    # (rows by first occurrence across chunks, the free list spent across chunks).
+    monkeypatch.setattr(K, "_CHUNK", 5)
+    keys = torch.tensor([4, 9, 4, 1, 7, 9, 2, 8, 1, 3, 5, 5, 6], device=device)
+    free = torch.tensor([10, 11], device=device)
+    slots = K.empty_slots(64, device)
+    rows, is_new, n_new = K.table_find_or_insert(slots, keys, free, 20)
+    assert n_new == 9
+    assert rows.tolist() == [10, 11, 10, 20, 21, 11, 22, 23, 20, 24, 25, 25, 26]
+    first = [True, True, False, True, True, False, True, True, False, True, True, False, True]
+    assert is_new.tolist() == first
+    with pytest.raises(ValueError, match="reserved key"):
+        K.table_find_or_insert(slots, torch.tensor([1, 2, 3, 4, 5, 6, EMPTY], device=device),
+                               free, 30)  # fmt: skip
+    assert int((slots[:, 0] > TOMBSTONE).sum()) == 9  # nothing of the bad batch went in

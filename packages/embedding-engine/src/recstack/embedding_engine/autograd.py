@@ -10,13 +10,13 @@ returning a gradient for the table, reduces the output gradients into one coales
 :class:`~recstack.core.SparseGrad` (unique rows, fp32 sums) and hands it to a sink (the
 collection stores it for a sparse optimizer). The anchor gets no gradient (``None``).
 
-:func:`lookup_backward` is that reduction, usable on its own:
-
-* pooled features (sum / mean / weighted): :func:`pooled_lookup_backward` over the unique
-  rows of the pooled ids (no per-id ``[N, dim]`` gradient);
-* sequence features (one output row per id): the per-id output gradients summed by row
-  (core's sort + segment sum, :func:`~recstack.core.kernels.segment_sum.coalesce_rows`);
-* both: the two coalesced parts concatenated and coalesced once more.
+:func:`lookup_backward` is that reduction, usable on its own: one
+:func:`~recstack.embedding_engine.kernels.lookup_grad.lookup_grad_sums` over all the ids of
+the lookup, pooled and sequence alike, grouped by row. The grouping is the forward's: the
+collection deduplicates the ids with one sort (:func:`~recstack.embedding_engine.dedup.
+sort_ids`) and hands the sort to the backward in :attr:`LookupPlan.row_sort`, so the backward
+sorts nothing of size ``N`` (a plan without one is sorted here). No per-id ``[N, dim]``
+gradient is ever built.
 """
 
 from __future__ import annotations
@@ -28,16 +28,39 @@ from typing import Any
 import torch
 
 from recstack.core import PagedTensor, SparseGrad, kernels
-from recstack.core.kernels.segment_sum import coalesce_rows
-from recstack.embedding_engine.kernels.pooling import pooled_lookup, pooled_lookup_backward
+from recstack.embedding_engine.dedup import sort_ids
+from recstack.embedding_engine.kernels.lookup_grad import lookup_grad_sums
+from recstack.embedding_engine.kernels.pooling import _bag_lengths, _bag_scale, pooled_lookup
 
 __all__ = [
     "EmbeddingLookupFunction",
     "LookupPlan",
+    "RowSort",
     "lookup_backward",
     "lookup_forward",
     "merge_sparse_grads",
 ]
+
+
+@dataclass
+class RowSort:
+    """The ids of a :class:`LookupPlan` (pooled ids, then sequence ids) grouped by row.
+
+    Args:
+        order: int64 ``[N]`` permutation of the ids listing them grouped by row.
+        sorted_seg: int32/int64 ``[N]``: the row label of each sorted position; each label's
+            positions are contiguous, and every label in ``[0, U)`` occurs.
+        seg_rows: int64 ``[U]``: the table row of each label (distinct, ``>= 0``), or
+            ``None`` when the labels are the rows themselves.
+        num_segments: ``U``, the number of labels.
+        rows_sorted: whether ``seg_rows`` ascends (then the gradient needs no reordering).
+    """
+
+    order: torch.Tensor
+    sorted_seg: torch.Tensor
+    seg_rows: torch.Tensor | None
+    num_segments: int
+    rows_sorted: bool = True
 
 
 @dataclass
@@ -57,6 +80,8 @@ class LookupPlan:
         sequence_rows: int64 ``[N_s]`` rows of the sequence features' ids (one output row
             each).
         sink: receives the physical table's :class:`SparseGrad` in backward.
+        row_sort: the forward's grouping of the ids by row, or ``None`` (the backward
+            sorts them).
     """
 
     name: str
@@ -68,6 +93,7 @@ class LookupPlan:
     weights: torch.Tensor | None
     sequence_rows: torch.Tensor
     sink: Callable[[str, SparseGrad], None] | None = None
+    row_sort: RowSort | None = None
 
     @property
     def num_pooled(self) -> int:
@@ -111,36 +137,59 @@ def lookup_backward(
 ) -> SparseGrad:
     """The table gradient of :func:`lookup_forward` as one coalesced fp32 :class:`SparseGrad`.
 
-    ``None`` gradients (an output that did not reach the loss) contribute nothing. Rows an
-    id was looked up for but whose gradient is zero (e.g. ids cut off by padding) are kept
-    with zero values.
+    Every row the lookup read is in it, zeros where the ids' outputs did not reach the loss
+    (a ``None`` gradient) or got zero gradient (e.g. ids cut off by padding); when neither
+    output reached the loss the gradient has no rows. One reduction over all the ids, no
+    sync when ``plan.row_sort`` is set.
     """
     dim, device = plan.table.dim, plan.table.device
-    parts: list[SparseGrad] = []
-    if grad_pooled is not None and plan.num_pooled and plan.pooled_rows.numel():
-        unique, inverse = torch.unique(plan.pooled_rows, sorted=True, return_inverse=True)
-        parts.append(
-            pooled_lookup_backward(
-                grad_pooled,
-                plan.pooled_rows,
-                plan.pooled_offsets,
-                plan.batch_size,
-                plan.modes,
-                plan.weights,
-                unique,
-                inverse,
-                leading_invalid=False,
-                check_inputs=False,
-            )
-        )
-    if grad_sequence is not None and plan.sequence_rows.numel():
-        rows, values = coalesce_rows(plan.sequence_rows, grad_sequence, out_dtype=torch.float32)
-        parts.append(SparseGrad(rows, values, is_coalesced=True))
-    if not parts:
+    n_pooled, n_seq = plan.pooled_rows.numel(), plan.sequence_rows.numel()
+    if not (plan.num_pooled and n_pooled):
+        grad_pooled = None
+    if not n_seq:
+        grad_sequence = None
+    if grad_pooled is None and grad_sequence is None:
         return _empty_grad(dim, device)
-    if len(parts) == 1:
-        return parts[0]
-    return merge_sparse_grads(parts)
+    rs, min_seg = (plan.row_sort, 0) if plan.row_sort is not None else _sort_rows(plan)
+    seg_dest = None
+    if rs.seg_rows is None:
+        rows = torch.arange(rs.num_segments, dtype=torch.int64, device=device)
+    elif rs.rows_sorted:
+        rows = rs.seg_rows
+    else:
+        # Labels follow the ids' (key) order; the kernel writes each at its row's rank.
+        rows, perm = torch.sort(rs.seg_rows)
+        seg_dest = torch.empty_like(perm)
+        seg_dest[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=device)
+    bag_of = bag_scale = None
+    if grad_pooled is not None:
+        offsets = plan.pooled_offsets
+        bag_of = torch.repeat_interleave(_bag_lengths(offsets), output_size=n_pooled)
+        bag_scale = _bag_scale(offsets, plan.modes, plan.batch_size)
+    values = lookup_grad_sums(
+        rs.order,
+        rs.sorted_seg,
+        rs.num_segments,
+        seg_dest,
+        dim,
+        grad_pooled=grad_pooled,
+        bag_of=bag_of,
+        bag_scale=bag_scale,
+        weights=plan.weights,
+        batch_size=plan.batch_size,
+        n_pooled=n_pooled,
+        grad_sequence=grad_sequence,
+        min_seg=min_seg,
+    )
+    return SparseGrad(rows[min_seg:], values[min_seg:], is_coalesced=True)
+
+
+def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
+    """Group a plan's ids by row here (one sort, one sync); ``min_seg`` skips the -1 row."""
+    rows = torch.cat([plan.pooled_rows, plan.sequence_rows]).to(torch.int64)
+    s = sort_ids(rows)
+    min_seg = int(bool(s.num_unique) and int(s.unique[0]) < 0)
+    return RowSort(s.order, s.sorted_seg, s.unique, s.num_unique), min_seg
 
 
 def merge_sparse_grads(parts: list[SparseGrad]) -> SparseGrad:

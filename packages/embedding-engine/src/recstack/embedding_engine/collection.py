@@ -83,7 +83,8 @@ It shares the sequence features' lookup and gradient path.
 Example:
     >>> import torch
     >>> from recstack.core import KeyedJaggedTensor
-    >>> from recstack.embedding_engine.config import FeatureConfig, TableConfig
+    >>> from recstack.embedding_engine.dedup import sort_ids
+from recstack.embedding_engine.config import FeatureConfig, TableConfig
     >>> ec = EmbeddingCollection(
     ...     [TableConfig("item", dim=4), TableConfig("user", dim=4)],
     ...     [FeatureConfig("clicks", "item", pooling="mean"),
@@ -116,10 +117,12 @@ from recstack.embedding_engine.admission import CountMinSketch
 from recstack.embedding_engine.autograd import (
     EmbeddingLookupFunction,
     LookupPlan,
+    RowSort,
     lookup_forward,
     merge_sparse_grads,
 )
 from recstack.embedding_engine.config import FeatureConfig, TableConfig, check_configs
+from recstack.embedding_engine.dedup import sort_ids
 from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_mask
 from recstack.embedding_engine.hash_table import TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
@@ -743,35 +746,42 @@ class EmbeddingCollection(nn.Module):
     ) -> LookupPlan:
         feats = pooled_fs + seq_fs
         ids = [jts[f.config.name].values.to(torch.int64) for f in feats]
-        self._check_ids(phys, feats, ids)
+        # Read to the host with the forward's first sync: no sync of its own.
+        bad = self._bad_flag(phys, ids)
         keys = torch.cat([phys.encode(f.index, x) for f, x in zip(feats, ids, strict=True)])
         n_pooled = sum(x.numel() for x in ids[: len(pooled_fs)])
         sink = self._sink
+        row_sort = None
+        if self.training and keys.numel():
+            # One sort dedups the keys and, kept in the plan, groups them for the backward.
+            s = sort_ids(keys, read_with=[bad])
+            self._raise_bad_ids(phys, feats, ids, s.read[0])
         if phys.is_fixed_size:
             # Row = id: no hash table, no compact table (every row exists, eval included).
             table = phys.values
             rows = keys
             if self.training and keys.numel():
-                unique, hits = torch.unique(keys, sorted=True, return_counts=True)
-                no_new = torch.zeros(unique.shape, dtype=torch.bool, device=self._device)
-                phys.meta.touch(unique, self._step, hits, no_new)
-        elif self.training:
-            unique, inverse, hits = torch.unique(
-                keys, sorted=True, return_inverse=True, return_counts=True
-            )
-            rows_u, partial = self._insert(phys, unique, hits)
+                no_new = torch.zeros(s.unique.shape, dtype=torch.bool, device=self._device)
+                phys.meta.touch(s.unique, self._step, s.counts, no_new)
+                row_sort = RowSort(s.order, s.sorted_seg, s.unique, s.num_unique)
+            else:
+                self._raise_bad_ids(phys, feats, ids, int(bad))
+        elif self.training and keys.numel():
+            rows_u, partial = self._insert(phys, s.unique, s.counts)
             if partial:
                 # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
-                table = self._compact_table(phys, unique, rows_u)
-                rows = inverse
+                table = self._compact_table(phys, s.unique, rows_u)
+                rows = s.inverse
                 sink = _RowMapSink(rows_u, self._sink)
+                row_sort = RowSort(s.order, s.sorted_seg, None, s.num_unique)
             else:
                 table = phys.values
-                rows = rows_u[inverse]
+                rows = rows_u[s.inverse]
+                row_sort = RowSort(s.order, s.sorted_seg, rows_u, s.num_unique, rows_sorted=False)
+        elif self.training:
+            table, rows = phys.values, keys  # no ids: nothing is read
         else:
-            unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-            table = self._eval_table(phys, unique)
-            rows = inverse
+            table, rows = self._eval_rows(phys, feats, ids, keys, bad)
         offsets, weights = self._pooled_layout(pooled_fs, jts)
         return LookupPlan(
             name=phys.name,
@@ -783,17 +793,44 @@ class EmbeddingCollection(nn.Module):
             weights=weights,
             sequence_rows=rows[n_pooled:],
             sink=sink,
+            row_sort=row_sort,
         )
 
-    def _check_ids(
-        self, phys: PhysicalTable, feats: list[_Feature], ids: list[torch.Tensor]
-    ) -> None:
+    def _bad_flag(self, phys: PhysicalTable, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Device bool: some id cannot be encoded (checked on the host with a later read)."""
         flags = [phys.bad_ids(x).any() for x in ids if x.numel()]
-        if not flags or not any(torch.stack(flags).tolist()):  # one sync per physical table
+        if not flags:
+            return torch.zeros((), dtype=torch.bool, device=self._device)
+        return torch.stack(flags).any()
+
+    def _raise_bad_ids(
+        self, phys: PhysicalTable, feats: list[_Feature], ids: list[torch.Tensor], bad: int
+    ) -> None:
+        """Raise for the first feature with an id out of range when ``bad`` (the flag read)."""
+        if not bad:
             return
         for f, x in zip(feats, ids, strict=True):
             if x.numel() and bool(phys.bad_ids(x).any()):
                 _raise_bad_ids(phys, f"feature {f.config.name!r}", f.config.table, x)
+
+    def _eval_rows(
+        self,
+        phys: PhysicalTable,
+        feats: list[_Feature],
+        ids: list[torch.Tensor],
+        keys: torch.Tensor,
+        bad: torch.Tensor,
+    ) -> tuple[PagedTensor, torch.Tensor]:
+        """``(table, rows)`` of an eval lookup: the physical rows when every id has one (one
+        find, one sync, no dedup), else a compact table of the batch's unique ids."""
+        rows = phys.hash_table.find(keys, check_keys=False)
+        missing = (rows < 0).any() if rows.numel() else torch.zeros_like(bad)
+        bad_v, missing_v = torch.stack([bad, missing]).tolist()
+        self._raise_bad_ids(phys, feats, ids, bad_v)
+        if not missing_v:
+            return phys.values, rows
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        return self._eval_table(phys, unique), inverse
 
     def _insert(
         self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor
@@ -809,16 +846,20 @@ class EmbeddingCollection(nn.Module):
         if admit is not None and bool(admit.all()):
             admit = None
         keys_a, hits_a = (unique, hits) if admit is None else (unique[admit], hits[admit])
+        held = len(phys.hash_table)
         if keys_a.numel():
             rows_a, is_new = phys.hash_table.find_or_insert(keys_a)
         else:
             rows_a = keys_a
             is_new = torch.zeros(0, dtype=torch.bool, device=self._device)
+        n_new = len(phys.hash_table) - held  # known on the host: no sync to find the new rows
         n_rows = phys.hash_table.num_rows_allocated
         phys.values.ensure_rows(n_rows)
         phys.meta.ensure_rows(n_rows)
         phys.meta.touch(rows_a, self._step, hits_a, is_new)
-        self._init_new(phys, rows_a[is_new], keys_a[is_new])
+        if n_new:
+            new = torch.nonzero_static(is_new, size=n_new).squeeze(1)
+            self._init_new(phys, rows_a.index_select(0, new), keys_a.index_select(0, new))
         if admit is None:
             return rows_a, False
         rows = torch.full_like(unique, -1)
@@ -840,25 +881,24 @@ class EmbeddingCollection(nn.Module):
         self, phys: PhysicalTable, new_rows: torch.Tensor, new_keys: torch.Tensor
     ) -> None:
         """Initialize rows new keys took (fresh or freed by eviction) and count the ids."""
-        if not new_keys.numel():
-            return
         tags, logical = phys.decode(new_keys)
-        if len(phys.tables) > 1:
+        if len(phys.tables) == 1:
+            added = [new_keys.numel()]
+        else:
+            # One sync for the per-table counts; each table's rows are then found unsynced.
             added = torch.bincount(tags, minlength=len(phys.tables)).tolist()
             counts = self._num_ids[phys.name]
             self._num_ids[phys.name] = [a + b for a, b in zip(counts, added, strict=True)]
         for t, cfg in enumerate(phys.tables):
-            mine = tags == t if len(phys.tables) > 1 else slice(None)
-            keys_t = logical[mine]
-            if keys_t.numel():
-                init_rows_into(
-                    phys.values,
-                    new_rows[mine],
-                    keys_t,
-                    cfg.initializer,
-                    seed=cfg.init_seed,
-                    check_bounds=False,
-                )
+            if not added[t]:
+                continue
+            rows_t, keys_t = new_rows, logical
+            if len(phys.tables) > 1:
+                mine = torch.nonzero_static(tags == t, size=added[t]).squeeze(1)
+                rows_t, keys_t = new_rows.index_select(0, mine), logical.index_select(0, mine)
+            init_rows_into(
+                phys.values, rows_t, keys_t, cfg.initializer, seed=cfg.init_seed, check_bounds=False
+            )
 
     def _eval_table(self, phys: PhysicalTable, unique: torch.Tensor) -> PagedTensor:
         """A compact ``[U, dim]`` table of the unique keys' rows (read-only lookup)."""

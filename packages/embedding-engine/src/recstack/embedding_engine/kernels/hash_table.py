@@ -24,13 +24,18 @@ Ops (each validates its inputs, then runs its Triton kernels or its torch refere
      was claimed during this call (its row field is still negative) ``atomic_min``-s
      ``_ENC_BASE + lane`` into the row field, which leaves the key's first occurrence in
      batch order there.
-  2. *first*: ``is_new[i] = row_field(slot_i) == _ENC_BASE + i``, as int64 flags.
-  3. ``torch.cumsum`` of the flags: rank of each new key in batch order; one host sync reads the
-     number of new keys together with the counts of sentinel keys and of unplaced keys.
+  2. *first*: ``is_new[i] = row_field(slot_i) == _ENC_BASE + i``, as int64 flags, with
+     ``1 << 32`` added for a lane left without a slot (a reserved key, or an unplaced one).
+  3. ``torch.cumsum`` of the flags, in place: rank of each new key in batch order in the low
+     32 bits (batches of more than ``2**31 - 1`` keys run in chunks), and in the last entry
+     the number of new keys and of keys without a slot.
   4. *assign*: new key number ``r`` (0-based) gets ``free_rows[r]`` while the free list lasts,
      then ``next_row + r - len(free_rows)``. Its first lane writes the row into the slot; every
      lane of a new key computes the row from its first lane's rank, so no lane waits on
      another.
+  5. One host sync, after all four are queued (so the GPU runs them back to back), reads
+     that last entry; if some key has no slot, the claimed slots (one ``is_new`` lane each)
+     are cleared before the error is raised.
 
   Lanes of keys already in the table take their row from the claim's window scan and touch
   the table in no later launch; only new keys' lanes read (*first*) and write (*assign*,
@@ -100,6 +105,9 @@ MAX_CAPACITY = 2**60
 # Rows are >= 0 and free slots hold -1, so every encoded lane (< 2**62) reads as negative.
 _ENC_BASE = -(2**62)
 _MAX_BATCH = 2**62 - 2
+# find_or_insert packs two counts of up to n into the 32-bit halves of one int64 scan, so it
+# runs batches of more keys in chunks of this many.
+_CHUNK = 2**31 - 1
 
 # Probing kernels: one warp of lanes (keys or old slots) per program, so a lane's probe
 # loop never waits on another warp's longer probe.
@@ -484,7 +492,6 @@ if HAS_TRITON:
         keys_ptr,
         slot_ptr,
         rows_ptr,
-        stats_ptr,
         n,
         mask,
         BLOCK: tl.constexpr,
@@ -519,9 +526,9 @@ if HAS_TRITON:
         # The lowest lane of a claimed slot is its key's first occurrence in batch order.
         tl.atomic_min(slots_ptr + 2 * slot + 1, lane + _ENC, mask=fresh, sem="relaxed")
         tl.store(slot_ptr + lane, slot, mask=inb)
+        # A reserved key, or one that saw every slot and found neither itself nor an EMPTY
+        # one (never below max_load), keeps slot -1: the first launch counts those.
         tl.store(rows_ptr + lane, row, mask=inb)
-        _count(stats_ptr, inb & (k <= _TOMBSTONE))
-        _count(stats_ptr + 1, active)  # keys that found no EMPTY slot (never below max_load)
 
     @triton.jit(do_not_specialize=["n"])
     def _first_kernel(slots_ptr, slot_ptr, rows_ptr, flag_ptr, n, BLOCK: tl.constexpr):
@@ -534,8 +541,10 @@ if HAS_TRITON:
         fresh = (s >= 0) & (row < 0)
         r = tl.load(slots_ptr + 2 * s + 1, mask=fresh, other=0)
         tl.store(rows_ptr + lane, r, mask=fresh)
-        # int64 flags: the rank scan reads them as they are, with no dtype conversion.
-        tl.store(flag_ptr + lane, (fresh & (r == lane + _ENC)).to(tl.int64), mask=inb)
+        # int64 flags, scanned as they are: is_new in the low 32 bits, "no slot" (a reserved
+        # or unplaced key) in the high ones, so the scan's last entry holds both counts.
+        flag = (fresh & (r == lane + _ENC)).to(tl.int64) + ((s < 0).to(tl.int64) << 32)
+        tl.store(flag_ptr + lane, flag, mask=inb)
 
     @triton.jit(do_not_specialize=["n", "n_free", "next_row"])
     def _assign_kernel(
@@ -553,11 +562,12 @@ if HAS_TRITON:
         lane = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = lane < n
         r = tl.load(rows_ptr + lane, mask=inb, other=0)
-        # Negative: a key new in this call; r encodes its first lane, whose inclusive rank
-        # (cumsum of is_new) numbers the key among the new ones.
-        pending = inb & (r < 0)
+        # Below -1: a key new in this call; r encodes its first lane, whose inclusive rank
+        # (cumsum of is_new) numbers the key among the new ones. -1: a reserved key or one
+        # that found no slot (the launcher raises after this launch and undoes the claims).
+        pending = inb & (r < -1)
         first = r - _ENC
-        rank = tl.load(rank_ptr + first, mask=pending, other=1) - 1
+        rank = (tl.load(rank_ptr + first, mask=pending, other=1) & 0xFFFFFFFF) - 1
         from_free = pending & (rank < n_free)
         reused = tl.load(free_ptr + rank, mask=from_free, other=0)
         row = tl.where(from_free, reused, rank - n_free + next_row)
@@ -619,6 +629,8 @@ if HAS_TRITON:
         )
         active = inb & (k > _TOMBSTONE)
         start, base = _probe_start(k, mask, W)
+        live = active
+        placed = inb & (k < 0) & (k > 0)
         seen = tl.zeros([BLOCK], dtype=tl.int64)
         idle_ptrs = old_ptr + 2 * tl.minimum(j, n_old - 1)  # each lane's own old slot
         while tl.max(active.to(tl.int32), axis=0) > 0:
@@ -632,10 +644,11 @@ if HAS_TRITON:
                 # Keys are distinct, so a lost CAS only means another key took the slot.
                 won = want & (old == _EMPTY)
                 tl.store(new_ptr + 2 * tgt + 1, row, mask=won)
+            placed = placed | won
             lost = want & ~won
             past = active & (fe == W)
             start, base, seen, active = _next_step(lost, past, fe, start, base, seen, mask, W)
-        _count(stats_ptr, active)
+        _count(stats_ptr, live & ~placed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -648,14 +661,15 @@ def _window(capacity: int) -> int:
 
 
 def _grid(n: int, block: int | None = None) -> tuple[int]:
-    return (triton.cdiv(n, block or _BLOCK),)
+    # Plain integer arithmetic: triton.cdiv is the language's, with constexpr unwrapping on
+    # every call (~10 us of host time).
+    return (-(-n // (block or _BLOCK)),)
 
 
-def _undo_claims(slots: torch.Tensor) -> None:
-    # Before a find_or_insert no slot holds a live key with a negative row, so those are
-    # exactly the slots it claimed; clearing them restores the table (an EMPTY slot lies
-    # on no older key's probe path).
-    claimed = (slots[:, 0] > TOMBSTONE) & (slots[:, 1] < 0)
+def _undo_claims(slots: torch.Tensor, slot: torch.Tensor, is_new: torch.Tensor) -> None:
+    # Each slot this call claimed has exactly one is_new lane (its key's first); an EMPTY
+    # slot lies on no older key's probe path, so clearing them restores the table.
+    claimed = slot[is_new.view(torch.bool) & (slot >= 0)]
     slots[claimed, 0] = EMPTY
     slots[claimed, 1] = -1
 
@@ -724,8 +738,8 @@ def table_find_or_insert(
     Raises:
         ValueError: a key is EMPTY or TOMBSTONE (the table is left unchanged).
 
-    Triton path: 3 launches (claim, first, assign), one ``torch.cumsum``, a 2-element memset
-    and one host sync.
+    Triton path: 3 launches (claim, first, assign), one ``torch.cumsum`` and one host sync
+    after them all.
     """
     op = _NAMES["find_or_insert"]
     slots = _check_slots(slots, op)
@@ -741,42 +755,40 @@ def table_find_or_insert(
     if n == 0:
         empty = torch.empty(keys.shape, dtype=torch.int64, device=dev)
         return empty, torch.empty(keys.shape, dtype=torch.bool, device=dev), 0
+    if n > _CHUNK:
+        rows, is_new, n_new = _find_or_insert_chunks(slots, flat, free_rows, next_row, op)
+    else:
+        rows, is_new, n_new = _find_or_insert(slots, flat, free_rows, next_row, op)
+    if keys.dim() != 1:
+        rows, is_new = rows.view(keys.shape), is_new.view(keys.shape)
+    return rows, is_new, n_new
+
+
+def _find_or_insert(
+    slots: torch.Tensor, flat: torch.Tensor, free_rows: torch.Tensor, next_row: int, op: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Triton path of :func:`table_find_or_insert` for ``1 <= n <= _CHUNK`` keys."""
+    n, dev = flat.numel(), slots.device
     mask = slots.shape[0] - 1
-    # scan[:n]: inclusive rank of each first occurrence; scan[n], scan[n + 1]: the claim
-    # kernel's counts of reserved keys and of unplaced keys. One read fetches all three.
-    scan = torch.empty(n + 2, dtype=torch.int64, device=dev)
-    scan[n:].zero_()
     slot = torch.empty(n, dtype=torch.int64, device=dev)
     # Each lane's row once known; between the launches, a new key's encoded first lane.
     rows = torch.empty(n, dtype=torch.int64, device=dev)
-    flags = torch.empty(n, dtype=torch.int64, device=dev)
-    grid = _grid(n)
+    # The first launch's flags, scanned in place: rank of each first occurrence (low 32
+    # bits) and count of keys without a slot (high 32 bits).
+    scan = torch.empty(n, dtype=torch.int64, device=dev)
+    is_new = torch.empty(n, dtype=torch.bool, device=dev)
     kernels.record_launch("hash_table_claim")
-    _claim_kernel[grid](
-        slots,
-        flat,
-        slot,
-        rows,
-        scan[n:],
-        n,
-        mask,
-        BLOCK=_BLOCK,
-        W=_window(mask + 1),
-        num_warps=_NUM_WARPS,
+    _claim_kernel[(-(-n // _BLOCK),)](
+        slots, flat, slot, rows, n, mask, BLOCK=_BLOCK, W=_window(mask + 1), num_warps=_NUM_WARPS
     )
+    stream = (-(-n // _STREAM_BLOCK),)
     kernels.record_launch("hash_table_first")
-    stream = _grid(n, _STREAM_BLOCK)
-    _first_kernel[stream](slots, slot, rows, flags, n, BLOCK=_STREAM_BLOCK, num_warps=_STREAM_WARPS)
-    torch.cumsum(flags, 0, out=scan[:n])
-    n_new, n_bad, n_lost = scan[n - 1 :].tolist()
-    if n_bad or n_lost:
-        _undo_claims(slots)
-        if n_bad:
-            _raise_sentinel(flat, op)
-        _raise_full(op, n_lost)
+    _first_kernel[stream](slots, slot, rows, scan, n, BLOCK=_STREAM_BLOCK, num_warps=_STREAM_WARPS)
+    torch.cumsum(scan, 0, out=scan)
     n_free = free_rows.numel()
     kernels.record_launch("hash_table_assign")
-    is_new = torch.empty(n, dtype=torch.uint8, device=dev)
+    # Launched before the one host read, so it queues behind the scan with no gap; an
+    # error found by that read undoes the claims afterwards.
     _assign_kernel[stream](
         slots,
         slot,
@@ -790,7 +802,29 @@ def table_find_or_insert(
         BLOCK=_STREAM_BLOCK,
         num_warps=_STREAM_WARPS,
     )
-    return rows.view(keys.shape), is_new.view(torch.bool).view(keys.shape), n_new
+    total = int(scan[n - 1])
+    n_new, n_missing = total & 0xFFFFFFFF, total >> 32
+    if n_missing:
+        _undo_claims(slots, slot, is_new)
+        _check_no_sentinel_now(flat, op)
+        _raise_full(op, n_missing)
+    return rows, is_new, n_new
+
+
+def _find_or_insert_chunks(
+    slots: torch.Tensor, flat: torch.Tensor, free_rows: torch.Tensor, next_row: int, op: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A batch of more than ``_CHUNK`` keys, one chunk after another (the counts the scan
+    packs into 32 bits stay in range); reserved keys are rejected before any chunk runs."""
+    _check_no_sentinel_now(flat, op)
+    rows, is_new, total = [], [], 0
+    for start in range(0, flat.numel(), _CHUNK):
+        r, new, k = _find_or_insert(slots, flat[start : start + _CHUNK], free_rows, next_row, op)
+        used = min(k, free_rows.numel())
+        free_rows, next_row, total = free_rows[used:], next_row + k - used, total + k
+        rows.append(r)
+        is_new.append(new)
+    return torch.cat(rows), torch.cat(is_new), total
 
 
 def table_erase(

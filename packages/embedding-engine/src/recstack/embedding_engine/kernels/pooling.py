@@ -27,24 +27,17 @@ of the group has ids left. ``BLOCK_N`` follows the mean bag length (known on the
 ``N / (K * B)``, no sync) and ``G`` fills the tile: one bag per program at 20 ids/bag and
 dim 64, 32 bags per program for one-hot features. No atomics: a bag belongs to one program.
 
-Backward kernel (:func:`pooled_lookup_backward`): the gradient of row ``u`` is
+Backward (:func:`pooled_lookup_backward`): the gradient of row ``u`` is
 ``sum over ids i with inverse[i] == u of grad_out[bag(i)] * scale(i)`` (``scale`` = weight,
-divided by the bag length for mean). No per-id ``[N, dim]`` gradient is built:
-
-1. the ids are sorted by ``inverse`` once (an int32 radix sort when it fits, or the caller's
-   ``order``), giving segment ids in sorted order;
-2. ``bag(i)`` comes from an int64 array ``repeat_interleave(lengths)`` built once in
-   original id order (one coalesced write, no sync) and read through the sort
-   permutation: one 32-byte sector per id. A binary search over ``offsets`` instead would
-   be ~log2(K * B) = 21 dependent loads per id at the benchmark size. The per-bag scale
-   (``1`` or ``1 / length``) is a ``[K * B]`` fp32 array, small enough to stay in L2;
-3. one kernel takes ``BLOCK_N`` sorted ids x ``BLOCK_D`` columns per program, reads each
-   id's ``grad_out`` row on the fly, runs a segmented inclusive scan down the tile (core's
-   ``_segmented_add``, as in :mod:`recstack.core.kernels.segment_sum`) and writes each
-   segment's sum from its last lane. A segment wholly inside the tile is *stored* (no
-   zero-fill, no read-modify-write of the ``[U, dim]`` output); only segments crossing a
-   tile boundary ``atomic_add`` their partial -- into rows a tiny pre-kernel zeroed -- so a
-   hot row repeated 100k times costs one atomic per tile it spans, never one per id.
+divided by the bag length for mean). No per-id ``[N, dim]`` gradient is built: the ids are
+sorted by ``inverse`` once (an int32 radix sort when it fits, or the caller's ``order``)
+and :func:`~recstack.embedding_engine.kernels.lookup_grad.lookup_grad_sums` reduces the
+gradient rows of each run of equal rows (a segmented scan, stores for runs inside a tile,
+one atomic per tile boundary a run crosses). ``bag(i)`` comes from an int64 array
+``repeat_interleave(lengths)`` built once in original id order (one coalesced write, no
+sync) and read through the sort permutation: one 32-byte sector per id. A binary search
+over ``offsets`` instead would be ~log2(K * B) = 21 dependent loads per id at the benchmark
+size.
 
 Bytes moved per call (``E`` = table element bytes, ``O`` = output element bytes, ``D`` = dim,
 ``N`` ids, ``V`` = ids with a row, ``U`` unique rows; for benchmark MBU formulas):
@@ -53,14 +46,13 @@ Bytes moved per call (``E`` = table element bytes, ``O`` = output element bytes,
   (one table row per id) ``+ N * 4`` if weighted ``+ B * K * D * O`` (output).
   Benchmark (26 features, B 65536, 20 ids/bag, D 64 fp32, no -1):
   272.6 MB + 13.6 MB + 8724.2 MB + 436.2 MB = 9.45 GB.
-* backward, "must move" count (``grad_out`` read once): ``B * K * D * 4`` (grad_out)
-  ``+ N * 8`` (inverse) ``+ (K * B + 1) * 8`` (offsets) ``+ N * 4`` if weighted
-  ``+ U * D * 4 + U * 8`` (values and rows written). The kernel reads one ``grad_out`` row
-  per id (``N * D * 4``: random 256-byte reads at D = 64 fp32; any reduce-by-row design
-  does) and the index traffic is about 170 bytes per id (int32 sort keys + int64
-  permutation, ~100; bag and weight gathers, one sector each; the bag array), so the DRAM
-  traffic is about ``N * (D * 4 + 170) + U * (D * 4 + 8)`` -- report both counts. Passing
-  the caller's ``order`` saves the sort (~100 bytes per id).
+* backward, per-id count (the forward's mirror: one gradient row read per id, where the
+  forward reads one table row per id): ``N * 8`` (sorted position) ``+ N * 4`` (sorted
+  label) ``+ N * D * 4`` (one ``grad_out`` row per id) ``+ N * 4`` if weighted
+  ``+ U * (D * 4 + 8)`` (values and rows written). The "must move" count reads
+  ``grad_out`` once instead (``B * K * D * 4``); no reduce-by-row design reaches it, as
+  ``grad_out`` (436 MB at the benchmark size) does not fit in L2 and each row's ids lie in
+  random bags. Sorting here (no caller ``order``) adds about 100 bytes per id.
 """
 
 from __future__ import annotations
@@ -72,13 +64,18 @@ import torch
 from recstack.core import PagedTensor, SparseGrad
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
 from recstack.core.kernels.paged_rows import _TABLE_KIND, gather_paged_rows_reference
+from recstack.embedding_engine.kernels.lookup_grad import (
+    GRAD_DEFAULTS,
+    _pow2_ceil,
+    _pow2_floor,
+    lookup_grad_sums,
+)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from recstack.core.kernels.paged_rows import _row_pointers, _to_table_dtype
-    from recstack.core.kernels.segment_sum import _segmented_add
 
 __all__ = [
     "MODE_MEAN",
@@ -104,12 +101,8 @@ POOLING_DEFAULTS: dict[str, int] = {
     "num_warps": 0,
 }
 
-#: Backward tile defaults: ``tile_elems`` is the target ``BLOCK_N * BLOCK_D``.
-POOLING_BACKWARD_DEFAULTS: dict[str, int] = {
-    "tile_elems": 4096,
-    "max_block_d": 256,
-    "num_warps": 4,
-}
+#: Backward tile defaults (the same dict as the reduction's, so a change reaches both).
+POOLING_BACKWARD_DEFAULTS: dict[str, int] = GRAD_DEFAULTS
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
@@ -185,107 +178,10 @@ if HAS_TRITON:
         dst = out_ptr + b[:, None] * out_stride_b + k[:, None] * out_stride_k + cols[None, :]
         tl.store(dst, _to_table_dtype(acc, OUT_KIND), mask=bag_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _zero_crossing_kernel(
-        seg_ptr,
-        out_ptr,
-        n,
-        dim,
-        out_stride,
-        BLOCK_N: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        # Tile boundary t sits between sorted positions t * BLOCK_N - 1 and t * BLOCK_N; a
-        # segment spanning it is written with atomics, so its row must start at zero.
-        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T) + 1
-        pos = t * BLOCK_N
-        t_ok = pos < n
-        left = tl.load(seg_ptr + pos - 1, mask=t_ok, other=-1).to(tl.int64)
-        right = tl.load(seg_ptr + pos, mask=t_ok, other=-1).to(tl.int64)
-        cross = t_ok & (left == right) & (right >= 0)
-        zeros = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-        for c0 in range(0, dim, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            tl.store(
-                out_ptr + right[:, None] * out_stride + cols[None, :],
-                zeros,
-                mask=cross[:, None] & (cols < dim)[None, :],
-            )
-
-    @triton.jit
-    def _pooled_bwd_kernel(
-        grad_ptr,
-        seg_ptr,
-        order_ptr,
-        bag_ptr,
-        bag_scale_ptr,
-        weights_ptr,
-        out_ptr,
-        n,
-        dim,
-        batch_size,
-        grad_stride_b,
-        grad_stride_k,
-        out_stride,
-        min_seg,
-        HAS_WEIGHTS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        pid = tl.program_id(0).to(tl.int64)
-        lane = tl.arange(0, BLOCK_N)
-        first = pid * BLOCK_N
-        i = first + lane
-        valid = i < n
-        seg = tl.load(seg_ptr + i, mask=valid, other=-1).to(tl.int64)
-        prev = tl.load(seg_ptr + i - 1, mask=valid & (i > 0), other=-1).to(tl.int64)
-        nxt = tl.load(seg_ptr + i + 1, mask=(i + 1) < n, other=-1).to(tl.int64)
-        # Segments equal to the entry just before / after the tile cross its boundary.
-        before = tl.load(seg_ptr + first - 1, mask=first > 0, other=-2).to(tl.int64)
-        after = tl.load(seg_ptr + first + BLOCK_N, mask=first + BLOCK_N < n, other=-2).to(tl.int64)
-        # Ids without a row (inverse -1, or the dropped leading -1 "row" when min_seg is 1)
-        # read nothing: no gradient.
-        live = valid & (seg >= min_seg)
-
-        src = tl.load(order_ptr + i, mask=live, other=0)
-        bag = tl.load(bag_ptr + src, mask=live, other=0).to(tl.int64)
-        scale = tl.load(bag_scale_ptr + bag, mask=live, other=0.0)
-        if HAS_WEIGHTS:
-            scale = scale * tl.load(weights_ptr + src, mask=live, other=0.0).to(tl.float32)
-        k = bag // batch_size
-        b = bag - k * batch_size
-
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < dim
-        g = tl.load(
-            grad_ptr + (b * grad_stride_b + k * grad_stride_k)[:, None] + cols[None, :],
-            mask=live[:, None] & col_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        g = g * scale[:, None]
-        is_start = (seg != prev).to(tl.int32)
-        flags = tl.broadcast_to(is_start[:, None], (BLOCK_N, BLOCK_D))
-        sums, _ = tl.associative_scan((g, flags), axis=0, combine_fn=_segmented_add)
-        # The last lane of a segment inside the tile carries the tile's sum of it.
-        is_last = live & ((seg != nxt) | (lane == BLOCK_N - 1))
-        shared = (seg == before) | (seg == after)
-        dst = out_ptr + seg[:, None] * out_stride + cols[None, :]
-        tl.store(dst, sums, mask=(is_last & ~shared)[:, None] & col_ok[None, :])
-        tl.atomic_add(dst, sums, mask=(is_last & shared)[:, None] & col_ok[None, :], sem="relaxed")
-
 
 # ----------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
 
 
 def _check_int_tensor(what: str, name: str, t: object, device: torch.device) -> torch.Tensor:
@@ -787,52 +683,22 @@ def pooled_lookup_backward(
         sorted_seg, order = torch.sort(keys, stable=True)
     else:
         sorted_seg = inverse.index_select(0, order)
-
     # repeat_interleave(lengths) *is* the bag of each id: one int64 write, no sync.
-    bag_of = torch.repeat_interleave(_bag_lengths(offsets), output_size=n)
-    bag_scale = _bag_scale(offsets, modes, batch_size)
-    # Not zero-filled: every segment wholly inside a tile is stored; the pre-kernel zeroes
-    # only the rows of segments that cross a tile boundary (written with atomics).
-    values = torch.empty((num_unique, dim), dtype=torch.float32, device=device)
-    tile_elems = _pow2_floor(tile_elems or POOLING_BACKWARD_DEFAULTS["tile_elems"])
-    max_block_d = max_block_d or POOLING_BACKWARD_DEFAULTS["max_block_d"]
-    block_d = min(_pow2_ceil(dim), _pow2_ceil(max_block_d))
-    block_n = max(2, tile_elems // block_d)
-    num_warps = num_warps or POOLING_BACKWARD_DEFAULTS["num_warps"]
-    num_tiles = triton.cdiv(n, block_n)
-    if num_tiles > 1:
-        block_t = 64
-        _zero_crossing_kernel[(triton.cdiv(num_tiles - 1, block_t),)](
-            sorted_seg,
-            values,
-            n,
-            dim,
-            values.stride(0),
-            BLOCK_N=block_n,
-            BLOCK_T=block_t,
-            BLOCK_D=min(block_d, 128),
-            num_warps=4,
-        )
-        record_launch("pooled_lookup_backward_zero")
-    _pooled_bwd_kernel[(num_tiles, triton.cdiv(dim, block_d))](
-        grad_out,
-        sorted_seg,
+    values = lookup_grad_sums(
         order,
-        bag_of,
-        bag_scale,
-        weights if weights is not None else bag_scale,
-        values,
-        n,
+        sorted_seg,
+        num_unique,
+        None,
         dim,
-        batch_size,
-        grad_out.stride(0),
-        grad_out.stride(1),
-        values.stride(0),
-        first,
-        HAS_WEIGHTS=weights is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        num_warps=num_warps,
+        grad_pooled=grad_out,
+        bag_of=torch.repeat_interleave(_bag_lengths(offsets), output_size=n),
+        bag_scale=_bag_scale(offsets, modes, batch_size),
+        weights=weights,
+        batch_size=batch_size,
+        n_pooled=n,
+        min_seg=first,
+        tile_elems=tile_elems or POOLING_BACKWARD_DEFAULTS["tile_elems"],
+        max_block_d=max_block_d or POOLING_BACKWARD_DEFAULTS["max_block_d"],
+        num_warps=num_warps or POOLING_BACKWARD_DEFAULTS["num_warps"],
     )
-    record_launch("pooled_lookup_backward")
     return SparseGrad(unique_rows[first:], values[first:], is_coalesced=True)

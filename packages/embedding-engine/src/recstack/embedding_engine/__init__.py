@@ -1,10 +1,12 @@
 """recstack.embedding_engine: dynamic, collision-free GPU hash embeddings.
 
-Issue 5 lands in parts. Available now: :class:`EmbeddingCollection` (dynamic tables with
-sum/mean/weighted pooling and sequences, merged physical tables, a backward to core
-``SparseGrad``), :class:`HashTable` (the GPU id -> row map), the table and feature configs
-(:class:`TableConfig`, :class:`FeatureConfig`, ...) and :func:`init_rows`, which gives every
-id the same initial row on any device and rank. See docs/packages/embedding-engine.md.
+:class:`EmbeddingCollection` (dynamic tables with sum/mean/weighted pooling, sequences and
+tile pooling, merged physical tables, a backward to core ``SparseGrad``, eviction,
+admission, fixed-size tables), :class:`DynamicEmbedding` (one such table called like
+``nn.Embedding`` / ``nn.EmbeddingBag``), :class:`HashTable` (the GPU id -> row map), the
+table and feature configs (:class:`TableConfig`, :class:`FeatureConfig`, ...),
+:func:`init_rows`, which gives every id the same initial row on any device and rank, and
+state export/import for the saver. See docs/packages/embedding-engine.md.
 """
 
 from recstack.embedding_engine.collection import EmbeddingCollection
@@ -17,6 +19,7 @@ from recstack.embedding_engine.config import (
     TableConfig,
     check_configs,
 )
+from recstack.embedding_engine.dynamic import DynamicEmbedding
 from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 from recstack.embedding_engine.state import (
@@ -34,6 +37,7 @@ __all__ = [
     "TOMBSTONE",
     "Admission",
     "ConfigError",
+    "DynamicEmbedding",
     "EmbeddingCollection",
     "Eviction",
     "FeatureConfig",

@@ -88,3 +88,30 @@ def test_count_launches_counts_other_threads() -> None:
     with kernels.count_launches() as later:
         pass
     assert later == {}  # both blocks left the active list, equal counters included
+
+
+def test_interpreted_kernels_run_from_two_threads() -> None:
+    # Triton's interpreter swaps triton.language functions process-wide while a kernel
+    # runs; recstack serializes interpreted launches so threads cannot undo each other.
+    if not (kernels.HAS_TRITON and kernels.interpret_mode()):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from recstack.core.kernels.hash import fmix64, fmix64_reference
+
+    x = torch.arange(-3000, 3000, dtype=torch.int64)
+    want = fmix64_reference(x)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with kernels.use_backend("triton"):
+                for _ in range(6):
+                    assert torch.equal(fmix64(x), want)
+        except BaseException as exc:  # reported on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -61,6 +61,38 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _serialize_interpreter() -> None:
+    """Run interpreted Triton launches one at a time, process-wide.
+
+    While Triton's interpreter runs a kernel it swaps ``triton.language``'s functions for
+    its own, for the whole process, and puts them back afterwards. Two threads interpreting
+    at once (a data loader's producer thread beside the main thread, say) undo each other's
+    swap and fail with "Did you forget to add @triton.jit". On the GPU nothing is swapped
+    and nothing here applies.
+    """
+    try:
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    executor = getattr(interpreter, "GridExecutor", None)
+    call = vars(executor).get("__call__") if isinstance(executor, type) else None
+    if call is None or getattr(call, "_recstack_serialized", False):
+        return
+    lock = threading.RLock()
+
+    @functools.wraps(call)
+    def serialized(self, *args, **kwargs):
+        with lock:
+            return call(self, *args, **kwargs)
+
+    serialized._recstack_serialized = True  # type: ignore[attr-defined]
+    executor.__call__ = serialized  # type: ignore[union-attr]
+
+
+if HAS_TRITON and interpret_mode():
+    _serialize_interpreter()
+
+
 def _backend_from_env() -> Backend:
     value = os.environ.get("RECSTACK_KERNELS", "auto").strip().lower()
     if value not in _BACKENDS:

@@ -1,8 +1,32 @@
-"""recstack.sparse_optim: Sparse Optim: fused row-sparse optimizers for paged and plain tensors.
+"""recstack.sparse_optim: fused row-sparse optimizers for paged and plain tensors.
 
-Package skeleton: the public API lands with issue 6; see docs/packages/sparse-optim.md.
+Lazy (row-sparse) :class:`SparseSGD`, :class:`SparseAdagrad`, :class:`RowWiseAdagrad`,
+:class:`SparseAdam`, :class:`SparseAdamW` and :class:`SparseFTRL` over core ``PagedTensor``
+parameters (or plain tensors with a row-sparse gradient), on the base
+:class:`SparseOptimizer`; their row updates are in :mod:`recstack.sparse_optim.rules`.
+See docs/packages/sparse-optim.md.
 """
+
+from recstack.sparse_optim.optimizer import SlotSpec, SparseOptimizer
+from recstack.sparse_optim.optimizers import (
+    RowWiseAdagrad,
+    SparseAdagrad,
+    SparseAdam,
+    SparseAdamW,
+    SparseFTRL,
+    SparseSGD,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "RowWiseAdagrad",
+    "SlotSpec",
+    "SparseAdagrad",
+    "SparseAdam",
+    "SparseAdamW",
+    "SparseFTRL",
+    "SparseOptimizer",
+    "SparseSGD",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Triton kernels of the sparse optimizers (with torch references in ``rules``)."""

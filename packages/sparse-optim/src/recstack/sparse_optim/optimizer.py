@@ -1,0 +1,453 @@
+"""The base of the sparse optimizers: parameters, row-sparse gradients, lazy state, checks.
+
+:class:`SparseOptimizer` is a ``torch.optim.Optimizer`` whose parameters are core
+:class:`~recstack.core.PagedTensor`\\ s (e.g. an embedding table's values) or plain 2-D
+tensors whose gradient is row-sparse (``nn.Embedding(sparse=True)``). A step reads, for
+each parameter, one :class:`~recstack.core.SparseGrad` -- given to :meth:`~SparseOptimizer.
+step` as ``grads=`` or, for a plain tensor, its sparse ``.grad`` -- plus any gradients
+gathered with :meth:`~SparseOptimizer.accumulate`, coalesces them (duplicate rows are
+summed), and updates only those rows of the weight and of the state slots (lazy
+semantics). Subclasses give the state slots and the row update.
+
+State slots are fp32 ``PagedTensor``\\ s row-aligned with the parameter, made on the first
+step that touches it and grown with it; rows a new id takes after an eviction get fresh
+state through :meth:`~SparseOptimizer.reset_rows`. ``state_dict()`` holds only tensors
+(the slots as ``PagedTensor``\\ s) and JSON-able scalars, for the saver; nothing is pickled.
+
+A gradient with NaN or Inf raises a ``FloatingPointError`` naming the parameter and a row
+(``on_nonfinite="raise"``, the default), or skips the whole step and counts it in
+:attr:`~SparseOptimizer.skipped_steps` (``on_nonfinite="skip"``); a row is never half
+updated. All checks of one step share one host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from recstack.core import PagedTensor, SparseGrad
+from recstack.core.kernels import use_triton
+from recstack.sparse_optim.kernels.fused_step import FusedStep, fused_step
+
+__all__ = ["Param", "SlotSpec", "SparseOptimizer"]
+
+#: What a sparse optimizer updates: a PagedTensor, or a plain 2-D float tensor.
+Param = PagedTensor | torch.Tensor
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class SlotSpec:
+    """One state slot: its name, whether it holds one value per row (``[rows, 1]``) instead
+    of one per element (``[rows, dim]``), and its initial value."""
+
+    __slots__ = ("name", "per_row", "init")
+
+    def __init__(self, name: str, *, per_row: bool = False, init: float = 0.0) -> None:
+        self.name = name
+        self.per_row = per_row
+        self.init = init
+
+
+def _rows_of(p: Param) -> int:
+    return p.num_rows if isinstance(p, PagedTensor) else p.shape[0]
+
+
+def _dim_of(p: Param) -> int:
+    return p.dim if isinstance(p, PagedTensor) else p.shape[1]
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Base class: row-sparse steps over PagedTensor and plain-tensor parameters.
+
+    Args:
+        params: parameters (``PagedTensor``\\ s or 2-D float tensors) or param-group dicts.
+        defaults: the hyper-parameters every group starts from.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"``, for a gradient with NaN or Inf.
+
+    Subclasses set :attr:`slot_specs` and implement :meth:`_update_rows`.
+    """
+
+    #: The state slots of every parameter, in order.
+    slot_specs: ClassVar[tuple[SlotSpec, ...]] = ()
+
+    def __init__(
+        self,
+        params: Iterable[Param] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(
+                f"{type(self).__name__}: on_nonfinite must be 'raise' or 'skip', "
+                f"got {on_nonfinite!r}"
+            )
+        self.on_nonfinite = on_nonfinite
+        #: Steps skipped because a gradient held NaN or Inf (``on_nonfinite="skip"``).
+        self.skipped_steps = 0
+        self._pending: dict[int, list[SparseGrad]] = {}
+        if isinstance(params, (torch.Tensor, PagedTensor)):
+            raise TypeError(
+                f"{type(self).__name__}: params must be an iterable of parameters or groups, "
+                f"got a single {type(params).__name__} (wrap it in a list)"
+            )
+        super().__init__(params, defaults)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ parameters
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of PagedTensor / 2-D float tensor parameters (hyper-parameters not
+        given come from the defaults)."""
+        name = type(self).__name__
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{name}: a param group must be a dict, got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, (torch.Tensor, PagedTensor)):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(f"{name}: params must be an ordered sequence, not a set")
+        else:
+            params = list(params)
+        for p in params:
+            self._check_param(p)
+        seen = {id(q) for g in self.param_groups for q in g["params"]}
+        if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
+            raise ValueError(f"{name}: a parameter appears in more than one place")
+        group = {**self.defaults, **param_group, "params": params}
+        self._check_hyper(group)
+        self.param_groups.append(group)
+
+    def _check_param(self, p: object) -> None:
+        name = type(self).__name__
+        if isinstance(p, PagedTensor):
+            return
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(
+                f"{name}: parameters must be PagedTensors or tensors, got {type(p).__name__}"
+            )
+        if p.dim() != 2 or p.dtype not in _FLOATS:
+            raise ValueError(
+                f"{name}: a tensor parameter must be a 2-D fp32/bf16/fp16 table of rows, got "
+                f"{p.dtype} {tuple(p.shape)}"
+            )
+        if not p.is_contiguous():
+            raise ValueError(f"{name}: a tensor parameter must be contiguous")
+
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        """Validate one group's hyper-parameters (subclasses extend)."""
+        lr = group.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+            raise ValueError(f"{type(self).__name__}: lr must be a float >= 0, got {lr!r}")
+
+    def _param_name(self, p: Param) -> str:
+        if isinstance(p, PagedTensor):
+            return repr(p.name)
+        for gi, g in enumerate(self.param_groups):
+            for pi, q in enumerate(g["params"]):
+                if q is p:
+                    return f"param {pi} of group {gi}"
+        return "a parameter"
+
+    # ------------------------------------------------------------------ gradients
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop accumulated gradients and the tensor parameters' ``.grad``."""
+        self._pending.clear()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if isinstance(p, torch.Tensor) and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad = p.grad.detach() * 0
+
+    def _explicit(self, grads: object) -> dict[int, SparseGrad]:
+        name = type(self).__name__
+        params = [p for g in self.param_groups for p in g["params"]]
+        if grads is None:
+            return {}
+        if isinstance(grads, SparseGrad):
+            if len(params) != 1:
+                raise ValueError(
+                    f"{name}: a single SparseGrad needs exactly one parameter, this optimizer "
+                    f"has {len(params)}; pass a mapping {{param: SparseGrad}}"
+                )
+            return {id(params[0]): grads}
+        if isinstance(grads, Mapping):
+            ids = {id(p) for p in params}
+            out = {}
+            for key, g in grads.items():
+                if id(key) not in ids:
+                    raise KeyError(f"{name}: grads has a key that is not one of its parameters")
+                out[id(key)] = g
+            return out
+        if isinstance(grads, Sequence):
+            if len(grads) != len(params):
+                raise ValueError(
+                    f"{name}: grads has {len(grads)} entries for {len(params)} parameters"
+                )
+            return {id(p): g for p, g in zip(params, grads, strict=True) if g is not None}
+        raise TypeError(
+            f"{name}: grads must be a SparseGrad, a mapping param -> SparseGrad or a sequence, "
+            f"got {type(grads).__name__}"
+        )
+
+    def _gather(self, p: Param, explicit: dict[int, SparseGrad]) -> list[SparseGrad]:
+        parts = list(self._pending.get(id(p), []))
+        if id(p) in explicit:
+            parts.append(explicit[id(p)])
+        elif isinstance(p, torch.Tensor) and p.grad is not None:
+            parts.append(self._from_tensor_grad(p))
+        for g in parts:
+            if not isinstance(g, SparseGrad):
+                raise TypeError(
+                    f"{type(self).__name__}: the gradient of {self._param_name(p)} must be a "
+                    f"SparseGrad, got {type(g).__name__}"
+                )
+            if g.values.shape[1] != _dim_of(p) or g.device != (p.device):
+                raise ValueError(
+                    f"{type(self).__name__}: the gradient of {self._param_name(p)} has rows of "
+                    f"width {g.values.shape[1]} on {g.device}; the parameter's are "
+                    f"{_dim_of(p)} on {p.device}"
+                )
+        return parts
+
+    def _from_tensor_grad(self, p: torch.Tensor) -> SparseGrad:
+        grad = p.grad
+        assert grad is not None
+        if not grad.is_sparse:
+            raise ValueError(
+                f"{type(self).__name__}: {self._param_name(p)} has a dense gradient; sparse "
+                "optimizers take row-sparse ones (nn.Embedding(sparse=True) / "
+                "EmbeddingBag(sparse=True)) or a SparseGrad passed to step(grads=...)"
+            )
+        grad = grad.coalesce()
+        return SparseGrad(grad.indices()[0], grad.values(), is_coalesced=True)
+
+    def accumulate(self, grads: object = None) -> None:
+        """Keep this micro-batch's gradients (``grads`` as for :meth:`step`, else the
+        tensor parameters' sparse ``.grad``) to be summed into the next :meth:`step`.
+
+        Tensor parameters' ``.grad`` is taken and set to ``None``, so the next backward
+        starts afresh.
+        """
+        explicit = self._explicit(grads)
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = explicit.get(id(p))
+                if g is None and isinstance(p, torch.Tensor) and p.grad is not None:
+                    g = self._from_tensor_grad(p)
+                    p.grad = None
+                if g is not None:
+                    self._pending.setdefault(id(p), []).append(g)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None, *, grads: object = None
+    ) -> Any:
+        """Apply one update to the rows of every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as torch optimizers).
+            grads: each parameter's :class:`~recstack.core.SparseGrad`: a mapping
+                ``{param: grad}``, a sequence in parameter order (``None`` for none), or a
+                single ``SparseGrad`` when there is one parameter. Tensor parameters not in
+                it use their sparse ``.grad``.
+
+        Returns:
+            The closure's loss, if any.
+
+        Raises:
+            FloatingPointError: a gradient holds NaN or Inf (``on_nonfinite="raise"``).
+            IndexError: a gradient row is outside its parameter.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        explicit = self._explicit(grads)
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                parts = self._gather(p, explicit)
+                if not parts:
+                    continue
+                g = parts[0] if len(parts) == 1 else _merge(parts)
+                g = g if g.is_coalesced else g.coalesce()
+                work.append((group, p, g))
+        self._pending.clear()
+        if not work or not self._checks_pass(work):
+            return loss
+        for group, p, g in work:
+            if g.rows.numel():
+                self._step_param(group, p, g)
+        return loss
+
+    def _checks_pass(self, work: list[tuple[dict[str, Any], Param, SparseGrad]]) -> bool:
+        """Row bounds and finiteness of every gradient, read in one host sync."""
+        flags = []
+        for _, _p, g in work:
+            if not g.rows.numel():
+                flags.append(torch.zeros(3, dtype=torch.int64, device=g.device))
+                continue
+            lo, hi = torch.aminmax(g.rows)
+            bad = (~torch.isfinite(g.values)).any()
+            flags.append(torch.stack([lo, hi, bad.to(torch.int64)]))
+        device = work[0][2].device
+        host = torch.stack([f.to(device) for f in flags]).tolist()
+        for (_, p, g), (lo, hi, _bad) in zip(work, host, strict=True):
+            if g.rows.numel() and (lo < 0 or hi >= _rows_of(p)):
+                row = lo if lo < 0 else hi
+                raise IndexError(
+                    f"{type(self).__name__}: the gradient of {self._param_name(p)} has row "
+                    f"{row}, outside its {_rows_of(p)} rows"
+                )
+        nonfinite = [(p, g) for (_, p, g), (_, _, bad) in zip(work, host, strict=True) if bad]
+        if not nonfinite:
+            return True
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return False
+        p, g = nonfinite[0]
+        row = int(g.rows[(~torch.isfinite(g.values)).any(dim=1)][0])
+        raise FloatingPointError(
+            f"{type(self).__name__}: the gradient of {self._param_name(p)} holds NaN or Inf "
+            f"(row {row}); nothing was updated. Pass on_nonfinite='skip' to skip such steps"
+        )
+
+    def _table(self, p: Param) -> PagedTensor:
+        return p if isinstance(p, PagedTensor) else PagedTensor.wrap(p.data, name="param")
+
+    def _slots(self, p: Param) -> dict[str, PagedTensor]:
+        """The parameter's state slots, made on first use and grown with it."""
+        state = self.state[p]
+        rows = _rows_of(p)
+        for spec in self.slot_specs:
+            slot = state.get(spec.name)
+            width = 1 if spec.per_row else _dim_of(p)
+            if slot is None:
+                # A growable table gets growable slots with its page size; a wrapped tensor
+                # (one fixed page) gets one fixed page too.
+                if isinstance(p, PagedTensor) and not p.is_wrapped:
+                    slot = PagedTensor(
+                        width,
+                        torch.float32,
+                        p.device,
+                        page_rows=p.page_rows,
+                        name=f"{p.name}.{spec.name}",
+                    )
+                else:
+                    data = torch.full(
+                        (rows, width), spec.init, dtype=torch.float32, device=p.device
+                    )
+                    pname = p.name if isinstance(p, PagedTensor) else "param"
+                    slot = PagedTensor.wrap(data, name=f"{pname}.{spec.name}")
+                state[spec.name] = slot
+            slot.ensure_rows(rows, fill=spec.init)
+        state.setdefault("step", 0)
+        return {spec.name: state[spec.name] for spec in self.slot_specs}
+
+    def _step_param(self, group: dict[str, Any], p: Param, g: SparseGrad) -> None:
+        table = self._table(p)
+        slots = self._slots(p)
+        state = self.state[p]
+        state["step"] += 1
+        rows = g.rows
+        if use_triton(rows, g.values, op=f"{type(self).__name__}.step"):
+            # One launch reads each touched row of weight, gradient and state once.
+            desc = self._fused_step(group, state["step"])
+            fused_step(desc, table, rows.to(torch.int64), g.values, list(slots.values()))
+            return
+        w = table.gather_rows(rows, check_bounds=False).to(torch.float32)
+        s = {k: v.gather_rows(rows, check_bounds=False) for k, v in slots.items()}
+        w_new, s_new = self._update_rows(group, state["step"], w, g.values.to(torch.float32), s)
+        table.scatter_rows(rows, w_new, check_bounds=False)
+        for k, v in s_new.items():
+            slots[k].scatter_rows(rows, v, check_bounds=False)
+
+    def _fused_step(self, group: dict[str, Any], step: int) -> FusedStep:
+        """The fused kernel's description of this group's update at ``step``."""
+        raise NotImplementedError
+
+    def _update_rows(
+        self,
+        group: dict[str, Any],
+        step: int,
+        w: torch.Tensor,
+        g: torch.Tensor,
+        slots: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """New ``(weight rows, slot rows)`` from the gathered rows (fp32)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ row state
+    def reset_rows(self, param: Param, rows: torch.Tensor) -> None:
+        """Give ``rows`` of ``param`` fresh state (for rows a new id took after an eviction)."""
+        if id(param) not in {id(p) for g in self.param_groups for p in g["params"]}:
+            raise KeyError(f"{type(self).__name__}: reset_rows of an unknown parameter")
+        state = self.state.get(param)
+        if not state or not rows.numel():
+            return
+        for spec in self.slot_specs:
+            slot = state[spec.name]
+            width = 1 if spec.per_row else _dim_of(param)
+            fill = torch.full((rows.numel(), width), spec.init, device=slot.device)
+            slot.scatter_rows(rows.to(torch.int64), fill)
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        """``{"state": {index: {slot: PagedTensor, "step": int}}, "param_groups": [...],
+        "skipped_steps": int}``: tensors and JSON-able scalars only (no pickle)."""
+        index: dict[int, int] = {}
+        groups = []
+        for g in self.param_groups:
+            packed = {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+            packed["params"] = [index.setdefault(id(p), len(index)) for p in g["params"]]
+            groups.append(packed)
+        state = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p in self.state:
+                    st = self.state[p]
+                    state[index[id(p)]] = {
+                        "step": int(st["step"]),
+                        **{spec.name: st[spec.name] for spec in self.slot_specs},
+                    }
+        return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; slots may be PagedTensors or ``[rows, width]``
+        tensors. Groups must match this optimizer's in number and sizes."""
+        name = type(self).__name__
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+            len(a["params"]) != len(b["params"])
+            for a, b in zip(groups, self.param_groups, strict=True)
+        ):
+            raise ValueError(f"{name}: the state dict's param groups do not match this optimizer's")
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved, own in zip(groups, self.param_groups, strict=True):
+            for k, v in saved.items():
+                if k != "params":
+                    own[k] = tuple(v) if isinstance(own.get(k), tuple) else v
+        self.state.clear()
+        for key, st in state_dict["state"].items():
+            p = params[int(key)]
+            slots = self._slots(p)
+            self.state[p]["step"] = int(st["step"])
+            for spec in self.slot_specs:
+                src = st[spec.name]
+                dense = src.to_dense() if isinstance(src, PagedTensor) else src
+                n = min(dense.shape[0], slots[spec.name].num_rows)
+                if n:
+                    rows = torch.arange(n, device=slots[spec.name].device)
+                    slots[spec.name].scatter_rows(rows, dense[:n].to(slots[spec.name].device))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+def _merge(parts: list[SparseGrad]) -> SparseGrad:
+    rows = torch.cat([p.rows for p in parts])
+    values = torch.cat([p.values.to(torch.float32) for p in parts])
+    return SparseGrad(rows, values).coalesce()

@@ -187,3 +187,18 @@ def test_empty_rows_launch_nothing(device, backend):
         t.scatter_rows(empty, torch.zeros(0, 3, device=device), reduce="add")
     assert out.shape == (0, 3) and out.dtype == torch.float32
     assert sum(launches.values()) == 0
+
+
+def test_rows_reset_calls_every_listener_in_order() -> None:
+    t = PagedTensor(dim=2, page_rows=4, name="emb")
+    t.append_rows(6)
+    seen: list[tuple[str, list[int]]] = []
+    t.on_rows_reset(lambda rows: seen.append(("a", rows.tolist())))
+    t.on_rows_reset(lambda rows: seen.append(("b", rows.tolist())))
+    t.rows_reset(torch.tensor([5, 1]))
+    t.rows_reset(torch.zeros(0, dtype=torch.int64))  # nothing to announce
+    assert seen == [("a", [5, 1]), ("b", [5, 1])]
+    with pytest.raises(TypeError, match="'emb': on_rows_reset takes a callable"):
+        t.on_rows_reset(3)  # type: ignore[arg-type]
+    wrapped = PagedTensor.wrap(torch.zeros(3, 2))
+    wrapped.rows_reset(torch.tensor([0]))  # no listeners: a no-op

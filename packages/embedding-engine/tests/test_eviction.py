@@ -104,8 +104,12 @@ def test_evicted_rows_are_reused_and_reinitialized(backend, device) -> None:
     phys.values.fill_(7.0)  # as if trained
     old = ec.find_rows("t", torch.tensor([10, 11, 12], device=device)).tolist()
     assert ec.evict(older_than_step=1) == {"t": 3}
+    announced: list[list[int]] = []
+    phys.values.on_rows_reset(lambda r: announced.append(sorted(r.tolist())))
     out = ec(kjt(device, f=[20, 11]))["f"]
     rows = ec.find_rows("t", torch.tensor([20, 11], device=device))
+    # Whoever keeps state per row (a sparse optimizer) hears of the reused rows.
+    assert announced == [sorted(rows.tolist())]
     assert sorted(rows.tolist()) == sorted(old[:2])  # lowest freed rows first
     cfg = phys.tables[0]
     expect = init_rows(

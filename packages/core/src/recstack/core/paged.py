@@ -9,6 +9,7 @@ adds pages and never moves an existing row, so pointers and rows handed out stay
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 
@@ -341,6 +342,27 @@ class PagedTensor:
         if not parts:
             return torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
         return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+
+    # ------------------------------------------------------------------ row lifetime
+    def on_rows_reset(self, callback: Callable[[torch.Tensor], None]) -> None:
+        """Register ``callback(rows)``, called by every :meth:`rows_reset` of this table.
+
+        State kept per row elsewhere (an optimizer's moments) registers here to learn when
+        a row starts holding something new, e.g. a new id taking an evicted id's row.
+        Callbacks are held for the table's life; one that should not keep its owner alive
+        holds it through a weak reference.
+        """
+        if not callable(callback):
+            raise TypeError(f"PagedTensor {self._name!r}: on_rows_reset takes a callable")
+        self.__dict__.setdefault("_reset_listeners", []).append(callback)
+
+    def rows_reset(self, rows: torch.Tensor) -> None:
+        """Announce that ``rows`` (1-D int64) now hold new contents: every callback given to
+        :meth:`on_rows_reset` is called with them, in registration order."""
+        if not rows.numel():
+            return
+        for callback in self.__dict__.get("_reset_listeners", ()):
+            callback(rows)
 
     def fill_(self, value: float) -> PagedTensor:
         """Set every row to ``value``; returns ``self``."""

@@ -880,7 +880,8 @@ class EmbeddingCollection(nn.Module):
     def _init_new(
         self, phys: PhysicalTable, new_rows: torch.Tensor, new_keys: torch.Tensor
     ) -> None:
-        """Initialize rows new keys took (fresh or freed by eviction) and count the ids."""
+        """Initialize rows new keys took (fresh or freed by eviction), count the ids, and
+        announce the rows (`PagedTensor.rows_reset`) to whoever keeps state per row."""
         tags, logical = phys.decode(new_keys)
         if len(phys.tables) == 1:
             added = [new_keys.numel()]
@@ -899,6 +900,8 @@ class EmbeddingCollection(nn.Module):
             init_rows_into(
                 phys.values, rows_t, keys_t, cfg.initializer, seed=cfg.init_seed, check_bounds=False
             )
+        # State kept per row elsewhere (a sparse optimizer's moments) starts afresh too.
+        phys.values.rows_reset(new_rows)
 
     def _eval_table(self, phys: PhysicalTable, unique: torch.Tensor) -> PagedTensor:
         """A compact ``[U, dim]`` table of the unique keys' rows (read-only lookup)."""

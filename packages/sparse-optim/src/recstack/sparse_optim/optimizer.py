@@ -11,7 +11,9 @@ semantics). Subclasses give the state slots and the row update.
 
 State slots are fp32 ``PagedTensor``\\ s row-aligned with the parameter, made on the first
 step that touches it and grown with it; rows a new id takes after an eviction get fresh
-state through :meth:`~SparseOptimizer.reset_rows`. ``state_dict()`` holds only tensors
+state through :meth:`~SparseOptimizer.reset_rows`, which a ``PagedTensor`` parameter's
+``rows_reset`` announcements (core's ``on_rows_reset``; the embedding engine makes them)
+call by themselves. ``state_dict()`` holds only tensors
 (the slots as ``PagedTensor``\\ s) and JSON-able scalars, for the saver; nothing is pickled.
 
 A gradient with NaN or Inf raises a ``FloatingPointError`` naming the parameter and a row
@@ -22,6 +24,7 @@ updated. All checks of one step share one host sync.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -89,6 +92,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         #: Steps skipped because a gradient held NaN or Inf (``on_nonfinite="skip"``).
         self.skipped_steps = 0
         self._pending: dict[int, list[SparseGrad]] = {}
+        self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
+        self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
         if isinstance(params, (torch.Tensor, PagedTensor)):
             raise TypeError(
                 f"{type(self).__name__}: params must be an iterable of parameters or groups, "
@@ -318,7 +323,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         )
 
     def _table(self, p: Param) -> PagedTensor:
-        return p if isinstance(p, PagedTensor) else PagedTensor.wrap(p.data, name="param")
+        if isinstance(p, PagedTensor):
+            return p
+        # Wrapped once (wrapping copies a page table to the device), again only if the
+        # tensor's storage changed.
+        key = (p.data_ptr(), tuple(p.shape), p.dtype)
+        cached = self._wrapped.get(id(p))
+        if cached is None or cached[0] != key:
+            cached = (key, PagedTensor.wrap(p.data, name="param"))
+            self._wrapped[id(p)] = cached
+        return cached[1]
 
     def _slots(self, p: Param) -> dict[str, PagedTensor]:
         """The parameter's state slots, made on first use and grown with it."""
@@ -346,6 +360,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                     slot = PagedTensor.wrap(data, name=f"{pname}.{spec.name}")
                 state[spec.name] = slot
             slot.ensure_rows(rows, fill=spec.init)
+        if isinstance(p, PagedTensor) and id(p) not in self._listening:
+            self._listening.add(id(p))
+            # Rows the table announces as reset (a new id took an evicted id's row) get
+            # fresh state; the listener holds this optimizer weakly.
+            p.on_rows_reset(_ResetListener(self, p))
         state.setdefault("step", 0)
         return {spec.name: state[spec.name] for spec in self.slot_specs}
 
@@ -390,6 +409,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         state = self.state.get(param)
         if not state or not rows.numel():
             return
+        self._slots(param)  # grown to the parameter's rows first: new rows may be past them
         for spec in self.slot_specs:
             slot = state[spec.name]
             width = 1 if spec.per_row else _dim_of(param)
@@ -445,6 +465,21 @@ class SparseOptimizer(torch.optim.Optimizer):
                     rows = torch.arange(n, device=slots[spec.name].device)
                     slots[spec.name].scatter_rows(rows, dense[:n].to(slots[spec.name].device))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+class _ResetListener:
+    """``PagedTensor.on_rows_reset`` callback: resets an optimizer's state of those rows.
+
+    Weak references both ways, so a table does not keep a dropped optimizer alive."""
+
+    def __init__(self, opt: SparseOptimizer, param: PagedTensor) -> None:
+        self._opt = weakref.ref(opt)
+        self._param = weakref.ref(param)
+
+    def __call__(self, rows: torch.Tensor) -> None:
+        opt, param = self._opt(), self._param()
+        if opt is not None and param is not None:
+            opt.reset_rows(param, rows)
 
 
 def _merge(parts: list[SparseGrad]) -> SparseGrad:

@@ -32,8 +32,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the fused Adam step over kernel tile settings (FUSED_STEP_DEFAULTS)",
+    )
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     n_table, n, dim = args.table_rows, args.rows, args.dim
     report = Report(
         f"Sparse optimizer step, {n:,} rows x {dim} in a {n_table:,}-row fp32 table",
@@ -91,9 +97,27 @@ def main() -> None:
         for base, label in ((base_a, f"torch.optim.{torch_cls.__name__}, sparse=True"),
                             (base_b, "gather-math-scatter")):  # fmt: skip
             report.add(Row(f"{name} step", ours, base, nbytes, baseline=label))
+    if args.sweep:
+        sweep(grad, w0, report.bandwidth, n * 8 + n * dim * 4 + 2 * n * dim * 4 * 3, args)
     print()
     print(report.markdown())
     report.save(args.json)
+
+
+def sweep(grad: SparseGrad, w0: torch.Tensor, bandwidth: float, nbytes: int, args) -> None:
+    """The fused Adam step's time for each tile setting, printed as a list."""
+    from recstack.sparse_optim.kernels.fused_step import FUSED_STEP_DEFAULTS
+
+    device = w0.device
+    saved = dict(FUSED_STEP_DEFAULTS)
+    opt = SparseAdam([PagedTensor.wrap(w0.clone(), name="table")], lr=1e-3)
+    for block_r in (4, 8, 16, 32, 64):
+        for num_warps in (1, 2, 4, 8):
+            FUSED_STEP_DEFAULTS.update(block_r=block_r, max_block_d=64, num_warps=num_warps)
+            t = median_time(lambda: opt.step(grads=grad), device, repeat=args.repeat)
+            print(f"  block_r {block_r:>2}, warps {num_warps}: {t * 1e3:.3f} ms, "
+                  f"MBU {nbytes / t / bandwidth:.0%}")  # fmt: skip
+    FUSED_STEP_DEFAULTS.update(saved)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ if HAS_TRITON:
     from recstack.core.kernels.paged_rows import _row_pointers, _to_table_dtype
 
 __all__ = [
+    "FUSED_STEP_DEFAULTS",
     "OPT_ADAGRAD",
     "OPT_ADAM",
     "OPT_FTRL",
@@ -45,8 +46,9 @@ __all__ = [
 
 OPT_SGD, OPT_ADAGRAD, OPT_ROWWISE, OPT_ADAM, OPT_FTRL = 0, 1, 2, 3, 4
 
-_BLOCK_R = 16
-_MAX_BLOCK_D = 128
+#: Kernel tile defaults: rows per program, the column tile cap, warps per program. A
+#: benchmark sweep (``benchmarks/sparse_optim.py --sweep``) edits this dict.
+FUSED_STEP_DEFAULTS: dict[str, int] = {"block_r": 16, "max_block_d": 128, "num_warps": 4}
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,10 @@ def fused_step(
     params = tuple(step.params) + (0.0,) * (6 - len(step.params))
     flags = tuple(step.flags) + (False,) * (3 - len(step.flags))
     aligned = all(bool(getattr(s, "_pages_aligned", False)) for s in slots)
-    block_d = min(_pow2_ceil(dim), _MAX_BLOCK_D)
+    block_r = FUSED_STEP_DEFAULTS["block_r"]
+    block_d = min(_pow2_ceil(dim), FUSED_STEP_DEFAULTS["max_block_d"])
     record_launch("sparse_optim_fused_step")
-    _fused_step_kernel[(triton.cdiv(n, _BLOCK_R),)](
+    _fused_step_kernel[(triton.cdiv(n, block_r),)](
         rows,
         grad,
         grad.stride(0),
@@ -262,7 +265,7 @@ def fused_step(
         FLAG_A=bool(flags[0]),
         FLAG_B=bool(flags[1]),
         FLAG_C=bool(flags[2]),
-        BLOCK_R=_BLOCK_R,
+        BLOCK_R=block_r,
         BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=FUSED_STEP_DEFAULTS["num_warps"],
     )

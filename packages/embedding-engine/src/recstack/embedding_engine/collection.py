@@ -83,8 +83,7 @@ It shares the sequence features' lookup and gradient path.
 Example:
     >>> import torch
     >>> from recstack.core import KeyedJaggedTensor
-    >>> from recstack.embedding_engine.dedup import sort_ids
-from recstack.embedding_engine.config import FeatureConfig, TableConfig
+    >>> from recstack.embedding_engine.config import FeatureConfig, TableConfig
     >>> ec = EmbeddingCollection(
     ...     [TableConfig("item", dim=4), TableConfig("user", dim=4)],
     ...     [FeatureConfig("clicks", "item", pooling="mean"),
@@ -830,7 +829,9 @@ class EmbeddingCollection(nn.Module):
         if not missing_v:
             return phys.values, rows
         unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        return self._eval_table(phys, unique), inverse
+        # The rows are already found: spread them to the unique keys, no second find.
+        rows_u = torch.empty_like(unique).scatter_(0, inverse, rows)
+        return self._compact_table(phys, unique, rows_u), inverse
 
     def _insert(
         self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor
@@ -902,12 +903,6 @@ class EmbeddingCollection(nn.Module):
             )
         # State kept per row elsewhere (a sparse optimizer's moments) starts afresh too.
         phys.values.rows_reset(new_rows)
-
-    def _eval_table(self, phys: PhysicalTable, unique: torch.Tensor) -> PagedTensor:
-        """A compact ``[U, dim]`` table of the unique keys' rows (read-only lookup)."""
-        if not unique.numel():
-            return phys.values  # nothing is read
-        return self._compact_table(phys, unique, phys.hash_table.find(unique, check_keys=False))
 
     def _compact_table(
         self, phys: PhysicalTable, unique: torch.Tensor, rows: torch.Tensor

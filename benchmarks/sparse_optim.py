@@ -1,17 +1,26 @@
 """Sparse optimizer step: 1M unique rows of dim 64 in a 20M-row fp32 table (issue 6).
 
-Ours: one fused Triton launch per step (``SparseAdam`` / ``SparseAdagrad`` over the table
-as a ``PagedTensor``, given the step's coalesced ``SparseGrad``). Baselines in the same run:
+Three workloads, each against plain PyTorch in the same run:
 
-* (a) ``torch.optim.SparseAdam`` / ``torch.optim.Adagrad`` on ``nn.Embedding(sparse=True)``
-  with the same gradient as a sparse COO tensor;
-* (b) plain PyTorch gather-math-scatter of the same update (``index_select``, the update
-  on the gathered rows, ``index_copy_``).
+1. **The step from a coalesced gradient.** Ours: ``SparseAdam`` / ``SparseAdagrad`` over the
+   table as a ``PagedTensor`` given the step's ``SparseGrad`` (one check launch, one update
+   launch, one host read at the end). Baselines: (a) ``torch.optim.SparseAdam`` /
+   ``torch.optim.Adagrad`` on ``nn.Embedding(sparse=True)`` with the same gradient as a
+   coalesced COO tensor; (b) gather-math-scatter (``index_select``, the update, ``index_copy_``).
+   MBU counts the bytes the step must move: the rows (8 B each), the gradient read, the
+   weight and the state read and written once.
+2. **The step from an ``nn.Embedding(sparse=True)`` backward**, as a plain-PyTorch training
+   step (the DIN anchor) hands it over: one gradient row per id looked up (``--ids`` ids
+   over the same 1M rows), uncoalesced. Both optimizers coalesce it first; MBU counts the
+   gradient rows read once plus the update's bytes.
+3. **Fused in backward.** An ``EmbeddingCollection`` fixed-size table (row = id) of the same
+   shape, one sum-pooled feature (``--ids`` ids in bags of 64): forward + backward + the
+   Adam step (backward leaves a ``SparseGrad``, ``opt.step`` applies it) against forward +
+   backward with ``ec.fuse_optimizer(opt)`` (the backward applies the step), in both fused
+   forms (row sums then the update; ``one_pass=True``: one kernel). The forward alone is
+   timed too, and the rows "backward + step" subtract it.
 
-MBU counts the bytes a fused step must move: the rows (8 B each), the gradient read, the
-weight and the state read and written once.
-
-    python benchmarks/sparse_optim.py
+    python benchmarks/sparse_optim.py [--sweep]
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import argparse
 import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time
 
-from recstack.core import PagedTensor, SparseGrad
+from recstack.core import KeyedJaggedTensor, PagedTensor, SparseGrad
 from recstack.sparse_optim import SparseAdagrad, SparseAdam
 
 
@@ -29,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--table-rows", type=int, default=20_000_000)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--ids", type=int, default=4_194_304, help="ids of workloads 2 and 3")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--json", default=None)
@@ -36,8 +46,9 @@ def main() -> None:
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="also time the fused Adam step over kernel tile settings (FUSED_STEP_DEFAULTS)",
+        help="also time the Adam update launch over tile settings (ROW_UPDATE_DEFAULTS)",
     )
+    parser.add_argument("--skip", default="", help="comma list of workloads to skip: 1,2,3")
     args = parser.parse_args()
     device = torch.device(args.device)
     n_table, n, dim = args.table_rows, args.rows, args.dim
@@ -48,11 +59,29 @@ def main() -> None:
     )
     gen = torch.Generator(device=device).manual_seed(0)
     rows = torch.randperm(n_table, generator=gen, device=device)[:n].sort().values
+    w0 = torch.randn(n_table, dim, generator=gen, device=device)
+    skip = set(args.skip.split(","))
+    if "1" not in skip:
+        coalesced_step(report, rows, w0, gen, args)
+    if "2" not in skip:
+        embedding_backward_step(report, rows, w0, gen, args)
+    if "3" not in skip:
+        fused_backward(report, rows, gen, args)
+    print()
+    print(report.markdown())
+    report.save(args.json)
+
+
+def update_bytes(n: int, dim: int, slots: int) -> int:
+    """Rows read, gradient read once, weight and ``slots`` state rows read and written."""
+    return n * 8 + n * dim * 4 + 2 * n * dim * 4 * (1 + slots)
+
+
+def coalesced_step(report: Report, rows, w0, gen, args) -> None:
+    device, (n_table, dim), n = w0.device, w0.shape, rows.numel()
     values = torch.randn(n, dim, generator=gen, device=device) * 1e-2
     grad = SparseGrad(rows, values, is_coalesced=True)
     coo = torch.sparse_coo_tensor(rows[None], values, (n_table, dim)).coalesce()
-    w0 = torch.randn(n_table, dim, generator=gen, device=device)
-
     for name, ours_cls, torch_cls, slots in (
         ("Adam", SparseAdam, torch.optim.SparseAdam, 2),
         ("Adagrad", SparseAdagrad, torch.optim.Adagrad, 1),
@@ -60,7 +89,9 @@ def main() -> None:
         weight = w0.clone()
         opt = ours_cls([PagedTensor.wrap(weight, name="table")], lr=1e-3)
         ours = median_time(lambda o=opt: o.step(grads=grad), device, repeat=args.repeat)
-        del opt
+        if args.sweep and name == "Adam":
+            sweep(opt, grad, report.bandwidth, update_bytes(n, dim, 2), args)
+        del opt, weight
 
         emb = torch.nn.Embedding.from_pretrained(w0.clone(), freeze=False, sparse=True)
         t_opt = torch_cls(emb.parameters(), lr=1e-3)
@@ -93,31 +124,134 @@ def main() -> None:
             w.index_copy_(0, rows, w.index_select(0, rows).sub_(upd, alpha=1e-3))
 
         base_b = median_time(plain_step, device, repeat=args.repeat)
-        nbytes = n * 8 + n * dim * 4 + 2 * n * dim * 4 * (1 + slots)
+        del plain_w, state
+        nbytes = update_bytes(n, dim, slots)
         for base, label in ((base_a, f"torch.optim.{torch_cls.__name__}, sparse=True"),
                             (base_b, "gather-math-scatter")):  # fmt: skip
-            report.add(Row(f"{name} step", ours, base, nbytes, baseline=label))
-    if args.sweep:
-        sweep(grad, w0, report.bandwidth, n * 8 + n * dim * 4 + 2 * n * dim * 4 * 3, args)
-    print()
-    print(report.markdown())
-    report.save(args.json)
+            report.add(Row(f"{name} step, coalesced gradient", ours, base, nbytes, baseline=label))
 
 
-def sweep(grad: SparseGrad, w0: torch.Tensor, bandwidth: float, nbytes: int, args) -> None:
-    """The fused Adam step's time for each tile setting, printed as a list."""
-    from recstack.sparse_optim.kernels.fused_step import FUSED_STEP_DEFAULTS
+def embedding_backward_step(report: Report, rows, w0, gen, args) -> None:
+    """Both optimizers given the uncoalesced gradient an nn.Embedding backward leaves."""
+    device, dim, n = w0.device, w0.shape[1], rows.numel()
+    extra = torch.randint(0, n, (args.ids - n,), generator=gen, device=device)
+    ids = rows[torch.cat([torch.arange(n, device=device), extra])]
+    ids = ids[torch.randperm(ids.numel(), generator=gen, device=device)]
+    emb = torch.nn.Embedding.from_pretrained(w0.clone(), freeze=False, sparse=True)
+    emb(ids).mul(1e-2).sum().backward()
+    grad = emb.weight.grad
+    assert grad is not None and not grad.is_coalesced()
+    ours_opt = SparseAdam([emb.weight], lr=1e-3)
 
-    device = w0.device
-    saved = dict(FUSED_STEP_DEFAULTS)
-    opt = SparseAdam([PagedTensor.wrap(w0.clone(), name="table")], lr=1e-3)
-    for block_r in (4, 8, 16, 32, 64):
-        for num_warps in (1, 2, 4, 8):
-            FUSED_STEP_DEFAULTS.update(block_r=block_r, max_block_d=64, num_warps=num_warps)
-            t = median_time(lambda: opt.step(grads=grad), device, repeat=args.repeat)
-            print(f"  block_r {block_r:>2}, warps {num_warps}: {t * 1e3:.3f} ms, "
-                  f"MBU {nbytes / t / bandwidth:.0%}")  # fmt: skip
-    FUSED_STEP_DEFAULTS.update(saved)
+    def ours_step(o=ours_opt) -> None:
+        emb.weight.grad = grad
+        o.step()
+
+    ours = median_time(ours_step, device, repeat=args.repeat)
+    del ours_opt
+    t_opt = torch.optim.SparseAdam([emb.weight], lr=1e-3)
+
+    def torch_step() -> None:
+        emb.weight.grad = grad
+        t_opt.step()
+
+    base = median_time(torch_step, device, repeat=args.repeat)
+    nbytes = args.ids * (8 + dim * 4) + update_bytes(n, dim, 2)
+    report.add(
+        Row(
+            f"Adam step, nn.Embedding(sparse=True) gradient ({args.ids:,} ids)",
+            ours,
+            base,
+            nbytes,
+            baseline="torch.optim.SparseAdam",
+        )
+    )
+
+
+def fused_backward(report: Report, rows, gen, args) -> None:
+    """Forward + backward + step, unfused and fused, through an EmbeddingCollection."""
+    from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+
+    device, n_table, dim, n = rows.device, args.table_rows, args.dim, rows.numel()
+    bag = 64
+    batch = args.ids // bag
+    extra = torch.randint(0, n, (batch * bag - n,), generator=gen, device=device)
+    ids = rows[torch.cat([torch.arange(n, device=device), extra])]
+    ids = ids[torch.randperm(ids.numel(), generator=gen, device=device)]
+    kjt = KeyedJaggedTensor(
+        ["f"], ids, lengths=torch.full((batch,), bag, dtype=torch.int64, device=device)
+    )
+    grad_out = torch.randn(batch, dim, generator=gen, device=device) * 1e-2
+
+    def collection() -> tuple[EmbeddingCollection, PagedTensor, SparseAdam]:
+        ec = EmbeddingCollection(
+            [TableConfig("t", dim=dim, fixed_size=n_table)], [FeatureConfig("f", "t")],
+            device=device,
+        )  # fmt: skip
+        values = ec.physical_tables["t"].values
+        return ec, values, SparseAdam([values], lr=1e-3)
+
+    ec, values, opt = collection()
+
+    def forward(ec=ec) -> None:
+        ec(kjt)
+
+    def unfused(ec=ec, opt=opt, values=values) -> None:
+        ec(kjt)["f"].backward(grad_out)
+        opt.step(grads={values: ec.sparse_grads()["t"]})
+
+    t_fwd = median_time(forward, device, repeat=args.repeat)
+    t_unfused = median_time(unfused, device, repeat=args.repeat)
+    del ec, values, opt
+    label = f"{args.ids:,} ids in bags of {bag}, {n:,} rows"
+    # The backward's reads (per id: label, position, bag index, gradient row) + the update.
+    nbytes = args.ids * (4 + 8 + 8 + dim * 4) + update_bytes(n, dim, 2) - n * dim * 4
+    print(f"  forward alone: {t_fwd * 1e3:.3f} ms", flush=True)
+    for one_pass in (False, True):
+        ec, values, opt = collection()
+        ec.fuse_optimizer(opt, one_pass=one_pass)
+
+        def fused(ec=ec) -> None:
+            ec(kjt)["f"].backward(grad_out)
+
+        t_fused = median_time(fused, device, repeat=args.repeat)
+        del ec, values, opt
+        form = "one kernel" if one_pass else "sums, then update"
+        report.add(
+            Row(f"forward + backward + Adam step, {label}; fused ({form})", t_fused, t_unfused, 0,
+                baseline="unfused: backward, then opt.step")
+        )  # fmt: skip
+        report.add(
+            Row(f"backward + Adam step (forward subtracted), {label}; fused ({form})",
+                t_fused - t_fwd, t_unfused - t_fwd, nbytes,
+                baseline="unfused: backward, then opt.step")
+        )  # fmt: skip
+
+
+def sweep(opt: SparseAdam, grad: SparseGrad, bandwidth: float, nbytes: int, args) -> None:
+    """The Adam update launch's time for each tile setting, printed as a list."""
+    from recstack.core.kernels.row_update import apply_row_update
+
+    device = grad.device
+    p = opt.param_groups[0]["params"][0]
+    update = opt._begin(opt.param_groups[0], p)
+    table = opt._table(p)
+    for max_block_d in (32, 64, 128):
+        for tile_elems in (128, 256, 512, 1024, 2048, 4096):
+            for num_warps in (1, 2, 4, 8):
+                if tile_elems < 32 * num_warps:
+                    continue
+                tile = {"tile_elems": tile_elems, "max_block_d": max_block_d,
+                        "num_warps": num_warps}  # fmt: skip
+                t = median_time(
+                    lambda tile=tile: apply_row_update(
+                        update, table, grad.rows, grad.values, **tile
+                    ),  # fmt: skip
+                    device,
+                    repeat=args.repeat,
+                )
+                print(f"  block_d <= {max_block_d:>3}, tile {tile_elems:>4}, warps {num_warps}: "
+                      f"{t * 1e3:.3f} ms, MBU {nbytes / t / bandwidth:.0%}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 * :class:`JaggedTensor`, :class:`KeyedJaggedTensor`: variable-length features, packed.
 * :class:`PagedTensor`: a growable row store addressed through a page table of data pointers.
 * :class:`SparseGrad`: row-sparse gradients with a fused :meth:`SparseGrad.coalesce`.
+* :class:`RowUpdate`, :class:`RowUpdater`: an optimizer's row update as data, so one
+  package's kernel (a fused embedding backward) applies another's optimizer.
 * :func:`hash64` (XXH64), :func:`mix64` (fmix64): the documented 64-bit hashes.
 * :func:`owner`, :class:`ShardSpec`: the id-to-rank map shared by all-to-all and the saver.
 * :mod:`recstack.core.distributed`: torchrun environment and :func:`all_to_all_v`.
@@ -23,6 +25,7 @@ from recstack.core.keyed_state import (
     validate_chunk,
 )
 from recstack.core.paged import PagedTensor
+from recstack.core.row_update import RowUpdate, RowUpdater
 from recstack.core.sharding import SHARD_SEED, ShardSpec, owner
 from recstack.core.sparse_grad import SparseGrad
 from recstack.core.torchrec_interop import from_torchrec, to_torchrec
@@ -36,6 +39,8 @@ __all__ = [
     "KeyedJaggedTensor",
     "KeyedState",
     "PagedTensor",
+    "RowUpdate",
+    "RowUpdater",
     "ShardSpec",
     "SparseGrad",
     "__version__",

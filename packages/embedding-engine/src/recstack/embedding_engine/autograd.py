@@ -17,6 +17,11 @@ collection deduplicates the ids with one sort (:func:`~recstack.embedding_engine
 sort_ids`) and hands the sort to the backward in :attr:`LookupPlan.row_sort`, so the backward
 sorts nothing of size ``N`` (a plan without one is sorted here). No per-id ``[N, dim]``
 gradient is ever built.
+
+Fused mode: a plan with an ``updater`` (core's :class:`~recstack.core.RowUpdater`, e.g. a
+sparse optimizer) gets the optimizer's :class:`~recstack.core.RowUpdate` of the table in
+backward and applies it to the rows as the same kernel reduces their gradient
+(:func:`lookup_backward_fused`); no ``SparseGrad`` is made and the sink gets nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from typing import Any
 
 import torch
 
-from recstack.core import PagedTensor, SparseGrad, kernels
+from recstack.core import PagedTensor, RowUpdate, RowUpdater, SparseGrad, kernels
+from recstack.core.kernels import use_triton
+from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 from recstack.embedding_engine.dedup import sort_ids
 from recstack.embedding_engine.kernels.lookup_grad import lookup_grad_sums
+from recstack.embedding_engine.kernels.lookup_grad_update import lookup_grad_update
 from recstack.embedding_engine.kernels.pooling import _bag_lengths, _bag_scale, pooled_lookup
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "LookupPlan",
     "RowSort",
     "lookup_backward",
+    "lookup_backward_fused",
     "lookup_forward",
     "merge_sparse_grads",
 ]
@@ -82,6 +91,10 @@ class LookupPlan:
         sink: receives the physical table's :class:`SparseGrad` in backward.
         row_sort: the forward's grouping of the ids by row, or ``None`` (the backward
             sorts them).
+        updater: an optimizer (core :class:`~recstack.core.RowUpdater`) whose update of
+            ``table`` the backward applies itself (:func:`lookup_backward_fused`) instead
+            of handing a gradient to ``sink``; ``None``: unfused.
+        one_pass: with an updater, :func:`lookup_backward_fused`'s one-kernel form.
     """
 
     name: str
@@ -94,6 +107,8 @@ class LookupPlan:
     sequence_rows: torch.Tensor
     sink: Callable[[str, SparseGrad], None] | None = None
     row_sort: RowSort | None = None
+    updater: RowUpdater | None = None
+    one_pass: bool = False
 
     @property
     def num_pooled(self) -> int:
@@ -132,6 +147,29 @@ def _empty_grad(dim: int, device: torch.device) -> SparseGrad:
     )
 
 
+def _live_grads(
+    plan: LookupPlan, grad_pooled: torch.Tensor | None, grad_sequence: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The output gradients that reach ids (``None`` where no id is behind them)."""
+    if not (plan.num_pooled and plan.pooled_rows.numel()):
+        grad_pooled = None
+    if not plan.sequence_rows.numel():
+        grad_sequence = None
+    return grad_pooled, grad_sequence
+
+
+def _bags(plan: LookupPlan, grad_pooled: torch.Tensor | None) -> dict[str, Any]:
+    """The pooled ids' bags and bag scales the gradient kernels take."""
+    if grad_pooled is None:
+        return {"bag_of": None, "bag_scale": None}
+    offsets = plan.pooled_offsets
+    n_pooled = plan.pooled_rows.numel()
+    return {
+        "bag_of": torch.repeat_interleave(_bag_lengths(offsets), output_size=n_pooled),
+        "bag_scale": _bag_scale(offsets, plan.modes, plan.batch_size),
+    }
+
+
 def lookup_backward(
     plan: LookupPlan, grad_pooled: torch.Tensor | None, grad_sequence: torch.Tensor | None
 ) -> SparseGrad:
@@ -143,11 +181,7 @@ def lookup_backward(
     sync when ``plan.row_sort`` is set.
     """
     dim, device = plan.table.dim, plan.table.device
-    n_pooled, n_seq = plan.pooled_rows.numel(), plan.sequence_rows.numel()
-    if not (plan.num_pooled and n_pooled):
-        grad_pooled = None
-    if not n_seq:
-        grad_sequence = None
+    grad_pooled, grad_sequence = _live_grads(plan, grad_pooled, grad_sequence)
     if grad_pooled is None and grad_sequence is None:
         return _empty_grad(dim, device)
     rs, min_seg = (plan.row_sort, 0) if plan.row_sort is not None else _sort_rows(plan)
@@ -161,11 +195,6 @@ def lookup_backward(
         rows, perm = torch.sort(rs.seg_rows)
         seg_dest = torch.empty_like(perm)
         seg_dest[perm] = torch.arange(perm.numel(), dtype=torch.int64, device=device)
-    bag_of = bag_scale = None
-    if grad_pooled is not None:
-        offsets = plan.pooled_offsets
-        bag_of = torch.repeat_interleave(_bag_lengths(offsets), output_size=n_pooled)
-        bag_scale = _bag_scale(offsets, plan.modes, plan.batch_size)
     values = lookup_grad_sums(
         rs.order,
         rs.sorted_seg,
@@ -173,15 +202,68 @@ def lookup_backward(
         seg_dest,
         dim,
         grad_pooled=grad_pooled,
-        bag_of=bag_of,
-        bag_scale=bag_scale,
+        **_bags(plan, grad_pooled),
         weights=plan.weights,
         batch_size=plan.batch_size,
-        n_pooled=n_pooled,
+        n_pooled=plan.pooled_rows.numel(),
         grad_sequence=grad_sequence,
         min_seg=min_seg,
     )
     return SparseGrad(rows[min_seg:], values[min_seg:], is_coalesced=True)
+
+
+def lookup_backward_fused(
+    plan: LookupPlan,
+    grad_pooled: torch.Tensor | None,
+    grad_sequence: torch.Tensor | None,
+    update: RowUpdate,
+    *,
+    one_pass: bool = False,
+) -> bool:
+    """Apply ``update`` (an optimizer's step of ``plan.table``) to the rows the lookup read,
+    with the gradient :func:`lookup_backward` would give; no ``SparseGrad`` is made.
+
+    Two launches by default: the row sums (:func:`lookup_grad_sums`, into a scratch buffer
+    freed on return) and core's ``apply_row_update``. ``one_pass=True`` runs
+    :func:`~recstack.embedding_engine.kernels.lookup_grad_update.lookup_grad_update`
+    instead, which updates each row from the sums in registers and never writes them out
+    (the H200 numbers in docs/benchmarks.md say when that pays). The output gradients are
+    checked for NaN/Inf on the device first; if any is found nothing is written. Returns
+    whether that happened (the one host sync).
+    """
+    device, dim = plan.table.device, plan.table.dim
+    grad_pooled, grad_sequence = _live_grads(plan, grad_pooled, grad_sequence)
+    gate = new_gate(device)
+    for g in (grad_pooled, grad_sequence):
+        if g is not None:
+            check_rows(gate, g)
+    if grad_pooled is None and grad_sequence is None:
+        return bool(gate[1])
+    tensors = [t for t in (grad_pooled, grad_sequence, plan.pooled_rows) if t is not None]
+    rs, min_seg = (plan.row_sort, 0) if plan.row_sort is not None else _sort_rows(plan)
+    sums = {
+        "grad_pooled": grad_pooled,
+        **_bags(plan, grad_pooled),
+        "weights": plan.weights,
+        "batch_size": plan.batch_size,
+        "n_pooled": plan.pooled_rows.numel(),
+        "grad_sequence": grad_sequence,
+        "min_seg": min_seg,
+    }
+    if one_pass and use_triton(*tensors, op="fused embedding backward"):
+        lookup_grad_update(
+            update, plan.table, gate, rs.order, rs.sorted_seg, rs.num_segments, rs.seg_rows,
+            **sums,
+        )  # fmt: skip
+        return bool(gate[1])
+    # Sums by label (any row order will do for the update: no sort of the rows).
+    values = lookup_grad_sums(rs.order, rs.sorted_seg, rs.num_segments, None, dim, **sums)
+    if rs.seg_rows is None:
+        rows = torch.arange(rs.num_segments, dtype=torch.int64, device=device)
+    else:
+        rows = rs.seg_rows
+    apply_row_update(update, plan.table, rows[min_seg:], values[min_seg:], gate)
+    return bool(gate[1])
 
 
 def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
@@ -204,7 +286,8 @@ class EmbeddingLookupFunction(torch.autograd.Function):
 
     ``anchor`` is any tensor with ``requires_grad=True`` (a zero-size one is enough); it only
     ties the outputs into the graph and receives no gradient. The backward sends
-    :func:`lookup_backward`'s :class:`SparseGrad` to ``plan.sink``.
+    :func:`lookup_backward`'s :class:`SparseGrad` to ``plan.sink``, or, when the plan has
+    an updater that trains the table, applies the updater's step itself.
     """
 
     @staticmethod
@@ -223,6 +306,16 @@ class EmbeddingLookupFunction(torch.autograd.Function):
     ) -> tuple[None, None]:
         plan: LookupPlan = ctx.plan
         with kernels.use_backend(ctx.backend):
+            live = _live_grads(plan, grad_pooled, grad_sequence)
+            has_grad = any(g is not None for g in live)
+            update = None
+            if plan.updater is not None and has_grad:
+                update = plan.updater.begin_row_update(plan.table)
+            if update is not None:
+                assert plan.updater is not None
+                nonfinite = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
+                plan.updater.end_row_update(plan.table, nonfinite=nonfinite)
+                return None, None
             grad = lookup_backward(plan, grad_pooled, grad_sequence)
         if plan.sink is not None:
             plan.sink(plan.name, grad)

@@ -111,7 +111,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from recstack.core import JaggedTensor, KeyedJaggedTensor, PagedTensor, SparseGrad
+from recstack.core import JaggedTensor, KeyedJaggedTensor, PagedTensor, RowUpdater, SparseGrad
+from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 from recstack.embedding_engine.admission import CountMinSketch
 from recstack.embedding_engine.autograd import (
     EmbeddingLookupFunction,
@@ -385,6 +386,8 @@ class EmbeddingCollection(nn.Module):
             for p, fs in self._pooled.items()
         }
         self._grads: dict[str, SparseGrad] = {}
+        self._updater: RowUpdater | None = None
+        self._one_pass = False
         # Ids per logical table of each merged physical table (one table: len(hash_table)).
         self._num_ids: dict[str, list[int]] = {
             p: [0] * len(v.tables) for p, v in self._physical.items()
@@ -659,6 +662,54 @@ class EmbeddingCollection(nn.Module):
         """Drop the stored sparse gradients (every forward does this too)."""
         self._grads.clear()
 
+    def fuse_optimizer(self, optimizer: RowUpdater | None, *, one_pass: bool = False) -> None:
+        """Apply ``optimizer``'s updates inside the backward (``None``: stop doing so).
+
+        ``optimizer`` speaks core's :class:`~recstack.core.RowUpdater` protocol (every
+        ``recstack.sparse_optim`` optimizer does). For each physical table whose ``values``
+        it trains, a training backward reduces the gradient by row and updates the rows and
+        the optimizer's state right there (the row sums go from the reduction kernel to
+        the update kernel, or with ``one_pass=True`` stay in registers of one kernel; see
+        ``lookup_backward_fused``): no :class:`SparseGrad` is stored
+        (:meth:`sparse_grads` has no entry for the table) and no ``optimizer.step()`` is
+        needed for it. Each backward is one optimizer step of the tables it reaches;
+        NaN/Inf in the output gradients writes nothing and raises or counts a skipped step
+        per the optimizer's ``on_nonfinite``, checked per table. Tables the optimizer does
+        not train keep their stored gradients.
+
+        Raises:
+            TypeError: ``optimizer`` does not have ``begin_row_update`` /
+                ``end_row_update``.
+        """
+        if optimizer is not None and not isinstance(optimizer, RowUpdater):
+            raise TypeError(
+                "EmbeddingCollection.fuse_optimizer: the optimizer must speak core's "
+                f"RowUpdater protocol (begin_row_update / end_row_update); got "
+                f"{type(optimizer).__name__}"
+            )
+        self._updater = optimizer
+        self._one_pass = bool(one_pass)
+
+    @property
+    def fused_optimizer(self) -> RowUpdater | None:
+        """The optimizer :meth:`fuse_optimizer` set, or ``None``."""
+        return self._updater
+
+    def _apply_fused(self, name: str, grad: SparseGrad) -> None:
+        """A materialized gradient (compact-table batches) applied by the fused optimizer."""
+        updater, values = self._updater, self._physical[name].values
+        update = None
+        if updater is not None and grad.rows.numel():
+            update = updater.begin_row_update(values)
+        if update is None:
+            self._sink(name, grad)
+            return
+        assert updater is not None
+        gate = new_gate(grad.device)
+        check_rows(gate, grad.values)
+        apply_row_update(update, values, grad.rows, grad.values, gate)
+        updater.end_row_update(values, nonfinite=bool(gate[1]))
+
     def _sink(self, name: str, grad: SparseGrad) -> None:
         prev = self._grads.get(name)
         self._grads[name] = grad if prev is None else merge_sparse_grads([prev, grad])
@@ -750,6 +801,7 @@ class EmbeddingCollection(nn.Module):
         keys = torch.cat([phys.encode(f.index, x) for f, x in zip(feats, ids, strict=True)])
         n_pooled = sum(x.numel() for x in ids[: len(pooled_fs)])
         sink = self._sink
+        updater = self._updater if self.training else None
         row_sort = None
         if self.training and keys.numel():
             # One sort dedups the keys and, kept in the plan, groups them for the backward.
@@ -771,7 +823,7 @@ class EmbeddingCollection(nn.Module):
                 # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
                 table = self._compact_table(phys, s.unique, rows_u)
                 rows = s.inverse
-                sink = _RowMapSink(rows_u, self._sink)
+                sink = _RowMapSink(rows_u, self._sink if updater is None else self._apply_fused)
                 row_sort = RowSort(s.order, s.sorted_seg, None, s.num_unique)
             else:
                 table = phys.values
@@ -793,6 +845,9 @@ class EmbeddingCollection(nn.Module):
             sequence_rows=rows[n_pooled:],
             sink=sink,
             row_sort=row_sort,
+            # A compact table's plan hands its mapped gradient to _apply_fused instead.
+            updater=updater if table is phys.values else None,
+            one_pass=self._one_pass,
         )
 
     def _bad_flag(self, phys: PhysicalTable, ids: list[torch.Tensor]) -> torch.Tensor:

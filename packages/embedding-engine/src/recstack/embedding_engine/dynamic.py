@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from recstack.core import KeyedJaggedTensor, SparseGrad
+from recstack.core import KeyedJaggedTensor, PagedTensor, RowUpdater, SparseGrad
 from recstack.embedding_engine.collection import DEFAULT_PAGE_ROWS, EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig
 
@@ -198,6 +198,17 @@ class DynamicEmbedding(nn.Module):
     def zero_grad_sparse(self) -> None:
         """Drop the stored gradient (every forward does this too)."""
         self.collection.zero_grad_sparse()
+
+    def fuse_optimizer(self, optimizer: RowUpdater | None, *, one_pass: bool = False) -> None:
+        """Apply ``optimizer``'s updates to the table inside the backward (``None``: stop);
+        see :meth:`EmbeddingCollection.fuse_optimizer`. ``optimizer`` must train
+        :attr:`table_values`."""
+        self.collection.fuse_optimizer(optimizer, one_pass=one_pass)
+
+    @property
+    def table_values(self) -> PagedTensor:
+        """The table's rows as the ``PagedTensor`` an optimizer trains."""
+        return self.collection.physical_tables[self._table.name].values
 
     def find_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` (any shape), ``-1`` for ids without a row; read-only."""

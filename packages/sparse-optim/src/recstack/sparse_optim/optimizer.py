@@ -31,8 +31,9 @@ from typing import Any, ClassVar
 import torch
 
 from recstack.core import PagedTensor, SparseGrad
-from recstack.core.kernels import use_triton
-from recstack.sparse_optim.kernels.fused_step import FusedStep, fused_step
+from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
+from recstack.core.row_update import RowUpdate
+from recstack.sparse_optim.kernels.optimizer_tile import optimizer_tile
 
 __all__ = ["Param", "SlotSpec", "SparseOptimizer"]
 
@@ -94,6 +95,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._pending: dict[int, list[SparseGrad]] = {}
         self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
+        self._gates: dict[torch.device, torch.Tensor] = {}
         if isinstance(params, (torch.Tensor, PagedTensor)):
             raise TypeError(
                 f"{type(self).__name__}: params must be an iterable of parameters or groups, "
@@ -227,8 +229,10 @@ class SparseOptimizer(torch.optim.Optimizer):
                 "optimizers take row-sparse ones (nn.Embedding(sparse=True) / "
                 "EmbeddingBag(sparse=True)) or a SparseGrad passed to step(grads=...)"
             )
-        grad = grad.coalesce()
-        return SparseGrad(grad.indices()[0], grad.values(), is_coalesced=True)
+        # Core's coalesce (one sort + one segment-sum launch), not torch's: an nn.Embedding
+        # backward leaves one row per id looked up, and torch's coalesce is several times
+        # slower on such gradients.
+        return SparseGrad(grad._indices()[0], grad._values(), is_coalesced=grad.is_coalesced())
 
     def accumulate(self, grads: object = None) -> None:
         """Keep this micro-batch's gradients (``grads`` as for :meth:`step`, else the
@@ -281,46 +285,67 @@ class SparseOptimizer(torch.optim.Optimizer):
                     continue
                 g = parts[0] if len(parts) == 1 else _merge(parts)
                 g = g if g.is_coalesced else g.coalesce()
-                work.append((group, p, g))
+                if g.rows.numel():
+                    work.append((group, p, g))
         self._pending.clear()
-        if not work or not self._checks_pass(work):
+        if not work:
             return loss
+        # Checks and updates are queued back to back: each device's gate collects every
+        # gradient's bounds and NaN/Inf, and a set gate makes every update of the step
+        # write nothing. The host reads the gates once, at the end.
+        gates: dict[torch.device, torch.Tensor] = {}
+        for _, p, g in work:
+            gate = gates.get(g.device)
+            if gate is None:
+                gate = gates[g.device] = self._gate(g.device)
+            check_rows(gate, g.values, g.rows, _rows_of(p))
         for group, p, g in work:
-            if g.rows.numel():
-                self._step_param(group, p, g)
+            update = self._begin(group, p)
+            apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device])
+        if len(gates) == 1:
+            flags = next(iter(gates.values())).tolist()
+        else:
+            flags = torch.stack([gt.cpu() for gt in gates.values()]).amax(dim=0).tolist()
+        if flags[0] or flags[1]:
+            for _, p, _g in work:
+                self.state[p]["step"] -= 1
+            self._raise_or_skip(work, bool(flags[0]))
         return loss
 
-    def _checks_pass(self, work: list[tuple[dict[str, Any], Param, SparseGrad]]) -> bool:
-        """Row bounds and finiteness of every gradient, read in one host sync."""
-        flags = []
-        for _, _p, g in work:
-            if not g.rows.numel():
-                flags.append(torch.zeros(3, dtype=torch.int64, device=g.device))
-                continue
-            lo, hi = torch.aminmax(g.rows)
-            bad = (~torch.isfinite(g.values)).any()
-            flags.append(torch.stack([lo, hi, bad.to(torch.int64)]))
-        device = work[0][2].device
-        host = torch.stack([f.to(device) for f in flags]).tolist()
-        for (_, p, g), (lo, hi, _bad) in zip(work, host, strict=True):
-            if g.rows.numel() and (lo < 0 or hi >= _rows_of(p)):
-                row = lo if lo < 0 else hi
-                raise IndexError(
-                    f"{type(self).__name__}: the gradient of {self._param_name(p)} has row "
-                    f"{row}, outside its {_rows_of(p)} rows"
-                )
-        nonfinite = [(p, g) for (_, p, g), (_, _, bad) in zip(work, host, strict=True) if bad]
-        if not nonfinite:
-            return True
+    def _gate(self, device: torch.device) -> torch.Tensor:
+        # One gate per device, cleared each step (the previous step read it already).
+        gate = self._gates.get(device)
+        if gate is None:
+            gate = self._gates[device] = new_gate(device)
+        else:
+            gate.zero_()
+        return gate
+
+    def _raise_or_skip(
+        self, work: list[tuple[dict[str, Any], Param, SparseGrad]], out_of_range: bool
+    ) -> None:
+        """A gate was set and nothing was written: name the cause, or count the skip."""
+        name = type(self).__name__
+        if out_of_range:
+            for _, p, g in work:
+                bad = (g.rows < 0) | (g.rows >= _rows_of(p))
+                if bool(bad.any()):
+                    row = int(g.rows[bad][0])
+                    raise IndexError(
+                        f"{name}: the gradient of {self._param_name(p)} has row {row}, "
+                        f"outside its {_rows_of(p)} rows; nothing was updated"
+                    )
         if self.on_nonfinite == "skip":
             self.skipped_steps += 1
-            return False
-        p, g = nonfinite[0]
-        row = int(g.rows[(~torch.isfinite(g.values)).any(dim=1)][0])
-        raise FloatingPointError(
-            f"{type(self).__name__}: the gradient of {self._param_name(p)} holds NaN or Inf "
-            f"(row {row}); nothing was updated. Pass on_nonfinite='skip' to skip such steps"
-        )
+            return
+        for _, p, g in work:
+            bad = (~torch.isfinite(g.values)).any(dim=1)
+            if bool(bad.any()):
+                raise FloatingPointError(
+                    f"{name}: the gradient of {self._param_name(p)} holds NaN or Inf "
+                    f"(row {int(g.rows[bad][0])}); nothing was updated. Pass "
+                    "on_nonfinite='skip' to skip such steps"
+                )
 
     def _table(self, p: Param) -> PagedTensor:
         if isinstance(p, PagedTensor):
@@ -368,27 +393,45 @@ class SparseOptimizer(torch.optim.Optimizer):
         state.setdefault("step", 0)
         return {spec.name: state[spec.name] for spec in self.slot_specs}
 
-    def _step_param(self, group: dict[str, Any], p: Param, g: SparseGrad) -> None:
+    def _begin(self, group: dict[str, Any], p: Param) -> RowUpdate:
+        """Advance ``p``'s step and describe the update (slots grown to its rows)."""
         table = self._table(p)
         slots = self._slots(p)
         state = self.state[p]
         state["step"] += 1
-        rows = g.rows
-        if use_triton(rows, g.values, op=f"{type(self).__name__}.step"):
-            # One launch reads each touched row of weight, gradient and state once.
-            desc = self._fused_step(group, state["step"])
-            fused_step(desc, table, rows.to(torch.int64), g.values, list(slots.values()))
-            return
-        w = table.gather_rows(rows, check_bounds=False).to(torch.float32)
-        s = {k: v.gather_rows(rows, check_bounds=False) for k, v in slots.items()}
-        w_new, s_new = self._update_rows(group, state["step"], w, g.values.to(torch.float32), s)
-        table.scatter_rows(rows, w_new, check_bounds=False)
-        for k, v in s_new.items():
-            slots[k].scatter_rows(rows, v, check_bounds=False)
+        step = state["step"]
+        variant, lr, params, flags = self._tile_args(group, step, _dim_of(p))
 
-    def _fused_step(self, group: dict[str, Any], step: int) -> FusedStep:
-        """The fused kernel's description of this group's update at ``step``."""
+        def reference(rows: torch.Tensor, grad: torch.Tensor) -> None:
+            w = table.gather_rows(rows, check_bounds=False).to(torch.float32)
+            s = {k: v.gather_rows(rows, check_bounds=False) for k, v in slots.items()}
+            w_new, s_new = self._update_rows(group, step, w, grad, s)
+            table.scatter_rows(rows, w_new, check_bounds=False)
+            for k, v in s_new.items():
+                slots[k].scatter_rows(rows, v, check_bounds=False)
+
+        return RowUpdate(
+            name=type(self).__name__,
+            tile_fn=optimizer_tile,
+            reference=reference,
+            lr=lr,
+            params=params,
+            variant=variant,
+            flags=flags,
+            slots=tuple(slots.values()),
+            whole_rows=self._whole_rows(),
+        )
+
+    def _tile_args(
+        self, group: dict[str, Any], step: int, dim: int
+    ) -> tuple[int, float, tuple[float, ...], tuple[bool, ...]]:
+        """``(variant, lr, params, flags)`` of :func:`~recstack.sparse_optim.kernels.
+        optimizer_tile.optimizer_tile` for this group's update at ``step``."""
         raise NotImplementedError
+
+    def _whole_rows(self) -> bool:
+        """Whether the update needs whole rows in one tile (per-row state)."""
+        return any(spec.per_row for spec in self.slot_specs)
 
     def _update_rows(
         self,
@@ -400,6 +443,57 @@ class SparseOptimizer(torch.optim.Optimizer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """New ``(weight rows, slot rows)`` from the gathered rows (fp32)."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ fused backward
+    def _owner(self, table: PagedTensor) -> tuple[dict[str, Any], Param] | None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p is table or (isinstance(p, torch.Tensor) and self._wrapped.get(id(p))
+                                  and self._wrapped[id(p)][1] is table):  # fmt: skip
+                    return group, p
+        return None
+
+    def begin_row_update(self, table: PagedTensor) -> RowUpdate | None:
+        """Core's :class:`~recstack.core.RowUpdater`: this step's update of ``table``, for a
+        backward that applies it where it reduces the gradient (the embedding engine's
+        fused mode). ``None`` when ``table`` is not one of this optimizer's parameters.
+
+        Raises:
+            RuntimeError: gradients of ``table`` from :meth:`accumulate` are pending (a
+                fused update cannot include them).
+        """
+        found = self._owner(table)
+        if found is None:
+            return None
+        group, p = found
+        if self._pending.get(id(p)):
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._param_name(p)} has accumulated gradients "
+                "waiting for step(); a fused backward applies each gradient at once, so "
+                "accumulate() and the fused mode do not mix"
+            )
+        return self._begin(group, p)
+
+    def end_row_update(self, table: PagedTensor, *, nonfinite: bool) -> None:
+        """Core's :class:`~recstack.core.RowUpdater`: the fused update of ``table`` ran;
+        with ``nonfinite`` it wrote nothing and the step is undone, then raised or counted
+        per ``on_nonfinite`` (each table's fused step is checked on its own).
+
+        Raises:
+            FloatingPointError: the gradient held NaN or Inf and ``on_nonfinite="raise"``.
+        """
+        found = self._owner(table)
+        if found is None or not nonfinite:
+            return
+        _, p = found
+        self.state[p]["step"] -= 1
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            return
+        raise FloatingPointError(
+            f"{type(self).__name__}: the gradient of {self._param_name(p)} holds NaN or Inf; "
+            "nothing was updated. Pass on_nonfinite='skip' to skip such steps"
+        )
 
     # ------------------------------------------------------------------ row state
     def reset_rows(self, param: Param, rows: torch.Tensor) -> None:

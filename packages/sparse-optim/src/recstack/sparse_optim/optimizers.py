@@ -21,13 +21,12 @@ from typing import Any
 
 import torch
 
-from recstack.sparse_optim.kernels.fused_step import (
+from recstack.sparse_optim.kernels.optimizer_tile import (
     OPT_ADAGRAD,
     OPT_ADAM,
     OPT_FTRL,
     OPT_ROWWISE,
     OPT_SGD,
-    FusedStep,
     log2_beta,
 )
 from recstack.sparse_optim.optimizer import Param, SlotSpec, SparseOptimizer
@@ -102,9 +101,9 @@ class SparseSGD(SparseOptimizer):
         if group["nesterov"] and not group["momentum"]:
             raise ValueError("SparseSGD: nesterov needs momentum > 0")
 
-    def _fused_step(self, group, step):
+    def _tile_args(self, group, step, dim):
         flags = (bool(group["momentum"]), bool(group["nesterov"]))
-        return FusedStep(OPT_SGD, group["lr"], (group["momentum"], group["weight_decay"]), flags)
+        return OPT_SGD, group["lr"], (group["momentum"], group["weight_decay"]), flags
 
     def _update_rows(self, group, step, w, g, slots):
         buf = slots.get("momentum_buffer")
@@ -164,9 +163,9 @@ class SparseAdagrad(SparseOptimizer):
         super()._check_hyper(group)
         _nonneg(self, group, "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
-    def _fused_step(self, group, step):
+    def _tile_args(self, group, step, dim):
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        return FusedStep(OPT_ADAGRAD, clr, (group["eps"], group["weight_decay"]))
+        return OPT_ADAGRAD, clr, (group["eps"], group["weight_decay"]), ()
 
     def _update_rows(self, group, step, w, g, slots):
         w, acc = adagrad_rows(
@@ -212,8 +211,8 @@ class RowWiseAdagrad(SparseOptimizer):
         super()._check_hyper(group)
         _nonneg(self, group, "weight_decay", "eps")
 
-    def _fused_step(self, group, step):
-        return FusedStep(OPT_ROWWISE, group["lr"], (group["eps"], group["weight_decay"]))
+    def _tile_args(self, group, step, dim):
+        return OPT_ROWWISE, group["lr"], (group["eps"], group["weight_decay"], float(dim)), ()
 
     def _update_rows(self, group, step, w, g, slots):
         w, acc = rowwise_adagrad_rows(
@@ -286,7 +285,7 @@ class SparseAdam(SparseOptimizer):
                 f"{type(self).__name__}: betas must be two floats in [0, 1), got {betas}"
             )
 
-    def _fused_step(self, group, step):
+    def _tile_args(self, group, step, dim):
         beta1, beta2 = group["betas"]
         per_row = self.step_count == "per_row"
         if per_row:
@@ -295,7 +294,7 @@ class SparseAdam(SparseOptimizer):
             corr = (1 - beta1**step, 1 - beta2**step)
         params = (beta1, beta2, group["eps"], group["weight_decay"], *corr)
         flags = (self._decoupled, bool(group["tf_compat"]), per_row)
-        return FusedStep(OPT_ADAM, group["lr"], params, flags)
+        return OPT_ADAM, group["lr"], params, flags
 
     def _update_rows(self, group, step, w, g, slots):
         beta1, beta2 = group["betas"]
@@ -389,8 +388,8 @@ class SparseFTRL(SparseOptimizer):
         if not group["lr"] > 0:
             raise ValueError(f"SparseFTRL: lr must be > 0, got {group['lr']!r}")
 
-    def _fused_step(self, group, step):
-        return FusedStep(OPT_FTRL, group["lr"], (group["beta"], group["l1"], group["l2"]))
+    def _tile_args(self, group, step, dim):
+        return OPT_FTRL, group["lr"], (group["beta"], group["l1"], group["l2"]), ()
 
     def _update_rows(self, group, step, w, g, slots):
         w, z, n = ftrl_rows(

@@ -84,7 +84,7 @@ if HAS_TRITON:
             )
 
     @triton.jit
-    def _grad_sum_kernel(
+    def _tile_grad_sums(
         grad_ptr,
         seq_ptr,
         seg_ptr,
@@ -92,24 +92,24 @@ if HAS_TRITON:
         bag_ptr,
         bag_scale_ptr,
         weights_ptr,
-        dest_ptr,
-        out_ptr,
         n,
         n_pooled,
-        dim,
         batch_size,
         grad_stride_b,
         grad_stride_k,
         seq_stride,
-        out_stride,
         min_seg,
+        cols,
+        col_ok,
         HAS_POOLED: tl.constexpr,
         HAS_SEQ: tl.constexpr,
         HAS_WEIGHTS: tl.constexpr,
-        HAS_DEST: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
+        # Returns (sums, seg, is_last, shared): the segmented inclusive sums of this tile's
+        # per-id gradients, each position's label, which positions end their segment inside
+        # the tile, and which of those segments cross a tile boundary.
         pid = tl.program_id(0).to(tl.int64)
         lane = tl.arange(0, BLOCK_N)
         first = pid * BLOCK_N
@@ -119,13 +119,11 @@ if HAS_TRITON:
         prev = tl.load(seg_ptr + i - 1, mask=valid & (i > 0), other=-1).to(tl.int64)
         nxt = tl.load(seg_ptr + i + 1, mask=(i + 1) < n, other=-1).to(tl.int64)
         # Segments equal to the entry just before / after the tile cross its boundary.
-        before = tl.load(seg_ptr + first - 1, mask=first > 0, other=-2).to(tl.int64)
+        before = tl.load(seg_ptr + first - 1, mask=(first > 0) & (first < n), other=-2).to(tl.int64)
         after = tl.load(seg_ptr + first + BLOCK_N, mask=first + BLOCK_N < n, other=-2).to(tl.int64)
         # Labels below min_seg (ids without a row) read nothing and get no gradient.
         live = valid & (seg >= min_seg)
         src = tl.load(order_ptr + i, mask=live, other=0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        col_ok = cols < dim
         g = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         if HAS_POOLED:
             pool = live & (src < n_pooled)
@@ -157,6 +155,42 @@ if HAS_TRITON:
         # The last lane of a segment inside the tile carries the tile's sum of it.
         is_last = live & ((seg != nxt) | (lane == BLOCK_N - 1))
         shared = (seg == before) | (seg == after)
+        return sums, seg, is_last, shared
+
+    @triton.jit
+    def _grad_sum_kernel(
+        grad_ptr,
+        seq_ptr,
+        seg_ptr,
+        order_ptr,
+        bag_ptr,
+        bag_scale_ptr,
+        weights_ptr,
+        dest_ptr,
+        out_ptr,
+        n,
+        n_pooled,
+        dim,
+        batch_size,
+        grad_stride_b,
+        grad_stride_k,
+        seq_stride,
+        out_stride,
+        min_seg,
+        HAS_POOLED: tl.constexpr,
+        HAS_SEQ: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr,
+        HAS_DEST: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        sums, seg, is_last, shared = _tile_grad_sums(
+            grad_ptr, seq_ptr, seg_ptr, order_ptr, bag_ptr, bag_scale_ptr, weights_ptr,
+            n, n_pooled, batch_size, grad_stride_b, grad_stride_k, seq_stride, min_seg,
+            cols, col_ok, HAS_POOLED, HAS_SEQ, HAS_WEIGHTS, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
         row = seg
         if HAS_DEST:
             row = tl.load(dest_ptr + seg, mask=is_last, other=0)

@@ -237,3 +237,34 @@ def test_errors() -> None:
     dense.grad = torch.ones(4, 2)
     with pytest.raises(ValueError, match="has a dense gradient"):
         SparseAdam([dense]).step()
+
+
+def test_deferred_checks_on_cpu_check_at_once() -> None:
+    w = PagedTensor.wrap(torch.ones(4, 2), name="w")
+    opt = SparseSGD([w], lr=1.0, deferred_checks=True)
+    with pytest.raises(FloatingPointError, match="'w' holds NaN or Inf"):
+        opt.step(grads=SparseGrad(torch.tensor([1]), torch.full((1, 2), float("nan"))))
+
+
+@pytest.mark.gpu
+def test_deferred_checks_raise_or_count_at_the_next_call() -> None:
+    w = PagedTensor.wrap(torch.ones(4, 2, device="cuda"), name="w")
+    bad = SparseGrad(
+        torch.tensor([1], device="cuda"), torch.full((1, 2), float("inf"), device="cuda")
+    )
+    good = SparseGrad(torch.tensor([0], device="cuda"), torch.ones(1, 2, device="cuda"))
+    opt = SparseAdam([w], lr=0.1, deferred_checks=True)
+    opt.step(grads=good)
+    opt.step(grads=bad)  # returns without waiting; nothing of it is written
+    with pytest.raises(FloatingPointError, match="deferred step's gradient held NaN or Inf"):
+        opt.step(grads=good)
+    assert opt.state[w]["step"] == 1 and torch.equal(w.to_dense()[1].cpu(), torch.ones(2))
+    skip = SparseAdam([w], lr=0.1, deferred_checks=True, on_nonfinite="skip")
+    skip.step(grads=bad)
+    skip.step(grads=good)
+    assert skip.skipped_steps == 1 and skip.state[w]["step"] == 1
+    oob = SparseGrad(torch.tensor([9], device="cuda"), torch.ones(1, 2, device="cuda"))
+    skip.step(grads=oob)
+    with pytest.raises(IndexError, match="row outside its parameter"):
+        skip.flush_checks()
+    assert torch.equal(w.to_dense()[1].cpu(), torch.ones(2))

@@ -70,6 +70,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         params: parameters (``PagedTensor``\\ s or 2-D float tensors) or param-group dicts.
         defaults: the hyper-parameters every group starts from.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``, for a gradient with NaN or Inf.
+        deferred_checks: on CUDA, do not wait for a step's checks at its end: their result
+            is copied to the host behind the update and read by the next :meth:`step`,
+            :meth:`flush_checks`, :attr:`skipped_steps` or :meth:`state_dict`, which raise
+            (or count the skip) then. A bad step still writes nothing; the host no longer
+            waits for the GPU once per step. Default ``False``: each step reads its checks.
 
     Subclasses set :attr:`slot_specs` and implement :meth:`_update_rows`.
     """
@@ -83,6 +88,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         *,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(
@@ -90,8 +96,10 @@ class SparseOptimizer(torch.optim.Optimizer):
                 f"got {on_nonfinite!r}"
             )
         self.on_nonfinite = on_nonfinite
-        #: Steps skipped because a gradient held NaN or Inf (``on_nonfinite="skip"``).
-        self.skipped_steps = 0
+        self.deferred_checks = bool(deferred_checks)
+        self._skipped = 0
+        # Deferred steps not yet read: (their parameters, pinned host gate copy, event).
+        self._deferred: list[tuple[list[Param], torch.Tensor, Any]] = []
         self._pending: dict[int, list[SparseGrad]] = {}
         self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
@@ -102,6 +110,48 @@ class SparseOptimizer(torch.optim.Optimizer):
                 f"got a single {type(params).__name__} (wrap it in a list)"
             )
         super().__init__(params, defaults)  # type: ignore[arg-type]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held NaN or Inf (``on_nonfinite="skip"``)."""
+        self.flush_checks()
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = int(value)
+
+    def flush_checks(self) -> None:
+        """Read the checks of steps taken with ``deferred_checks`` (waiting for those
+        steps only, not for later work), raising or counting skipped steps now.
+
+        Raises:
+            IndexError: such a step had a gradient row outside its parameter.
+            FloatingPointError: such a step's gradient held NaN or Inf and
+                ``on_nonfinite="raise"``.
+        """
+        while self._deferred:
+            params, host, event = self._deferred.pop(0)
+            event.synchronize()
+            out_of_range, nonfinite = host.tolist()
+            if not (out_of_range or nonfinite):
+                continue
+            for p in params:
+                self.state[p]["step"] -= 1
+            name = type(self).__name__
+            which = ", ".join(self._param_name(p) for p in params)
+            if out_of_range:
+                raise IndexError(
+                    f"{name}: a deferred step had a gradient row outside its parameter "
+                    f"({which}); nothing of that step was written"
+                )
+            if self.on_nonfinite == "skip":
+                self._skipped += 1
+                continue
+            raise FloatingPointError(
+                f"{name}: a deferred step's gradient held NaN or Inf ({which}); nothing of "
+                "that step was written. Pass on_nonfinite='skip' to skip such steps"
+            )
 
     # ------------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -272,6 +322,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             FloatingPointError: a gradient holds NaN or Inf (``on_nonfinite="raise"``).
             IndexError: a gradient row is outside its parameter.
         """
+        self.flush_checks()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -302,6 +353,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         for group, p, g in work:
             update = self._begin(group, p)
             apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device])
+        if self.deferred_checks and all(d.type == "cuda" for d in gates):
+            for device, gate in gates.items():
+                # Copied behind the update; flush_checks waits for this step alone.
+                host = torch.empty(2, dtype=torch.int32, pin_memory=True)
+                host.copy_(gate, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device))
+                params = [p for _, p, g in work if g.device == device]
+                self._deferred.append((params, host, event))
+            return loss
         if len(gates) == 1:
             flags = next(iter(gates.values())).tolist()
         else:
@@ -313,7 +374,8 @@ class SparseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _gate(self, device: torch.device) -> torch.Tensor:
-        # One gate per device, cleared each step (the previous step read it already).
+        # One gate per device, cleared each step (stream order puts the clear after the
+        # previous step's read or copy of it).
         gate = self._gates.get(device)
         if gate is None:
             gate = self._gates[device] = new_gate(device)
@@ -336,7 +398,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                         f"outside its {_rows_of(p)} rows; nothing was updated"
                     )
         if self.on_nonfinite == "skip":
-            self.skipped_steps += 1
+            self._skipped += 1
             return
         for _, p, g in work:
             bad = (~torch.isfinite(g.values)).any(dim=1)
@@ -462,6 +524,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             RuntimeError: gradients of ``table`` from :meth:`accumulate` are pending (a
                 fused update cannot include them).
         """
+        self.flush_checks()
         found = self._owner(table)
         if found is None:
             return None
@@ -488,7 +551,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         _, p = found
         self.state[p]["step"] -= 1
         if self.on_nonfinite == "skip":
-            self.skipped_steps += 1
+            self._skipped += 1
             return
         raise FloatingPointError(
             f"{type(self).__name__}: the gradient of {self._param_name(p)} holds NaN or Inf; "

@@ -68,6 +68,7 @@ class SparseSGD(SparseOptimizer):
         nesterov: Nesterov momentum.
         weight_decay: L2 penalty added to the gradient.
         on_nonfinite: ``"raise"`` or ``"skip"`` (see :class:`SparseOptimizer`).
+        deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class SparseSGD(SparseOptimizer):
         weight_decay: float = 0.0,
         *,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -86,7 +88,9 @@ class SparseSGD(SparseOptimizer):
             "nesterov": nesterov,
             "weight_decay": weight_decay,
         }
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, deferred_checks=deferred_checks
+        )
 
     @property
     def slot_specs(self) -> tuple[SlotSpec, ...]:  # type: ignore[override]
@@ -132,6 +136,7 @@ class SparseAdagrad(SparseOptimizer):
         initial_accumulator_value: the accumulator's starting value.
         eps: added to the accumulator's square root.
         on_nonfinite: ``"raise"`` or ``"skip"``.
+        deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class SparseAdagrad(SparseOptimizer):
         eps: float = 1e-10,
         *,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -152,7 +158,9 @@ class SparseAdagrad(SparseOptimizer):
             "initial_accumulator_value": initial_accumulator_value,
             "eps": eps,
         }
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, deferred_checks=deferred_checks
+        )
 
     @property
     def slot_specs(self) -> tuple[SlotSpec, ...]:  # type: ignore[override]
@@ -191,6 +199,7 @@ class RowWiseAdagrad(SparseOptimizer):
         weight_decay: L2 penalty added to the gradient.
         eps: added to the accumulator's square root.
         on_nonfinite: ``"raise"`` or ``"skip"``.
+        deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
     """
 
     slot_specs = (SlotSpec("sum", per_row=True),)
@@ -203,9 +212,12 @@ class RowWiseAdagrad(SparseOptimizer):
         eps: float = 1e-10,
         *,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         defaults = {"lr": lr, "weight_decay": weight_decay, "eps": eps}
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, deferred_checks=deferred_checks
+        )
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         super()._check_hyper(group)
@@ -238,6 +250,7 @@ class SparseAdam(SparseOptimizer):
             ``w -= lr_t * m / (sqrt(v) + eps)`` (epsilon outside the correction), so
             hyper-parameters tuned in TensorFlow carry over.
         on_nonfinite: ``"raise"`` or ``"skip"``.
+        deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
     """
 
     _decoupled = False
@@ -253,6 +266,7 @@ class SparseAdam(SparseOptimizer):
         step_count: str = "global",
         tf_compat: bool = False,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         if step_count not in ("global", "per_row"):
             raise ValueError(
@@ -267,7 +281,9 @@ class SparseAdam(SparseOptimizer):
             "weight_decay": weight_decay,
             "tf_compat": bool(tf_compat),
         }
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, deferred_checks=deferred_checks
+        )
 
     @property
     def slot_specs(self) -> tuple[SlotSpec, ...]:  # type: ignore[override]
@@ -339,6 +355,7 @@ class SparseAdamW(SparseAdam):
         step_count: str = "global",
         tf_compat: bool = False,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -349,6 +366,7 @@ class SparseAdamW(SparseAdam):
             step_count=step_count,
             tf_compat=tf_compat,
             on_nonfinite=on_nonfinite,
+            deferred_checks=deferred_checks,
         )
 
 
@@ -362,6 +380,7 @@ class SparseFTRL(SparseOptimizer):
         l1: L1 strength; coordinates with ``|z| <= l1`` are exactly zero.
         l2: L2 strength.
         on_nonfinite: ``"raise"`` or ``"skip"``.
+        deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
 
     The weight is a function of the state (``z``, ``n``): FTRL recomputes every touched
     coordinate from it, so a row's first update replaces its initial value.
@@ -378,9 +397,12 @@ class SparseFTRL(SparseOptimizer):
         l2: float = 0.0,
         *,
         on_nonfinite: str = "raise",
+        deferred_checks: bool = False,
     ) -> None:
         defaults = {"lr": lr, "beta": beta, "l1": l1, "l2": l2}
-        super().__init__(params, defaults, on_nonfinite=on_nonfinite)
+        super().__init__(
+            params, defaults, on_nonfinite=on_nonfinite, deferred_checks=deferred_checks
+        )
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         super()._check_hyper(group)

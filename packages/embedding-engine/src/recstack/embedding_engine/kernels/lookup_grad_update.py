@@ -24,6 +24,7 @@ import torch
 from recstack.core import PagedTensor, RowUpdate
 from recstack.core.kernels import HAS_TRITON, record_launch
 from recstack.core.kernels.row_update import row_update_kwargs
+from recstack.embedding_engine.kernels.lookup_grad import _pow2_ceil, _pow2_floor
 
 if HAS_TRITON:
     import triton
@@ -202,14 +203,6 @@ if HAS_TRITON:
                 lr, p1, p2, p3, p4, p5, p6,
                 TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED,
             )  # fmt: skip
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
 
 
 def lookup_grad_update(

@@ -268,3 +268,17 @@ def test_deferred_checks_raise_or_count_at_the_next_call() -> None:
     with pytest.raises(IndexError, match="row outside its parameter"):
         skip.flush_checks()
     assert torch.equal(w.to_dense()[1].cpu(), torch.ones(2))
+
+
+@pytest.mark.gpu
+def test_a_bad_gradient_on_one_device_holds_back_the_other() -> None:
+    cpu_w = PagedTensor.wrap(torch.ones(4, 2), name="cpu_w")
+    gpu_w = PagedTensor.wrap(torch.ones(4, 2, device="cuda"), name="gpu_w")
+    opt = SparseSGD([cpu_w, gpu_w], lr=1.0, on_nonfinite="skip")
+    good = SparseGrad(torch.tensor([0], device="cuda"), torch.ones(1, 2, device="cuda"))
+    bad = SparseGrad(torch.tensor([0]), torch.full((1, 2), float("nan")))
+    opt.step(grads={cpu_w: bad, gpu_w: good})
+    assert opt.skipped_steps == 1
+    assert torch.equal(gpu_w.to_dense().cpu(), torch.ones(4, 2))
+    opt.step(grads={cpu_w: SparseGrad(torch.tensor([1]), torch.ones(1, 2)), gpu_w: good})
+    assert gpu_w.to_dense()[0].tolist() == [0.0, 0.0] and cpu_w.to_dense()[1].tolist() == [0.0, 0.0]

@@ -350,9 +350,18 @@ class SparseOptimizer(torch.optim.Optimizer):
             if gate is None:
                 gate = gates[g.device] = self._gate(g.device)
             check_rows(gate, g.values, g.rows, _rows_of(p))
+        if len(gates) > 1:
+            # A gate holds back its own device's launches only: with parameters on several
+            # devices, read every gate before any update so a bad step writes nothing.
+            flags = torch.stack([gt.cpu() for gt in gates.values()]).amax(dim=0).tolist()
+            if flags[0] or flags[1]:
+                self._raise_or_skip(work, bool(flags[0]))
+                return loss
         for group, p, g in work:
             update = self._begin(group, p)
             apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device])
+        if len(gates) > 1:
+            return loss
         if self.deferred_checks and all(d.type == "cuda" for d in gates):
             for device, gate in gates.items():
                 # Copied behind the update; flush_checks waits for this step alone.
@@ -363,10 +372,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 params = [p for _, p, g in work if g.device == device]
                 self._deferred.append((params, host, event))
             return loss
-        if len(gates) == 1:
-            flags = next(iter(gates.values())).tolist()
-        else:
-            flags = torch.stack([gt.cpu() for gt in gates.values()]).amax(dim=0).tolist()
+        flags = next(iter(gates.values())).tolist()
         if flags[0] or flags[1]:
             for _, p, _g in work:
                 self.state[p]["step"] -= 1

@@ -20,8 +20,10 @@ gradient is ever built.
 
 Fused mode: a plan with an ``updater`` (core's :class:`~recstack.core.RowUpdater`, e.g. a
 sparse optimizer) gets the optimizer's :class:`~recstack.core.RowUpdate` of the table in
-backward and applies it to the rows as the same kernel reduces their gradient
-(:func:`lookup_backward_fused`); no ``SparseGrad`` is made and the sink gets nothing.
+backward and applies it to the rows it has just reduced the gradient of
+(:func:`lookup_backward_fused`: the row sums, then core's update launch; with
+``one_pass`` inside the reduction kernel); no ``SparseGrad`` is made and the sink gets
+nothing.
 """
 
 from __future__ import annotations

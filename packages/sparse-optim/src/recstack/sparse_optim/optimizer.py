@@ -70,11 +70,14 @@ class SparseOptimizer(torch.optim.Optimizer):
         params: parameters (``PagedTensor``\\ s or 2-D float tensors) or param-group dicts.
         defaults: the hyper-parameters every group starts from.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``, for a gradient with NaN or Inf.
-        deferred_checks: on CUDA, do not wait for a step's checks at its end: their result
-            is copied to the host behind the update and read by the next :meth:`step`,
+        deferred_checks: with parameters on one GPU, do not wait for a step's checks at
+            its end: their result is copied to the host behind the update and read at the
+            end of the next :meth:`step` (after its launches are queued), or by
             :meth:`flush_checks`, :attr:`skipped_steps` or :meth:`state_dict`, which raise
-            (or count the skip) then. A bad step still writes nothing; the host no longer
-            waits for the GPU once per step. Default ``False``: each step reads its checks.
+            (or count the skip) then. A bad step still writes nothing, nor does the step
+            queued after it unless the bad one is skipped (``on_nonfinite="skip"``); the
+            host never waits for the GPU to drain. Default ``False``: each step reads its
+            checks at its end.
 
     Subclasses set :attr:`slot_specs` and implement :meth:`_update_rows`.
     """
@@ -98,12 +101,18 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.deferred_checks = bool(deferred_checks)
         self._skipped = 0
-        # Deferred steps not yet read: (their parameters, pinned host gate copy, event).
-        self._deferred: list[tuple[list[Param], torch.Tensor, Any]] = []
+        # Deferred steps not yet read: (device, their parameters, pinned host gate copy, event).
+        self._deferred: list[tuple[torch.device, list[Param], torch.Tensor, Any]] = []
+        # Pinned buffers and events of read deferred steps, reused (allocating pinned
+        # memory and events each step costs more host time than the step's launches).
+        self._spare: dict[torch.device, list[tuple[torch.Tensor, Any]]] = {}
         self._pending: dict[int, list[SparseGrad]] = {}
         self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
         self._gates: dict[torch.device, torch.Tensor] = {}
+        self._clean: set[torch.device] = set()  # gates known to hold zeros now
+        self._slot_cache: dict[int, tuple[int, dict[str, Any], dict[str, PagedTensor]]] = {}
+        self._whole: bool | None = None
         if isinstance(params, (torch.Tensor, PagedTensor)):
             raise TypeError(
                 f"{type(self).__name__}: params must be an iterable of parameters or groups, "
@@ -130,27 +139,42 @@ class SparseOptimizer(torch.optim.Optimizer):
             FloatingPointError: such a step's gradient held NaN or Inf and
                 ``on_nonfinite="raise"``.
         """
-        while self._deferred:
-            params, host, event = self._deferred.pop(0)
+        self._flush(keep=0)
+
+    def _flush(self, keep: int) -> None:
+        """Read all but the newest ``keep`` deferred steps, oldest first."""
+        while len(self._deferred) > keep:
+            device, params, host, event = self._deferred.pop(0)
             event.synchronize()
             out_of_range, nonfinite = host.tolist()
+            self._spare.setdefault(device, []).append((host, event))
             if not (out_of_range or nonfinite):
+                if not any(entry[0] == device for entry in self._deferred):
+                    self._clean.add(device)
                 continue
             for p in params:
                 self.state[p]["step"] -= 1
+            if nonfinite and not out_of_range and self.on_nonfinite == "skip":
+                self._skipped += 1
+                continue
+            # Later steps on this device inherited the flag (see _gate) and wrote nothing.
+            later = [e for e in self._deferred if e[0] == device]
+            self._deferred = [e for e in self._deferred if e[0] != device]
+            for _, ps, h, ev in later:
+                for p in ps:
+                    self.state[p]["step"] -= 1
+                self._spare[device].append((h, ev))
             name = type(self).__name__
             which = ", ".join(self._param_name(p) for p in params)
+            after = f" nor of the {len(later)} step(s) queued after it" if later else ""
             if out_of_range:
                 raise IndexError(
                     f"{name}: a deferred step had a gradient row outside its parameter "
-                    f"({which}); nothing of that step was written"
+                    f"({which}); nothing of that step{after} was written"
                 )
-            if self.on_nonfinite == "skip":
-                self._skipped += 1
-                continue
             raise FloatingPointError(
                 f"{name}: a deferred step's gradient held NaN or Inf ({which}); nothing of "
-                "that step was written. Pass on_nonfinite='skip' to skip such steps"
+                f"that step{after} was written. Pass on_nonfinite='skip' to skip such steps"
             )
 
     # ------------------------------------------------------------------ parameters
@@ -322,7 +346,6 @@ class SparseOptimizer(torch.optim.Optimizer):
             FloatingPointError: a gradient holds NaN or Inf (``on_nonfinite="raise"``).
             IndexError: a gradient row is outside its parameter.
         """
-        self.flush_checks()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -339,6 +362,12 @@ class SparseOptimizer(torch.optim.Optimizer):
                 if g.rows.numel():
                     work.append((group, p, g))
         self._pending.clear()
+        devices = {g.device for _, _, g in work}
+        # A deferred step on one GPU is queued behind the previous one, whose checks are
+        # read only after this step's launches: the host never waits for the GPU to drain.
+        pipelined = self.deferred_checks and len(devices) == 1 and work[0][2].device.type == "cuda"
+        if not pipelined:
+            self.flush_checks()
         if not work:
             return loss
         # Checks and updates are queued back to back: each device's gate collects every
@@ -361,32 +390,46 @@ class SparseOptimizer(torch.optim.Optimizer):
             update = self._begin(group, p)
             apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device])
         if len(gates) > 1:
+            self._clean.update(gates)
             return loss
-        if self.deferred_checks and all(d.type == "cuda" for d in gates):
-            for device, gate in gates.items():
-                # Copied behind the update; flush_checks waits for this step alone.
+        device, gate = next(iter(gates.items()))
+        if pipelined:
+            spare = self._spare.get(device)
+            if spare:
+                host, event = spare.pop()
+            else:
                 host = torch.empty(2, dtype=torch.int32, pin_memory=True)
-                host.copy_(gate, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                params = [p for _, p, g in work if g.device == device]
-                self._deferred.append((params, host, event))
+            host.copy_(gate, non_blocking=True)  # behind the update, in stream order
+            event.record(torch.cuda.current_stream(device))
+            self._deferred.append((device, [p for _, p, _g in work], host, event))
+            self._flush(keep=1)
             return loss
-        flags = next(iter(gates.values())).tolist()
+        flags = gate.tolist()
         if flags[0] or flags[1]:
             for _, p, _g in work:
                 self.state[p]["step"] -= 1
             self._raise_or_skip(work, bool(flags[0]))
+        else:
+            self._clean.add(device)
         return loss
 
     def _gate(self, device: torch.device) -> torch.Tensor:
-        # One gate per device, cleared each step (stream order puts the clear after the
-        # previous step's read or copy of it).
+        """The device's gate, ready for a step's checks (stream order puts any clearing
+        after the previous step's read or copy of it)."""
         gate = self._gates.get(device)
         if gate is None:
             gate = self._gates[device] = new_gate(device)
-        else:
+        elif any(entry[0] == device for entry in self._deferred):
+            # The previous step's checks are unread: its flags carry over, so a step after
+            # a bad one writes nothing either (the read raises for both). A skipped step's
+            # non-finite flag must not hold the next one back.
+            if self.on_nonfinite == "skip":
+                gate[1] = 0
+        elif device not in self._clean:
             gate.zero_()
+        # Read clear at the last step (or just cleared): no launch to clear it again.
+        self._clean.discard(device)
         return gate
 
     def _raise_or_skip(
@@ -431,6 +474,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         """The parameter's state slots, made on first use and grown with it."""
         state = self.state[p]
         rows = _rows_of(p)
+        # Per-step host time matters (a step's launches are ~20 us each): the slots of a
+        # parameter whose rows and state are unchanged since the last step are reused.
+        cached = self._slot_cache.get(id(p))
+        if cached is not None and cached[0] == rows and cached[1] is state:
+            return cached[2]
         for spec in self.slot_specs:
             slot = state.get(spec.name)
             width = 1 if spec.per_row else _dim_of(p)
@@ -459,7 +507,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             # fresh state; the listener holds this optimizer weakly.
             p.on_rows_reset(_ResetListener(self, p))
         state.setdefault("step", 0)
-        return {spec.name: state[spec.name] for spec in self.slot_specs}
+        slots = {spec.name: state[spec.name] for spec in self.slot_specs}
+        self._slot_cache[id(p)] = (rows, state, slots)
+        return slots
 
     def _begin(self, group: dict[str, Any], p: Param) -> RowUpdate:
         """Advance ``p``'s step and describe the update (slots grown to its rows)."""
@@ -499,7 +549,9 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def _whole_rows(self) -> bool:
         """Whether the update needs whole rows in one tile (per-row state)."""
-        return any(spec.per_row for spec in self.slot_specs)
+        if self._whole is None:
+            self._whole = any(spec.per_row for spec in self.slot_specs)
+        return self._whole
 
     def _update_rows(
         self,

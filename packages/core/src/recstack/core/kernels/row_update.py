@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.launch import FastKernel
 from recstack.core.kernels.paged_rows import _TABLE_KIND
 from recstack.core.paged import PagedTensor
 from recstack.core.row_update import RowUpdate
@@ -198,6 +199,9 @@ if HAS_TRITON:
         flag = tl.max(bad, axis=0)
         tl.atomic_max(gate_ptr + 1, flag, mask=flag > 0, sem="relaxed")
 
+    _ROW_UPDATE = FastKernel(_row_update_kernel)
+    _CHECK = FastKernel(_check_kernel)
+
 
 def _pow2_ceil(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
@@ -248,7 +252,8 @@ def check_rows(
     block_d = min(_pow2_ceil(max(dim, 1)), 128)
     block_r = max(1, 4096 // block_d)
     record_launch("check_rows")
-    _check_kernel[(triton.cdiv(n, block_r),)](
+    _CHECK(
+        (triton.cdiv(n, block_r),),
         values,
         values.stride(0),
         n,
@@ -256,42 +261,51 @@ def check_rows(
         rows if rows is not None else gate,
         num_rows,
         gate,
-        HAS_ROWS=rows is not None,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
+        rows is not None,
+        block_r,
+        block_d,
         num_warps=4,
     )
+
+
+_ROW_UPDATE_ARG_NAMES: tuple[str, ...] = (
+    "dim", "w_table", "w_shift", "w_mask",
+    "s0_table", "s0_shift", "s0_mask", "s0_width",
+    "s1_table", "s1_shift", "s1_mask", "s1_width",
+    "s2_table", "s2_shift", "s2_mask", "s2_width",
+    "lr", "p1", "p2", "p3", "p4", "p5", "p6",
+    "TILE_FN", "VARIANT", "FLAG_A", "FLAG_B", "FLAG_C", "W_KIND", "W_ALIGNED", "S_ALIGNED",
+)  # fmt: skip
+
+
+def _row_update_args(update: RowUpdate, table: PagedTensor) -> list[Any]:
+    """``_apply_tile``'s arguments after the tile's own (``dim`` .. ``S_ALIGNED``), in order."""
+    slots = update.slots
+    args: list[Any] = [table.dim, table.page_table, table.page_shift, table.page_mask]
+    aligned = True
+    for i in range(3):
+        # Missing slots point at the weight; the tile function never touches them.
+        s = slots[i] if i < len(slots) else table
+        args += (s.page_table, s.page_shift, s.page_mask, s.dim)
+        if i < len(slots):
+            aligned = aligned and s._pages_aligned
+    params = update.params
+    args.append(float(update.lr))
+    args += (float(p) for p in params)
+    args += (0.0,) * (6 - len(params))
+    flags = update.flags
+    args.append(update.tile_fn)
+    args.append(int(update.variant))
+    args += (bool(f) for f in flags)
+    args += (False,) * (3 - len(flags))
+    args += (_TABLE_KIND[table.dtype], table._pages_aligned, aligned)
+    return args
 
 
 def row_update_kwargs(update: RowUpdate, table: PagedTensor) -> dict[str, Any]:
     """The keyword arguments ``_apply_tile`` (and kernels that call it) take for ``update``
     of ``table``: page tables, slot widths, scalars and constexprs."""
-    slots = list(update.slots)
-    kw: dict[str, Any] = {
-        "dim": table.dim,
-        "w_table": table.page_table,
-        "w_shift": table.page_shift,
-        "w_mask": table.page_mask,
-    }
-    for i in range(3):
-        # Missing slots point at the weight; the tile function never touches them.
-        s = slots[i] if i < len(slots) else table
-        kw[f"s{i}_table"] = s.page_table
-        kw[f"s{i}_shift"] = s.page_shift
-        kw[f"s{i}_mask"] = s.page_mask
-        kw[f"s{i}_width"] = s.dim
-    params = tuple(float(p) for p in update.params) + (0.0,) * (6 - len(update.params))
-    kw["lr"] = float(update.lr)
-    for i, p in enumerate(params):
-        kw[f"p{i + 1}"] = p
-    flags = tuple(bool(f) for f in update.flags) + (False,) * (3 - len(update.flags))
-    kw["TILE_FN"] = update.tile_fn
-    kw["VARIANT"] = int(update.variant)
-    kw["FLAG_A"], kw["FLAG_B"], kw["FLAG_C"] = flags
-    kw["W_KIND"] = _TABLE_KIND[table.dtype]
-    kw["W_ALIGNED"] = bool(getattr(table, "_pages_aligned", False))
-    kw["S_ALIGNED"] = all(bool(getattr(s, "_pages_aligned", False)) for s in slots)
-    return kw
+    return dict(zip(_ROW_UPDATE_ARG_NAMES, _row_update_args(update, table), strict=True))
 
 
 def row_tile(update: RowUpdate, dim: int, tile_elems: int, max_block_d: int) -> tuple[int, int]:
@@ -342,15 +356,16 @@ def apply_row_update(
     cfg = {**ROW_UPDATE_DEFAULTS, **tile}
     block_r, block_d = row_tile(update, dim, cfg["tile_elems"], cfg["max_block_d"])
     record_launch("row_update")
-    _row_update_kernel[(triton.cdiv(n, block_r),)](
-        rows.to(torch.int64),
+    _ROW_UPDATE(
+        (triton.cdiv(n, block_r),),
+        rows if rows.dtype == torch.int64 else rows.to(torch.int64),
         grad,
         grad.stride(0),
         n,
         gate if gate is not None else rows,
-        **row_update_kwargs(update, table),
-        HAS_GATE=gate is not None,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
+        *_row_update_args(update, table),
+        gate is not None,
+        block_r,
+        block_d,
         num_warps=cfg["num_warps"],
     )

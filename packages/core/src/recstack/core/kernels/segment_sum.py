@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.launch import FastKernel
 
 if HAS_TRITON:
     import triton
@@ -95,6 +96,10 @@ if HAS_TRITON:
         )
 
 
+if HAS_TRITON:
+    _SEGMENT_SUM = FastKernel(_segment_sum_kernel)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -156,7 +161,8 @@ def _segment_sum_triton(
     block_d = min(_next_pow2(dim), _next_pow2(max_block_d))
     block_n = _next_pow2(max(1, tile_elems // block_d))
     grid = (triton.cdiv(n, block_n), triton.cdiv(dim, block_d))
-    _segment_sum_kernel[grid](
+    _SEGMENT_SUM(
+        grid,
         values,
         order,
         segment_ids,
@@ -164,8 +170,8 @@ def _segment_sum_triton(
         n,
         dim,
         values.stride(0),
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        block_n,
+        block_d,
         num_warps=num_warps or SEGMENT_SUM_DEFAULTS["num_warps"],
     )
     record_launch("segment_sum")

@@ -182,3 +182,31 @@ def test_row_updater_protocol_is_runtime_checkable() -> None:
 
     assert isinstance(Updater(), RowUpdater)
     assert not isinstance(object(), RowUpdater)
+
+
+@pytest.mark.parametrize("n_real", [0, 1, 13])
+def test_count_skips_the_padding(device, backend, n_real) -> None:
+    # Rows past the device-side count hold -1 and NaN (padding): never checked or written.
+    gen = torch.Generator().manual_seed(_seed("count", n_real))
+    table, slots = _make(5, 30, torch.float32, device, gen, True)
+    ref_table, ref_slots = _make(5, 30, torch.float32, device, torch.Generator().manual_seed(
+        _seed("count", n_real)), True)  # fmt: skip
+    real = torch.randperm(30, generator=gen)[:n_real].to(device)
+    grad = torch.randn(n_real, 5, generator=gen).to(device)
+    rows = torch.cat([real, torch.full((7,), -1, device=device, dtype=torch.int64)])
+    padded = torch.cat([grad, torch.full((7, 5), float("nan"), device=device)])
+    count = torch.tensor([n_real], device=device)
+    gate = new_gate(device)
+    check_rows(gate, padded, rows, 30, count)
+    assert gate.tolist() == [0, 0]
+    apply_row_update(_update(table, slots, True, 5), table, rows, padded, gate, count)
+    with kernels.use_backend("torch"):
+        apply_row_update(_update(ref_table, ref_slots, True, 5), ref_table, real, grad)
+    torch.testing.assert_close(table.to_dense(), ref_table.to_dense(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(slots, ref_slots, strict=True):
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-5, atol=1e-6)
+    # The count bounds the check, not the launch: a bad real row is still found.
+    if n_real:
+        rows[0] = 99
+        check_rows(gate, padded, rows, 30, count)
+        assert gate.tolist() == [1, 0]

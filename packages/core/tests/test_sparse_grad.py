@@ -8,6 +8,7 @@ import torch
 from recstack.core import kernels
 from recstack.core.kernels.segment_sum import (
     coalesce_rows,
+    coalesce_rows_padded,
     coalesce_rows_reference,
     segment_sum_sorted,
     segment_sum_sorted_reference,
@@ -176,3 +177,27 @@ def test_sparse_grad_validation(device):
         coalesce_rows(rows.float(), values)
     with pytest.raises(ValueError, match="coalesce_rows.*rows"):
         coalesce_rows(rows, torch.zeros(3, 3, device=device))
+
+
+@pytest.mark.parametrize("kind", ["zipf", "identical", "unique"])
+@pytest.mark.parametrize("dim", [1, 64])
+def test_coalesce_padded_matches_reference(device, backend, kind, dim):
+    for n in (0, 1, 37, 300):
+        rows = _rows(kind, n, device)
+        values = torch.randn(n, dim, device=device, dtype=torch.bfloat16 if dim == 1 else None)
+        uniq, summed, count = coalesce_rows_padded(rows, values)
+        ref_u, ref_s = coalesce_rows_reference(rows, values.float())
+        k = int(count[0])
+        assert count.shape == (1,) and count.device == rows.device and k == ref_u.numel()
+        assert uniq.shape == (n,) and summed.shape == (n, dim) and summed.dtype == torch.float32
+        assert torch.equal(uniq[:k], ref_u) and bool((uniq[k:] == -1).all())
+        tol = TOL[values.dtype]
+        torch.testing.assert_close(summed[:k], ref_s, rtol=tol, atol=tol)
+
+
+def test_coalesce_padded_validation(device):
+    with pytest.raises(ValueError, match="coalesce_rows_padded: values has 2 rows"):
+        coalesce_rows_padded(torch.zeros(3, dtype=torch.int64, device=device),
+                             torch.zeros(2, 4, device=device))  # fmt: skip
+    with pytest.raises(TypeError, match="coalesce_rows_padded: rows must be an integer"):
+        coalesce_rows_padded(torch.zeros(2, device=device), torch.zeros(2, 4, device=device))

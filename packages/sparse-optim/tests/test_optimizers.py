@@ -319,3 +319,54 @@ def test_a_bad_gradient_on_one_device_holds_back_the_other() -> None:
     assert torch.equal(gpu_w.to_dense().cpu(), torch.ones(4, 2))
     opt.step(grads={cpu_w: SparseGrad(torch.tensor([1]), torch.ones(1, 2)), gpu_w: good})
     assert gpu_w.to_dense()[0].tolist() == [0.0, 0.0] and cpu_w.to_dense()[1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.gpu
+def test_a_deferred_step_from_an_embedding_gradient_never_waits_for_the_gpu() -> None:
+    # The uncoalesced gradient is summed with its unique-row count left on the device.
+    emb = torch.nn.Embedding(1000, 8, sparse=True).cuda()
+    ref = torch.nn.Embedding.from_pretrained(emb.weight.detach().clone(), freeze=False,
+                                             sparse=True)  # fmt: skip
+    opt = SparseAdam(emb.parameters(), lr=0.01, deferred_checks=True)
+    ref_opt = SparseAdam(ref.parameters(), lr=0.01)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for i in range(4):
+        ids = torch.randint(0, 1000, (700,), device="cuda", generator=gen)
+        emb(ids).square().sum().backward()
+        ref(ids).square().sum().backward()
+        if i >= 2:  # slots exist by now; the step must queue its work and return
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    opt.flush_checks()
+    torch.testing.assert_close(emb.weight, ref.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_deferred_steps_sum_duplicates_like_checked_steps() -> None:
+    # deferred_checks sums an uncoalesced gradient without a host sync (padded, with the
+    # unique-row count on the device); the result is the same, errors name the row.
+    gen = torch.Generator().manual_seed(11)
+    w0 = torch.randn(50, 6, generator=gen)
+    a, b = PagedTensor.wrap(w0.clone(), name="a"), PagedTensor.wrap(w0.clone(), name="b")
+    now, later = SparseAdam([a], lr=0.01), SparseAdam([b], lr=0.01, deferred_checks=True)
+    for n in (1, 80, 7):
+        rows = torch.randint(0, 50, (n,), generator=gen)
+        g = torch.randn(n, 6, generator=gen)
+        now.step(grads=SparseGrad(rows, g))
+        later.step(grads=SparseGrad(rows, g))
+    later.flush_checks()
+    torch.testing.assert_close(b.to_dense(), a.to_dense(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(IndexError, match="has row 99, outside its 50 rows"):
+        later.step(grads=SparseGrad(torch.tensor([3, 99, 3]), torch.ones(3, 6)))
+        later.flush_checks()
+    bad = torch.ones(3, 6)
+    bad[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"holds NaN or Inf|held NaN or Inf"):
+        later.step(grads=SparseGrad(torch.tensor([3, 9, 3]), bad))
+        later.flush_checks()
+    torch.testing.assert_close(b.to_dense(), a.to_dense(), rtol=1e-6, atol=1e-7)

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from recstack.core import PagedTensor, SparseGrad
 from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
+from recstack.core.kernels.segment_sum import coalesce_rows_padded
 from recstack.core.row_update import RowUpdate
 from recstack.sparse_optim.kernels.optimizer_tile import optimizer_tile
 
@@ -357,10 +358,19 @@ class SparseOptimizer(torch.optim.Optimizer):
                 parts = self._gather(p, explicit)
                 if not parts:
                     continue
-                g = parts[0] if len(parts) == 1 else _merge(parts)
-                g = g if g.is_coalesced else g.coalesce()
-                if g.rows.numel():
-                    work.append((group, p, g))
+                g = parts[0] if len(parts) == 1 else _concat(parts)
+                if not g.rows.numel():
+                    continue
+                if g.is_coalesced:
+                    work.append((group, p, _Rows(g.rows, g.values, None)))
+                elif self.deferred_checks:
+                    # Summed without a host sync: the number of unique rows stays on the
+                    # device, where the check and the update read it. The padding costs
+                    # GPU work, so only a step that never waits for the GPU takes it.
+                    work.append((group, p, _Rows(*coalesce_rows_padded(g.rows, g.values))))
+                else:
+                    g = g.coalesce()
+                    work.append((group, p, _Rows(g.rows, g.values, None)))
         self._pending.clear()
         devices = {g.device for _, _, g in work}
         # A deferred step on one GPU is queued behind the previous one, whose checks are
@@ -378,7 +388,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             gate = gates.get(g.device)
             if gate is None:
                 gate = gates[g.device] = self._gate(g.device)
-            check_rows(gate, g.values, g.rows, _rows_of(p))
+            check_rows(gate, g.values, g.rows, _rows_of(p), g.count)
         if len(gates) > 1:
             # A gate holds back its own device's launches only: with parameters on several
             # devices, read every gate before any update so a bad step writes nothing.
@@ -388,7 +398,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 return loss
         for group, p, g in work:
             update = self._begin(group, p)
-            apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device])
+            apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device], g.count)
         if len(gates) > 1:
             self._clean.update(gates)
             return loss
@@ -433,15 +443,16 @@ class SparseOptimizer(torch.optim.Optimizer):
         return gate
 
     def _raise_or_skip(
-        self, work: list[tuple[dict[str, Any], Param, SparseGrad]], out_of_range: bool
+        self, work: list[tuple[dict[str, Any], Param, _Rows]], out_of_range: bool
     ) -> None:
         """A gate was set and nothing was written: name the cause, or count the skip."""
         name = type(self).__name__
         if out_of_range:
             for _, p, g in work:
-                bad = (g.rows < 0) | (g.rows >= _rows_of(p))
+                rows = g.exact()[0]
+                bad = (rows < 0) | (rows >= _rows_of(p))
                 if bool(bad.any()):
-                    row = int(g.rows[bad][0])
+                    row = int(rows[bad][0])
                     raise IndexError(
                         f"{name}: the gradient of {self._param_name(p)} has row {row}, "
                         f"outside its {_rows_of(p)} rows; nothing was updated"
@@ -450,11 +461,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             self._skipped += 1
             return
         for _, p, g in work:
-            bad = (~torch.isfinite(g.values)).any(dim=1)
+            rows, values = g.exact()
+            bad = (~torch.isfinite(values)).any(dim=1)
             if bool(bad.any()):
                 raise FloatingPointError(
                     f"{name}: the gradient of {self._param_name(p)} holds NaN or Inf "
-                    f"(row {int(g.rows[bad][0])}); nothing was updated. Pass "
+                    f"(row {int(rows[bad][0])}); nothing was updated. Pass "
                     "on_nonfinite='skip' to skip such steps"
                 )
 
@@ -697,7 +709,28 @@ class _ResetListener:
             opt.reset_rows(param, rows)
 
 
-def _merge(parts: list[SparseGrad]) -> SparseGrad:
+class _Rows(NamedTuple):
+    """A step's gradient of one parameter: unique rows and their sums; with ``count`` (a
+    device tensor) only the first ``count`` rows are real, the rest is padding."""
+
+    rows: torch.Tensor
+    values: torch.Tensor
+    count: torch.Tensor | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real rows and values (reads the count: a host sync, for error paths)."""
+        if self.count is None:
+            return self.rows, self.values
+        k = int(self.count[0])
+        return self.rows[:k], self.values[:k]
+
+
+def _concat(parts: list[SparseGrad]) -> SparseGrad:
+    """Several gradients of one parameter as one uncoalesced gradient (fp32 values)."""
     rows = torch.cat([p.rows for p in parts])
     values = torch.cat([p.values.to(torch.float32) for p in parts])
-    return SparseGrad(rows, values).coalesce()
+    return SparseGrad(rows, values)

@@ -112,6 +112,7 @@ if HAS_TRITON:
         grad_stride,
         n,
         gate_ptr,
+        count_ptr,
         dim,
         w_table,
         w_shift,
@@ -144,10 +145,14 @@ if HAS_TRITON:
         W_ALIGNED: tl.constexpr,
         S_ALIGNED: tl.constexpr,
         HAS_GATE: tl.constexpr,
+        HAS_COUNT: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if HAS_COUNT:
+            # Rows past the device-side count are padding (coalesce_rows_padded).
+            n = tl.minimum(tl.load(count_ptr), n)
         if HAS_GATE:
             # A set gate (a bad row or value anywhere in the step) means: write nothing.
             n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
@@ -177,11 +182,15 @@ if HAS_TRITON:
         rows_ptr,
         num_rows,
         gate_ptr,
+        count_ptr,
         HAS_ROWS: tl.constexpr,
+        HAS_COUNT: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if HAS_COUNT:
+            n = tl.minimum(tl.load(count_ptr), n)
         ok = r < n
         if HAS_ROWS:
             row = tl.load(rows_ptr + r, mask=ok, other=0)
@@ -217,6 +226,7 @@ def check_rows(
     values: torch.Tensor,
     rows: torch.Tensor | None = None,
     num_rows: int = 0,
+    count: torch.Tensor | None = None,
 ) -> None:
     """Set ``gate[0]`` if a row is outside ``[0, num_rows)``, ``gate[1]`` if a value is NaN
     or Inf. Never clears a flag and never waits for the device.
@@ -226,6 +236,9 @@ def check_rows(
         values: a float gradient, any shape (its last dimension is the row width).
         rows: int ``[len(values)]`` row indices to bound-check, or ``None``.
         num_rows: the table's row count (with ``rows``).
+        count: int64 ``[1]`` on the device: only the first ``count`` value rows (and rows)
+            are checked, the rest is padding (from
+            :func:`~recstack.core.kernels.segment_sum.coalesce_rows_padded`). ``None``: all.
     """
     if gate.dtype != torch.int32 or gate.shape != (2,):
         raise ValueError(f"check_rows: the gate must be int32 [2], got {gate.dtype} {gate.shape}")
@@ -240,6 +253,11 @@ def check_rows(
     tensors = [gate, values] + ([rows] if rows is not None else [])
     if not use_triton(*tensors, op="check_rows"):
         record_launch("check_rows_reference")
+        if count is not None:
+            # On the CPU reading the count costs nothing.
+            k = int(count.reshape(-1)[0])
+            values = values[:k]
+            rows = rows[:k] if rows is not None else None
         if rows is not None:
             oob = ((rows < 0) | (rows >= num_rows)).any()
             gate[0] = torch.maximum(gate[0], oob.to(torch.int32))
@@ -261,7 +279,9 @@ def check_rows(
         rows if rows is not None else gate,
         num_rows,
         gate,
+        count if count is not None else gate,
         rows is not None,
+        count is not None,
         block_r,
         block_d,
         num_warps=4,
@@ -323,6 +343,7 @@ def apply_row_update(
     rows: torch.Tensor,
     grad: torch.Tensor,
     gate: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
     **tile: int,
 ) -> None:
     """Apply ``update`` to ``rows`` of ``table`` given their summed gradient, in one launch.
@@ -334,6 +355,8 @@ def apply_row_update(
         grad: float ``[U, dim]`` gradient rows.
         gate: from :func:`new_gate`: when set (on the device, when the kernel runs) nothing
             is written. ``None``: no gate.
+        count: int64 ``[1]`` on the device: only the first ``count`` rows are updated, the
+            rest is padding (as :func:`check_rows`). ``None``: all rows.
         tile: ``tile_elems``, ``max_block_d``, ``num_warps`` override
             :data:`ROW_UPDATE_DEFAULTS`.
     """
@@ -348,7 +371,10 @@ def apply_row_update(
     if not use_triton(rows, grad, op=f"{update.name} row update"):
         record_launch("row_update_reference")
         # On the CPU a gate read costs nothing: check it here, then run the torch update.
-        if gate is None or not bool(gate.any()):
+        if count is not None:
+            k = int(count.reshape(-1)[0])
+            rows, grad = rows[:k], grad[:k]
+        if (gate is None or not bool(gate.any())) and rows.numel():
             update.reference(rows.to(torch.int64), grad.to(torch.float32))
         return
     if grad.stride(1) != 1 and dim > 1:
@@ -363,8 +389,10 @@ def apply_row_update(
         grad.stride(0),
         n,
         gate if gate is not None else rows,
+        count if count is not None else rows,
         *_row_update_args(update, table),
         gate is not None,
+        count is not None,
         block_r,
         block_d,
         num_warps=cfg["num_warps"],

@@ -15,9 +15,12 @@ Triton kernel reduces the segments:
 A hot id repeated 100k times (Zipf traffic) therefore costs one atomic per tile it spans,
 not one per occurrence, and no program walks a long segment on its own.
 
-``segment_sum_sorted`` is the reusable middle step (the embedding backward calls it with
-its own segment ids); ``coalesce_rows_reference`` / ``segment_sum_sorted_reference`` are
-the torch references (``torch.unique`` + ``index_add_``).
+``coalesce_rows_padded`` does the same without a host sync: its outputs keep the input's
+length and carry the number of unique rows as a device tensor, which the row-update
+kernels read. ``segment_sum_sorted`` is the reusable middle step (the embedding backward
+calls it with its own segment ids); ``coalesce_rows_reference`` /
+``segment_sum_sorted_reference`` are the torch references (``torch.unique`` +
+``index_add_``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if HAS_TRITON:
 __all__ = [
     "SEGMENT_SUM_DEFAULTS",
     "coalesce_rows",
+    "coalesce_rows_padded",
     "coalesce_rows_reference",
     "segment_sum_sorted",
     "segment_sum_sorted_reference",
@@ -95,9 +99,19 @@ if HAS_TRITON:
             sem="relaxed",
         )
 
+    @triton.jit
+    def _zero_rows_kernel(
+        out_ptr, count_ptr, n, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+    ):  # fmt: skip
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = r < tl.minimum(tl.load(count_ptr), n)
+        for c0 in range(0, dim, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            m = ok[:, None] & (cols < dim)[None, :]
+            tl.store(out_ptr + r[:, None] * dim + cols[None, :], 0.0, mask=m)
 
-if HAS_TRITON:
     _SEGMENT_SUM = FastKernel(_segment_sum_kernel)
+    _ZERO_ROWS = FastKernel(_zero_rows_kernel)
 
 
 def _next_pow2(x: int) -> int:
@@ -149,9 +163,23 @@ def _segment_sum_triton(
     tile_elems: int | None = None,
     max_block_d: int | None = None,
     num_warps: int | None = None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n, dim = order.numel(), values.shape[1]
-    out = torch.zeros((num_segments, dim), dtype=torch.float32, device=values.device)
+    if count is None:
+        out = torch.zeros((num_segments, dim), dtype=torch.float32, device=values.device)
+    else:
+        # Only the first `count` rows are summed into: zero those alone (the padding of
+        # coalesce_rows_padded may be much larger than the unique rows).
+        out = torch.empty((num_segments, dim), dtype=torch.float32, device=values.device)
+        if num_segments and dim:
+            block_d = min(_next_pow2(dim), 128)
+            block_r = max(1, 2048 // block_d)
+            _ZERO_ROWS(
+                (triton.cdiv(num_segments, block_r),), out, count, num_segments, dim,
+                block_r, block_d, num_warps=4,
+            )  # fmt: skip
+            record_launch("zero_rows")
     if n == 0 or dim == 0:
         return out
     if values.stride(1) != 1:
@@ -304,3 +332,57 @@ def coalesce_rows(
         num_warps=num_warps,
     )
     return unique, summed.to(out_dtype)
+
+
+def coalesce_rows_padded(
+    rows: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    tile_elems: int | None = None,
+    max_block_d: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`coalesce_rows` without its host sync: the output keeps the input's length.
+
+    Returns ``(unique, summed, count)``: ``unique`` (int64 ``[n]``) holds the sorted unique
+    rows in its first ``count`` entries and ``-1`` after them; ``summed`` (fp32 ``[n, dim]``)
+    their sums, and after them anything (the Triton path leaves that memory unwritten:
+    only the sums' rows are zeroed and summed into); ``count`` the number of unique rows
+    as an int64 ``[1]`` tensor on the device. Core's ``check_rows`` and
+    ``apply_row_update`` take ``count=`` and skip the padding on the device, so an
+    optimizer step from an uncoalesced gradient queues its work without waiting for the
+    GPU (``coalesce_rows`` reads the number of unique rows back to size its output).
+
+    Example:
+        >>> import torch
+        >>> uniq, summed, count = coalesce_rows_padded(torch.tensor([3, 0, 3]), torch.ones(3, 1))
+        >>> uniq.tolist(), summed[:2].tolist(), count.tolist()
+        ([0, 3, -1], [[1.0], [2.0]], [2])
+    """
+    what = "coalesce_rows_padded"
+    rows = _check_rows(rows, what)
+    _check_values(values, rows.numel(), what)
+    if rows.device != values.device:
+        raise ValueError(
+            f"{what}: rows is on device {rows.device} but values is on device {values.device}"
+        )
+    n = rows.numel()
+    if n == 0:
+        empty = torch.zeros((0, values.shape[1]), dtype=torch.float32, device=values.device)
+        return rows, empty, torch.zeros(1, dtype=torch.int64, device=rows.device)
+    sorted_rows, order = torch.sort(rows, stable=True)
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    if n > 1:
+        torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
+    segment_ids = torch.cumsum(starts, 0) - 1
+    # Every entry of a segment writes the same id, so the scatter's order does not matter.
+    unique = torch.full_like(sorted_rows, -1).scatter_(0, segment_ids, sorted_rows)
+    count = segment_ids[-1:] + 1
+    if use_triton(rows, values, op=what):
+        summed = _segment_sum_triton(
+            values, order, segment_ids, n,
+            tile_elems=tile_elems, max_block_d=max_block_d, num_warps=num_warps, count=count,
+        )  # fmt: skip
+    else:
+        summed = segment_sum_sorted_reference(values, order, segment_ids, n)
+    return unique, summed, count

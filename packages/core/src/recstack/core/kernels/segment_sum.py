@@ -139,6 +139,26 @@ def _check_rows(rows: torch.Tensor, what: str, arg: str = "rows") -> torch.Tenso
     return rows.to(torch.int64)
 
 
+def _check_pair(rows: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
+    """Validate ``rows`` (returned as int64) against ``values`` [len(rows), dim]."""
+    rows = _check_rows(rows, what)
+    _check_values(values, rows.numel(), what)
+    if rows.device != values.device:
+        raise ValueError(
+            f"{what}: rows is on device {rows.device} but values is on device {values.device}"
+        )
+    return rows
+
+
+def _segments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted_rows, order, starts, segment_ids)`` of int64 ``rows``; no host sync."""
+    sorted_rows, order = torch.sort(rows, stable=True)
+    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
+    if rows.numel() > 1:
+        torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
+    return sorted_rows, order, starts, torch.cumsum(starts, 0) - 1
+
+
 def sort_segments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort int64 ``rows`` and split them into segments of equal ids.
 
@@ -146,11 +166,7 @@ def sort_segments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     (sorted position -> original position) and ``segment_ids[k]`` is the index in
     ``unique_rows`` of the ``k``-th sorted entry. One host sync (the number of unique ids).
     """
-    sorted_rows, order = torch.sort(rows, stable=True)
-    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
-    if rows.numel() > 1:
-        torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
-    segment_ids = torch.cumsum(starts, 0) - 1
+    sorted_rows, order, starts, segment_ids = _segments(rows)
     return sorted_rows[starts], order, segment_ids
 
 
@@ -310,12 +326,7 @@ def coalesce_rows(
         ([0, 3], [[1.0], [2.0]])
     """
     what = "coalesce_rows"
-    rows = _check_rows(rows, what)
-    _check_values(values, rows.numel(), what)
-    if rows.device != values.device:
-        raise ValueError(
-            f"{what}: rows is on device {rows.device} but values is on device {values.device}"
-        )
+    rows = _check_pair(rows, values, what)
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{what}: out_dtype must be a float dtype, got {out_dtype}")
     out_dtype = out_dtype or values.dtype
@@ -360,21 +371,12 @@ def coalesce_rows_padded(
         ([0, 3, -1], [[1.0], [2.0]], [2])
     """
     what = "coalesce_rows_padded"
-    rows = _check_rows(rows, what)
-    _check_values(values, rows.numel(), what)
-    if rows.device != values.device:
-        raise ValueError(
-            f"{what}: rows is on device {rows.device} but values is on device {values.device}"
-        )
+    rows = _check_pair(rows, values, what)
     n = rows.numel()
     if n == 0:
         empty = torch.zeros((0, values.shape[1]), dtype=torch.float32, device=values.device)
         return rows, empty, torch.zeros(1, dtype=torch.int64, device=rows.device)
-    sorted_rows, order = torch.sort(rows, stable=True)
-    starts = torch.ones_like(sorted_rows, dtype=torch.bool)
-    if n > 1:
-        torch.ne(sorted_rows[1:], sorted_rows[:-1], out=starts[1:])
-    segment_ids = torch.cumsum(starts, 0) - 1
+    sorted_rows, order, _, segment_ids = _segments(rows)
     # Every entry of a segment writes the same id, so the scatter's order does not matter.
     unique = torch.full_like(sorted_rows, -1).scatter_(0, segment_ids, sorted_rows)
     count = segment_ids[-1:] + 1

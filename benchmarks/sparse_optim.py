@@ -18,8 +18,9 @@ Three workloads, each against plain PyTorch in the same run:
    shape, one sum-pooled feature (``--ids`` ids in bags of 64): forward + backward + the
    Adam step (backward leaves a ``SparseGrad``, ``opt.step`` applies it) against forward +
    backward with ``ec.fuse_optimizer(opt)`` (the backward applies the step), in both fused
-   forms (row sums then the update; ``one_pass=True``: one kernel). The forward alone is
-   timed too, and the rows "backward + step" subtract it.
+   forms (row sums then the update; ``one_pass=True``: one kernel), and the first form
+   again with ``deferred_checks=True`` against the unfused step with it. The forward alone
+   is timed too, and the rows "backward + step" subtract it.
 
     python benchmarks/sparse_optim.py [--sweep]
 """
@@ -193,48 +194,56 @@ def fused_backward(report: Report, rows, gen, args) -> None:
     )
     grad_out = torch.randn(batch, dim, generator=gen, device=device) * 1e-2
 
-    def collection() -> tuple[EmbeddingCollection, PagedTensor, SparseAdam]:
+    def collection(deferred: bool) -> tuple[EmbeddingCollection, PagedTensor, SparseAdam]:
         ec = EmbeddingCollection(
             [TableConfig("t", dim=dim, fixed_size=n_table)], [FeatureConfig("f", "t")],
             device=device,
         )  # fmt: skip
         values = ec.physical_tables["t"].values
-        return ec, values, SparseAdam([values], lr=1e-3)
+        return ec, values, SparseAdam([values], lr=1e-3, deferred_checks=deferred)
 
-    ec, values, opt = collection()
-
-    def forward(ec=ec) -> None:
-        ec(kjt)
-
-    def unfused(ec=ec, opt=opt, values=values) -> None:
-        ec(kjt)["f"].backward(grad_out)
-        opt.step(grads={values: ec.sparse_grads()["t"]})
-
-    t_fwd = median_time(forward, device, repeat=args.repeat)
-    t_unfused = median_time(unfused, device, repeat=args.repeat)
-    del ec, values, opt
     label = f"{args.ids:,} ids in bags of {bag}, {n:,} rows"
     # The backward's reads (per id: label, position, bag index, gradient row) + the update.
     nbytes = args.ids * (4 + 8 + 8 + dim * 4) + update_bytes(n, dim, 2) - n * dim * 4
-    print(f"  forward alone: {t_fwd * 1e3:.3f} ms", flush=True)
-    for one_pass in (False, True):
-        ec, values, opt = collection()
+    t_fwd = 0.0
+    t_unfused = {}
+    for deferred in (False, True):
+        ec, values, opt = collection(deferred)
+
+        def forward(ec=ec) -> None:
+            ec(kjt)
+
+        def unfused(ec=ec, opt=opt, values=values) -> None:
+            ec(kjt)["f"].backward(grad_out)
+            opt.step(grads={values: ec.sparse_grads()["t"]})
+
+        if not deferred:
+            t_fwd = median_time(forward, device, repeat=args.repeat)
+            print(f"  forward alone: {t_fwd * 1e3:.3f} ms", flush=True)
+        t_unfused[deferred] = median_time(unfused, device, repeat=args.repeat)
+        opt.flush_checks()
+        del ec, values, opt
+    # (form, one_pass, deferred_checks); each against the unfused step with the same checks.
+    forms = [("sums, then update", False, False), ("one kernel", True, False),
+             ("sums, then update; deferred_checks", False, True)]  # fmt: skip
+    for form, one_pass, deferred in forms:
+        ec, values, opt = collection(deferred)
         ec.fuse_optimizer(opt, one_pass=one_pass)
 
         def fused(ec=ec) -> None:
             ec(kjt)["f"].backward(grad_out)
 
         t_fused = median_time(fused, device, repeat=args.repeat)
+        opt.flush_checks()
         del ec, values, opt
-        form = "one kernel" if one_pass else "sums, then update"
+        base = "unfused: backward, then opt.step" + (" (deferred_checks)" if deferred else "")
         report.add(
-            Row(f"forward + backward + Adam step, {label}; fused ({form})", t_fused, t_unfused, 0,
-                baseline="unfused: backward, then opt.step")
+            Row(f"forward + backward + Adam step, {label}; fused ({form})", t_fused,
+                t_unfused[deferred], 0, baseline=base)
         )  # fmt: skip
         report.add(
             Row(f"backward + Adam step (forward subtracted), {label}; fused ({form})",
-                t_fused - t_fwd, t_unfused - t_fwd, nbytes,
-                baseline="unfused: backward, then opt.step")
+                t_fused - t_fwd, t_unfused[deferred] - t_fwd, nbytes, baseline=base)
         )  # fmt: skip
 
 

@@ -105,3 +105,87 @@ def test_fused_backward_nonfinite_policy() -> None:
 
 def test_sparse_optimizers_speak_the_row_updater_protocol() -> None:
     assert isinstance(SparseAdam([torch.zeros(3, 2)], lr=0.1), RowUpdater)
+
+
+def test_fused_backward_with_deferred_checks_on_cpu_checks_at_once() -> None:
+    ec = EmbeddingCollection([TableConfig("t", dim=4)], [FeatureConfig("f", "t")])
+    opt = SparseAdam([ec.physical_tables["t"].values], lr=0.05, deferred_checks=True)
+    ec.fuse_optimizer(opt)
+    with pytest.raises(FloatingPointError, match="'t' holds NaN or Inf; nothing was updated"):
+        (ec(batch([1, 2]))["f"].sum() * float("nan")).backward()
+
+
+def _gpu_collection() -> EmbeddingCollection:
+    return EmbeddingCollection(
+        [TableConfig("t", dim=8, fixed_size=64), TableConfig("u", dim=4)],
+        [FeatureConfig("f", "t"), FeatureConfig("g", "u")],
+        device="cuda",
+    )
+
+
+def _gpu_batch(gen: torch.Generator) -> KeyedJaggedTensor:
+    ids = torch.randint(0, 64, (2 * 40,), device="cuda", generator=gen)
+    return KeyedJaggedTensor(
+        ["f", "g"], ids, lengths=torch.full((2 * 8,), 5, dtype=torch.int64, device="cuda")
+    )
+
+
+def _gpu_loss(ec: EmbeddingCollection, kjt: KeyedJaggedTensor) -> torch.Tensor:
+    out = ec(kjt)
+    return (out["f"] ** 2).sum() + (out["g"] ** 3).sum()
+
+
+@pytest.mark.gpu
+def test_a_deferred_fused_backward_matches_checked_and_never_waits_for_the_gpu() -> None:
+    ec_now, ec_later = _gpu_collection(), _gpu_collection()
+    tables = [ec.physical_tables[t].values for ec in (ec_now, ec_later) for t in ("t", "u")]
+    now = SparseAdam(tables[:2], lr=0.01)
+    later = SparseAdam(tables[2:], lr=0.01, deferred_checks=True)
+    ec_now.fuse_optimizer(now)
+    ec_later.fuse_optimizer(later)
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    for i in range(5):
+        kjt = _gpu_batch(gen)
+        _gpu_loss(ec_now, kjt).backward()
+        loss = _gpu_loss(ec_later, kjt)
+        if i >= 2:  # state exists by now: the backward queues its updates and returns
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    later.flush_checks()
+    for a, b in zip(tables[:2], tables[2:], strict=True):
+        torch.testing.assert_close(b.to_dense(), a.to_dense(), rtol=0, atol=0)
+        assert later.state[b]["step"] == now.state[a]["step"] == 5
+        for slot in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(
+                later.state[b][slot].to_dense(), now.state[a][slot].to_dense(), rtol=0, atol=0
+            )
+
+
+@pytest.mark.gpu
+def test_a_bad_deferred_fused_step_is_reported_later_and_writes_nothing() -> None:
+    ec = EmbeddingCollection([TableConfig("t", dim=4, fixed_size=16)], [FeatureConfig("f", "t")],
+                             device="cuda")  # fmt: skip
+    values = ec.physical_tables["t"].values
+    opt = SparseAdam([values], lr=0.05, deferred_checks=True)
+    ec.fuse_optimizer(opt)
+    ids = KeyedJaggedTensor(["f"], torch.tensor([1, 2, 3], device="cuda"),
+                            lengths=torch.ones(3, dtype=torch.int64, device="cuda"))  # fmt: skip
+    ec(ids)["f"].sum().backward()
+    opt.flush_checks()
+    after_first = values.to_dense().clone()
+    (ec(ids)["f"].sum() * float("nan")).backward()  # returns; its update wrote nothing
+    # The next backward's update is queued behind it, inherits its flag, then the bad
+    # step's checks are read (one backward's steps stay unread) and raise.
+    with pytest.raises(FloatingPointError, match="nor of the 1 step.s. queued after it"):
+        ec(ids)["f"].sum().backward()
+    assert opt.state[values]["step"] == 1 and torch.equal(values.to_dense(), after_first)
+    ec(ids)["f"].sum().backward()
+    opt.flush_checks()
+    assert opt.state[values]["step"] == 2 and not torch.equal(values.to_dense(), after_first)
+    opt.on_nonfinite = "skip"
+    (ec(ids)["f"].sum() * float("inf")).backward()
+    ec(ids)["f"].sum().backward()  # a skipped step does not hold the next one back
+    assert opt.skipped_steps == 1 and opt.state[values]["step"] == 3

@@ -170,6 +170,9 @@ def test_row_update_validates_its_fields() -> None:
     half = PagedTensor(2, torch.float16, "cpu", name="h")
     with pytest.raises(ValueError, match="slot 'h' is torch.float16"):
         RowUpdate("x", None, lambda r, g: None, 0.1, slots=(table, half))
+    with pytest.raises(ValueError, match="gate must be an int32 tensor of shape"):
+        RowUpdate("x", None, lambda r, g: None, 0.1, gate=torch.zeros(2))
+    assert RowUpdate("x", None, lambda r, g: None, 0.1, gate=new_gate("cpu")).gate is not None
 
 
 def test_row_updater_protocol_is_runtime_checkable() -> None:
@@ -177,7 +180,7 @@ def test_row_updater_protocol_is_runtime_checkable() -> None:
         def begin_row_update(self, table):
             return None
 
-        def end_row_update(self, table, *, nonfinite):
+        def end_row_update(self, table, *, gate):
             return None
 
     assert isinstance(Updater(), RowUpdater)

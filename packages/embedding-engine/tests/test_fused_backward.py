@@ -76,8 +76,8 @@ class MomentumUpdater:
             slots=tuple(self.slots), whole_rows=self.per_row,
         )  # fmt: skip
 
-    def end_row_update(self, table: PagedTensor, *, nonfinite: bool) -> None:
-        self.ended.append(nonfinite)
+    def end_row_update(self, table: PagedTensor, *, gate: torch.Tensor) -> None:
+        self.ended.append(bool(gate[1]))
 
     def reference(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         buf = 0.9 * self.slots[0].gather_rows(rows) + grad
@@ -188,7 +188,8 @@ def test_fused_backward_matches_unfused_then_update(
             apply_row_update(update, expect.table, g.rows, g.values)
         update = fused.begin_row_update(plan.table)
         assert update is not None
-        assert lookup_backward_fused(plan, grad_p, grad_s, update, one_pass=one_pass) is False
+        gate = lookup_backward_fused(plan, grad_p, grad_s, update, one_pass=one_pass)
+        assert gate.tolist() == [0, 0]
     for got, want in zip(fused.dense(), expect.dense(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -204,7 +205,8 @@ def test_fused_backward_with_nonfinite_gradient_writes_nothing(
     update = updater.begin_row_update(plan.table)
     assert update is not None
     before = updater.dense()
-    assert lookup_backward_fused(plan, grad_p, grad_s, update, one_pass=one_pass) is True
+    gate = lookup_backward_fused(plan, grad_p, grad_s, update, one_pass=one_pass)
+    assert gate.tolist() == [0, 1]
     for got, want in zip(updater.dense(), before, strict=True):
         assert torch.equal(got, want)
 

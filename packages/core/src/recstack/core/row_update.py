@@ -60,6 +60,11 @@ class RowUpdate:
         slots: up to three fp32 state ``PagedTensor``s, row-aligned with the table (full
             width, or one wide for per-row state).
         whole_rows: every tile must hold whole rows (per-row state or row reductions).
+        gate: the int32 ``[out_of_range, nonfinite]`` device flags (core's ``new_gate``)
+            the caller's checks set and its launches obey, handed back to
+            :meth:`RowUpdater.end_row_update`; ``None``: the caller makes a fresh one.
+            An updater that gives its own gate can chain steps (a step queued behind an
+            unread bad one writes nothing) and read it when it likes.
     """
 
     name: str
@@ -71,6 +76,7 @@ class RowUpdate:
     flags: tuple[bool, ...] = ()
     slots: tuple[PagedTensor, ...] = field(default=())
     whole_rows: bool = False
+    gate: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.params) > 6 or len(self.flags) > 3 or len(self.slots) > 3:
@@ -81,6 +87,12 @@ class RowUpdate:
         for s in self.slots:
             if s.dtype != torch.float32:
                 raise ValueError(f"RowUpdate {self.name!r}: slot {s.name!r} is {s.dtype}, not fp32")
+        g = self.gate
+        if g is not None and (g.dtype != torch.int32 or tuple(g.shape) != (2,)):
+            raise ValueError(
+                f"RowUpdate {self.name!r}: gate must be an int32 tensor of shape (2,) "
+                f"(core's new_gate), got {g.dtype} {tuple(g.shape)}"
+            )
 
 
 @runtime_checkable
@@ -96,7 +108,9 @@ class RowUpdater(Protocol):
         ``None`` when this updater does not train ``table``."""
         ...
 
-    def end_row_update(self, table: PagedTensor, *, nonfinite: bool) -> None:
-        """The update of ``table`` is done; ``nonfinite``: its gradient held NaN or Inf
-        and nothing was written (the updater raises or counts a skipped step)."""
+    def end_row_update(self, table: PagedTensor, *, gate: torch.Tensor) -> None:
+        """The update of ``table`` is queued; ``gate`` holds its checks' flags (the
+        update's own :attr:`RowUpdate.gate`, or the one the caller made). A set flag
+        means nothing was written: the updater raises or counts a skipped step, when it
+        reads the gate (at once, a host sync, or later)."""
         ...

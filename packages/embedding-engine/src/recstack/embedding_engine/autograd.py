@@ -221,7 +221,7 @@ def lookup_backward_fused(
     update: RowUpdate,
     *,
     one_pass: bool = False,
-) -> bool:
+) -> torch.Tensor:
     """Apply ``update`` (an optimizer's step of ``plan.table``) to the rows the lookup read,
     with the gradient :func:`lookup_backward` would give; no ``SparseGrad`` is made.
 
@@ -230,17 +230,18 @@ def lookup_backward_fused(
     :func:`~recstack.embedding_engine.kernels.lookup_grad_update.lookup_grad_update`
     instead, which updates each row from the sums in registers and never writes them out
     (the H200 numbers in docs/benchmarks.md say when that pays). The output gradients are
-    checked for NaN/Inf on the device first; if any is found nothing is written. Returns
-    whether that happened (the one host sync).
+    checked for NaN/Inf on the device first, into ``update.gate`` (or a fresh gate); if
+    a flag is set, nothing is written. Returns that gate, unread (no host sync here): the
+    caller hands it to the updater's ``end_row_update``.
     """
     device, dim = plan.table.device, plan.table.dim
     grad_pooled, grad_sequence = _live_grads(plan, grad_pooled, grad_sequence)
-    gate = new_gate(device)
+    gate = update.gate if update.gate is not None else new_gate(device)
     for g in (grad_pooled, grad_sequence):
         if g is not None:
             check_rows(gate, g)
     if grad_pooled is None and grad_sequence is None:
-        return bool(gate[1])
+        return gate
     tensors = [t for t in (grad_pooled, grad_sequence, plan.pooled_rows) if t is not None]
     rs, min_seg = (plan.row_sort, 0) if plan.row_sort is not None else _sort_rows(plan)
     sums = {
@@ -257,7 +258,7 @@ def lookup_backward_fused(
             update, plan.table, gate, rs.order, rs.sorted_seg, rs.num_segments, rs.seg_rows,
             **sums,
         )  # fmt: skip
-        return bool(gate[1])
+        return gate
     # Sums by label (any row order will do for the update: no sort of the rows).
     values = lookup_grad_sums(rs.order, rs.sorted_seg, rs.num_segments, None, dim, **sums)
     if rs.seg_rows is None:
@@ -265,7 +266,7 @@ def lookup_backward_fused(
     else:
         rows = rs.seg_rows
     apply_row_update(update, plan.table, rows[min_seg:], values[min_seg:], gate)
-    return bool(gate[1])
+    return gate
 
 
 def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
@@ -315,8 +316,8 @@ class EmbeddingLookupFunction(torch.autograd.Function):
                 update = plan.updater.begin_row_update(plan.table)
             if update is not None:
                 assert plan.updater is not None
-                nonfinite = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
-                plan.updater.end_row_update(plan.table, nonfinite=nonfinite)
+                gate = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
+                plan.updater.end_row_update(plan.table, gate=gate)
                 return None, None
             grad = lookup_backward(plan, grad_pooled, grad_sequence)
         if plan.sink is not None:

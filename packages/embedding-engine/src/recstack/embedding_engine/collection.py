@@ -705,10 +705,10 @@ class EmbeddingCollection(nn.Module):
             self._sink(name, grad)
             return
         assert updater is not None
-        gate = new_gate(grad.device)
+        gate = update.gate if update.gate is not None else new_gate(grad.device)
         check_rows(gate, grad.values)
         apply_row_update(update, values, grad.rows, grad.values, gate)
-        updater.end_row_update(values, nonfinite=bool(gate[1]))
+        updater.end_row_update(values, gate=gate)
 
     def _sink(self, name: str, grad: SparseGrad) -> None:
         prev = self._grads.get(name)

@@ -31,9 +31,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from recstack.core import PagedTensor, SparseGrad
-from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
+from recstack.core.kernels.row_update import apply_row_update, check_rows
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
 from recstack.core.row_update import RowUpdate
+from recstack.sparse_optim.gates import GateBook
 from recstack.sparse_optim.kernels.optimizer_tile import optimizer_tile
 
 __all__ = ["Param", "SlotSpec", "SparseOptimizer"]
@@ -77,8 +78,9 @@ class SparseOptimizer(torch.optim.Optimizer):
             :meth:`flush_checks`, :attr:`skipped_steps` or :meth:`state_dict`, which raise
             (or count the skip) then. A bad step still writes nothing, nor does the step
             queued after it unless the bad one is skipped (``on_nonfinite="skip"``); the
-            host never waits for the GPU to drain. Default ``False``: each step reads its
-            checks at its end.
+            host never waits for the GPU to drain. Fused steps (:meth:`end_row_update`)
+            are read the same way, a backward's worth later. Default ``False``: each step
+            reads its checks at its end.
 
     Subclasses set :attr:`slot_specs` and implement :meth:`_update_rows`.
     """
@@ -102,16 +104,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.deferred_checks = bool(deferred_checks)
         self._skipped = 0
-        # Deferred steps not yet read: (device, their parameters, pinned host gate copy, event).
-        self._deferred: list[tuple[torch.device, list[Param], torch.Tensor, Any]] = []
-        # Pinned buffers and events of read deferred steps, reused (allocating pinned
-        # memory and events each step costs more host time than the step's launches).
-        self._spare: dict[torch.device, list[tuple[torch.Tensor, Any]]] = {}
+        # Gates, and the reads of deferred steps' gates not done yet.
+        self._book = GateBook()
         self._pending: dict[int, list[SparseGrad]] = {}
         self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
-        self._gates: dict[torch.device, torch.Tensor] = {}
-        self._clean: set[torch.device] = set()  # gates known to hold zeros now
         self._slot_cache: dict[int, tuple[int, dict[str, Any], dict[str, PagedTensor]]] = {}
         self._whole: bool | None = None
         if isinstance(params, (torch.Tensor, PagedTensor)):
@@ -143,32 +140,27 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._flush(keep=0)
 
     def _flush(self, keep: int) -> None:
-        """Read all but the newest ``keep`` deferred steps, oldest first."""
-        while len(self._deferred) > keep:
-            device, params, host, event = self._deferred.pop(0)
-            event.synchronize()
-            out_of_range, nonfinite = host.tolist()
-            self._spare.setdefault(device, []).append((host, event))
-            if not (out_of_range or nonfinite):
-                if not any(entry[0] == device for entry in self._deferred):
-                    self._clean.add(device)
+        """Read all but the newest ``keep`` deferred gates, oldest first."""
+        book = self._book
+        while len(book.queue) > keep:
+            reading = book.pop()
+            if not (reading.out_of_range or reading.nonfinite):
                 continue
-            for p in params:
+            for p in reading.params:
                 self.state[p]["step"] -= 1
-            if nonfinite and not out_of_range and self.on_nonfinite == "skip":
+            if reading.nonfinite and not reading.out_of_range and self.on_nonfinite == "skip":
                 self._skipped += 1
                 continue
-            # Later steps on this device inherited the flag (see _gate) and wrote nothing.
-            later = [e for e in self._deferred if e[0] == device]
-            self._deferred = [e for e in self._deferred if e[0] != device]
-            for _, ps, h, ev in later:
+            # Later steps on this device inherited the flag (see GateBook.take) and wrote
+            # nothing.
+            later = book.drop(reading.device)
+            for ps in later:
                 for p in ps:
                     self.state[p]["step"] -= 1
-                self._spare[device].append((h, ev))
             name = type(self).__name__
-            which = ", ".join(self._param_name(p) for p in params)
+            which = ", ".join(self._param_name(p) for p in reading.params)
             after = f" nor of the {len(later)} step(s) queued after it" if later else ""
-            if out_of_range:
+            if reading.out_of_range:
                 raise IndexError(
                     f"{name}: a deferred step had a gradient row outside its parameter "
                     f"({which}); nothing of that step{after} was written"
@@ -178,7 +170,6 @@ class SparseOptimizer(torch.optim.Optimizer):
                 f"that step{after} was written. Pass on_nonfinite='skip' to skip such steps"
             )
 
-    # ------------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of PagedTensor / 2-D float tensor parameters (hyper-parameters not
         given come from the defaults)."""
@@ -375,7 +366,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         devices = {g.device for _, _, g in work}
         # A deferred step on one GPU is queued behind the previous one, whose checks are
         # read only after this step's launches: the host never waits for the GPU to drain.
-        pipelined = self.deferred_checks and len(devices) == 1 and work[0][2].device.type == "cuda"
+        pipelined = len(devices) == 1 and self._defers_on(work[0][2].device)
         if not pipelined:
             self.flush_checks()
         if not work:
@@ -387,7 +378,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         for _, p, g in work:
             gate = gates.get(g.device)
             if gate is None:
-                gate = gates[g.device] = self._gate(g.device)
+                gate = gates[g.device] = self._take_gate(g.device)
             check_rows(gate, g.values, g.rows, _rows_of(p), g.count)
         if len(gates) > 1:
             # A gate holds back its own device's launches only: with parameters on several
@@ -400,47 +391,22 @@ class SparseOptimizer(torch.optim.Optimizer):
             update = self._begin(group, p)
             apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device], g.count)
         if len(gates) > 1:
-            self._clean.update(gates)
+            self._book.mark_clean(set(gates))
             return loss
-        device, gate = next(iter(gates.items()))
+        gate = next(iter(gates.values()))
         if pipelined:
-            spare = self._spare.get(device)
-            if spare:
-                host, event = spare.pop()
-            else:
-                host = torch.empty(2, dtype=torch.int32, pin_memory=True)
-                event = torch.cuda.Event()
-            host.copy_(gate, non_blocking=True)  # behind the update, in stream order
-            event.record(torch.cuda.current_stream(device))
-            self._deferred.append((device, [p for _, p, _g in work], host, event))
+            self._book.defer([p for _, p, _g in work], gate)
             self._flush(keep=1)
             return loss
-        flags = gate.tolist()
-        if flags[0] or flags[1]:
+        out_of_range, nonfinite = self._book.read(gate)
+        if out_of_range or nonfinite:
             for _, p, _g in work:
                 self.state[p]["step"] -= 1
-            self._raise_or_skip(work, bool(flags[0]))
-        else:
-            self._clean.add(device)
+            self._raise_or_skip(work, out_of_range)
         return loss
 
-    def _gate(self, device: torch.device) -> torch.Tensor:
-        """The device's gate, ready for a step's checks (stream order puts any clearing
-        after the previous step's read or copy of it)."""
-        gate = self._gates.get(device)
-        if gate is None:
-            gate = self._gates[device] = new_gate(device)
-        elif any(entry[0] == device for entry in self._deferred):
-            # The previous step's checks are unread: its flags carry over, so a step after
-            # a bad one writes nothing either (the read raises for both). A skipped step's
-            # non-finite flag must not hold the next one back.
-            if self.on_nonfinite == "skip":
-                gate[1] = 0
-        elif device not in self._clean:
-            gate.zero_()
-        # Read clear at the last step (or just cleared): no launch to clear it again.
-        self._clean.discard(device)
-        return gate
+    def _take_gate(self, device: torch.device) -> torch.Tensor:
+        return self._book.take(device, skip=self.on_nonfinite == "skip")
 
     def _raise_or_skip(
         self, work: list[tuple[dict[str, Any], Param, _Rows]], out_of_range: bool
@@ -523,7 +489,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._slot_cache[id(p)] = (rows, state, slots)
         return slots
 
-    def _begin(self, group: dict[str, Any], p: Param) -> RowUpdate:
+    def _begin(
+        self, group: dict[str, Any], p: Param, gate: torch.Tensor | None = None
+    ) -> RowUpdate:
         """Advance ``p``'s step and describe the update (slots grown to its rows)."""
         table = self._table(p)
         slots = self._slots(p)
@@ -550,6 +518,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             flags=flags,
             slots=tuple(slots.values()),
             whole_rows=self._whole_rows(),
+            gate=gate,
         )
 
     def _tile_args(
@@ -589,12 +558,13 @@ class SparseOptimizer(torch.optim.Optimizer):
         """Core's :class:`~recstack.core.RowUpdater`: this step's update of ``table``, for a
         backward that applies it where it reduces the gradient (the embedding engine's
         fused mode). ``None`` when ``table`` is not one of this optimizer's parameters.
+        The update carries this optimizer's gate for the table's device, so its checks
+        join the optimizer's (deferred ones included).
 
         Raises:
             RuntimeError: gradients of ``table`` from :meth:`accumulate` are pending (a
                 fused update cannot include them).
         """
-        self.flush_checks()
         found = self._owner(table)
         if found is None:
             return None
@@ -605,28 +575,56 @@ class SparseOptimizer(torch.optim.Optimizer):
                 "waiting for step(); a fused backward applies each gradient at once, so "
                 "accumulate() and the fused mode do not mix"
             )
-        return self._begin(group, p)
+        if not self._defers_on(table.device):
+            self.flush_checks()
+        return self._begin(group, p, gate=self._take_gate(table.device))
 
-    def end_row_update(self, table: PagedTensor, *, nonfinite: bool) -> None:
-        """Core's :class:`~recstack.core.RowUpdater`: the fused update of ``table`` ran;
-        with ``nonfinite`` it wrote nothing and the step is undone, then raised or counted
-        per ``on_nonfinite`` (each table's fused step is checked on its own).
+    def end_row_update(self, table: PagedTensor, *, gate: torch.Tensor) -> None:
+        """Core's :class:`~recstack.core.RowUpdater`: the fused update of ``table`` ran,
+        checking into ``gate`` (the one :meth:`begin_row_update` gave). If a flag is set
+        it wrote nothing, and the step is undone, then raised or counted per
+        ``on_nonfinite`` (each table's fused step is checked on its own). With
+        ``deferred_checks`` on a GPU the gate is read later, as a deferred step's (see
+        the class docs): the backward does not wait for the GPU.
 
         Raises:
-            FloatingPointError: the gradient held NaN or Inf and ``on_nonfinite="raise"``.
+            FloatingPointError: the gradient held NaN or Inf and ``on_nonfinite="raise"``
+                (or an earlier deferred step's did).
+            IndexError: the update had a row outside ``table`` (or an earlier deferred
+                step did).
         """
         found = self._owner(table)
-        if found is None or not nonfinite:
+        if found is None:
             return
         _, p = found
+        if self._defers_on(gate.device):
+            self._book.defer([p], gate)
+            # As many fused steps as there are parameters (a backward's worth) stay
+            # unread; older ones are read. A bad step is reported by a later backward, or
+            # by step(), flush_checks(), skipped_steps or state_dict().
+            self._flush(keep=sum(len(g["params"]) for g in self.param_groups))
+            return
+        out_of_range, nonfinite = self._book.read(gate)
+        if not (out_of_range or nonfinite):
+            return
         self.state[p]["step"] -= 1
+        name = type(self).__name__
+        if out_of_range:
+            raise IndexError(
+                f"{name}: the fused update of {self._param_name(p)} had a row outside its "
+                f"{_rows_of(p)} rows; nothing was updated"
+            )
         if self.on_nonfinite == "skip":
             self._skipped += 1
             return
         raise FloatingPointError(
-            f"{type(self).__name__}: the gradient of {self._param_name(p)} holds NaN or Inf; "
+            f"{name}: the gradient of {self._param_name(p)} holds NaN or Inf; "
             "nothing was updated. Pass on_nonfinite='skip' to skip such steps"
         )
+
+    def _defers_on(self, device: torch.device) -> bool:
+        """Whether checks on ``device`` are read later (``deferred_checks`` on a GPU)."""
+        return self.deferred_checks and device.type == "cuda"
 
     # ------------------------------------------------------------------ row state
     def reset_rows(self, param: Param, rows: torch.Tensor) -> None:

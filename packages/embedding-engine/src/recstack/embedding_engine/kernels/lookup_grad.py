@@ -40,6 +40,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from recstack.core.kernels.launch import FastKernel
     from recstack.core.kernels.segment_sum import _segmented_add
 
 __all__ = ["GRAD_DEFAULTS", "lookup_grad_sums", "lookup_grad_sums_reference"]
@@ -198,6 +199,11 @@ if HAS_TRITON:
         tl.store(dst, sums, mask=(is_last & ~shared)[:, None] & col_ok[None, :])
         tl.atomic_add(dst, sums, mask=(is_last & shared)[:, None] & col_ok[None, :], sem="relaxed")
 
+    # Launched without Triton's per-call binding (core's FastKernel): a backward's launches
+    # cost host time that small batches feel.
+    _ZERO_CROSSING = FastKernel(_zero_crossing_kernel)
+    _GRAD_SUM = FastKernel(_grad_sum_kernel)
+
 
 def _pow2_ceil(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
@@ -349,21 +355,15 @@ def lookup_grad_sums(
     dest = seg_dest if seg_dest is not None else order
     if num_tiles > 1:
         block_t = 64
-        _zero_crossing_kernel[(triton.cdiv(num_tiles - 1, block_t),)](
-            sorted_seg,
-            dest,
-            values,
-            n,
-            dim,
-            values.stride(0),
-            HAS_DEST=seg_dest is not None,
-            BLOCK_N=block_n,
-            BLOCK_T=block_t,
-            BLOCK_D=min(block_d, 128),
+        _ZERO_CROSSING(
+            (triton.cdiv(num_tiles - 1, block_t),),
+            sorted_seg, dest, values, n, dim, values.stride(0),
+            seg_dest is not None, block_n, block_t, min(block_d, 128),
             num_warps=4,
-        )
+        )  # fmt: skip
         record_launch("lookup_grad_sums_zero")
-    _grad_sum_kernel[(num_tiles, triton.cdiv(dim, block_d))](
+    _GRAD_SUM(
+        (num_tiles, triton.cdiv(dim, block_d)),
         grad_pooled if has_pooled else values,
         grad_sequence if has_seq else values,
         sorted_seg,
@@ -382,12 +382,12 @@ def lookup_grad_sums(
         grad_sequence.stride(0) if has_seq else 0,
         values.stride(0),
         min_seg,
-        HAS_POOLED=has_pooled,
-        HAS_SEQ=has_seq,
-        HAS_WEIGHTS=has_pooled and weights is not None,
-        HAS_DEST=seg_dest is not None,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        has_pooled,  # HAS_POOLED
+        has_seq,  # HAS_SEQ
+        has_pooled and weights is not None,  # HAS_WEIGHTS
+        seg_dest is not None,  # HAS_DEST
+        block_n,  # BLOCK_N
+        block_d,  # BLOCK_D
         num_warps=num_warps or GRAD_DEFAULTS["num_warps"],
     )
     record_launch("lookup_grad_sums")

@@ -32,8 +32,8 @@ if HAS_TRITON:
 
     from recstack.core.kernels.row_update import _apply_tile
     from recstack.embedding_engine.kernels.lookup_grad import (
+        _ZERO_CROSSING,
         _tile_grad_sums,
-        _zero_crossing_kernel,
     )
 
 __all__ = ["FUSED_GRAD_DEFAULTS", "lookup_grad_update"]
@@ -267,9 +267,10 @@ def lookup_grad_update(
     kw = row_update_kwargs(update, table)
     if num_tiles > 1:
         block_t = 64
-        _zero_crossing_kernel[(triton.cdiv(num_tiles - 1, block_t),)](
+        _ZERO_CROSSING(
+            (triton.cdiv(num_tiles - 1, block_t),),
             sorted_seg, order, scratch, n, dim, scratch.stride(0),
-            HAS_DEST=False, BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_D=min(block_d, 128),
+            False, block_n, block_t, min(block_d, 128),  # HAS_DEST, BLOCK_N, _T, _D
             num_warps=4,
         )  # fmt: skip
         record_launch("lookup_grad_update_zero")

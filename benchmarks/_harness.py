@@ -93,6 +93,26 @@ def median_time(
     return statistics.median(times)
 
 
+def profile_table(
+    fn: Callable[[], object], device: torch.device, *, steps: int = 5, row_limit: int = 15
+) -> str:
+    """The ops and kernels of ``steps`` calls of ``fn`` under ``torch.profiler``, the
+    largest own device time first (own CPU time on a CPU): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()  # compiled and allocated before the profile
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written.
 

@@ -22,7 +22,7 @@ Three workloads, each against plain PyTorch in the same run:
    again with ``deferred_checks=True`` against the unfused step with it. The forward alone
    is timed too, and the rows "backward + step" subtract it.
 
-    python benchmarks/sparse_optim.py [--sweep]
+    python benchmarks/sparse_optim.py [--sweep] [--profile] [--skip 1,2]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _harness import Report, Row, copy_bandwidth, device_name, median_time
+from _harness import Report, Row, copy_bandwidth, device_name, median_time, profile_table
 
 from recstack.core import KeyedJaggedTensor, PagedTensor, SparseGrad
 from recstack.sparse_optim import SparseAdagrad, SparseAdam
@@ -51,6 +51,12 @@ def main() -> None:
         help="also time the Adam update launch over tile settings (ROW_UPDATE_DEFAULTS)",
     )
     parser.add_argument("--skip", default="", help="comma list of workloads to skip: 1,2,3")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="workload 3: also print each variant's wall time per step and its top ops "
+        "and kernels under torch.profiler",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     n_table, n, dim = args.table_rows, args.rows, args.dim
@@ -221,6 +227,8 @@ def fused_backward(report: Report, rows, gen, args) -> None:
             t_fwd = median_time(forward, device, repeat=args.repeat)
             print(f"  forward alone: {t_fwd * 1e3:.3f} ms", flush=True)
         t_unfused[deferred] = median_time(unfused, device, repeat=args.repeat)
+        if args.profile:
+            _profile(f"unfused, deferred_checks={deferred}", unfused, device, args)
         opt.flush_checks()
         del ec, values, opt
     # (form, one_pass, deferred_checks); each against the unfused step with the same checks.
@@ -234,6 +242,8 @@ def fused_backward(report: Report, rows, gen, args) -> None:
             ec(kjt)["f"].backward(grad_out)
 
         t_fused = median_time(fused, device, repeat=args.repeat)
+        if args.profile:
+            _profile(f"fused ({form})", fused, device, args)
         opt.flush_checks()
         del ec, values, opt
         base = "unfused: backward, then opt.step" + (" (deferred_checks)" if deferred else "")
@@ -245,6 +255,13 @@ def fused_backward(report: Report, rows, gen, args) -> None:
             Row(f"backward + Adam step (forward subtracted), {label}; fused ({form})",
                 t_fused - t_fwd, t_unfused[deferred] - t_fwd, nbytes, baseline=base)
         )  # fmt: skip
+
+
+def _profile(name: str, fn, device: torch.device, args) -> None:
+    """Print ``fn``'s wall time per call (device synced after each) and its profile."""
+    wall = median_time(fn, device, repeat=args.repeat, wall=True)
+    print(f"  {name}: {wall * 1e3:.3f} ms a call by the wall clock", flush=True)
+    print(profile_table(fn, device), flush=True)
 
 
 def sweep(opt: SparseAdam, grad: SparseGrad, bandwidth: float, nbytes: int, args) -> None:

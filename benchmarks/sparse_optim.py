@@ -1,6 +1,6 @@
 """Sparse optimizer step: 1M unique rows of dim 64 in a 20M-row fp32 table (issue 6).
 
-Three workloads, each against plain PyTorch in the same run:
+Four workloads, each against plain PyTorch in the same run:
 
 1. **The step from a coalesced gradient.** Ours: ``SparseAdam`` / ``SparseAdagrad`` over the
    table as a ``PagedTensor`` given the step's ``SparseGrad`` (one check launch, one update
@@ -21,6 +21,10 @@ Three workloads, each against plain PyTorch in the same run:
    forms (row sums then the update; ``one_pass=True``: one kernel), and the first form
    again with ``deferred_checks=True`` against the unfused step with it. The forward alone
    is timed too, and the rows "backward + step" subtract it.
+4. **Many tables.** An Adam step over ``--tables`` tables (``--rows-each`` coalesced rows
+   of ``--table-rows-each``): one optimizer over all of them (one check and one update
+   launch for the step, core's ``check_and_apply_row_updates``) and one optimizer per
+   table (a launch pair per table), against ``torch.optim.SparseAdam`` over the tables.
 
     python benchmarks/sparse_optim.py [--sweep] [--profile] [--skip 1,2]
 """
@@ -50,7 +54,12 @@ def main() -> None:
         action="store_true",
         help="also time the Adam update launch over tile settings (ROW_UPDATE_DEFAULTS)",
     )
-    parser.add_argument("--skip", default="", help="comma list of workloads to skip: 1,2,3")
+    parser.add_argument("--skip", default="", help="comma list of workloads to skip: 1,2,3,4")
+    parser.add_argument("--tables", type=int, default=26, help="tables of workload 4")
+    parser.add_argument("--rows-each", type=int, default=40_000, help="workload 4: rows a table")
+    parser.add_argument(
+        "--table-rows-each", type=int, default=1_000_000, help="workload 4: each table's size"
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -75,6 +84,9 @@ def main() -> None:
         embedding_backward_step(report, rows, w0, gen, args)
     if "3" not in skip:
         fused_backward(report, rows, gen, args)
+    if "4" not in skip:
+        del w0, rows
+        many_tables(report, gen, args)
     print()
     print(report.markdown())
     report.save(args.json)
@@ -255,6 +267,49 @@ def fused_backward(report: Report, rows, gen, args) -> None:
             Row(f"backward + Adam step (forward subtracted), {label}; fused ({form})",
                 t_fused - t_fwd, t_unfused[deferred] - t_fwd, nbytes, baseline=base)
         )  # fmt: skip
+
+
+def many_tables(report: Report, gen, args) -> None:
+    """One Adam step over ``--tables`` tables (coalesced gradients): one optimizer over all
+    of them (a check and an update launch for the step) against one optimizer per table (a
+    check and an update launch each), and torch.optim.SparseAdam over the tables."""
+    device, dim = torch.device(args.device), args.dim
+    n_tab, rows_each, t_rows = args.tables, args.rows_each, args.table_rows_each
+    w0 = [torch.randn(t_rows, dim, generator=gen, device=device) for _ in range(n_tab)]
+    grads = []
+    for _ in range(n_tab):
+        rows = torch.randperm(t_rows, generator=gen, device=device)[:rows_each].sort().values
+        values = torch.randn(rows_each, dim, generator=gen, device=device) * 1e-2
+        grads.append(SparseGrad(rows, values, is_coalesced=True))
+    tables = [PagedTensor.wrap(w.clone(), name=f"t{i}") for i, w in enumerate(w0)]
+    together = SparseAdam(tables, lr=1e-3)
+    step = dict(zip(tables, grads, strict=True))
+    t_together = median_time(lambda o=together: o.step(grads=step), device, repeat=args.repeat)
+    apart = [SparseAdam([t], lr=1e-3) for t in tables]
+
+    def each(opts=apart) -> None:
+        for opt, g in zip(opts, grads, strict=True):
+            opt.step(grads=g)
+
+    t_apart = median_time(each, device, repeat=args.repeat)
+    del together, apart, tables
+    embs = [torch.nn.Embedding.from_pretrained(w, freeze=False, sparse=True) for w in w0]
+    coos = [torch.sparse_coo_tensor(g.rows[None], g.values, (t_rows, dim)).coalesce()
+            for g in grads]  # fmt: skip
+    t_opt = torch.optim.SparseAdam([e.weight for e in embs], lr=1e-3)
+
+    def torch_step() -> None:
+        for e, c in zip(embs, coos, strict=True):
+            e.weight.grad = c
+        t_opt.step()
+
+    base = median_time(torch_step, device, repeat=args.repeat)
+    nbytes = n_tab * update_bytes(rows_each, dim, 2)
+    label = f"Adam step over {n_tab} tables, {rows_each:,} rows x {dim} of {t_rows:,} each"
+    report.add(Row(f"{label}: one optimizer (a launch pair per step)", t_together, base, nbytes,
+                   baseline="torch.optim.SparseAdam"))  # fmt: skip
+    report.add(Row(f"{label}: one optimizer per table (a launch pair per table)", t_apart, base,
+                   nbytes, baseline="torch.optim.SparseAdam"))  # fmt: skip
 
 
 def _profile(name: str, fn, device: torch.device, args) -> None:

@@ -84,3 +84,43 @@ def test_fused_step_bf16_weights(device) -> None:
     assert w_got.dtype == torch.bfloat16
     # fp32 math, one round-to-nearest-even on the way back, on both paths.
     assert (w_got.float() - w_ref.float()).abs().max() <= 2**-7 * w_ref.float().abs().max()
+
+
+@pytest.mark.parametrize("cls, hp", CONFIGS, ids=lambda x: getattr(x, "__name__", ""))
+def test_a_step_over_many_tables_is_one_launch_pair_per_class(device, cls, hp) -> None:
+    # Three fp32 tables of width 6 (one paged, one a plain tensor, one stepped less often,
+    # so its Adam step count differs), one bf16 table: two classes.
+    if not (kernels.HAS_TRITON and (device.type == "cuda" or kernels.interpret_mode())):
+        pytest.skip("Triton cannot run here")
+    gen = torch.Generator().manual_seed(seed("many", cls.__name__, hp))
+    w0 = [torch.randn(30, 6, generator=gen) for _ in range(3)]
+    w0.append(torch.randn(30, 6, generator=gen).to(torch.bfloat16))
+    steps = []
+    for i in range(3):
+        step = []
+        for k in range(4):
+            n = 0 if (k == 2 and i == 1) else int(torch.randint(1, 30, (1,), generator=gen))
+            rows = torch.randperm(30, generator=gen)[:n].sort().values
+            step.append((rows, torch.randn(n, 6, generator=gen)))
+        steps.append(step)
+
+    def train(backend: str):
+        params = [make_table(w0[0].to(device)), w0[1].clone().to(device),
+                  make_table(w0[2].to(device)), make_table(w0[3].to(device))]  # fmt: skip
+        opt = cls(params, **hp)
+        with kernels.use_backend(backend), kernels.count_launches() as launches:
+            for step in steps:
+                grads = {p: SparseGrad(r.to(device), v.to(device), is_coalesced=True)
+                         for p, (r, v) in zip(params, step, strict=True)}  # fmt: skip
+                opt.step(grads=grads)
+        dense = [p.to_dense() if isinstance(p, PagedTensor) else p for p in params]
+        state = [v.to_dense() for p in params for k, v in opt.state[p].items() if k != "step"]
+        return [t.float().cpu() for t in dense + state], launches
+
+    want, _ = train("torch")
+    got, launches = train("triton")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-2 if a.dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if a.dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+    assert launches["row_update_many"] == launches["check_rows_many"] == 3 * 2
+    assert launches["row_update"] == launches["check_rows"] == 0

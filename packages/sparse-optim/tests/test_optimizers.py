@@ -347,6 +347,38 @@ def test_a_deferred_step_from_an_embedding_gradient_never_waits_for_the_gpu() ->
     torch.testing.assert_close(emb.weight, ref.weight, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
+def test_a_deferred_step_over_many_tables_never_waits_for_the_gpu() -> None:
+    # One check and one update launch for all tables; their descriptors go up in a copy
+    # from pinned memory, without a sync.
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    w0 = [torch.randn(300, 16, device="cuda", generator=gen) for _ in range(3)]
+    now = [PagedTensor.wrap(w.clone(), name=f"now{i}") for i, w in enumerate(w0)]
+    later = [PagedTensor.wrap(w.clone(), name=f"later{i}") for i, w in enumerate(w0)]
+    opt_now, opt_later = SparseAdam(now, lr=0.01), SparseAdam(later, lr=0.01, deferred_checks=True)
+    for i in range(5):
+        grads = []
+        for _ in w0:
+            rows = torch.randperm(300, device="cuda", generator=gen)[: 40 + i].sort().values
+            grads.append(
+                SparseGrad(
+                    rows,
+                    torch.randn(rows.numel(), 16, device="cuda", generator=gen),
+                    is_coalesced=True,
+                )
+            )
+        opt_now.step(grads=dict(zip(now, grads, strict=True)))
+        if i >= 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt_later.step(grads=dict(zip(later, grads, strict=True)))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    opt_later.flush_checks()
+    for a, b in zip(now, later, strict=True):
+        torch.testing.assert_close(b.to_dense(), a.to_dense(), rtol=0, atol=0)
+
+
 def test_deferred_steps_sum_duplicates_like_checked_steps() -> None:
     # deferred_checks sums an uncoalesced gradient without a host sync (padded, with the
     # unique-row count on the device); the result is the same, errors name the row.

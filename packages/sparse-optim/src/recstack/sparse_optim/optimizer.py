@@ -32,6 +32,7 @@ import torch
 
 from recstack.core import PagedTensor, SparseGrad
 from recstack.core.kernels.row_update import apply_row_update, check_rows
+from recstack.core.kernels.row_update_many import RowJob, check_and_apply_row_updates
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
 from recstack.core.row_update import RowUpdate
 from recstack.sparse_optim.gates import GateBook
@@ -371,29 +372,19 @@ class SparseOptimizer(torch.optim.Optimizer):
             self.flush_checks()
         if not work:
             return loss
-        # Checks and updates are queued back to back: each device's gate collects every
-        # gradient's bounds and NaN/Inf, and a set gate makes every update of the step
-        # write nothing. The host reads the gates once, at the end.
-        gates: dict[torch.device, torch.Tensor] = {}
-        for _, p, g in work:
-            gate = gates.get(g.device)
-            if gate is None:
-                gate = gates[g.device] = self._take_gate(g.device)
-            check_rows(gate, g.values, g.rows, _rows_of(p), g.count)
-        if len(gates) > 1:
-            # A gate holds back its own device's launches only: with parameters on several
-            # devices, read every gate before any update so a bad step writes nothing.
-            flags = torch.stack([gt.cpu() for gt in gates.values()]).amax(dim=0).tolist()
-            if flags[0] or flags[1]:
-                self._raise_or_skip(work, bool(flags[0]))
-                return loss
-        for group, p, g in work:
-            update = self._begin(group, p)
-            apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device], g.count)
-        if len(gates) > 1:
-            self._book.mark_clean(set(gates))
+        if len(devices) > 1:
+            self._step_on_devices(work)
             return loss
-        gate = next(iter(gates.values()))
+        # Checks and updates are queued back to back: the gate collects every gradient's
+        # bounds and NaN/Inf, and a set gate makes every update of the step write nothing.
+        # On a GPU that is one check and one update launch for all the parameters (per
+        # class of alike ones). The host reads the gate once, at the end.
+        gate = self._take_gate(work[0][2].device)
+        jobs = [
+            RowJob(self._begin(group, p), self._table(p), g.rows, g.values, _rows_of(p), g.count)
+            for group, p, g in work
+        ]
+        check_and_apply_row_updates(jobs, gate)
         if pipelined:
             self._book.defer([p for _, p, _g in work], gate)
             self._flush(keep=1)
@@ -404,6 +395,25 @@ class SparseOptimizer(torch.optim.Optimizer):
                 self.state[p]["step"] -= 1
             self._raise_or_skip(work, out_of_range)
         return loss
+
+    def _step_on_devices(self, work: list[tuple[dict[str, Any], Param, _Rows]]) -> None:
+        """A step whose parameters are on several devices. A gate holds back its own
+        device's launches only, so every gate is read before any update: a bad gradient on
+        one device writes nothing anywhere."""
+        gates: dict[torch.device, torch.Tensor] = {}
+        for _, p, g in work:
+            gate = gates.get(g.device)
+            if gate is None:
+                gate = gates[g.device] = self._take_gate(g.device)
+            check_rows(gate, g.values, g.rows, _rows_of(p), g.count)
+        flags = torch.stack([gt.cpu() for gt in gates.values()]).amax(dim=0).tolist()
+        if flags[0] or flags[1]:
+            self._raise_or_skip(work, bool(flags[0]))
+            return
+        for group, p, g in work:
+            update = self._begin(group, p)
+            apply_row_update(update, self._table(p), g.rows, g.values, gates[g.device], g.count)
+        self._book.mark_clean(set(gates))
 
     def _take_gate(self, device: torch.device) -> torch.Tensor:
         return self._book.take(device, skip=self.on_nonfinite == "skip")

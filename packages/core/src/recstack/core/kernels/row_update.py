@@ -156,6 +156,29 @@ if HAS_TRITON:
         if HAS_GATE:
             # A set gate (a bad row or value anywhere in the step) means: write nothing.
             n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
+        _update_block(
+            r, rows_ptr, grad_ptr, grad_stride, n, dim,
+            w_table, w_shift, w_mask,
+            s0_table, s0_shift, s0_mask, s0_width,
+            s1_table, s1_shift, s1_mask, s1_width,
+            s2_table, s2_shift, s2_mask, s2_width,
+            lr, p1, p2, p3, p4, p5, p6,
+            TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED, BLOCK_D,
+        )  # fmt: skip
+
+    @triton.jit
+    def _update_block(
+        r, rows_ptr, grad_ptr, grad_stride, n, dim,
+        w_table, w_shift, w_mask,
+        s0_table, s0_shift, s0_mask, s0_width,
+        s1_table, s1_shift, s1_mask, s1_width,
+        s2_table, s2_shift, s2_mask, s2_width,
+        lr, p1, p2, p3, p4, p5, p6,
+        TILE_FN: tl.constexpr, VARIANT: tl.constexpr, FLAG_A: tl.constexpr,
+        FLAG_B: tl.constexpr, FLAG_C: tl.constexpr, W_KIND: tl.constexpr,
+        W_ALIGNED: tl.constexpr, S_ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # Update the gradient rows at positions ``r`` (those below ``n``), column tile by tile.
         ok = r < n
         rows = tl.load(rows_ptr + r, mask=ok, other=0)
         gp = grad_ptr + r * grad_stride
@@ -191,6 +214,25 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         if HAS_COUNT:
             n = tl.minimum(tl.load(count_ptr), n)
+        _check_block(
+            r, values_ptr, stride, n, dim, rows_ptr, num_rows, gate_ptr, HAS_ROWS, BLOCK_R, BLOCK_D
+        )
+
+    @triton.jit
+    def _check_block(
+        r,
+        values_ptr,
+        stride,
+        n,
+        dim,
+        rows_ptr,
+        num_rows,
+        gate_ptr,
+        HAS_ROWS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # Check the value rows (and rows) at positions ``r`` below ``n`` into the gate.
         ok = r < n
         if HAS_ROWS:
             row = tl.load(rows_ptr + r, mask=ok, other=0)

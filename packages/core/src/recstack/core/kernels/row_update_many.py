@@ -1,0 +1,372 @@
+"""Check and apply the row updates of many tables in two launches, not two per table.
+
+An optimizer step over ``P`` tables runs, per table, :func:`~recstack.core.kernels.
+row_update.check_rows` and :func:`~recstack.core.kernels.row_update.apply_row_update`: ``2P``
+launches, each costing the host more time than a small table's update costs the GPU.
+:func:`check_and_apply_row_updates` queues the same work as one check launch and one update
+launch per *class* of tables (tables whose updates share the tile function, its constexpr
+choices, the row width, the weight and gradient dtypes and the tiling): every check before
+any update, so one gate holds back the whole step. A typical model (every table fp32 of one
+width, one optimizer) is one class.
+
+What differs between the tables of a class travels in a small descriptor buffer that one
+host-to-device copy puts on the GPU: each table's rows, gradient, row count (or its
+device-side count, for padded gradients), page tables, and the update's scalars (a global
+Adam step count makes them differ per table). Each program finds its table by comparing
+its program id with the tables' first program ids.
+
+Results are those of the per-table launches, bit for bit (same tile function, same fp32
+scalars, same order of operations within a row).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.launch import FastKernel
+from recstack.core.kernels.paged_rows import _TABLE_KIND
+from recstack.core.kernels.row_update import (
+    ROW_UPDATE_DEFAULTS,
+    _pow2_ceil,
+    apply_row_update,
+    check_rows,
+    row_tile,
+)
+from recstack.core.paged import PagedTensor
+from recstack.core.row_update import RowUpdate
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from recstack.core.kernels.paged_rows import _float_ptr
+    from recstack.core.kernels.row_update import _check_block, _update_block
+
+__all__ = ["RowJob", "check_and_apply_row_updates"]
+
+# Descriptor fields of one table (int64 each).
+_ROWS, _GRAD, _N, _COUNT, _NUM_ROWS = 0, 1, 2, 3, 4
+_W = 5  # w_table, w_shift, w_mask; then the three slots' (table, shift, mask)
+_FIELDS = 17
+_SCALARS = 7  # lr, p1 .. p6 (fp32)
+_GRAD_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class RowJob(NamedTuple):
+    """One table's part of a step.
+
+    Attributes:
+        update: the table's update (its slots row-aligned with ``table``).
+        table: the weight.
+        rows: int ``[n]`` unique rows (checked against ``num_rows``).
+        grad: float ``[n, dim]`` summed gradient rows.
+        num_rows: rows must lie in ``[0, num_rows)``.
+        count: int64 ``[1]`` on the device: only the first ``count`` rows are real (a
+            padded gradient, from ``coalesce_rows_padded``); ``None``: all ``n``.
+    """
+
+    update: RowUpdate
+    table: PagedTensor
+    rows: torch.Tensor
+    grad: torch.Tensor
+    num_rows: int
+    count: torch.Tensor | None = None
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _job_of(first_ptr, NUM_P2: tl.constexpr):
+        # The table a program works for: the last one whose first program is not after it
+        # (a table with no programs shares its first program with the next one).
+        pid = tl.program_id(0)
+        firsts = tl.load(first_ptr + tl.arange(0, NUM_P2))
+        j = tl.sum((firsts <= pid).to(tl.int32), axis=0) - 1
+        first = tl.load(first_ptr + j)
+        return j, (pid - first).to(tl.int64)
+
+    @triton.jit
+    def _i64_ptr(addr):
+        return addr.to(tl.pointer_type(tl.int64))
+
+    @triton.jit
+    def _job_rows(d, G_KIND: tl.constexpr, IN_ALIGNED: tl.constexpr):
+        # A job's rows, gradient and real row count (its device-side count when padded).
+        rows_ptr = _i64_ptr(tl.load(d + 0))
+        grad_ptr = _float_ptr(tl.load(d + 1), G_KIND)
+        if IN_ALIGNED:
+            # Loaded pointers carry no alignment: the hint lets the row loads vectorize
+            # (the launcher sets it only when every job's rows and gradient are aligned).
+            rows_ptr = tl.multiple_of(rows_ptr, 16)
+            grad_ptr = tl.multiple_of(grad_ptr, 16)
+        n = tl.minimum(tl.load(_i64_ptr(tl.load(d + 3))), tl.load(d + 2))
+        return rows_ptr, grad_ptr, n
+
+    @triton.jit
+    def _check_many_kernel(
+        desc_ptr,
+        first_ptr,
+        gate_ptr,
+        dim,
+        G_KIND: tl.constexpr,
+        IN_ALIGNED: tl.constexpr,
+        NUM_P2: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        j, tile = _job_of(first_ptr, NUM_P2)
+        d = desc_ptr + j * 17
+        rows_ptr, grad_ptr, n = _job_rows(d, G_KIND, IN_ALIGNED)
+        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        _check_block(r, grad_ptr, dim, n, dim, rows_ptr, tl.load(d + 4), gate_ptr, True,
+                     BLOCK_R, BLOCK_D)  # fmt: skip
+
+    @triton.jit
+    def _update_many_kernel(
+        desc_ptr,
+        first_ptr,
+        scalar_ptr,
+        gate_ptr,
+        dim,
+        s0_width,
+        s1_width,
+        s2_width,
+        TILE_FN: tl.constexpr,
+        VARIANT: tl.constexpr,
+        FLAG_A: tl.constexpr,
+        FLAG_B: tl.constexpr,
+        FLAG_C: tl.constexpr,
+        W_KIND: tl.constexpr,
+        W_ALIGNED: tl.constexpr,
+        S_ALIGNED: tl.constexpr,
+        G_KIND: tl.constexpr,
+        IN_ALIGNED: tl.constexpr,
+        NUM_P2: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        j, tile = _job_of(first_ptr, NUM_P2)
+        d = desc_ptr + j * 17
+        rows_ptr, grad_ptr, n = _job_rows(d, G_KIND, IN_ALIGNED)
+        # A set gate (a bad row or value anywhere in the step) means: write nothing.
+        n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
+        sc = scalar_ptr + j * 7
+        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        _update_block(
+            r, rows_ptr, grad_ptr, dim, n, dim,
+            _i64_ptr(tl.load(d + 5)), tl.load(d + 6), tl.load(d + 7),
+            _i64_ptr(tl.load(d + 8)), tl.load(d + 9), tl.load(d + 10), s0_width,
+            _i64_ptr(tl.load(d + 11)), tl.load(d + 12), tl.load(d + 13), s1_width,
+            _i64_ptr(tl.load(d + 14)), tl.load(d + 15), tl.load(d + 16), s2_width,
+            tl.load(sc), tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3), tl.load(sc + 4),
+            tl.load(sc + 5), tl.load(sc + 6),
+            TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED, BLOCK_D,
+        )  # fmt: skip
+
+    _CHECK_MANY = FastKernel(_check_many_kernel)
+    _UPDATE_MANY = FastKernel(_update_many_kernel)
+
+
+class _Staging:
+    """Pinned host buffers for descriptors, each reused once its copy to the GPU is done
+    (allocating pinned memory every step costs more than the step's launches)."""
+
+    def __init__(self) -> None:
+        self._used: list[tuple[torch.Tensor, Any]] = []
+
+    def upload(self, host: torch.Tensor, dev: torch.Tensor) -> None:
+        """Copy ``host`` (int64, CPU) into ``dev`` (CUDA) without waiting for the GPU."""
+        n = host.numel()
+        buf = event = None
+        for i, (b, e) in enumerate(self._used):
+            if b.numel() >= n and e.query():
+                buf, event = b, e
+                del self._used[i]
+                break
+        if buf is None or event is None:
+            buf = torch.empty(max(n, 1024), dtype=torch.int64, pin_memory=True)
+            event = torch.cuda.Event()
+        buf[:n].copy_(host)
+        dev.copy_(buf[:n], non_blocking=True)
+        event.record(torch.cuda.current_stream(dev.device))
+        self._used.append((buf, event))
+        if len(self._used) > 16:
+            self._used.pop(0)  # dropped, not reused: its copy may still be pending
+
+
+_STAGING: dict[torch.device, _Staging] = {}
+
+
+class _Class(NamedTuple):
+    """The jobs one pair of launches serves, and what the launches share."""
+
+    dim: int
+    g_kind: int
+    w_kind: int
+    w_aligned: bool
+    s_aligned: bool
+    in_aligned: bool
+    check_tile: tuple[int, int]
+    update_tile: tuple[int, int]
+    update: RowUpdate  # the first job's: its tile function and constexprs stand for all
+
+
+def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **tile: int) -> None:
+    """Check every job's rows and gradient into ``gate``, then apply every job's update
+    (writing nothing when the gate is set), in one check and one update launch per class of
+    compatible jobs. Never waits for the GPU.
+
+    Equivalent to :func:`~recstack.core.kernels.row_update.check_rows` of every job, then
+    :func:`~recstack.core.kernels.row_update.apply_row_update` of every job, which is what
+    runs on the torch path (CPU tensors) and for a single job.
+
+    Args:
+        jobs: the tables' updates, all on ``gate``'s device; each table at most once.
+        gate: from :func:`~recstack.core.kernels.row_update.new_gate`.
+        tile: ``tile_elems``, ``max_block_d``, ``num_warps`` override
+            :data:`~recstack.core.kernels.row_update.ROW_UPDATE_DEFAULTS` for the updates.
+
+    Raises:
+        ValueError: a job's gradient does not match its rows and table, or a job is on
+            another device than the gate.
+    """
+    for job in jobs:
+        n = job.rows.numel()
+        if job.grad.shape != (n, job.table.dim):
+            raise ValueError(
+                f"check_and_apply_row_updates ({job.update.name}): gradient "
+                f"{tuple(job.grad.shape)} for {n} rows of table {job.table.name!r} of width "
+                f"{job.table.dim}"
+            )
+        if job.grad.device != gate.device or job.rows.device != gate.device:
+            raise ValueError(
+                f"check_and_apply_row_updates ({job.update.name}): table {job.table.name!r}'s "
+                f"gradient is on {job.grad.device}, the gate on {gate.device}"
+            )
+    live = [j for j in jobs if j.rows.numel()]
+    tensors = [gate] + [t for j in live for t in (j.rows, j.grad)]
+    if len(live) < 2 or not use_triton(*tensors, op="check_and_apply_row_updates"):
+        for j in live:
+            check_rows(gate, j.grad, j.rows, j.num_rows, j.count)
+        for j in live:
+            apply_row_update(j.update, j.table, j.rows, j.grad, gate, j.count, **tile)
+        return
+    cfg = {**ROW_UPDATE_DEFAULTS, **tile}
+    classes: dict[tuple[Any, ...], tuple[_Class, list[RowJob]]] = {}
+    alone: list[RowJob] = []
+    for j in live:
+        found = _class_of(j, cfg)
+        if found is None:
+            alone.append(j)
+        else:
+            classes.setdefault(found[0], (found[1], []))[1].append(j)
+    keep: list[torch.Tensor] = []  # converted rows and gradients, alive past the launches
+    packed = [(c, _pack(c, members, gate.device, keep)) for c, members in classes.values()]
+    # Every check before any update: one gate holds back the whole step.
+    for j in alone:
+        check_rows(gate, j.grad, j.rows, j.num_rows, j.count)
+    for c, (desc, firsts, _, _, grids, num_p2) in packed:
+        record_launch("check_rows_many")
+        _CHECK_MANY(
+            (grids[0],), desc, firsts[0], gate, c.dim, c.g_kind, c.in_aligned, num_p2,
+            *c.check_tile,
+            num_warps=4,
+        )  # fmt: skip
+    for c, (desc, firsts, scalars, widths, grids, num_p2) in packed:
+        u = c.update
+        flags = [bool(f) for f in u.flags] + [False] * (3 - len(u.flags))
+        record_launch("row_update_many")
+        _UPDATE_MANY(
+            (grids[1],), desc, firsts[1], scalars, gate, c.dim, *widths, u.tile_fn,
+            int(u.variant), *flags, c.w_kind, c.w_aligned, c.s_aligned, c.g_kind,
+            c.in_aligned, num_p2,
+            *c.update_tile, num_warps=cfg["num_warps"],
+        )  # fmt: skip
+    for j in alone:
+        apply_row_update(j.update, j.table, j.rows, j.grad, gate, j.count, **tile)
+    del keep
+
+
+def _class_of(job: RowJob, cfg: dict[str, int]) -> tuple[tuple[Any, ...], _Class] | None:
+    """The job's class key and description; ``None``: it launches alone."""
+    g_kind = _GRAD_KIND.get(job.grad.dtype)
+    if g_kind is None:
+        return None
+    u, table, dim = job.update, job.table, job.table.dim
+    check_d = min(_pow2_ceil(max(dim, 1)), 128)
+    c = _Class(
+        dim=dim,
+        g_kind=g_kind,
+        w_kind=_TABLE_KIND[table.dtype],
+        w_aligned=table._pages_aligned,
+        s_aligned=all(s._pages_aligned for s in u.slots),
+        in_aligned=job.rows.data_ptr() % 16 == 0 and job.grad.data_ptr() % 16 == 0,
+        check_tile=(max(1, 4096 // check_d), check_d),
+        update_tile=row_tile(u, dim, cfg["tile_elems"], cfg["max_block_d"]),
+        update=u,
+    )
+    flags = tuple(bool(f) for f in u.flags)
+    key = (c[:8], id(u.tile_fn), int(u.variant), flags, tuple(s.dim for s in u.slots))
+    return key, c
+
+
+def _pack(
+    c: _Class, members: list[RowJob], device: torch.device, keep: list[torch.Tensor]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[int],
+           tuple[int, int], int]:  # fmt: skip
+    """One class's descriptors on ``device``: ``(descriptors, (check firsts, update
+    firsts), scalars, slot widths, (check grid, update grid), NUM_P2)``."""
+    p = len(members)
+    num_p2 = _pow2_ceil(p)
+    n_desc, n_scalar = p * _FIELDS, -(-p * _SCALARS // 2)
+    dev = torch.empty(n_desc + 2 * num_p2 + n_scalar, dtype=torch.int64, device=device)
+    base = dev.data_ptr()
+    fields: list[int] = []
+    scalars: list[float] = []
+    firsts: tuple[list[int], list[int]] = ([], [])
+    grids = [0, 0]
+    for i, j in enumerate(members):
+        rows = j.rows if j.rows.dtype == torch.int64 else j.rows.to(torch.int64)
+        rows = rows.contiguous()
+        grad = j.grad.contiguous()
+        keep += (rows, grad)
+        n = rows.numel()
+        # No device-side count: point at the job's own row count in the descriptors.
+        count = j.count.data_ptr() if j.count is not None else base + (i * _FIELDS + _N) * 8
+        t = j.table
+        fields += (rows.data_ptr(), grad.data_ptr(), n, count, int(j.num_rows))
+        fields += (t.page_table.data_ptr(), t.page_shift, t.page_mask)
+        slots = j.update.slots
+        for k in range(3):
+            # Missing slots point at the weight; the tile function never touches them.
+            s = slots[k] if k < len(slots) else t
+            fields += (s.page_table.data_ptr(), s.page_shift, s.page_mask)
+        u = j.update
+        scalars += (float(u.lr), *(float(x) for x in u.params))
+        scalars += (0.0,) * (6 - len(u.params))
+        for which, tile_rows in enumerate((c.check_tile[0], c.update_tile[0])):
+            firsts[which].append(grids[which])
+            grids[which] += -(-n // tile_rows)
+    pad = [1 << 62] * (num_p2 - p)  # past every program: never chosen
+    head = torch.tensor(fields + firsts[0] + pad + firsts[1] + pad, dtype=torch.int64)
+    tail = torch.zeros(2 * n_scalar, dtype=torch.float32)
+    tail[: len(scalars)] = torch.tensor(scalars, dtype=torch.float32)
+    host = torch.cat([head, tail.view(torch.int64)])
+    if device.type == "cuda":
+        _STAGING.setdefault(device, _Staging()).upload(host, dev)
+    else:
+        dev.copy_(host)
+    a, b = n_desc, n_desc + num_p2
+    widths = [s.dim for s in c.update.slots] + [c.dim] * (3 - len(c.update.slots))
+    return (
+        dev[:n_desc],
+        (dev[a:b], dev[b : b + num_p2]),
+        dev[b + num_p2 :].view(torch.float32),
+        widths,
+        (grids[0], grids[1]),
+        num_p2,
+    )

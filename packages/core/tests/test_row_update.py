@@ -291,4 +291,6 @@ def test_many_tables_check_their_arguments(device) -> None:
     j = jobs[0]
     with pytest.raises(ValueError, match="table 't' of width 5"):
         check_and_apply_row_updates([j._replace(grad=j.grad[:, :4])], new_gate(device))
+    with pytest.raises(ValueError, match="a table is in more than one job"):
+        check_and_apply_row_updates([j, j], new_gate(device))
     check_and_apply_row_updates([], new_gate(device))  # nothing to do

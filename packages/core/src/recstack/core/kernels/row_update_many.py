@@ -231,8 +231,8 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
             :data:`~recstack.core.kernels.row_update.ROW_UPDATE_DEFAULTS` for the updates.
 
     Raises:
-        ValueError: a job's gradient does not match its rows and table, or a job is on
-            another device than the gate.
+        ValueError: a job's gradient does not match its rows and table, a job is on
+            another device than the gate, or a table is in two jobs.
     """
     for job in jobs:
         n = job.rows.numel()
@@ -247,6 +247,13 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
                 f"check_and_apply_row_updates ({job.update.name}): table {job.table.name!r}'s "
                 f"gradient is on {job.grad.device}, the gate on {gate.device}"
             )
+    if len({id(j.table) for j in jobs}) != len(jobs):
+        names = [j.table.name for j in jobs]
+        twice = sorted({n for n in names if names.count(n) > 1}) or names
+        raise ValueError(
+            f"check_and_apply_row_updates: a table is in more than one job ({twice}); sum "
+            "its gradients into one job"
+        )
     live = [j for j in jobs if j.rows.numel()]
     tensors = [gate] + [t for j in live for t in (j.rows, j.grad)]
     if len(live) < 2 or not use_triton(*tensors, op="check_and_apply_row_updates"):

@@ -171,6 +171,7 @@ class SparseOptimizer(torch.optim.Optimizer):
                 f"that step{after} was written. Pass on_nonfinite='skip' to skip such steps"
             )
 
+    # ------------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group of PagedTensor / 2-D float tensor parameters (hyper-parameters not
         given come from the defaults)."""

@@ -21,6 +21,7 @@ scalars, same order of operations within a row).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -54,6 +55,7 @@ _W = 5  # w_table, w_shift, w_mask; then the three slots' (table, shift, mask)
 _FIELDS = 17
 _SCALARS = 7  # lr, p1 .. p6 (fp32)
 _GRAD_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NO_PARAMS = (0.0,) * 6
 
 
 class RowJob(NamedTuple):
@@ -266,11 +268,13 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
     classes: dict[tuple[Any, ...], tuple[_Class, list[RowJob]]] = {}
     alone: list[RowJob] = []
     for j in live:
-        found = _class_of(j, cfg)
-        if found is None:
+        key = _key_of(j)
+        if key is None:
             alone.append(j)
+        elif key in classes:
+            classes[key][1].append(j)
         else:
-            classes.setdefault(found[0], (found[1], []))[1].append(j)
+            classes[key] = (_describe(j, key, cfg), [j])
     keep: list[torch.Tensor] = []  # converted rows and gradients, alive past the launches
     packed = [(c, _pack(c, members, gate.device, keep)) for c, members in classes.values()]
     # Every check before any update: one gate holds back the whole step.
@@ -298,27 +302,44 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
     del keep
 
 
-def _class_of(job: RowJob, cfg: dict[str, int]) -> tuple[tuple[Any, ...], _Class] | None:
-    """The job's class key and description; ``None``: it launches alone."""
+def _key_of(job: RowJob) -> tuple[Any, ...] | None:
+    """What jobs launched together must share; ``None``: the job launches alone. (Per
+    step and table: kept to plain attribute reads, no per-item generators.)"""
     g_kind = _GRAD_KIND.get(job.grad.dtype)
     if g_kind is None:
         return None
-    u, table, dim = job.update, job.table, job.table.dim
-    check_d = min(_pow2_ceil(max(dim, 1)), 128)
-    c = _Class(
-        dim=dim,
-        g_kind=g_kind,
-        w_kind=_TABLE_KIND[table.dtype],
-        w_aligned=table._pages_aligned,
-        s_aligned=all(s._pages_aligned for s in u.slots),
-        in_aligned=job.rows.data_ptr() % 16 == 0 and job.grad.data_ptr() % 16 == 0,
-        check_tile=(max(1, 4096 // check_d), check_d),
-        update_tile=row_tile(u, dim, cfg["tile_elems"], cfg["max_block_d"]),
-        update=u,
+    u, table = job.update, job.table
+    slots = u.slots
+    return (
+        table.dim,
+        g_kind,
+        _TABLE_KIND[table.dtype],
+        table._pages_aligned,
+        all([s._pages_aligned for s in slots]),
+        job.rows.data_ptr() % 16 == 0 and job.grad.data_ptr() % 16 == 0,
+        id(u.tile_fn),
+        u.variant,
+        tuple(u.flags),
+        u.whole_rows,
+        tuple([s.dim for s in slots]),
     )
-    flags = tuple(bool(f) for f in u.flags)
-    key = (c[:8], id(u.tile_fn), int(u.variant), flags, tuple(s.dim for s in u.slots))
-    return key, c
+
+
+def _describe(job: RowJob, key: tuple[Any, ...], cfg: dict[str, int]) -> _Class:
+    """The launch settings of the class of ``job`` (its ``key``)."""
+    dim = job.table.dim
+    check_d = min(_pow2_ceil(max(dim, 1)), 128)
+    return _Class(
+        dim=dim,
+        g_kind=key[1],
+        w_kind=key[2],
+        w_aligned=key[3],
+        s_aligned=key[4],
+        in_aligned=key[5],
+        check_tile=(max(1, 4096 // check_d), check_d),
+        update_tile=row_tile(job.update, dim, cfg["tile_elems"], cfg["max_block_d"]),
+        update=job.update,
+    )
 
 
 def _pack(
@@ -334,39 +355,49 @@ def _pack(
     base = dev.data_ptr()
     fields: list[int] = []
     scalars: list[float] = []
-    firsts: tuple[list[int], list[int]] = ([], [])
-    grids = [0, 0]
+    check_firsts: list[int] = []
+    update_firsts: list[int] = []
+    check_rows_per, update_rows_per = c.check_tile[0], c.update_tile[0]
+    check_grid = update_grid = 0
     for i, j in enumerate(members):
-        rows = j.rows if j.rows.dtype == torch.int64 else j.rows.to(torch.int64)
-        rows = rows.contiguous()
-        grad = j.grad.contiguous()
-        keep += (rows, grad)
+        rows, grad = j.rows, j.grad
+        if rows.dtype != torch.int64 or not rows.is_contiguous():
+            rows = rows.to(torch.int64).contiguous()
+            keep.append(rows)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+            keep.append(grad)
         n = rows.numel()
         # No device-side count: point at the job's own row count in the descriptors.
         count = j.count.data_ptr() if j.count is not None else base + (i * _FIELDS + _N) * 8
-        t = j.table
-        fields += (rows.data_ptr(), grad.data_ptr(), n, count, int(j.num_rows))
-        fields += (t.page_table.data_ptr(), t.page_shift, t.page_mask)
-        slots = j.update.slots
-        for k in range(3):
-            # Missing slots point at the weight; the tile function never touches them.
-            s = slots[k] if k < len(slots) else t
-            fields += (s.page_table.data_ptr(), s.page_shift, s.page_mask)
-        u = j.update
-        scalars += (float(u.lr), *(float(x) for x in u.params))
-        scalars += (0.0,) * (6 - len(u.params))
-        for which, tile_rows in enumerate((c.check_tile[0], c.update_tile[0])):
-            firsts[which].append(grids[which])
-            grids[which] += -(-n // tile_rows)
+        t, u = j.table, j.update
+        # Missing slots point at the weight; the tile function never touches them.
+        s0, s1, s2 = (*u.slots, t, t, t)[:3]
+        fields += (
+            rows.data_ptr(), grad.data_ptr(), n, count, j.num_rows,
+            t.page_table.data_ptr(), t.page_shift, t.page_mask,
+            s0.page_table.data_ptr(), s0.page_shift, s0.page_mask,
+            s1.page_table.data_ptr(), s1.page_shift, s1.page_mask,
+            s2.page_table.data_ptr(), s2.page_shift, s2.page_mask,
+        )  # fmt: skip
+        scalars.append(u.lr)
+        scalars += u.params
+        scalars += _NO_PARAMS[len(u.params) :]
+        check_firsts.append(check_grid)
+        update_firsts.append(update_grid)
+        check_grid += -(-n // check_rows_per)
+        update_grid += -(-n // update_rows_per)
     pad = [1 << 62] * (num_p2 - p)  # past every program: never chosen
-    head = torch.tensor(fields + firsts[0] + pad + firsts[1] + pad, dtype=torch.int64)
-    tail = torch.zeros(2 * n_scalar, dtype=torch.float32)
-    tail[: len(scalars)] = torch.tensor(scalars, dtype=torch.float32)
-    host = torch.cat([head, tail.view(torch.int64)])
+    scalars += [0.0] * (2 * n_scalar - len(scalars))
+    # Packed by the array module (a Python list to a tensor costs more per element).
+    packed = bytearray(array("q", fields + check_firsts + pad + update_firsts + pad))
+    packed += array("f", scalars).tobytes()
+    host = torch.frombuffer(packed, dtype=torch.int64)
     if device.type == "cuda":
         _STAGING.setdefault(device, _Staging()).upload(host, dev)
     else:
         dev.copy_(host)
+    grids = (check_grid, update_grid)
     a, b = n_desc, n_desc + num_p2
     widths = [s.dim for s in c.update.slots] + [c.dim] * (3 - len(c.update.slots))
     return (
@@ -374,6 +405,6 @@ def _pack(
         (dev[a:b], dev[b : b + num_p2]),
         dev[b + num_p2 :].view(torch.float32),
         widths,
-        (grids[0], grids[1]),
+        grids,
         num_p2,
     )

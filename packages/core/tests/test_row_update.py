@@ -242,6 +242,10 @@ def _many_jobs(device, seed_: int, bad: tuple[int, str] | None = None):
             rows = torch.cat([rows, torch.full((pad,), -1, dtype=torch.int64, device=device)])
             grad = torch.cat([grad, torch.full((pad, dim), float("nan"), device=device)])
             count = torch.tensor([n], device=device)
+        if i == 0:  # a strided gradient and int32 rows are taken as they come
+            wide = torch.zeros(grad.shape[0], dim + 3, device=device)
+            wide[:, :dim] = grad
+            grad, rows = wide[:, :dim], rows.to(torch.int32)
         update = _update(table, slots, per_row, dim)
         jobs.append(RowJob(update, table, rows, grad, 60, count))
     return jobs, real

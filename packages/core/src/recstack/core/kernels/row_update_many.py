@@ -299,7 +299,6 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
         )  # fmt: skip
     for j in alone:
         apply_row_update(j.update, j.table, j.rows, j.grad, gate, j.count, **tile)
-    del keep
 
 
 def _key_of(job: RowJob) -> tuple[Any, ...] | None:

@@ -96,8 +96,12 @@ if HAS_TRITON:
         return addr.to(tl.pointer_type(tl.int64))
 
     @triton.jit
-    def _job_rows(d, G_KIND: tl.constexpr, IN_ALIGNED: tl.constexpr):
-        # A job's rows, gradient and real row count (its device-side count when padded).
+    def _job(desc_ptr, first_ptr, G_KIND: tl.constexpr, IN_ALIGNED: tl.constexpr,
+             NUM_P2: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        # This program's job: its index, descriptor, rows, gradient, real row count (its
+        # device-side count when padded) and the positions of the rows it works on.
+        j, tile = _job_of(first_ptr, NUM_P2)
+        d = desc_ptr + j * 17
         rows_ptr = _i64_ptr(tl.load(d + 0))
         grad_ptr = _float_ptr(tl.load(d + 1), G_KIND)
         if IN_ALIGNED:
@@ -106,7 +110,7 @@ if HAS_TRITON:
             rows_ptr = tl.multiple_of(rows_ptr, 16)
             grad_ptr = tl.multiple_of(grad_ptr, 16)
         n = tl.minimum(tl.load(_i64_ptr(tl.load(d + 3))), tl.load(d + 2))
-        return rows_ptr, grad_ptr, n
+        return j, d, rows_ptr, grad_ptr, n, tile * BLOCK_R + tl.arange(0, BLOCK_R)
 
     @triton.jit
     def _check_many_kernel(
@@ -120,10 +124,9 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        j, tile = _job_of(first_ptr, NUM_P2)
-        d = desc_ptr + j * 17
-        rows_ptr, grad_ptr, n = _job_rows(d, G_KIND, IN_ALIGNED)
-        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        _, d, rows_ptr, grad_ptr, n, r = _job(
+            desc_ptr, first_ptr, G_KIND, IN_ALIGNED, NUM_P2, BLOCK_R
+        )
         _check_block(r, grad_ptr, dim, n, dim, rows_ptr, tl.load(d + 4), gate_ptr, True,
                      BLOCK_R, BLOCK_D)  # fmt: skip
 
@@ -151,13 +154,12 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        j, tile = _job_of(first_ptr, NUM_P2)
-        d = desc_ptr + j * 17
-        rows_ptr, grad_ptr, n = _job_rows(d, G_KIND, IN_ALIGNED)
+        j, d, rows_ptr, grad_ptr, n, r = _job(
+            desc_ptr, first_ptr, G_KIND, IN_ALIGNED, NUM_P2, BLOCK_R
+        )
         # A set gate (a bad row or value anywhere in the step) means: write nothing.
         n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
         sc = scalar_ptr + j * 7
-        r = tile * BLOCK_R + tl.arange(0, BLOCK_R)
         _update_block(
             r, rows_ptr, grad_ptr, dim, n, dim,
             _i64_ptr(tl.load(d + 5)), tl.load(d + 6), tl.load(d + 7),

@@ -7,6 +7,7 @@ Triton is imported, which is why this happens here, before any test module loads
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -18,6 +19,28 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 from recstack.core import kernels  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 HAS_CUDA = torch.cuda.is_available()
+_LOG_KEY = pytest.StashKey["object"]()
+
+# CI compiles, for a GPU, every kernel signature the interpreted tests launched
+# (recstack.core.kernels.compile_check): the interpreter alone never compiles a kernel.
+_KERNEL_LOG = os.environ.get("RECSTACK_KERNEL_LOG")
+_recording = contextlib.ExitStack()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _KERNEL_LOG and kernels.interpret_mode():
+        from recstack.core.kernels.launch_log import record_launches
+
+        # The docs' example kernels are defined only where they can run.
+        recorder = record_launches(keep=lambda s: "__docs_example__" not in s.to_json())
+        session.config.stash[_LOG_KEY] = _recording.enter_context(recorder)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    log = session.config.stash.get(_LOG_KEY, None)
+    _recording.close()
+    if log is not None and _KERNEL_LOG:
+        log.save(_KERNEL_LOG)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

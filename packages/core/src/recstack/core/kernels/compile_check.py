@@ -343,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = compile_signatures(
             signatures, arch=arch, jobs=ns.jobs, progress=not ns.quiet and sys.stderr.isatty()
         )
+        if arch != (ns.arch or [90])[0]:
+            print()
         print(_summary(results, arch))
         for r in results:
             if not r.ok:

@@ -187,3 +187,16 @@ def test_lookup_backward_with_and_without_the_forward_sort(backend, device) -> N
         assert launches[f"lookup_grad_sums{suffix}"] == 1
         # Neither output reached the loss: no rows at all.
         assert lookup_backward(plan, None, None).rows.numel() == 0
+
+
+def test_narrow_tiles_get_a_warp_per_128_rows():
+    # A warp scanning more rows spills registers on sm_90 (core's compile check); tables
+    # of dim 16 and wider keep the tuned default.
+    from recstack.embedding_engine.kernels.lookup_grad import GRAD_DEFAULTS, _warps
+
+    for dim in (1, 2, 4, 8, 16, 64, 256):
+        block_n = max(2, GRAD_DEFAULTS["tile_elems"] // dim)
+        warps = _warps(block_n)
+        assert (block_n // warps <= 128 or warps == 8) and warps <= 8
+        if dim >= 16:
+            assert warps == GRAD_DEFAULTS["num_warps"]

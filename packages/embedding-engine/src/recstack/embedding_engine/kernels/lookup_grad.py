@@ -49,6 +49,16 @@ __all__ = ["GRAD_DEFAULTS", "lookup_grad_sums", "lookup_grad_sums_reference"]
 GRAD_DEFAULTS: dict[str, int] = {"tile_elems": 2048, "max_block_d": 256, "num_warps": 1}
 
 
+def _warps(block_n: int) -> int:
+    """Warps of a ``block_n``-row tile: the default, but at least one per 128 rows.
+
+    A warp scanning more than 128 rows spills registers on sm_90 (core's compile check:
+    a 512 x 4 tile on one warp spills 424 bytes a thread, on two or more none), which only
+    narrow tables (dim 8 or less) reach at the default tile size.
+    """
+    return min(8, max(GRAD_DEFAULTS["num_warps"], block_n // 128))
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -388,7 +398,7 @@ def lookup_grad_sums(
         seg_dest is not None,  # HAS_DEST
         block_n,  # BLOCK_N
         block_d,  # BLOCK_D
-        num_warps=num_warps or GRAD_DEFAULTS["num_warps"],
+        num_warps=num_warps or _warps(block_n),
     )
     record_launch("lookup_grad_sums")
     return values

@@ -699,6 +699,6 @@ def pooled_lookup_backward(
         min_seg=first,
         tile_elems=tile_elems or POOLING_BACKWARD_DEFAULTS["tile_elems"],
         max_block_d=max_block_d or POOLING_BACKWARD_DEFAULTS["max_block_d"],
-        num_warps=num_warps or POOLING_BACKWARD_DEFAULTS["num_warps"],
+        num_warps=num_warps,  # None: lookup_grad_sums picks by tile (no spills)
     )
     return SparseGrad(unique_rows[first:], values[first:], is_coalesced=True)

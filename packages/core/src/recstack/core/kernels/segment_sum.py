@@ -48,6 +48,14 @@ __all__ = [
 #: ``tile_elems`` is the target ``BLOCK_N * BLOCK_D``; ``max_block_d`` caps the column tile.
 SEGMENT_SUM_DEFAULTS: dict[str, int] = {"tile_elems": 4096, "max_block_d": 256, "num_warps": 4}
 
+
+def _warps(block_n: int) -> int:
+    """Warps of a ``block_n``-row tile: the default, but at least one per 512 rows. More
+    rows a warp spill registers on sm_90 (the compile check: a 4096 x 1 tile on 4 warps
+    spills 128 bytes a thread, on 8 none); only dim-1 tables reach that by default."""
+    return min(8, max(SEGMENT_SUM_DEFAULTS["num_warps"], block_n // 512))
+
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -216,7 +224,7 @@ def _segment_sum_triton(
         values.stride(0),
         block_n,
         block_d,
-        num_warps=num_warps or SEGMENT_SUM_DEFAULTS["num_warps"],
+        num_warps=num_warps or _warps(block_n),
     )
     record_launch("segment_sum")
     return out

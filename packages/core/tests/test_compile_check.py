@@ -37,6 +37,12 @@ if HAS_TRITON:
         x = tl.load(x_ptr + i, mask=i < n, other=0.0)
         tl.store(out_ptr + i, FN(x) * scale, mask=i < n)
 
+    @triton.heuristics({"BLOCK": lambda args: triton.next_power_of_2(args["n"])})
+    @triton.jit
+    def _sized_kernel(x_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1.0, mask=i < n)
+
     def _plain_helper(x):
         return x + 1
 
@@ -105,6 +111,17 @@ def test_keep_filters_what_is_recorded():
     assert [s.args[-1] for s in log.signatures] == [("const", 8)]
 
 
+@needs_interpreter
+def test_a_wrapped_kernel_records_its_inner_launch():
+    x = torch.zeros(5)
+    with record_launches() as log:
+        _sized_kernel[(1,)](x, 5)
+    assert torch.equal(x, torch.ones(5))
+    (sig,) = log.signatures
+    assert sig.kernel.endswith(":_sized_kernel")
+    assert sig.args == (("tensor", "torch.float32", True), ("int", 17), ("const", 8))
+
+
 def test_recording_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"), record_launches():
@@ -145,6 +162,7 @@ def test_the_check_compiles_good_kernels_and_reports_bad_ones(tmp_path):
         )
         for n in (16, 17)
     ]
+    good.append(LaunchSignature(f"{module}:_sized_kernel", here, (ptr, ("int", 17), ("const", 8))))
     bad = LaunchSignature(f"{module}:_not_compilable", here, (ptr,))
     log = tmp_path / "log.jsonl"
     LaunchLog({*good, bad}).save(log)
@@ -157,7 +175,7 @@ def test_the_check_compiles_good_kernels_and_reports_bad_ones(tmp_path):
         timeout=600,
     )
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "sm_90: 2 of 3 signatures" in run.stdout
+    assert "sm_90: 3 of 4 signatures" in run.stdout
     row = next(line for line in run.stdout.splitlines() if line.startswith(good[0].kernel))
     assert row.split()[1:3] == ["2", "0"]
     assert "FAILED" in run.stdout and "_not_compilable" in run.stdout

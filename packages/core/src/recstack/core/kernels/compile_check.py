@@ -206,6 +206,11 @@ def _compile_one(signature: LaunchSignature, arch: int) -> CompileResult:
     start = time.perf_counter()
     try:
         kernel = _resolve(signature.kernel, signature.file)
+        from triton.runtime.jit import JITFunction
+
+        # An autotuned or heuristics-wrapped kernel: the record holds the inner launch.
+        while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+            kernel = kernel.fn
         args = [_decode(a) for a in signature.args]
         with _target(arch):
             compiled = kernel.warmup(*args, grid=(1,), **dict(signature.options))

@@ -226,8 +226,9 @@ def _compile_one(signature: LaunchSignature, arch: int) -> CompileResult:
 def _compile_batch(batch: list[str], arch: int) -> list[CompileResult]:
     # Triton 3.9 warns once per process that its FP-fusion default will change; the
     # check compiles with whatever the installed Triton does at launch.
-    warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
-    return [_compile_one(LaunchSignature.from_json(line), arch) for line in batch]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+        return [_compile_one(LaunchSignature.from_json(line), arch) for line in batch]
 
 
 def compile_signatures(
@@ -240,7 +241,8 @@ def compile_signatures(
     """Compile each signature for an NVIDIA GPU of compute capability ``arch // 10``.
 
     Args:
-        signatures: from :func:`load_signatures` or :attr:`LaunchLog.signatures`.
+        signatures: from :func:`~recstack.core.kernels.launch_log.load_signatures` or a
+            :class:`~recstack.core.kernels.launch_log.LaunchLog`'s ``signatures``.
         arch: the target, e.g. ``90`` (H100, H200), ``80`` (A100), ``89`` (L4).
         jobs: worker processes (compiling is CPU-bound and single-threaded).
         progress: print a progress line to stderr.

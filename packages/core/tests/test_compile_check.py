@@ -176,6 +176,7 @@ def test_the_check_compiles_good_kernels_and_reports_bad_ones(tmp_path):
     )
     assert run.returncode == 1, run.stdout + run.stderr
     assert "sm_90: 3 of 4 signatures" in run.stdout
+    assert "128-bit ld" in run.stdout
     row = next(line for line in run.stdout.splitlines() if line.startswith(good[0].kernel))
     assert row.split()[1:3] == ["2", "0"]
     assert "FAILED" in run.stdout and "_not_compilable" in run.stdout

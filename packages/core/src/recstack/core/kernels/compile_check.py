@@ -57,6 +57,10 @@ class CompileResult:
         spill_bytes: local memory per thread, which is where registers spill.
         shared_bytes: static shared memory per block.
         seconds: compile time.
+        global_loads: ``ld.global`` instructions in the PTX.
+        wide_loads: those moving 128 bits at once (``.v4`` of 32-bit, ``.v2`` of 64-bit
+            words): a kernel reading whole aligned rows that has none lost its vectorized
+            loads (an alignment hint the compiler dropped, say).
     """
 
     signature: LaunchSignature
@@ -65,6 +69,8 @@ class CompileResult:
     spill_bytes: int | None = None
     shared_bytes: int | None = None
     seconds: float = 0.0
+    global_loads: int = 0
+    wide_loads: int = 0
 
     @property
     def ok(self) -> bool:
@@ -202,6 +208,16 @@ def _resources(cubin: bytes) -> tuple[int, int, int] | None:
     return reg, max(stack, local), shared
 
 
+_LD_GLOBAL = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global\S*", re.MULTILINE)
+_WIDE = re.compile(r"\.v4\.(?:b|u|s|f)32|\.v2\.(?:b|u|s|f)64")
+
+
+def _loads(ptx: str) -> tuple[int, int]:
+    """``ld.global`` instructions in ``ptx``, and how many of them move 128 bits."""
+    ops = _LD_GLOBAL.findall(ptx)
+    return len(ops), sum(1 for op in ops if _WIDE.search(op))
+
+
 def _compile_one(signature: LaunchSignature, arch: int) -> CompileResult:
     start = time.perf_counter()
     try:
@@ -214,13 +230,16 @@ def _compile_one(signature: LaunchSignature, arch: int) -> CompileResult:
         args = [_decode(a) for a in signature.args]
         with _target(arch):
             compiled = kernel.warmup(*args, grid=(1,), **dict(signature.options))
-        cubin = compiled.asm.get("cubin") if compiled is not None else None
+        asm = compiled.asm if compiled is not None else {}
+        cubin, ptx = asm.get("cubin"), asm.get("ptx") or ""
     except Exception as e:
         message = f"{type(e).__name__}: {e}".strip()
         return CompileResult(signature, message, seconds=time.perf_counter() - start)
     usage = _resources(cubin) if cubin else None
     reg, spill, shared = usage if usage is not None else (None, None, None)
-    return CompileResult(signature, None, reg, spill, shared, time.perf_counter() - start)
+    loads, wide = _loads(ptx)
+    seconds = time.perf_counter() - start
+    return CompileResult(signature, None, reg, spill, shared, seconds, loads, wide)
 
 
 def _compile_batch(batch: list[str], arch: int) -> list[CompileResult]:
@@ -318,14 +337,17 @@ def _summary(results: Sequence[CompileResult], arch: int) -> str:
         f"Triton kernels compiled for sm_{arch}: {sum(r.ok for r in results)} of "
         f"{len(results)} signatures, {len(by_kernel)} kernels",
         "",
-        f"{'kernel':<64} {'variants':>8} {'failed':>6} {'max reg':>7} {'max spill B':>11}",
+        f"{'kernel':<64} {'variants':>8} {'failed':>6} {'max reg':>7} {'max spill B':>11} "
+        f"{'128-bit ld':>10}",
     ]
     for kernel, rs in sorted(by_kernel.items()):
         regs = [r.registers for r in rs if r.registers is not None]
         spills = [r.spill_bytes for r in rs if r.spill_bytes is not None]
+        loads = sum(r.global_loads for r in rs)
+        wide = f"{sum(r.wide_loads for r in rs) / loads:.0%}" if loads else "-"
         rows.append(
             f"{kernel:<64} {len(rs):>8} {sum(not r.ok for r in rs):>6} "
-            f"{max(regs) if regs else '-':>7} {max(spills) if spills else '-':>11}"
+            f"{max(regs) if regs else '-':>7} {max(spills) if spills else '-':>11} {wide:>10}"
         )
     return "\n".join(rows)
 

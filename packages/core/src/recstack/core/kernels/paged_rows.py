@@ -57,7 +57,7 @@ _MODE = {"set": 0, "add_atomic": 1, "add_unique": 2}
 if HAS_TRITON:
 
     @triton.jit
-    def _float_ptr(addr, KIND: tl.constexpr):
+    def _float_ptr(addr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
         # int64 address(es) as typed pointers: KIND 0 fp32, 1 bf16, 2 fp16.
         if KIND == 0:
             p = addr.to(tl.pointer_type(tl.float32))
@@ -65,6 +65,8 @@ if HAS_TRITON:
             p = addr.to(tl.pointer_type(tl.bfloat16))
         else:
             p = addr.to(tl.pointer_type(tl.float16))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
         return p
 
     @triton.jit
@@ -79,12 +81,10 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,
     ):
         addr = tl.load(page_table_ptr + (rows >> page_shift), mask=row_ok, other=0)
-        base = _float_ptr(addr, KIND)
+        base = _float_ptr(addr, KIND, ALIGNED)
         # Page pointers come from memory, so the compiler knows nothing of their alignment;
         # a 16-byte hint on the typed pointers (not on the int64, which does not carry over
         # the cast) lets the 2-D loads vectorize. The launcher sets ALIGNED only when true.
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
         return base + (rows & page_mask) * dim
 
     @triton.jit

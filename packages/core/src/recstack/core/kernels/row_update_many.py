@@ -92,8 +92,11 @@ if HAS_TRITON:
         return j, (pid - first).to(tl.int64)
 
     @triton.jit
-    def _i64_ptr(addr):
-        return addr.to(tl.pointer_type(tl.int64))
+    def _i64_ptr(addr, ALIGNED: tl.constexpr):
+        p = addr.to(tl.pointer_type(tl.int64))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
 
     @triton.jit
     def _job(desc_ptr, first_ptr, G_KIND: tl.constexpr, IN_ALIGNED: tl.constexpr,
@@ -102,14 +105,11 @@ if HAS_TRITON:
         # device-side count when padded) and the positions of the rows it works on.
         j, tile = _job_of(first_ptr, NUM_P2)
         d = desc_ptr + j * 17
-        rows_ptr = _i64_ptr(tl.load(d + 0))
-        grad_ptr = _float_ptr(tl.load(d + 1), G_KIND)
-        if IN_ALIGNED:
-            # Loaded pointers carry no alignment: the hint lets the row loads vectorize
-            # (the launcher sets it only when every job's rows and gradient are aligned).
-            rows_ptr = tl.multiple_of(rows_ptr, 16)
-            grad_ptr = tl.multiple_of(grad_ptr, 16)
-        n = tl.minimum(tl.load(_i64_ptr(tl.load(d + 3))), tl.load(d + 2))
+        # Loaded pointers carry no alignment: the hint (IN_ALIGNED, set only when every
+        # job's rows and gradient are aligned) lets the row loads vectorize.
+        rows_ptr = _i64_ptr(tl.load(d + 0), IN_ALIGNED)
+        grad_ptr = _float_ptr(tl.load(d + 1), G_KIND, IN_ALIGNED)
+        n = tl.minimum(tl.load(_i64_ptr(tl.load(d + 3), False)), tl.load(d + 2))
         return j, d, rows_ptr, grad_ptr, n, tile * BLOCK_R + tl.arange(0, BLOCK_R)
 
     @triton.jit
@@ -162,10 +162,10 @@ if HAS_TRITON:
         sc = scalar_ptr + j * 7
         _update_block(
             r, rows_ptr, grad_ptr, dim, n, dim,
-            _i64_ptr(tl.load(d + 5)), tl.load(d + 6), tl.load(d + 7),
-            _i64_ptr(tl.load(d + 8)), tl.load(d + 9), tl.load(d + 10), s0_width,
-            _i64_ptr(tl.load(d + 11)), tl.load(d + 12), tl.load(d + 13), s1_width,
-            _i64_ptr(tl.load(d + 14)), tl.load(d + 15), tl.load(d + 16), s2_width,
+            _i64_ptr(tl.load(d + 5), False), tl.load(d + 6), tl.load(d + 7),
+            _i64_ptr(tl.load(d + 8), False), tl.load(d + 9), tl.load(d + 10), s0_width,
+            _i64_ptr(tl.load(d + 11), False), tl.load(d + 12), tl.load(d + 13), s1_width,
+            _i64_ptr(tl.load(d + 14), False), tl.load(d + 15), tl.load(d + 16), s2_width,
             tl.load(sc), tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3), tl.load(sc + 4),
             tl.load(sc + 5), tl.load(sc + 6),
             TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED, BLOCK_D,

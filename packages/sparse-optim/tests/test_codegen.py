@@ -46,8 +46,7 @@ def test_update_kernels_load_rows_128_bits_at_a_time(tmp_path):
         rows = torch.randperm(512, generator=gen)[:64].sort().values
         return SparseGrad(rows, torch.randn(64, 64, generator=gen), is_coalesced=True)
 
-    keep = lambda sig: sig.kernel.endswith(UPDATE_KERNELS)  # noqa: E731
-    with record_launches(keep=keep) as log:
+    with record_launches(keep=lambda sig: sig.kernel.endswith(UPDATE_KERNELS)) as log:
         for cls in (SparseAdam, SparseAdagrad):
             one = table("one")
             cls([one], lr=1e-2).step(grads={one: grad()})

@@ -58,7 +58,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _float_ptr(addr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-        # int64 address(es) as typed pointers: KIND 0 fp32, 1 bf16, 2 fp16.
+        # int64 address(es) as typed pointers: KIND 0 fp32, 1 bf16, 2 fp16. Addresses
+        # loaded from memory carry no alignment; the 16-byte hint (ALIGNED, set by the
+        # launcher only when true) lets row loads vectorize. It goes on the typed pointer
+        # (a hint on the int64 does not survive the cast) and inside this helper: Triton
+        # 3.6 drops a hint put on a jitted helper's result.
         if KIND == 0:
             p = addr.to(tl.pointer_type(tl.float32))
         elif KIND == 1:
@@ -82,9 +86,6 @@ if HAS_TRITON:
     ):
         addr = tl.load(page_table_ptr + (rows >> page_shift), mask=row_ok, other=0)
         base = _float_ptr(addr, KIND, ALIGNED)
-        # Page pointers come from memory, so the compiler knows nothing of their alignment;
-        # a 16-byte hint on the typed pointers (not on the int64, which does not carry over
-        # the cast) lets the 2-D loads vectorize. The launcher sets ALIGNED only when true.
         return base + (rows & page_mask) * dim
 
     @triton.jit

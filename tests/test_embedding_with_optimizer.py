@@ -51,6 +51,35 @@ def test_rows_reused_after_eviction_get_fresh_optimizer_state() -> None:
     assert torch.all(state["exp_avg_sq"].to_dense()[new_row] == 0)
 
 
+def test_rows_reused_by_an_import_get_fresh_optimizer_state_and_metadata() -> None:
+    from recstack.embedding_engine.state import import_collection_chunk
+
+    ec = EmbeddingCollection([TableConfig("t", dim=4)], [FeatureConfig("f", "t")])
+    values = ec.physical_tables["t"].values
+    opt = SparseAdam([values], lr=0.05, step_count="per_row")
+    for _ in range(3):
+        ec(batch([11, 22]))["f"].sum().backward()
+        opt.step(grads={values: ec.sparse_grads()["t"]})
+    freed = sorted(ec.find_rows("t", torch.tensor([11, 22])).tolist())
+    assert ec.evict(min_count=10) == {"t": 2}
+    step = ec.step
+    imported = torch.randn(2, 4)
+    assert import_collection_chunk(ec, "t", torch.tensor([44, 55]), {"values": imported}) == 2
+    rows = ec.find_rows("t", torch.tensor([44, 55]))
+    assert sorted(rows.tolist()) == freed  # the import reused the evicted ids' rows
+    state = opt.state[values]
+    for slot in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert torch.all(state[slot].to_dense()[rows] == 0), slot
+    meta = ec.physical_tables["t"].meta
+    assert meta.counts[rows].tolist() == [0, 0]
+    assert meta.last_seen[rows].tolist() == [step, step]
+    assert torch.equal(values.to_dense()[rows], imported)
+    # The fresh state trains exactly as a never-seen id's would.
+    ec(batch([44]))["f"].sum().backward()
+    opt.step(grads={values: ec.sparse_grads()["t"]})
+    assert float(state["row_step"].to_dense()[rows[0], 0]) == 1.0
+
+
 def _train(fused: bool, make_opt, steps: int = 4):
     ec = EmbeddingCollection([TableConfig("t", dim=5)], [FeatureConfig("f", "t")])
     values = ec.physical_tables["t"].values

@@ -231,9 +231,57 @@ def test_nulls_need_a_default(tmp_path: Path) -> None:
     assert b["a"].tolist() == [1, -1, 3]
     assert b["s"].to_strings() == ["x", "", "z"]
     assert b["l"].to_list() == [[1], [], [2, 0]]
-    assert r.stats.nulls_filled == {"a": 1, "s": 1, "l": 1}
+    assert r.stats.nulls_filled == {"a": 1, "s": 1, "l": 2}  # l: a null row and a null item
     with pytest.raises(ColumnIOError, match="does not fit"):
         list(ColumnReader(str(p), [Column("a", default="nope")], batch_size=2))
+
+
+def _item_null_table() -> pa.Table:
+    return pa.table(
+        {
+            "l": pa.array([[1, 2], None, [3, None], []], pa.list_(pa.int64())),
+            # Null items but no null rows: counted all the same.
+            "items_only": pa.array([[None], [5], [None, None], [6]], pa.list_(pa.int64())),
+            "vec": pa.array([[1, None], None, [3, 4], [None, None]], pa.list_(pa.int32(), 2)),
+            "tags": pa.array([["a", None], ["b"], None, [None]], pa.list_(pa.string())),
+        }
+    )
+
+
+_ITEM_NULL_COLUMNS = [
+    Column("l", default=[], element_default=-1),
+    Column("items_only", element_default=0),
+    Column("vec", default=[7, 8], element_default=0),
+    Column("tags", default=[], element_default="?"),
+]
+
+
+@pytest.mark.parametrize("worker", ["thread", "process"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_nulls_filled_counts_row_and_item_nulls(
+    tmp_path: Path, worker: str, batch_size: int
+) -> None:
+    p = tmp_path / "items.parquet"
+    pq.write_table(_item_null_table(), p, row_group_size=2)
+    with ColumnReader(str(p), _ITEM_NULL_COLUMNS, batch_size=batch_size, worker=worker) as r:
+        batches = list(r)
+        stats = r.stats
+    assert [x for b in batches for x in b["l"].to_list()] == [[1, 2], [], [3, -1], []]
+    assert [x for b in batches for x in b["items_only"].to_list()] == [[0], [5], [0, 0], [6]]
+    assert [x for b in batches for x in b["vec"].tolist()] == [[1, 0], [7, 8], [3, 4], [0, 0]]
+    assert [x for b in batches for x in b["tags"].to_strings()] == [["a", "?"], ["b"], [], ["?"]]
+    # l: the null row (default) and the null item (element_default); the null items of the
+    # null vec row are not counted, since its default replaces the whole row.
+    assert stats.nulls_filled == {"l": 2, "items_only": 3, "vec": 4, "tags": 3}
+
+
+def test_nulls_filled_counts_item_nulls_of_every_unit_once(tmp_path: Path) -> None:
+    p = tmp_path / "items.parquet"
+    pq.write_table(_item_null_table(), p, row_group_size=1)
+    r = ColumnReader(str(p), _ITEM_NULL_COLUMNS[:2], batch_size=3, shuffle=True, seed=1)
+    for _ in range(2):
+        list(r)
+    assert r.stats.nulls_filled == {"l": 4, "items_only": 6}
 
 
 def test_bad_files_name_the_file(tmp_path: Path) -> None:

@@ -164,6 +164,32 @@ def test_bad_files(tmp_path: Path) -> None:
     assert r.stats.files_skipped == 2
 
 
+def test_nulls_filled_counts_row_and_item_nulls(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "id": pa.array([0, 1, 2, 3], pa.int64()),
+            "l": pa.array([[1, 2], None, [3, None], []], pa.list_(pa.int64())),
+            "items_only": pa.array([[None], [5], [None, None], [6]], pa.list_(pa.int64())),
+        }
+    )
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=3)
+    r = StreamingReader(
+        str(tmp_path),
+        [
+            "id",
+            Column("l", default=[], element_default=-1),
+            Column("items_only", element_default=0),
+        ],
+        batch_size=4,
+        idle_timeout=0.0,
+        poll_interval=0.01,
+        settle_seconds=0.0,
+    )
+    batches = [b for b in r if not isinstance(b, EndOfWindow)]
+    assert [x for b in batches for x in b["l"].to_list()] == [[1, 2], [], [3, -1], []]
+    assert r.stats.nulls_filled == {"l": 2, "items_only": 3}
+
+
 def test_young_unreadable_file_is_retried(tmp_path: Path) -> None:
     (tmp_path / "a.parquet").write_bytes(b"PAR1 half written")
     r = StreamingReader(

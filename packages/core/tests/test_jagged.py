@@ -317,6 +317,49 @@ def test_to_padded_errors(device):
         jt.to_padded_weights()
 
 
+@pytest.mark.parametrize(
+    ("dtype", "pad"),
+    [
+        (torch.int64, 2**63 - 1),
+        (torch.int64, -(2**63)),
+        (torch.int64, 2**53 + 1),
+        (torch.int32, 2**31 - 1),
+        (torch.uint8, 255),
+    ],
+)
+def test_to_padded_accepts_every_integer_of_the_dtype(device, dtype, pad):
+    # Bounds checked through float64 rejected int64 pads above 2**53.
+    jt = JaggedTensor.from_list([[1]], dtype=dtype, device=device)
+    assert jt.to_padded(2, pad_value=pad).tolist() == [[1, pad]]
+
+
+@pytest.mark.parametrize(
+    ("pad", "shown"),
+    [
+        (2**63, "pad_value=9223372036854775808"),
+        (-(2**63) - 1, "pad_value=-9223372036854775809"),
+        (2.0**63, "pad_value=9.223372036854776e\\+18"),
+        (float("nan"), "pad_value=nan"),
+        (float("inf"), "pad_value=inf"),
+    ],
+)
+def test_to_padded_rejects_values_outside_int64(device, pad, shown):
+    jt = JaggedTensor.from_list([[1]], dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match=f"{shown} cannot be stored in a torch.int64 tensor"):
+        jt.to_padded(2, pad_value=pad)
+
+
+def test_to_padded_weights_checks_integer_weights_exactly(device):
+    jt = JaggedTensor(
+        torch.tensor([1], device=device),
+        torch.tensor([0, 1], device=device),
+        weights=torch.tensor([7], dtype=torch.int64, device=device),
+    )
+    assert jt.to_padded_weights(2, pad_value=2**63 - 1).tolist() == [[7, 2**63 - 1]]
+    with pytest.raises(ValueError, match="pad_value=9223372036854775808 cannot be stored"):
+        jt.to_padded_weights(2, pad_value=2**63)
+
+
 # ---------------------------------------------------------------------- from_padded
 
 

@@ -7,6 +7,7 @@ missing-torchrec error is checked by making the import fail.
 
 from __future__ import annotations
 
+import builtins
 import sys
 import types
 
@@ -189,3 +190,35 @@ def test_clear_error_without_torchrec(no_torchrec):
         from_torchrec(object())
     with pytest.raises(ImportError, match="torchrec"):
         KeyedJaggedTensor.from_torchrec(object())
+
+
+@pytest.fixture
+def torchrec_fails_to_load(monkeypatch):
+    """torchrec present but unloadable: its import raises OSError, as on a driverless host."""
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "torchrec" or name.startswith("torchrec."):
+            raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    for name in TORCHREC_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+
+
+def test_clear_error_when_torchrec_fails_to_load(torchrec_fails_to_load):
+    kjt = KeyedJaggedTensor(["a"], torch.tensor([1, 2]), torch.tensor([2]))
+    expected = (
+        r"needs the optional `torchrec` package, which is installed but failed to load "
+        r"\(OSError: libnvidia-ml\.so\.1: cannot open shared object file\)"
+    )
+    for convert in (
+        lambda: to_torchrec(kjt),
+        kjt.to_torchrec,
+        lambda: from_torchrec(object()),
+        lambda: KeyedJaggedTensor.from_torchrec(object()),
+    ):
+        with pytest.raises(ImportError, match=expected) as info:
+            convert()
+        assert isinstance(info.value.__cause__, OSError)

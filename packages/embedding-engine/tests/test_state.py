@@ -335,3 +335,33 @@ def test_row_metadata_stores_travel() -> None:
         assert dst.num_ids(table) == src.num_ids(table)
     with pytest.raises(TypeError, match="slot 'last_seen'"):
         bad(dst, slots={"values": torch.zeros(2, 4), "last_seen": torch.zeros(2)})
+
+
+def test_import_into_rows_freed_by_eviction_starts_them_fresh() -> None:
+    """Rows that imported ids take are announced as reset (so per-row state kept
+    elsewhere restarts) and get fresh metadata unless the chunk carries it."""
+    ec = EmbeddingCollection([TableConfig("t", dim=4)], [FeatureConfig("f", "t")])
+    kjt = KeyedJaggedTensor(["f"], torch.tensor([11, 22, 11]), lengths=torch.tensor([2, 1]))
+    for _ in range(3):
+        ec(kjt)
+    reset: list[list[int]] = []
+    ec.physical_tables["t"].values.on_rows_reset(lambda rows: reset.append(rows.tolist()))
+    freed = sorted(ec.find_rows("t", torch.tensor([11, 22])).tolist())
+    assert ec.evict(min_count=100) == {"t": 2}
+    keys = torch.tensor([44, 55])
+    assert import_collection_chunk(ec, "t", keys, {"values": torch.randn(2, 4)}) == 2
+    rows = ec.find_rows("t", keys)
+    assert sorted(rows.tolist()) == freed
+    assert [sorted(r) for r in reset] == [freed]
+    meta = ec.physical_tables["t"].meta
+    assert meta.counts[rows].tolist() == [0, 0]
+    assert meta.last_seen[rows].tolist() == [ec.step, ec.step]
+    # Overwriting ids the table holds resets nothing; carried metadata is kept as given.
+    reset.clear()
+    slots = {"values": torch.randn(2, 4), "hit_count": torch.tensor([5, 6])}
+    assert import_collection_chunk(ec, "t", keys, slots) == 2
+    assert reset == [] and meta.counts[rows].tolist() == [5, 6]
+    slots = {"values": torch.randn(1, 4), "hit_count": torch.tensor([9])}
+    assert import_collection_chunk(ec, "t", torch.tensor([77]), slots) == 1
+    row = ec.find_rows("t", torch.tensor([77]))
+    assert meta.counts[row].tolist() == [9] and len(reset) == 1

@@ -464,3 +464,23 @@ def test_yaml_without_pyyaml_says_how_to_install(
     assert load_features(GOOD / "ctr.json") == load_features(GOOD / "ctr.toml") == CTR
     dump_features(CTR, tmp_path / "out.toml")
     assert load_features(tmp_path / "out.toml") == CTR
+
+
+def test_a_multihash_output_named_like_a_feature_is_a_duplicate_name() -> None:
+    mh = {"name": "a", "source": "i", "ops": [{"op": "MultiHash", "k": 2}]}
+    plain = {"name": "a/1", "source": "i", "ops": [{"op": "Mod", "m": 3}]}
+    with pytest.raises(
+        FeatureConfigError,
+        match=r"^feature 'a/1' \(features\[1\]\): duplicate feature name 'a/1': MultiHash "
+        r"output of feature 'a' \(features\[0\]\)",
+    ):
+        load_features([mh, plain])
+    with pytest.raises(
+        FeatureConfigError,
+        match=r"^feature 'a' \(features\[1\]\): its MultiHash output 'a/1' is a duplicate "
+        r"feature name \(first defined at features\[0\]\)",
+    ):
+        load_features([plain, mh])
+    # What a load would refuse is not written either.
+    with pytest.raises(FeatureConfigError, match="duplicate feature name 'a/1'"):
+        dumps_features([Feature("a", "i", [MultiHash(2)]), Feature("a/1", "i")], "json")

@@ -106,7 +106,22 @@ def _strings(arr: pa.Array, rc: ResolvedColumn, file: str) -> JaggedTensor:
     return JaggedTensor(values, offsets)
 
 
-def _list_child(arr: pa.Array, rc: ResolvedColumn, file: str) -> tuple[torch.Tensor, pa.Array]:
+def _fill_items(
+    child: pa.Array, rc: ResolvedColumn, file: str, stats: ReadStats | None
+) -> pa.Array:
+    """Nulls inside lists take ``element_default`` and count with the row nulls."""
+    if not child.null_count:
+        return child
+    n = child.null_count
+    child = _fill(child, rc.spec.element_default, "list item", rc, file)
+    if stats is not None:
+        stats.add_nulls(rc.name, n)
+    return child
+
+
+def _list_child(
+    arr: pa.Array, rc: ResolvedColumn, file: str, stats: ReadStats | None
+) -> tuple[torch.Tensor, pa.Array]:
     t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
         arr = arr.cast(pa.large_list(t.value_type))  # list views have no offsets buffer
@@ -115,9 +130,7 @@ def _list_child(arr: pa.Array, rc: ResolvedColumn, file: str) -> tuple[torch.Ten
     child = arr.values.slice(first, last - first)
     if pa.types.is_dictionary(child.type):
         child = child.dictionary_decode()
-    if child.null_count:
-        child = _fill(child, rc.spec.element_default, "list item", rc, file)
-    return offsets, child
+    return offsets, _fill_items(child, rc, file, stats)
 
 
 def convert_column(
@@ -125,10 +138,13 @@ def convert_column(
 ) -> ColumnValue:
     """One column of a decoded unit as a tensor or :class:`JaggedTensor`.
 
-    Nulls take the column's default (counted in ``stats``) or raise :class:`ColumnIOError`
-    naming ``file`` and the column.
+    Null rows take the column's ``default`` and null list items its ``element_default``
+    (both counted in ``stats``, per column), or raise :class:`ColumnIOError` naming
+    ``file`` and the column.
     """
     arr = _single(arr)
+    # Row nulls are filled first: filling rebuilds the list children, so the item nulls
+    # counted below are only those of visible rows, not whatever a null row's slots held.
     if arr.null_count:
         n = arr.null_count
         arr = _fill(arr, rc.spec.default, "value", rc, file)
@@ -140,11 +156,9 @@ def convert_column(
         return _strings(arr, rc, file)
     if rc.kind == "fixed":
         k = rc.width
-        child = arr.values.slice(arr.offset * k, len(arr) * k)
-        if child.null_count:
-            child = _fill(child, rc.spec.element_default, "list item", rc, file)
+        child = _fill_items(arr.values.slice(arr.offset * k, len(arr) * k), rc, file, stats)
         return _primitive(child, rc, file).view(len(arr), k)
-    offsets, child = _list_child(arr, rc, file)
+    offsets, child = _list_child(arr, rc, file, stats)
     if rc.kind == "list":
         return JaggedTensor(_primitive(child, rc, file), offsets)
     return JaggedTensor(_strings(child, rc, file), offsets)

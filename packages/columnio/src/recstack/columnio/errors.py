@@ -41,7 +41,9 @@ class ReadStats:
 
     ``rows_skipped`` counts rows of files (or row groups) skipped with ``on_error="skip"``;
     ``skipped_files`` lists them with the error. ``rows_dropped_last`` counts rows left out
-    by ``drop_last``. ``nulls_filled`` counts nulls replaced by a column default, per column.
+    by ``drop_last``. ``nulls_filled`` counts, per column, every null that was filled: null
+    rows replaced by the column's ``default`` plus null list items replaced by its
+    ``element_default``.
     ``late_rows`` counts rows a streaming reader yielded in a later time window than their
     own, because their window had already ended.
     """

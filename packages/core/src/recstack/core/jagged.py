@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -83,8 +84,17 @@ def _check_pad_value(dtype: torch.dtype, pad_value: float | int | bool, name: st
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         return
     info = torch.iinfo(dtype)
-    if float(pad_value) != int(pad_value) or not info.min <= int(pad_value) <= info.max:
-        raise ValueError(f"{name}={pad_value!r} cannot be stored in a {dtype} tensor")
+    try:
+        # Integers are compared exactly: a float64 round trip turns 2**63 - 1 into 2**63.
+        exact: int | None = operator.index(pad_value)  # type: ignore[arg-type]
+    except TypeError:
+        as_float = float(pad_value)
+        exact = int(as_float) if as_float.is_integer() else None  # NaN and inf are not
+    if exact is None or not info.min <= exact <= info.max:
+        raise ValueError(
+            f"{name}={pad_value!r} cannot be stored in a {dtype} tensor "
+            f"(integers in [{info.min}, {info.max}])"
+        )
 
 
 class JaggedTensor:

@@ -29,6 +29,17 @@ def _torchrec_kjt_class() -> Any:
             f"be imported ({exc}); install the torchrec build matching your torch version, "
             "e.g. `pip install torchrec`"
         ) from exc
+    except Exception as exc:
+        # An installed torchrec can fail while loading its native libraries (OSError for a
+        # missing libnvidia-ml.so.1 without a GPU driver, RuntimeError for an fbgemm built
+        # against another torch); the raw error does not say that TorchRec interop was the
+        # caller.
+        raise ImportError(
+            "converting to/from TorchRec needs the optional `torchrec` package, which is "
+            f"installed but failed to load ({type(exc).__name__}: {exc}); install the torchrec "
+            "(and fbgemm-gpu) build matching your torch version and machine, e.g. "
+            "`pip install torchrec`, or a CPU build where there is no GPU driver"
+        ) from exc
     return TorchRecKJT
 
 
@@ -60,7 +71,7 @@ def from_torchrec(trec_kjt: Any) -> KeyedJaggedTensor:
     TorchRec KJTs whose keys have different batch sizes (variable stride) have no RecStack
     equivalent and are rejected.
     """
-    _torchrec_kjt_class()  # the clear ImportError if torchrec is missing
+    _torchrec_kjt_class()  # the clear ImportError if torchrec is missing or fails to load
     variable = getattr(trec_kjt, "variable_stride_per_key", None)
     if callable(variable) and variable():
         raise ValueError(

@@ -361,8 +361,10 @@ def import_collection_chunk(
         keys: int64 ``[n]`` logical ids, distinct within the chunk.
         tensors: ``{"values": [n, dim] floating rows, metadata slot: [n, ...]}``; rows of
             another floating dtype are cast to the table dtype, integer metadata to the
-            store's integer dtype. A metadata slot the table keeps but the chunk lacks is
-            left as on a fresh insert.
+            store's integer dtype. A metadata slot the table keeps but the chunk lacks
+            starts fresh on ids new to the table (last-seen step = the collection's
+            current :attr:`~EmbeddingCollection.step`, hit count 0) and is left unchanged
+            on ids it already held.
         world_size: with ``rank``, keep only the ids with ``owner(id, world_size) == rank``
             (core's :func:`~recstack.core.sharding.owner`); or pass ``shard``.
         rank: this rank, in ``[0, world_size)``.
@@ -373,7 +375,9 @@ def import_collection_chunk(
     The whole chunk is validated before anything changes, ranks' shards included, so a
     bad chunk raises on every rank and never loads half-way. Kept ids get a row through
     the hash table's ``find_or_insert`` (no initializer runs) and the imported values are
-    written with ``scatter_rows``.
+    written with ``scatter_rows``. Rows that ids new to the table take (possibly rows an
+    evicted id freed) are announced through ``PagedTensor.rows_reset``, so a sparse
+    optimizer's state of those rows starts afresh, as after a training insert.
 
     Raises:
         KeyError: unknown ``table``.
@@ -418,9 +422,18 @@ def import_collection_chunk(
     keys, slots = select_owned(keys, {s: t.to(device) for s, t in tensors.items()}, spec)
     if not keys.numel():
         return 0
+    held = len(phys.hash_table)
     rows, is_new = phys.hash_table.find_or_insert(phys.encode(index, keys))
+    n_new = len(phys.hash_table) - held  # known on the host: no sync to count new keys
     n_rows = phys.hash_table.num_rows_allocated
     phys.values.ensure_rows(n_rows)
+    new_rows = rows[:0]
+    if n_new:
+        new_rows = rows.index_select(0, torch.nonzero_static(is_new, size=n_new).squeeze(1))
+        # A new key may take a row an evicted key freed: whatever is kept per row
+        # elsewhere (a sparse optimizer's moments) must not carry over to it, exactly as
+        # when a training forward inserts the key. Chunk slots written below still win.
+        phys.values.rows_reset(new_rows)
     phys.values.scatter_rows(rows, slots[VALUES_SLOT], check_bounds=False)
     if getattr(phys, "meta", None) is not None:
         # The collection's metadata grows with its table; its views change when it does.
@@ -428,7 +441,7 @@ def import_collection_chunk(
         meta_stores = _row_metadata(phys)
     counts = getattr(ec, "_num_ids", None)
     if counts is not None:  # the collection's per-table id counts (capacity caps read them)
-        counts[phys.name][index] += int(is_new.sum())
+        counts[phys.name][index] += n_new
     for name, store in meta_stores.items():
         if isinstance(store, PagedTensor):
             store.ensure_rows(n_rows)
@@ -439,7 +452,17 @@ def import_collection_chunk(
             )
         if name in slots:
             _scatter(store, rows, slots[name])
+        elif n_new:
+            _scatter(store, new_rows, _fresh_metadata(ec, name, store, n_new))
     return int(keys.numel())
+
+
+def _fresh_metadata(ec: EmbeddingCollection, name: str, store: _RowStore, n: int) -> torch.Tensor:
+    """Metadata of ``n`` keys imported without it: seen now (so a staleness rule does not
+    evict them before any training step could), never looked up, as a fresh insert."""
+    shape = (n, store.dim) if isinstance(store, PagedTensor) else (n, *store.shape[1:])
+    value = int(getattr(ec, "step", 0)) if name == "last_seen" else 0
+    return torch.full(shape, value, dtype=store.dtype, device=store.device)
 
 
 # ------------------------------------------------------------------------------------------

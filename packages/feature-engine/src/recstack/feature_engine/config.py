@@ -39,7 +39,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from recstack.feature_engine.feature import Feature, FeatureError
+from recstack.feature_engine.feature import Feature, FeatureError, output_names
 from recstack.feature_engine.ops import OPS, Cross, Op, OpError, op_from_dict
 
 __all__ = [
@@ -394,17 +394,28 @@ def _parse_features(
             f"'features' must be a list of feature entries, got {_kind(raw)}", file=file
         )
     features: list[Feature] = []
-    first_index: dict[str, int] = {}
+    # Every name a feature defines (a MultiHash adds name/0..k-1) -> where it was defined.
+    first_index: dict[str, tuple[int, str]] = {}
     for i, entry in enumerate(raw):
         feature = _parse_feature(entry, i, defaults, file)
-        if feature.name in first_index:
-            raise FeatureConfigError(
-                f"duplicate feature name (first defined at features[{first_index[feature.name]}])",
-                file=file,
-                feature=feature.name,
-                index=i,
-            )
-        first_index[feature.name] = i
+        for name in output_names(feature):
+            if name not in first_index:
+                first_index[name] = (i, feature.name)
+                continue
+            j, owner = first_index[name]
+            if owner == name == feature.name:
+                message = f"duplicate feature name (first defined at features[{j}])"
+            elif owner == name:
+                message = (
+                    f"its MultiHash output {name!r} is a duplicate feature name (first "
+                    f"defined at features[{j}])"
+                )
+            else:
+                message = (
+                    f"duplicate feature name {name!r}: MultiHash output of feature "
+                    f"{owner!r} (features[{j}])"
+                )
+            raise FeatureConfigError(message, file=file, feature=feature.name, index=i)
         features.append(feature)
     return features
 

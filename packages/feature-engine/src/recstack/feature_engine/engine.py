@@ -28,7 +28,7 @@ from torch import nn
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.feature_engine.feature import Feature, FeatureError
-from recstack.feature_engine.graph import Node, Plan, compile_plan, schema_of
+from recstack.feature_engine.graph import Node, Plan, check_names, compile_plan, schema_of
 from recstack.feature_engine.kernels.concat import concat_1d
 from recstack.feature_engine.kernels.cross import cross_checked, cross_tables
 from recstack.feature_engine.kernels.program import dense_program, sparse_program
@@ -84,7 +84,11 @@ class FeatureEngine(nn.Module):
         sparse_key: batch key of the output :class:`KeyedJaggedTensor` of sparse features.
         dense_key: batch key of the output ``[B, n]`` float32 tensor of dense features.
         passthrough: which input columns the output batch keeps: ``"unused"`` (those no
-            feature reads), ``"all"`` or ``"none"``.
+            feature reads), ``"all"`` or ``"none"``. A kept column named like an output
+            key the engine writes (``sparse_key``, or ``dense_key`` when there are dense
+            features) is refused with a :class:`FeatureError` naming it, at construction
+            for the schema's columns and at the batch for others: rename the column, pick
+            another key or change ``passthrough``.
 
     ``engine(batch)`` returns a new dict. Outputs on CPU (torch reference) and CUDA (Triton)
     are bit-identical for integer ops.
@@ -101,13 +105,23 @@ class FeatureEngine(nn.Module):
     ) -> None:
         super().__init__()
         self.features = [f if isinstance(f, Feature) else Feature.from_dict(f) for f in features]
+        check_names(self.features)  # needs no schema: refused here even without one
         if passthrough not in ("unused", "all", "none"):
             raise ValueError(f"passthrough must be 'unused', 'all' or 'none', got {passthrough!r}")
+        for what, key in (("sparse_key", sparse_key), ("dense_key", dense_key)):
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{what} must be a non-empty string, got {key!r}")
+        if sparse_key == dense_key:
+            raise ValueError(
+                f"sparse_key and dense_key are both {sparse_key!r}: one would replace the other"
+            )
         self.sparse_key, self.dense_key, self.passthrough = sparse_key, dense_key, passthrough
         self._schema = dict(schema) if schema is not None else None
         self._plan: Plan | None = None
         if schema is not None:
             self._set_plan(compile_plan(self.features, self._schema))
+            for column in self._schema:
+                self._check_passthrough(column)
         self._tables: dict[tuple[int, str], LevelTables] = {}
         self._dense_tables: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross: dict[tuple[int, str], Any] = {}
@@ -126,6 +140,33 @@ class FeatureEngine(nn.Module):
         for alias, node in plan.aliases.items():
             k, i = self._where[node]
             self._emit_runs.append((k, i, i + 1, [alias]))
+        # The keys the output batch gets from the engine rather than from the input.
+        self._outputs = {
+            key: kind
+            for key, kind, used in (
+                (self.sparse_key, "sparse", bool(self._emit_runs)),
+                (self.dense_key, "dense", bool(plan.dense)),
+            )
+            if used
+        }
+
+    def _passes_through(self, column: str) -> bool:
+        assert self._plan is not None
+        return self.passthrough == "all" or (
+            self.passthrough == "unused" and column not in self._plan.columns
+        )
+
+    def _check_passthrough(self, column: str) -> None:
+        """Refuse a kept input column under a key an output takes: the output would
+        silently replace it."""
+        if column in self._outputs and self._passes_through(column):
+            kind = self._outputs[column]
+            raise FeatureError(
+                f"input column {column!r} would pass through (passthrough="
+                f"{self.passthrough!r}) under the key {column!r}, which the engine's {kind} "
+                f"output takes ({kind}_key={column!r}) and would silently replace: rename "
+                f"the column, pass another {kind}_key, or passthrough='none'"
+            )
 
     @property
     def plan(self) -> Plan | None:
@@ -152,7 +193,8 @@ class FeatureEngine(nn.Module):
         out: dict[str, Any] = {}
         if self.passthrough != "none":
             for name, value in batch.items():
-                if self.passthrough == "all" or name not in plan.columns:
+                if self._passes_through(name):
+                    self._check_passthrough(name)
                     out[name] = value
         if self._emit_runs:
             out[self.sparse_key] = self._sparse_output(levels, size, device)

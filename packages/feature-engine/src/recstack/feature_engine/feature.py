@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from recstack.feature_engine.ops import Op, OpError, op_from_dict
+from recstack.feature_engine.ops import MultiHash, Op, OpError, op_from_dict
 
-__all__ = ["Feature", "FeatureError"]
+__all__ = ["Feature", "FeatureError", "output_names"]
 
 
 class FeatureError(ValueError):
@@ -69,5 +69,16 @@ class Feature:
             try:
                 ops.append(op_from_dict(raw))
             except OpError as e:
-                raise FeatureError(f"op {i}: {e}", name) from e
+                op = raw.get("op") if isinstance(raw, Mapping) else None
+                label = f" ({op})" if isinstance(op, str) else ""
+                raise FeatureError(f"op {i}{label}: {e}", name) from e
         return cls(name, data.get("source"), ops)
+
+
+def output_names(feature: Feature) -> list[str]:
+    """The names ``feature`` defines: its own and, after a MultiHash, ``name/0..k-1``."""
+    names = [feature.name]
+    last = feature.ops[-1] if feature.ops else None
+    if isinstance(last, MultiHash):
+        names += [f"{feature.name}/{k}" for k in range(last.k)]
+    return names

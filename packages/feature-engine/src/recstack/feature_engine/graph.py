@@ -9,11 +9,13 @@ one fused launch per step type per round, whatever the number of features.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from recstack.feature_engine.feature import Feature, FeatureError
+from recstack.feature_engine.feature import Feature, FeatureError, output_names
 from recstack.feature_engine.kernels.program import (
     DOP_CLIP,
     DOP_FILL_NAN,
@@ -45,6 +47,7 @@ __all__ = ["COLUMN_KINDS", "DenseNode", "Node", "Plan", "compile_plan", "schema_
 COLUMN_KINDS = ("int", "float", "int_list", "float_list", "string", "string_list")
 
 _INF = float("inf")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _signed(v: int) -> int:
@@ -118,7 +121,7 @@ class Plan:
     aliases: dict[str, str] = field(default_factory=dict)
 
 
-def _program_ops(op: Any, feature: str) -> list[tuple[Any, ...]] | None:
+def _program_ops(op: Any, feature: str, index: int = 0) -> list[tuple[Any, ...]] | None:
     """The program opcodes of an elementwise op on int ids, or None when not elementwise.
 
     A Bucketize entry carries its boundaries as a fifth item; the engine lays every
@@ -132,17 +135,76 @@ def _program_ops(op: Any, feature: str) -> list[tuple[Any, ...]] | None:
     if isinstance(op, Mod):
         return [(OP_MOD, op.m, 0, 0)]
     if isinstance(op, Bucketize):
-        _check_int_boundaries(op, feature)
-        return [(OP_BUCKETIZE, -1, len(op.boundaries), int(op.right), op.boundaries)]
+        bounds = tuple(
+            _int64(b, f"op {index} (Bucketize) boundary", feature) for b in op.boundaries
+        )
+        return [(OP_BUCKETIZE, -1, len(bounds), int(op.right), bounds)]
     return None
 
 
-def _check_int_boundaries(op: Bucketize, feature: str) -> None:
-    if any(float(b) != int(b) for b in op.boundaries):
+def _int64(value: int | float, what: str, feature: str) -> int:
+    """``value`` as the exact int64 an op on ids compares or writes.
+
+    Ints are taken as they are: a round trip through float64 would move those past 2**53.
+    """
+    if isinstance(value, float):
+        if not value.is_integer():  # NaN and infinities too
+            raise FeatureError(f"{what} must be an integer on integer ids, got {value!r}", feature)
+        value = int(value)
+    if not _INT64_MIN <= value <= _INT64_MAX:
         raise FeatureError(
-            f"Bucketize on integer ids needs integer boundaries, got {list(op.boundaries)}",
-            feature,
+            f"{what} {value} is outside int64 [-2**63, 2**63 - 1], the range of ids", feature
         )
+    return value
+
+
+def _float64_boundaries(op: Bucketize, index: int, feature: str) -> tuple[float, ...]:
+    """A float column's boundaries as the float64 they are compared in."""
+    out: list[float] = []
+    for b in op.boundaries:
+        try:
+            out.append(float(b))
+        except OverflowError:
+            raise FeatureError(
+                f"op {index} (Bucketize) boundary {b} is beyond float64, the precision a "
+                "float column is bucketized in",
+                feature,
+            ) from None
+    for k in range(1, len(out)):
+        if out[k] <= out[k - 1]:
+            raise FeatureError(
+                f"op {index} (Bucketize) boundaries {op.boundaries[k - 1]} and "
+                f"{op.boundaries[k]} are the same float64 ({out[k]!r}), the precision a "
+                "float column is bucketized in",
+                feature,
+            )
+    return tuple(out)
+
+
+def _float32(value: int | float) -> float:
+    """``value`` rounded to float32 (to nearest even, as the dense kernels round their
+    parameters); ``inf`` where a finite value is beyond float32."""
+    try:
+        x = float(value)
+    except OverflowError:  # an int past float64
+        return math.inf if value > 0 else -math.inf
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _dense_param(value: int | float, what: str, feature: str, *, finite: bool) -> float:
+    """A dense op's parameter as its table holds it, refused where float32 (what dense ops
+    compute in) would turn it into NaN or an infinity nobody wrote."""
+    if isinstance(value, float) and math.isnan(value):
+        raise FeatureError(f"{what} is NaN", feature)
+    if isinstance(value, float) and math.isinf(value):
+        if finite:
+            raise FeatureError(f"{what} must be finite, got {value!r}", feature)
+        return value
+    if math.isinf(_float32(value)):
+        raise FeatureError(
+            f"{what} {value!r} is beyond float32, the precision dense ops compute in", feature
+        )
+    return float(value)
 
 
 class _Builder:
@@ -182,7 +244,11 @@ class _Builder:
         ):
             if kind == "float_list":
                 raise FeatureError("dense ops need a float column with one value a row", f.name)
-            self.dense.append(DenseNode(f.name, f.source, [self.dense_op(o, f.name) for o in ops]))
+            self.dense.append(
+                DenseNode(
+                    f.name, f.source, [self.dense_op(o, f.name, i) for i, o in enumerate(ops)]
+                )
+            )
             return
         first_bucketize = next((i for i, o in enumerate(ops) if isinstance(o, Bucketize)), len(ops))
         for i, op in enumerate(ops):
@@ -197,13 +263,14 @@ class _Builder:
         node = Node(
             f.name, True, ("node", f.source) if kind == "feature" else ("column", f.source, kind)
         )
+        start = 0  # the ops the node's steps take, from ops[start] on
         if kind in ("string", "string_list"):
             if not ops or not isinstance(ops[0], Hash):
                 raise FeatureError("a string column needs Hash as its first op", f.name)
             node.first = ("hash_string", _signed(ops[0].seed))
             if ops[0].buckets is not None:
                 node.steps.append(Step("program", [(OP_UMOD, ops[0].buckets, 0, 0)]))
-            ops = ops[1:]
+            start = 1
         elif kind in ("float", "float_list"):
             # Dense ops may prepare the numbers (fill NaN, clip, log) before they are
             # bucketized; they run in float32, as dense features do.
@@ -220,31 +287,46 @@ class _Builder:
                 raise FeatureError("dense ops before Bucketize need a float column", f.name)
             node.first = (
                 "bucketize_float",
-                tuple(float(b) for b in ops[pre].boundaries),
+                _float64_boundaries(ops[pre], pre, f.name),
                 ops[pre].right,
-                tuple(self.dense_op(o, f.name) for o in ops[:pre]),
+                tuple(self.dense_op(o, f.name, i) for i, o in enumerate(ops[:pre])),
             )
-            ops = ops[pre:]
-            ops = ops[1:]
+            start = pre + 1
         self.sparse_names.add(f.name)
         self.nodes[f.name] = node
-        self.add_steps(node, ops)
+        self.add_steps(node, ops, start)
 
-    def dense_op(self, op: Any, feature: str) -> tuple[int, float, float]:
+    def dense_op(self, op: Any, feature: str, index: int) -> tuple[int, float, float]:
+        # The ops check their own values, but an op may have been built around them, and
+        # float32 limits are the engine's: checked again here, where the feature is known.
+        where = f"op {index} ({type(op).__name__})"
         if isinstance(op, Log1p):
             return (DOP_LOG1P, 0.0, 0.0)
         if isinstance(op, Clip):
-            lo = -_INF if op.min is None else float(op.min)
-            hi = _INF if op.max is None else float(op.max)
+            lo, hi = (
+                inf if v is None else _dense_param(v, f"{where} {side}", feature, finite=False)
+                for v, side, inf in ((op.min, "min", -_INF), (op.max, "max", _INF))
+            )
             return (DOP_CLIP, lo, hi)
         if isinstance(op, Normalize):
-            return (DOP_NORMALIZE, float(op.mean), float(op.std))
+            mean = _dense_param(op.mean, f"{where} mean", feature, finite=True)
+            std = _dense_param(op.std, f"{where} std", feature, finite=True)
+            if not _float32(std) > 0:
+                raise FeatureError(
+                    f"{where} std {op.std!r} is not above 0 in float32, the precision dense "
+                    "ops compute in",
+                    feature,
+                )
+            return (DOP_NORMALIZE, mean, std)
         if isinstance(op, FillMissing):
-            return (DOP_FILL_NAN, float(op.value), 0.0)
+            # NaN would fill a NaN with NaN: a no-op that hides a config mistake.
+            value = _dense_param(op.value, f"{where} value", feature, finite=False)
+            return (DOP_FILL_NAN, value, 0.0)
         raise FeatureError(f"{type(op).__name__} does not apply to a dense float column", feature)
 
-    def add_steps(self, node: Node, ops: list[Any]) -> None:
-        for i, op in enumerate(ops):
+    def add_steps(self, node: Node, ops: list[Any], start: int = 0) -> None:
+        for i in range(start, len(ops)):
+            op = ops[i]
             if isinstance(op, MultiHash):
                 if i != len(ops) - 1:
                     raise FeatureError("MultiHash must be the last op", node.name)
@@ -269,8 +351,12 @@ class _Builder:
                             node.name,
                         )
                 else:
-                    # Ops before the cross make a hidden node the cross reads.
-                    pre = Node(f"{node.name}@pre", False, node.input, node.first, node.steps)
+                    # Ops before the cross make a hidden node the cross reads; its name must
+                    # not take the place of a feature's (a feature may be named "x@pre").
+                    hidden = f"{node.name}@pre"
+                    while hidden in self.features or hidden in self.nodes:
+                        hidden += "@"
+                    pre = Node(hidden, False, node.input, node.first, node.steps)
                     self.nodes[pre.name] = pre
                     first = pre.name
                 node.input = ("cross", [first, *op.others], _signed(op.seed))
@@ -281,7 +367,7 @@ class _Builder:
                 if op.buckets is not None:
                     node.steps.append(Step("program", [(OP_UMOD, op.buckets, 0, 0)]))
                 continue
-            prog = _program_ops(op, node.name)
+            prog = _program_ops(op, node.name, i)
             if prog is not None:
                 if node.steps and node.steps[-1].kind == "program":
                     node.steps[-1].params.extend(prog)
@@ -294,9 +380,8 @@ class _Builder:
             elif isinstance(op, FilterIds):
                 node.steps.append(Step("filter", (op.ids, op.keep)))
             elif isinstance(op, FillMissing):
-                if float(op.value) != int(op.value):
-                    raise FeatureError("FillMissing on ids needs an integer value", node.name)
-                node.steps.append(Step("fill", int(op.value)))
+                value = _int64(op.value, f"op {i} (FillMissing) value", node.name)
+                node.steps.append(Step("fill", value))
             else:  # pragma: no cover - every op class is handled above
                 raise FeatureError(f"unsupported op {type(op).__name__}", node.name)
 
@@ -347,14 +432,37 @@ class _Builder:
         ]
 
 
+def check_names(features: Sequence[Feature]) -> None:
+    """Refuse a name defined twice, whether as a feature or as a MultiHash output.
+
+    Nodes and output keys are looked up by name: a second definition would silently
+    replace the first.
+    """
+    owners: dict[str, tuple[int, str]] = {}
+
+    def what(name: str, feature: str) -> str:
+        if name == feature:
+            return f"feature {feature!r}"
+        return f"MultiHash output {name!r} of feature {feature!r}"
+
+    for i, f in enumerate(features):
+        for name in output_names(f):
+            if name not in owners:
+                owners[name] = (i, f.name)
+                continue
+            j, first = owners[name]
+            if first == name == f.name:
+                raise FeatureError(f"defined twice (features[{j}] and features[{i}])", name)
+            raise FeatureError(
+                f"name {name!r} is defined twice: as {what(name, first)} (features[{j}]) and "
+                f"as {what(name, f.name)} (features[{i}])",
+                f.name,
+            )
+
+
 def compile_plan(features: Sequence[Feature], schema: Mapping[str, str]) -> Plan:
     """Check ``features`` against ``schema`` and lay out their execution."""
-    names = [f.name for f in features]
-    seen: set[str] = set()
-    for n in names:
-        if n in seen:
-            raise FeatureError("defined twice", n)
-        seen.add(n)
+    check_names(features)
     b = _Builder(features, schema)
     b.build()
     levels, aliases = _dedupe(b.levels())

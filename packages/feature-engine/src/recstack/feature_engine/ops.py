@@ -74,10 +74,19 @@ def _buckets(value: Any) -> int | None:
     return None if value is None else _int("buckets", value, 1, (1 << 63) - 1)
 
 
-def _number(name: str, value: Any) -> float:
+def _number(name: str, value: Any) -> int | float:
+    # Ints stay ints: float() would round those past 2**53 and overflow past 1e308.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OpError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    return value
+
+
+def _is_nan(value: int | float) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _is_finite(value: int | float) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,11 @@ class Bucketize(Op):
 
     ``boundaries`` must be non-empty, finite and strictly increasing. On a dense column
     the result is a sparse feature with one id per row.
+
+    On integer ids the boundaries must be integers (ints, or floats with an integral value)
+    within int64; they are compared with the ids exactly, ints never passing through
+    float64. On a float column they are compared in float64, so they must stay distinct
+    there.
     """
 
     kind: ClassVar[str] = "any"
@@ -136,8 +150,10 @@ class Bucketize(Op):
         values = [_number("boundaries", v) for v in b]
         if not values:
             raise OpError("boundaries is empty: give at least one boundary")
-        if any(not math.isfinite(v) for v in values):
-            raise OpError("boundaries must be finite")
+        if not all(_is_finite(v) for v in values):
+            raise OpError(f"boundaries must be finite, got {list(b)}")
+        # Compared as given (Python compares int and float exactly): 2**53 < 2**53 + 1
+        # although both are the same float64.
         if any(y <= x for x, y in zip(values, values[1:], strict=False)):
             raise OpError(f"boundaries must be strictly increasing, got {list(b)}")
         object.__setattr__(self, "boundaries", tuple(b))
@@ -242,12 +258,18 @@ def Mask(ids: Sequence[int], keep: bool = False) -> FilterIds:  # noqa: N802 - a
 
 @dataclass(frozen=True)
 class FillMissing(Op):
-    """An empty row becomes ``[value]`` (sparse); a NaN becomes ``value`` (dense)."""
+    """An empty row becomes ``[value]`` (sparse); a NaN becomes ``value`` (dense).
+
+    On ids the value must be an integer within int64; on a dense float it must not be NaN
+    and, unless infinite, must fit float32. The engine checks both.
+    """
 
     kind: ClassVar[str] = "any"
     value: float = 0
 
     def __post_init__(self) -> None:
+        # NaN and infinities are left to the engine: they suit a dense feature (NaN round
+        # trips through configs) but not ids, and only the engine knows which this is.
         _number("value", self.value)
 
 
@@ -260,33 +282,47 @@ class Log1p(Op):
 
 @dataclass(frozen=True)
 class Clip(Op):
-    """Clamp into ``[min, max]``; either bound may be ``None``."""
+    """Clamp into ``[min, max]``; either bound may be ``None`` (no bound), none may be NaN.
+
+    ``-inf``/``inf`` on the open side is the same as ``None``; ``min=inf`` or ``max=-inf``
+    is refused, as it would turn every value into that infinity.
+    """
 
     kind: ClassVar[str] = "dense"
     min: float | None = None
     max: float | None = None
 
     def __post_init__(self) -> None:
-        lo = None if self.min is None else _number("min", self.min)
-        hi = None if self.max is None else _number("max", self.max)
+        lo = None if self.min is None else _number("Clip min", self.min)
+        hi = None if self.max is None else _number("Clip max", self.max)
         if lo is None and hi is None:
             raise OpError("Clip needs min, max or both")
+        # NaN compares false with everything, so it would pass the order check below and
+        # make every value NaN. An infinite bound on the open side is the same as None.
+        for name, v in (("min", lo), ("max", hi)):
+            if v is not None and _is_nan(v):
+                raise OpError(f"Clip {name} is NaN: give a number, or None for no bound")
+        if lo == math.inf or hi == -math.inf:
+            side, v = ("min", lo) if lo == math.inf else ("max", hi)
+            raise OpError(f"Clip {side}={v} would turn every value into {v}")
         if lo is not None and hi is not None and lo > hi:
             raise OpError(f"Clip min {lo} is above max {hi}")
 
 
 @dataclass(frozen=True)
 class Normalize(Op):
-    """``(x - mean) / std`` with ``std > 0``."""
+    """``(x - mean) / std`` with a finite ``mean`` and a finite ``std > 0``."""
 
     kind: ClassVar[str] = "dense"
     mean: float = 0.0
     std: float = 1.0
 
     def __post_init__(self) -> None:
-        _number("mean", self.mean)
-        if _number("std", self.std) <= 0 or not math.isfinite(self.std):
-            raise OpError(f"std must be a positive finite number, got {self.std!r}")
+        if not _is_finite(_number("Normalize mean", self.mean)):
+            raise OpError(f"Normalize mean must be a finite number, got {self.mean!r}")
+        std = _number("Normalize std", self.std)
+        if not _is_finite(std) or not std > 0:
+            raise OpError(f"Normalize std must be a positive finite number, got {self.std!r}")
 
 
 #: Every op by the name config files use.

@@ -24,6 +24,7 @@ updated. All checks of one step share one host sync.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -48,14 +49,37 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 class SlotSpec:
     """One state slot: its name, whether it holds one value per row (``[rows, 1]``) instead
-    of one per element (``[rows, dim]``), and its initial value."""
+    of one per element (``[rows, dim]``), its initial value, and whether its values are
+    never negative (sums of squares, counts): a loaded state that breaks that is refused."""
 
-    __slots__ = ("name", "per_row", "init")
+    __slots__ = ("name", "per_row", "init", "nonnegative")
 
-    def __init__(self, name: str, *, per_row: bool = False, init: float = 0.0) -> None:
+    def __init__(
+        self, name: str, *, per_row: bool = False, init: float = 0.0, nonnegative: bool = False
+    ) -> None:
         self.name = name
         self.per_row = per_row
         self.init = init
+        self.nonnegative = nonnegative
+
+
+def check_real(owner: str, name: str, value: object, *, minimum: float | None = 0.0) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number (not a bool) and, with
+    ``minimum`` given, ``>= minimum``. ``owner`` and ``name`` say whose and which
+    hyper-parameter, for the message. NaN compares false with everything, so a plain
+    ``value < 0`` check lets it through: finiteness is checked on its own."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    if not ok or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{owner}: {name} must be a float{bound}, got {value!r}")
+
+
+def check_flag(owner: str, name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool (a loaded ``"yes"`` is not one)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name} must be True or False, got {value!r}")
 
 
 def _rows_of(p: Param) -> int:
@@ -212,9 +236,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         """Validate one group's hyper-parameters (subclasses extend)."""
-        lr = group.get("lr")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be a float >= 0, got {lr!r}")
+        check_real(type(self).__name__, "lr", group.get("lr"))
 
     def _param_name(self, p: Param) -> str:
         if isinstance(p, PagedTensor):
@@ -666,6 +688,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             for p in g["params"]:
                 if p in self.state:
+                    # Rows the parameter gained since its last step get their initial
+                    # state now, so every slot has exactly the parameter's rows.
+                    self._slots(p)
                     st = self.state[p]
                     state[index[id(p)]] = {
                         "step": int(st["step"]),
@@ -675,32 +700,167 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; slots may be PagedTensors or ``[rows, width]``
-        tensors. Groups must match this optimizer's in number and sizes."""
+        tensors.
+
+        Everything is checked before anything changes, so a refused state leaves the
+        optimizer as it was: groups must match this optimizer's in number and sizes, each
+        group's hyper-parameters pass the constructor's checks, every parameter's entry
+        has an int ``step >= 0`` and exactly this optimizer's slots, each with the
+        parameter's rows and width, finite, and not negative where the slot never is.
+
+        Raises:
+            TypeError, ValueError, KeyError: the state is malformed; the message names
+                the parameter (or group) and the field.
+        """
         name = type(self).__name__
+        where = f"{name}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{where}: expected a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise KeyError(f"{where}: the state dict has no {key!r} entry")
         groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups) or any(
-            len(a["params"]) != len(b["params"])
-            for a, b in zip(groups, self.param_groups, strict=True)
+        if (
+            not isinstance(groups, Sequence)
+            or isinstance(groups, str)
+            or len(groups) != len(self.param_groups)
+            or any(
+                not isinstance(a, Mapping)
+                or not isinstance(a.get("params"), Sequence)
+                or len(a["params"]) != len(b["params"])
+                for a, b in zip(groups, self.param_groups, strict=True)
+            )
         ):
-            raise ValueError(f"{name}: the state dict's param groups do not match this optimizer's")
-        params = [p for g in self.param_groups for p in g["params"]]
-        for saved, own in zip(groups, self.param_groups, strict=True):
-            for k, v in saved.items():
-                if k != "params":
-                    own[k] = tuple(v) if isinstance(own.get(k), tuple) else v
+            raise ValueError(
+                f"{where}: the state dict's param groups do not match this optimizer's"
+            )
+        pairs = enumerate(zip(groups, self.param_groups, strict=True))
+        new_groups = [self._loaded_group(where, gi, saved, own) for gi, (saved, own) in pairs]
+        skipped = state_dict.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"{where}: skipped_steps must be an int >= 0, got {skipped!r}")
+        # The slots an optimizer keeps can depend on its hyper-parameters (SGD keeps a
+        # momentum buffer only with momentum): check the state against the loaded ones.
+        old_groups = self.param_groups
+        self.param_groups = new_groups
+        try:
+            staged = self._loaded_state(where, state_dict["state"])
+        except BaseException:
+            self.param_groups = old_groups
+            raise
+        self.flush_checks()
         self.state.clear()
-        for key, st in state_dict["state"].items():
-            p = params[int(key)]
+        self._slot_cache.clear()
+        for p, step, dense in staged:
             slots = self._slots(p)
-            self.state[p]["step"] = int(st["step"])
-            for spec in self.slot_specs:
-                src = st[spec.name]
-                dense = src.to_dense() if isinstance(src, PagedTensor) else src
-                n = min(dense.shape[0], slots[spec.name].num_rows)
-                if n:
-                    rows = torch.arange(n, device=slots[spec.name].device)
-                    slots[spec.name].scatter_rows(rows, dense[:n].to(slots[spec.name].device))
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+            self.state[p]["step"] = step
+            for slot_name, values in dense.items():
+                slot = slots[slot_name]
+                if values.shape[0]:
+                    rows = torch.arange(values.shape[0], device=slot.device)
+                    slot.scatter_rows(rows, values)
+        self.skipped_steps = skipped
+
+    def _loaded_group(
+        self, where: str, gi: int, saved: Mapping[str, Any], own: dict[str, Any]
+    ) -> dict[str, Any]:
+        """This optimizer's group ``own`` with the saved hyper-parameters, checked."""
+        merged = dict(own)
+        for k, v in saved.items():
+            if k == "params":
+                continue
+            if isinstance(own.get(k), tuple) and isinstance(v, (list, tuple)):
+                v = tuple(v)
+            merged[k] = v
+        try:
+            self._check_hyper(merged)
+        except (TypeError, ValueError) as err:
+            msg = str(err).removeprefix(f"{type(self).__name__}: ")
+            raise ValueError(f"{where}: param group {gi}: {msg}") from None
+        return merged
+
+    def _loaded_state(
+        self, where: str, state: object
+    ) -> list[tuple[Param, int, dict[str, torch.Tensor]]]:
+        """``(param, step, {slot: fp32 [rows, width] on the param's device})`` of every
+        entry of a saved ``state``, checked."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: 'state' must be a dict, got {type(state).__name__}")
+        params = [p for g in self.param_groups for p in g["params"]]
+        specs = {spec.name: spec for spec in self.slot_specs}
+        staged: list[tuple[Param, int, dict[str, torch.Tensor]]] = []
+        seen: set[int] = set()
+        for key, st in state.items():
+            index = _as_index(key)
+            if index is None or not 0 <= index < len(params) or index in seen:
+                raise ValueError(
+                    f"{where}: state key {key!r} is not a distinct parameter index in "
+                    f"[0, {len(params)})"
+                )
+            seen.add(index)
+            p = params[index]
+            what = f"{where}: state of {self._param_name(p)} (index {index})"
+            if not isinstance(st, Mapping):
+                raise TypeError(f"{what}: expected a dict, got {type(st).__name__}")
+            step = _as_step(st.get("step"))
+            if step is None:
+                raise ValueError(f"{what}: 'step' must be an int >= 0, got {st.get('step')!r}")
+            names = set(st) - {"step"}
+            if names != set(specs):
+                unknown, missing = sorted(names - set(specs)), sorted(set(specs) - names)
+                raise ValueError(
+                    f"{what}: slots {sorted(names)} do not match this optimizer's "
+                    f"{list(specs)} (unknown: {unknown}, missing: {missing})"
+                )
+            dense = {}
+            for slot_name, spec in specs.items():
+                dense[slot_name] = _loaded_slot(
+                    f"{what}, slot {slot_name!r}", st[slot_name], spec, p
+                )
+            staged.append((p, step, dense))
+        return staged
+
+
+def _as_index(key: object) -> int | None:
+    """A state key as a parameter index (JSON turns int keys into strings)."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return None
+
+
+def _as_step(value: object) -> int | None:
+    """A saved step count as an int >= 0 (a 0-d integral tensor counts), else ``None``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _loaded_slot(what: str, src: object, spec: SlotSpec, p: Param) -> torch.Tensor:
+    """A saved slot as fp32 ``[rows, width]`` on ``p``'s device, checked."""
+    if isinstance(src, PagedTensor):
+        src = src.to_dense()
+    if not isinstance(src, torch.Tensor):
+        raise TypeError(f"{what}: expected a PagedTensor or tensor, got {type(src).__name__}")
+    shape = (_rows_of(p), 1 if spec.per_row else _dim_of(p))
+    if tuple(src.shape) != shape:
+        raise ValueError(
+            f"{what}: has shape {tuple(src.shape)}, the parameter needs {shape} (the "
+            "parameter's rows and width: rows missing from the state would silently restart)"
+        )
+    if not src.is_floating_point():
+        raise TypeError(f"{what}: must be a floating tensor, got {src.dtype}")
+    values = src.to(device=p.device, dtype=torch.float32)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{what}: holds NaN or Inf")
+    if spec.nonnegative and bool((values < 0).any()):
+        raise ValueError(f"{what}: holds negative values; this slot never does")
+    return values
 
 
 class _ResetListener:

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,13 @@ from recstack.sparse_optim.kernels.optimizer_tile import (
     OPT_SGD,
     log2_beta,
 )
-from recstack.sparse_optim.optimizer import Param, SlotSpec, SparseOptimizer
+from recstack.sparse_optim.optimizer import (
+    Param,
+    SlotSpec,
+    SparseOptimizer,
+    check_flag,
+    check_real,
+)
 from recstack.sparse_optim.rules import (
     adagrad_rows,
     adam_rows,
@@ -52,9 +59,7 @@ _Params = Iterable[Param] | Iterable[dict[str, Any]]
 
 def _nonneg(opt: SparseOptimizer, group: dict[str, Any], *names: str) -> None:
     for name in names:
-        v = group[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ValueError(f"{type(opt).__name__}: {name} must be a float >= 0, got {v!r}")
+        check_real(type(opt).__name__, name, group.get(name))
 
 
 class SparseSGD(SparseOptimizer):
@@ -85,7 +90,7 @@ class SparseSGD(SparseOptimizer):
         defaults = {
             "lr": lr,
             "momentum": momentum,
-            "nesterov": nesterov,
+            "nesterov": bool(nesterov),
             "weight_decay": weight_decay,
         }
         super().__init__(
@@ -102,6 +107,7 @@ class SparseSGD(SparseOptimizer):
     def _check_hyper(self, group: dict[str, Any]) -> None:
         super()._check_hyper(group)
         _nonneg(self, group, "momentum", "weight_decay")
+        check_flag("SparseSGD", "nesterov", group.get("nesterov"))
         if group["nesterov"] and not group["momentum"]:
             raise ValueError("SparseSGD: nesterov needs momentum > 0")
 
@@ -165,7 +171,7 @@ class SparseAdagrad(SparseOptimizer):
     @property
     def slot_specs(self) -> tuple[SlotSpec, ...]:  # type: ignore[override]
         init = self.param_groups[0]["initial_accumulator_value"] if self.param_groups else 0.0
-        return (SlotSpec("sum", init=init),)
+        return (SlotSpec("sum", init=init, nonnegative=True),)
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         super()._check_hyper(group)
@@ -202,7 +208,7 @@ class RowWiseAdagrad(SparseOptimizer):
         deferred_checks: read the step\'s checks at the next call (see :class:`SparseOptimizer`).
     """
 
-    slot_specs = (SlotSpec("sum", per_row=True),)
+    slot_specs = (SlotSpec("sum", per_row=True, nonnegative=True),)
 
     def __init__(
         self,
@@ -287,18 +293,23 @@ class SparseAdam(SparseOptimizer):
 
     @property
     def slot_specs(self) -> tuple[SlotSpec, ...]:  # type: ignore[override]
-        specs = (SlotSpec("exp_avg"), SlotSpec("exp_avg_sq"))
+        specs = (SlotSpec("exp_avg"), SlotSpec("exp_avg_sq", nonnegative=True))
         if self.step_count == "per_row":
-            specs += (SlotSpec("row_step", per_row=True),)
+            specs += (SlotSpec("row_step", per_row=True, nonnegative=True),)
         return specs
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
         super()._check_hyper(group)
         _nonneg(self, group, "eps", "weight_decay")
-        betas = group["betas"]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        check_flag(type(self).__name__, "tf_compat", group.get("tf_compat"))
+        betas = group.get("betas")
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+        for b in betas if ok else ():
+            ok = ok and isinstance(b, (int, float)) and not isinstance(b, bool)
+            ok = ok and math.isfinite(b) and 0.0 <= b < 1.0
+        if not ok:
             raise ValueError(
-                f"{type(self).__name__}: betas must be two floats in [0, 1), got {betas}"
+                f"{type(self).__name__}: betas must be two floats in [0, 1), got {betas!r}"
             )
 
     def _tile_args(self, group, step, dim):
@@ -386,7 +397,7 @@ class SparseFTRL(SparseOptimizer):
     coordinate from it, so a row's first update replaces its initial value.
     """
 
-    slot_specs = (SlotSpec("z"), SlotSpec("n"))
+    slot_specs = (SlotSpec("z"), SlotSpec("n", nonnegative=True))
 
     def __init__(
         self,

@@ -202,3 +202,64 @@ def test_rows_reset_calls_every_listener_in_order() -> None:
         t.on_rows_reset(3)  # type: ignore[arg-type]
     wrapped = PagedTensor.wrap(torch.zeros(3, 2))
     wrapped.rows_reset(torch.tensor([0]))  # no listeners: a no-op
+
+
+# ------------------------------------------------------------------------------ companions
+
+
+def test_companions_grow_and_reset_with_their_table() -> None:
+    t = PagedTensor(4, page_rows=4, name="emb")
+    t.append_rows(3)
+    m = PagedTensor(4, page_rows=4, name="emb.m")
+    v = PagedTensor(1, page_rows=4, name="emb.v")
+    t.add_companion("m", m)
+    t.add_companion("v", v, init=0.5)
+    assert (m.num_rows, v.num_rows) == (3, 3)  # grown to the table now
+    assert v.to_dense().flatten().tolist() == [0.5] * 3
+    assert list(t.companions) == ["m", "v"] and t.companions["v"].init == 0.5
+    assert m.companion_of is t and t.companion_of is None
+    t.append_rows(7)  # past a page boundary
+    assert (m.num_rows, v.num_rows) == (10, 10)
+    assert v.to_dense()[3:].flatten().tolist() == [0.5] * 7
+    m.scatter_rows(torch.arange(10), torch.randn(10, 4))
+    v.scatter_rows(torch.arange(10), torch.full((10, 1), 9.0))
+    keep = m.to_dense()
+    seen = []
+    t.on_rows_reset(lambda rows: seen.append(rows.tolist()))
+    t.rows_reset(torch.tensor([2, 8]))
+    assert seen == [[2, 8]]
+    assert torch.equal(m.to_dense()[[2, 8]], torch.zeros(2, 4))
+    assert v.to_dense()[[2, 8]].flatten().tolist() == [0.5, 0.5]
+    others = [i for i in range(10) if i not in (2, 8)]
+    assert torch.equal(m.to_dense()[others], keep[others])
+    assert v.to_dense()[others].flatten().tolist() == [9.0] * 8
+    t.add_companion("m", m)  # the same registration again: a no-op
+    assert t.remove_companion("m") is m and m.companion_of is None
+    t.append_rows(1)
+    assert m.num_rows == 10 and v.num_rows == 11  # a removed companion no longer follows
+
+
+def test_companion_registration_errors_name_the_table() -> None:
+    t = PagedTensor(2, page_rows=4, name="emb")
+    t.append_rows(2)
+    t.add_companion("m", PagedTensor(2, page_rows=4))
+    with pytest.raises(ValueError, match="'emb'.*already has a companion named 'm'"):
+        t.add_companion("m", PagedTensor(2, page_rows=4))
+    with pytest.raises(TypeError, match="'emb'.*expected a PagedTensor"):
+        t.add_companion("x", torch.zeros(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="name must be a non-empty str"):
+        t.add_companion("", PagedTensor(2))
+    with pytest.raises(ValueError, match="its own companion"):
+        t.add_companion("self", t)
+    big = PagedTensor(2, page_rows=4)
+    big.append_rows(5)
+    with pytest.raises(ValueError, match="has 5 rows, more than the table's 2"):
+        t.add_companion("big", big)
+    other = PagedTensor(2, page_rows=4)
+    other.add_companion("taken", taken := PagedTensor(2, page_rows=4))
+    with pytest.raises(ValueError, match="companion of another table"):
+        t.add_companion("taken", taken)
+    with pytest.raises(KeyError, match="no companion named 'nope'"):
+        t.remove_companion("nope")
+    with pytest.raises(TypeError):
+        t.companions["z"] = None  # type: ignore[index]  # a read-only view

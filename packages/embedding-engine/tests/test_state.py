@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from recstack.core import KeyedJaggedTensor, KeyedState, ShardSpec, owner
+from recstack.core import KeyedJaggedTensor, KeyedState, PagedTensor, ShardSpec, owner
 from recstack.core.keyed_state import check_json_metadata
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig
@@ -365,3 +365,173 @@ def test_import_into_rows_freed_by_eviction_starts_them_fresh() -> None:
     assert import_collection_chunk(ec, "t", torch.tensor([77]), slots) == 1
     row = ec.find_rows("t", torch.tensor([77]))
     assert meta.counts[row].tolist() == [9] and len(reset) == 1
+
+
+# ------------------------------------------------------------------------------ companions
+
+
+def with_companions(ec: EmbeddingCollection, seed: int) -> None:
+    """Give every physical table two companions (as a sparse optimizer's slots)."""
+    gen = torch.Generator().manual_seed(seed)
+    for phys in ec.physical_tables.values():
+        n = phys.values.num_rows
+        m = PagedTensor(phys.dim, page_rows=phys.values.page_rows)
+        step = PagedTensor(1, page_rows=phys.values.page_rows)
+        phys.values.add_companion("m", m)
+        phys.values.add_companion("row_step", step, init=0.25)
+        m.scatter_rows(torch.arange(n), torch.randn(n, phys.dim, generator=gen))
+        step.scatter_rows(torch.arange(n), torch.randint(0, 9, (n, 1), generator=gen).float())
+
+
+def by_key(ec: EmbeddingCollection, slot: str) -> dict[tuple[str, int], list[float]]:
+    out = {}
+    for table, keys, slots in export_collection_chunks(ec, chunk_rows=7):
+        for k, row in zip(keys.tolist(), slots[slot].tolist(), strict=True):
+            out[(table, k)] = row
+    return out
+
+
+@pytest.mark.parametrize(("merge_src", "merge_dst"), [(True, False), (False, True)])
+def test_companions_travel_with_their_keys(merge_src: bool, merge_dst: bool) -> None:
+    src, dst = trained(merge_src, seed=4), make(merge_dst)
+    with_companions(src, seed=4)
+    meta = collection_state_metadata(src)
+    assert meta["tables"]["item"]["slots"]["row_step"] == {
+        "dtype": "float32",
+        "shape": [1],
+        "companion": True,
+        "init": 0.25,
+    }
+    copy_state(src, dst, 5)
+    for phys in dst.physical_tables.values():
+        assert list(phys.values.companions) == ["m", "row_step"]
+        assert phys.values.companions["row_step"].init == 0.25
+        assert phys.values.companions["m"].store.num_rows == phys.values.num_rows
+    for slot in ("values", "m", "row_step"):
+        assert by_key(dst, slot) == by_key(src, slot), slot
+    # A new id in the destination gets the companions' initial values.
+    dst(batch(50, vocab=40))
+    phys = dst.physical_tables[dst.physical_table_of("user")]
+    fresh = set(by_key(dst, "values")) - set(by_key(src, "values"))
+    steps = by_key(dst, "row_step")
+    assert fresh and all(steps[k] == [0.25] for k in fresh if k[0] in phys.table_names)
+
+
+def test_undeclared_companion_slots_are_refused() -> None:
+    src = trained(seed=5)
+    with_companions(src, seed=5)
+    table, keys, slots = next(export_collection_chunks(src, chunk_rows=4))
+    with pytest.raises(ValueError, match=r"unknown slot\(s\) \['m', 'row_step'\]"):
+        import_collection_chunk(make(), table, keys, slots)  # no metadata declares them
+    dst = make()
+    meta = collection_state_metadata(src)
+    bad = {**slots, "m": slots["m"][:, :2]}
+    with pytest.raises(ValueError, match="slot 'm'"):
+        import_collection_chunk(dst, table, keys, bad, metadata=meta)
+    assert not dst.physical_tables[dst.physical_table_of(table)].values.companions
+    import_collection_chunk(dst, table, keys, slots, metadata=meta)
+    wrong = {**slots, "m": torch.zeros(keys.numel(), 9)}
+    with pytest.raises(ValueError, match="slot 'm'.*dim mismatch"):
+        import_collection_chunk(dst, table, keys, wrong, metadata=meta)
+
+
+# ------------------------------------------------------------------------------ deltas
+
+
+def test_changed_rows_and_removed_keys_since_a_mark() -> None:
+    ec = EmbeddingCollection(
+        [TableConfig("a", dim=4), TableConfig("b", dim=4)],
+        [FeatureConfig("fa", "a"), FeatureConfig("fb", "b")],
+    )
+    kjt = KeyedJaggedTensor(
+        ["fa", "fb"], torch.tensor([1, 2, 3, 7, 8]), lengths=torch.tensor([3, 0, 2, 0])
+    )
+    ec(kjt)
+    states = ec.keyed_states()
+    assert set(states) == {"a", "b"} and all(isinstance(s, KeyedState) for s in states.values())
+    a, b = states["a"], states["b"]
+    assert sorted(torch.cat([k for k, _ in a.export_changed_chunks(10)]).tolist()) == [1, 2, 3]
+    assert a.removed_keys().tolist() == []  # no log before the first mark
+    a.mark_clean()
+    b.mark_clean()
+    assert list(a.export_changed_chunks(10)) == [] and list(b.export_changed_chunks(10)) == []
+    ec(KeyedJaggedTensor(["fa", "fb"], torch.tensor([2, 4, 8]), lengths=torch.tensor([2, 1])))
+    changed = {k: v for k, v in (
+        (int(key), row) for keys, slots in a.export_changed_chunks(1)
+        for key, row in zip(keys, slots["values"], strict=True))}  # fmt: skip
+    assert sorted(changed) == [2, 4]
+    assert sorted(torch.cat([k for k, _ in b.export_changed_chunks(10)]).tolist()) == [8]
+    assert a.remove_keys(torch.tensor([1, 4, 99])) == 2
+    assert a.removed_keys().tolist() == [1, 4]
+    assert sorted(torch.cat([k for k, _ in a.export_changed_chunks(10)]).tolist()) == [2]
+    assert b.removed_keys().tolist() == []
+    # An import marks its rows changed; a mark of one table leaves the other's flags.
+    a.mark_clean()
+    assert a.removed_keys().tolist() == []
+    import_collection_chunk(ec, "a", torch.tensor([50]), {"values": torch.ones(1, 4)})
+    assert [k.tolist() for k, _ in a.export_changed_chunks(10)] == [[50]]
+    assert sorted(torch.cat([k for k, _ in b.export_changed_chunks(10)]).tolist()) == [8]
+    assert a.remove_keys(torch.tensor([2, 3]), shard=ShardSpec(2, 0)) == sum(
+        int(owner(torch.tensor([k]), 2)[0] == 0) for k in (2, 3)
+    )
+
+
+def test_evictions_are_logged_as_removed_keys() -> None:
+    ec = EmbeddingCollection([TableConfig("t", dim=2)], [FeatureConfig("f", "t")])
+    state = ec.keyed_states()["t"]
+    ec(KeyedJaggedTensor(["f"], torch.tensor([5, 6, 7]), lengths=torch.tensor([3])))
+    state.mark_clean()
+    ec(KeyedJaggedTensor(["f"], torch.tensor([5]), lengths=torch.tensor([1])))
+    assert ec.evict(older_than_step=1) == {"t": 2}
+    assert state.removed_keys().tolist() == [6, 7]
+
+
+def test_fixed_tables_cannot_remove_keys() -> None:
+    ec = EmbeddingCollection([TableConfig("t", dim=2, fixed_size=4)], [FeatureConfig("f", "t")])
+    with pytest.raises(ValueError, match="fixed-size table"):
+        ec.keyed_states()["t"].remove_keys(torch.tensor([1]))
+
+
+# ------------------------------------------------------------------------------ admission
+
+
+def test_admission_counters_are_auxiliary_state_and_merge() -> None:
+    from recstack.embedding_engine import Admission
+
+    def make_adm() -> EmbeddingCollection:
+        table = TableConfig("t", dim=2, admission=Admission(min_count=2, counter_slots=64))
+        return EmbeddingCollection([table], [FeatureConfig("f", "t")])
+
+    def see(ec: EmbeddingCollection, ids: list[int]) -> None:
+        ec(KeyedJaggedTensor(["f"], torch.tensor(ids), lengths=torch.tensor([len(ids)])))
+
+    src = make_adm()
+    see(src, [10, 11])  # seen once: not admitted yet
+    aux = src.keyed_states()["t"].auxiliary_state()
+    assert set(aux) == {"admission_counters"} and int(aux["admission_counters"].max()) == 1
+    dst = make_adm()
+    dst.keyed_states()["t"].load_auxiliary_state([aux])
+    see(dst, [10])  # the second sighting, across the restore: admitted now
+    assert dst.num_ids("t") == 1
+    # Two ranks' counters add up (saturating at the threshold).
+    merged = make_adm()
+    merged.keyed_states()["t"].load_auxiliary_state([aux, aux, aux])
+    assert int(merged.keyed_states()["t"].auxiliary_state()["admission_counters"].max()) == 2
+    other = EmbeddingCollection(
+        [TableConfig("t", dim=2, admission=Admission(min_count=2, counter_slots=32))],
+        [FeatureConfig("f", "t")],
+    )
+    with pytest.raises(ValueError, match="table 't'.*shape"):
+        other.keyed_states()["t"].load_auxiliary_state([aux])
+    assert make().keyed_states()["item"].auxiliary_state() == {}
+
+
+def test_step_counters_are_module_state() -> None:
+    ec = trained(seed=6)
+    sd = ec.state_dict()
+    assert sd["_extra_state"] == {"step": 3, "forwards": 3}
+    fresh = make()
+    fresh.load_state_dict(sd)
+    assert fresh.step == 3
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        fresh.load_state_dict({"_extra_state": {"step": -1, "forwards": 0}})

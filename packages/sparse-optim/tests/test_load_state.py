@@ -105,10 +105,6 @@ def set_state(key: str, value: object) -> Callable[[dict[str, Any]], None]:
     return corrupt
 
 
-def drop_slot(st: dict[str, Any]) -> None:
-    del st["state"][0]["exp_avg_sq"]
-
-
 def bad_key(st: dict[str, Any]) -> None:
     st["state"][7] = st["state"].pop(0)
 
@@ -126,7 +122,6 @@ CORRUPTIONS = [
     (set_state("step", "abc"), ValueError, r"'emb'.*'step' must be an int >= 0, got 'abc'"),
     (set_state("step", 2.5), ValueError, r"'step'"),
     (set_state("momentum", torch.zeros(ROWS, DIM)), ValueError, r"unknown: \['momentum'\]"),
-    (drop_slot, ValueError, r"missing: \['exp_avg_sq'\]"),
     (bad_key, ValueError, r"state key 7"),
     (bad_skipped, ValueError, r"skipped_steps"),
     (set_group("eps", -1), ValueError, r"param group 0: eps must be a float >= 0, got -1"),
@@ -249,3 +244,41 @@ def test_nonfinite_lr_in_a_param_group_is_refused() -> None:
     with pytest.raises(ValueError, match="lr must be finite"):
         opt.add_param_group({"params": [table(1)], "lr": float("nan")})
     assert len(opt.param_groups) == 1
+
+
+def test_a_slot_left_out_must_be_a_companion_of_the_table() -> None:
+    """A table's slots travel with its keys (companions), so a state may leave them out;
+    a plain tensor parameter has no companions and its slots must all be there."""
+    w, opt = trained_adam(seed=6)
+    kept = opt.state[w]["exp_avg_sq"].to_dense().clone()
+    saved = dense_state(opt.state_dict())
+    del saved["state"][0]["exp_avg_sq"]
+    saved["state"][0]["exp_avg"] += 1
+    opt.load_state_dict(saved)
+    assert torch.equal(opt.state[w]["exp_avg_sq"].to_dense(), kept)
+    assert torch.equal(opt.state[w]["exp_avg"].to_dense(), saved["state"][0]["exp_avg"])
+    plain = torch.randn(ROWS, DIM)
+    opt2 = SparseAdam([plain], lr=0.1)
+    opt2.step(grads=grad(1))
+    saved = dense_state(opt2.state_dict())
+    del saved["state"][0]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"param 0 of group 0.*missing: \['exp_avg_sq'\]"):
+        opt2.load_state_dict(saved)
+
+
+def test_slots_are_companions_of_a_paged_parameter() -> None:
+    w, opt = trained_adam(seed=7)
+    assert list(w.companions) == ["exp_avg", "exp_avg_sq", "row_step"]
+    assert w.companions["exp_avg"].store is opt.state[w]["exp_avg"]
+    # A new optimizer of the same table takes the state over: it lives with the rows.
+    again = SparseAdam([w], lr=0.05, step_count="per_row")
+    again.load_state_dict({**opt.state_dict(), "state": {0: {"step": 3}}})
+    assert again.state[w]["exp_avg"] is opt.state[w]["exp_avg"]
+    w2, twin = trained_adam(seed=7)
+    again.step(grads=grad(5))
+    twin.step(grads=grad(5))
+    assert torch.equal(w.to_dense(), w2.to_dense())
+    # An optimizer whose slot of that name has another shape is refused, naming it.
+    w.add_companion("sum", PagedTensor(1, page_rows=4))
+    with pytest.raises(ValueError, match="'emb' has a companion 'sum' of width 1"):
+        SparseAdagrad([w], lr=0.1).step(grads=grad(1))

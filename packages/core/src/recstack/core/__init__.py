@@ -8,7 +8,8 @@
 * :func:`hash64` (XXH64), :func:`mix64` (fmix64): the documented 64-bit hashes.
 * :func:`owner`, :class:`ShardSpec`: the id-to-rank map shared by all-to-all and the saver.
 * :mod:`recstack.core.distributed`: torchrun environment and :func:`all_to_all_v`.
-* :class:`KeyedState`: the protocol for keyed sparse state that the saver writes.
+* :class:`KeyedState`: the protocol for keyed sparse state that the saver writes (with
+  :class:`IncrementalKeyedState` for deltas, :class:`AuxiliaryState`, :class:`HasKeyedStates`).
 * :mod:`recstack.core.kernels`: Triton on CUDA, torch reference on CPU, launch counting.
 """
 
@@ -18,13 +19,16 @@ from recstack.core.hashing import hash64, mix64
 from recstack.core.jagged import JaggedTensor
 from recstack.core.keyed_jagged import KeyedJaggedTensor
 from recstack.core.keyed_state import (
+    AuxiliaryState,
+    HasKeyedStates,
+    IncrementalKeyedState,
     KeyedState,
     check_json_metadata,
     iter_chunks,
     select_owned,
     validate_chunk,
 )
-from recstack.core.paged import PagedTensor
+from recstack.core.paged import Companion, PagedTensor
 from recstack.core.row_update import RowUpdate, RowUpdater
 from recstack.core.sharding import SHARD_SEED, ShardSpec, owner
 from recstack.core.sparse_grad import SparseGrad
@@ -34,7 +38,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SHARD_SEED",
+    "AuxiliaryState",
+    "Companion",
     "DistEnv",
+    "HasKeyedStates",
+    "IncrementalKeyedState",
     "JaggedTensor",
     "KeyedJaggedTensor",
     "KeyedState",

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from recstack.core.sharding import ShardSpec
 
 __all__ = [
+    "AuxiliaryState",
+    "HasKeyedStates",
+    "IncrementalKeyedState",
     "KeyedState",
     "check_json_metadata",
     "iter_chunks",
@@ -86,6 +89,63 @@ class KeyedState(Protocol):
         ``shard`` given, only keys with ``shard.owns(keys)`` are kept (see
         :func:`select_owned`).
         """
+        ...
+
+
+@runtime_checkable
+class IncrementalKeyedState(KeyedState, Protocol):
+    """A :class:`KeyedState` that also knows what changed since a mark: what an
+    incremental (delta) checkpoint writes.
+
+    After :meth:`mark_clean`, :meth:`export_changed_chunks` yields the rows of every key
+    inserted, written or imported since, and :meth:`removed_keys` the keys removed since
+    (evicted or erased), so a delta holds upserts *and* tombstones. Loading a delta
+    removes its tombstones (:meth:`remove_keys`), then imports its chunks.
+    """
+
+    def mark_clean(self) -> None:
+        """Start a new change window: nothing has changed or been removed as of now."""
+        ...
+
+    def export_changed_chunks(
+        self, chunk_rows: int
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Like ``export_chunks``, for the keys changed since the last :meth:`mark_clean`."""
+        ...
+
+    def removed_keys(self) -> torch.Tensor:
+        """int64 keys removed since the last :meth:`mark_clean` (each once; a key removed
+        and inserted again may be listed: loaders remove before they import)."""
+        ...
+
+    def remove_keys(self, keys: torch.Tensor, shard: ShardSpec | None = None) -> int:
+        """Remove ``keys`` (those ``shard`` owns, given one); return how many were held."""
+        ...
+
+
+@runtime_checkable
+class AuxiliaryState(Protocol):
+    """Dense state that belongs to a keyed state but is not keyed by rows, e.g. an
+    admission filter's counters. Every rank saves its own; loading hands all the saved
+    ranks' tensors to every rank, which merges them (how depends on the state: count
+    sketches add), so it reshards like the rows do."""
+
+    def auxiliary_state(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` to save (empty when there is none)."""
+        ...
+
+    def load_auxiliary_state(self, parts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Merge the saved ranks' :meth:`auxiliary_state` outputs into this state."""
+        ...
+
+
+@runtime_checkable
+class HasKeyedStates(Protocol):
+    """An object (e.g. an embedding collection inside a model) whose sparse tables a
+    checkpoint finds by asking: ``keyed_states()`` gives them by name."""
+
+    def keyed_states(self) -> Mapping[str, KeyedState]:
+        """The object's keyed states, by a name unique within the object."""
         ...
 
 

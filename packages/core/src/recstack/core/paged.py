@@ -4,18 +4,29 @@ Embedding values and every optimizer state slot are PagedTensors. Rows live in c
 ``[page_rows, dim]`` pages; an int64 ``page_table`` holds the pages' data pointers so a
 kernel reaches row ``r`` at page ``r >> page_shift``, offset ``r & page_mask``. Growing
 adds pages and never moves an existing row, so pointers and rows handed out stay valid.
+
+A PagedTensor can carry *companions*: named PagedTensors row-aligned with it (a sparse
+optimizer's moments of an embedding table). A companion grows with its table, its rows
+are reset to its initial value when the table announces them reset (a new id took an
+evicted id's row), and whatever exports the table's rows by key (the embedding engine's
+``KeyedState``) exports and imports the companions' rows with them. That is how optimizer
+state follows its ids through a checkpoint and a resharding without the optimizer and the
+table knowing each other.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 
 from recstack.core.kernels.paged_rows import gather_paged_rows, scatter_paged_rows
 
-__all__ = ["PagedTensor"]
+__all__ = ["Companion", "PagedTensor"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A shift this large maps every valid row of a wrapped tensor to page 0, so one kernel
@@ -46,6 +57,14 @@ def _check_dtype(dtype: torch.dtype, name: str) -> None:
             f"PagedTensor {name!r}: dtype {dtype} is not supported; use one of "
             f"{', '.join(str(d) for d in _DTYPES)}"
         )
+
+
+class Companion(NamedTuple):
+    """A companion of a :class:`PagedTensor`: its row store and the value new and reset
+    rows start from."""
+
+    store: PagedTensor
+    init: float
 
 
 class PagedTensor:
@@ -290,6 +309,8 @@ class PagedTensor:
         self._reserve(stop)
         self._fill_range(start, stop, 0.0 if fill is None else float(fill))
         self._num_rows = stop
+        for companion in self.__dict__.get("_companions", {}).values():
+            companion.store.ensure_rows(stop, fill=companion.init)
         return torch.arange(start, stop, dtype=torch.int64, device=self._device)
 
     def ensure_rows(self, n: int, fill: float | None = 0.0) -> None:
@@ -357,12 +378,90 @@ class PagedTensor:
         self.__dict__.setdefault("_reset_listeners", []).append(callback)
 
     def rows_reset(self, rows: torch.Tensor) -> None:
-        """Announce that ``rows`` (1-D int64) now hold new contents: every callback given to
+        """Announce that ``rows`` (1-D int64) now hold new contents: every companion's
+        rows are set to its initial value, then every callback given to
         :meth:`on_rows_reset` is called with them, in registration order."""
         if not rows.numel():
             return
+        for companion in self.__dict__.get("_companions", {}).values():
+            fill = torch.full(
+                (rows.numel(), companion.store.dim),
+                companion.init,
+                dtype=companion.store.dtype,
+                device=companion.store.device,
+            )
+            companion.store.scatter_rows(rows, fill, check_bounds=False)
         for callback in self.__dict__.get("_reset_listeners", ()):
             callback(rows)
+
+    # ------------------------------------------------------------------ companions
+    def add_companion(self, name: str, store: PagedTensor, *, init: float = 0.0) -> None:
+        """Register ``store`` as this table's companion ``name`` (e.g. an optimizer slot).
+
+        From now on ``store`` grows with this table (new rows filled with ``init``) and
+        :meth:`rows_reset` sets its reset rows to ``init``. ``store`` is grown to this
+        table's rows now. Registering the same store under the same name again is a no-op.
+
+        Raises:
+            TypeError: ``store`` is not a PagedTensor, or ``name`` not a non-empty str.
+            ValueError: ``name`` is taken by another store, ``store`` is this table, lives
+                on another device, is some table's companion already, or has more rows.
+        """
+        where = f"PagedTensor {self._name!r}: add_companion"
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{where}: name must be a non-empty str, got {name!r}")
+        if not isinstance(store, PagedTensor):
+            raise TypeError(f"{where} {name!r}: expected a PagedTensor, got {type(store).__name__}")
+        init = float(init)
+        companions: dict[str, Companion] = self.__dict__.setdefault("_companions", {})
+        held = companions.get(name)
+        if held is not None:
+            if held.store is store and held.init == init:
+                return
+            raise ValueError(f"{where}: this table already has a companion named {name!r}")
+        if store is self:
+            raise ValueError(f"{where} {name!r}: a table cannot be its own companion")
+        if store.device != self._device:
+            raise ValueError(
+                f"{where} {name!r}: the store is on {store.device}, the table on {self._device}"
+            )
+        if store.companion_of is not None:
+            raise ValueError(f"{where} {name!r}: the store is a companion of another table")
+        if store.num_rows > self._num_rows:
+            raise ValueError(
+                f"{where} {name!r}: the store has {store.num_rows} rows, more than the "
+                f"table's {self._num_rows}"
+            )
+        store.ensure_rows(self._num_rows, fill=init)
+        store.__dict__["_companion_of"] = weakref.ref(self)
+        companions[name] = Companion(store, init)
+
+    def remove_companion(self, name: str) -> PagedTensor:
+        """Unregister companion ``name`` and return its store (which keeps its rows).
+
+        Raises:
+            KeyError: no companion of that name.
+        """
+        companions = self.__dict__.get("_companions", {})
+        if name not in companions:
+            raise KeyError(
+                f"PagedTensor {self._name!r}: no companion named {name!r} "
+                f"(it has {sorted(companions)})"
+            )
+        store = companions.pop(name).store
+        store.__dict__.pop("_companion_of", None)
+        return store
+
+    @property
+    def companions(self) -> Mapping[str, Companion]:
+        """This table's companions by name (a read-only view), in registration order."""
+        return MappingProxyType(self.__dict__.setdefault("_companions", {}))
+
+    @property
+    def companion_of(self) -> PagedTensor | None:
+        """The table this store is a companion of, or ``None``."""
+        ref = self.__dict__.get("_companion_of")
+        return None if ref is None else ref()
 
     def fill_(self, value: float) -> PagedTensor:
         """Set every row to ``value``; returns ``self``."""

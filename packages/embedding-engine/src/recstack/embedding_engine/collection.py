@@ -111,7 +111,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from recstack.core import JaggedTensor, KeyedJaggedTensor, PagedTensor, RowUpdater, SparseGrad
+from recstack.core import (
+    JaggedTensor,
+    KeyedJaggedTensor,
+    KeyedState,
+    PagedTensor,
+    RowUpdater,
+    SparseGrad,
+)
 from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 from recstack.embedding_engine.admission import CountMinSketch
 from recstack.embedding_engine.autograd import (
@@ -127,6 +134,7 @@ from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_m
 from recstack.embedding_engine.hash_table import TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 from recstack.embedding_engine.kernels.pooling import MODE_MEAN, MODE_SUM
+from recstack.embedding_engine.state import collection_table_states
 
 __all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "FixedIndex", "PhysicalTable"]
 
@@ -392,6 +400,10 @@ class EmbeddingCollection(nn.Module):
         self._num_ids: dict[str, list[int]] = {
             p: [0] * len(v.tables) for p, v in self._physical.items()
         }
+        # Ids erased since the last change mark of their logical table (a delta
+        # checkpoint's tombstones); kept only for tables a checkpoint has marked, so a run
+        # that never writes deltas keeps nothing.
+        self._removed: dict[str, list[torch.Tensor]] = {}
 
     def _make_physical(self, members: list[TableConfig], page_rows: int) -> PhysicalTable:
         if members[0].fixed_size is not None:
@@ -514,6 +526,31 @@ class EmbeddingCollection(nn.Module):
     # Steps and eviction
     # ------------------------------------------------------------------------------------
 
+    def keyed_states(self) -> dict[str, KeyedState]:
+        """Every logical table as a core ``KeyedState`` (with deltas and the admission
+        counters), by table name: what a checkpoint saves of the rows (core's
+        ``HasKeyedStates``). See :mod:`recstack.embedding_engine.state`."""
+        return dict(collection_table_states(self))
+
+    def get_extra_state(self) -> dict[str, int]:
+        """The training step counters, which ``state_dict()`` carries (JSON-able)."""
+        return {"step": self._step, "forwards": self._forwards}
+
+    def set_extra_state(self, state: object) -> None:
+        """Restore :meth:`get_extra_state` output (from ``load_state_dict``)."""
+        if not isinstance(state, dict) or set(state) != {"step", "forwards"}:
+            raise ValueError(
+                "EmbeddingCollection.load_state_dict: the extra state must be "
+                f"{{'step': int, 'forwards': int}}, got {state!r}"
+            )
+        for key in ("step", "forwards"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(
+                    f"EmbeddingCollection.load_state_dict: {key} must be an int >= 0, got {v!r}"
+                )
+        self._step, self._forwards = state["step"], state["forwards"]
+
     @property
     def step(self) -> int:
         """The step the next training forward stamps on its rows (then advances by one)."""
@@ -615,6 +652,9 @@ class EmbeddingCollection(nn.Module):
         n = phys.hash_table.erase(keys)
         if len(phys.tables) > 1:
             self._num_ids[phys.name][index] -= n
+        log = self._removed.get(phys.tables[index].name)
+        if log is not None:
+            log.append(phys.decode(keys)[1])
         return n
 
     def _evict_stale(

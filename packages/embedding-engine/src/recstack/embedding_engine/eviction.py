@@ -4,7 +4,9 @@
 step that last looked it up and how many times it was looked up (every occurrence counts,
 duplicates inside a batch included). The collection updates it in each training forward
 with one vectorized ``index_put`` over the batch's unique rows, and resets a row's counts
-when a new key takes it (a row freed by eviction and reused starts from zero).
+when a new key takes it (a row freed by eviction and reused starts from zero). It also
+flags the rows changed since the last checkpoint (:attr:`RowMetadata.dirty`), which an
+incremental checkpoint writes.
 
 Why plain int64 tensors and not :class:`~recstack.core.PagedTensor`: a PagedTensor holds
 float32/bfloat16/float16 only, and a float32 step or count is exact only up to ``2**24``
@@ -42,6 +44,7 @@ class RowMetadata:
         self._device = torch.device(device)
         self._last_seen = torch.zeros(0, dtype=torch.int64, device=self._device)
         self._counts = torch.zeros(0, dtype=torch.int64, device=self._device)
+        self._dirty = torch.zeros(0, dtype=torch.bool, device=self._device)
         self._num_rows = 0
 
     @property
@@ -59,18 +62,35 @@ class RowMetadata:
         """int64 ``[num_rows]``: training lookups of each row since its key got it (a view)."""
         return self._counts[: self._num_rows]
 
+    @property
+    def dirty(self) -> torch.Tensor:
+        """bool ``[num_rows]``: rows looked up in training or written by an import since
+        the last :meth:`mark_clean` of their rows (what a delta checkpoint writes; a view)."""
+        return self._dirty[: self._num_rows]
+
     def ensure_rows(self, n: int) -> None:
-        """Cover at least ``n`` rows (new rows read step 0, count 0)."""
+        """Cover at least ``n`` rows (new rows read step 0, count 0, clean)."""
         if n <= self._num_rows:
             return
         if n > self._last_seen.numel():
             cap = max(n, 2 * self._last_seen.numel(), 16)
-            for name in ("_last_seen", "_counts"):
+            for name in ("_last_seen", "_counts", "_dirty"):
                 old = getattr(self, name)
-                new = torch.zeros(cap, dtype=torch.int64, device=self._device)
+                new = torch.zeros(cap, dtype=old.dtype, device=self._device)
                 new[: old.numel()] = old
                 setattr(self, name, new)
         self._num_rows = n
+
+    def mark_dirty(self, rows: torch.Tensor) -> None:
+        """Flag ``rows`` as changed (covered rows only)."""
+        self._dirty[rows] = True
+
+    def mark_clean(self, rows: torch.Tensor | None = None) -> None:
+        """Clear the changed flag of ``rows`` (every row when ``None``)."""
+        if rows is None:
+            self._dirty.zero_()
+        else:
+            self._dirty[rows] = False
 
     def touch(
         self, rows: torch.Tensor, step: int, hits: torch.Tensor, is_new: torch.Tensor
@@ -84,6 +104,8 @@ class RowMetadata:
         hits = hits.to(torch.int64)
         self._last_seen[rows] = step
         self._counts[rows] = torch.where(is_new, hits, self._counts[rows] + hits)
+        # A row looked up in training may be updated by the optimizer step that follows.
+        self._dirty[rows] = True
 
     def set_rows(self, rows: torch.Tensor, last_seen: torch.Tensor, counts: torch.Tensor) -> None:
         """Overwrite the metadata of ``rows`` (for state import); rows must be covered."""

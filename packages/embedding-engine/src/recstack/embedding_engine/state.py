@@ -8,11 +8,18 @@ The collection's rows leave and come back through core's
   loads into ``merge_tables=False`` and back;
 * slots are ``{"values": [n, dim] rows in the table dtype}`` plus, when the physical table
   keeps per-row metadata (last-seen step, hit count), one slot per metadata store under
-  its own name, ``[n, ...]``;
+  its own name, ``[n, ...]``, plus one slot per *companion* of the value store (core's
+  ``PagedTensor.add_companion``: a sparse optimizer's moments and per-row step counts),
+  so optimizer state travels with its ids;
 * chunks hold at most ``chunk_rows`` keys, gathered from the value store one chunk at a
   time (the only full-size buffers are the key -> row index, 16 bytes per key);
 * resharding uses core's :func:`~recstack.core.sharding.owner` on the logical ids: a rank
-  importing with ``world_size=M, rank=r`` keeps the ids with ``owner(id, M) == r``.
+  importing with ``world_size=M, rank=r`` keeps the ids with ``owner(id, M) == r``;
+* deltas: after :meth:`CollectionTableState.mark_clean`, the table exports only the ids
+  looked up in training, inserted or imported since (their rows are flagged in the row
+  metadata), and lists the ids evicted or erased since as tombstones;
+* the admission filter's counters are the table's auxiliary state: saved per rank, and
+  summed (saturating) on load, so an id seen before a checkpoint counts after it.
 
 :func:`collection_table_states` wraps each logical table as a ``KeyedState`` for the saver.
 
@@ -39,12 +46,12 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from recstack.core import PagedTensor
+from recstack.core import Companion, PagedTensor
 from recstack.core.keyed_state import check_json_metadata, select_owned, validate_chunk
 from recstack.core.sharding import ShardSpec
 from recstack.embedding_engine.config import TABLE_DTYPES
@@ -53,6 +60,7 @@ if TYPE_CHECKING:
     from recstack.embedding_engine.collection import EmbeddingCollection, PhysicalTable
 
 __all__ = [
+    "ADMISSION_COUNTERS",
     "STATE_FORMAT",
     "STATE_VERSION",
     "VALUES_SLOT",
@@ -69,6 +77,8 @@ STATE_FORMAT = "recstack.embedding_engine.EmbeddingCollection"
 STATE_VERSION = 1
 #: The slot holding the embedding rows.
 VALUES_SLOT = "values"
+#: The auxiliary tensor holding a table's admission counters.
+ADMISSION_COUNTERS = "admission_counters"
 
 _DTYPE_NAMES = {v: k for k, v in TABLE_DTYPES.items()}
 # Per-row metadata stores a physical table may expose (besides a ``row_metadata`` mapping):
@@ -106,6 +116,18 @@ def _row_metadata(phys: PhysicalTable) -> dict[str, _RowStore]:
     return found
 
 
+def _companions(phys: PhysicalTable) -> dict[str, Companion]:
+    """The value store's companions (optimizer slots), by slot name."""
+    found = dict(phys.values.companions)
+    taken = sorted(set(found) & {VALUES_SLOT, *_row_metadata(phys)})
+    if taken:
+        raise ValueError(
+            f"physical table {phys.name!r}: companion(s) {taken} of its value store are "
+            "named like its own slots; rename them"
+        )
+    return found
+
+
 def _store_info(store: _RowStore) -> dict[str, Any]:
     if isinstance(store, PagedTensor):
         return {"dtype": str(store.dtype).removeprefix("torch."), "shape": [store.dim]}
@@ -136,11 +158,14 @@ def _entries(phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def _table_slots(phys: PhysicalTable) -> dict[str, dict[str, Any]]:
     slots = {VALUES_SLOT: {"dtype": _DTYPE_NAMES[phys.dtype], "shape": [phys.dim]}}
     slots.update((name, _store_info(s)) for name, s in _row_metadata(phys).items())
+    for name, c in _companions(phys).items():
+        slots[name] = {**_store_info(c.store), "companion": True, "init": c.init}
     return slots
 
 
 def collection_state_metadata(ec: EmbeddingCollection) -> dict[str, Any]:
-    """A JSON-able description of the collection's state (one host sync per physical table).
+    """A JSON-able description of the collection's state (no scan of the tables: key
+    counts are the ones the collection keeps).
 
     Returns:
         ``{"format", "version", "key": "logical_id", "tables": {name: {...}},
@@ -154,8 +179,7 @@ def collection_state_metadata(ec: EmbeddingCollection) -> dict[str, Any]:
     tables: dict[str, Any] = {}
     physical: dict[str, Any] = {}
     for pname, phys in ec.physical_tables.items():
-        tags, _, _ = _entries(phys)
-        counts = torch.bincount(tags, minlength=len(phys.tables)).tolist()
+        counts = [ec.num_ids(cfg.name) for cfg in phys.tables]
         slots = _table_slots(phys)
         for index, cfg in enumerate(phys.tables):
             tables[cfg.name] = {
@@ -167,12 +191,20 @@ def collection_state_metadata(ec: EmbeddingCollection) -> dict[str, Any]:
                 "num_keys": int(counts[index]),
                 "slots": slots,
             }
+        for index, cfg in enumerate(phys.tables):
+            sketch = phys.sketches.get(index)
+            if sketch is not None:
+                tables[cfg.name]["admission"] = {
+                    "depth": sketch.depth,
+                    "width": sketch.width,
+                    "min_count": cfg.admission.min_count,
+                }
         physical[pname] = {
             "tables": list(phys.table_names),
             "dim": phys.dim,
             "dtype": _DTYPE_NAMES[phys.dtype],
             "tag_bits": phys.tag_bits,
-            "num_keys": int(tags.numel()),
+            "num_keys": len(phys.hash_table),
             "num_rows_allocated": phys.hash_table.num_rows_allocated,
         }
     meta = {
@@ -207,22 +239,30 @@ def _gather(store: _RowStore, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _export_physical(
-    phys: PhysicalTable, only: int | None, chunk_rows: int
+    phys: PhysicalTable, only: int | None, chunk_rows: int, changed: bool = False
 ) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
     tags, ids, rows = _entries(phys)
     meta = _row_metadata(phys)
+    stores = {name: c.store for name, c in _companions(phys).items()}
+    stores.update(meta)
     for index, cfg in enumerate(phys.tables):
         if only is not None and index != only:
             continue
+        keep = None
         if len(phys.tables) > 1:
-            mine = (tags == index).nonzero().squeeze(1)
+            keep = tags == index
+        if changed:
+            dirty = phys.meta.dirty.index_select(0, rows)
+            keep = dirty if keep is None else keep & dirty
+        if keep is not None:
+            mine = keep.nonzero().squeeze(1)
             ids_t, rows_t = ids.index_select(0, mine), rows.index_select(0, mine)
         else:
             ids_t, rows_t = ids, rows
         for start in range(0, ids_t.numel(), chunk_rows):
             r = rows_t[start : start + chunk_rows]
             slots = {VALUES_SLOT: phys.values.gather_rows(r, check_bounds=False)}
-            slots.update((name, _gather(store, r)) for name, store in meta.items())
+            slots.update((name, _gather(store, r)) for name, store in stores.items())
             yield cfg.name, ids_t[start : start + chunk_rows], slots
 
 
@@ -341,6 +381,24 @@ def _shard(where: str, shard: ShardSpec | None, world_size: int, rank: int) -> S
     return spec if spec.world_size > 1 else None
 
 
+def _declared_companions(
+    metadata: Mapping[str, Any] | None, table: str
+) -> dict[str, tuple[float, list[Any]]]:
+    """``{slot: (init, shape)}`` of the companion slots the exporting side's metadata
+    declares (shape without the key dimension)."""
+    if metadata is None:
+        return {}
+    info = metadata.get("tables", {}).get(table, {}) if isinstance(metadata, Mapping) else {}
+    slots = info.get("slots", {}) if isinstance(info, Mapping) else {}
+    out = {}
+    for name, spec in slots.items() if isinstance(slots, Mapping) else ():
+        if isinstance(spec, Mapping) and spec.get("companion") is True:
+            init = spec.get("init", 0.0)
+            init = float(init) if isinstance(init, (int, float)) else 0.0
+            out[str(name)] = (init, list(spec.get("shape", [])))
+    return out
+
+
 def import_collection_chunk(
     ec: EmbeddingCollection,
     table: str,
@@ -359,12 +417,14 @@ def import_collection_chunk(
         ec: the collection to load into (its device; chunks on another device are moved).
         table: the logical table the chunk was exported from.
         keys: int64 ``[n]`` logical ids, distinct within the chunk.
-        tensors: ``{"values": [n, dim] floating rows, metadata slot: [n, ...]}``; rows of
-            another floating dtype are cast to the table dtype, integer metadata to the
-            store's integer dtype. A metadata slot the table keeps but the chunk lacks
-            starts fresh on ids new to the table (last-seen step = the collection's
-            current :attr:`~EmbeddingCollection.step`, hit count 0) and is left unchanged
-            on ids it already held.
+        tensors: ``{"values": [n, dim] floating rows, metadata slot: [n, ...], companion
+            slot: [n, width]}``; rows of another floating dtype are cast to the table
+            dtype, integer metadata to the store's integer dtype. A companion slot (an
+            optimizer's state) the value store lacks is created, fp32, when ``metadata``
+            declares it (``"companion": true`` with its ``"init"``). A metadata slot the
+            table keeps but the chunk lacks starts fresh on ids new to the table
+            (last-seen step = the collection's current ``step``, hit count 0) and is left
+            unchanged on ids it already held.
         world_size: with ``rank``, keep only the ids with ``owner(id, world_size) == rank``
             (core's :func:`~recstack.core.sharding.owner`); or pass ``shard``.
         rank: this rank, in ``[0, world_size)``.
@@ -394,18 +454,37 @@ def import_collection_chunk(
         _check_metadata(where, table, phys, metadata)
     validate_chunk(keys, tensors, name=table)
     meta_stores = _row_metadata(phys)
+    companions = _companions(phys)
+    declared = _declared_companions(metadata, table)
     if VALUES_SLOT not in tensors:
         raise ValueError(f"{where}: the chunk has no {VALUES_SLOT!r} slot (got {list(tensors)})")
-    unknown = [s for s in tensors if s != VALUES_SLOT and s not in meta_stores]
+    known = {VALUES_SLOT, *meta_stores, *companions, *declared}
+    unknown = [s for s in tensors if s not in known]
     if unknown:
         raise ValueError(
-            f"{where}: unknown slot(s) {unknown}; this table stores {[VALUES_SLOT, *meta_stores]}"
+            f"{where}: unknown slot(s) {unknown}; this table stores "
+            f"{[VALUES_SLOT, *meta_stores, *companions]} (a companion slot it lacks, such "
+            "as an optimizer's, is created only when the metadata declares it)"
         )
     _check_rows(where, VALUES_SLOT, tensors[VALUES_SLOT], (phys.dim,), phys.dtype)
     for name, store in meta_stores.items():
         if name in tensors:
             shape = (store.dim,) if isinstance(store, PagedTensor) else tuple(store.shape[1:])
             _check_rows(where, name, tensors[name], shape, store.dtype)
+    new_companions: dict[str, tuple[int, float]] = {}
+    for name in tensors:
+        if name in companions:
+            store = companions[name].store
+            _check_rows(where, name, tensors[name], (store.dim,), store.dtype)
+        elif name in declared:
+            init, shape = declared[name]
+            if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] < 1:
+                raise ValueError(
+                    f"{where}, slot {name!r}: the metadata declares a companion of shape "
+                    f"{shape}; companions hold [n, width] rows"
+                )
+            _check_rows(where, name, tensors[name], (shape[0],), torch.float32)
+            new_companions[name] = (shape[0], init)
     if not keys.numel():
         return 0
     device = ec.device
@@ -435,9 +514,25 @@ def import_collection_chunk(
         # when a training forward inserts the key. Chunk slots written below still win.
         phys.values.rows_reset(new_rows)
     phys.values.scatter_rows(rows, slots[VALUES_SLOT], check_bounds=False)
+    for name, (width, init) in new_companions.items():
+        # The table gets the slot a checkpoint carries (an optimizer's state): the
+        # optimizer of this table takes it over when it first needs it.
+        store = PagedTensor(
+            width,
+            torch.float32,
+            phys.values.device,
+            page_rows=phys.values.page_rows,
+            name=f"{phys.values.name}.{name}",
+        )
+        phys.values.add_companion(name, store, init=init)
+        companions[name] = phys.values.companions[name]
+    for name, companion in companions.items():
+        if name in slots:
+            companion.store.scatter_rows(rows, slots[name], check_bounds=False)
     if getattr(phys, "meta", None) is not None:
         # The collection's metadata grows with its table; its views change when it does.
         phys.meta.ensure_rows(n_rows)
+        phys.meta.mark_dirty(rows)
         meta_stores = _row_metadata(phys)
     counts = getattr(ec, "_num_ids", None)
     if counts is not None:  # the collection's per-table id counts (capacity caps read them)
@@ -491,9 +586,14 @@ class CollectionTableState:
         return self._table
 
     def state_metadata(self) -> dict[str, Any]:
-        """The collection's metadata with ``"table"`` set to this table's name."""
+        """The collection's metadata with ``"table"`` set to this table's name and, at the
+        top level, this table's ``"slots"``, ``"dim"``, ``"dtype"`` and ``"num_keys"`` (what
+        a saver checks a checkpoint's table against)."""
         meta = collection_state_metadata(self._ec)
         meta["table"] = self._table
+        info = meta["tables"][self._table]
+        meta.update(slots=info["slots"], dim=info["dim"], dtype=info["dtype"],
+                    num_keys=info["num_keys"])  # fmt: skip
         return meta
 
     def export_chunks(
@@ -514,6 +614,86 @@ class CollectionTableState:
         return import_collection_chunk(
             self._ec, self._table, keys, slots, shard=shard, metadata=metadata
         )
+
+    # ------------------------------------------------------------------ deltas
+    def mark_clean(self) -> None:
+        """Start a new change window for this table: its rows count as unchanged and its
+        removal log restarts (and is kept from now on)."""
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        phys.meta.ensure_rows(phys.hash_table.num_rows_allocated)
+        if len(phys.tables) == 1:
+            phys.meta.mark_clean()  # every row is this table's: no scan of the keys
+        else:
+            tags, _, rows = _entries(phys)
+            phys.meta.mark_clean(rows[tags == index])
+        self._ec._removed[self._table] = []
+
+    def export_changed_chunks(
+        self, chunk_rows: int
+    ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Chunks of the ids looked up in training, inserted or imported since the last
+        :meth:`mark_clean` (all of them before the first), as :meth:`export_chunks`."""
+        chunk_rows = _check_chunk_rows(chunk_rows)
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        for _, keys, slots in _export_physical(phys, index, chunk_rows, changed=True):
+            yield keys, slots
+
+    def removed_keys(self) -> torch.Tensor:
+        """int64 ids evicted or erased since the last :meth:`mark_clean` (sorted, each
+        once; empty before the first mark, when no log is kept)."""
+        log = self._ec._removed.get(self._table) or []
+        if not log:
+            return torch.empty(0, dtype=torch.int64, device=self._ec.device)
+        return torch.unique(torch.cat(log))
+
+    def remove_keys(self, keys: torch.Tensor, shard: ShardSpec | None = None) -> int:
+        """Erase ``keys`` (logical ids; those ``shard`` owns, given one) from the table;
+        return how many it held. Their rows go to the free list, as after an eviction."""
+        where = f"remove_keys: table {self._table!r}"
+        validate_chunk(keys, {}, name=self._table)
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        if phys.is_fixed_size:
+            raise ValueError(f"{where}: a fixed-size table keeps all its rows and cannot erase")
+        keys = keys.to(self._ec.device)
+        if bool(phys.bad_ids(keys).any()):
+            raise ValueError(f"{where}: ids must lie in {phys.id_range()}")
+        keys, _ = select_owned(keys, {}, shard)
+        encoded = phys.encode(index, keys)
+        # Only held ids are erased, so only they are logged as removed.
+        held = encoded[phys.hash_table.find(encoded, check_keys=False) >= 0]
+        return self._ec._erase(phys, index, held)
+
+    # ------------------------------------------------------------------ auxiliary state
+    def auxiliary_state(self) -> dict[str, torch.Tensor]:
+        """The admission filter's counters (``{}`` for a table without admission)."""
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        sketch = phys.sketches.get(index)
+        return {} if sketch is None else {ADMISSION_COUNTERS: sketch.counters}
+
+    def load_auxiliary_state(self, parts: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """Merge saved ranks' admission counters into this table's: their saturating sum
+        (each rank counted the ids it saw; an id's count is the sum over ranks, capped at
+        the threshold). Counters are replaced, not added to the table's current ones.
+
+        Raises:
+            ValueError: counters of another shape than this table's sketch.
+        """
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        sketch = phys.sketches.get(index)
+        saved = [p[ADMISSION_COUNTERS] for p in parts if ADMISSION_COUNTERS in p]
+        if sketch is None or not saved:
+            return
+        total = torch.zeros(sketch.counters.shape, dtype=torch.int64, device=self._ec.device)
+        for i, counters in enumerate(saved):
+            if tuple(counters.shape) != tuple(sketch.counters.shape):
+                raise ValueError(
+                    f"load_auxiliary_state: table {self._table!r}: saved part {i} has "
+                    f"admission counters of shape {tuple(counters.shape)}, this table's "
+                    f"sketch is {tuple(sketch.counters.shape)} (a different counter_slots)"
+                )
+            total += counters.to(device=self._ec.device, dtype=torch.int64)
+        cap = phys.tables[index].admission.min_count
+        sketch.counters.copy_(total.clamp_(max=cap).to(sketch.counters.dtype))
 
 
 def collection_table_states(ec: EmbeddingCollection) -> dict[str, CollectionTableState]:

@@ -10,11 +10,13 @@ summed), and updates only those rows of the weight and of the state slots (lazy
 semantics). Subclasses give the state slots and the row update.
 
 State slots are fp32 ``PagedTensor``\\ s row-aligned with the parameter, made on the first
-step that touches it and grown with it; rows a new id takes after an eviction get fresh
-state through :meth:`~SparseOptimizer.reset_rows`, which a ``PagedTensor`` parameter's
-``rows_reset`` announcements (core's ``on_rows_reset``; the embedding engine makes them)
-call by themselves. ``state_dict()`` holds only tensors
-(the slots as ``PagedTensor``\\ s) and JSON-able scalars, for the saver; nothing is pickled.
+step that touches it and grown with it. On a ``PagedTensor`` parameter they are the
+table's *companions* (core's ``PagedTensor.add_companion``): rows a new id takes after an
+eviction get fresh state when the table announces them (``rows_reset``; the embedding
+engine does), and the table's ``KeyedState`` exports each key's slot rows with its weight,
+so optimizer state follows its ids through checkpoints and resharding. ``state_dict()``
+holds only tensors (the slots as ``PagedTensor``\\ s) and JSON-able scalars; nothing is
+pickled.
 
 A gradient with NaN or Inf raises a ``FloatingPointError`` naming the parameter and a row
 (``on_nonfinite="raise"``, the default), or skips the whole step and counts it in
@@ -25,7 +27,6 @@ updated. All checks of one step share one host sync.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -132,7 +133,6 @@ class SparseOptimizer(torch.optim.Optimizer):
         # Gates, and the reads of deferred steps' gates not done yet.
         self._book = GateBook()
         self._pending: dict[int, list[SparseGrad]] = {}
-        self._listening: set[int] = set()  # PagedTensor params whose row resets reach us
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
         self._slot_cache: dict[int, tuple[int, dict[str, Any], dict[str, PagedTensor]]] = {}
         self._whole: bool | None = None
@@ -494,33 +494,45 @@ class SparseOptimizer(torch.optim.Optimizer):
             slot = state.get(spec.name)
             width = 1 if spec.per_row else _dim_of(p)
             if slot is None:
-                # A growable table gets growable slots with its page size; a wrapped tensor
-                # (one fixed page) gets one fixed page too.
-                if isinstance(p, PagedTensor) and not p.is_wrapped:
-                    slot = PagedTensor(
-                        width,
-                        torch.float32,
-                        p.device,
-                        page_rows=p.page_rows,
-                        name=f"{p.name}.{spec.name}",
-                    )
-                else:
-                    data = torch.full(
-                        (rows, width), spec.init, dtype=torch.float32, device=p.device
-                    )
-                    pname = p.name if isinstance(p, PagedTensor) else "param"
-                    slot = PagedTensor.wrap(data, name=f"{pname}.{spec.name}")
+                slot = self._new_slot(p, spec, width, rows)
                 state[spec.name] = slot
             slot.ensure_rows(rows, fill=spec.init)
-        if isinstance(p, PagedTensor) and id(p) not in self._listening:
-            self._listening.add(id(p))
-            # Rows the table announces as reset (a new id took an evicted id's row) get
-            # fresh state; the listener holds this optimizer weakly.
-            p.on_rows_reset(_ResetListener(self, p))
         state.setdefault("step", 0)
         slots = {spec.name: state[spec.name] for spec in self.slot_specs}
         self._slot_cache[id(p)] = (rows, state, slots)
         return slots
+
+    def _new_slot(self, p: Param, spec: SlotSpec, width: int, rows: int) -> PagedTensor:
+        """The state slot ``spec`` of ``p``. On a PagedTensor parameter the slot is the
+        table's companion of that name (core's ``add_companion``): it grows with the table,
+        restarts when the table resets a row, and travels with the rows' keys through a
+        checkpoint. A companion the table already has (imported from a checkpoint, or
+        left by an earlier optimizer of the table) is taken over: state lives with rows."""
+        if isinstance(p, PagedTensor):
+            held = p.companions.get(spec.name)
+            if held is not None:
+                store = held.store
+                if store.dim != width or store.dtype != torch.float32:
+                    raise ValueError(
+                        f"{type(self).__name__}: table {p.name!r} has a companion "
+                        f"{spec.name!r} of width {store.dim} ({store.dtype}); this optimizer "
+                        f"keeps that slot as fp32 of width {width}. Another optimizer's "
+                        f"state? Remove it with table.remove_companion({spec.name!r})"
+                    )
+                return store
+        if isinstance(p, PagedTensor) and not p.is_wrapped:
+            # A growable table gets growable slots with its page size.
+            slot = PagedTensor(
+                width, torch.float32, p.device, page_rows=p.page_rows, name=f"{p.name}.{spec.name}"
+            )
+        else:
+            # A wrapped tensor (one fixed page) gets one fixed page too.
+            data = torch.full((rows, width), spec.init, dtype=torch.float32, device=p.device)
+            pname = p.name if isinstance(p, PagedTensor) else "param"
+            slot = PagedTensor.wrap(data, name=f"{pname}.{spec.name}")
+        if isinstance(p, PagedTensor):
+            p.add_companion(spec.name, slot, init=spec.init)
+        return slot
 
     def _begin(
         self, group: dict[str, Any], p: Param, gate: torch.Tensor | None = None
@@ -706,7 +718,10 @@ class SparseOptimizer(torch.optim.Optimizer):
         optimizer as it was: groups must match this optimizer's in number and sizes, each
         group's hyper-parameters pass the constructor's checks, every parameter's entry
         has an int ``step >= 0`` and exactly this optimizer's slots, each with the
-        parameter's rows and width, finite, and not negative where the slot never is.
+        parameter's rows and width, finite, and not negative where the slot never is. A
+        slot may be left out of the state when the ``PagedTensor`` parameter already
+        carries it as a companion (its rows came back with the table's keys from a
+        checkpoint): the companion is then kept as it is.
 
         Raises:
             TypeError, ValueError, KeyError: the state is malformed; the message names
@@ -806,14 +821,28 @@ class SparseOptimizer(torch.optim.Optimizer):
             if step is None:
                 raise ValueError(f"{what}: 'step' must be an int >= 0, got {st.get('step')!r}")
             names = set(st) - {"step"}
-            if names != set(specs):
-                unknown, missing = sorted(names - set(specs)), sorted(set(specs) - names)
+            # A slot the table carries as a companion (imported with its rows from a
+            # checkpoint) need not be in the state: it is taken over as it is.
+            held = p.companions if isinstance(p, PagedTensor) else {}
+            unknown = sorted(names - set(specs))
+            missing = sorted(n for n in set(specs) - names if n not in held)
+            if unknown or missing:
                 raise ValueError(
                     f"{what}: slots {sorted(names)} do not match this optimizer's "
                     f"{list(specs)} (unknown: {unknown}, missing: {missing})"
                 )
+            for slot_name in set(specs) - names:
+                width = 1 if specs[slot_name].per_row else _dim_of(p)
+                store = held[slot_name].store
+                if store.dim != width or store.dtype != torch.float32:
+                    raise ValueError(
+                        f"{what}: the table's companion {slot_name!r} has width {store.dim} "
+                        f"({store.dtype}); this optimizer needs fp32 of width {width}"
+                    )
             dense = {}
             for slot_name, spec in specs.items():
+                if slot_name not in names:
+                    continue
                 dense[slot_name] = _loaded_slot(
                     f"{what}, slot {slot_name!r}", st[slot_name], spec, p
                 )
@@ -861,21 +890,6 @@ def _loaded_slot(what: str, src: object, spec: SlotSpec, p: Param) -> torch.Tens
     if spec.nonnegative and bool((values < 0).any()):
         raise ValueError(f"{what}: holds negative values; this slot never does")
     return values
-
-
-class _ResetListener:
-    """``PagedTensor.on_rows_reset`` callback: resets an optimizer's state of those rows.
-
-    Weak references both ways, so a table does not keep a dropped optimizer alive."""
-
-    def __init__(self, opt: SparseOptimizer, param: PagedTensor) -> None:
-        self._opt = weakref.ref(opt)
-        self._param = weakref.ref(param)
-
-    def __call__(self, rows: torch.Tensor) -> None:
-        opt, param = self._opt(), self._param()
-        if opt is not None and param is not None:
-            opt.reset_rows(param, rows)
 
 
 class _Rows(NamedTuple):

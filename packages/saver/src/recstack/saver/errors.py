@@ -1,0 +1,11 @@
+"""The error a checkpoint that cannot be written or loaded raises."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, of an unknown version, or does not fit
+    the objects it is loaded into. The message names the file, table or tensor; a load
+    that raises it has changed nothing."""

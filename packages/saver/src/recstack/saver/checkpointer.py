@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -219,7 +220,7 @@ class Checkpointer:
             state.mark_clean()
         self._in_flight = ckpt
         self._thread = threading.Thread(
-            target=self._run, args=(job, []), name="recstack-saver-async", daemon=True
+            target=self._run_async, args=(job, pinned), name="recstack-saver-async", daemon=True
         )
         self._thread.start()
         return ckpt
@@ -236,10 +237,18 @@ class Checkpointer:
             return None
         thread.join()
         self._thread = self._in_flight = None
-        self._pinned.give_back_all()
         error, self._error = self._error, None
         self._agree(error, ckpt, what="the async save")
         return ckpt
+
+    def _run_async(self, job: RankJob, pinned: PinnedPool | None) -> None:
+        try:
+            self._run(job, [])
+        finally:
+            # Out of page-locked memory: the next save copies to ordinary memory instead.
+            if pinned is not None:
+                with contextlib.suppress(RuntimeError):
+                    pinned.recycle()  # free again, and pinned for the next save
 
     def _run(self, job: RankJob, mark_after: list[IncrementalKeyedState]) -> None:
         progress = Progress(f"saving step {job.step}", enabled=self.progress)

@@ -5,6 +5,11 @@ so host memory is bounded by the chunks in flight, not by the table. An async sa
 copies everything first, GPU tensors into pinned host buffers with non-blocking copies
 (one wait at the end), and returns; the files are written behind training. Pinned buffers
 are kept for the next async save, whose tensors usually have the same shapes.
+
+Page-locked memory is slow to allocate (about 0.3 s a GB on an H100 host), so a snapshot
+never allocates it: a tensor with no pinned buffer of its shape is copied to ordinary
+memory, and the writer thread, once its files are written, pins buffers of the shapes
+that were missing, for the next save.
 """
 
 from __future__ import annotations
@@ -19,39 +24,48 @@ import torch
 __all__ = ["PinnedPool", "estimate_chunk_rows", "host_copies", "host_copy", "iter_host_chunks"]
 
 
+_Key = tuple[tuple[int, ...], torch.dtype]
+
+
 class PinnedPool:
     """Reusable pinned host tensors, by shape and dtype (page-locked memory is slow to
-    allocate: an async save should not pay for it every time)."""
+    allocate: an async save should not pay for it, least of all on the training thread)."""
 
     def __init__(self) -> None:
-        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = defaultdict(
-            list
-        )
+        self._free: dict[_Key, list[torch.Tensor]] = defaultdict(list)
         self._lent: list[torch.Tensor] = []
+        self._wanted: list[_Key] = []
         self._lock = threading.Lock()
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
+    def take(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A free pinned buffer shaped like ``like``, or ``None`` (the shape is noted:
+        :meth:`recycle` pins one for the next save)."""
         key = (tuple(like.shape), like.dtype)
         with self._lock:
             free = self._free[key]
-            buf = free.pop() if free else None
-        if buf is None:
-            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-        with self._lock:
+            if not free:
+                self._wanted.append(key)
+                return None
+            buf = free.pop()
             self._lent.append(buf)
-        return buf
+            return buf
 
-    def give_back_all(self) -> None:
-        """Every buffer lent is free again (the save that used them has written them).
+    def recycle(self) -> None:
+        """After a save's files are written: its buffers are free again, and buffers of
+        the shapes it lacked are pinned now (off the training thread).
 
         Only those are kept: buffers the last save did not use (a table's last part
         changes shape as it grows, a delta's as its changed rows vary) are released, so
-        the pool never holds more than one save's worth of page-locked memory."""
+        the pool holds at most one save's worth of page-locked memory."""
         with self._lock:
-            self._free = defaultdict(list)
-            for buf in self._lent:
-                self._free[(tuple(buf.shape), buf.dtype)].append(buf)
-            self._lent.clear()
+            lent, wanted = self._lent, self._wanted
+            self._lent, self._wanted = [], []
+        fresh = [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in wanted]
+        free: dict[_Key, list[torch.Tensor]] = defaultdict(list)
+        for buf in [*lent, *fresh]:
+            free[(tuple(buf.shape), buf.dtype)].append(buf)
+        with self._lock:
+            self._free = free
 
 
 def host_copy(t: torch.Tensor, *, snapshot: bool, pool: PinnedPool | None) -> torch.Tensor:
@@ -69,8 +83,9 @@ def host_copy(t: torch.Tensor, *, snapshot: bool, pool: PinnedPool | None) -> to
         return t.contiguous()
     if snapshot and pool is not None:
         buf = pool.take(t)
-        buf.copy_(t, non_blocking=True)
-        return buf
+        if buf is not None:
+            buf.copy_(t, non_blocking=True)
+            return buf
     return t.to("cpu").contiguous()
 
 

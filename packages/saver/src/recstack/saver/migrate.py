@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from recstack.core import HasKeyedStates, KeyedState, ShardSpec
+from recstack.saver.stateful import declared_dim
 
 __all__ = ["import_embedding_weight", "import_torchrec_state_dict"]
 
@@ -50,20 +51,6 @@ _TORCHREC_KEY = re.compile(
 def _table_name(state: KeyedState, meta: object) -> str:
     name = meta.get("table") if isinstance(meta, Mapping) else None
     return str(name) if isinstance(name, str) else type(state).__name__
-
-
-def _declared_dim(meta: object) -> int | None:
-    if not isinstance(meta, Mapping):
-        return None
-    dim = meta.get("dim")
-    if isinstance(dim, int) and not isinstance(dim, bool):
-        return dim
-    slots = meta.get("slots")
-    info = slots.get(_VALUES) if isinstance(slots, Mapping) else None
-    shape = info.get("shape") if isinstance(info, Mapping) else None
-    if isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int):
-        return shape[0]
-    return None
 
 
 def _as_weight(weight: object, where: str) -> torch.Tensor:
@@ -97,7 +84,7 @@ def _check(
     if where is None:
         where = f"import_embedding_weight: table {_table_name(state, meta)!r}"
     w = _as_weight(weight, where)
-    dim = _declared_dim(meta)
+    dim = declared_dim(meta)
     if dim is not None and w.shape[1] != dim:
         raise ValueError(
             f"{where}: the weight has rows of width {w.shape[1]} but the table has dim {dim}"

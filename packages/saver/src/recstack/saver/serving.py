@@ -53,7 +53,7 @@ from recstack.saver.manifest import MANIFEST, read_manifest
 from recstack.saver.progress import Progress
 from recstack.saver.read import CheckedFile, read_checked, read_parts
 from recstack.saver.snapshot import estimate_chunk_rows, host_copies, iter_host_chunks
-from recstack.saver.stateful import PerRank, sort_stateful
+from recstack.saver.stateful import PerRank, declared_dim, sort_stateful
 from recstack.saver.tree import decode_tree, encode_tree
 from recstack.saver.write import DenseJob, RankJob, TableJob, write_rank
 
@@ -265,7 +265,7 @@ def _own_entry(name: str) -> bool:
 
 def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int) -> TableJob:
     meta = state.state_metadata()
-    dim = _declared_dim(meta)
+    dim = declared_dim(meta)
     # Without a declared dim, the slots come from the first chunk a rank writes.
     slots = {} if dim is None else {_VALUES: {"dtype": _name(dtype), "shape": [dim]}}
     serving_meta: dict[str, Any] = {"table": name, "dtype": _name(dtype), "slots": slots}
@@ -279,21 +279,6 @@ def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int
         _values_only(name, state.export_chunks(rows), dtype, dim), snapshot=False, pool=None
     )
     return TableJob(name, serving_meta, chunks)
-
-
-def _declared_dim(meta: object) -> int | None:
-    """The row width a state's metadata declares (``"dim"``, or its values slot's shape)."""
-    if not isinstance(meta, Mapping):
-        return None
-    dim = meta.get("dim")
-    if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0:
-        return dim
-    slots = meta.get("slots")
-    info = slots.get(_VALUES) if isinstance(slots, Mapping) else None
-    shape = info.get("shape") if isinstance(info, Mapping) else None
-    if isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int):
-        return shape[0]
-    return None
 
 
 def _values_only(
@@ -657,7 +642,7 @@ def _load_table(
     shape = info.get("shape")
     dim = shape[0] if isinstance(shape, list) and len(shape) == 1 else None
     if dim is None:
-        dim = _declared_dim(entry.get("metadata"))
+        dim = declared_dim(entry.get("metadata"))
     if info and info.get("dtype") != _name(dtype):
         raise CheckpointError(
             f"{where}: rows are {info.get('dtype')}, the export is {_name(dtype)}"

@@ -25,7 +25,7 @@ from torch import nn
 
 from recstack.core import HasKeyedStates, KeyedState
 
-__all__ = ["PerRank", "Sorted", "sort_stateful"]
+__all__ = ["PerRank", "Sorted", "declared_dim", "sort_stateful"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
 
@@ -127,3 +127,19 @@ def sort_stateful(stateful: Mapping[str, Any]) -> Sorted:
             "module, an optimizer), a dict of JSON values, or PerRank(obj)"
         )
     return out
+
+
+def declared_dim(meta: object) -> int | None:
+    """The row width a keyed state's metadata declares: its ``"dim"``, or the shape of its
+    ``"values"`` slot; ``None`` when it declares neither."""
+    if not isinstance(meta, Mapping):
+        return None
+    dim = meta.get("dim")
+    if isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0:
+        return dim
+    slots = meta.get("slots")
+    info = slots.get("values") if isinstance(slots, Mapping) else None
+    shape = info.get("shape") if isinstance(info, Mapping) else None
+    if isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int):
+        return shape[0]
+    return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,7 +77,6 @@ class RankJob:
     per_rank_tensors: dict[str, torch.Tensor]
     dense_file_bytes: int
     max_in_flight: int
-    finalize_timeout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -232,14 +230,11 @@ def _write_per_rank(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> 
 
 def _finalize(job: RankJob) -> bool:
     """Merge every rank's fragment into the manifest, if all are there and no other rank
-    is doing it; with ``finalize_timeout`` wait that long for the others first."""
+    is doing it (the last rank to finish finds them all)."""
     ckpt = job.ckpt
     names = [_FRAGMENT.format(r) for r in range(job.world_size)]
-    deadline = time.monotonic() + job.finalize_timeout
-    while not all((ckpt / n).is_file() for n in names):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    if not all((ckpt / n).is_file() for n in names):
+        return False
     try:
         fd = os.open(ckpt / _LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

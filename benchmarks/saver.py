@@ -61,6 +61,7 @@ from recstack.embedding_engine.state import (
     import_collection_chunk,
 )
 from recstack.saver import Checkpointer
+from recstack.saver.files import fsync_path
 from recstack.sparse_optim import SparseAdam
 
 _BLOCK = 64 << 20  # bytes per os.write of the raw bandwidth test (the saver's block size)
@@ -304,14 +305,6 @@ def raw_write(path: Path, nbytes: int) -> float:
     return seconds
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def clear(root: Path, keep: Path | None = None) -> None:
     """Delete the checkpoints under ``root`` except ``keep``."""
     for entry in root.glob("step-*"):
@@ -401,7 +394,7 @@ def run(args, device: torch.device, root: Path, report: SaverReport) -> None:
             t0 = time.perf_counter()
             save_file(tensors, str(single))
             t1 = time.perf_counter()
-            fsync_file(single)
+            fsync_path(single)
             t2 = time.perf_counter()
             del tensors
             gc.collect()

@@ -530,7 +530,7 @@ class EmbeddingCollection(nn.Module):
         """Every logical table as a core ``KeyedState`` (with deltas and the admission
         counters), by table name: what a checkpoint saves of the rows (core's
         ``HasKeyedStates``). See :mod:`recstack.embedding_engine.state`."""
-        return dict(collection_table_states(self))
+        return collection_table_states(self)
 
     def get_extra_state(self) -> dict[str, int]:
         """The training step counters, which ``state_dict()`` carries (JSON-able)."""

@@ -556,7 +556,7 @@ def _fresh_metadata(ec: EmbeddingCollection, name: str, store: _RowStore, n: int
     """Metadata of ``n`` keys imported without it: seen now (so a staleness rule does not
     evict them before any training step could), never looked up, as a fresh insert."""
     shape = (n, store.dim) if isinstance(store, PagedTensor) else (n, *store.shape[1:])
-    value = int(getattr(ec, "step", 0)) if name == "last_seen" else 0
+    value = ec.step if name == "last_seen" else 0
     return torch.full(shape, value, dtype=store.dtype, device=store.device)
 
 

@@ -27,7 +27,7 @@ __all__ = [
     "FileRecord",
     "SAFETENSORS_DTYPES",
     "crc32_file",
-    "fsync_dir",
+    "fsync_path",
     "read_header",
     "read_tensor_file",
     "write_bytes_atomic",
@@ -153,8 +153,9 @@ def write_bytes_atomic(root: Path, rel: str, data: bytes, *, durable: bool = Tru
     return FileRecord(rel, len(data), f"{zlib.crc32(data):08x}")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the names created in ``path`` durable (a rename is on disk only then)."""
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or the names created in a directory, durable (a rename is on
+    disk only once its directory is fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -27,7 +27,7 @@ from recstack.saver.errors import CheckpointError
 from recstack.saver.files import (
     CHECKSUM,
     FileRecord,
-    fsync_dir,
+    fsync_path,
     write_bytes_atomic,
     write_tensor_file,
 )
@@ -243,7 +243,7 @@ def _finalize(job: RankJob) -> bool:
     fragments = [json.loads((ckpt / n).read_bytes()) for n in names]
     manifest = merge_fragments(fragments)
     write_bytes_atomic(ckpt, MANIFEST, json.dumps(manifest, indent=1).encode())
-    fsync_dir(ckpt)
+    fsync_path(ckpt)
     for n in names:
         (ckpt / n).unlink(missing_ok=True)
     (ckpt / _LOCK).unlink(missing_ok=True)

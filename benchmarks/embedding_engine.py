@@ -40,7 +40,7 @@ BYTES_PER_KEY = 32
 
 
 def _keys(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    # Random 62-bit ids: never a reserved sentinel, as real hashed ids look.
+    # Random 62-bit ids, as real hashed ids look (any int64 would do: none is reserved).
     return torch.randint(0, 2**62, (n,), generator=gen).to(device)
 
 

@@ -10,6 +10,7 @@ with its comments as headings), and a search for closed fences would silently sk
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +21,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([*ROOT.glob("docs/**/*.md"), *ROOT.glob("packages/*/README.md"), ROOT / "README.md"])
 SKIP_MARK = "<!-- skip-example -->"
+# Pages whose examples train whole models: they run on the torch reference backend, since
+# under TRITON_INTERPRET=1 every lookup of every step would go through the interpreter
+# (minutes a page); each kernel is checked against its reference by its own tests.
+TRAINING_PAGES = {
+    ROOT / "docs" / "tutorial.md",
+    ROOT / "docs" / "packages" / "pipelines.md",
+    ROOT / "packages" / "pipelines" / "README.md",
+    *ROOT.glob("docs/pipelines/*.md"),
+    *ROOT.glob("docs/models/*.md"),
+}
 # CommonMark: a fence is 3+ backticks or tildes, indented or not (superfences nests them in
 # admonitions and lists); a backtick fence's info string may not contain a backtick.
 _OPENING = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}(?=[^`]*$)|~{3,})(?P<info>.*)$")
@@ -87,6 +98,16 @@ def _page_id(page: Path) -> str:
 @pytest.mark.parametrize("page", [p for p in PAGES if _examples(p)], ids=_page_id)
 def test_examples_run(page: Path, tmp_path: Path) -> None:
     namespace: dict[str, object] = {"__name__": "__docs_example__"}
+    backend = contextlib.nullcontext()
+    if page in TRAINING_PAGES:
+        from recstack.core import kernels
+
+        backend = kernels.use_backend("torch")
+    with backend:
+        _run_page(page, namespace, tmp_path)
+
+
+def _run_page(page: Path, namespace: dict[str, object], tmp_path: Path) -> None:
     for number, code in enumerate(_examples(page)):
         # Each block runs from a file of its own: @triton.jit reads its function's source,
         # which code compiled from a string does not have on a GPU.

@@ -19,6 +19,10 @@ from recstack.columnio.reader import ColumnReader
 from recstack.columnio.shm import Slot, decode_layout, encode_layout
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 
+# These tests pick small windows on purpose; the partial-shuffle warning is tested in
+# test_epoch_shuffle.py.
+pytestmark = pytest.mark.filterwarnings("ignore::recstack.columnio.ShuffleWarning")
+
 
 def _flat(batch: dict) -> dict:
     out = {}

@@ -18,6 +18,10 @@ from recstack.columnio.errors import ColumnIOError
 from recstack.columnio.reader import ColumnReader
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 
+# These tests pick small windows on purpose; the partial-shuffle warning is tested in
+# test_epoch_shuffle.py.
+pytestmark = pytest.mark.filterwarnings("ignore::recstack.columnio.ShuffleWarning")
+
 
 def _ids(batches: list[dict]) -> list[int]:
     return [i for b in batches for i in b["id"].tolist()]

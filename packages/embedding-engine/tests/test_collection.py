@@ -15,6 +15,7 @@ from recstack.embedding_engine.config import (
     TableConfig,
 )
 from recstack.embedding_engine.kernels.init_rows import init_rows
+from recstack.embedding_engine.sequence import PaddedSequence
 
 DIM = 8
 
@@ -119,7 +120,8 @@ def oracle(
         offs = jt.offsets.tolist()
         if f.pooling == "none":
             seq = JaggedTensor(per_id, jt.offsets)
-            out[name] = seq.values if f.max_len is None else seq.to_padded(f.max_len)
+            padded = None if f.max_len is None else seq.to_padded(f.max_len, truncate=f.truncate)
+            out[name] = seq.values if padded is None else padded
             continue
         bags = []
         for b in range(len(offs) - 1):
@@ -315,28 +317,128 @@ def test_eval_is_read_only(backend, device, eval_default) -> None:
         assert bool((out["fs"].values[1] == 0).all())
 
 
-def test_id_encoding_range(device) -> None:
-    tables = [TableConfig("a", dim=DIM), TableConfig("b", dim=DIM), TableConfig("c", dim=DIM)]
-    features = [FeatureConfig("fa", "a"), FeatureConfig("fb", "b"), FeatureConfig("fc", "c")]
-    ec = EmbeddingCollection(tables, features, device=device)
-    p = ec.physical_tables["a+b+c"]
-    assert p.tag_bits == 2 and p.id_bits == 61
-    top = 2**61 - 1
-    # Same id in three tables: three distinct rows (no collision), largest id accepted.
-    ec(make_kjt({"fa": [[0, top]], "fb": [[0, top]], "fc": [[0, top]]}, device))
-    assert len(p.hash_table) == 6
-    for bad in (2**61, -1, -(2**63)):
-        kjt = make_kjt({"fa": [[1]], "fb": [[2, bad]], "fc": [[3]]}, device)
-        with pytest.raises(ValueError, match=r"feature 'fb' \(table 'b'\).*\[0, 2\*\*61\)"):
-            ec(kjt)
-    assert len(p.hash_table) == 6  # nothing inserted by the failing forwards
-    with pytest.raises(ValueError, match="out of range"):
-        ec.find_rows("c", torch.tensor([2**62], device=device))
-    # A lone table takes any int64 but the hash table's two sentinels.
+# Ids at the edges of int64: the hash table's slot markers (-2**63, -2**63 + 1), the keys
+# their remapped key words equal (-2**63 + 2, + 3), and the old merged-table limits.
+EDGE_IDS = [-(2**63), -(2**63) + 1, -(2**63) + 2, -(2**63) + 3, -1, 0, 2**61, 2**62, 2**63 - 1]
+
+
+def test_merged_tables_take_every_int64_id(backend, device) -> None:
+    # The default (merged) collection takes any int64 id in every table, and one id of
+    # three merged tables is three rows: no error, no collision, no folding.
+    gen = torch.Generator().manual_seed(seed("edges", backend))
+    tables = [
+        TableConfig(n, dim=DIM, initializer=Initializer.normal(std=0.5)) for n in ("a", "b", "c")
+    ]
+    features = [
+        FeatureConfig("fa", "a"),
+        FeatureConfig("fb", "b", pooling="none"),
+        FeatureConfig("fc", "c", pooling="mean"),
+        FeatureConfig("fa_seq", "a", pooling="none", max_len=4),
+    ]
+    merged = EmbeddingCollection(tables, features, device=device)
     alone = EmbeddingCollection(tables, features, device=device, merge_tables=False)
-    alone(make_kjt({"fa": [[-1, 2**62, 2**63 - 1]], "fb": [[-(2**63) + 2]], "fc": [[]]}, device))
-    with pytest.raises(ValueError, match=r"feature 'fa' \(table 'a'\).*reserved"):
-        alone(make_kjt({"fa": [[-(2**63) + 1]], "fb": [[]], "fc": [[]]}, device))
+    p = merged.physical_tables["a+b+c"]
+    assert p.tag_bits == 2 and p.id_bits == 64 and p.id_range() == "any int64"
+    hashed = torch.randint(-(2**63), 2**63 - 1, (6,), generator=gen).tolist()
+    ids = EDGE_IDS + hashed
+    bags = {name: [ids[: len(ids) // 2], ids[len(ids) // 2 :]] for name in ("fa", "fb", "fc")}
+    bags["fa_seq"] = [ids[:3], ids[3:5]]
+    kjt = make_kjt(bags, device)
+    out_m, out_a = merged(kjt), alone(kjt)
+    assert len(p.hash_table) == 3 * len(ids)  # every (table, id) pair has its own row
+    for t in tables:
+        assert merged.num_ids(t.name) == len(ids)
+        rows = merged.find_rows(t.name, torch.tensor(ids, device=device))
+        assert bool((rows >= 0).all())
+        # Initial rows are the logical table's init_rows of the logical id.
+        want = init_rows(torch.tensor(ids, device=device), DIM, t.initializer, seed=t.init_seed)
+        assert torch.equal(p.values.gather_rows(rows), want), t.name
+    id_tensor = torch.tensor(ids, device=device)
+    all_rows = torch.cat([merged.find_rows(t.name, id_tensor) for t in tables])
+    assert torch.unique(all_rows).numel() == 3 * len(ids)
+    for name in out_m:
+        torch.testing.assert_close(as_tensor(out_m[name]), as_tensor(out_a[name]), msg=name)
+    expected, dense = oracle(merged, kjt)
+    for name, want in expected.items():
+        torch.testing.assert_close(as_tensor(out_m[name]), want.detach(), msg=name)
+    # Gradients reach each table's own rows.
+    grads = {n: torch.randn(as_tensor(o).shape, generator=gen).to(device) for n, o in out_m.items()}
+    sum((as_tensor(out_m[n]) * g).sum() for n, g in grads.items()).backward()
+    sum((expected[n] * g).sum() for n, g in grads.items()).backward()
+    got = densify(merged.sparse_grads()["a+b+c"], p.values.num_rows, DIM)
+    torch.testing.assert_close(got, dense["a+b+c"].grad)
+    # Eval reads the same rows, and unseen edge ids their initializer rows, in each table.
+    merged.eval()
+    alone.eval()
+    unseen = [x + 1 for x in hashed[:2]] + [-(2**63) + 4]
+    kjt = make_kjt({name: [ids[:4], unseen] for name in bags}, device)
+    out_m, out_a = merged(kjt), alone(kjt)
+    for name in out_m:
+        torch.testing.assert_close(as_tensor(out_m[name]), as_tensor(out_a[name]), msg=name)
+    assert len(p.hash_table) == 3 * len(ids)
+    # Eviction by table: erasing table b's ids leaves a's and c's rows.
+    merged.train()
+    assert merged.evict("b", min_count=5) == {"b": len(ids)}
+    assert merged.num_ids("b") == 0 and merged.num_ids("a") == len(ids)
+    assert bool((merged.find_rows("b", torch.tensor(ids, device=device)) == -1).all())
+    assert bool((merged.find_rows("c", torch.tensor(ids, device=device)) >= 0).all())
+    # A fixed-size table still checks its range.
+    fixed = EmbeddingCollection(
+        [TableConfig("f", dim=DIM, fixed_size=4)], [FeatureConfig("ff", "f")], device=device
+    )
+    with pytest.raises(ValueError, match=r"feature 'ff' \(table 'f'\): id -1 is out of range"):
+        fixed(make_kjt({"ff": [[1, -1]]}, device))
+
+
+@pytest.mark.parametrize("truncate", ["left", "right"])
+def test_padded_sequences_truncate_and_lengths(backend, device, truncate) -> None:
+    # A bag longer than max_len keeps its last ids ("left", the default) or its first;
+    # with_lengths returns each row's id count beside the padded rows; every id is still
+    # inserted, and cut ids get zero gradient.
+    tables = [TableConfig("t", dim=DIM), TableConfig("u", dim=DIM)]  # merged
+    kw = {"pooling": "none", "max_len": 3, "truncate": truncate}
+    features = [
+        FeatureConfig("hist", "t", **kw, with_lengths=True),
+        FeatureConfig("plain", "t", **kw),
+        FeatureConfig("tile", "u", pooling="tile", max_len=3, truncate=truncate),
+    ]
+    ec = EmbeddingCollection(tables, features, device=device)
+    bags = [[1, 2, 3, 4, 5], [], [6], [7, 8, 9], [10, 11, 12, 13]]
+    kjt = make_kjt({"hist": bags, "plain": bags, "tile": bags}, device)
+    out = ec(kjt)
+    seq = out["hist"]
+    assert isinstance(seq, PaddedSequence) and seq.max_len == 3
+    values, lengths = seq
+    assert lengths.tolist() == [3, 0, 1, 3, 3] and lengths.dtype == torch.int64
+    assert lengths.device == values.device and values.device.type == device.type
+    assert seq.mask.tolist() == [[n > j for j in range(3)] for n in (3, 0, 1, 3, 3)]
+    assert values.shape == (5, 3, DIM) and values.requires_grad
+    cut = (lambda b: b[-3:]) if truncate == "left" else (lambda b: b[:3])
+    p = ec.physical_tables["t+u"]
+    for name, x in (("t", values), ("u", out["tile"].view(5, 3, DIM))):
+        for b, bag in enumerate(bags):
+            kept = cut(bag)
+            if kept:
+                rows = ec.find_rows(name, torch.tensor(kept, device=device))
+                assert torch.equal(x[b, : len(kept)], p.values.gather_rows(rows)), (name, b)
+            assert bool((x[b, len(kept) :] == 0).all())
+    assert torch.equal(out["plain"], values)
+    assert ec.num_ids("t") == ec.num_ids("u") == 13  # cut ids are inserted too
+    # Gradient: the rows of kept positions get their output gradient, cut ids zeros.
+    g = torch.randn(values.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    (values * g).sum().backward()
+    grad = ec.sparse_grads()["t+u"]
+    dense = densify(grad, p.values.num_rows, DIM)
+    for b, bag in enumerate(bags):
+        kept = cut(bag)
+        for i in bag:
+            row = int(ec.find_rows("t", torch.tensor([i], device=device))[0])
+            want = g[b, kept.index(i)] if i in kept else torch.zeros(DIM, device=device)
+            torch.testing.assert_close(dense[row], want)
+    # Eval gives the same layout (unseen ids read their initializer rows).
+    ec.eval()
+    out = ec(make_kjt({"hist": [[1, 99]], "plain": [[]], "tile": [[]]}, device))
+    assert out["hist"].lengths.tolist() == [2] and not out["hist"].values.requires_grad
 
 
 def test_empty_batch_and_empty_bags(backend, device) -> None:

@@ -93,7 +93,8 @@ def dense_oracle(
         for b in range(batch):
             r = rows[int(jt.offsets[b]) : int(jt.offsets[b + 1])]
             if name == "c_tile":
-                r = torch.cat([r[:3], r.new_zeros(max(0, 3 - r.shape[0]), DIM)])
+                r = r[-3:]  # truncate="left", the default: the last (most recent) 3 ids
+                r = torch.cat([r, r.new_zeros(max(0, 3 - r.shape[0]), DIM)])
                 bags.append(r.reshape(-1))
             elif r.shape[0] == 0:
                 bags.append(r.new_zeros(DIM))

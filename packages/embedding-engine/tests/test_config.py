@@ -269,8 +269,15 @@ def test_feature_configs_and_output_dims() -> None:
     seq = FeatureConfig("hist", "item", pooling="none")
     assert seq.max_len is None and seq.is_sequence and seq.output_dim(8) == 8
     assert FeatureConfig("hist", "item", pooling="none", max_len=3).max_len == 3
-    for f in (tile, seq, FeatureConfig("user.age", "t", weighted=True)):
+    # Long bags keep their most recent ids by default, as the feature engine's Truncate.
+    assert seq.truncate == tile.truncate == "left" and not seq.with_lengths
+    recent = FeatureConfig("hist", "item", pooling="none", max_len=3, with_lengths=True)
+    first = FeatureConfig("hist", "item", pooling="tile", max_len=3, truncate="right")
+    for f in (tile, seq, FeatureConfig("user.age", "t", weighted=True), recent, first):
         assert _json_round_trip(f) == f
+    # A dict written before truncate/with_lengths existed loads with the defaults.
+    old = {"name": "h", "table": "t", "pooling": "none", "max_len": 3, "weighted": False}
+    assert FeatureConfig.from_dict(old).truncate == "left"
 
 
 @pytest.mark.parametrize(
@@ -284,6 +291,18 @@ def test_feature_configs_and_output_dims() -> None:
         ({"pooling": "none", "max_len": 0}, "FeatureConfig 'f': max_len must be >= 1"),
         ({"pooling": "none", "weighted": True}, "FeatureConfig 'f': weighted needs pooling"),
         ({"weighted": 1}, "FeatureConfig 'f': weighted must be a bool"),
+        (
+            {"pooling": "none", "max_len": 3, "truncate": "end"},
+            r"FeatureConfig 'f': truncate must be 'left' \(cut the start, keep the last",
+        ),
+        ({"truncate": None}, "FeatureConfig 'f': truncate must be 'left'"),
+        ({"pooling": "none", "max_len": 3, "with_lengths": 1}, "with_lengths must be a bool"),
+        (
+            {"pooling": "none", "with_lengths": True},
+            "with_lengths needs pooling 'none' with max_len.*already carries its offsets",
+        ),
+        ({"pooling": "tile", "max_len": 2, "with_lengths": True}, "with_lengths needs pooling"),
+        ({"with_lengths": True}, r"with_lengths needs pooling 'none' with max_len \(a padded"),
     ],
 )
 def test_feature_errors_name_the_feature_and_field(kwargs, match) -> None:

@@ -13,22 +13,26 @@ from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels import hash_table as K
 
 I64_MAX = 2**63 - 1
-# Valid keys at the edges of int64 (the two smallest values are the reserved sentinels).
-EXTREMES = [I64_MAX, I64_MAX - 1, TOMBSTONE + 1, TOMBSTONE + 2, -1, 0, 1]
+# Keys at the edges of int64. Every int64 is a key: the two smallest are the slot markers'
+# bit patterns (stored remapped to the next two, which are keys of their own).
+EXTREMES = [I64_MAX, I64_MAX - 1, EMPTY, TOMBSTONE, TOMBSTONE + 1, TOMBSTONE + 2, -1, 0, 1]
 
 
 class Oracle:
-    """The table's contract as a dict: exact rows, lowest free row first, batch order."""
+    """The table's contract as a dict: exact rows, lowest free row first, batch order.
+
+    Keys are ints, or ``(key, tag)`` pairs for a tagged table.
+    """
 
     def __init__(self) -> None:
-        self.rows: dict[int, int] = {}
+        self.rows: dict[object, int] = {}
         self.free: list[int] = []  # a heap
         self.next_row = 0
 
-    def find(self, keys: list[int]) -> list[int]:
+    def find(self, keys: list) -> list[int]:
         return [self.rows.get(k, -1) for k in keys]
 
-    def find_or_insert(self, keys: list[int]) -> tuple[list[int], list[bool]]:
+    def find_or_insert(self, keys: list) -> tuple[list[int], list[bool]]:
         rows, new = [], []
         for k in keys:
             is_new = k not in self.rows
@@ -42,7 +46,7 @@ class Oracle:
             new.append(is_new)
         return rows, new
 
-    def erase(self, keys: list[int]) -> int:
+    def erase(self, keys: list) -> int:
         gone = {k for k in keys if k in self.rows}
         for k in gone:
             heapq.heappush(self.free, self.rows.pop(k))
@@ -51,7 +55,8 @@ class Oracle:
 
 def _pool(g: torch.Generator, m: int) -> torch.Tensor:
     """``m`` random int64 keys (negatives included) plus the int64 extremes."""
-    rand = torch.randint(-(2**62), 2**62, (m,), generator=g) * 2 + torch.randint(0, 2, (m,))
+    rand = torch.randint(-(2**62), 2**62, (m,), generator=g) * 2
+    rand += torch.randint(0, 2, (m,), generator=g)
     return torch.cat([rand, torch.tensor(EXTREMES)])
 
 
@@ -82,6 +87,12 @@ def _check_against(table: HashTable, oracle: Oracle, device: torch.device) -> No
     assert len(table) + table._tombstones <= table.max_load * table.capacity
 
 
+def _sorted_slots(slots: torch.Tensor) -> torch.Tensor:
+    """The ``(key word, row word)`` pairs in lexicographic order (a key word may repeat)."""
+    slots = slots[torch.argsort(slots[:, 1], stable=True)]
+    return slots[torch.argsort(slots[:, 0], stable=True)]
+
+
 def _same_table(a: HashTable, b: HashTable) -> None:
     assert len(a) == len(b) and a.num_rows_allocated == b.num_rows_allocated
     assert a.capacity == b.capacity
@@ -93,7 +104,7 @@ def _same_table(a: HashTable, b: HashTable) -> None:
     # On a GPU, new keys of one batch may race for slots: the occupied set and the
     # (key, row) pairs still match.
     assert torch.equal(sa[:, 0] == EMPTY, sb[:, 0] == EMPTY)
-    assert torch.equal(sa[torch.argsort(sa[:, 0])], sb[torch.argsort(sb[:, 0])])
+    assert torch.equal(_sorted_slots(sa), _sorted_slots(sb))
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,23 +257,74 @@ def test_tombstones_are_reclaimed_without_growing(backend: str, device: torch.de
     assert table.find(torch.arange(5, device=device)).tolist() == list(range(5))
 
 
-def test_reserved_keys_are_rejected(backend: str, device: torch.device) -> None:
-    table = HashTable(16, device)
-    table.find_or_insert(torch.tensor([1, 2, 3], device=device))
-    before = _items(table)
-    for sentinel, name in ((EMPTY, "EMPTY"), (TOMBSTONE, "TOMBSTONE")):
-        keys = torch.tensor([7, sentinel, 8, sentinel], device=device)
-        match = rf"keys\[1\] = {sentinel} is the reserved key {name} .*2 reserved keys"
-        with pytest.raises(ValueError, match=match):
-            table.find_or_insert(keys)
-        with pytest.raises(ValueError, match=match):
-            table.find(keys)
-        with pytest.raises(ValueError, match=match):
-            table.erase(torch.tensor([1, sentinel, 2, sentinel], device=device))
-        # All or nothing: the other keys were neither inserted nor erased.
-        assert _items(table) == before and len(table) == 3 and table.num_rows_allocated == 3
-        assert table.find(keys, check_keys=False).tolist() == [-1, -1, -1, -1]
-    rows, is_new = table.find_or_insert(torch.tensor([7, 8, 3], device=device))
+def test_every_int64_is_a_key(backend: str, device: torch.device) -> None:
+    # The slot markers' bit patterns are keys like any other, distinct from the keys their
+    # remapped key words equal (-2**63 + 2 and + 3), through inserts, erases and rehashes.
+    table = HashTable(4, device)
+    keys = torch.tensor([EMPTY, TOMBSTONE + 1, TOMBSTONE, TOMBSTONE + 2, EMPTY], device=device)
+    rows, is_new = table.find_or_insert(keys)
+    assert rows.tolist() == [0, 1, 2, 3, 0] and is_new.tolist() == [True] * 4 + [False]
+    assert table.find(keys).tolist() == [0, 1, 2, 3, 0]
+    assert _items(table) == ([EMPTY, TOMBSTONE + 1, TOMBSTONE, TOMBSTONE + 2], [0, 1, 2, 3])
+    assert table.erase(torch.tensor([TOMBSTONE, EMPTY], device=device)) == 2
+    assert table.find(keys).tolist() == [-1, 1, -1, 3, -1]
+    table.find_or_insert(torch.arange(10, device=device))  # grows: a rehash
+    assert table.find(keys).tolist() == [-1, 1, -1, 3, -1]
+    rows, _ = table.find_or_insert(torch.tensor([TOMBSTONE, EMPTY], device=device))
+    assert table.find(keys).tolist() == [rows[1], 1, rows[0], 3, rows[1]]
+
+
+def test_tags(backend: str, device: torch.device) -> None:
+    # One key under several tags is several entries; tags are None (tag 0), one int or a
+    # tensor, and the remapped keys stay apart under every tag.
+    table = HashTable(8, device, num_tags=3)
+    assert table.num_tags == 3 and table.max_rows == 2**60
+    keys = torch.tensor([5, 5, 5, EMPTY, TOMBSTONE + 2, EMPTY], device=device)
+    tags = torch.tensor([0, 2, 1, 2, 2, 0], device=device)
+    rows, is_new = table.find_or_insert(keys, tags)
+    assert rows.tolist() == [0, 1, 2, 3, 4, 5] and bool(is_new.all())
+    assert table.find(keys, tags.to(torch.int32)).tolist() == [0, 1, 2, 3, 4, 5]
+    assert table.find(torch.tensor([5, EMPTY], device=device)).tolist() == [0, 5]
+    assert table.find(torch.tensor([5, EMPTY], device=device), 2).tolist() == [1, 3]
+    entries = [tuple(map(int, e)) for c in table.tagged_items(4) for e in zip(*c, strict=True)]
+    assert entries == [(5, 0, 0), (5, 2, 1), (5, 1, 2), (EMPTY, 2, 3), (TOMBSTONE + 2, 2, 4),
+                       (EMPTY, 0, 5)]  # fmt: skip
+    assert table.erase(torch.tensor([5, 5], device=device), 2) == 1
+    assert table.find(keys, tags).tolist() == [0, -1, 2, 3, 4, 5]
+    rows, is_new = table.find_or_insert(torch.tensor([7, 5], device=device), 2)
+    assert rows.tolist() == [1, 6] and bool(is_new.all())
+    with pytest.raises(ValueError, match=r"tag 3 is outside \[0, 3\)"):
+        table.find(keys, 3)
+
+
+def test_bad_tags_are_rejected(backend: str, device: torch.device) -> None:
+    table = HashTable(16, device, num_tags=2)
+    table.find_or_insert(torch.tensor([1, 2, 3], device=device), 1)
+    before = list(table.tagged_items())
+    keys = torch.tensor([7, 1, 8, 2], device=device)
+    tags = torch.tensor([0, 2, 1, -1], device=device)
+    match = r"tags\[1\] = 2 is outside \[0, 2\) .*2 bad tags in all"
+    with pytest.raises(ValueError, match=match):
+        table.find_or_insert(keys, tags)
+    with pytest.raises(ValueError, match=match):
+        table.find(keys, tags)
+    with pytest.raises(ValueError, match=match):
+        erase_tags = torch.tensor([1, 2, 1, -1], device=device)
+        table.erase(torch.tensor([1, 1, 2, 2], device=device), erase_tags)
+    # All or nothing: the other keys were neither inserted nor erased.
+    after = list(table.tagged_items())
+    pairs = zip(before, after, strict=True)
+    assert all(torch.equal(a, b) for x, y in pairs for a, b in zip(x, y, strict=True))
+    assert len(table) == 3 and table.num_rows_allocated == 3
+    assert table.find(keys, tags, check_keys=False).tolist() == [-1, -1, -1, -1]
+    for bad, err in ((torch.tensor([0.5]), TypeError), (torch.tensor([[0]]), ValueError)):
+        with pytest.raises(err, match="tags must"):
+            table.find(torch.tensor([1], device=device), bad.to(device))
+    with pytest.raises(TypeError, match="tags must be None, an int or a tensor"):
+        table.find(torch.tensor([1], device=device), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_tags must be in"):
+        HashTable(4, device, num_tags=0)
+    rows, is_new = table.find_or_insert(torch.tensor([7, 8, 3], device=device), 1)
     assert rows.tolist() == [3, 4, 2] and is_new.tolist() == [True, True, False]
 
 
@@ -340,6 +402,39 @@ def test_random_ops_match_dict_oracle(backend: str, device: torch.device, seed: 
         _check_against(table, oracle, device)
 
 
+@pytest.mark.parametrize("seed", [11])
+def test_random_tagged_ops_match_dict_oracle(backend: str, device: torch.device, seed: int) -> None:
+    # Few keys under 3 tags: one key word is often several entries (the same id in several
+    # merged tables), including the slot markers' bit patterns and their remap targets.
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    pool = _pool(g, 20)
+    table = HashTable(4, device, max_load=0.8, num_tags=3)
+    oracle = Oracle()
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        keys = _draw(g, pool, n)
+        tags = torch.randint(0, 3, (n,), generator=g)
+        pairs = list(zip(keys.tolist(), tags.tolist(), strict=True))
+        return keys.to(device), tags.to(device), pairs
+
+    for _ in range(120):
+        op = rng.random()
+        keys, tags, pairs = draw(rng.randrange(0, 40))
+        if op < 0.5:
+            rows, is_new = table.find_or_insert(keys, tags)
+            want_rows, want_new = oracle.find_or_insert(pairs)
+            assert rows.cpu().tolist() == want_rows and is_new.cpu().tolist() == want_new
+        elif op < 0.75:
+            assert table.erase(keys, tags) == oracle.erase(pairs)
+        else:
+            assert table.find(keys, tags).cpu().tolist() == oracle.find(pairs)
+        got = {}
+        for k, t, r in table.tagged_items(13):
+            got.update(zip(zip(k.tolist(), t.tolist(), strict=True), r.tolist(), strict=True))
+        assert got == oracle.rows and len(table) == len(oracle.rows)
+
+
 # ----------------------------------------------------------------------------------------
 # torch reference vs Triton kernels
 # ----------------------------------------------------------------------------------------
@@ -350,21 +445,29 @@ def _triton_runs() -> bool:
 
 
 @pytest.mark.skipif(not _triton_runs(), reason="Triton cannot run here")
-def test_reference_and_triton_tables_are_identical(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("num_tags", "seed"), [(1, 7), (3, 3), (3, 8)])
+def test_reference_and_triton_tables_are_identical(
+    monkeypatch: pytest.MonkeyPatch, num_tags: int, seed: int
+) -> None:
     # One program holds every batch and every old table, so even slots match the
     # reference exactly (across programs only the slots of racing new keys may differ).
+    # With tags, one key word is often several entries: a lane meeting its key word under
+    # another tag looks on after it, as the reference does.
     monkeypatch.setattr(K, "_BLOCK", 1024)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    g = torch.Generator().manual_seed(7)
-    pool = _pool(g, 250)
-    tables = {b: HashTable(4, dev, max_load=0.8) for b in ("torch", "triton")}
+    g = torch.Generator().manual_seed(seed)
+    pool = _pool(g, 250 if num_tags == 1 else 60)
+    tables = {b: HashTable(4, dev, max_load=0.8, num_tags=num_tags) for b in ("torch", "triton")}
     for step in range(60):
         erase = step % 4 == 3
         keys = _draw(g, pool, int(torch.randint(0, 60, (1,), generator=g))).to(dev)
+        tags = None
+        if num_tags > 1:
+            tags = torch.randint(0, num_tags, keys.shape, generator=g).to(dev)
         out = {}
         for b, table in tables.items():
             with kernels.use_backend(b):
-                out[b] = table.erase(keys) if erase else table.find_or_insert(keys)
+                out[b] = table.erase(keys, tags) if erase else table.find_or_insert(keys, tags)
         if erase:
             assert out["torch"] == out["triton"]
         else:
@@ -374,25 +477,30 @@ def test_reference_and_triton_tables_are_identical(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.skipif(not _triton_runs(), reason="Triton cannot run here")
-def test_many_programs_give_the_reference_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("num_tags", [1, 5])
+def test_many_programs_give_the_reference_rows(
+    monkeypatch: pytest.MonkeyPatch, num_tags: int
+) -> None:
     # Tiny programs: new keys of one batch race for slots across programs. Rows, is_new
     # and the set of occupied slots still match the reference exactly.
     monkeypatch.setattr(K, "_BLOCK", 16)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(8)
-    pool = _pool(g, 400)
+    pool = _pool(g, 400 if num_tags == 1 else 60)
     slots = {b: K.empty_slots(1024, dev) for b in ("torch", "triton")}
     free = {b: torch.empty(0, dtype=torch.int64, device=dev) for b in slots}
     next_row = 0
+    nt = {"num_tags": num_tags}
     for step in range(6):
         keys = _draw(g, pool, 150).to(dev)
+        tags = torch.randint(0, num_tags, keys.shape, generator=g).to(dev)
         got = {}
         for b in slots:
             with kernels.use_backend(b):
                 if step % 3 == 2:
-                    free[b], got[b] = K.table_erase(slots[b], keys, free[b])
+                    free[b], got[b] = K.table_erase(slots[b], keys, free[b], tags, **nt)
                 else:
-                    got[b] = K.table_find_or_insert(slots[b], keys, free[b], next_row)
+                    got[b] = K.table_find_or_insert(slots[b], keys, free[b], next_row, tags, **nt)
         if step % 3 == 2:
             assert got["torch"] == got["triton"]
             assert torch.equal(free["torch"], free["triton"])
@@ -404,16 +512,15 @@ def test_many_programs_give_the_reference_rows(monkeypatch: pytest.MonkeyPatch) 
             next_row += n_a - reused
         for b in slots:  # rows read back through find agree too
             with kernels.use_backend(b):
-                got[b] = K.table_find(slots[b], keys)
+                got[b] = K.table_find(slots[b], keys, tags, **nt)
         assert torch.equal(got["torch"], got["triton"])
         assert torch.equal(slots["torch"][:, 0] == EMPTY, slots["triton"][:, 0] == EMPTY)
     for b in slots:
         with kernels.use_backend(b):
-            slots[b] = K.table_rehash(slots[b], 2048)
+            slots[b] = K.table_rehash(slots[b], 2048, **nt)
     key_a, key_b = slots["torch"][:, 0], slots["triton"][:, 0]
     assert torch.equal(key_a == EMPTY, key_b == EMPTY) and not bool((key_a == TOMBSTONE).any())
-    order_a, order_b = torch.argsort(key_a), torch.argsort(key_b)
-    assert torch.equal(slots["torch"][order_a], slots["triton"][order_b])
+    assert torch.equal(_sorted_slots(slots["torch"]), _sorted_slots(slots["triton"]))
 
 
 # ----------------------------------------------------------------------------------------
@@ -458,6 +565,27 @@ def test_hot_keys_on_gpu_match_cpu() -> None:
     _same_table(gpu, cpu)
 
 
+@pytest.mark.gpu
+def test_hot_tagged_keys_on_gpu_match_cpu() -> None:
+    # Every key under 4 tags, most entries new at once: lanes of one key word but other
+    # tags race for the same slots (the row-word publish decides) across programs.
+    g = torch.Generator().manual_seed(12)
+    pool = torch.cat([torch.randint(-(2**62), 2**62, (2000,), generator=g), torch.tensor(EXTREMES)])
+    gpu, cpu = HashTable(1024, "cuda", num_tags=4), HashTable(1024, "cpu", num_tags=4)
+    for _ in range(3):
+        keys = pool[torch.randint(0, pool.numel(), (1_000_000,), generator=g)]
+        tags = torch.randint(0, 4, keys.shape, generator=g)
+        rows_g, new_g = gpu.find_or_insert(keys.cuda(), tags.cuda())
+        rows_c, new_c = cpu.find_or_insert(keys, tags)
+        assert torch.equal(rows_g.cpu(), rows_c) and torch.equal(new_g.cpu(), new_c)
+        assert torch.equal(gpu.find(keys.cuda(), tags.cuda()).cpu(), rows_c)
+        gone, gone_tags = keys[:3000], tags[:3000]
+        assert gpu.erase(gone.cuda(), gone_tags.cuda()) == cpu.erase(gone, gone_tags)
+    _same_table(gpu, cpu)
+    for a, b in zip(gpu.tagged_items(), cpu.tagged_items(), strict=True):
+        assert all(torch.equal(x.cpu(), y) for x, y in zip(a, b, strict=True))
+
+
 def test_unplaced_keys_undo_the_call(backend: str, device: torch.device) -> None:
     # The caller (HashTable) always leaves an EMPTY slot; called directly on a full table
     # the op reports the keys it could not place and leaves the table as it was.
@@ -488,7 +616,7 @@ def test_huge_batches_run_in_chunks(
     assert rows.tolist() == [10, 11, 10, 20, 21, 11, 22, 23, 20, 24, 25, 25, 26]
     first = [True, True, False, True, True, False, True, True, False, True, True, False, True]
     assert is_new.tolist() == first
-    with pytest.raises(ValueError, match="reserved key"):
+    with pytest.raises(ValueError, match=r"tags\[6\] = 1 is outside \[0, 1\)"):
         K.table_find_or_insert(slots, torch.tensor([1, 2, 3, 4, 5, 6, EMPTY], device=device),
-                               free, 30)  # fmt: skip
+                               free, 30, torch.tensor([0] * 6 + [1], device=device))  # fmt: skip
     assert int((slots[:, 0] > TOMBSTONE).sum()) == 9  # nothing of the bad batch went in

@@ -276,8 +276,6 @@ def bad(ec, table="item", keys=None, slots=None, **kw):
             "unknown slot",
         ),
         ({"keys": torch.tensor([3, 3])}, ValueError, "repeats ids"),
-        ({"keys": torch.tensor([1, -1])}, ValueError, r"id -1 cannot be stored.*\[0, 2\*\*62\)"),
-        ({"keys": torch.tensor([1, 2**62])}, ValueError, "cannot be stored"),
         ({"world_size": 2, "rank": 2}, ValueError, "rank must be in"),
         ({"shard": ShardSpec(2, 0), "world_size": 2}, ValueError, "not both"),
         ({"metadata": {"format": "x"}}, ValueError, "metadata format"),
@@ -290,15 +288,29 @@ def test_bad_chunks(kwargs, error, match) -> None:
     assert list(export_collection_chunks(ec, 10)) == []  # nothing loaded half-way
 
 
-def test_reserved_sentinel_in_unmerged_table() -> None:
-    ec = make(merge=False)
-    keys = torch.tensor([-(2**63) + 1, 2**62])
-    with pytest.raises(ValueError, match="cannot be stored"):
-        bad(ec, keys=keys)
-    # Unmerged: the whole int64 range (but the sentinels) round-trips.
-    keys = torch.tensor([-(2**63) + 2, 2**63 - 1, -5])
-    assert bad(ec, keys=keys, slots={"values": torch.ones(3, 4)}) == 3
-    assert as_dict(ec).keys() == {("item", k) for k in keys.tolist()}
+@pytest.mark.parametrize("merge", [True, False])
+def test_full_int64_range_round_trips(merge: bool) -> None:
+    # Merged or not, every int64 id loads, exports and reloads (the hash table's slot
+    # markers -2**63 and -2**63 + 1 included), and one id in two tables is two entries.
+    keys = torch.tensor([-(2**63), -(2**63) + 1, -(2**63) + 2, 2**63 - 1, -5, 2**62])
+    values = torch.arange(24, dtype=torch.float32).view(6, 4)
+    src = make(merge=merge)
+    for table, vals in (("item", values), ("user", -values)):
+        assert bad(src, table=table, keys=keys, slots={"values": vals}) == 6
+    want = {(t, k) for t in ("item", "user") for k in keys.tolist()}
+    assert as_dict(src).keys() == want
+    for other in (True, False):
+        dst = make(merge=other)
+        copy_state(src, dst, 4)
+        got = as_dict(dst)
+        assert got.keys() == want
+        for i, k in enumerate(keys.tolist()):
+            assert torch.equal(got[("item", k)], values[i])
+            assert torch.equal(got[("user", k)], -values[i])
+    # remove_keys erases one table's ids only.
+    state = CollectionTableState(src, "user")
+    assert state.remove_keys(keys[:2]) == 2
+    assert as_dict(src).keys() == want - {("user", k) for k in keys[:2].tolist()}
 
 
 def test_metadata_dim_mismatch() -> None:

@@ -149,6 +149,28 @@ def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     assert ckpt.steps() == [3, 4]
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_decides_the_fsyncs_not_the_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    model, opt, _ = trained(0)
+    table = filled("t", range(0, 40, 3), seed=1)
+    ckpt = Checkpointer(tmp_path / str(durable), durable=durable)
+    ckpt.save(1, model=model, opt=opt, emb=table)
+    ckpt.save(2, delta=True, model=model, opt=opt, emb=table)
+    assert bool(synced) is durable
+    model2, opt2, _ = trained(1, steps=1)
+    table2 = ToyTable("t")
+    assert Checkpointer(tmp_path / str(durable)).load(model=model2, opt=opt2, emb=table2).step == 2
+    assert same_state(model2.state_dict(), model.state_dict())
+    assert table2.as_dict() == table.as_dict()
+
+
 def test_async_save_writes_what_was_there_when_it_returned(tmp_path: Path) -> None:
     model, opt, _ = trained(0)
     table = filled("t", range(30), seed=3)

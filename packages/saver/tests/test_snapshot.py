@@ -10,7 +10,13 @@ import torch
 from toy_table import ToyTable
 
 from recstack.saver import Checkpointer
-from recstack.saver.snapshot import PinnedPool, host_copy
+from recstack.saver.snapshot import (
+    MIN_PART_BYTES,
+    PinnedPool,
+    estimate_chunk_rows,
+    host_copy,
+    spread_chunk_rows,
+)
 
 
 def test_cpu_snapshots_never_share_memory() -> None:
@@ -50,3 +56,22 @@ def test_the_first_async_save_pins_nothing_and_the_next_reuse_pinned_buffers(
         fresh = torch.nn.Linear(64, 64)
         Checkpointer(tmp_path).load(step, model=fresh, emb=ToyTable("t"))
         assert bool((fresh.weight == float(step)).all())
+
+
+def test_small_exports_are_spread_over_the_writer_threads() -> None:
+    meta = {"slots": {"values": {"dtype": "float32", "shape": [64]}}, "num_keys": 100_000_000}
+    row = 8 + 64 * 4
+    part = 256 << 20
+    assert estimate_chunk_rows(meta, part) == part // row
+    # A big full export: parts of part_bytes.
+    assert spread_chunk_rows(meta, part, 16, delta=False) == part // row
+    # A small one: one part per thread, none under the floor.
+    small = {**meta, "num_keys": 200_000}
+    assert spread_chunk_rows(small, part, 16, delta=False) == MIN_PART_BYTES // row
+    medium = {**meta, "num_keys": 1_000_000}
+    assert spread_chunk_rows(medium, part, 16, delta=False) == 62_500
+    # A delta's size is unknown: part_bytes / threads, at least the floor.
+    assert spread_chunk_rows(meta, part, 16, delta=True) == part // row // 16
+    assert spread_chunk_rows(meta, part, 64, delta=True) == MIN_PART_BYTES // row
+    assert spread_chunk_rows({}, part, 16, delta=False) == 1 << 16
+    assert spread_chunk_rows({**meta, "num_keys": 0}, part, 1, delta=False) == part // row

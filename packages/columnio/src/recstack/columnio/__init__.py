@@ -2,7 +2,8 @@
 
 * :class:`ColumnReader` reads files, directories, globs or ``s3://``/``gs://``/``hdfs://``
   URIs with multi-threaded decoding into ``dict[str, Tensor | JaggedTensor]`` batches, sharded
-  by rank, shuffled per epoch, with exact resume from :meth:`ColumnReader.state_dict`.
+  by rank, shuffled per epoch (in windows, or exactly over the whole epoch with
+  ``shuffle="epoch"``), with exact resume from :meth:`ColumnReader.state_dict`.
 * :class:`StreamingReader` follows a directory for online learning, in windows.
 * :func:`to_device` copies batch k+1 to the GPU on a side stream while batch k trains.
 * :func:`write_parquet` and :func:`write_synthetic_ctr` write data (atomically).
@@ -17,7 +18,7 @@ from recstack.columnio.device import (
     record_batch_stream,
     to_device,
 )
-from recstack.columnio.errors import ColumnIOError, ReadStats
+from recstack.columnio.errors import ColumnIOError, ReadStats, ShuffleWarning
 from recstack.columnio.files import FORMATS, FileRef
 from recstack.columnio.formats import FileMeta, inspect_file, read_unit
 from recstack.columnio.paths import infer_format, resolve_files
@@ -48,6 +49,7 @@ __all__ = [
     "FileMeta",
     "FileRef",
     "ReadStats",
+    "ShuffleWarning",
     "StreamingReader",
     "SyntheticCTRConfig",
     "SyntheticCTRInfo",

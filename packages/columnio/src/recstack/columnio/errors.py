@@ -10,7 +10,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ColumnIOError", "ReadStats", "logger"]
+__all__ = ["ColumnIOError", "ReadStats", "ShuffleWarning", "logger"]
 
 logger = logging.getLogger("recstack.columnio")
 
@@ -33,6 +33,17 @@ class ColumnIOError(ValueError):
             where.append(f"column {column!r}")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class ShuffleWarning(UserWarning):
+    """A shuffle setting that silently costs something: quality or time.
+
+    Raised (as a warning) when ``shuffle=True`` permutes windows smaller than the rank's
+    epoch (a partial shuffle), and when ``shuffle="epoch"`` with the default
+    ``shuffle_buffer`` would decode the data many times per epoch. Choosing explicitly
+    (``shuffle="window"``, or passing ``shuffle_buffer``) silences it, as does
+    ``warnings.filterwarnings("ignore", category=ShuffleWarning)``.
+    """
 
 
 @dataclass

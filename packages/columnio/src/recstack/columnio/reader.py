@@ -3,7 +3,7 @@
 Work flows through three stages. A pool of threads decodes units (Parquet row groups, ORC
 stripes, Arrow record batches) with pyarrow, which releases the GIL, and turns each column
 into tensors straight from Arrow's buffers. One assembler thread cuts those into batches
-(and permutes shuffle windows), copying each column once into fresh, optionally
+(and permutes shuffle windows or epoch buckets), copying each column once into fresh, optionally
 page-locked, memory. A bounded queue hands batches to the training loop, so the loop only
 ever waits when decoding is slower than training.
 """
@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,8 @@ from recstack.columnio.batching import (
 from recstack.columnio.columns import MISSING, Column, ResolvedColumn, normalize_columns
 from recstack.columnio.convert import ColumnValue
 from recstack.columnio.device import batch_to, hand_over, move_batch_to_cuda
-from recstack.columnio.errors import ColumnIOError, ReadStats
+from recstack.columnio.epoch_shuffle import BucketPlan, estimated_passes
+from recstack.columnio.errors import ColumnIOError, ReadStats, ShuffleWarning
 from recstack.columnio.files import FileRef
 from recstack.columnio.formats import FileMeta, inspect_file
 from recstack.columnio.paths import resolve_files
@@ -58,6 +60,7 @@ from recstack.core.distributed import dist_env
 __all__ = ["Batch", "ColumnReader"]
 
 OnError = Literal["raise", "skip"]
+Shuffle = bool | Literal["window", "epoch"]
 
 _STATE_FORMAT = "recstack.columnio.ColumnReader"
 _STATE_VERSION = 1
@@ -78,6 +81,17 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+def _check_shuffle(value: Any) -> bool | Literal["epoch"]:
+    """``False``, ``True`` (windows) or ``"epoch"``: the forms a state dict records."""
+    if value is False or value is True:
+        return value
+    if value == "window":
+        return True
+    if value == "epoch":
+        return "epoch"
+    raise ValueError(f"shuffle must be False, True, 'window' or 'epoch', got {value!r}")
+
+
 class ColumnReader:
     """An iterable of batches read from Parquet (default), ORC or Arrow IPC files.
 
@@ -96,9 +110,20 @@ class ColumnReader:
         format: ``"parquet"``, ``"orc"`` or ``"ipc"``; ``None`` infers it from each
             file's extension (Parquet when unknown).
         filesystem: a ``pyarrow.fs.FileSystem`` the paths live on (instead of URIs).
-        shuffle: shuffle unit order per epoch and rows within windows of
-            ``shuffle_buffer`` rows (default ``max(65536, 16 * batch_size)``).
+        shuffle: ``False`` keeps file order. ``True`` or ``"window"`` shuffles unit order
+            per epoch, then permutes the rank's stream in windows of ``shuffle_buffer``
+            rows: a **partial** shuffle whenever the rank reads more rows than one window
+            (a row moves at most one window, and each batch mixes rows of a few units),
+            which ``True`` warns about once with a :class:`ShuffleWarning` (``"window"``
+            says you know). ``"epoch"`` is an exact full-epoch shuffle: a uniformly random
+            permutation of every row of the epoch, built from random buckets of about
+            ``shuffle_buffer`` rows (see :mod:`recstack.columnio.epoch_shuffle`). It holds
+            at most about one bucket of rows in memory but decodes the data about
+            ``ceil(total_rows / shuffle_buffer / world_size) + 1`` times per epoch per
+            rank: give it as large a ``shuffle_buffer`` as memory allows.
         seed: the shuffle seed; the same seed gives the same order.
+        shuffle_buffer: rows held for shuffling: the window size (``shuffle=True``) or the
+            bucket size (``"epoch"``); default ``max(65536, 16 * batch_size)``.
         rank: this reader's share of the data; default from torchrun's ``RANK``.
         world_size: how many readers share it; default from ``WORLD_SIZE``. Together the
             ``world_size`` readers yield every row exactly once per epoch, with row counts
@@ -140,7 +165,7 @@ class ColumnReader:
         *,
         format: str | None = None,
         filesystem: pafs.FileSystem | None = None,
-        shuffle: bool = False,
+        shuffle: Shuffle = False,
         seed: int = 0,
         shuffle_buffer: int | None = None,
         rank: int | None = None,
@@ -173,7 +198,8 @@ class ColumnReader:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error: OnError = on_error
-        self.shuffle = bool(shuffle)
+        self.shuffle: bool | Literal["epoch"] = _check_shuffle(shuffle)
+        buffer_given = shuffle_buffer is not None
         if shuffle_buffer is None:
             shuffle_buffer = max(65536, 16 * self.batch_size)
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
@@ -209,11 +235,40 @@ class ColumnReader:
         self.total_rows = sum(u.rows for u in self._units)
         lo, hi = rank_rows(self.total_rows, self.rank, self.world_size)
         self.num_rows = hi - lo
+        # Global row index -> unit: the epoch shuffle reads rows by their place in file order.
+        self._unit_ends = torch.tensor(
+            list(itertools.accumulate(u.rows for u in self._units)), dtype=torch.int64
+        )
         self._fingerprint = self._make_fingerprint()
         self.epoch = 0
         self._position = 0
         self._active: _EpochRun | None = None
         self._segment_cache: tuple[int, list[Segment], list[int]] | None = None
+        self._bucket_cache: BucketPlan | None = None
+        self._warn_about_shuffle(shuffle, buffer_given)
+
+    def _warn_about_shuffle(self, asked: Shuffle, buffer_given: bool) -> None:
+        if asked is True and self.num_rows > self.shuffle_buffer:
+            warnings.warn(
+                f"ColumnReader: shuffle=True permutes windows of {self.shuffle_buffer} rows "
+                f"but this rank reads {self.num_rows} rows per epoch, so the shuffle is "
+                "partial (rows move at most one window). Pass shuffle='epoch' for a full "
+                "shuffle, a larger shuffle_buffer, or shuffle='window' to keep windows "
+                "without this warning.",
+                ShuffleWarning,
+                stacklevel=3,
+            )
+        if asked == "epoch" and not buffer_given:
+            passes = estimated_passes(self.total_rows, self.num_rows, self.shuffle_buffer)
+            if passes > 4:
+                warnings.warn(
+                    f"ColumnReader: shuffle='epoch' with buckets of {self.shuffle_buffer} "
+                    f"rows decodes the data about {passes} times per epoch on this rank; "
+                    "pass the rows you can hold in memory as shuffle_buffer (at or above "
+                    f"{self.num_rows}, the rows of this rank, means about 2 passes).",
+                    ShuffleWarning,
+                    stacklevel=3,
+                )
 
     # ------------------------------------------------------------------ planning
 
@@ -284,11 +339,20 @@ class ColumnReader:
         full, rest = divmod(self.num_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
+    def _bucket_plan(self, epoch: int) -> BucketPlan:
+        # Cached: counting the buckets hashes every row index once per epoch.
+        plan = self._bucket_cache
+        if plan is None or plan.epoch != epoch:
+            plan = BucketPlan.build(self.total_rows, self.shuffle_buffer, self.seed, epoch)
+            self._bucket_cache = plan
+        return plan
+
     def _segments(self, epoch: int) -> list[Segment]:
         # Cached: state_dict() is called after every batch by DevicePrefetcher.
         cached = self._segment_cache
         if cached is None or cached[0] != epoch:
-            units = epoch_units(self._units, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+            shuffled = self.shuffle is True
+            units = epoch_units(self._units, shuffle=shuffled, seed=self.seed, epoch=epoch)
             lo, hi = rank_rows(self.total_rows, self.rank, self.world_size)
             segs = segments(units, lo, hi)
             ends = list(itertools.accumulate(s.rows for s in segs))
@@ -356,7 +420,8 @@ class ColumnReader:
             "columns": columns,
             "batch_size": self.batch_size,
             "format": self._format_arg,
-            "shuffle": self.shuffle,
+            # "window", not True: the reader process must not warn a second time.
+            "shuffle": "window" if self.shuffle is True else self.shuffle,
             "seed": self.seed,
             "shuffle_buffer": self.shuffle_buffer,
             "rank": self.rank,
@@ -401,9 +466,10 @@ class ColumnReader:
         """Where the reader stands, as plain JSON-able data.
 
         ``position`` counts the rows of this rank's epoch stream already yielded (in
-        stream order, so it also pins the place inside a shuffle window); ``next`` names
-        the file, unit and row the stream continues from. Loading it into a reader over
-        the same files makes it yield exactly the rows not yet yielded.
+        stream order, so it also pins the place inside a shuffle window or bucket);
+        ``next`` names the file, unit and row the stream continues from (the window, or
+        the bucket, and the row in it, when shuffling). Loading it into a reader over the
+        same files makes it yield exactly the rows not yet yielded, in the same order.
         """
         state: dict[str, Any] = {
             "format": _STATE_FORMAT,
@@ -422,6 +488,12 @@ class ColumnReader:
         return state
 
     def _where(self, epoch: int, position: int) -> dict[str, Any] | None:
+        if self.shuffle == "epoch":
+            lo, _ = rank_rows(self.total_rows, self.rank, self.world_size)
+            if position >= self.num_rows:
+                return None
+            bucket, row = self._bucket_plan(epoch).locate(lo + position)
+            return {"bucket": bucket, "row_in_bucket": row}
         if self.shuffle:
             w = position // self.shuffle_buffer
             return {"window": w, "row_in_window": position - w * self.shuffle_buffer}
@@ -488,6 +560,10 @@ class _EpochRun:
         self.retiring: deque[tuple[torch.cuda.Event, Batch]] = deque()
         self.pool = ThreadPoolExecutor(reader.num_threads, thread_name_prefix="columnio-decode")
         self.thread = threading.Thread(target=self._produce, name="columnio-assemble", daemon=True)
+        # Epoch shuffle: every bucket decodes the units again, so a unit that failed is
+        # skipped (and counted) once, and a unit's filled nulls are counted once.
+        self.failed_units: set[int] = set()
+        self.counted_units: set[int] = set()
         if start_thread:
             self.thread.start()
 
@@ -592,6 +668,9 @@ class _EpochRun:
 
     def _pieces(self) -> Iterator[Piece]:
         r = self.r
+        if r.shuffle == "epoch":
+            yield from self._epoch_pieces()
+            return
         plan, skip = self._plan()
         if not r.shuffle:
             for seg, pos, cols in self._decoded(plan):
@@ -632,6 +711,81 @@ class _EpochRun:
         joined = {rc.name: cat_rows([c[rc.name] for c in live]) for rc in r._resolved}
         cols = {k: take_rows(v, take) for k, v in joined.items()}
         yield Piece(cols, base + kept_slots)
+
+    def _epoch_pieces(self) -> Iterator[Piece]:
+        """The rank's share of the epoch's bucket stream, one piece per bucket it overlaps."""
+        r = self.r
+        plan = r._bucket_plan(self.epoch)
+        lo, hi = rank_rows(r.total_rows, r.rank, r.world_size)
+        position = self.start
+        while lo + position < hi and not self.stop.is_set():
+            bucket, row = plan.locate(lo + position)
+            take = min(hi, plan.ends[bucket]) - plan.start(bucket) - row
+            rows = plan.stream_rows(bucket)[row : row + take]
+            gathered = self._gather(rows)
+            if gathered is None:  # stopped
+                return
+            cols, kept = gathered
+            slots = torch.arange(position, position + take, dtype=torch.int64)[kept]
+            if slots.numel():
+                yield Piece(cols, slots)
+            position += take
+
+    def _gather(self, rows: torch.Tensor) -> tuple[dict[str, ColumnValue], torch.Tensor] | None:
+        """Columns of the global ``rows`` in the given order, and which rows were present.
+
+        Rows are read unit by unit in file order (each unit decoded once), then put in the
+        asked order with one gather per column.
+        """
+        r = self.r
+        ascending, _ = torch.sort(rows)
+        unit_of = torch.searchsorted(r._unit_ends, ascending, right=True)
+        units, counts = torch.unique_consecutive(unit_of, return_counts=True)
+        indices = units.tolist()
+        live = [u for u in indices if u not in self.failed_units]
+        jobs = [
+            (r._files[r._units[u].file], r._metas[r._units[u].file], r._units[u].unit) for u in live
+        ]
+        decoded = decode_ahead(self.pool, jobs, r._resolved, 2 * r.num_threads, self.stop)
+        parts: list[dict[str, ColumnValue]] = []
+        present = torch.ones(ascending.numel(), dtype=torch.bool)
+        first = 0
+        for index, n in zip(indices, counts.tolist(), strict=True):
+            ref = r._units[index]
+            if index in self.failed_units:
+                present[first : first + n] = False
+                first += n
+                continue
+            nxt = next(decoded, None)
+            if nxt is None:
+                return None
+            cols, local, error = nxt
+            if error is not None:
+                if r.on_error == "raise":
+                    raise error
+                self.failed_units.add(index)
+                r.stats.record_skip(r._files[ref.file].uri, ref.rows, error, unit=ref.unit)
+                present[first : first + n] = False
+            else:
+                assert cols is not None and local is not None
+                r.stats.rows_read += ref.rows
+                if index not in self.counted_units:
+                    self.counted_units.add(index)
+                    for name, count in local.nulls_filled.items():
+                        r.stats.add_nulls(name, count)
+                unit_start = int(r._unit_ends[index]) - ref.rows
+                local_rows = ascending[first : first + n] - unit_start
+                parts.append({k: take_rows(v, local_rows) for k, v in cols.items()})
+            first += n
+        # Output row j is ascending row searchsorted(ascending, rows[j]) among those present.
+        where = torch.searchsorted(ascending, rows)
+        kept = present.index_select(0, where)
+        dense = torch.cumsum(present.to(torch.int64), 0) - 1
+        take = dense.index_select(0, where[kept])
+        if not parts:
+            return {}, kept
+        joined = {rc.name: cat_rows([p[rc.name] for p in parts]) for rc in r._resolved}
+        return {k: take_rows(v, take) for k, v in joined.items()}, kept
 
     def _batches(self) -> Iterator[tuple[Batch, int, int]]:
         for parts in self.batch_parts():

@@ -557,6 +557,10 @@ def roc_auc(scores: Any, labels: Any) -> float:
     """Exact ROC AUC of ``scores`` against binary ``labels`` (Mann-Whitney, tied scores get
     their average rank, so a tie counts one half). ``nan`` when a class is missing.
 
+    A host-side helper for scoring the synthetic data's click model (:func:`best_auc`).
+    To evaluate models, use ``recstack.pipelines.metrics``: AUC, GAUC, log-loss,
+    calibration and NE on the device, accumulated over batches, per task and across ranks.
+
     Args:
         scores: 1-D array-like of numbers (NumPy, torch on CPU, Arrow, list).
         labels: 1-D array-like of 0/1 or bools, same length.

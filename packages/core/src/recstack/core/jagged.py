@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 import torch
 
+from recstack.core.capacity import items_first_index, padded_item_mask
+from recstack.core.length_check import LengthCheck
+
 __all__ = ["JaggedTensor"]
 
 Side = Literal["left", "right"]
@@ -108,6 +111,12 @@ class JaggedTensor:
     devices), so it never waits on the GPU; call :meth:`validate` to check the offsets too.
     Integer offsets of any width are converted to int64.
 
+    ``compact=False`` declares a *capacity* layout: ``values`` may be longer than
+    ``offsets[-1]``, and ``values[offsets[-1]:]`` is unused padding (what
+    ``from_padded(..., compact=False)`` builds without a host sync). Row views, padding
+    and ``lengths()`` read only the rows; :meth:`compact` trims the padding off (one sync)
+    for code that reads ``values`` as a whole.
+
     ``values`` may itself be a JaggedTensor (two levels: a ``list<string>`` column is rows
     of strings, each string a row of bytes; see :meth:`from_string_lists`). A nested
     JaggedTensor moves, pins, slices, validates and converts to lists like a flat one;
@@ -125,6 +134,8 @@ class JaggedTensor:
         values: torch.Tensor,
         offsets: torch.Tensor,
         weights: torch.Tensor | None = None,
+        *,
+        compact: bool = True,
     ) -> None:
         if not isinstance(values, (torch.Tensor, JaggedTensor)):
             raise TypeError(
@@ -140,6 +151,9 @@ class JaggedTensor:
         self.values = values
         self.offsets = offsets
         self.weights = weights
+        self._compact = bool(compact)
+        # Lengths a sync-free constructor could not check yet (see length_check.py).
+        self._pending: LengthCheck | None = None
 
     # ------------------------------------------------------------------ constructors
 
@@ -166,15 +180,31 @@ class JaggedTensor:
         lengths: torch.Tensor,
         side: Side = "right",
         weights: torch.Tensor | None = None,
+        *,
+        compact: bool = True,
+        validate: bool = False,
     ) -> JaggedTensor:
         """Jagged rows from a padded ``[B, L, *trailing]`` tensor.
 
         ``side`` names where the padding is: ``"right"`` means row ``i``'s items are
         ``padded[i, :lengths[i]]``, ``"left"`` means they are ``padded[i, L - lengths[i]:]``.
-        ``weights``, if given, is padded the same way (``[B, L]``).
 
-        One host sync reads the total length (the output size) and checks
-        ``0 <= lengths <= L``.
+        With ``compact=True`` (the default) ``values`` holds exactly the items: one host
+        sync reads their total (the output size) and checks ``0 <= lengths <= L``.
+
+        With ``compact=False`` nothing syncs: ``values`` keeps all ``B * L`` slots, the
+        items first (row by row) and the padding slots after them, so
+        ``offsets[-1] <= len(values)`` (a capacity layout, see the class docs). The
+        lengths are checked at the first :meth:`validate` or :meth:`compact`, or right
+        away (one sync) with ``validate=True``.
+
+        Args:
+            padded: ``[B, L, *trailing]`` rows, padded on ``side``.
+            lengths: integer ``[B]``, items per row (moved to ``padded``'s device).
+            side: where the padding is, ``"right"`` or ``"left"``.
+            weights: optional ``[B, L]`` per-item weights, padded the same way.
+            compact: trim ``values`` to the items (one host sync) or keep the capacity.
+            validate: with ``compact=False``, check the lengths now (one host sync).
         """
         _check_side("side", side)
         if not isinstance(padded, torch.Tensor):
@@ -197,21 +227,40 @@ class JaggedTensor:
                     f"from_padded: weights must be [B, L] = {(batch, width)}, got {shape}"
                 )
             weights = weights.to(device)
+        if not compact:
+            return cls._from_padded_capacity(padded, lengths, side, weights, validate)
         offsets = _offsets_from_lengths(lengths)
         if batch == 0:
             total = 0
         else:
             total, lo, hi = torch.stack([offsets[-1], lengths.min(), lengths.max()]).tolist()
-            if lo < 0:
-                raise ValueError(f"from_padded: lengths must be >= 0, got a length of {lo}")
-            if hi > width:
-                raise ValueError(
-                    f"from_padded: a length of {hi} exceeds the padded width L={width}"
-                )
+            LengthCheck(["from_padded"], [width], lengths.new_empty(0)).raise_if_bad([lo, hi])
         flat = cls._padded_source_index(offsets, lengths, width, side, total)
         values = padded.flatten(0, 1).index_select(0, flat)
         w = weights.flatten(0, 1).index_select(0, flat) if weights is not None else None
         return cls(values, offsets, w)
+
+    @classmethod
+    def _from_padded_capacity(
+        cls,
+        padded: torch.Tensor,
+        lengths: torch.Tensor,
+        side: str,
+        weights: torch.Tensor | None,
+        validate: bool,
+    ) -> JaggedTensor:
+        width = padded.shape[1]
+        check = LengthCheck.of("from_padded", width, lengths)
+        if validate and check is not None:
+            check.run()
+        # Clamped, a bad length still gives self-consistent rows until the check reports it.
+        kept = lengths.clamp(0, width)
+        order = items_first_index(padded_item_mask(kept, width, side).reshape(-1))
+        values = padded.flatten(0, 1).index_select(0, order)
+        w = weights.flatten(0, 1).index_select(0, order) if weights is not None else None
+        out = cls(values, _offsets_from_lengths(kept), w, compact=values.shape[0] == 0)
+        out._pending = None if validate else check
+        return out
 
     @staticmethod
     def _padded_source_index(
@@ -311,25 +360,68 @@ class JaggedTensor:
         """Check everything the constructor skips (one host sync); returns ``self``.
 
         Raises ``ValueError`` unless ``offsets[0] == 0``, ``offsets`` is non-decreasing and
-        ``offsets[-1] == len(values)``.
+        ``offsets[-1] == len(values)`` (``<=`` for a capacity layout, ``compact=False``),
+        and, for a sync-free ``from_padded``, every length was within ``[0, L]``.
         """
         n = _num_items(self.values)
         _check_weights("JaggedTensor", self.values, self.weights)
         if isinstance(self.values, JaggedTensor):
             self.values.validate()
         decreasing = (self.offsets[1:] < self.offsets[:-1]).any()
-        first, last, bad = torch.stack(
-            [self.offsets[0], self.offsets[-1], decreasing.to(torch.int64)]
-        ).tolist()
+        head = torch.stack([self.offsets[0], self.offsets[-1], decreasing.to(torch.int64)])
+        pending = self._pending
+        if pending is not None:
+            head = torch.cat([head, pending.bounds])
+        synced = head.tolist()
+        first, last, bad = synced[:3]
+        if pending is not None:
+            pending.raise_if_bad(synced[3:])
+            self._pending = None  # checked once; the lengths cannot change under us
         if first != 0:
             raise ValueError(f"JaggedTensor: offsets[0] must be 0, got {first}")
         if bad:
             raise ValueError("JaggedTensor: offsets must be non-decreasing (a row has length < 0)")
-        if last != n:
+        if self._compact and last != n:
             raise ValueError(
                 f"JaggedTensor: offsets[-1]={last} must equal the number of items in values ({n})"
             )
+        if last > n:
+            raise ValueError(
+                f"JaggedTensor: offsets[-1]={last} exceeds the capacity of values ({n})"
+            )
         return self
+
+    @property
+    def is_compact(self) -> bool:
+        """Whether ``values`` ends where the last row ends (False: a capacity layout)."""
+        return self._compact
+
+    def compact(self) -> JaggedTensor:
+        """This JaggedTensor with ``values`` (and ``weights``) trimmed to the items.
+
+        A compact one is returned as is. A capacity layout (``compact=False``) costs one
+        host sync, which also runs any pending length check of a sync-free ``from_padded``;
+        the result shares memory with ``self`` (slices, no copy).
+        """
+        if self._compact and self._pending is None:
+            return self
+        end = self.offsets[-1:]
+        pending = self._pending
+        if pending is not None:
+            end = torch.cat([end, pending.bounds])
+        synced = end.tolist()
+        if pending is not None:
+            pending.raise_if_bad(synced[1:])
+            self._pending = None
+        if self._compact:
+            return self
+        total = synced[0]
+        if isinstance(self.values, JaggedTensor):
+            values: Any = self.values[:total]
+        else:
+            values = self.values[:total]
+        w = self.weights[:total] if self.weights is not None else None
+        return JaggedTensor(values, self.offsets, w)
 
     # ------------------------------------------------------------------ views
 
@@ -342,7 +434,13 @@ class JaggedTensor:
         return self.offsets.numel() - 1
 
     def numel(self) -> int:
-        """Number of items over all rows (``values.shape[0]``), not counting trailing dims."""
+        """Number of items over all rows, not counting trailing dims.
+
+        ``values.shape[0]`` for a compact JaggedTensor (no sync); ``offsets[-1]`` for a
+        capacity layout, which costs one host sync.
+        """
+        if not self._compact:
+            return int(self.offsets[-1])
         return _num_items(self.values)
 
     def weights_or_none(self) -> torch.Tensor | None:
@@ -516,7 +614,9 @@ class JaggedTensor:
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> JaggedTensor:
         w = fn(self.weights) if self.weights is not None else None
         values = self.values._map(fn) if isinstance(self.values, JaggedTensor) else fn(self.values)
-        return JaggedTensor(values, fn(self.offsets), w)
+        out = JaggedTensor(values, fn(self.offsets), w, compact=self._compact)
+        out._pending = self._pending.map(fn) if self._pending is not None else None
+        return out
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> JaggedTensor:
         """Move every tensor to ``device``. ``non_blocking`` needs pinned memory to overlap."""
@@ -551,6 +651,8 @@ class JaggedTensor:
 
     def __repr__(self) -> str:
         w = "" if self.weights is None else f", weights={self.weights.dtype}"
+        if not self._compact:
+            w += ", capacity layout"
         if isinstance(self.values, JaggedTensor):
             return f"JaggedTensor(batch={len(self)}, values={self.values!r}{w})"
         return (

@@ -25,13 +25,23 @@ from typing import Any
 
 import torch
 
+from recstack.core.capacity import count_mask, items_first_index
 from recstack.core.jagged import (
     JaggedTensor,
+    Side,
     _as_index_tensor,
     _check_same_device,
     _check_weights,
     _offsets_from_lengths,
 )
+from recstack.core.jagged_build import (
+    DenseFeatures,
+    FeatureGroup,
+    PackedFeatures,
+    PaddedFeatures,
+    pack_features,
+)
+from recstack.core.length_check import LengthCheck
 
 __all__ = ["KeyedJaggedTensor"]
 
@@ -61,6 +71,12 @@ class KeyedJaggedTensor:
     ``kjt["key"]`` is a :class:`JaggedTensor` whose ``values`` is a slice of the packed
     buffer (no copy).
 
+    ``compact=False`` declares a *capacity* layout: ``values`` may be longer than
+    ``offsets()[-1]``, and ``values()[offsets()[-1]:]`` is unused padding. The sync-free
+    :meth:`from_padded` builds one. Per-key views, :meth:`split` and :meth:`permute` read
+    only the items; :meth:`compact` trims the padding (one sync) for code that reads
+    ``values()`` as a whole.
+
     Example::
 
         >>> kjt = KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([1, 0, 2, 0]))
@@ -77,6 +93,8 @@ class KeyedJaggedTensor:
         stride: int | None = None,
         offsets: torch.Tensor | None = None,
         length_per_key: Sequence[int] | None = None,
+        *,
+        compact: bool = True,
     ) -> None:
         keys = _check_keys(keys)
         if not isinstance(values, torch.Tensor):
@@ -126,9 +144,10 @@ class KeyedJaggedTensor:
                     f"KeyedJaggedTensor: length_per_key has {len(length_per_key)} entries "
                     f"for {n_keys} keys"
                 )
-            if sum(length_per_key) != values.shape[0]:
+            total = sum(length_per_key)
+            if total > values.shape[0] or (compact and total != values.shape[0]):
                 raise ValueError(
-                    f"KeyedJaggedTensor: length_per_key sums to {sum(length_per_key)} but values "
+                    f"KeyedJaggedTensor: length_per_key sums to {total} but values "
                     f"has {values.shape[0]} items"
                 )
         self._keys = keys
@@ -140,6 +159,9 @@ class KeyedJaggedTensor:
         self._offsets = offsets
         self._length_per_key = length_per_key
         self._offset_per_key: list[int] | None = None
+        self._compact = bool(compact)
+        # Lengths a sync-free constructor could not check yet (see length_check.py).
+        self._pending: LengthCheck | None = None
 
     # ------------------------------------------------------------------ accessors
 
@@ -172,14 +194,58 @@ class KeyedJaggedTensor:
         return self._stride
 
     def length_per_key(self) -> list[int]:
-        """Items per key. The first call reads them from the device (one sync), then cached."""
+        """Items per key. The first call reads them from the device (one sync), then cached.
+
+        That read also runs the length check a sync-free :meth:`from_padded` left pending,
+        so a length outside ``[0, L]`` raises here, before any row is used.
+        """
         if self._length_per_key is None:
             if self._stride == 0 or not self._keys:
                 self._length_per_key = [0] * len(self._keys)
             else:
                 per_key = self._lengths.view(len(self._keys), self._stride).sum(1)
-                self._length_per_key = per_key.tolist()
+                pending = self._pending
+                if pending is None:
+                    self._length_per_key = per_key.tolist()
+                else:
+                    synced = torch.cat([per_key, pending.bounds]).tolist()
+                    pending.raise_if_bad(synced[len(self._keys) :])
+                    self._pending = None
+                    self._length_per_key = synced[: len(self._keys)]
         return list(self._length_per_key)
+
+    @property
+    def is_compact(self) -> bool:
+        """Whether ``values()`` holds exactly the items (False: a capacity layout)."""
+        return self._compact
+
+    def compact(self) -> KeyedJaggedTensor:
+        """This KJT with ``values`` (and ``weights``) trimmed to the items.
+
+        A compact KJT is returned as is. A capacity layout reads :meth:`length_per_key`
+        (one host sync unless already known, running any pending length check); the result
+        shares memory with ``self`` (slices, no copy).
+        """
+        if self._compact and self._pending is None:
+            return self
+        lpk = self.length_per_key()
+        if self._pending is not None:  # length_per_key was given: check the lengths here
+            self._pending.run()
+            self._pending = None
+        if self._compact:
+            return self
+        total = sum(lpk)
+        out = KeyedJaggedTensor(
+            self._keys,
+            self._values[:total],
+            self._lengths,
+            weights=self._weights[:total] if self._weights is not None else None,
+            stride=self._stride,
+            offsets=self._offsets,
+            length_per_key=lpk,
+        )
+        out._offset_per_key = self._offset_per_key
+        return out
 
     def offset_per_key(self) -> list[int]:
         """``K + 1`` offsets: key ``k`` owns ``values[opk[k]:opk[k + 1]]``."""
@@ -225,8 +291,9 @@ class KeyedJaggedTensor:
     def validate(self) -> KeyedJaggedTensor:
         """Check the contents (one host sync); returns ``self``.
 
-        Lengths must be >= 0, sum to the number of items, and agree with any given offsets
-        and ``length_per_key``.
+        Lengths must be >= 0, sum to the number of items (at most ``len(values)`` for a
+        capacity layout), and agree with any given offsets and ``length_per_key``; a
+        sync-free :meth:`from_padded`'s lengths must have been within ``[0, L]``.
         """
         n = self._values.shape[0]
         n_keys = len(self._keys)
@@ -239,11 +306,17 @@ class KeyedJaggedTensor:
         head = torch.stack(
             [(self._lengths < 0).any().to(torch.int64), self._lengths.sum(), mismatch]
         )
-        result = torch.cat([head, per_key]).tolist()
-        negative, total, bad_offsets, actual = result[0], result[1], result[2], result[3:]
+        pending = self._pending
+        bounds = [pending.bounds] if pending is not None else []
+        result = torch.cat([head, per_key, *bounds]).tolist()
+        negative, total, bad_offsets = result[0], result[1], result[2]
+        actual = result[3 : 3 + n_keys]
+        if pending is not None:
+            pending.raise_if_bad(result[3 + n_keys :])
+            self._pending = None
         if negative:
             raise ValueError("KeyedJaggedTensor: lengths must be >= 0")
-        if total != n:
+        if total > n or (self._compact and total != n):
             raise ValueError(f"KeyedJaggedTensor: lengths sum to {total} but values has {n} items")
         if bad_offsets:
             raise ValueError("KeyedJaggedTensor: offsets do not match cumsum(lengths) from 0")
@@ -330,7 +403,10 @@ class KeyedJaggedTensor:
 
     @staticmethod
     def concat(kjts: Sequence[KeyedJaggedTensor]) -> KeyedJaggedTensor:
-        """Keys of every input, in order, over the same batch (same ``stride()``)."""
+        """Keys of every input, in order, over the same batch (same ``stride()``).
+
+        Capacity-layout inputs give a capacity-layout result, still without a host sync.
+        """
         kjts = list(kjts)
         if not kjts:
             raise ValueError("concat: needs at least one KeyedJaggedTensor")
@@ -353,22 +429,42 @@ class KeyedJaggedTensor:
         keys = [k for kjt in kjts for k in kjt._keys]  # duplicates rejected by the constructor
         lpks = [kjt._length_per_key for kjt in kjts]
         lpk = None if any(x is None for x in lpks) else [n for x in lpks for n in x]
-        return KeyedJaggedTensor(
+        values = torch.cat([kjt._values for kjt in kjts])
+        weights = torch.cat([kjt._weights for kjt in kjts]) if has_w else None  # type: ignore[misc]
+        compact = all(kjt._compact for kjt in kjts)
+        if not compact:
+            # Each input's items, then the next input's: all padding goes to the end.
+            valid = torch.cat([kjt._item_mask() for kjt in kjts])
+            order = items_first_index(valid)
+            values = values.index_select(0, order)
+            weights = weights.index_select(0, order) if weights is not None else None
+        out = KeyedJaggedTensor(
             keys,
-            torch.cat([kjt._values for kjt in kjts]),
+            values,
             torch.cat([kjt._lengths for kjt in kjts]),
-            weights=torch.cat([kjt._weights for kjt in kjts]) if has_w else None,
+            weights=weights,
             stride=head.stride(),
             length_per_key=lpk,
+            compact=compact,
         )
+        out._pending = LengthCheck.merge([kjt._pending for kjt in kjts])
+        return out
+
+    def _item_mask(self) -> torch.Tensor:
+        """Bool ``[len(values)]``: True at the slots holding items (all, when compact)."""
+        n = self._values.shape[0]
+        if self._compact:
+            return torch.ones(n, dtype=torch.bool, device=self._values.device)
+        return count_mask(n, self.offsets()[-1])
 
     @classmethod
     def from_jagged_dict(cls, features: Mapping[str, JaggedTensor]) -> KeyedJaggedTensor:
         """Pack ``{key: JaggedTensor}`` (one batch size, values dtype and device) into a KJT.
 
-        Each JaggedTensor must be compact (``offsets[0] == 0`` and
-        ``offsets[-1] == len(values)``, as :meth:`JaggedTensor.validate` checks); the
-        per-key lengths are then known without a host sync.
+        Each JaggedTensor must start at 0 (``offsets[0] == 0``, as
+        :meth:`JaggedTensor.validate` checks). Compact ones (``offsets[-1] == len(values)``)
+        give a compact KJT whose per-key lengths are known without a host sync; if any is
+        a capacity layout (``compact=False``) the result is one too, still without a sync.
         """
         if not features:
             raise ValueError("from_jagged_dict: needs at least one feature")
@@ -400,6 +496,8 @@ class KeyedJaggedTensor:
                     "weights"
                 )
         jts = [jt for _, jt in items]
+        if any(not jt.is_compact or jt._pending is not None for jt in jts):
+            return cls._build("from_jagged_dict", [dict(items)], False)
         return cls(
             [k for k, _ in items],
             torch.cat([jt.values for jt in jts]),
@@ -409,10 +507,146 @@ class KeyedJaggedTensor:
             length_per_key=[jt.values.shape[0] for jt in jts],
         )
 
+    @classmethod
+    def from_dense(
+        cls,
+        ids: Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> KeyedJaggedTensor:
+        """Features whose every row has ``n_k`` ids, from ``{key: [B, n_k]}`` tensors.
+
+        A 1-D ``[B]`` tensor is one id per row. The result is compact with its per-key
+        lengths known (``B * n_k``), built with a concatenation and no host sync, so its
+        per-key views never sync either.
+
+        Args:
+            ids: ``{key: [B, n_k]}`` or ``{key: [B]}``, one batch size, dtype and device.
+            weights: optional per-id weights ``{key: [B, n_k]}`` (``[B]`` for 1-D ids),
+                for every key.
+
+        Example::
+
+            >>> kjt = KeyedJaggedTensor.from_dense(
+            ...     {"user": torch.tensor([7, 8]), "tags": torch.tensor([[1, 2], [3, 4]])}
+            ... )
+            >>> kjt.lengths().tolist(), kjt["tags"].to_list()
+            ([1, 1, 2, 2], [[1, 2], [3, 4]])
+        """
+        return cls._build("KeyedJaggedTensor.from_dense", [DenseFeatures(ids, weights)], False)
+
+    @classmethod
+    def from_padded(
+        cls,
+        ids: Mapping[str, torch.Tensor],
+        lengths: Mapping[str, torch.Tensor] | None = None,
+        *,
+        mask: Mapping[str, torch.Tensor] | None = None,
+        pad: int | float | None = None,
+        side: Side = "right",
+        weights: Mapping[str, torch.Tensor] | None = None,
+        validate: bool = False,
+    ) -> KeyedJaggedTensor:
+        """Variable-length features from padded ``{key: [B, L_k]}`` tensors, without a sync.
+
+        The items of each row come from one of ``lengths`` (padding on ``side``), ``mask``
+        (True at items) or ``pad`` (every id not equal to ``pad``); with none of them every
+        slot is an item. See :class:`PaddedFeatures`.
+
+        When some slots are padding, the result is a capacity layout: ``values()`` keeps
+        all ``sum_k B * L_k`` slots, the items first (key-major, row by row) and the
+        padding after them, because the item count is only known on the device. Per-key
+        views, ``split``, ``permute``, padding and ``lengths()`` read only the items;
+        :meth:`compact` trims the padding with one host sync.
+
+        A length outside ``[0, L_k]`` cannot be seen without a sync: it is reported (a
+        ``ValueError`` naming the key) by the first ``length_per_key()`` (which every
+        per-key view calls), :meth:`validate` or :meth:`compact`; ``validate=True``
+        checks right away with one host sync.
+
+        Args:
+            ids: ``{key: [B, L_k]}`` padded ids, one batch size, dtype and device.
+            lengths: optional ``{key: integer [B]}`` row lengths, for every key.
+            mask: optional ``{key: bool [B, L_k]}`` item masks, for every key.
+            pad: optional padding id (instead of lengths or mask).
+            side: with ``lengths``, where the padding is (``"right"`` or ``"left"``).
+            weights: optional ``{key: [B, L_k]}`` per-slot weights, for every key.
+            validate: check the lengths now (one host sync).
+
+        Example::
+
+            >>> kjt = KeyedJaggedTensor.from_padded(
+            ...     {"seq": torch.tensor([[5, 6, 0], [7, 0, 0]])}, {"seq": torch.tensor([2, 1])}
+            ... )
+            >>> kjt["seq"].to_list(), kjt.values().tolist()
+            ([[5, 6], [7]], [5, 6, 7, 0, 0, 0])
+        """
+        group = PaddedFeatures(ids, lengths, mask, pad, side, weights)
+        return cls._build("KeyedJaggedTensor.from_padded", [group], validate)
+
+    @classmethod
+    def from_features(
+        cls, groups: Sequence[FeatureGroup], *, validate: bool = False
+    ) -> KeyedJaggedTensor:
+        """One KJT from several groups of features, laid out key-major in group order.
+
+        Each group is :class:`DenseFeatures`, :class:`PaddedFeatures` or a
+        ``{key: JaggedTensor}`` dict; keys keep their order within a group. Nothing
+        syncs. The result is compact when every group is (dense ids, padded ids without
+        lengths, mask or pad, compact JaggedTensors) and a capacity layout otherwise (see
+        :meth:`from_padded`).
+
+        Args:
+            groups: the feature groups, all over one batch size, values dtype and device.
+            validate: check the padded groups' lengths now (one host sync).
+
+        Example::
+
+            >>> from recstack.core.jagged_build import DenseFeatures, PaddedFeatures
+            >>> kjt = KeyedJaggedTensor.from_features(
+            ...     [
+            ...         DenseFeatures({"user": torch.tensor([7, 8])}),
+            ...         PaddedFeatures({"seq": torch.tensor([[5, 0], [6, 4]])}, pad=0),
+            ...     ]
+            ... )
+            >>> kjt.keys(), kjt["seq"].to_list()
+            (['user', 'seq'], [[5], [6, 4]])
+        """
+        if isinstance(groups, (DenseFeatures, PaddedFeatures, Mapping)):
+            raise TypeError(
+                "KeyedJaggedTensor.from_features takes a list of feature groups, not one group"
+            )
+        return cls._build("KeyedJaggedTensor.from_features", list(groups), validate)
+
+    @classmethod
+    def _build(cls, op: str, groups: list[Any], validate: bool) -> KeyedJaggedTensor:
+        kjt = cls._from_packed(pack_features(op, groups))
+        if validate and kjt._pending is not None:
+            kjt._pending.run()
+            kjt._pending = None
+        return kjt
+
+    @classmethod
+    def _from_packed(cls, packed: PackedFeatures) -> KeyedJaggedTensor:
+        out = cls(
+            packed.keys,
+            packed.values,
+            packed.lengths,
+            weights=packed.weights,
+            stride=packed.stride,
+            length_per_key=packed.length_per_key,
+            compact=packed.compact,
+        )
+        out._pending = packed.pending
+        return out
+
     # ------------------------------------------------------------------ torchrec
 
     def to_torchrec(self) -> Any:
-        """This KJT as ``torchrec.sparse.jagged_tensor.KeyedJaggedTensor`` (needs torchrec)."""
+        """This KJT as ``torchrec.sparse.jagged_tensor.KeyedJaggedTensor`` (needs torchrec).
+
+        A capacity layout is compacted first (one host sync): TorchRec expects ``values``
+        to end with the last row.
+        """
         from recstack.core.torchrec_interop import to_torchrec
 
         return to_torchrec(self)
@@ -443,8 +677,10 @@ class KeyedJaggedTensor:
             stride=self._stride,
             offsets=fn(self._offsets) if self._offsets is not None else None,
             length_per_key=self._length_per_key,
+            compact=self._compact,
         )
         out._offset_per_key = self._offset_per_key
+        out._pending = self._pending.map(fn) if self._pending is not None else None
         return out
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> KeyedJaggedTensor:
@@ -478,6 +714,8 @@ class KeyedJaggedTensor:
 
     def __repr__(self) -> str:
         w = "" if self._weights is None else ", weighted"
+        if not self._compact:
+            w += ", capacity layout"
         keys = repr(self._keys) if len(self._keys) <= 8 else f"[{len(self._keys)} keys]"
         return (
             f"KeyedJaggedTensor(keys={keys}, stride={self._stride}, "

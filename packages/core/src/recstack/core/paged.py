@@ -468,6 +468,49 @@ class PagedTensor:
         self._fill_range(0, self._num_rows, float(value))
         return self
 
+    def move_to_(self, device: torch.device | str | int) -> PagedTensor:
+        """Move the pages, the page table and every companion to ``device``, in place.
+
+        The object stays the same, so whatever holds it (an optimizer's state keyed by
+        it, its companions, :meth:`on_rows_reset` callbacks) keeps working; row numbers
+        and values are unchanged. Every copy is made before anything changes, so a copy
+        that fails (out of memory) leaves the table and its companions as they were.
+
+        Args:
+            device: where the rows go.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: this store is a companion (move its table: companions move with
+                it), or it or a companion is a :meth:`wrap` view (it cannot move without
+                leaving the caller's tensor behind; wrap the moved tensor instead).
+        """
+        device = _normalize_device(device)
+        where = f"PagedTensor {self._name!r}: move_to_({device})"
+        table = self.companion_of
+        if table is not None:
+            raise ValueError(
+                f"{where}: it is a companion of table {table.name!r}; move that table "
+                "(its companions move with it)"
+            )
+        stores = [self, *(c.store for c in self.companions.values())]
+        for s in stores:
+            if s._fixed:
+                raise ValueError(
+                    f"{where}: {s._name!r} wraps a caller's tensor, which would stay behind; "
+                    "wrap the moved tensor instead"
+                )
+        if all(s._device == device for s in stores):
+            return self
+        moved = [[page.to(device) for page in s._pages] for s in stores]
+        for s, pages in zip(stores, moved, strict=True):
+            s._pages = pages
+            s._device = device
+            s._rebuild_page_table()
+        return self
+
     def __repr__(self) -> str:
         kind = ", wrapped" if self._fixed else ""
         return (

@@ -46,10 +46,13 @@ def _torchrec_kjt_class() -> Any:
 def to_torchrec(kjt: KeyedJaggedTensor) -> Any:
     """A ``torchrec.sparse.jagged_tensor.KeyedJaggedTensor`` sharing ``kjt``'s tensors.
 
-    TorchRec holds 1-D values, so ``kjt.values()`` must be 1-D (ids, not embeddings).
+    TorchRec holds 1-D values, so ``kjt.values()`` must be 1-D (ids, not embeddings). A
+    capacity layout (``kjt.is_compact`` False) is trimmed first, with one host sync:
+    TorchRec expects ``values`` to end with the last row.
     """
     if not isinstance(kjt, KeyedJaggedTensor):
         raise TypeError(f"to_torchrec: expected a recstack KeyedJaggedTensor, got {type(kjt)}")
+    kjt = kjt.compact()
     if kjt.values().dim() != 1:
         raise ValueError(
             "to_torchrec: TorchRec needs 1-D values, got shape "

@@ -6,7 +6,9 @@ admission, fixed-size tables), :class:`DynamicEmbedding` (one such table called 
 ``nn.Embedding`` / ``nn.EmbeddingBag``), :class:`HashTable` (the GPU id -> row map), the
 table and feature configs (:class:`TableConfig`, :class:`FeatureConfig`, ...),
 :func:`init_rows`, which gives every id the same initial row on any device and rank, and
-state export/import for the saver. See docs/packages/embedding-engine.md.
+state export/import for the saver, the tables as core ``SparseParameter``\\ s for a sparse
+optimizer (:class:`EmbeddingSparseParameter`, :func:`sparse_parameters`) and their memory
+(:class:`MemoryStats`). See docs/packages/embedding-engine.md.
 """
 
 from recstack.embedding_engine.collection import EmbeddingCollection
@@ -22,6 +24,9 @@ from recstack.embedding_engine.config import (
 from recstack.embedding_engine.dynamic import DynamicEmbedding
 from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
+from recstack.embedding_engine.memory import MemoryStats, TableMemory
+from recstack.embedding_engine.parameters import EmbeddingSparseParameter, sparse_parameters
+from recstack.embedding_engine.sequence import PaddedSequence
 from recstack.embedding_engine.state import (
     CollectionTableState,
     collection_state_metadata,
@@ -39,11 +44,15 @@ __all__ = [
     "ConfigError",
     "DynamicEmbedding",
     "EmbeddingCollection",
+    "EmbeddingSparseParameter",
     "Eviction",
     "FeatureConfig",
     "HashTable",
     "Initializer",
+    "MemoryStats",
+    "PaddedSequence",
     "TableConfig",
+    "TableMemory",
     "__version__",
     "CollectionTableState",
     "check_configs",
@@ -53,4 +62,5 @@ __all__ = [
     "import_collection_chunk",
     "init_rows",
     "init_rows_into",
+    "sparse_parameters",
 ]

@@ -88,6 +88,19 @@ class CountMinSketch:
         """The int32 ``[depth, width]`` counters (for state export)."""
         return self._counters
 
+    def move_to_(self, device: torch.device | str) -> CountMinSketch:
+        """Move the counters to ``device``, in place.
+
+        Args:
+            device: where the counters go.
+
+        Returns:
+            ``self``.
+        """
+        self._counters = self._counters.to(device)
+        self._device = self._counters.device
+        return self
+
     def _buckets(self, keys: torch.Tensor) -> torch.Tensor:
         """int64 ``[depth, n]`` counter index of each key in each row."""
         seeds = torch.tensor(_SEEDS[: self._depth], dtype=torch.int64, device=keys.device)

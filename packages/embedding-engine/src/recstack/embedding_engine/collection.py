@@ -6,17 +6,15 @@ Dynamic tables with the same ``(dim, dtype)`` are merged into one *physical tabl
 table whatever the number of features (dedup, find_or_insert, one pooled lookup for all
 pooled features, one gather for all sequence features).
 
-**Hash keys and the id range.** Id ``x`` of logical table ``t`` (its index among the
-``T`` tables of its physical table, in config order) is stored under one int64 key, without
-collisions:
-
-* ``T == 1``: the key is the id itself; any int64 id works except the hash table's two
-  reserved sentinels ``-2**63`` and ``-2**63 + 1``.
-* ``T >= 2``: the top ``b = (T - 1).bit_length()`` bits below the sign bit hold ``t``:
-  ``key = (t << (63 - b)) | x``. Ids must lie in ``[0, 2**(63 - b))`` (``[0, 2**62)`` for
-  two tables, ``[0, 2**61)`` for three or four, ...). An id outside raises a ValueError
-  naming the feature and the table; nothing is ever folded onto another id. Pass
-  ``merge_tables=False`` to keep every table separate (full int64 range).
+**Hash keys and the id range.** Every dynamic table, merged or not, takes any int64 id:
+nothing is reserved, narrowed, wrapped or folded (so hashed ids, e.g. the feature engine's
+``Hash()`` without buckets, go straight in). Id ``x`` of logical table ``t`` (its index
+among the ``T`` tables of its physical table, in config order) is the hash-table entry
+``(x, t)``: the hash table keeps ``t`` beside the key, in spare high bits of its slot's row
+word, and compares it on every probe, so one id of two merged tables makes two entries and
+never collides (:mod:`recstack.embedding_engine.merged`). The tag bits cost row range, not
+id range: a physical table of ``T`` tables numbers its rows below ``2**(62 - b)``,
+``b = (T - 1).bit_length()``. Fixed-size tables take ids in ``[0, fixed_size)``.
 
 Merging never changes values: a new row is initialized from the *logical* id with the
 logical table's initializer and seed (:func:`~recstack.embedding_engine.kernels.init_rows.
@@ -31,9 +29,16 @@ not inserted) or zeros (``eval_default="zeros"``); zeros count in a mean's denom
 training mode with grad enabled the outputs require grad (through a zero-size anchor, see
 :mod:`recstack.embedding_engine.autograd`), and ``backward`` stores one coalesced fp32
 :class:`~recstack.core.SparseGrad` per physical table: :meth:`EmbeddingCollection.sparse_grads`.
-They are cleared by :meth:`EmbeddingCollection.zero_grad_sparse` and at the start of every
-forward; several backwards before that (``retain_graph`` or several forwards' outputs in one
-loss) accumulate.
+A sparse optimizer built from :meth:`EmbeddingCollection.sparse_parameters` (core
+``SparseParameter``\\ s, :mod:`recstack.embedding_engine.parameters`) reads them in ``step()``
+and clears them in ``zero_grad()``. Several backwards before the next training forward
+(``retain_graph``, or several forwards' outputs in one loss) accumulate. A training forward
+drops the stored gradients, and refuses to start (``RuntimeError``) while some were neither
+read (:meth:`~EmbeddingCollection.sparse_grads`, an optimizer step) nor cleared
+(:meth:`~EmbeddingCollection.zero_grad_sparse`, the optimizer's ``zero_grad()``): it may evict
+ids and give their rows to new ids, so stored gradients cannot carry over it, and dropping
+unread ones would silently lose a micro-batch. To sum micro-batches, call the optimizer's
+``accumulate()`` after each backward. Eval forwards leave the stored gradients alone.
 
 **Steps and row metadata.** :attr:`EmbeddingCollection.step` is the training step the
 next training forward stamps on the rows it looks up; every training forward (grad enabled
@@ -75,10 +80,14 @@ SparseGrad as for dynamic tables; row metadata (last-seen step, hits) is kept to
 no eviction, admission or capacity (rejected by :class:`~recstack.embedding_engine.config.
 TableConfig`), and :meth:`EmbeddingCollection.evict` skips it.
 
-**Tile pooling.** ``pooling="tile"`` outputs the padded sequence of ``pooling="none"`` with
-``max_len`` (zeros on the right, a longer bag keeps its first ``max_len`` ids) reshaped to
-``[B, max_len * dim]``: position ``j`` of a bag occupies columns ``[j * dim, (j + 1) * dim)``.
-It shares the sequence features' lookup and gradient path.
+**Padded sequences and tile pooling.** ``pooling="none"`` with ``max_len`` outputs a
+``[B, max_len, dim]`` tensor: a bag's kept ids first, then zeros. A longer bag is cut at the
+end the feature's ``truncate`` names, as the feature engine's ``Truncate``: ``"left"`` (the
+default) keeps its last ``max_len`` ids, the most recent behaviours; ``"right"`` its first.
+``with_lengths=True`` adds each row's id count (:mod:`recstack.embedding_engine.sequence`).
+``pooling="tile"`` outputs that padded sequence reshaped to ``[B, max_len * dim]``: position
+``j`` of a bag occupies columns ``[j * dim, (j + 1) * dim)``. Both share the sequence
+features' lookup and gradient path.
 
 Example:
     >>> import torch
@@ -129,11 +138,16 @@ from recstack.embedding_engine.autograd import (
     merge_sparse_grads,
 )
 from recstack.embedding_engine.config import FeatureConfig, TableConfig, check_configs
-from recstack.embedding_engine.dedup import sort_ids
+from recstack.embedding_engine.dedup import SortedIds, sort_ids
+from recstack.embedding_engine.device import move_collection_, target_device
 from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_mask
-from recstack.embedding_engine.hash_table import TOMBSTONE, HashTable
+from recstack.embedding_engine.hash_table import HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
 from recstack.embedding_engine.kernels.pooling import MODE_MEAN, MODE_SUM
+from recstack.embedding_engine.memory import MemoryStats, collection_memory
+from recstack.embedding_engine.merged import BatchTags, batch_tags
+from recstack.embedding_engine.parameters import EmbeddingSparseParameter
+from recstack.embedding_engine.sequence import PaddedSequence, padded_sequence
 from recstack.embedding_engine.state import collection_table_states
 
 __all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "FixedIndex", "PhysicalTable"]
@@ -150,8 +164,9 @@ class FixedIndex:
     It stands where a dynamic physical table has its
     :class:`~recstack.embedding_engine.hash_table.HashTable` and offers the same read API
     (``len``, :meth:`find`, :meth:`find_or_insert` of present ids, :meth:`items`,
-    :attr:`num_rows_allocated`, :attr:`device`), so code written against the hash table
-    (state export/import) works unchanged. It never inserts or erases.
+    :meth:`tagged_items`, :attr:`num_rows_allocated`, :attr:`device`), so code written
+    against the hash table (state export/import) works unchanged. It never inserts or
+    erases. It holds one table: tags are accepted and ignored (all 0).
 
     Args:
         size: the number of rows (ids ``[0, size)``).
@@ -185,17 +200,39 @@ class FixedIndex:
         """Where its tensors are made."""
         return self._device
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of device tensors it holds: none (row = id)."""
+        return 0
+
+    def move_to_(self, device: torch.device | str) -> FixedIndex:
+        """Make its tensors on ``device`` from now on (it holds none); returns ``self``.
+
+        Args:
+            device: the new device.
+        """
+        self._device = torch.empty(0, device=device).device
+        return self
+
     def __repr__(self) -> str:
         return f"FixedIndex(size={self._size}, device={self._device})"
 
-    def find(self, keys: torch.Tensor, *, check_keys: bool = True) -> torch.Tensor:
+    def find(
+        self,
+        keys: torch.Tensor,
+        tags: torch.Tensor | int | None = None,
+        *,
+        check_keys: bool = True,
+    ) -> torch.Tensor:
         """Rows of int64 ``keys``: the key itself, ``-1`` outside ``[0, size)``."""
-        del check_keys  # every int64 is a valid query
+        del tags, check_keys  # one table; every int64 is a valid query
         keys = keys.to(torch.int64)
         inside = (keys >= 0) & (keys < self._size)
         return torch.where(inside, keys, torch.full_like(keys, -1))
 
-    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def find_or_insert(
+        self, keys: torch.Tensor, tags: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, is_new)``: rows of ``keys`` (all present, so ``is_new`` is all False).
 
         Raises:
@@ -209,7 +246,7 @@ class FixedIndex:
             )
         return rows, torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
 
-    def erase(self, keys: torch.Tensor) -> int:
+    def erase(self, keys: torch.Tensor, tags: torch.Tensor | int | None = None) -> int:
         """Always raises: a fixed-size table keeps all its rows."""
         raise ValueError("FixedIndex: a fixed-size table cannot erase ids (it has no eviction)")
 
@@ -222,6 +259,13 @@ class FixedIndex:
             r = torch.arange(start, stop, dtype=torch.int64, device=self._device)
             yield r, r.clone()
 
+    def tagged_items(
+        self, chunk_size: int = 1 << 20
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(keys, tags, rows)`` chunks by ascending row (tags all 0)."""
+        for keys, rows in self.items(chunk_size):
+            yield keys, torch.zeros_like(keys), rows
+
 
 @dataclass
 class PhysicalTable:
@@ -233,7 +277,8 @@ class PhysicalTable:
             the join is unambiguous), e.g. ``"item+user"``.
         tables: the logical tables, in config order; ``tables[t]`` has table index ``t``.
         dim, dtype: the row width and dtype.
-        tag_bits: bits of the key holding the table index (0 for one table).
+        tag_bits: bits the hash table keeps beside each key for its logical table index
+            (0 for one table); they narrow the row range, never the ids.
         hash_table: key -> row (a :class:`FixedIndex`, row = id, for a fixed-size table).
         values: the rows (``values.num_rows == hash_table.num_rows_allocated``).
         meta: last-seen step and hit count of every row (``meta.num_rows`` covers them).
@@ -264,36 +309,22 @@ class PhysicalTable:
 
     @property
     def id_bits(self) -> int:
-        """Ids of a merged table must lie in ``[0, 2**id_bits)``; 64 means any int64 id."""
-        return 64 if self.tag_bits == 0 else 63 - self.tag_bits
+        """64: a dynamic table, merged or not, takes any int64 id (the table index is kept
+        beside the id, not in its bits). Fixed-size tables check :meth:`id_range`."""
+        return 64
 
     def id_range(self) -> str:
         """The valid ids, in words (for errors and docs)."""
         if self.fixed_size is not None:
             return f"[0, {self.fixed_size})"
-        if self.tag_bits == 0:
-            return "any int64 except the reserved -2**63 and -2**63 + 1"
-        return f"[0, 2**{self.id_bits})"
-
-    def encode(self, index: int, ids: torch.Tensor) -> torch.Tensor:
-        """Hash keys of int64 ``ids`` of logical table ``index`` (ids assumed in range)."""
-        if self.tag_bits == 0 or index == 0:
-            return ids
-        return ids | (index << self.id_bits)
-
-    def decode(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(table index, id)`` of each key."""
-        if self.tag_bits == 0:
-            return torch.zeros_like(keys), keys
-        return keys >> self.id_bits, keys & ((1 << self.id_bits) - 1)
+        return "any int64"
 
     def bad_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Bool mask of ids that cannot be encoded (outside ``[0, fixed_size)`` if fixed)."""
+        """Bool mask of ids out of range: outside ``[0, fixed_size)`` for a fixed-size
+        table; none for a dynamic one."""
         if self.fixed_size is not None:
             return (ids < 0) | (ids >= self.fixed_size)
-        if self.tag_bits == 0:
-            return ids <= TOMBSTONE
-        return (ids < 0) | (ids >= (1 << self.id_bits))
+        return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
 
 
 @dataclass
@@ -309,10 +340,13 @@ class EmbeddingCollection(nn.Module):
         tables: the embedding tables (each read by at least one feature).
         features: the features; every one must be a key of the forward's
             ``KeyedJaggedTensor`` (extra keys are ignored).
-        device: where rows and hash tables live (default CPU); it does not follow
-            ``module.to()``: build the collection on its device.
-        merge_tables: merge tables of equal ``(dim, dtype)`` into one physical table (see
-            the module docs for the id range it implies).
+        device: where rows and hash tables live (default CPU). ``module.to(device)``,
+            ``.cuda()`` and ``.cpu()`` move every table's state there, in place (see
+            :mod:`recstack.embedding_engine.device`); dtype casts (``model.half()``,
+            ``model.to(torch.bfloat16)``) leave the tables in their configured dtype.
+        merge_tables: merge dynamic tables of equal ``(dim, dtype)`` into one physical table
+            (fewer launches per forward; ids keep the full int64 range and never collide,
+            see the module docs).
         page_rows: rows per page of each physical table's value store (a power of two).
         evict_every: also run the ``ttl_steps``/``min_count`` eviction rules
             (:meth:`maybe_evict`) at the end of every ``evict_every``-th training forward,
@@ -327,8 +361,11 @@ class EmbeddingCollection(nn.Module):
       zeros.
     * ``pooling="none"``: a :class:`~recstack.core.JaggedTensor` of ``[n_ids, dim]`` rows
       with the feature's offsets; with ``max_len``, a padded ``[B, max_len, dim]`` tensor
-      instead (zeros on the right; a longer bag keeps its first ``max_len`` ids, all of
-      which are still looked up and inserted).
+      instead (a bag's kept ids first, then zeros; a longer bag keeps its last ``max_len``
+      ids with ``truncate="left"``, the default, or its first with ``"right"``; all of
+      its ids are still looked up and inserted). With ``with_lengths=True`` that tensor
+      comes as a :class:`~recstack.embedding_engine.sequence.PaddedSequence`
+      ``(values, lengths)``, its ``.mask`` the padding mask (no host sync).
     * ``pooling="tile"``: that padded tensor reshaped to ``[B, max_len * dim]``.
 
     ``fixed_size`` tables take ids in ``[0, fixed_size)`` as rows directly and are never
@@ -393,7 +430,10 @@ class EmbeddingCollection(nn.Module):
             )
             for p, fs in self._pooled.items()
         }
+        # Tensors held here (and in the physical tables) move in device.move_collection_.
         self._grads: dict[str, SparseGrad] = {}
+        # Physical tables whose stored gradient no one has read since a backward wrote it.
+        self._unread: set[str] = set()
         self._updater: RowUpdater | None = None
         self._one_pass = False
         # Ids per logical table of each merged physical table (one table: len(hash_table)).
@@ -423,7 +463,7 @@ class EmbeddingCollection(nn.Module):
             dim=members[0].dim,
             dtype=members[0].dtype,
             tag_bits=0 if n == 1 else (n - 1).bit_length(),
-            hash_table=HashTable(slots, self._device, max_load=_MAX_LOAD),
+            hash_table=HashTable(slots, self._device, max_load=_MAX_LOAD, num_tags=n),
             values=PagedTensor(
                 members[0].dim,
                 dtype=members[0].dtype,
@@ -481,6 +521,21 @@ class EmbeddingCollection(nn.Module):
         """The logical tables each physical table holds: ``{physical: (logical, ...)}``."""
         return {name: p.table_names for name, p in self._physical.items()}
 
+    def memory_stats(self) -> MemoryStats:
+        """Bytes each physical table holds on :attr:`device`: values, hash slots, row
+        metadata, optimizer slots (the value store's companions), admission counters, and
+        totals; ``print()`` it for a table. See :mod:`recstack.embedding_engine.memory`."""
+        return collection_memory(self)
+
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> EmbeddingCollection:
+        # nn.Module.to()/cuda()/cpu()/half() end here. The tables are no Parameters or
+        # buffers, so the base class would leave them behind: move them to where fn sends
+        # a float tensor, never cast them.
+        move_collection_(self, target_device(fn, self._device))
+        return super()._apply(fn, recurse)
+
     def physical_table_of(self, table: str) -> str:
         """The name of the physical table holding logical table ``table``."""
         if table not in self._physical_of:
@@ -499,7 +554,7 @@ class EmbeddingCollection(nn.Module):
         ids = _as_ids(ids, f"EmbeddingCollection.find_rows({table!r})", self._device)
         if ids.numel() and bool(phys.bad_ids(ids).any()):
             _raise_bad_ids(phys, f"find_rows of table {table!r}", table, ids)
-        return phys.hash_table.find(phys.encode(index, ids), check_keys=False)
+        return phys.hash_table.find(ids, index, check_keys=False)
 
     def num_ids(self, table: str) -> int:
         """How many ids of logical table ``table`` have a row."""
@@ -513,8 +568,7 @@ class EmbeddingCollection(nn.Module):
         """Recount :meth:`num_ids` from the hash tables (after keys were inserted directly)."""
         for pname, phys in self._physical.items():
             if len(phys.tables) > 1:
-                keys = self._all_entries(phys)[0]
-                tags = phys.decode(keys)[0]
+                tags = self._all_entries(phys)[1]
                 self._num_ids[pname] = torch.bincount(tags, minlength=len(phys.tables)).tolist()
 
     def _locate(self, table: str) -> tuple[str, int]:
@@ -631,30 +685,31 @@ class EmbeddingCollection(nn.Module):
                 out[cfg.name] = self._evict_stale(phys, index, older, ev.min_count, protect_step)
         return out
 
-    def _all_entries(self, phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor]:
-        chunks = list(phys.hash_table.items(chunk_size=max(len(phys.hash_table), 1)))
+    def _all_entries(self, phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, table indices, rows)`` of every entry of ``phys``, by ascending row."""
+        chunks = list(phys.hash_table.tagged_items(chunk_size=max(len(phys.hash_table), 1)))
         if not chunks:
             empty = torch.zeros(0, dtype=torch.int64, device=self._device)
-            return empty, empty
+            return empty, empty, empty
         return chunks[0]
 
     def _entries(self, phys: PhysicalTable, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keys, rows)`` of logical table ``index``, by ascending row."""
-        keys, rows = self._all_entries(phys)
+        """``(ids, rows)`` of logical table ``index``, by ascending row."""
+        keys, tags, rows = self._all_entries(phys)
         if len(phys.tables) > 1:
-            mine = phys.decode(keys)[0] == index
+            mine = tags == index
             keys, rows = keys[mine], rows[mine]
         return keys, rows
 
     def _erase(self, phys: PhysicalTable, index: int, keys: torch.Tensor) -> int:
         if not keys.numel():
             return 0
-        n = phys.hash_table.erase(keys)
+        n = phys.hash_table.erase(keys, index)
         if len(phys.tables) > 1:
             self._num_ids[phys.name][index] -= n
         log = self._removed.get(phys.tables[index].name)
         if log is not None:
-            log.append(phys.decode(keys)[1])
+            log.append(keys)
         return n
 
     def _evict_stale(
@@ -690,16 +745,61 @@ class EmbeddingCollection(nn.Module):
     # Sparse gradients
     # ------------------------------------------------------------------------------------
 
+    def sparse_parameters(self) -> Iterator[EmbeddingSparseParameter]:
+        """Every physical table as a core ``SparseParameter``, for a sparse optimizer:
+        ``SparseAdam(ec.sparse_parameters(), lr=...)``, then ``opt.step()`` reads the
+        gradients the backward stored and ``opt.zero_grad()`` clears them.
+
+        The rows are not ``nn.Parameter``\\ s: ``self.parameters()`` does not hold them, so
+        a ``torch.optim`` optimizer over ``model.parameters()`` trains the dense weights
+        only. See :mod:`recstack.embedding_engine.parameters`.
+        """
+        for _, param in self.named_sparse_parameters():
+            yield param
+
+    def named_sparse_parameters(self) -> Iterator[tuple[str, EmbeddingSparseParameter]]:
+        """``(physical table name, sparse parameter)`` of every physical table (see
+        :meth:`sparse_parameters`), e.g. for a learning rate per table."""
+        for name in self._physical:
+            yield name, EmbeddingSparseParameter(self, name)
+
     def sparse_grads(self) -> dict[str, SparseGrad]:
         """Coalesced fp32 gradients by physical table name, for a sparse optimizer.
 
         Rows index the physical table's ``values``. A physical table no backward reached
-        since the last forward (or :meth:`zero_grad_sparse`) has no entry.
+        since the last training forward (or :meth:`zero_grad_sparse`) has no entry. Reading
+        them marks them read: the next training forward drops them (see the module docs).
         """
+        self._unread.clear()
         return dict(self._grads)
 
     def zero_grad_sparse(self) -> None:
-        """Drop the stored sparse gradients (every forward does this too)."""
+        """Drop the stored sparse gradients (every training forward drops read ones too)."""
+        self._grads.clear()
+        self._unread.clear()
+
+    def _read_grad(self, name: str) -> SparseGrad | None:
+        """Physical table ``name``'s stored gradient, marked read (its sparse parameter)."""
+        self._unread.discard(name)
+        return self._grads.get(name)
+
+    def _clear_grad(self, name: str) -> None:
+        """Drop physical table ``name``'s stored gradient (its sparse parameter)."""
+        self._grads.pop(name, None)
+        self._unread.discard(name)
+
+    def _drop_read_grads(self) -> None:
+        """A training forward's start: drop the stored gradients, none of them unread."""
+        if self._unread:
+            raise RuntimeError(
+                "EmbeddingCollection: a training forward started while the gradients a "
+                f"backward stored for physical table(s) {sorted(self._unread)} were never "
+                "read; this forward would drop them (it may evict ids and give their rows "
+                "to new ids, so stored gradients cannot carry over it). Step the sparse "
+                "optimizer after each backward (opt.step(); opt.zero_grad()), call "
+                "opt.accumulate() after each backward to sum micro-batches into one step, "
+                "or drop them with ec.zero_grad_sparse()"
+            )
         self._grads.clear()
 
     def fuse_optimizer(self, optimizer: RowUpdater | None, *, one_pass: bool = False) -> None:
@@ -753,25 +853,32 @@ class EmbeddingCollection(nn.Module):
     def _sink(self, name: str, grad: SparseGrad) -> None:
         prev = self._grads.get(name)
         self._grads[name] = grad if prev is None else merge_sparse_grads([prev, grad])
+        if grad.rows.numel():  # an empty gradient is no loss to drop
+            self._unread.add(name)
 
     # ------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------
 
-    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor | JaggedTensor]:
+    def forward(
+        self, kjt: KeyedJaggedTensor
+    ) -> dict[str, torch.Tensor | JaggedTensor | PaddedSequence]:
         """Look up and pool every feature of ``kjt``; see the class docs for the outputs.
 
         Raises:
             TypeError: ``kjt`` is not a KeyedJaggedTensor or its ids are not integers.
             ValueError: a feature is missing, the KJT is on another device, a weighted
                 feature has no weights, or an id is out of its table's range.
+            RuntimeError: a training forward while stored sparse gradients are unread
+                (see the module docs).
         """
         self._check_kjt(kjt)
-        self._grads.clear()
+        if self.training:
+            self._drop_read_grads()
         batch = kjt.stride()
         track = self.training and torch.is_grad_enabled()
         anchor = torch.empty(0, device=self._device, requires_grad=True) if track else None
-        out: dict[str, torch.Tensor | JaggedTensor] = {}
+        out: dict[str, torch.Tensor | JaggedTensor | PaddedSequence] = {}
         for pname, phys in self._physical.items():
             pooled_fs, seq_fs = self._pooled[pname], self._sequence[pname]
             jts = {f.config.name: kjt[f.config.name] for f in pooled_fs + seq_fs}
@@ -788,15 +895,7 @@ class EmbeddingCollection(nn.Module):
                 n = jt.values.shape[0]
                 rows = JaggedTensor(seq[start : start + n], jt.offsets)
                 start += n
-                max_len = f.config.max_len
-                if max_len is None:
-                    out[f.config.name] = rows
-                elif f.config.pooling == "tile":
-                    # A view of the padded copy: same gradient path as padded "none".
-                    padded = rows.to_padded(max_len)
-                    out[f.config.name] = padded.reshape(batch, f.config.output_dim(phys.dim))
-                else:
-                    out[f.config.name] = rows.to_padded(max_len)
+                out[f.config.name] = _sequence_output(f.config, rows, batch, phys.dim)
         if self.training:
             stamped = self._step
             self._step += 1
@@ -838,14 +937,18 @@ class EmbeddingCollection(nn.Module):
         ids = [jts[f.config.name].values.to(torch.int64) for f in feats]
         # Read to the host with the forward's first sync: no sync of its own.
         bad = self._bad_flag(phys, ids)
-        keys = torch.cat([phys.encode(f.index, x) for f, x in zip(feats, ids, strict=True)])
+        keys = torch.cat(ids)
+        # A merged table's entries are (id, logical table index) pairs.
+        tags = None
+        if len(phys.tables) > 1:
+            tags = batch_tags([f.index for f in feats], [x.numel() for x in ids], self._device)
         n_pooled = sum(x.numel() for x in ids[: len(pooled_fs)])
         sink = self._sink
         updater = self._updater if self.training else None
         row_sort = None
         if self.training and keys.numel():
-            # One sort dedups the keys and, kept in the plan, groups them for the backward.
-            s = sort_ids(keys, read_with=[bad])
+            # One sort dedups the entries and, kept in the plan, groups them for the backward.
+            s = _sort_entries(keys, tags, read_with=[bad])
             self._raise_bad_ids(phys, feats, ids, s.read[0])
         if phys.is_fixed_size:
             # Row = id: no hash table, no compact table (every row exists, eval included).
@@ -858,10 +961,10 @@ class EmbeddingCollection(nn.Module):
             else:
                 self._raise_bad_ids(phys, feats, ids, int(bad))
         elif self.training and keys.numel():
-            rows_u, partial = self._insert(phys, s.unique, s.counts)
+            rows_u, partial = self._insert(phys, s.unique, s.unique_tags, s.counts)
             if partial:
                 # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
-                table = self._compact_table(phys, s.unique, rows_u)
+                table = self._compact_table(phys, s.unique, s.unique_tags, rows_u)
                 rows = s.inverse
                 sink = _RowMapSink(rows_u, self._sink if updater is None else self._apply_fused)
                 row_sort = RowSort(s.order, s.sorted_seg, None, s.num_unique)
@@ -872,7 +975,7 @@ class EmbeddingCollection(nn.Module):
         elif self.training:
             table, rows = phys.values, keys  # no ids: nothing is read
         else:
-            table, rows = self._eval_rows(phys, feats, ids, keys, bad)
+            table, rows = self._eval_rows(phys, feats, ids, keys, tags, bad)
         offsets, weights = self._pooled_layout(pooled_fs, jts)
         return LookupPlan(
             name=phys.name,
@@ -891,8 +994,9 @@ class EmbeddingCollection(nn.Module):
         )
 
     def _bad_flag(self, phys: PhysicalTable, ids: list[torch.Tensor]) -> torch.Tensor:
-        """Device bool: some id cannot be encoded (checked on the host with a later read)."""
-        flags = [phys.bad_ids(x).any() for x in ids if x.numel()]
+        """Device bool: some id is out of range (checked on the host with a later read).
+        Only fixed-size tables have a range: any int64 is an id of a dynamic table."""
+        flags = [phys.bad_ids(x).any() for x in ids if x.numel()] if phys.is_fixed_size else []
         if not flags:
             return torch.zeros((), dtype=torch.bool, device=self._device)
         return torch.stack(flags).any()
@@ -913,38 +1017,47 @@ class EmbeddingCollection(nn.Module):
         feats: list[_Feature],
         ids: list[torch.Tensor],
         keys: torch.Tensor,
+        tags: BatchTags | None,
         bad: torch.Tensor,
     ) -> tuple[PagedTensor, torch.Tensor]:
         """``(table, rows)`` of an eval lookup: the physical rows when every id has one (one
-        find, one sync, no dedup), else a compact table of the batch's unique ids."""
-        rows = phys.hash_table.find(keys, check_keys=False)
+        find, one sync, no dedup), else a compact table of the batch's unique entries."""
+        rows = phys.hash_table.find(keys, None if tags is None else tags.tags, check_keys=False)
         missing = (rows < 0).any() if rows.numel() else torch.zeros_like(bad)
         bad_v, missing_v = torch.stack([bad, missing]).tolist()
         self._raise_bad_ids(phys, feats, ids, bad_v)
         if not missing_v:
             return phys.values, rows
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        # The rows are already found: spread them to the unique keys, no second find.
-        rows_u = torch.empty_like(unique).scatter_(0, inverse, rows)
-        return self._compact_table(phys, unique, rows_u), inverse
+        s = _sort_entries(keys, tags)
+        # The rows are already found: spread them to the unique entries, no second find.
+        rows_u = torch.empty_like(s.unique).scatter_(0, s.inverse, rows)
+        return self._compact_table(phys, s.unique, s.unique_tags, rows_u), s.inverse
 
     def _insert(
-        self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor
+        self,
+        phys: PhysicalTable,
+        unique: torch.Tensor,
+        tags: torch.Tensor | None,
+        hits: torch.Tensor,
     ) -> tuple[torch.Tensor, bool]:
-        """Rows of the unique keys, inserting and initializing the new admitted ones.
+        """Rows of the unique entries (ids, and their table indices in a merged table),
+        inserting and initializing the new admitted ones.
 
-        Returns ``(rows, partial)``: ``rows`` is -1 for keys admission keeps out, and
+        Returns ``(rows, partial)``: ``rows`` is -1 for ids admission keeps out, and
         ``partial`` says whether there are any. Stamps the rows' metadata.
         """
         if not unique.numel():
             return unique, False
-        admit = self._admit(phys, unique, hits) if phys.sketches else None
+        admit = self._admit(phys, unique, tags, hits) if phys.sketches else None
         if admit is not None and bool(admit.all()):
             admit = None
-        keys_a, hits_a = (unique, hits) if admit is None else (unique[admit], hits[admit])
+        keys_a, tags_a, hits_a = unique, tags, hits
+        if admit is not None:
+            keys_a, hits_a = unique[admit], hits[admit]
+            tags_a = None if tags is None else tags[admit]
         held = len(phys.hash_table)
         if keys_a.numel():
-            rows_a, is_new = phys.hash_table.find_or_insert(keys_a)
+            rows_a, is_new = phys.hash_table.find_or_insert(keys_a, tags_a)
         else:
             rows_a = keys_a
             is_new = torch.zeros(0, dtype=torch.bool, device=self._device)
@@ -955,31 +1068,42 @@ class EmbeddingCollection(nn.Module):
         phys.meta.touch(rows_a, self._step, hits_a, is_new)
         if n_new:
             new = torch.nonzero_static(is_new, size=n_new).squeeze(1)
-            self._init_new(phys, rows_a.index_select(0, new), keys_a.index_select(0, new))
+            new_tags = None if tags_a is None else tags_a.index_select(0, new)
+            self._init_new(phys, rows_a.index_select(0, new), keys_a.index_select(0, new), new_tags)
         if admit is None:
             return rows_a, False
         rows = torch.full_like(unique, -1)
         rows[admit] = rows_a
         return rows, True
 
-    def _admit(self, phys: PhysicalTable, unique: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-        """Bool mask of the unique keys that have or get a row (counting the others)."""
+    def _admit(
+        self,
+        phys: PhysicalTable,
+        unique: torch.Tensor,
+        tags: torch.Tensor | None,
+        hits: torch.Tensor,
+    ) -> torch.Tensor:
+        """Bool mask of the unique entries that have or get a row (counting the others)."""
         admit = torch.ones(unique.shape, dtype=torch.bool, device=self._device)
-        absent = phys.hash_table.find(unique, check_keys=False) < 0
-        tags, logical = phys.decode(unique)
+        absent = phys.hash_table.find(unique, tags, check_keys=False) < 0
         for t, sketch in phys.sketches.items():
-            mine = absent & (tags == t) if len(phys.tables) > 1 else absent
-            counts = sketch.add(logical[mine], hits[mine])
+            mine = absent & (tags == t) if tags is not None else absent
+            counts = sketch.add(unique[mine], hits[mine])
             admit[mine] = counts >= phys.tables[t].admission.min_count
         return admit
 
     def _init_new(
-        self, phys: PhysicalTable, new_rows: torch.Tensor, new_keys: torch.Tensor
+        self,
+        phys: PhysicalTable,
+        new_rows: torch.Tensor,
+        new_keys: torch.Tensor,
+        tags: torch.Tensor | None,
     ) -> None:
-        """Initialize rows new keys took (fresh or freed by eviction), count the ids, and
-        announce the rows (`PagedTensor.rows_reset`) to whoever keeps state per row."""
-        tags, logical = phys.decode(new_keys)
-        if len(phys.tables) == 1:
+        """Initialize rows new ids took (fresh or freed by eviction), count the ids, and
+        announce the rows (`PagedTensor.rows_reset`) to whoever keeps state per row.
+        ``tags``: the ids' logical table indices (``None`` for a physical table of one)."""
+        logical = new_keys
+        if tags is None:
             added = [new_keys.numel()]
         else:
             # One sync for the per-table counts; each table's rows are then found unsynced.
@@ -990,7 +1114,7 @@ class EmbeddingCollection(nn.Module):
             if not added[t]:
                 continue
             rows_t, keys_t = new_rows, logical
-            if len(phys.tables) > 1:
+            if tags is not None:
                 mine = torch.nonzero_static(tags == t, size=added[t]).squeeze(1)
                 rows_t, keys_t = new_rows.index_select(0, mine), logical.index_select(0, mine)
             init_rows_into(
@@ -1000,18 +1124,22 @@ class EmbeddingCollection(nn.Module):
         phys.values.rows_reset(new_rows)
 
     def _compact_table(
-        self, phys: PhysicalTable, unique: torch.Tensor, rows: torch.Tensor
+        self,
+        phys: PhysicalTable,
+        unique: torch.Tensor,
+        tags: torch.Tensor | None,
+        rows: torch.Tensor,
     ) -> PagedTensor:
-        """``[U, dim]``: the rows of the unique keys, the eval default where ``rows < 0``."""
+        """``[U, dim]``: the rows of the unique entries (ids, with their table indices in a
+        merged table), the eval default where ``rows < 0``."""
         vals = torch.zeros((unique.numel(), phys.dim), dtype=phys.dtype, device=self._device)
         found = rows >= 0
         vals[found] = phys.values.gather_rows(rows[found], check_bounds=False)
-        tags, logical = phys.decode(unique)
         for t, cfg in enumerate(phys.tables):
             if cfg.eval_default != "initializer":
                 continue  # "zeros": already zero
-            need = ~found if len(phys.tables) == 1 else ~found & (tags == t)
-            keys_t = logical[need]
+            need = ~found if tags is None else ~found & (tags == t)
+            keys_t = unique[need]
             if keys_t.numel():
                 assert cfg.initializer is not None and cfg.init_seed is not None
                 vals[need] = init_rows(
@@ -1045,6 +1173,20 @@ class EmbeddingCollection(nn.Module):
         return offsets, torch.cat(weights)
 
 
+def _sequence_output(
+    config: FeatureConfig, rows: JaggedTensor, batch: int, dim: int
+) -> torch.Tensor | JaggedTensor | PaddedSequence:
+    """A sequence feature's output from its looked-up rows (see the class docs)."""
+    if config.max_len is None:
+        return rows
+    if config.pooling == "tile":
+        # A view of the padded copy: same gradient path as padded "none".
+        padded = padded_sequence(rows, config.max_len, config.truncate)
+        assert isinstance(padded, torch.Tensor)
+        return padded.reshape(batch, config.output_dim(dim))
+    return padded_sequence(rows, config.max_len, config.truncate, with_lengths=config.with_lengths)
+
+
 class _RowMapSink:
     """Maps a compact per-batch table's gradient to physical rows, dropping rows < 0."""
 
@@ -1068,23 +1210,20 @@ def _as_ids(ids: object, what: str, device: torch.device) -> torch.Tensor:
     return ids.reshape(-1).to(torch.int64)
 
 
+def _sort_entries(
+    keys: torch.Tensor, tags: BatchTags | None, read_with: Sequence[torch.Tensor] = ()
+) -> SortedIds:
+    """One sort of a batch's ids, grouping ``(id, table index)`` pairs in a merged table."""
+    if tags is None:
+        return sort_ids(keys, read_with=read_with)
+    return sort_ids(keys, tags=tags.tags, tag_order=tags.order, read_with=read_with)
+
+
 def _raise_bad_ids(phys: PhysicalTable, where: str, table: str, ids: torch.Tensor) -> None:
+    # Only fixed-size tables have ids out of range: a dynamic table takes any int64.
     bad = int(ids[phys.bad_ids(ids)][0])
-    if phys.fixed_size is not None:
-        raise ValueError(
-            f"EmbeddingCollection: {where} (table {table!r}): id {bad} is out of range; "
-            f"table {table!r} is a fixed-size table whose ids must lie in {phys.id_range()} "
-            "(ids are never wrapped)"
-        )
-    if phys.tag_bits == 0:
-        raise ValueError(
-            f"EmbeddingCollection: {where} (table {table!r}): id {bad} is reserved by the "
-            "hash table (ids may be any int64 except -2**63 and -2**63 + 1)"
-        )
     raise ValueError(
-        f"EmbeddingCollection: {where} (table {table!r}): id {bad} is out of range; table "
-        f"{table!r} shares physical table {phys.name!r} with {len(phys.tables) - 1} other "
-        f"table(s), whose table index takes the top {phys.tag_bits} bit(s) of the key, so "
-        f"its ids must lie in {phys.id_range()} (pass merge_tables=False to keep the full "
-        "int64 range)"
+        f"EmbeddingCollection: {where} (table {table!r}): id {bad} is out of range; "
+        f"table {table!r} is a fixed-size table whose ids must lie in {phys.id_range()} "
+        "(ids are never wrapped)"
     )

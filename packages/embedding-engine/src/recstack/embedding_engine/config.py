@@ -47,6 +47,7 @@ __all__ = [
     "Initializer",
     "POOLINGS",
     "TABLE_DTYPES",
+    "TRUNCATE_SIDES",
     "TableConfig",
     "check_configs",
 ]
@@ -65,6 +66,10 @@ TABLE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in TABLE_DTYPES.items()}
 EVICTION_POLICIES = ("none", "lru", "lfu")
 POOLINGS = ("sum", "mean", "none", "tile")
+#: Which end of a sequence longer than ``max_len`` is cut (the feature engine's ``Truncate``
+#: sides): ``"left"`` cuts the start and keeps the last ``max_len`` ids (the most recent
+#: behaviours), ``"right"`` cuts the end and keeps the first ``max_len``.
+TRUNCATE_SIDES = ("left", "right")
 EVAL_DEFAULTS = ("initializer", "zeros")
 #: Default size of an admission counter: 2**20 counters (4 MiB as int32).
 ADMISSION_COUNTER_SLOTS = 1 << 20
@@ -571,8 +576,9 @@ class FeatureConfig:
             * ``"sum"``: the sum of its rows -> ``[B, dim]`` (empty bags give zeros);
             * ``"mean"``: the sum divided by the bag length (zeros for empty bags);
             * ``"none"``: the rows as a sequence: a ``JaggedTensor`` of ``[n, dim]`` values,
-              or with ``max_len`` a padded ``[B, max_len, dim]`` tensor (zero padding on the
-              right, longer bags keep their first ``max_len`` ids);
+              or with ``max_len`` a padded ``[B, max_len, dim]`` tensor (a bag's kept ids
+              first, in order, then zero padding on the right; a longer bag is cut as
+              ``truncate`` says);
             * ``"tile"`` (RecIS/DeepRec's tile): the sequence padded/truncated to
               ``max_len`` as for ``"none"``, then concatenated along dim ->
               ``[B, max_len * dim]``.
@@ -581,10 +587,23 @@ class FeatureConfig:
         weighted: use the feature's per-id weights: a weighted sum for ``"sum"``, the
             weighted sum divided by the bag length for ``"mean"`` (as FBGEMM/TorchRec). Only
             with ``"sum"`` or ``"mean"``.
+        truncate: which end of a bag longer than ``max_len`` is cut, as the feature
+            engine's ``Truncate(side=...)``: ``"left"`` (the default) cuts the start and
+            keeps the last ``max_len`` ids, the most recent behaviours of a history logged
+            oldest first; ``"right"`` cuts the end and keeps the first ``max_len`` ids.
+            Only used with ``max_len``; every id is still looked up (and, in training,
+            inserted), cut or not.
+        with_lengths: with ``pooling="none"`` and ``max_len``, output a
+            :class:`~recstack.embedding_engine.sequence.PaddedSequence` ``(values,
+            lengths)`` instead of the bare ``[B, max_len, dim]`` tensor: ``lengths`` (int64
+            ``[B]``) counts each row's ids, so ``values[b, :lengths[b]]`` holds them and
+            ``.mask`` is the ``[B, max_len]`` padding mask, with no host sync.
 
     Example:
         >>> FeatureConfig("hist", "item", pooling="tile", max_len=50).output_dim(8)
         400
+        >>> FeatureConfig("hist", "item", pooling="none", max_len=50).truncate  # most recent
+        'left'
     """
 
     name: str
@@ -592,6 +611,8 @@ class FeatureConfig:
     pooling: str = "sum"
     max_len: int | None = None
     weighted: bool = False
+    truncate: str = "left"
+    with_lengths: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -612,6 +633,25 @@ class FeatureConfig:
         if self.weighted and self.pooling not in ("sum", "mean"):
             raise ConfigError(
                 f"{owner}: weighted needs pooling 'sum' or 'mean', not {self.pooling!r}"
+            )
+        if self.truncate not in TRUNCATE_SIDES:
+            raise ConfigError(
+                f"{owner}: truncate must be 'left' (cut the start, keep the last max_len ids, "
+                f"the most recent) or 'right' (cut the end, keep the first max_len ids), got "
+                f"{self.truncate!r}"
+            )
+        if not isinstance(self.with_lengths, bool):
+            raise ConfigError(f"{owner}: with_lengths must be a bool, got {self.with_lengths!r}")
+        if self.with_lengths and (self.pooling != "none" or self.max_len is None):
+            raise ConfigError(
+                f"{owner}: with_lengths needs pooling 'none' with max_len (a padded "
+                f"sequence), got pooling {self.pooling!r}"
+                + ("" if self.max_len is None else f" with max_len={self.max_len}")
+                + (
+                    " (a jagged output already carries its offsets)"
+                    if self.pooling == "none"
+                    else ""
+                )
             )
 
     @property

@@ -3,8 +3,8 @@
 :class:`DynamicEmbedding` is the single-table face of
 :class:`~recstack.embedding_engine.collection.EmbeddingCollection`: the same hash table,
 initializers, eviction, admission, sparse backward and state, called like torch's
-embedding modules instead of through a ``KeyedJaggedTensor``. Ids are any int64 (but the
-two reserved ``-2**63`` and ``-2**63 + 1``), never wrapped or collided.
+embedding modules instead of through a ``KeyedJaggedTensor``. Ids are any int64, never
+wrapped or collided.
 
 Example:
     >>> import torch
@@ -23,12 +23,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor, PagedTensor, RowUpdater, SparseGrad
 from recstack.embedding_engine.collection import DEFAULT_PAGE_ROWS, EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig
+from recstack.embedding_engine.parameters import EmbeddingSparseParameter
 
 __all__ = ["DynamicEmbedding"]
 
@@ -84,7 +87,6 @@ class DynamicEmbedding(nn.Module):
             [table], [feature], device, page_rows=page_rows, evict_every=evict_every
         )
         self._table = table
-        self._device = self.collection.device
 
     @property
     def table(self) -> TableConfig:
@@ -103,15 +105,15 @@ class DynamicEmbedding(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the rows live."""
-        return self._device
+        """Where the rows live (``module.to(device)`` moves them)."""
+        return self.collection.device
 
     def __len__(self) -> int:
         """How many ids have a row."""
         return self.collection.num_ids(self._table.name)
 
     def extra_repr(self) -> str:
-        return f"{self._table.name!r}, dim={self.dim}, mode={self._mode!r}, device={self._device}"
+        return f"{self._table.name!r}, dim={self.dim}, mode={self._mode!r}, device={self.device}"
 
     def forward(
         self,
@@ -135,7 +137,7 @@ class DynamicEmbedding(nn.Module):
 
         Raises:
             TypeError: ids are not integers.
-            ValueError: bad offsets or weights, ids on another device, or a reserved id.
+            ValueError: bad offsets or weights, or ids on another device.
         """
         if not isinstance(ids, torch.Tensor):
             raise TypeError(
@@ -196,8 +198,13 @@ class DynamicEmbedding(nn.Module):
         return self.collection.sparse_grads().get(self._table.name)
 
     def zero_grad_sparse(self) -> None:
-        """Drop the stored gradient (every forward does this too)."""
+        """Drop the stored gradient (every training forward drops a read one too)."""
         self.collection.zero_grad_sparse()
+
+    def sparse_parameters(self) -> Iterator[EmbeddingSparseParameter]:
+        """The table as a core ``SparseParameter``, for a sparse optimizer (see
+        :meth:`EmbeddingCollection.sparse_parameters`)."""
+        return self.collection.sparse_parameters()
 
     def fuse_optimizer(self, optimizer: RowUpdater | None, *, one_pass: bool = False) -> None:
         """Apply ``optimizer``'s updates to the table inside the backward (``None``: stop);

@@ -68,6 +68,25 @@ class RowMetadata:
         the last :meth:`mark_clean` of their rows (what a delta checkpoint writes; a view)."""
         return self._dirty[: self._num_rows]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its columns as allocated (they grow ahead of :attr:`num_rows`)."""
+        return self._last_seen.nbytes + self._counts.nbytes + self._dirty.nbytes
+
+    def move_to_(self, device: torch.device | str) -> RowMetadata:
+        """Move the columns to ``device``, in place (all copies made before any change).
+
+        Args:
+            device: where the columns go.
+
+        Returns:
+            ``self``.
+        """
+        moved = [t.to(device) for t in (self._last_seen, self._counts, self._dirty)]
+        self._last_seen, self._counts, self._dirty = moved
+        self._device = moved[0].device
+        return self
+
     def ensure_rows(self, n: int) -> None:
         """Cover at least ``n`` rows (new rows read step 0, count 0, clean)."""
         if n <= self._num_rows:

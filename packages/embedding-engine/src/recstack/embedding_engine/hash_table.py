@@ -1,10 +1,13 @@
 """``HashTable``: a growable open-addressing map from int64 keys to int64 rows, on any device.
 
-It is the index of a dynamic embedding table: ids of any value map to dense row numbers of a
-value store that the caller owns. The table hands rows out itself, lowest free row first
-(rows freed by :meth:`HashTable.erase` before never-used ones, so an embedding table
-re-initializes reused rows), and :attr:`HashTable.num_rows_allocated` says how many rows the
-value store needs.
+It is the index of a dynamic embedding table: ids of any int64 value (none is reserved) map
+to dense row numbers of a value store that the caller owns. A table built with
+``num_tags=T`` keys its entries by ``(key, tag)``, a tag in ``[0, T)`` kept beside the key
+(in spare high bits of the slot's row word), so one physical table can hold several logical
+tables' ids without narrowing them or letting them collide. The table hands rows out
+itself, lowest free row first (rows freed by :meth:`HashTable.erase` before never-used ones,
+so an embedding table re-initializes reused rows), and :attr:`HashTable.num_rows_allocated`
+says how many rows the value store needs.
 
 Everything is deterministic: the same sequence of calls gives the same rows on CPU and GPU,
 whatever order the GPU's atomics land in (see :mod:`recstack.embedding_engine.kernels.hash_table`
@@ -22,8 +25,11 @@ import torch
 from recstack.embedding_engine.kernels.hash_table import (
     EMPTY,
     MAX_CAPACITY,
+    MAX_TAGS,
     TOMBSTONE,
     empty_slots,
+    row_limit,
+    table_entries,
     table_erase,
     table_find,
     table_find_or_insert,
@@ -38,13 +44,17 @@ def _next_pow2(v: int) -> int:
 
 
 class HashTable:
-    """An open-addressing hash map from int64 key to int64 row, with batched operations.
+    """An open-addressing hash map from int64 key (and tag) to int64 row, with batched operations.
 
-    Keys are any int64 except the reserved :data:`EMPTY` (``-2**63``) and :data:`TOMBSTONE`
-    (``-2**63 + 1``); passing one raises a ValueError naming it and leaves the table as it
-    was. Rows are handed out by the table: a key keeps its row until it is erased, and a new
-    key gets the lowest free row (rows freed by :meth:`erase` first, then never-used rows in
-    increasing order). New keys of one batch are numbered in order of their first occurrence.
+    Keys are any int64: none is reserved (the two whose bit patterns mark free and erased
+    slots, :data:`EMPTY` ``-2**63`` and :data:`TOMBSTONE` ``-2**63 + 1``, are stored remapped,
+    see :mod:`recstack.embedding_engine.kernels.hash_table`). With ``num_tags > 1`` an entry
+    is a ``(key, tag)`` pair: every operation takes ``tags`` beside the keys (``None`` for
+    tag 0, one int for all keys, or an integer tensor of the keys' shape), the same key
+    under two tags is two entries, and :meth:`tagged_items` lists the tags. Rows are handed
+    out by the table: an entry keeps its row until it is erased, and a new entry gets the
+    lowest free row (rows freed by :meth:`erase` first, then never-used rows in increasing
+    order). New entries of one batch are numbered in order of their first occurrence.
 
     The table grows by itself: before an insert of ``n`` keys that could push live keys plus
     tombstones plus ``n`` past ``max_load * capacity``, it rehashes into a power-of-two table
@@ -57,6 +67,9 @@ class HashTable:
         device: where the slots live; operations take keys on this device.
         max_load: the fraction of slots that may be used (live keys plus tombstones) before
             the table grows, in ``(0, 1)``.
+        num_tags: how many tags entries may carry, in ``[1, 2**30]``. The row word keeps
+            ``1 + (num_tags - 1).bit_length()`` bits for the tag, so rows lie below
+            ``2**62`` for one tag, ``2**61`` for two, ``2**60`` for up to four, ...
 
     Example:
         >>> import torch
@@ -70,6 +83,11 @@ class HashTable:
         [0]
         >>> table.find(torch.tensor([42, 7, -3])).tolist()
         [0, -1, 1]
+        >>> merged = HashTable(16, num_tags=2)  # the same id under two tags: two rows
+        >>> merged.find_or_insert(torch.tensor([5, 5, -2**63]), torch.tensor([0, 1, 1]))[0].tolist()
+        [0, 1, 2]
+        >>> merged.find(torch.tensor([5, -2**63]), 1).tolist()
+        [1, 2]
     """
 
     def __init__(
@@ -78,6 +96,7 @@ class HashTable:
         device: torch.device | str = "cpu",
         *,
         max_load: float = 0.75,
+        num_tags: int = 1,
     ) -> None:
         if isinstance(capacity, bool) or not hasattr(capacity, "__index__"):
             raise TypeError(f"HashTable: capacity must be an int, got {type(capacity).__name__}")
@@ -91,6 +110,11 @@ class HashTable:
                 f"HashTable: max_load must be in (0, 1), got {max_load} (linear probing needs "
                 "free slots to end its probes)"
             )
+        if isinstance(num_tags, bool) or not hasattr(num_tags, "__index__"):
+            raise TypeError(f"HashTable: num_tags must be an int, got {type(num_tags).__name__}")
+        if not 1 <= operator.index(num_tags) <= MAX_TAGS:
+            raise ValueError(f"HashTable: num_tags must be in [1, 2**30], got {num_tags}")
+        self._num_tags = operator.index(num_tags)
         self._max_load = float(max_load)
         self._slots = empty_slots(_next_pow2(cap), device)
         self._device = self._slots.device
@@ -128,6 +152,16 @@ class HashTable:
         return self._device
 
     @property
+    def num_tags(self) -> int:
+        """How many tags entries may carry (tags lie in ``[0, num_tags)``)."""
+        return self._num_tags
+
+    @property
+    def max_rows(self) -> int:
+        """Rows lie below this (``2**62`` for one tag; fewer bits are left with more tags)."""
+        return row_limit(self._num_tags)
+
+    @property
     def num_rows_allocated(self) -> int:
         """Rows ever handed out (the high-water mark): every row is below it.
 
@@ -135,6 +169,11 @@ class HashTable:
         free and handed out again first.
         """
         return self._next_row
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its device tensors: the ``(key, row)`` slots and the free-row list."""
+        return self._slots.nbytes + self._free.nbytes
 
     def __repr__(self) -> str:
         return (
@@ -146,32 +185,46 @@ class HashTable:
     # Operations
     # ------------------------------------------------------------------------------------
 
-    def find(self, keys: torch.Tensor, *, check_keys: bool = True) -> torch.Tensor:
+    def find(
+        self,
+        keys: torch.Tensor,
+        tags: torch.Tensor | int | None = None,
+        *,
+        check_keys: bool = True,
+    ) -> torch.Tensor:
         """Row of each key (int64, ``keys``' shape), -1 where the key is absent.
 
         Args:
-            keys: int64 tensor of any shape on the table's device.
-            check_keys: raise a ValueError for a reserved key, at the cost of one host sync.
-                With ``False`` the call never syncs and reserved keys read as absent.
+            keys: int64 tensor of any shape on the table's device (any int64 value).
+            tags: the keys' tags: ``None`` (tag 0), one int, or an integer tensor of
+                ``keys``' shape.
+            check_keys: raise a ValueError for a tag outside ``[0, num_tags)`` given in a
+                tensor, at the cost of one host sync. With ``False`` the call never syncs and
+                such keys read as absent. (Keys need no check: none is reserved.)
 
         One kernel launch on the Triton path.
         """
-        return table_find(self._slots, keys, check_keys=check_keys)
+        return table_find(self._slots, keys, tags, num_tags=self._num_tags, check_keys=check_keys)
 
-    def find_or_insert(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def find_or_insert(
+        self, keys: torch.Tensor, tags: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of the keys, inserting the absent ones -> ``(rows, is_new)``.
 
         Args:
             keys: int64 tensor of any shape on the table's device; duplicates are allowed and
                 map to one row.
+            tags: the keys' tags (as :meth:`find` takes them); the same key under two tags is
+                two entries.
 
         Returns:
             ``rows``, int64 of ``keys``' shape; ``is_new``, bool of ``keys``' shape: True at
-            exactly one occurrence (the first in batch order) of each key that was not in the
-            table before this call.
+            exactly one occurrence (the first in batch order) of each entry that was not in
+            the table before this call.
 
         Raises:
-            ValueError: a key is :data:`EMPTY` or :data:`TOMBSTONE`; nothing is inserted.
+            ValueError: a tag outside ``[0, num_tags)``, or more rows than :attr:`max_rows`;
+                nothing is inserted.
 
         Triton path: 3 launches, one ``cumsum`` and one host sync (plus one rehash launch
         and sync when the table grows).
@@ -181,9 +234,16 @@ class HashTable:
                 f"HashTable.find_or_insert: keys must be a torch.Tensor, got {type(keys).__name__}"
             )
         n = keys.numel()
+        if self._next_row + max(n - self._free.numel(), 0) > self.max_rows:
+            raise ValueError(
+                f"HashTable.find_or_insert: {n} new keys could take rows past the "
+                f"{self.max_rows} rows a table with num_tags={self._num_tags} can number"
+            )
         if n and keys.dtype == torch.int64 and keys.device == self._device:
             self._make_room(n)  # keys of a wrong dtype or device fail below, ungrown
-        rows, is_new, n_new = table_find_or_insert(self._slots, keys, self._free, self._next_row)
+        rows, is_new, n_new = table_find_or_insert(
+            self._slots, keys, self._free, self._next_row, tags, num_tags=self._num_tags
+        )
         reused = min(n_new, self._free.numel())
         if reused:
             self._free = self._free[reused:]
@@ -191,55 +251,62 @@ class HashTable:
         self._size += n_new
         return rows, is_new
 
-    def erase(self, keys: torch.Tensor) -> int:
+    def erase(self, keys: torch.Tensor, tags: torch.Tensor | int | None = None) -> int:
         """Remove the keys present (absent keys are ignored); return how many were removed.
 
         Their rows become free and go to new keys first, lowest row first. A key repeated in
-        ``keys`` is removed once.
+        ``keys`` is removed once. ``tags`` as :meth:`find` takes them.
 
         Raises:
-            ValueError: a key is :data:`EMPTY` or :data:`TOMBSTONE`; nothing is removed.
+            ValueError: a tag outside ``[0, num_tags)``; nothing is removed.
 
         Triton path: 1 launch, one host sync, and a sort of the free list when keys were
         removed.
         """
-        self._free, n_erased = table_erase(self._slots, keys, self._free)
+        self._free, n_erased = table_erase(
+            self._slots, keys, self._free, tags, num_tags=self._num_tags
+        )
         self._size -= n_erased
         self._tombstones += n_erased
         return n_erased
+
+    def move_to_(self, device: torch.device | str) -> HashTable:
+        """Move the slots and the free-row list to ``device``, in place; every key keeps
+        its row. Both copies are made before anything changes.
+
+        Args:
+            device: where the table goes.
+
+        Returns:
+            ``self``.
+        """
+        slots, free = self._slots.to(device), self._free.to(device)
+        self._slots, self._free, self._device = slots, free, slots.device
+        return self
 
     def items(self, chunk_size: int = 1 << 20) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every ``(keys, rows)`` entry, in chunks of at most ``chunk_size``, by ascending row.
 
         The entries are gathered when this is called (one host sync), so the iterator is a
         snapshot: changing the table while iterating does not affect it. Row order makes the
-        export the same on every device and reads the caller's value store in order.
+        export the same on every device and reads the caller's value store in order. With
+        ``num_tags > 1`` a key may appear once per tag: :meth:`tagged_items` tells them apart.
         """
-        if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
-            raise TypeError(
-                f"HashTable.items: chunk_size must be an int, got {type(chunk_size).__name__}"
-            )
-        chunk = operator.index(chunk_size)
-        if chunk < 1:
-            raise ValueError(f"HashTable.items: chunk_size must be >= 1, got {chunk}")
-        keys, rows = self._entries_by_row()
-        return _chunks(keys, rows, chunk)
+        chunk = _check_chunk(chunk_size, "items")
+        keys, _, rows = table_entries(self._slots, self._next_row, num_tags=self._num_tags)
+        return _chunks(chunk, keys, rows)
+
+    def tagged_items(
+        self, chunk_size: int = 1 << 20
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every ``(keys, tags, rows)`` entry (tags int64), as :meth:`items` lists them."""
+        chunk = _check_chunk(chunk_size, "tagged_items")
+        keys, tags, rows = table_entries(self._slots, self._next_row, num_tags=self._num_tags)
+        return _chunks(chunk, keys, tags, rows)
 
     # ------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------
-
-    def _entries_by_row(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rows = self._next_row
-        key_col, row_col = self._slots[:, 0], self._slots[:, 1]
-        live = key_col > TOMBSTONE
-        # Rows are distinct below n_rows: scatter keys into a row-indexed array (free and
-        # erased slots all land in one spare entry), then keep the rows that got a key.
-        by_row = torch.full((n_rows + 1,), EMPTY, dtype=torch.int64, device=self._device)
-        by_row.scatter_(0, torch.where(live, row_col, n_rows), key_col)
-        by_row = by_row[:n_rows]
-        rows = (by_row != EMPTY).nonzero().squeeze(1)
-        return by_row[rows], rows
 
     def _make_room(self, n: int) -> None:
         """Rehash first if inserting ``n`` keys could push the used slots past the limit."""
@@ -258,12 +325,21 @@ class HashTable:
             raise ValueError(
                 f"HashTable: holding {need} keys at max_load={limit} needs more than 2**60 slots"
             )
-        self._slots = table_rehash(self._slots, new_cap)
+        self._slots = table_rehash(self._slots, new_cap, num_tags=self._num_tags)
         self._tombstones = 0
 
 
-def _chunks(
-    keys: torch.Tensor, rows: torch.Tensor, chunk: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, keys.numel(), chunk):
-        yield keys[start : start + chunk], rows[start : start + chunk]
+def _check_chunk(chunk_size: object, what: str) -> int:
+    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
+        raise TypeError(
+            f"HashTable.{what}: chunk_size must be an int, got {type(chunk_size).__name__}"
+        )
+    chunk = operator.index(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"HashTable.{what}: chunk_size must be >= 1, got {chunk}")
+    return chunk
+
+
+def _chunks(chunk: int, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    for start in range(0, columns[0].numel(), chunk):
+        yield tuple(c[start : start + chunk] for c in columns)

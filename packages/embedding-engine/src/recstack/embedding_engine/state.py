@@ -3,9 +3,9 @@
 The collection's rows leave and come back through core's
 :class:`~recstack.core.keyed_state.KeyedState` chunk format, one *logical* table at a time:
 
-* keys are the table's **logical ids** (int64), never the merged hash keys, so a checkpoint
-  does not depend on how tables were merged: state exported with ``merge_tables=True``
-  loads into ``merge_tables=False`` and back;
+* keys are the table's **logical ids** (int64, the full range), never hash-table internals,
+  so a checkpoint does not depend on how tables were merged: state exported with
+  ``merge_tables=True`` loads into ``merge_tables=False`` and back;
 * slots are ``{"values": [n, dim] rows in the table dtype}`` plus, when the physical table
   keeps per-row metadata (last-seen step, hit count), one slot per metadata store under
   its own name, ``[n, ...]``, plus one slot per *companion* of the value store (core's
@@ -145,13 +145,12 @@ def _locate(ec: EmbeddingCollection, table: object, what: str) -> tuple[Physical
 
 
 def _entries(phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(table index, logical id, row)`` of every key of ``phys``, by ascending row."""
+    """``(table index, logical id, row)`` of every entry of ``phys``, by ascending row."""
     ht = phys.hash_table
-    keys, rows = next(ht.items(max(len(ht), 1)), (None, None))
-    if keys is None:
+    ids, tags, rows = next(ht.tagged_items(max(len(ht), 1)), (None, None, None))
+    if ids is None:
         empty = torch.empty(0, dtype=torch.int64, device=ht.device)
         return empty, empty, empty
-    tags, ids = phys.decode(keys)
     return tags, ids, rows
 
 
@@ -444,8 +443,8 @@ def import_collection_chunk(
         TypeError: keys not int64, rows of a dtype that cannot be cast (integer values).
         ValueError: keys not 1-D, a slot whose first dim is not the key count, a dim
             mismatch, a missing ``"values"`` slot or an unknown slot, duplicate ids, or
-            ids outside the table's encodable range (``[0, 2**id_bits)`` in a merged
-            physical table; any int64 but the two hash-table sentinels otherwise).
+            ids outside a fixed-size table's ``[0, fixed_size)`` (a dynamic table, merged
+            or not, takes any int64 id).
     """
     where = f"import_collection_chunk: table {table!r}"
     phys, index = _locate(ec, table, "import_collection_chunk")
@@ -502,7 +501,7 @@ def import_collection_chunk(
     if not keys.numel():
         return 0
     held = len(phys.hash_table)
-    rows, is_new = phys.hash_table.find_or_insert(phys.encode(index, keys))
+    rows, is_new = phys.hash_table.find_or_insert(keys, index)
     n_new = len(phys.hash_table) - held  # known on the host: no sync to count new keys
     n_rows = phys.hash_table.num_rows_allocated
     phys.values.ensure_rows(n_rows)
@@ -658,9 +657,8 @@ class CollectionTableState:
         if bool(phys.bad_ids(keys).any()):
             raise ValueError(f"{where}: ids must lie in {phys.id_range()}")
         keys, _ = select_owned(keys, {}, shard)
-        encoded = phys.encode(index, keys)
         # Only held ids are erased, so only they are logged as removed.
-        held = encoded[phys.hash_table.find(encoded, check_keys=False) >= 0]
+        held = keys[phys.hash_table.find(keys, index, check_keys=False) >= 0]
         return self._ec._erase(phys, index, held)
 
     # ------------------------------------------------------------------ auxiliary state

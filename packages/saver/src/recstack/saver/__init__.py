@@ -10,6 +10,8 @@ incremental and never corrupt.
   and ``verify`` print.
 * :func:`export_for_serving`, :func:`load_for_inference` (:class:`ServingModel`,
   :class:`ServingTable`): ids and rows only, in fp32/bf16/fp16, as read-only lookups.
+* :func:`export_checkpoint`: the same serving export, from a checkpoint's files (a delta
+  chain replayed), without the model's Python objects (``recstack-saver export``).
 * :func:`import_embedding_weight`, :func:`import_torchrec_state_dict`: dense embedding
   weights (``nn.Embedding``, TorchRec) into dynamic tables.
 
@@ -17,6 +19,7 @@ Nothing is pickled: tensors go to safetensors files, everything else to JSON.
 """
 
 from recstack.saver.checkpointer import Checkpointer
+from recstack.saver.convert import export_checkpoint
 from recstack.saver.errors import CheckpointError
 from recstack.saver.inspect import describe_checkpoint, verify_checkpoint
 from recstack.saver.load import LoadReport
@@ -40,6 +43,7 @@ __all__ = [
     "ServingTable",
     "__version__",
     "describe_checkpoint",
+    "export_checkpoint",
     "export_for_serving",
     "import_embedding_weight",
     "import_torchrec_state_dict",

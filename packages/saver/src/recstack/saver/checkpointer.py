@@ -45,10 +45,10 @@ from recstack.saver.rng import capture_rng
 from recstack.saver.serving import export_for_serving
 from recstack.saver.snapshot import (
     PinnedPool,
-    estimate_chunk_rows,
     host_copies,
     host_copy,
     iter_host_chunks,
+    spread_chunk_rows,
 )
 from recstack.saver.stateful import Sorted, sort_stateful
 from recstack.saver.tree import encode_tree
@@ -85,6 +85,12 @@ class Checkpointer:
             tools).
         world_size: the number of ranks; default from ``torch.distributed``, else ``1``.
         progress: show a progress line; ``None`` shows it when stderr is a terminal.
+        durable: fsync every file and the checkpoint directory before the manifest counts
+            it complete, so a checkpoint survives a power loss or an operating-system
+            crash. ``False`` skips the fsyncs: a save then runs at page-cache speed and
+            still survives the process being killed at any instant (the kernel keeps what
+            was written), but not the machine going down. For scratch checkpoints, memory
+            file systems and checkpoints copied elsewhere right after.
 
     A save writes every file aside and renames it when whole; ``manifest.json`` comes last
     and names only complete files, so a process killed at any moment leaves the previous
@@ -105,8 +111,10 @@ class Checkpointer:
         rank: int | None = None,
         world_size: int | None = None,
         progress: bool | None = None,
+        durable: bool = True,
     ) -> None:
         self.root = Path(root)
+        self.durable = bool(durable)
         if keep_last is not None:
             _positive("keep_last", keep_last)
         self.keep_last = keep_last
@@ -206,6 +214,7 @@ class Checkpointer:
             per_rank_tensors=per_rank_tensors,
             dense_file_bytes=self.dense_file_bytes,
             max_in_flight=self.max_in_flight,
+            durable=self.durable,
         )
         incremental = [s for s in objs.tables.values() if isinstance(s, IncrementalKeyedState)]
         if blocking:
@@ -324,7 +333,7 @@ class Checkpointer:
         for name, state in objs.tables.items():
             meta = state.state_metadata()
             check_json_metadata(meta, name)
-            rows = estimate_chunk_rows(meta, self.part_bytes)
+            rows = spread_chunk_rows(meta, self.part_bytes, self.threads, delta=delta)
             if delta:
                 assert isinstance(state, IncrementalKeyedState)
                 source = state.export_changed_chunks(rows)

@@ -1,10 +1,17 @@
-"""``recstack-saver``: inspect and verify checkpoints from the shell.
+"""``recstack-saver``: inspect, verify and export checkpoints from the shell.
 
 * ``recstack-saver inspect DIR [--json]``: what a checkpoint holds, or the checkpoints
   under a checkpointer root (:func:`recstack.saver.describe_checkpoint`).
 * ``recstack-saver verify DIR [--threads N] [--json]``: re-check every file against the
   manifest (:func:`recstack.saver.verify_checkpoint`); exit status 0 when all is well,
   1 when something is wrong, 2 for a usage error or a path that is not a checkpoint.
+* ``recstack-saver export CHECKPOINT OUT [--dtype fp32|bf16|fp16] [--step N]
+  [--include GLOB ...] [--exclude GLOB ...]``: write the serving export of a checkpoint
+  (:func:`recstack.saver.export_checkpoint`) and print one line: tables, rows, bytes.
+
+The ``recstack export`` command of ``recstack.pipelines`` calls
+:func:`~recstack.saver.export_checkpoint` itself; :func:`export_command` is the same
+command as a function returning an exit status, for other command lines.
 
 Also runs as ``python -m recstack.saver.cli``.
 """
@@ -18,13 +25,29 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from recstack.saver.convert import export_checkpoint
 from recstack.saver.errors import CheckpointError
 from recstack.saver.inspect import NotACheckpointError, _verify, describe_checkpoint
+from recstack.saver.manifest import read_manifest
 
-__all__ = ["build_parser", "format_checkpoint", "format_root", "human_bytes", "main"]
+__all__ = [
+    "EXPORT_DTYPES",
+    "build_parser",
+    "export_command",
+    "format_checkpoint",
+    "format_export",
+    "format_root",
+    "human_bytes",
+    "main",
+]
 
 OK, PROBLEMS, USAGE = 0, 1, 2
 _PROG = "recstack-saver"
+
+#: The ``--dtype`` names of an export and their torch dtypes.
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -174,11 +197,32 @@ def format_root(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_export(manifest: dict[str, Any], source: str, out: str) -> str:
+    """The line ``export`` prints: what an export holds.
+
+    Args:
+        manifest: the export's manifest.
+        source: the checkpoint it was exported from, as given.
+        out: the export directory.
+    """
+    tables = manifest["tables"]
+    rows = sum(int(r.get("keys", 0)) for t in tables.values() for r in t["ranks"])
+    size = sum(int(f["bytes"]) for f in manifest["files"].values())
+    modules = len((manifest.get("dense") or {}).get("trees") or {})
+    dtype = (manifest.get("extra") or {}).get("dtype")
+    return (
+        f"exported step {manifest['step']} of {source} ({dtype}) into {out}: "
+        f"{len(tables)} table{'s' if len(tables) != 1 else ''}, {rows} rows, "
+        f"{modules} module{'s' if modules != 1 else ''}, {human_bytes(size)} in "
+        f"{len(manifest['files'])} files"
+    )
+
+
 # ---------------------------------------------------------------------------- commands
 
 
-def _error(message: str) -> None:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
+def _error(message: str, prog: str = _PROG) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -247,6 +291,88 @@ def _verify_cmd(args: argparse.Namespace) -> int:
     return PROBLEMS if result.problems else OK
 
 
+def export_command(
+    checkpoint: str,
+    out: str,
+    dtype: str = "fp32",
+    step: int | None = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    threads: int | None = None,
+    progress: bool | None = None,
+    prog: str = "recstack",
+) -> int:
+    """Export ``checkpoint`` for serving into ``out`` as a command does: print the summary
+    line (:func:`format_export`), or the error on stderr; return the exit status.
+
+    Args:
+        checkpoint: a checkpoint directory or a checkpointer root.
+        out: the export directory (new, empty, or an unfinished export).
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        step: with a root, the checkpoint's step (default: the latest complete one).
+        include: glob patterns of the tables to export (default: all).
+        exclude: glob patterns of the tables to leave out.
+        threads: reader/writer threads (default: the CPU count, at most 16).
+        progress: show a progress line on stderr; ``None`` shows it on a terminal.
+        prog: the command's name in error messages.
+
+    Returns:
+        ``0`` exported; ``1`` a checkpoint problem (a missing or corrupt file, a broken
+        chain, ``out`` holds an export or foreign files); ``2`` a usage error (an unknown
+        dtype, a step or pattern that matches nothing) or a path that is not a checkpoint.
+    """
+    if dtype not in EXPORT_DTYPES:
+        _error(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}", prog)
+        return USAGE
+    try:
+        path = export_checkpoint(
+            checkpoint,
+            out,
+            dtype=EXPORT_DTYPES[dtype],
+            step=step,
+            include=include,
+            exclude=exclude,
+            threads=threads,
+            progress=progress,
+        )
+    except NotACheckpointError as err:
+        _error(str(err), prog)
+        return USAGE
+    except (TypeError, ValueError) as err:
+        _error(str(err), prog)
+        return USAGE
+    except (CheckpointError, OSError) as err:
+        _error(str(err), prog)
+        return PROBLEMS
+    print(format_export(read_manifest(path), str(checkpoint), str(path)))
+    return OK
+
+
+def _export_cmd(args: argparse.Namespace) -> int:
+    return export_command(
+        args.checkpoint,
+        args.out,
+        args.dtype,
+        args.step,
+        include=args.include,
+        exclude=args.exclude,
+        threads=args.threads,
+        progress=False if args.no_progress else None,
+        prog=_PROG,
+    )
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _threads(text: str) -> int:
     try:
         value = int(text)
@@ -263,10 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=_PROG,
-        description="Inspect and verify RecStack checkpoints (directories step-<12 digits> "
-        "holding manifest.json, safetensors and JSON files).",
-        epilog="Exit status: 0 success, 1 a problem was found (verify) or a manifest cannot "
-        "be read, 2 usage error or DIR is not a checkpoint. "
+        description="Inspect, verify and export RecStack checkpoints (directories "
+        "step-<12 digits> holding manifest.json, safetensors and JSON files).",
+        epilog="Exit status: 0 success, 1 a problem was found (verify, export) or a manifest "
+        "cannot be read, 2 usage error or DIR is not a checkpoint. "
         f"See '{_PROG} COMMAND --help'.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -318,6 +444,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="never show the progress line")
     p.set_defaults(func=_verify_cmd)
+
+    p = commands.add_parser(
+        "export",
+        help="write the serving export of a checkpoint (ids, rows, dense weights)",
+        description="Write what an inference server needs of a checkpoint into OUT, without "
+        "the model's code: each table's ids and embedding rows (no optimizer slots, no row "
+        "metadata) and the dense weights of its modules (no optimizers, schedulers or "
+        "per-rank state), in one dtype. A delta is replayed on its chain (removed ids gone, "
+        "the latest rows kept). Every file read is checked against its manifest first; the "
+        "export's manifest is written last. Load the result with "
+        "recstack.saver.load_for_inference. Prints one line: tables, rows and bytes written.",
+        epilog="Exit status: 0 exported, 1 a missing or corrupt file, a broken chain, or OUT "
+        "holds an export or other files; 2 usage error or CHECKPOINT is not a checkpoint.",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint directory (step-000000000123, or its manifest.json), or a "
+        "checkpointer root: its latest complete checkpoint, or the one of --step",
+    )
+    p.add_argument("out", metavar="OUT", help="the export directory (new or empty)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(EXPORT_DTYPES),
+        default="fp32",
+        help="the dtype of the rows and floating dense weights (default: fp32)",
+    )
+    p.add_argument(
+        "--step", type=_step, default=None, metavar="N", help="the step to export from a root"
+    )
+    p.add_argument(
+        "--include",
+        nargs="+",
+        action="extend",
+        metavar="GLOB",
+        help="export only the tables whose names match (repeatable)",
+    )
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        action="extend",
+        metavar="GLOB",
+        help="leave out the tables whose names match (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help="reader/writer threads (default: the CPU count, at most 16)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="never show the progress line")
+    p.set_defaults(func=_export_cmd)
     return parser
 
 

@@ -108,11 +108,14 @@ def write_tensor_file(
     rel: str,
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    *,
+    durable: bool = True,
 ) -> FileRecord:
     """Write ``tensors`` (CPU, contiguous) as the safetensors file ``root / rel``.
 
-    Written to a temporary name beside it, fsynced, then renamed, so the file is either
-    absent or complete. Returns its size and CRC-32 (computed as it was written).
+    Written to a temporary name beside it, fsynced (unless ``durable`` is false), then
+    renamed, so the file is either absent or complete. Returns its size and CRC-32
+    (computed as it was written).
 
     Raises:
         TypeError: a tensor whose dtype safetensors cannot hold.
@@ -134,7 +137,8 @@ def write_tensor_file(
                 crc = zlib.crc32(view, crc)
                 f.write(view)
                 size += len(view)
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     return FileRecord(rel, size, f"{crc:08x}")
 

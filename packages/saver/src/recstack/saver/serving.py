@@ -227,10 +227,9 @@ def _refuse_non_serving(stateful: Mapping[str, Any]) -> None:
         )
 
 
-def _prepare(out: Path, rank: int, group: bool) -> None:
-    """Refuse a directory that holds a complete export or foreign files (every rank checks,
-    so all of them raise); on rank 0 clear what an unfinished export left; then let every
-    rank write."""
+def _refuse_out_dir(out: Path) -> list[Path]:
+    """Refuse a directory that holds a complete export or foreign files; return what an
+    unfinished export left there (to clear)."""
     if (out / MANIFEST).exists():
         raise CheckpointError(
             f"{out}: holds a complete export already; export into a new directory (or "
@@ -243,6 +242,14 @@ def _prepare(out: Path, rank: int, group: bool) -> None:
             f"{out}: not empty and not an unfinished export (it holds {foreign[:5]}); "
             "export into a new or empty directory"
         )
+    return entries
+
+
+def _prepare(out: Path, rank: int, group: bool) -> None:
+    """Refuse a directory that holds a complete export or foreign files (every rank checks,
+    so all of them raise); on rank 0 clear what an unfinished export left; then let every
+    rank write."""
+    entries = _refuse_out_dir(out)
     if rank == 0:
         for p in entries:
             if p.is_dir() and not p.is_symlink():
@@ -263,8 +270,9 @@ def _own_entry(name: str) -> bool:
     )
 
 
-def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int) -> TableJob:
-    meta = state.state_metadata()
+def _table_metadata(name: str, meta: Any, dtype: torch.dtype) -> tuple[dict[str, Any], int | None]:
+    """``(metadata of the table in the export, its row width or None)`` from the table's
+    own metadata (live, or as a checkpoint recorded it)."""
     dim = declared_dim(meta)
     # Without a declared dim, the slots come from the first chunk a rank writes.
     slots = {} if dim is None else {_VALUES: {"dtype": _name(dtype), "shape": [dim]}}
@@ -274,7 +282,12 @@ def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int
     source = meta.get("format") if isinstance(meta, Mapping) else None
     if isinstance(source, str):
         serving_meta["source_format"] = source
-    rows = estimate_chunk_rows({"slots": slots}, part_bytes)
+    return serving_meta, dim
+
+
+def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int) -> TableJob:
+    serving_meta, dim = _table_metadata(name, state.state_metadata(), dtype)
+    rows = estimate_chunk_rows({"slots": serving_meta["slots"]}, part_bytes)
     chunks = iter_host_chunks(
         _values_only(name, state.export_chunks(rows), dtype, dim), snapshot=False, pool=None
     )
@@ -320,15 +333,23 @@ def _dense_job(dense: Mapping[str, Any], dtype: torch.dtype) -> DenseJob:
             # An object with keyed_states() that also has a state_dict: its tables are
             # exported, its other state has no serving form.
             continue
-        state = {
-            key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
-            for key, value in obj.state_dict().items()
-            if isinstance(value, torch.Tensor)
-        }
-        tree, ts = encode_tree(state, name)
-        trees[name] = {"kind": "module", "tree": tree}
-        tensors.update(host_copies(ts, snapshot=False, pool=None))
+        trees[name], ts = _module_entry(name, obj.state_dict(), dtype)
+        tensors.update(ts)
     return DenseJob(trees, tensors)
+
+
+def _module_entry(
+    name: str, state: Mapping[str, Any], dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(dense tree entry, host tensors)`` of a module's state dict in the export: its
+    tensors only, floating ones cast to ``dtype``."""
+    kept = {
+        key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    tree, ts = encode_tree(kept, name)
+    return {"kind": "module", "tree": tree}, host_copies(ts, snapshot=False, pool=None)
 
 
 # ---------------------------------------------------------------------------- serving

@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PinnedPool", "estimate_chunk_rows", "host_copies", "host_copy", "iter_host_chunks"]
+__all__ = [
+    "MIN_PART_BYTES",
+    "PinnedPool",
+    "estimate_chunk_rows",
+    "host_copies",
+    "host_copy",
+    "iter_host_chunks",
+    "spread_chunk_rows",
+]
 
 
 _Key = tuple[tuple[int, ...], torch.dtype]
@@ -100,6 +108,10 @@ _ITEM_BYTES = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
                "bfloat16": 2, "int16": 2, "uint8": 1, "int8": 1, "bool": 1}  # fmt: skip
 
 
+MIN_PART_BYTES = 8 << 20
+"""Parts are not cut below this size to spread a small export over the threads."""
+
+
 def estimate_chunk_rows(metadata: Mapping[str, Any], part_bytes: int) -> int:
     """Rows per exported chunk so that one part file holds about ``part_bytes``.
 
@@ -118,6 +130,24 @@ def estimate_chunk_rows(metadata: Mapping[str, Any], part_bytes: int) -> int:
             width *= int(d) if isinstance(d, int) and d > 0 else 1
         row += width * _ITEM_BYTES.get(str(info.get("dtype")), 4)
     return max(1, part_bytes // row)
+
+
+def spread_chunk_rows(
+    metadata: Mapping[str, Any], part_bytes: int, threads: int, *, delta: bool
+) -> int:
+    """Rows per exported chunk for a save with ``threads`` writers: about ``part_bytes``
+    a part, but an export too small to give every writer a part of that size is cut into
+    about ``threads`` parts (none under :data:`MIN_PART_BYTES`), since each part file is
+    written by one thread. A full export's size is its metadata's ``"num_keys"``; a
+    delta's is unknown until exported, so its parts are ``part_bytes / threads``."""
+    rows = estimate_chunk_rows(metadata, part_bytes)
+    floor = max(1, rows * MIN_PART_BYTES // part_bytes)
+    if delta:
+        return max(floor, rows // threads, 1)
+    num_keys = metadata.get("num_keys") if isinstance(metadata, Mapping) else None
+    if isinstance(num_keys, int) and not isinstance(num_keys, bool) and num_keys > 0:
+        return min(rows, max(floor, -(-num_keys // threads)))
+    return rows
 
 
 def iter_host_chunks(

@@ -77,6 +77,7 @@ class RankJob:
     per_rank_tensors: dict[str, torch.Tensor]
     dense_file_bytes: int
     max_in_flight: int
+    durable: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,16 +167,23 @@ def _write_table(
         rel = f"{base}/r{job.rank:05d}-p{i:05d}.safetensors"
         meta = {"table": table.name, "rank": str(job.rank), "part": str(i)}
         parts.append(submit(lambda rel=rel, tensors=tensors, meta=meta:
-                            write_tensor_file(job.ckpt, rel, tensors, meta)))  # fmt: skip
+                            write_tensor_file(job.ckpt, rel, tensors, meta,
+                                              durable=job.durable)))  # fmt: skip
     removed = None
     if table.removed is not None and table.removed.numel():
         rel = f"{base}/r{job.rank:05d}-removed.safetensors"
         tensors = {"keys": table.removed}
-        removed = submit(lambda rel=rel, t=tensors: write_tensor_file(job.ckpt, rel, t))
+        removed = submit(
+            lambda rel=rel, t=tensors: write_tensor_file(job.ckpt, rel, t, durable=job.durable)
+        )
     aux = None
     if table.aux:
         rel = f"{base}/r{job.rank:05d}-aux.safetensors"
-        aux = submit(lambda rel=rel, t=dict(table.aux): write_tensor_file(job.ckpt, rel, t))
+        aux = submit(
+            lambda rel=rel, t=dict(table.aux): write_tensor_file(
+                job.ckpt, rel, t, durable=job.durable
+            )
+        )
     if slots is None:
         declared = table.metadata.get("slots") if isinstance(table.metadata, dict) else None
         slots = declared if isinstance(declared, dict) else {}
@@ -206,7 +214,9 @@ def _write_dense(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> dic
         if not group:
             continue
         rel = f"dense/d{i:05d}.safetensors"
-        fut = submit(lambda rel=rel, g=group: write_tensor_file(job.ckpt, rel, g))
+        fut = submit(
+            lambda rel=rel, g=group: write_tensor_file(job.ckpt, rel, g, durable=job.durable)
+        )
         for name in group:
             where[name] = fut
     info = {
@@ -219,12 +229,16 @@ def _write_dense(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> dic
 def _write_per_rank(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> dict[str, Any]:
     rel = f"rank/r{job.rank:05d}.json"
     data = json.dumps(job.per_rank).encode()
-    out: dict[str, Any] = {"file": submit(lambda: write_bytes_atomic(job.ckpt, rel, data))}
+    out: dict[str, Any] = {
+        "file": submit(lambda: write_bytes_atomic(job.ckpt, rel, data, durable=job.durable))
+    }
     out["tensors"] = None
     if job.per_rank_tensors:
         trel = f"rank/r{job.rank:05d}.safetensors"
         tensors = job.per_rank_tensors
-        out["tensors"] = submit(lambda: write_tensor_file(job.ckpt, trel, tensors))
+        out["tensors"] = submit(
+            lambda: write_tensor_file(job.ckpt, trel, tensors, durable=job.durable)
+        )
     return out
 
 
@@ -242,8 +256,9 @@ def _finalize(job: RankJob) -> bool:
     os.close(fd)
     fragments = [json.loads((ckpt / n).read_bytes()) for n in names]
     manifest = merge_fragments(fragments)
-    write_bytes_atomic(ckpt, MANIFEST, json.dumps(manifest, indent=1).encode())
-    fsync_path(ckpt)
+    write_bytes_atomic(ckpt, MANIFEST, json.dumps(manifest, indent=1).encode(), durable=job.durable)
+    if job.durable:
+        fsync_path(ckpt)
     for n in names:
         (ckpt / n).unlink(missing_ok=True)
     (ckpt / _LOCK).unlink(missing_ok=True)

@@ -1,13 +1,20 @@
 """The base of the sparse optimizers: parameters, row-sparse gradients, lazy state, checks.
 
 :class:`SparseOptimizer` is a ``torch.optim.Optimizer`` whose parameters are core
-:class:`~recstack.core.PagedTensor`\\ s (e.g. an embedding table's values) or plain 2-D
-tensors whose gradient is row-sparse (``nn.Embedding(sparse=True)``). A step reads, for
-each parameter, one :class:`~recstack.core.SparseGrad` -- given to :meth:`~SparseOptimizer.
-step` as ``grads=`` or, for a plain tensor, its sparse ``.grad`` -- plus any gradients
-gathered with :meth:`~SparseOptimizer.accumulate`, coalesces them (duplicate rows are
-summed), and updates only those rows of the weight and of the state slots (lazy
-semantics). Subclasses give the state slots and the row update.
+:class:`~recstack.core.PagedTensor`\\ s (e.g. an embedding table's values), core
+:class:`~recstack.core.SparseParameter`\\ s (a table plus the gradient its backward left:
+``EmbeddingCollection.sparse_parameters()``), or plain 2-D tensors whose gradient is
+row-sparse (``nn.Embedding(sparse=True)``). A step reads, for each parameter, one
+:class:`~recstack.core.SparseGrad` -- given to :meth:`~SparseOptimizer.step` as
+``grads=``, else a sparse parameter's pending gradient or a plain tensor's sparse
+``.grad`` -- plus any gradients gathered with :meth:`~SparseOptimizer.accumulate`,
+coalesces them (duplicate rows are summed), and updates only those rows of the weight and
+of the state slots (lazy semantics). Subclasses give the state slots and the row update.
+
+A :class:`~recstack.core.SparseParameter` is unwrapped to its table when it is added: the
+table is the parameter (``param_groups``, ``state`` and ``state_dict`` hold it, as if the
+bare table had been given), and the optimizer remembers where its pending gradient comes
+from: ``step()`` reads it, ``zero_grad()`` clears it, ``accumulate()`` takes it over.
 
 State slots are fp32 ``PagedTensor``\\ s row-aligned with the parameter, made on the first
 step that touches it and grown with it. On a ``PagedTensor`` parameter they are the
@@ -27,12 +34,13 @@ updated. All checks of one step share one host sync.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from recstack.core import PagedTensor, SparseGrad
+from recstack.core import PagedTensor, SparseGrad, SparseParameter
 from recstack.core.kernels.row_update import apply_row_update, check_rows
 from recstack.core.kernels.row_update_many import RowJob, check_and_apply_row_updates
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
@@ -40,10 +48,13 @@ from recstack.core.row_update import RowUpdate
 from recstack.sparse_optim.gates import GateBook
 from recstack.sparse_optim.kernels.optimizer_tile import optimizer_tile
 
-__all__ = ["Param", "SlotSpec", "SparseOptimizer"]
+__all__ = ["Param", "ParamLike", "SlotSpec", "SparseOptimizer"]
 
 #: What a sparse optimizer updates: a PagedTensor, or a plain 2-D float tensor.
 Param = PagedTensor | torch.Tensor
+#: What a sparse optimizer takes as a parameter: a :data:`Param`, or a core
+#: ``SparseParameter`` (unwrapped to its table, whose pending gradient a step reads).
+ParamLike = Param | SparseParameter
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,7 +106,8 @@ class SparseOptimizer(torch.optim.Optimizer):
     """Base class: row-sparse steps over PagedTensor and plain-tensor parameters.
 
     Args:
-        params: parameters (``PagedTensor``\\ s or 2-D float tensors) or param-group dicts.
+        params: parameters (``PagedTensor``\\ s, core ``SparseParameter``\\ s such as
+            ``ec.sparse_parameters()``, or 2-D float tensors) or param-group dicts.
         defaults: the hyper-parameters every group starts from.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``, for a gradient with NaN or Inf.
         deferred_checks: with parameters on one GPU, do not wait for a step's checks at
@@ -116,7 +128,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Param] | Iterable[dict[str, Any]],
+        params: Iterable[ParamLike] | Iterable[dict[str, Any]],
         defaults: dict[str, Any],
         *,
         on_nonfinite: str = "raise",
@@ -136,7 +148,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         self._wrapped: dict[int, tuple[tuple[Any, ...], PagedTensor]] = {}
         self._slot_cache: dict[int, tuple[int, dict[str, Any], dict[str, PagedTensor]]] = {}
         self._whole: bool | None = None
-        if isinstance(params, (torch.Tensor, PagedTensor)):
+        # Where the pending gradient of a table given as a SparseParameter comes from.
+        self._sources: dict[int, SparseParameter] = {}
+        # Tables whose row resets drop their rows from the accumulated gradients.
+        self._watched: set[int] = set()
+        if isinstance(params, (torch.Tensor, PagedTensor)) or _is_sparse_param(params):
             raise TypeError(
                 f"{type(self).__name__}: params must be an iterable of parameters or groups, "
                 f"got a single {type(params).__name__} (wrap it in a list)"
@@ -197,26 +213,46 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ parameters
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group of PagedTensor / 2-D float tensor parameters (hyper-parameters not
-        given come from the defaults)."""
+        """Add a group of parameters (hyper-parameters not given come from the defaults).
+
+        Args:
+            param_group: ``{"params": [...], **hyper-parameters}``; the parameters are
+                PagedTensors, 2-D float tensors or core ``SparseParameter``\\ s (each
+                unwrapped to its table, see the module docs).
+
+        Raises:
+            TypeError, ValueError: a parameter of another kind, or one given twice (two
+                sparse parameters of one table count as one parameter given twice).
+        """
         name = type(self).__name__
         if not isinstance(param_group, dict):
             raise TypeError(f"{name}: a param group must be a dict, got {type(param_group)}")
         params = param_group["params"]
-        if isinstance(params, (torch.Tensor, PagedTensor)):
+        if isinstance(params, (torch.Tensor, PagedTensor)) or _is_sparse_param(params):
             params = [params]
         elif isinstance(params, set):
             raise TypeError(f"{name}: params must be an ordered sequence, not a set")
         else:
             params = list(params)
-        for p in params:
-            self._check_param(p)
+        sources = {}
+        for i, p in enumerate(params):
+            if _is_sparse_param(p):
+                table = p.table
+                if not isinstance(table, PagedTensor):
+                    raise TypeError(
+                        f"{name}: a SparseParameter's table must be a PagedTensor, got "
+                        f"{type(table).__name__}"
+                    )
+                sources[id(table)] = p
+                params[i] = table
+            self._check_param(params[i])
         seen = {id(q) for g in self.param_groups for q in g["params"]}
         if any(id(p) in seen for p in params) or len({id(p) for p in params}) != len(params):
             raise ValueError(f"{name}: a parameter appears in more than one place")
         group = {**self.defaults, **param_group, "params": params}
         self._check_hyper(group)
         self.param_groups.append(group)
+        self._sources.update(sources)
 
     def _check_param(self, p: object) -> None:
         name = type(self).__name__
@@ -224,7 +260,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(p, torch.Tensor):
             raise TypeError(
-                f"{name}: parameters must be PagedTensors or tensors, got {type(p).__name__}"
+                f"{name}: parameters must be PagedTensors, SparseParameters or tensors, got "
+                f"{type(p).__name__}"
             )
         if p.dim() != 2 or p.dtype not in _FLOATS:
             raise ValueError(
@@ -249,8 +286,16 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop accumulated gradients and the tensor parameters' ``.grad``."""
+        """Drop accumulated gradients, the sparse parameters' pending gradients and the
+        tensor parameters' ``.grad``.
+
+        Args:
+            set_to_none: set a tensor parameter's ``.grad`` to ``None`` (default) rather
+                than to zeros.
+        """
         self._pending.clear()
+        for source in self._sources.values():
+            source.clear_grad()
         for g in self.param_groups:
             for p in g["params"]:
                 if isinstance(p, torch.Tensor) and p.grad is not None:
@@ -275,6 +320,8 @@ class SparseOptimizer(torch.optim.Optimizer):
             ids = {id(p) for p in params}
             out = {}
             for key, g in grads.items():
+                if _is_sparse_param(key):
+                    key = key.table
                 if id(key) not in ids:
                     raise KeyError(f"{name}: grads has a key that is not one of its parameters")
                 out[id(key)] = g
@@ -292,10 +339,15 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def _gather(self, p: Param, explicit: dict[int, SparseGrad]) -> list[SparseGrad]:
         parts = list(self._pending.get(id(p), []))
+        source = self._sources.get(id(p))
         if id(p) in explicit:
             parts.append(explicit[id(p)])
         elif isinstance(p, torch.Tensor) and p.grad is not None:
             parts.append(self._from_tensor_grad(p))
+        elif source is not None:
+            g = source.pending_grad()
+            if g is not None:
+                parts.append(g)
         for g in parts:
             if not isinstance(g, SparseGrad):
                 raise TypeError(
@@ -325,21 +377,59 @@ class SparseOptimizer(torch.optim.Optimizer):
         return SparseGrad(grad._indices()[0], grad._values(), is_coalesced=grad.is_coalesced())
 
     def accumulate(self, grads: object = None) -> None:
-        """Keep this micro-batch's gradients (``grads`` as for :meth:`step`, else the
-        tensor parameters' sparse ``.grad``) to be summed into the next :meth:`step`.
+        """Keep this micro-batch's gradients to be summed into the next :meth:`step`.
 
-        Tensor parameters' ``.grad`` is taken and set to ``None``, so the next backward
-        starts afresh.
+        Args:
+            grads: as for :meth:`step`; parameters not in it give their pending gradient
+                (sparse parameters) or sparse ``.grad`` (tensors), which is taken over and
+                cleared, so the next backward starts afresh.
+
+        A row of a ``PagedTensor`` parameter that its table announces reset before the
+        step (``PagedTensor.rows_reset``: a new id took an evicted id's row) leaves the
+        accumulated gradients: they were the evicted id's.
         """
         explicit = self._explicit(grads)
         for group in self.param_groups:
             for p in group["params"]:
                 g = explicit.get(id(p))
+                source = self._sources.get(id(p))
                 if g is None and isinstance(p, torch.Tensor) and p.grad is not None:
                     g = self._from_tensor_grad(p)
                     p.grad = None
+                elif g is None and source is not None:
+                    g = source.pending_grad()
+                    source.clear_grad()
                 if g is not None:
+                    if isinstance(p, PagedTensor):
+                        self._watch_resets(p)
                     self._pending.setdefault(id(p), []).append(g)
+
+    def _watch_resets(self, table: PagedTensor) -> None:
+        """Drop reset rows of ``table`` from its accumulated gradients from now on."""
+        if id(table) in self._watched:
+            return
+        self._watched.add(id(table))
+        # The table holds its callbacks for life: a weak reference lets the optimizer go.
+        ref = weakref.ref(self)
+        key = id(table)
+
+        def drop(rows: torch.Tensor) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._drop_pending_rows(key, rows)
+
+        table.on_rows_reset(drop)
+
+    def _drop_pending_rows(self, key: int, rows: torch.Tensor) -> None:
+        parts = self._pending.get(key)
+        if not parts:
+            return
+        kept = []
+        for g in parts:
+            keep = ~torch.isin(g.rows, rows.to(g.rows.device))
+            # A subset of sorted unique rows is still sorted and unique.
+            kept.append(SparseGrad(g.rows[keep], g.values[keep], is_coalesced=g.is_coalesced))
+        self._pending[key] = kept
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -351,9 +441,11 @@ class SparseOptimizer(torch.optim.Optimizer):
         Args:
             closure: re-evaluates the model and returns the loss (as torch optimizers).
             grads: each parameter's :class:`~recstack.core.SparseGrad`: a mapping
-                ``{param: grad}``, a sequence in parameter order (``None`` for none), or a
-                single ``SparseGrad`` when there is one parameter. Tensor parameters not in
-                it use their sparse ``.grad``.
+                ``{param: grad}`` (a sparse parameter or its table as the key), a sequence
+                in parameter order (``None`` for none), or a single ``SparseGrad`` when
+                there is one parameter. Parameters not in it use their pending gradient
+                (sparse parameters, read and left in place until :meth:`zero_grad`) or
+                their sparse ``.grad`` (tensors).
 
         Returns:
             The closure's loss, if any.
@@ -848,6 +940,11 @@ class SparseOptimizer(torch.optim.Optimizer):
                 )
             staged.append((p, step, dense))
         return staged
+
+
+def _is_sparse_param(obj: object) -> bool:
+    """Whether ``obj`` is a core ``SparseParameter`` (tensors and tables never are)."""
+    return not isinstance(obj, (torch.Tensor, PagedTensor)) and isinstance(obj, SparseParameter)
 
 
 def _as_index(key: object) -> int | None:

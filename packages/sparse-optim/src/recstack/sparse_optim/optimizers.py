@@ -31,7 +31,7 @@ from recstack.sparse_optim.kernels.optimizer_tile import (
     log2_beta,
 )
 from recstack.sparse_optim.optimizer import (
-    Param,
+    ParamLike,
     SlotSpec,
     SparseOptimizer,
     check_flag,
@@ -54,7 +54,7 @@ __all__ = [
     "SparseSGD",
 ]
 
-_Params = Iterable[Param] | Iterable[dict[str, Any]]
+_Params = Iterable[ParamLike] | Iterable[dict[str, Any]]
 
 
 def _nonneg(opt: SparseOptimizer, group: dict[str, Any], *names: str) -> None:

@@ -1,0 +1,123 @@
+"""The base of the reference models: a typed config, an owned embedding collection, and
+the batch-dict calling convention the Trainer uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Self
+
+import torch
+from torch import nn
+
+from recstack.core import KeyedJaggedTensor
+from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+from recstack.pipelines.models.fields import ModelConfigError, config_from_mapping
+from recstack.pipelines.models.inputs import (
+    ModelFeatures,
+    build_embeddings,
+    dense_input,
+    sparse_input,
+)
+
+__all__ = ["EmbeddingModel"]
+
+Tables = Sequence[TableConfig | Mapping[str, Any]]
+Features = Sequence[FeatureConfig | Mapping[str, Any]]
+
+
+class EmbeddingModel(nn.Module):
+    """A model that owns an :class:`~recstack.embedding_engine.EmbeddingCollection`
+    (``self.embeddings``) and is called as ``model(inputs)`` on a batch dict.
+
+    Subclasses set ``config_class`` and build their dense layers after calling
+    ``super().__init__``, then call :meth:`_place` last.
+
+    Args:
+        config: the model's config (a ``config_class`` instance).
+        tables: the collection's tables; optional with ``embeddings``.
+        features: the collection's features (always needed: the model checks its config
+            against them, and a collection does not list them).
+        embeddings: a ready-made collection built from these configs (e.g. to build it
+            with other options); ``None`` builds one on ``device``.
+        device: where the collection and the dense layers live (default: the
+            collection's device, else CPU). A collection does not follow ``.to()``, so
+            build the model on its device.
+
+    Attributes:
+        config: the config.
+        embeddings: the collection (its rows are trained by a sparse optimizer).
+    """
+
+    config_class: ClassVar[type]
+
+    def __init__(
+        self,
+        config: Any,
+        tables: Tables | None = None,
+        features: Features | None = None,
+        *,
+        embeddings: EmbeddingCollection | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        owner = self.config_class.__name__
+        if not isinstance(config, self.config_class):
+            raise ModelConfigError(
+                f"{type(self).__name__}: config must be a {owner} (use from_config for a "
+                f"mapping), got {type(config).__name__}"
+            )
+        self.config = config
+        self.embeddings, self._features = build_embeddings(
+            owner, tables, features, embeddings, device
+        )
+
+    @property
+    def features(self) -> ModelFeatures:
+        """The collection's tables and features, as the model checked them."""
+        return self._features
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        tables: Tables | None = None,
+        features: Features | None = None,
+        *,
+        embeddings: EmbeddingCollection | None = None,
+        device: torch.device | str | None = None,
+    ) -> Self:
+        """The model from a config given as a mapping (e.g. read from YAML or TOML) or
+        as its config class, and tables/features as configs or their dicts.
+
+        Args:
+            config: the model config or its fields by name.
+            tables: the collection's tables (see the class docs).
+            features: the collection's features (see the class docs).
+            embeddings: a ready-made collection (see the class docs).
+            device: where the model lives (see the class docs).
+
+        Raises:
+            ModelConfigError: an invalid config, or one that does not fit the features.
+        """
+        return cls(
+            config_from_mapping(cls.config_class, config),
+            tables,
+            features,
+            embeddings=embeddings,
+            device=device,
+        )
+
+    def _place(self) -> None:
+        """Move the dense layers to the collection's device."""
+        self.to(self.embeddings.device)
+
+    def _read(
+        self, inputs: Mapping[str, Any], dense_dim: int
+    ) -> tuple[KeyedJaggedTensor, dict[str, Any], torch.Tensor | None]:
+        """The batch's sparse features, their embeddings and the dense features."""
+        name = type(self).__name__
+        kjt = sparse_input(name, inputs, self.config.sparse_key)
+        out = self.embeddings(kjt)
+        dense = dense_input(name, inputs, self.config.dense_key, dense_dim, kjt.stride())
+        return kjt, out, dense

@@ -1,0 +1,340 @@
+"""What a model reads: its embedding collection's feature configs (checked against the
+model config's fields) and, per batch, the sparse and dense inputs, the embedding outputs
+and the history mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from recstack.core import KeyedJaggedTensor
+from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+from recstack.pipelines.models.fields import ModelConfigError
+
+__all__ = ["ModelFeatures", "build_embeddings", "sequence_mask"]
+
+POOLED = ("sum", "mean")
+
+
+class ModelFeatures:
+    """The tables and features of a model's collection, looked up by config field.
+
+    Args:
+        owner: the model config's class name, for errors (``"DINConfig"``).
+        tables: the collection's tables.
+        features: the collection's features.
+    """
+
+    def __init__(
+        self, owner: str, tables: Sequence[TableConfig], features: Sequence[FeatureConfig]
+    ) -> None:
+        self.owner = owner
+        self.tables = {t.name: t for t in tables}
+        self.features = {f.name: f for f in features}
+
+    def _get(self, field: str, name: str) -> FeatureConfig:
+        if name not in self.features:
+            raise ModelConfigError(
+                f"{self.owner}.{field}: no feature {name!r} in the embedding collection "
+                f"(its features: {', '.join(self.features) or 'none'})"
+            )
+        return self.features[name]
+
+    def table_of(self, name: str) -> TableConfig:
+        """The table feature ``name`` reads.
+
+        Args:
+            name: a feature the collection has.
+        """
+        return self.tables[self.features[name].table]
+
+    def pooled(self, field: str, name: str, *, allow_tile: bool = True) -> int:
+        """The output width of ``name``, which must give one ``[B, width]`` row per sample.
+
+        Args:
+            field: the config field naming it, for errors.
+            name: the feature.
+            allow_tile: accept ``pooling="tile"`` (width ``max_len * dim``) as well as
+                ``"sum"``/``"mean"``; interaction layers that pair feature vectors pass
+                ``False``.
+
+        Raises:
+            ModelConfigError: no such feature, or it is an unpadded or padded sequence.
+        """
+        f = self._get(field, name)
+        ok = POOLED + (("tile",) if allow_tile else ())
+        if f.pooling not in ok:
+            raise ModelConfigError(
+                f"{self.owner}.{field}: feature {name!r} has pooling {f.pooling!r}; this "
+                f"field needs one vector per row: pooling {' or '.join(map(repr, ok))}"
+            )
+        return f.output_dim(self.table_of(name).dim)
+
+    def common_dim(self, field: str, names: Sequence[str]) -> int:
+        """The one dim of pooled (``"sum"``/``"mean"``) features ``names``, which
+        interaction layers pair with each other.
+
+        Args:
+            field: the config field listing them, for errors.
+            names: the features (at least one).
+
+        Raises:
+            ModelConfigError: a feature is missing or not pooled, or the dims differ.
+        """
+        dims = {n: self.pooled(f"{field}[{i}]", n, allow_tile=False) for i, n in enumerate(names)}
+        if len(set(dims.values())) > 1:
+            raise ModelConfigError(
+                f"{self.owner}.{field}: the features must share one embedding dim to "
+                f"interact, got {dims}"
+            )
+        return next(iter(dims.values()))
+
+    def sequence(self, field: str, name: str) -> tuple[int, int]:
+        """``(dim, max_len)`` of ``name``, which must be a padded sequence
+        (``pooling="none"`` with ``max_len``: a ``[B, max_len, dim]`` output).
+
+        Args:
+            field: the config field naming it, for errors.
+            name: the feature.
+
+        Raises:
+            ModelConfigError: no such feature, or it is not a padded sequence.
+        """
+        f = self._get(field, name)
+        if f.pooling != "none" or f.max_len is None:
+            got = f"pooling {f.pooling!r}" + (f", max_len={f.max_len}" if f.max_len else "")
+            raise ModelConfigError(
+                f"{self.owner}.{field}: feature {name!r} has {got}; this field needs a "
+                "padded sequence: pooling='none' with max_len"
+            )
+        return self.table_of(name).dim, f.max_len
+
+
+def _parse(items: object, cls: type[Any], what: str) -> list[Any]:
+    if items is None or isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+        raise ModelConfigError(f"{what} must be a list of {cls.__name__}, got {items!r}")
+    return [cls.from_dict(x) if isinstance(x, Mapping) else x for x in items]
+
+
+def build_embeddings(
+    owner: str,
+    tables: Sequence[TableConfig | Mapping[str, Any]] | None,
+    features: Sequence[FeatureConfig | Mapping[str, Any]] | None,
+    embeddings: EmbeddingCollection | None,
+    device: torch.device | str | None,
+) -> tuple[EmbeddingCollection, ModelFeatures]:
+    """A model's collection (``embeddings``, or one built from the configs) and its
+    features.
+
+    Args:
+        owner: the model config's class name, for errors.
+        tables: the tables (configs or their dicts); optional with ``embeddings``, whose
+            tables are then read from it.
+        features: the features (configs or their dicts) the collection was or will be
+            built from. Required: the collection does not list them.
+        embeddings: a ready-made collection, or ``None`` to build one on ``device``.
+        device: where to build the collection (default CPU); with ``embeddings`` it must
+            be ``None`` or the collection's device.
+
+    Raises:
+        ModelConfigError: a missing argument, or tables that differ from the collection's.
+    """
+    if features is None:
+        raise ModelConfigError(
+            f"{owner}: pass the FeatureConfigs of the model's embedding collection as "
+            "features= (also with a ready-made collection)"
+        )
+    feats = _parse(features, FeatureConfig, f"{owner}: features")
+    if embeddings is None:
+        if tables is None:
+            raise ModelConfigError(
+                f"{owner}: pass tables= (the TableConfigs) or a ready-made embeddings= collection"
+            )
+        tabs = _parse(tables, TableConfig, f"{owner}: tables")
+        ec = EmbeddingCollection(tabs, feats, device=device)
+        return ec, ModelFeatures(owner, tabs, feats)
+    if not isinstance(embeddings, EmbeddingCollection):
+        raise ModelConfigError(
+            f"{owner}: embeddings must be an EmbeddingCollection, got {type(embeddings).__name__}"
+        )
+    if device is not None and torch.empty(0, device=device).device != embeddings.device:
+        raise ModelConfigError(
+            f"{owner}: device={device} but the embeddings live on {embeddings.device}"
+        )
+    held = {t.name: t for p in embeddings.physical_tables.values() for t in p.tables}
+    if tables is not None:
+        for t in _parse(tables, TableConfig, f"{owner}: tables"):
+            have = held.get(t.name)
+            if have is None or (have.dim, have.dtype) != (t.dim, t.dtype):
+                found = "no such table" if have is None else f"dim {have.dim}, {have.dtype}"
+                raise ModelConfigError(
+                    f"{owner}: table {t.name!r} (dim {t.dim}, {t.dtype}) is not the "
+                    f"collection's ({found})"
+                )
+    for f in feats:
+        if f.table not in held:
+            raise ModelConfigError(
+                f"{owner}: feature {f.name!r} reads table {f.table!r}, which the collection "
+                f"does not hold (its tables: {', '.join(held)})"
+            )
+    return embeddings, ModelFeatures(owner, list(held.values()), feats)
+
+
+def sparse_input(owner: str, inputs: object, key: str) -> KeyedJaggedTensor:
+    """The batch's sparse features (``inputs[key]``).
+
+    Args:
+        owner: the model's name, for errors.
+        inputs: the batch dict after the feature engine.
+        key: the column holding the ``KeyedJaggedTensor``.
+
+    Raises:
+        TypeError: ``inputs`` is not a mapping or ``inputs[key]`` is not a
+            ``KeyedJaggedTensor``.
+    """
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"{owner}: inputs must be a batch dict, got {type(inputs).__name__}")
+    kjt = inputs.get(key)
+    if not isinstance(kjt, KeyedJaggedTensor):
+        raise TypeError(
+            f"{owner}: inputs[{key!r}] must be the KeyedJaggedTensor of sparse features, got "
+            f"{type(kjt).__name__} (batch keys: {sorted(map(str, inputs))})"
+        )
+    return kjt
+
+
+def dense_input(
+    owner: str, inputs: Mapping[str, Any], key: str, dense_dim: int, batch: int
+) -> torch.Tensor | None:
+    """The batch's dense features as float32 ``[B, dense_dim]``; ``None`` when
+    ``dense_dim`` is 0 (the model uses none; the column is then not read).
+
+    Args:
+        owner: the model's name, for errors.
+        inputs: the batch dict.
+        key: the dense column.
+        dense_dim: the width the model was built for.
+        batch: the batch size ``B``.
+
+    Raises:
+        KeyError: the column is missing.
+        ValueError: it is not ``[B, dense_dim]``.
+    """
+    if dense_dim == 0:
+        return None
+    dense = inputs.get(key)
+    if not isinstance(dense, torch.Tensor):
+        raise KeyError(
+            f"{owner}: dense_dim={dense_dim} but inputs[{key!r}] is not a tensor "
+            f"(batch keys: {sorted(map(str, inputs))})"
+        )
+    if tuple(dense.shape) != (batch, dense_dim):
+        raise ValueError(
+            f"{owner}: inputs[{key!r}] must be [B, dense_dim] = [{batch}, {dense_dim}], got "
+            f"{list(dense.shape)}"
+        )
+    return dense.float()
+
+
+def pooled_output(
+    owner: str, out: Mapping[str, Any], name: str, batch: int, width: int
+) -> torch.Tensor:
+    """Feature ``name``'s ``[B, width]`` embedding from the collection's output.
+
+    Args:
+        owner: the model's name, for errors.
+        out: the collection's output.
+        name: the feature.
+        batch: the batch size ``B``.
+        width: the width the model was built for.
+
+    Raises:
+        ValueError: the output is missing or of another shape (the features given to the
+            model differ from the collection's).
+    """
+    value = out.get(name)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch, width):
+        got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{owner}: feature {name!r} should embed to [{batch}, {width}] but the collection "
+            f"gave {got}; the FeatureConfigs given to the model differ from the collection's"
+        )
+    return value
+
+
+def pooled_parts(
+    owner: str,
+    out: Mapping[str, Any],
+    names: Sequence[str],
+    widths: Sequence[int],
+    batch: int,
+    dense: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """The float32 ``[B, width]`` embeddings of pooled features ``names``, then the dense
+    features if any: the pieces a model concatenates into its MLP input.
+
+    Args:
+        owner: the model's name, for errors.
+        out: the collection's output.
+        names: the pooled features, in order.
+        widths: their widths.
+        batch: the batch size ``B``.
+        dense: the dense features, or ``None``.
+    """
+    parts = [
+        pooled_output(owner, out, n, batch, w).float() for n, w in zip(names, widths, strict=True)
+    ]
+    if dense is not None:
+        parts.append(dense)
+    return parts
+
+
+def sequence_output(
+    owner: str, out: Mapping[str, Any], name: str, batch: int, max_len: int, dim: int
+) -> torch.Tensor:
+    """Feature ``name``'s padded ``[B, max_len, dim]`` embeddings from the collection.
+
+    Args:
+        owner: the model's name, for errors.
+        out: the collection's output.
+        name: the feature.
+        batch: the batch size ``B``.
+        max_len: the padded length.
+        dim: the embedding width.
+
+    Raises:
+        ValueError: the output is missing or of another shape.
+    """
+    value = out.get(name)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch, max_len, dim):
+        got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(
+            f"{owner}: feature {name!r} should embed to [{batch}, {max_len}, {dim}] but the "
+            f"collection gave {got}; the FeatureConfigs given to the model differ from the "
+            "collection's"
+        )
+    return value
+
+
+def sequence_mask(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:
+    """Bool ``[B, max_len]``: True where the collection's padded output of sequence
+    ``name`` holds an id, False on padding.
+
+    Row ``b`` holds ``min(length_b, max_len)`` ids at the front (the collection pads on
+    the right). Read from the KJT's lengths without a host sync.
+
+    Args:
+        kjt: the batch's sparse features.
+        name: the sequence feature.
+        max_len: its padded length.
+    """
+    keys = kjt.keys()
+    batch = kjt.stride()
+    # The key-major lengths buffer, not kjt[name], which reads per-key totals from the
+    # device to slice the values.
+    lengths = kjt.lengths().view(len(keys), batch)[keys.index(name)]
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions < lengths.clamp(max=max_len).unsqueeze(1)

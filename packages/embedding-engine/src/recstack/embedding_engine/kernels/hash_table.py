@@ -93,7 +93,8 @@ claims or erasures its kernels made are undone before raising).
 
 The torch reference is vectorized over keys: a Python loop over probe *rounds* (in a round
 every pending key reads its current window) in which entries aiming at the same EMPTY slot
-are resolved lowest batch position (first occurrence) first, exactly as the interpreter
+are resolved lowest batch position (first occurrence) first, and a new entry meeting its key
+word under another tag looks on after it in the next round, exactly as the interpreter
 resolves one program.
 """
 

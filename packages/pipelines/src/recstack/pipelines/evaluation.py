@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from recstack.pipelines.metrics import MetricCollection
 from recstack.pipelines.stream import BatchStream
 from recstack.pipelines.tasks import Task, predictions_of
 
-__all__ = ["evaluate_model", "group_ids"]
+__all__ = ["evaluate_model", "group_ids", "task_metrics", "update_metrics"]
 
 
 def group_ids(column: object, name: str) -> torch.Tensor:
@@ -30,6 +30,37 @@ def group_ids(column: object, name: str) -> torch.Tensor:
         return column.reshape(-1).long()
     kind = f"a {column.dtype} tensor" if isinstance(column, torch.Tensor) else type(column).__name__
     raise TypeError(f"group column {name!r} must hold integer ids or strings, got {kind}")
+
+
+def task_metrics(tasks: Sequence[Task]) -> MetricCollection:
+    """An empty :class:`MetricCollection` of every task's metrics."""
+    return MetricCollection({t.name: tuple(t.metrics) for t in tasks})
+
+
+def update_metrics(
+    metrics: MetricCollection,
+    inputs: Mapping[str, Any],
+    preds: Mapping[str, torch.Tensor],
+    tasks: Sequence[Task],
+) -> int:
+    """Add one batch's predictions (the model's outputs by task) to ``metrics``, with the
+    labels and GAUC groups from ``inputs``; return the batch's rows.
+
+    Raises:
+        KeyError: a task's label column is not a tensor in the batch (named).
+    """
+    labels = {}
+    for t in tasks:
+        label = inputs.get(t.label)
+        if not isinstance(label, torch.Tensor):
+            raise KeyError(
+                f"task {t.name!r}: label column {t.label!r} is not a tensor in the batch"
+            )
+        labels[t.name] = label.reshape(-1)
+    probs = {t.name: t.probability(preds[t.name]) for t in tasks}
+    groups = {t.name: group_ids(inputs.get(t.group), t.group) for t in tasks if t.group}
+    metrics.update(probs, labels, groups or None)
+    return int(next(iter(probs.values())).shape[0])
 
 
 def evaluate_model(
@@ -71,7 +102,7 @@ def evaluate_model(
         rewind(0)
     if stream is None:
         stream = BatchStream(source, device)
-    metrics = MetricCollection({t.name: tuple(t.metrics) for t in tasks})
+    metrics = task_metrics(tasks)
     was_training = model.training
     model.eval()
     rows = 0
@@ -84,19 +115,7 @@ def evaluate_model(
                 with autocast() if autocast is not None else contextlib.nullcontext():
                     outputs = model(inputs)
                 preds = predictions_of(outputs, tasks)
-                probs = {t.name: t.probability(preds[t.name]) for t in tasks}
-                labels = {}
-                for t in tasks:
-                    label = inputs.get(t.label)
-                    if not isinstance(label, torch.Tensor):
-                        raise KeyError(
-                            f"task {t.name!r}: label column {t.label!r} is not a tensor in "
-                            f"the evaluation batch"
-                        )
-                    labels[t.name] = label.reshape(-1)
-                groups = {t.name: group_ids(inputs.get(t.group), t.group) for t in tasks if t.group}
-                metrics.update(probs, labels, groups or None)
-                rows += int(next(iter(probs.values())).shape[0])
+                rows += update_metrics(metrics, inputs, preds, tasks)
     finally:
         model.train(was_training)
     out = (

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recstack.pipelines.evaluation import task_metrics, update_metrics
 from recstack.pipelines.metrics import MetricCollection
 from recstack.pipelines.signals import StopSignals
 from recstack.pipelines.stream import BatchStream
@@ -130,25 +131,20 @@ def run_online(
 
 
 def _new_metrics(trainer: Trainer) -> MetricCollection:
-    return MetricCollection({t.name: tuple(t.metrics) for t in trainer.tasks})
+    return task_metrics(trainer.tasks)
 
 
 def _predict_then_train(trainer: Trainer, batch: dict[str, Any], metrics: MetricCollection) -> int:
-    from recstack.pipelines.evaluation import group_ids
-
-    inputs = trainer._inputs(batch)  # noqa: SLF001
+    inputs = trainer._inputs(batch)  # noqa: SLF001 - once: the training step reuses it
     model = trainer.model
     model.eval()
     with torch.no_grad(), trainer._autocast():  # noqa: SLF001
         preds = predictions_of(model(inputs), trainer.tasks)
     model.train()
-    probs = {t.name: t.probability(preds[t.name]) for t in trainer.tasks}
-    labels = {t.name: inputs[t.label].reshape(-1) for t in trainer.tasks}
-    groups = {t.name: group_ids(inputs.get(t.group), t.group) for t in trainer.tasks if t.group}
-    metrics.update(probs, labels, groups or None)
-    trainer._train_step([batch])  # noqa: SLF001
+    rows = update_metrics(metrics, inputs, preds, trainer.tasks)
+    trainer._train_step([inputs], featurized=True)  # noqa: SLF001
     trainer._after_step()  # noqa: SLF001
-    return int(next(iter(probs.values())).shape[0])
+    return rows
 
 
 def _end_window(
@@ -170,10 +166,9 @@ def _end_window(
     ckpt = trainer.checkpointer
     if ckpt is not None:
         done = state["windows"]
-        full = state.get("last_full") is None or (done - 1) % full_every == 0
-        if not full:
-            base = ckpt.latest()
-            full = base is None
+        full = (
+            state.get("last_full") is None or (done - 1) % full_every == 0 or ckpt.latest() is None
+        )
         if ckpt.latest() == trainer.step:
             report.checkpoint = ckpt.path(trainer.step)  # an empty window: nothing new
         else:

@@ -493,7 +493,7 @@ class Trainer:
             if signals.received is not None or self.should_stop:
                 return False
 
-    def _train_step(self, micro: list[dict[str, Any]]) -> None:
+    def _train_step(self, micro: list[dict[str, Any]], *, featurized: bool = False) -> None:
         self.model.train()
         if not self._train_embeddings:
             for ec in self.collections:
@@ -502,7 +502,7 @@ class Trainer:
             c.on_step_start(self, self.step + 1)
         n = len(micro)
         for batch in micro:
-            inputs = self._inputs(batch)
+            inputs = batch if featurized else self._inputs(batch)
             with self._autocast():
                 outputs = self._forward(inputs)
             preds = predictions_of(outputs, self.tasks)

@@ -4,21 +4,20 @@ Every RecStack benchmark prints one table: the workload, our time, the plain-PyT
 baseline's time measured in the same run, their ratio, and MBU (model bandwidth
 utilisation) = bytes that must move / time / the device-to-device copy bandwidth measured
 in this run (bytes read plus bytes written). The card (or CPU) is named in the output.
+With ``--json``, a script also writes its run in the shared format of ``_results.py``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _results import host_name, module_version
 
 # The benchmarks run from a checkout without installing anything (the GPU machine has torch
 # and triton but not RecStack), so make the packages' sources importable.
@@ -34,15 +33,7 @@ def device_name(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         memory = props.total_memory / 2**30
         return f"{props.name} ({memory:.0f} GiB, {props.multi_processor_count} SMs)"
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    return host_name()
 
 
 def synchronize(device: torch.device) -> None:
@@ -189,16 +180,6 @@ class Report:
             )
         return "\n".join(lines)
 
-    def save(self, path: str | None) -> None:
-        if path:
-            payload = asdict(self)
-            Path(path).write_text(json.dumps(payload, indent=2))
-
 
 def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:
-        return "absent"
+    return module_version("triton") or "absent"

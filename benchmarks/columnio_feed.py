@@ -16,12 +16,14 @@ runs from that first event to the end of the step's work. Target: wait / step < 
     python benchmarks/columnio_feed.py --rows 4000000 --batch-size 16384 --prefetch 1,2,4
     python benchmarks/columnio_feed.py --data-dir /tmp/ctr   # keep (and reuse) the data
     python benchmarks/columnio_feed.py --device cpu --steps 50  # host sleep; checks the loop
+
+With ``--json``, each row of the shared results file is one feed against the baseline in
+steps/s; the wait shares are in its notes and every feed's statistics in its ``extra``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 from _harness import device_name, synchronize
+from _results import Measurement, add_json_option, new_result, save
 
 # ---------------------------------------------------------------------- loading the pieces
 
@@ -395,7 +398,7 @@ def main() -> None:
     parser.add_argument("--columns", default=None, help="comma-separated (default: all)")
     parser.add_argument("--data-dir", default=None, help="keep the data here (reused if there)")
     parser.add_argument("--target", type=float, default=0.05, help="wait / step target")
-    parser.add_argument("--json", help="also write the results as JSON here")
+    add_json_option(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -483,21 +486,38 @@ def main() -> None:
     print()
     print(markdown(stats, header, baseline, args.target))
     if args.json:
-        payload = {
-            "device": device_name(device),
-            "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__,
-            "command": " ".join(["python", *sys.argv]),
+        result = new_result(
+            "columnio_feed", "ColumnIO device feed", device, args, rows=result_rows(stats, baseline)
+        )
+        result.extra = {
             "columns": columns,
-            "batch_size": args.batch_size,
-            "batch_bytes": per_batch,
             "rows": rows,
+            "batch_bytes": per_batch,
             "step_ms": step.measured_ms,
             "h2d_bytes_per_s": bandwidth,
             "feeds": [asdict(s) for s in stats],
             "baseline_runs": [asdict(s) for s in baseline_runs],
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        save(result, args.json)
+
+
+def result_rows(stats: list[FeedStats], baseline: FeedStats) -> list[Measurement]:
+    """Each feed against the baseline in steps/s, its wait shares in the notes."""
+    return [
+        Measurement(
+            s.feed,
+            s.steps_per_s,
+            "steps/s",
+            baseline=baseline.feed,
+            baseline_value=baseline.steps_per_s,
+            ratio=s.steps_per_s / baseline.steps_per_s if baseline.steps_per_s else None,
+            notes=f"wait / step {s.wait_share:.2%} (baseline {baseline.wait_share:.2%}); "
+            f"wait median / p99 {s.wait_median_ms:.3f} / {s.wait_p99_ms:.3f} ms",
+            extra=asdict(s),
+        )
+        for s in stats
+        if s is not baseline
+    ]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """recstack.core kernels against plain PyTorch: paged gather/scatter, coalesce, hash64.
 
-Workload (issue 2): a 20M-row, dim-64 fp32 table and 1.3M random rows; ``gather_rows``
+Workload: a 20M-row, dim-64 fp32 table and 1.3M random rows; ``gather_rows``
 against ``index_select`` on a plain tensor, ``scatter_rows`` against ``index_put_`` (set) and
 ``index_add_`` (add), ``SparseGrad.coalesce`` against ``unique`` + ``index_add_``, and
 ``hash64`` against the same XXH64 written in plain torch ops (our reference, run on the GPU).
@@ -15,6 +15,7 @@ import argparse
 
 import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time
+from _results import add_json_option, report_result, save
 
 from recstack.core import JaggedTensor, PagedTensor, SparseGrad, hash64, kernels
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--page-rows", type=int, default=65536)
     parser.add_argument("--strings", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--json", help="also write the report as JSON here")
+    add_json_option(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -196,7 +197,7 @@ def main() -> None:
 
     print()
     print(report.markdown())
-    report.save(args.json)
+    save(report_result(report, "core", device, args), args.json)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""A plain-PyTorch DIN training step: where its sparse optimizer time goes (issue 6's anchor).
+"""A plain-PyTorch DIN training step: where its sparse optimizer time goes.
+
+The sparse optimizers' anchor workload: how much of a plain-PyTorch DIN step
+``torch.optim.SparseAdam`` takes, and how much ours takes in its place.
 
 DIN (Zhou et al., 2018): user, target item and category embeddings, a behaviour history of
 ``--hist`` items with their categories, an attention unit (an MLP over ``[q, k, q - k,
@@ -19,6 +22,7 @@ import argparse
 
 import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time
+from _results import add_json_option, report_result, save
 from torch import nn
 
 from recstack.sparse_optim import SparseAdam
@@ -81,7 +85,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--json", default=None)
+    add_json_option(parser)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -142,7 +146,7 @@ def main() -> None:
     print(f"  torch.optim.SparseAdam: {(t_step - t_fb) / t_step:.0%} of the step")
     print()
     print(report.markdown())
-    report.save(args.json)
+    save(report_result(report, "din_step", device, args), args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The Feature Engine against the same graph as a plain PyTorch per-feature loop.
 
-Workload (issue 4): a 200-feature graph over a batch of 8192 rows: 80 int hash+mod features,
+Workload: a 200-feature graph over a batch of 8192 rows: 80 int hash+mod features,
 40 float bucketizes, 20 string hashes, 20 truncated behaviour sequences, 20 crosses, 10 padded
 sequences and 10 id filters. Each op type is also timed on its own (its features only) for
 its MBU: the bytes that must move (inputs read once, outputs written once) over the time,
@@ -18,6 +18,7 @@ import argparse
 
 import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time
+from _results import add_json_option, report_result, save
 
 from recstack.core import JaggedTensor
 from recstack.feature_engine import (
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--json", default=None)
+    add_json_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     batch = make_batch(args.rows, device)
@@ -156,7 +157,7 @@ def main() -> None:
         report.add(Row(name, ours, loop, size, baseline="per-feature PyTorch loop"))
     print()
     print(report.markdown())
-    report.save(args.json)
+    save(report_result(report, "feature_engine", device, args), args.json)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from _harness import Report, Row, device_name, synchronize
+from _results import add_json_option, report_result, save
 from torch import nn
 
 from recstack.core import SparseGrad
@@ -235,7 +236,8 @@ def dense_tensors(model: Model) -> dict[str, torch.Tensor]:
 def lookup(ec: EmbeddingCollection, keys: torch.Tensor) -> dict[str, torch.Tensor]:
     """Values, moments and metadata of ``keys`` (which must all be held), on the host."""
     phys = ec.physical_tables["item"]
-    rows = phys.hash_table.find(phys.encode(0, keys.to(ec.device)), check_keys=False)
+    # "item" is the physical table's only logical table: its hash tag is 0 (the default).
+    rows = phys.hash_table.find(keys.to(ec.device), check_keys=False)
     assert bool((rows >= 0).all()), "an id is missing from the table"
     out = {"values": phys.values.gather_rows(rows, check_bounds=False)}
     for slot in _SLOTS:
@@ -595,7 +597,7 @@ def main() -> None:
     parser.add_argument("--part-mb", type=int, default=256, help="Checkpointer part_bytes, MiB")
     parser.add_argument("--chunk-rows", type=int, default=1 << 20, help="ids per import chunk")
     parser.add_argument("--repeat", type=int, default=1, help="timed saves and loads each")
-    parser.add_argument("--json", default=None, help="also write the results as JSON here")
+    add_json_option(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.repeat < 1:
@@ -649,7 +651,20 @@ def main() -> None:
         log(f"removed {root}")
     print()
     print(report.markdown(), flush=True)
-    report.save(args.json)
+    # The report's bandwidth is the disk's, not a copy bandwidth: no MBU, the disk share is in
+    # each row's extra.
+    result = report_result(
+        report, "saver", device, args, mbu=False, safetensors=safetensors.__version__
+    )
+    result.notes = "; ".join(report.notes)
+    for row in result.rows:  # the printed table's GB/s and disk columns, for the page
+        rate = row.extra.get("gb_per_s")
+        if rate is not None:
+            disk = row.extra.get("disk_fraction")
+            text = f"{rate:.2f} GB/s" + (f", {disk:.0%} of the disk" if disk is not None else "")
+            row.notes = f"{text}; {row.notes}" if row.notes else text
+    result.extra = {"disk_write_bandwidth": report.bandwidth, "disk": report.disk}
+    save(result, args.json)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Sparse optimizer step: 1M unique rows of dim 64 in a 20M-row fp32 table (issue 6).
+"""Sparse optimizer step: 1M unique rows of dim 64 in a 20M-row fp32 table.
 
 Four workloads, each against plain PyTorch in the same run:
 
@@ -35,6 +35,7 @@ import argparse
 
 import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time, profile_table
+from _results import add_json_option, report_result, save
 
 from recstack.core import KeyedJaggedTensor, PagedTensor, SparseGrad
 from recstack.sparse_optim import SparseAdagrad, SparseAdam
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--ids", type=int, default=4_194_304, help="ids of workloads 2 and 3")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
-    parser.add_argument("--json", default=None)
+    add_json_option(parser)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     parser.add_argument(
         "--sweep",
@@ -89,7 +90,7 @@ def main() -> None:
         many_tables(report, gen, args)
     print()
     print(report.markdown())
-    report.save(args.json)
+    save(report_result(report, "sparse_optim", device, args), args.json)
 
 
 def update_bytes(n: int, dim: int, slots: int) -> int:

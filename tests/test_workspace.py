@@ -1,4 +1,11 @@
-"""The workspace keeps DESIGN.md's map: seven packages, PEP 420 namespace, one-way deps."""
+"""The workspace's layout and import rules.
+
+Seven packages under ``packages/``, each a distribution ``recstack-<dir>`` with its sources
+in the PEP 420 namespace ``recstack``; dependencies point one way (every package may use
+core, only pipelines uses the others), checked both in the sources and by importing each
+package with its undeclared siblings blocked; and no package imports another package's
+private (single-underscore) names or modules.
+"""
 
 from __future__ import annotations
 
@@ -126,3 +133,41 @@ def test_imports_without_undeclared_siblings(directory: str) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _private(name: str) -> bool:
+    """A single-underscore name (``_x``), not a dunder (``__all__``)."""
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _foreign_private_imports(path: Path, package: str) -> list[str]:
+    """``file:line: what`` for each import in ``path`` (a file of ``package``, the module
+    name) of a private name or module of another recstack package."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        modules: list[tuple[str, list[str]]] = []
+        if isinstance(node, ast.Import):
+            modules = [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [(node.module, [alias.name for alias in node.names])]
+        for module, names in modules:
+            parts = module.split(".")
+            if parts[0] != "recstack" or len(parts) < 2 or parts[1] == package:
+                continue
+            private = [p for p in parts if _private(p)] + [n for n in names if _private(n)]
+            if private:
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                found.append(f"{where}: {module} -> {', '.join(private)}")
+    return found
+
+
+def test_no_package_imports_another_packages_private_names() -> None:
+    offenders = []
+    for directory in sorted(PACKAGES):
+        for folder in ("src", "tests"):
+            for path in sorted((ROOT / "packages" / directory / folder).rglob("*.py")):
+                offenders += _foreign_private_imports(path, _module(directory))
+    assert not offenders, (
+        "private names or modules imported across packages (make them public where they "
+        "live, or move what is shared into core):\n" + "\n".join(offenders)
+    )

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
+
+from recstack.core import KeyedJaggedTensor
 
 
 def make_table(n: int, start: int = 0, seed: int = 0) -> pa.Table:
@@ -35,3 +38,18 @@ def write_parts(tmp: Path, sizes: list[int], row_group: int, name: str = "part")
         paths.append(str(p))
         start += n
     return paths
+
+
+def flat_batch(batch: dict) -> dict:
+    """A batch as plain lists (JaggedTensors of strings as strings), to compare batches."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.tolist()
+        elif isinstance(v, KeyedJaggedTensor):
+            out[k] = {key: v[key].to_list() for key in v}
+        elif v.is_nested:
+            out[k] = v.to_strings()
+        else:
+            out[k] = v.to_list()
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -412,3 +413,74 @@ def test_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
         assert torch.equal(g["vec"].cpu(), w["vec"])
     state = reader.state_dict()
     assert state["epoch"] == 1
+
+
+# ---------------------------------------------------------------- torch.utils.data
+
+
+def test_dataloader_passes_whole_batches_through(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [70, 45], row_group=20)
+    reader = ColumnReader(paths, ["id", "tags"], batch_size=16, shuffle="window", seed=2)
+    assert isinstance(reader, torch.utils.data.IterableDataset)
+    want = [_ids([b]) for b in ColumnReader(paths, ["id"], 16, shuffle="window", seed=2)]
+    loader = torch.utils.data.DataLoader(reader, batch_size=None)
+    assert len(loader) == len(reader) == 8
+    batches = list(loader)
+    assert [_ids([b]) for b in batches] == want
+    assert all(isinstance(b["tags"], JaggedTensor) for b in batches)
+    # Each pass of the loader is the reader's next epoch.
+    assert sorted(_ids(list(loader))) == list(range(115)) and reader.epoch == 2
+
+
+def test_dataloader_worker_processes_are_refused(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [30], row_group=10)
+    loader = torch.utils.data.DataLoader(
+        ColumnReader(paths, ["id"], batch_size=8), batch_size=None, num_workers=1
+    )
+    with pytest.raises(RuntimeError, match="num_workers=0 and give the reader num_threads="):
+        list(loader)
+
+
+def _loader_resume_case(tmp_path: Path, make_loader: object) -> None:
+    paths = write_parts(tmp_path, [60, 37], row_group=15)
+    kw = dict(batch_size=9, shuffle="epoch", seed=4, shuffle_buffer=40)
+    full = _ids(list(ColumnReader(paths, ["id"], **kw)))
+    loader = make_loader(ColumnReader(paths, ["id"], **kw))  # type: ignore[operator]
+    it = iter(loader)
+    head = _ids([next(it) for _ in range(4)])
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = make_loader(ColumnReader(paths, ["id"], **kw))  # type: ignore[operator]
+    resumed.load_state_dict(state)
+    assert head + _ids(list(resumed)) == full
+
+
+class _ReaderStateLoader:
+    """What a stateful loader does with an IterableDataset: keep its state_dict, reload it."""
+
+    def __init__(self, reader: ColumnReader) -> None:
+        self.reader = reader
+        self.loader = torch.utils.data.DataLoader(reader, batch_size=None)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"dataset_state": self.reader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reader.load_state_dict(state["dataset_state"])
+
+
+def test_dataloader_resumes_through_the_state_dict_protocol(tmp_path: Path) -> None:
+    _loader_resume_case(tmp_path, _ReaderStateLoader)
+
+
+def test_stateful_dataloader_resumes_exactly(tmp_path: Path) -> None:
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+
+    def make_loader(reader: ColumnReader) -> object:
+        return stateful.StatefulDataLoader(reader, batch_size=None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchdata calls a deprecated torch API
+        _loader_resume_case(tmp_path, make_loader)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ needs_interpreter = pytest.mark.skipif(
     not (HAS_TRITON and interpret_mode()), reason="records interpreted launches"
 )
 
+
+class _Rows(NamedTuple):
+    """A named-tuple kernel argument."""
+
+    out: Any
+    n: int
+
+
+class _Choice(NamedTuple):
+    """A constexpr named-tuple kernel argument."""
+
+    fn: Any
+    block: int
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -36,6 +52,12 @@ if HAS_TRITON:
         i = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < n, other=0.0)
         tl.store(out_ptr + i, FN(x) * scale, mask=i < n)
+
+    @triton.jit
+    def _tuple_kernel(x_ptr, rows, scale, CHOICE: tl.constexpr):
+        i = tl.arange(0, CHOICE.block)
+        x = tl.load(x_ptr + i, mask=i < rows.n, other=0.0)
+        tl.store(rows.out + i, CHOICE.fn(x) * scale, mask=i < rows.n)
 
     @triton.heuristics({"BLOCK": lambda args: triton.next_power_of_2(args["n"])})
     @triton.jit
@@ -88,6 +110,34 @@ def test_a_launch_is_recorded_once_per_signature():
     assert sig.options == ()
     assert by_n[(True, 16)].args[2] == ("int", 16)
     assert by_n[(False, 17)].options == (("num_warps", 2),)
+
+
+@needs_interpreter
+def test_tuple_arguments_are_recorded_field_by_field():
+    x = torch.randn(20)
+    out = torch.empty(20)
+    with record_launches() as log:
+        _tuple_kernel[(1,)](x, _Rows(out, 17), 2.0, _Choice(_double, 32))
+    torch.testing.assert_close(out[:17], x[:17] * 4)
+    (sig,) = log.signatures
+    here = sig.file
+    assert sig.args == (
+        ("tensor", "torch.float32", True),
+        (
+            "tuple",
+            f"{_Rows.__module__}:_Rows",
+            here,
+            (("tensor", "torch.float32", True), ("int", 17)),
+        ),
+        ("float",),
+        (
+            "tuple",
+            f"{_Choice.__module__}:_Choice",
+            here,
+            (("jit", f"{_double.fn.__module__}:_double", here), ("const", 32)),
+        ),
+    )
+    assert LaunchSignature.from_json(sig.to_json()) == sig
 
 
 @needs_interpreter
@@ -163,6 +213,14 @@ def test_the_check_compiles_good_kernels_and_reports_bad_ones(tmp_path):
         for n in (16, 17)
     ]
     good.append(LaunchSignature(f"{module}:_sized_kernel", here, (ptr, ("int", 17), ("const", 8))))
+    rows = ("tuple", f"{module}:_Rows", here, (ptr, ("int", 17)))
+    choice = (
+        "tuple",
+        f"{module}:_Choice",
+        here,
+        (("jit", f"{module}:_double", here), ("const", 32)),
+    )
+    good.append(LaunchSignature(f"{module}:_tuple_kernel", here, (ptr, rows, ("float",), choice)))
     bad = LaunchSignature(f"{module}:_not_compilable", here, (ptr,))
     log = tmp_path / "log.jsonl"
     LaunchLog({*good, bad}).save(log)
@@ -175,7 +233,7 @@ def test_the_check_compiles_good_kernels_and_reports_bad_ones(tmp_path):
         timeout=600,
     )
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "sm_90: 3 of 4 signatures" in run.stdout
+    assert "sm_90: 4 of 5 signatures" in run.stdout
     assert "128-bit ld" in run.stdout
     row = next(line for line in run.stdout.splitlines() if line.startswith(good[0].kernel))
     assert row.split()[1:3] == ["2", "0"]

@@ -4,6 +4,8 @@ by 16, dtypes, constexprs)."""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import pytest
 import torch
 
@@ -21,6 +23,33 @@ if kernels.HAS_TRITON:
         x = tl.load(x_ptr + i * stride, mask=ok, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + i, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + i, (x * alpha * SCALE + y).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class _Strided(NamedTuple):
+    """A runtime kernel argument of related fields (Triton passes a tuple as its fields)."""
+
+    ptr: Any
+    stride: int
+
+
+class _Tile(NamedTuple):
+    """A constexpr kernel argument of related choices."""
+
+    scale: int
+    block: int
+
+
+if kernels.HAS_TRITON:
+
+    @triton.jit
+    def _axpy_tuples(x, y_ptr, out_ptr, n, alpha, TILE: tl.constexpr):
+        # _axpy with its arguments grouped in a runtime and a constexpr named tuple.
+        i = tl.program_id(0) * TILE.block + tl.arange(0, TILE.block)
+        ok = i < n
+        xv = tl.load(x.ptr + i * x.stride, mask=ok, other=0.0).to(tl.float32)
+        yv = tl.load(y_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        out = xv * alpha * TILE.scale + yv
+        tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs triton")
@@ -59,6 +88,24 @@ def test_matches_torch(n):
     for _ in range(3):  # first launch compiles, the rest relaunch (on a GPU)
         out = _launch(fk, x, y, n, 2, 0.5, 3)
         torch.testing.assert_close(out, _expected(x, y, n, 2, 0.5, 3), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 16])
+def test_named_tuple_arguments(stride):
+    device = _device()
+    gen = torch.Generator(device=device).manual_seed(stride)
+    x = torch.randn(40 * stride, generator=gen, device=device)
+    y = torch.randn(37, generator=gen, device=device)
+    fk = FastKernel(_axpy_tuples)
+    for scale in (3, 3, 1, 3):  # relaunches of one signature, then another constexpr
+        out = torch.zeros(37, device=device)
+        fk((1,), _Strided(x, stride), y, out, 37, 0.5, _Tile(scale, 64))
+        torch.testing.assert_close(
+            out, _expected(x, y, 37, stride, 0.5, scale), rtol=1e-6, atol=1e-6
+        )
+    if device == "cuda":
+        # Keyed by the tuples' fields, not their identity: one kernel per constexpr scale.
+        assert fk.cached == 2
 
 
 @pytest.mark.gpu

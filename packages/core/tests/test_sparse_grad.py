@@ -206,11 +206,11 @@ def test_coalesce_padded_validation(device):
 def test_narrow_segment_sums_get_a_warp_per_512_rows():
     # More rows a warp spill registers on sm_90 (the compile check); dim 2 and wider keep
     # the tuned default.
-    from recstack.core.kernels.segment_sum import SEGMENT_SUM_DEFAULTS, _warps
+    from recstack.core.kernels.segment_sum import SEGMENT_SUM_DEFAULTS, segment_sum_warps
 
     for dim in (1, 2, 8, 64, 256):
         block_n = max(1, SEGMENT_SUM_DEFAULTS["tile_elems"] // dim)
-        warps = _warps(block_n)
+        warps = segment_sum_warps(block_n)
         assert block_n // warps <= 512 and warps <= 8
         if dim >= 2:
             assert warps == SEGMENT_SUM_DEFAULTS["num_warps"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 from embedding_testdata import kjt
 
-from recstack.embedding_engine.admission import CountMinSketch
+from recstack.embedding_engine.admission import CountMinSketch, admission_mask
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import Admission, FeatureConfig, TableConfig
 from recstack.embedding_engine.kernels.init_rows import init_rows
+from recstack.embedding_engine.physical import build_physical_tables
 
 DIM = 4
 
@@ -157,3 +158,19 @@ def test_merged_tables_count_separately(backend, device) -> None:
     ec(kjt(device, fa=[1, 4], fb=[]))
     assert bool((ec.find_rows("a", ids([1, 4], device)) >= 0).all())
     assert (ec.num_ids("a"), ec.num_ids("b")) == (2, 2)
+
+
+def test_admission_mask_counts_only_ids_without_a_row(device) -> None:
+    tables = [
+        TableConfig("a", dim=DIM, admission=Admission(min_count=2, counter_slots=64)),
+        TableConfig("b", dim=DIM),  # merged, no admission: every id admitted
+    ]
+    phys = build_physical_tables(tables, device)[0]["a+b"]
+    phys.hash_table.find_or_insert(ids([9], device), 0)  # id 9 of table a holds a row
+    unique = ids([1, 2, 9, 1], device)
+    tags = torch.tensor([0, 0, 0, 1], dtype=torch.int32, device=device)
+    hits = ids([1, 2, 5, 1], device)
+    assert admission_mask(phys, unique, tags, hits).tolist() == [False, True, True, True]
+    # Id 9 was not counted (it has a row); id 1 of table a reaches 2 now.
+    assert phys.sketches[0].estimate(ids([9, 1, 2], device)).tolist() == [0, 1, 2]
+    assert admission_mask(phys, unique, tags, hits).tolist() == [True, True, True, True]

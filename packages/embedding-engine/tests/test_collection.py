@@ -1,61 +1,21 @@
-"""EmbeddingCollection: outputs and SparseGrads against a dense nn.Embedding-style oracle."""
+"""EmbeddingCollection: outputs and SparseGrads against a dense nn.Embedding-style oracle,
+for dynamic (merged or not) and fixed-size tables."""
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
+from embedding_testdata import VOCAB, bags_kjt, densify, fixed_collection, random_bags, seed
 
-from recstack.core import JaggedTensor, KeyedJaggedTensor, SparseGrad, kernels
+from recstack.core import JaggedTensor, KeyedJaggedTensor, kernels
 from recstack.embedding_engine.collection import EmbeddingCollection
-from recstack.embedding_engine.config import (
-    FeatureConfig,
-    Initializer,
-    TableConfig,
-)
+from recstack.embedding_engine.config import FeatureConfig, Initializer, TableConfig
 from recstack.embedding_engine.kernels.init_rows import init_rows
 from recstack.embedding_engine.sequence import PaddedSequence
 
 DIM = 8
 
 # ---------------------------------------------------------------------------------- inputs
-
-
-def seed(*parts: object) -> int:
-    return zlib.crc32(repr(parts).encode())
-
-
-def make_kjt(
-    bags: dict[str, list[list[int]]],
-    device: torch.device,
-    weights: dict[str, list[list[float]]] | None = None,
-) -> KeyedJaggedTensor:
-    """A key-major KJT from ``{feature: [bag ids, ...]}`` (every feature has B bags)."""
-    keys = list(bags)
-    values = [i for k in keys for bag in bags[k] for i in bag]
-    lengths = [len(bag) for k in keys for bag in bags[k]]
-    w = None
-    if weights is not None:
-        flat = [x for k in keys for bag in weights[k] for x in bag]
-        w = torch.tensor(flat, dtype=torch.float32, device=device)
-    return KeyedJaggedTensor(
-        keys,
-        torch.tensor(values, dtype=torch.int64, device=device),
-        lengths=torch.tensor(lengths, dtype=torch.int64, device=device),
-        weights=w,
-        stride=len(next(iter(bags.values()))) if bags else 0,
-    )
-
-
-def random_bags(
-    gen: torch.Generator, batch: int, max_len: int, vocab: int, *, lo: int = 0
-) -> list[list[int]]:
-    """Ragged bags (empty and length-1 included) over a small vocabulary (many repeats)."""
-    lengths = torch.randint(0, max_len + 1, (batch,), generator=gen).tolist()
-    if batch > 1:
-        lengths[0], lengths[1] = 0, 1
-    return [torch.randint(lo, lo + vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 def tables_and_features() -> tuple[list[TableConfig], list[FeatureConfig]]:
@@ -86,7 +46,7 @@ def random_batch(gen: torch.Generator, batch: int, device: torch.device) -> Keye
         name: [torch.rand(len(b), generator=gen).add(0.5).tolist() for b in bb]
         for name, bb in bags.items()
     }
-    return make_kjt(bags, device, weights)
+    return bags_kjt(bags, device, weights)
 
 
 # ---------------------------------------------------------------------------------- oracle
@@ -135,16 +95,6 @@ def oracle(
 
 def as_tensor(x: torch.Tensor | JaggedTensor) -> torch.Tensor:
     return x.values if isinstance(x, JaggedTensor) else x
-
-
-def densify(grad: SparseGrad, num_rows: int, dim: int) -> torch.Tensor:
-    rows = grad.rows
-    assert grad.is_coalesced
-    if rows.numel() > 1:
-        assert bool((rows[1:] > rows[:-1]).all()), "rows must be sorted and unique"
-    dense = torch.zeros((num_rows, dim), dtype=torch.float32, device=rows.device)
-    dense[rows] = grad.values.to(torch.float32)
-    return dense
 
 
 # ---------------------------------------------------------------------------------- tests
@@ -196,7 +146,7 @@ def test_each_pooling_grad_alone(backend, device, pooling) -> None:
     ec = EmbeddingCollection([TableConfig("t", dim=DIM)], [feature], device=device)
     bags = {"f": random_bags(gen, 6, 4, 5, lo=-2)}  # negative ids: fine in a lone table
     weights = {"f": [[0.5 + i for i in range(len(b))] for b in bags["f"]]}
-    kjt = make_kjt(bags, device, weights)
+    kjt = bags_kjt(bags, device, weights)
     out = as_tensor(ec(kjt)["f"])
     expected, dense = oracle(ec, kjt)
     torch.testing.assert_close(out, expected["f"].detach())
@@ -233,10 +183,10 @@ def test_training_inserts_once_and_reuses_rows(backend, device) -> None:
     ec = EmbeddingCollection(
         [TableConfig("t", dim=DIM)], [FeatureConfig("f", "t", pooling="none")], device=device
     )
-    first = ec(make_kjt({"f": [[5, 7, 5], [9]]}, device))["f"].values.detach()
+    first = ec(bags_kjt({"f": [[5, 7, 5], [9]]}, device))["f"].values.detach()
     p = ec.physical_tables["t"]
     assert len(p.hash_table) == 3 and p.values.num_rows == 3
-    second = ec(make_kjt({"f": [[9, 11], [7]]}, device))["f"].values.detach()
+    second = ec(bags_kjt({"f": [[9, 11], [7]]}, device))["f"].values.detach()
     assert len(p.hash_table) == 4 and p.values.num_rows == 4
     torch.testing.assert_close(second[0], first[3])  # id 9
     torch.testing.assert_close(second[2], first[1])  # id 7
@@ -244,7 +194,7 @@ def test_training_inserts_once_and_reuses_rows(backend, device) -> None:
 
 def test_backward_accumulates_and_clears(backend, device) -> None:
     ec = EmbeddingCollection([TableConfig("t", dim=DIM)], [FeatureConfig("f", "t")], device=device)
-    kjt = make_kjt({"f": [[1, 2], [2]]}, device)
+    kjt = bags_kjt({"f": [[1, 2], [2]]}, device)
     out = ec(kjt)["f"]
     out.sum().backward(retain_graph=True)
     once = ec.sparse_grads()["t"].values.clone()
@@ -289,11 +239,11 @@ def test_eval_is_read_only(backend, device, eval_default) -> None:
         FeatureConfig("fb", "b", pooling="none"),
     ]
     ec = EmbeddingCollection(tables, features, device=device)
-    ec(make_kjt({"fa": [[1]], "fs": [[2]], "fb": [[3]]}, device))
+    ec(bags_kjt({"fa": [[1]], "fs": [[2]], "fb": [[3]]}, device))
     p = ec.physical_tables["a+b"]
     before = (len(p.hash_table), p.values.num_rows, p.values.to_dense().clone())
     ec.eval()
-    out = ec(make_kjt({"fa": [[1, 40]], "fs": [[2, 41]], "fb": [[3, 42]]}, device))
+    out = ec(bags_kjt({"fa": [[1, 40]], "fs": [[2, 41]], "fb": [[3, 42]]}, device))
     assert (len(p.hash_table), p.values.num_rows) == before[:2]
     assert torch.equal(p.values.to_dense(), before[2])
     assert bool((ec.find_rows("a", torch.tensor([40, 41], device=device)) == -1).all())
@@ -343,7 +293,7 @@ def test_merged_tables_take_every_int64_id(backend, device) -> None:
     ids = EDGE_IDS + hashed
     bags = {name: [ids[: len(ids) // 2], ids[len(ids) // 2 :]] for name in ("fa", "fb", "fc")}
     bags["fa_seq"] = [ids[:3], ids[3:5]]
-    kjt = make_kjt(bags, device)
+    kjt = bags_kjt(bags, device)
     out_m, out_a = merged(kjt), alone(kjt)
     assert len(p.hash_table) == 3 * len(ids)  # every (table, id) pair has its own row
     for t in tables:
@@ -371,7 +321,7 @@ def test_merged_tables_take_every_int64_id(backend, device) -> None:
     merged.eval()
     alone.eval()
     unseen = [x + 1 for x in hashed[:2]] + [-(2**63) + 4]
-    kjt = make_kjt({name: [ids[:4], unseen] for name in bags}, device)
+    kjt = bags_kjt({name: [ids[:4], unseen] for name in bags}, device)
     out_m, out_a = merged(kjt), alone(kjt)
     for name in out_m:
         torch.testing.assert_close(as_tensor(out_m[name]), as_tensor(out_a[name]), msg=name)
@@ -387,7 +337,7 @@ def test_merged_tables_take_every_int64_id(backend, device) -> None:
         [TableConfig("f", dim=DIM, fixed_size=4)], [FeatureConfig("ff", "f")], device=device
     )
     with pytest.raises(ValueError, match=r"feature 'ff' \(table 'f'\): id -1 is out of range"):
-        fixed(make_kjt({"ff": [[1, -1]]}, device))
+        fixed(bags_kjt({"ff": [[1, -1]]}, device))
 
 
 @pytest.mark.parametrize("truncate", ["left", "right"])
@@ -404,7 +354,7 @@ def test_padded_sequences_truncate_and_lengths(backend, device, truncate) -> Non
     ]
     ec = EmbeddingCollection(tables, features, device=device)
     bags = [[1, 2, 3, 4, 5], [], [6], [7, 8, 9], [10, 11, 12, 13]]
-    kjt = make_kjt({"hist": bags, "plain": bags, "tile": bags}, device)
+    kjt = bags_kjt({"hist": bags, "plain": bags, "tile": bags}, device)
     out = ec(kjt)
     seq = out["hist"]
     assert isinstance(seq, PaddedSequence) and seq.max_len == 3
@@ -437,14 +387,14 @@ def test_padded_sequences_truncate_and_lengths(backend, device, truncate) -> Non
             torch.testing.assert_close(dense[row], want)
     # Eval gives the same layout (unseen ids read their initializer rows).
     ec.eval()
-    out = ec(make_kjt({"hist": [[1, 99]], "plain": [[]], "tile": [[]]}, device))
+    out = ec(bags_kjt({"hist": [[1, 99]], "plain": [[]], "tile": [[]]}, device))
     assert out["hist"].lengths.tolist() == [2] and not out["hist"].values.requires_grad
 
 
 def test_empty_batch_and_empty_bags(backend, device) -> None:
     tables, features = tables_and_features()
     ec = EmbeddingCollection(tables, features, device=device)
-    empty = make_kjt({f.name: [] for f in features}, device, {f.name: [] for f in features})
+    empty = bags_kjt({f.name: [] for f in features}, device, {f.name: [] for f in features})
     out = ec(empty)
     assert out["clicks"].shape == (0, DIM) and out["cats"].shape == (0, 4)
     assert out["hist"].values.shape == (0, DIM) and len(out["hist"]) == 0
@@ -453,7 +403,7 @@ def test_empty_batch_and_empty_bags(backend, device) -> None:
     assert all(g.rows.numel() == 0 for g in ec.sparse_grads().values())
     # Every bag empty: zeros out, nothing inserted, empty gradients.
     bags = {f.name: [[], []] for f in features}
-    out = ec(make_kjt(bags, device, bags))
+    out = ec(bags_kjt(bags, device, bags))
     assert bool((out["carts"] == 0).all()) and bool((out["hist_pad"] == 0).all())
     assert out["hist"].values.shape == (0, DIM) and len(out["hist"]) == 2
     sum(as_tensor(x).sum() for x in out.values()).backward()
@@ -465,7 +415,7 @@ def test_bf16_table(backend, device) -> None:
     gen = torch.Generator().manual_seed(seed("bf16", backend))
     t = TableConfig("t", dim=DIM, dtype=torch.bfloat16)
     ec = EmbeddingCollection([t], [FeatureConfig("f", "t", pooling="mean")], device=device)
-    kjt = make_kjt({"f": random_bags(gen, 4, 4, 6)}, device)
+    kjt = bags_kjt({"f": random_bags(gen, 4, 4, 6)}, device)
     out = ec(kjt)["f"]
     assert out.dtype == torch.bfloat16
     expected, dense = oracle(ec, kjt)
@@ -483,9 +433,9 @@ def test_errors(device) -> None:
     t = TableConfig("t", dim=DIM)
     ec = EmbeddingCollection([t], [FeatureConfig("f", "t", weighted=True)], device=device)
     with pytest.raises(ValueError, match="'f' is weighted but the KeyedJaggedTensor has no"):
-        ec(make_kjt({"f": [[1]]}, device))
+        ec(bags_kjt({"f": [[1]]}, device))
     with pytest.raises(ValueError, match=r"lacks feature\(s\) \['f'\]"):
-        ec(make_kjt({"g": [[1]]}, device))
+        ec(bags_kjt({"g": [[1]]}, device))
     with pytest.raises(TypeError, match="KeyedJaggedTensor"):
         ec({"f": torch.tensor([1])})
     with pytest.raises(KeyError, match="unknown table"):
@@ -524,3 +474,124 @@ def test_launches_per_physical_table(backend, device) -> None:
     with kernels.count_launches() as launches:
         sum(as_tensor(x).sum() for x in out.values()).backward()
     assert launches[f"lookup_grad_sums{suffix}"] == 2
+
+
+# ---------------------------------------------------------------------------- fixed tables
+
+FIXED_DIM = 4
+
+
+def fixed_oracle(
+    ec: EmbeddingCollection, kjt: KeyedJaggedTensor
+) -> tuple[torch.nn.Embedding, dict[str, torch.Tensor]]:
+    """nn.Embedding with the fixed table's rows, outputs computed densely."""
+    phys = ec.physical_tables["cat"]
+    emb = torch.nn.Embedding(VOCAB, FIXED_DIM, device=ec.device)
+    with torch.no_grad():
+        emb.weight.copy_(phys.values.to_dense())
+    out: dict[str, torch.Tensor] = {}
+    batch = kjt.stride()
+    for name in ("c_sum", "c_mean", "c_seq", "c_tile"):
+        jt = kjt[name]
+        rows = emb(jt.values)
+        if name == "c_seq":
+            out[name] = rows
+            continue
+        bags = []
+        for b in range(batch):
+            r = rows[int(jt.offsets[b]) : int(jt.offsets[b + 1])]
+            if name == "c_tile":
+                r = r[-3:]  # truncate="left", the default: the last (most recent) 3 ids
+                r = torch.cat([r, r.new_zeros(max(0, 3 - r.shape[0]), FIXED_DIM)])
+                bags.append(r.reshape(-1))
+            elif r.shape[0] == 0:
+                bags.append(r.new_zeros(FIXED_DIM))
+            else:
+                bags.append(r.sum(0) / (r.shape[0] if name == "c_mean" else 1))
+        out[name] = torch.stack(bags) if bags else rows.new_zeros(0, FIXED_DIM)
+    return emb, out
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_fixed_table_matches_dense_embedding(backend, device, batch) -> None:
+    gen = torch.Generator().manual_seed(seed("fixed", backend, batch))
+    ec = fixed_collection(device)
+    bags = {n: random_bags(gen, batch, 4, VOCAB) for n in ("c_sum", "c_mean", "c_seq", "c_tile")}
+    bags["items"] = random_bags(gen, batch, 3, 1000)
+    kjt = bags_kjt(bags, device)
+    out = ec(kjt)
+    emb, ref = fixed_oracle(ec, kjt)
+    torch.testing.assert_close(out["c_sum"], ref["c_sum"])
+    torch.testing.assert_close(out["c_mean"], ref["c_mean"])
+    torch.testing.assert_close(out["c_seq"].values, ref["c_seq"])
+    torch.testing.assert_close(out["c_tile"], ref["c_tile"])
+    assert out["c_tile"].shape == (batch, 3 * FIXED_DIM)
+    weights = {n: torch.randn(ref[n].shape, generator=gen).to(device) for n in ref}
+    got = {n: out[n].values if n == "c_seq" else out[n] for n in ref}
+    sum((got[n] * weights[n]).sum() for n in ref).backward()
+    sum((ref[n] * weights[n]).sum() for n in ref).backward()
+    grads = ec.sparse_grads()
+    assert set(grads) <= {"cat", "item"}
+    if "cat" in grads:
+        dense_grad = densify(grads["cat"], VOCAB, FIXED_DIM)
+    else:
+        dense_grad = torch.zeros(VOCAB, FIXED_DIM, device=device)
+    torch.testing.assert_close(dense_grad, emb.weight.grad)
+    # no row beyond the fixed table ever appears in its gradient
+    if "cat" in grads:
+        assert bool((grads["cat"].rows < VOCAB).all())
+
+
+def test_fixed_table_eval_reads_same_rows_and_updates_apply(device) -> None:
+    ec = fixed_collection(device)
+    kjt = bags_kjt(
+        {"c_sum": [[1, 2], [9]], "c_mean": [[], [0]], "c_seq": [[5], [5, 5]],
+         "c_tile": [[1, 2, 3, 4], []], "items": [[7], []]},
+        device,
+    )  # fmt: skip
+    train = ec(kjt)
+    ec.eval()
+    with torch.no_grad():
+        evald = ec(kjt)
+    for name in ("c_sum", "c_mean", "c_tile"):
+        torch.testing.assert_close(evald[name], train[name].detach())
+    # an optimizer step on the rows is what eval reads next
+    values = ec.physical_tables["cat"].values
+    values.scatter_rows(torch.tensor([1], device=device), torch.ones(1, FIXED_DIM, device=device))
+    with torch.no_grad():
+        again = ec(kjt)
+    torch.testing.assert_close(again["c_sum"][0], 1.0 + values.to_dense()[2])
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB, 2**40])
+def test_fixed_table_out_of_range_ids_raise(device, bad) -> None:
+    ec = fixed_collection(device)
+    kjt = bags_kjt(
+        {"c_sum": [[0, bad]], "c_mean": [[]], "c_seq": [[]], "c_tile": [[]], "items": [[]]},
+        device,
+    )
+    match = rf"feature 'c_sum' \(table 'cat'\): id {bad} is out of range.*\[0, {VOCAB}\)"
+    with pytest.raises(ValueError, match=match):
+        ec(kjt)
+    ec.eval()
+    with pytest.raises(ValueError, match=match):
+        ec(kjt)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        ec.find_rows("cat", torch.tensor([bad], device=device))
+
+
+def test_fixed_table_size_one_and_empty_batch(backend, device) -> None:
+    ec = EmbeddingCollection(
+        [TableConfig("one", dim=FIXED_DIM, fixed_size=1)],
+        [FeatureConfig("f", "one", pooling="mean"), FeatureConfig("s", "one", pooling="none")],
+        device=device,
+    )
+    out = ec(bags_kjt({"f": [[0, 0], []], "s": [[0], []]}, device))
+    row = ec.physical_tables["one"].values.to_dense()[0]
+    torch.testing.assert_close(out["f"], torch.stack([row, torch.zeros_like(row)]))
+    (out["f"].sum() + out["s"].values.sum()).backward()
+    grad = ec.sparse_grads()["one"]
+    assert grad.rows.tolist() == [0]
+    torch.testing.assert_close(grad.values, torch.full((1, FIXED_DIM), 2.0, device=device))
+    empty = ec(bags_kjt({"f": [[], []], "s": [[], []]}, device))
+    assert empty["f"].shape == (2, FIXED_DIM) and not empty["f"].any()

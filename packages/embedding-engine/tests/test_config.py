@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import get_args
 
 import pytest
 import torch
@@ -11,13 +12,24 @@ import torch
 from recstack.core.hashing import hash64
 from recstack.core.jagged import JaggedTensor
 from recstack.embedding_engine.config import (
+    EVAL_DEFAULTS,
+    EVICTION_POLICIES,
     INITIALIZER_KINDS,
+    POOLINGS,
+    TABLE_DTYPES,
+    TRUNCATE_SIDES,
     Admission,
     ConfigError,
+    EvalDefault,
     Eviction,
+    EvictionPolicy,
     FeatureConfig,
     Initializer,
+    InitializerKind,
+    Pooling,
     TableConfig,
+    TableDtypeName,
+    TruncateSide,
     check_configs,
 )
 
@@ -125,10 +137,10 @@ def test_eviction_valid_configs_and_round_trip() -> None:
         ({"policy": "fifo"}, "Eviction: policy must be one of"),
         ({"policy": "none", "max_rows": 10}, "max_rows=10 needs policy 'lru' or 'lfu'"),
         ({"policy": "lru"}, "policy 'lru' needs max_rows"),
-        ({"policy": "lfu", "max_rows": 0}, "max_rows must be >= 1"),
-        ({"ttl_steps": 0}, "ttl_steps must be >= 1"),
+        ({"policy": "lfu", "max_rows": 0}, "max_rows must be an int >= 1, got 0"),
+        ({"ttl_steps": 0}, "ttl_steps must be an int >= 1, got 0"),
         ({"ttl_steps": 2.5}, "ttl_steps must be an int"),
-        ({"min_count": 1}, "min_count must be >= 2"),
+        ({"min_count": 1}, "min_count must be an int >= 2, got 1"),
         ({"min_count": True}, "min_count must be an int"),
     ],
 )
@@ -146,9 +158,11 @@ def test_admission_validation_and_round_trip() -> None:
     assert not Admission().enabled
     adm = Admission(min_count=3, counter_slots=1 << 16)
     assert adm.enabled and _json_round_trip(adm) == adm
-    with pytest.raises(ConfigError, match="Admission: min_count must be in"):
+    with pytest.raises(
+        ConfigError, match="Admission: min_count must be an int >= 1 and <= 2147483647"
+    ):
         Admission(min_count=0)
-    with pytest.raises(ConfigError, match="Admission: counter_slots must be in"):
+    with pytest.raises(ConfigError, match="Admission: counter_slots must be an int >= 1 and <="):
         Admission(min_count=2, counter_slots=0)
     with pytest.raises(ConfigError, match=r"Admission: unknown key\(s\) \['slots'\]"):
         Admission.from_dict({"slots": 4})
@@ -211,7 +225,7 @@ def test_table_accepts_nested_dicts() -> None:
         ({"name": ""}, "TableConfig: name must be a non-empty identifier"),
         ({"name": "user id"}, "TableConfig: name must be a non-empty identifier"),
         ({"name": 3}, "TableConfig: name must be a non-empty identifier"),
-        ({"dim": 0}, "TableConfig 'user': dim must be >= 1"),
+        ({"dim": 0}, "TableConfig 'user': dim must be an int >= 1, got 0"),
         ({"dim": 2.0}, "TableConfig 'user': dim must be an int"),
         ({"dim": True}, "TableConfig 'user': dim must be an int"),
         ({"dtype": torch.float64}, "TableConfig 'user': dtype must be one of"),
@@ -225,11 +239,11 @@ def test_table_accepts_nested_dicts() -> None:
             {"eviction": {"policy": "lru"}},
             "TableConfig 'user': eviction: Eviction: policy 'lru' needs max_rows",
         ),
-        ({"capacity": 0}, "TableConfig 'user': capacity must be >= 1"),
-        ({"fixed_size": -3}, "TableConfig 'user': fixed_size must be >= 1"),
+        ({"capacity": 0}, "TableConfig 'user': capacity must be an int >= 1"),
+        ({"fixed_size": -3}, "TableConfig 'user': fixed_size must be an int >= 1"),
         ({"eval_default": "random"}, "TableConfig 'user': eval_default must be one of"),
-        ({"init_seed": -1}, r"TableConfig 'user': init_seed must be in \[0, "),
-        ({"init_seed": 2**64}, r"TableConfig 'user': init_seed must be in \[0, "),
+        ({"init_seed": -1}, "TableConfig 'user': init_seed must be an int >= 0 and <= "),
+        ({"init_seed": 2**64}, "TableConfig 'user': init_seed must be an int >= 0 and <= "),
         (
             {"fixed_size": 10, "eviction": Eviction(ttl_steps=3)},
             "TableConfig 'user': a fixed-size table .* does not evict",
@@ -245,6 +259,15 @@ def test_table_errors_name_the_table_and_field(kwargs, match) -> None:
     args = {"name": "user", "dim": 8, **kwargs}
     with pytest.raises(ConfigError, match=match):
         TableConfig(**args)
+
+
+def test_fixed_table_configs_reject_dynamic_features() -> None:
+    with pytest.raises(ConfigError, match="does not evict"):
+        TableConfig("t", dim=4, fixed_size=4, eviction=Eviction("lru", max_rows=2))
+    with pytest.raises(ConfigError, match="no admission"):
+        TableConfig("t", dim=4, fixed_size=4, admission=Admission(min_count=2))
+    with pytest.raises(ConfigError, match="capacity"):
+        TableConfig("t", dim=4, fixed_size=4, capacity=8)
 
 
 def test_table_from_dict_errors_name_the_table() -> None:
@@ -288,7 +311,7 @@ def test_feature_configs_and_output_dims() -> None:
         ({"pooling": "max"}, "FeatureConfig 'f': pooling must be one of"),
         ({"pooling": "tile"}, "FeatureConfig 'f': pooling 'tile' needs max_len"),
         ({"pooling": "sum", "max_len": 4}, "FeatureConfig 'f': max_len is only used by"),
-        ({"pooling": "none", "max_len": 0}, "FeatureConfig 'f': max_len must be >= 1"),
+        ({"pooling": "none", "max_len": 0}, "FeatureConfig 'f': max_len must be an int >= 1"),
         ({"pooling": "none", "weighted": True}, "FeatureConfig 'f': weighted needs pooling"),
         ({"weighted": 1}, "FeatureConfig 'f': weighted must be a bool"),
         (
@@ -369,3 +392,12 @@ def test_check_configs_errors_name_the_table_or_feature(tables, features, match)
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_literal_types_list_the_checked_values() -> None:
+    assert get_args(Pooling) == POOLINGS == ("sum", "mean", "none", "tile")
+    assert get_args(TruncateSide) == TRUNCATE_SIDES
+    assert get_args(EvalDefault) == EVAL_DEFAULTS
+    assert get_args(EvictionPolicy) == EVICTION_POLICIES
+    assert set(get_args(InitializerKind)) == set(INITIALIZER_KINDS)
+    assert set(get_args(TableDtypeName)) == set(TABLE_DTYPES)

@@ -17,7 +17,7 @@ from recstack.embedding_engine import (
     FeatureConfig,
     TableConfig,
 )
-from recstack.embedding_engine.device import move_collection_
+from recstack.embedding_engine.device import move_tables_
 
 
 def collection(device: torch.device | str = "cpu") -> EmbeddingCollection:
@@ -71,7 +71,7 @@ def state_devices(ec: EmbeddingCollection) -> set[torch.device]:
         devices |= {t.device for s in stores for t in (*s.pages, s.page_table)}
         devices |= {p.hash_table.device, p.meta.last_seen.device, p.meta.counts.device}
         devices |= {p.meta.dirty.device, *(s.counters.device for s in p.sketches.values())}
-    devices |= {m.device for m in ec._modes.values()}
+    devices |= {reads.modes.device for reads in ec._planner.reads.values()}
     devices |= {g.rows.device for g in ec.sparse_grads().values()}
     return devices
 
@@ -137,9 +137,8 @@ def test_a_failed_move_moves_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(phys.meta, "move_to_", recorder("meta"))
     monkeypatch.setattr(phys.sketches[1], "move_to_", recorder("sketch", fail=True))
     # Pretend the tables are on a GPU, so moving them "to the CPU" runs the copies.
-    monkeypatch.setattr(ec, "_device", torch.device("cuda", 0))
     with pytest.raises(torch.OutOfMemoryError):
-        move_collection_(ec, torch.device("cpu"))
+        move_tables_(ec.physical_tables, torch.device("cuda", 0), torch.device("cpu"))
     assert calls == [
         ("values", "cpu"),
         ("hash_table", "cpu"),
@@ -148,7 +147,7 @@ def test_a_failed_move_moves_back(monkeypatch: pytest.MonkeyPatch) -> None:
         ("hash_table", "cuda:0"),
         ("values", "cuda:0"),
     ]
-    assert ec.device == torch.device("cuda", 0)
+    assert ec.device == torch.device("cpu")  # the collection moves its own state last
 
 
 def test_dynamic_embedding_reports_the_collection_device() -> None:

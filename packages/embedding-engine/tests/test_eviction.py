@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from embedding_testdata import kjt
+from embedding_testdata import bags_kjt, fixed_collection, kjt
 
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import Eviction, FeatureConfig, TableConfig
-from recstack.embedding_engine.eviction import RowMetadata, cap_victims, stale_mask
+from recstack.embedding_engine.eviction import (
+    RowMetadata,
+    apply_eviction_rules,
+    cap_victims,
+    enforce_caps,
+    evict_stale,
+    stale_mask,
+)
 from recstack.embedding_engine.kernels.init_rows import init_rows
+from recstack.embedding_engine.physical import build_physical_tables
 
 DIM = 4
 
@@ -225,3 +233,39 @@ def test_evict_errors(device) -> None:
     assert ec.evict(min_count=2) == {"t": 0}  # empty table
     ec(kjt(device, f=[]))  # an empty batch still advances the step
     assert ec.step == 1
+
+
+def test_fixed_table_step_metadata(device) -> None:
+    ec = fixed_collection(device)
+    ec(bags_kjt({"c_sum": [[1, 1]], "c_mean": [[1]], "c_seq": [[2]], "c_tile": [[]],
+                 "items": [[4]]}, device))  # fmt: skip
+    meta = ec.physical_tables["cat"].meta
+    assert meta.counts[:3].tolist() == [0, 3, 1]
+    assert ec.evict(older_than_step=5) == {"item": 1}  # the fixed table is skipped
+    with pytest.raises(ValueError, match="'cat' is a fixed-size table"):
+        ec.evict("cat", older_than_step=5)
+
+
+def test_eviction_passes_over_physical_tables(device) -> None:
+    tables = [
+        TableConfig("a", dim=DIM, eviction=Eviction(ttl_steps=2)),
+        TableConfig("b", dim=DIM, eviction=Eviction("lfu", max_rows=1)),
+        TableConfig("c", dim=DIM),
+    ]
+    phys = build_physical_tables(tables, device)[0]["a+b+c"]
+    keys = torch.tensor([1, 2, 1, 2, 1], device=device)
+    tags = torch.tensor([0, 0, 1, 1, 2], device=device)
+    rows, is_new = phys.hash_table.find_or_insert(keys, tags)
+    phys.recount_ids()
+    phys.meta.ensure_rows(phys.hash_table.num_rows_allocated)
+    # Every id seen at step 0; a's 2, b's 1 (twice) and c's 1 again at step 5.
+    phys.meta.touch(rows, 0, torch.ones_like(rows), is_new)
+    later = rows[torch.tensor([1, 2, 4], device=device)]
+    phys.meta.touch(later, 5, torch.tensor([1, 2, 1], device=device), is_new[:3] & False)
+    assert apply_eviction_rules([phys], step=6, protect_step=None) == {"a": 1}
+    assert phys.table_entries(0)[0].tolist() == [2]
+    enforce_caps([phys], stamped=7)  # b holds 2 ids over its cap of 1: the less seen goes
+    assert phys.table_entries(1)[0].tolist() == [1] and phys.num_ids(1) == 1
+    assert evict_stale(phys, 2, older_than_step=None, min_count=3, protect_step=5) == 0
+    assert evict_stale(phys, 2, older_than_step=None, min_count=3) == 1
+    assert phys.num_ids(2) == 0

@@ -119,7 +119,7 @@ def test_constructor(device: torch.device) -> None:
     assert table.device.type == device.type
     assert HashTable(1, device).capacity == 1
     assert list(table.items()) == []
-    with pytest.raises(ValueError, match="capacity must be in"):
+    with pytest.raises(ValueError, match="HashTable: capacity must be an int >= 1 and <="):
         HashTable(0, device)
     with pytest.raises(TypeError, match="capacity must be an int"):
         HashTable(4.0, device)  # type: ignore[arg-type]
@@ -216,7 +216,7 @@ def test_items(backend: str, device: torch.device) -> None:
     it = table.items(5)
     table.find_or_insert(torch.tensor([123456789], device=device))
     assert sum(k.numel() for k, _ in it) == n
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="HashTable.items: chunk_size must be an int >= 1"):
         table.items(0)
 
 
@@ -322,7 +322,7 @@ def test_bad_tags_are_rejected(backend: str, device: torch.device) -> None:
             table.find(torch.tensor([1], device=device), bad.to(device))
     with pytest.raises(TypeError, match="tags must be None, an int or a tensor"):
         table.find(torch.tensor([1], device=device), 0.0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="num_tags must be in"):
+    with pytest.raises(ValueError, match="HashTable: num_tags must be an int >= 1 and <="):
         HashTable(4, device, num_tags=0)
     rows, is_new = table.find_or_insert(torch.tensor([7, 8, 3], device=device), 1)
     assert rows.tolist() == [3, 4, 2] and is_new.tolist() == [True, True, False]

@@ -192,11 +192,11 @@ def test_lookup_backward_with_and_without_the_forward_sort(backend, device) -> N
 def test_narrow_tiles_get_a_warp_per_128_rows():
     # A warp scanning more rows spills registers on sm_90 (core's compile check); tables
     # of dim 16 and wider keep the tuned default.
-    from recstack.embedding_engine.kernels.lookup_grad import GRAD_DEFAULTS, _warps
+    from recstack.embedding_engine.kernels.lookup_grad import GRAD_DEFAULTS, lookup_grad_warps
 
     for dim in (1, 2, 4, 8, 16, 64, 256):
         block_n = max(2, GRAD_DEFAULTS["tile_elems"] // dim)
-        warps = _warps(block_n)
+        warps = lookup_grad_warps(block_n)
         assert (block_n // warps <= 128 or warps == 8) and warps <= 8
         if dim >= 16:
             assert warps == GRAD_DEFAULTS["num_warps"]

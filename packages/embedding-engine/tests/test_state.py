@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from embedding_testdata import VOCAB, bags_kjt, fixed_collection
 
 from recstack.core import KeyedJaggedTensor, KeyedState, PagedTensor, ShardSpec, owner
 from recstack.core.keyed_state import check_json_metadata
@@ -129,7 +130,7 @@ def test_export_only_one_table_and_bad_chunk_rows() -> None:
     assert only and {t for t, _, _ in only} == {"user"}
     with pytest.raises(KeyError, match="unknown table 'nope'"):
         export_collection_chunks(ec, 5, table="nope")
-    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
         export_collection_chunks(ec, 0)
     with pytest.raises(TypeError, match="chunk_rows must be an int"):
         export_collection_chunks(ec, 2.0)
@@ -547,3 +548,33 @@ def test_step_counters_are_module_state() -> None:
     assert fresh.step == 3
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         fresh.load_state_dict({"_extra_state": {"step": -1, "forwards": 0}})
+
+
+def test_fixed_table_state_round_trip(device) -> None:
+    src = fixed_collection(device)
+    dim = src.physical_tables["cat"].dim
+    with torch.no_grad():
+        src.physical_tables["cat"].values.scatter_rows(
+            torch.arange(VOCAB, device=device), torch.randn(VOCAB, dim).to(device)
+        )
+    src(bags_kjt({"c_sum": [[3]], "c_mean": [[]], "c_seq": [[]], "c_tile": [[]],
+                  "items": [[11, 12]]}, device))  # fmt: skip
+    meta = collection_state_metadata(src)
+    assert meta["tables"]["cat"]["num_keys"] == VOCAB
+    chunks = list(export_collection_chunks(src, 4, table="cat"))
+    assert [c[1].tolist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    dst = fixed_collection(device)
+    for t, k, s in export_collection_chunks(src, 4):
+        import_collection_chunk(dst, t, k, s, metadata=meta)
+    for name in ("cat", "item"):
+        torch.testing.assert_close(
+            dst.physical_tables[name].values.to_dense(),
+            src.physical_tables[name].values.to_dense(),
+        )
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        import_collection_chunk(
+            dst,
+            "cat",
+            torch.tensor([VOCAB], device=device),
+            {"values": torch.ones(1, dim, device=device)},
+        )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recstack.feature_engine import ops
 from recstack.feature_engine.config import (
     FeatureConfigError,
     dump_features,
@@ -21,22 +22,6 @@ from recstack.feature_engine.config import (
     loads_features,
 )
 from recstack.feature_engine.feature import Feature, FeatureError
-from recstack.feature_engine.ops import (
-    OPS,
-    Bucketize,
-    Clip,
-    Cross,
-    FillMissing,
-    FilterIds,
-    Hash,
-    Log1p,
-    Mod,
-    MultiHash,
-    Normalize,
-    Op,
-    Pad,
-    Truncate,
-)
 
 CONFIGS = Path(__file__).parent / "configs"
 GOOD = CONFIGS / "good"
@@ -45,29 +30,33 @@ FORMATS = ("yaml", "json", "toml")
 
 #: What configs/good/ctr.{yaml,json,toml} describe (their defaults give Hash seed 7).
 CTR = [
-    Feature("user", "user_id", [Hash(seed=7, buckets=1_000_000)]),
-    Feature("item", "item_id", [Hash(seed=11, buckets=2_000_000)]),
-    Feature("city", "city_name", [Hash(seed=7, buckets=50_000)]),
-    Feature("device", "device_type", [Mod(16)]),
-    Feature("item_multi", "item_id", [MultiHash(k=3, seed=100, buckets=500_000)]),
-    Feature("age_bucket", "age", [FillMissing(30), Bucketize((18, 25, 35, 50, 65))]),
-    Feature("price_bucket", "price", [Bucketize((0.99, 9.99, 99.99, 999.99), right=True)]),
-    Feature("user_x_item", "user", [Cross(("item",), buckets=100_000)]),
-    Feature("user_x_city_x_device", "user", [Cross(("city", "device"), 3, 100_000)]),
+    Feature("user", "user_id", [ops.Hash(seed=7, buckets=1_000_000)]),
+    Feature("item", "item_id", [ops.Hash(seed=11, buckets=2_000_000)]),
+    Feature("city", "city_name", [ops.Hash(seed=7, buckets=50_000)]),
+    Feature("device", "device_type", [ops.Mod(16)]),
+    Feature("item_multi", "item_id", [ops.MultiHash(k=3, seed=100, buckets=500_000)]),
+    Feature("age_bucket", "age", [ops.FillMissing(30), ops.Bucketize((18, 25, 35, 50, 65))]),
+    Feature("price_bucket", "price", [ops.Bucketize((0.99, 9.99, 99.99, 999.99), right=True)]),
+    Feature("user_x_item", "user", [ops.Cross(("item",), buckets=100_000)]),
+    Feature("user_x_city_x_device", "user", [ops.Cross(("city", "device"), 3, 100_000)]),
     Feature(
         "click_history",
         "click_seq",
-        [FilterIds((0, -1)), Hash(7, 2_000_000), Truncate(50), Pad(50, 0)],
+        [ops.FilterIds((0, -1)), ops.Hash(7, 2_000_000), ops.Truncate(50), ops.Pad(50, 0)],
     ),
     Feature(
         "category_history",
         "category_seq",
-        [FilterIds((3, 5, 8), keep=True), Truncate(20, "right"), FillMissing(0)],
+        [ops.FilterIds((3, 5, 8), keep=True), ops.Truncate(20, "right"), ops.FillMissing(0)],
     ),
-    Feature("query_terms", "query_tokens", [Hash(7, 1_000_000), FillMissing(0)]),
-    Feature("log_price", "price", [FillMissing(0.0), Clip(min=0.0), Log1p(), Normalize(2.3, 1.1)]),
-    Feature("dwell_time", "dwell_ms", [Clip(0, 600_000), Log1p()]),
-    Feature("ctr_7d", None, [FillMissing(0.0), Clip(max=1.0), Normalize(0.05, 0.02)]),
+    Feature("query_terms", "query_tokens", [ops.Hash(7, 1_000_000), ops.FillMissing(0)]),
+    Feature(
+        "log_price",
+        "price",
+        [ops.FillMissing(0.0), ops.Clip(min=0.0), ops.Log1p(), ops.Normalize(2.3, 1.1)],
+    ),
+    Feature("dwell_time", "dwell_ms", [ops.Clip(0, 600_000), ops.Log1p()]),
+    Feature("ctr_7d", None, [ops.FillMissing(0.0), ops.Clip(max=1.0), ops.Normalize(0.05, 0.02)]),
     Feature("is_weekend", "weekend", []),
 ]
 
@@ -99,7 +88,7 @@ AWKWARD = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _random_op(rng: random.Random, name: str, names: list[str]) -> Op:
+def _random_op(rng: random.Random, name: str, names: list[str]) -> ops.Op:
     def seed() -> int:
         return rng.choice([0, rng.randrange(1 << 64), (1 << 64) - 1])
 
@@ -111,24 +100,24 @@ def _random_op(rng: random.Random, name: str, names: list[str]) -> Op:
             [rng.randrange(-1000, 1000), rng.uniform(-1e6, 1e6), rng.uniform(-1, 1) * 1e300]
         )
 
-    kind = rng.choice(sorted(OPS))
+    kind = rng.choice(sorted(ops.OPS))
     if kind == "Hash":
-        return Hash(seed(), buckets())
+        return ops.Hash(seed(), buckets())
     if kind == "Mod":
-        return Mod(rng.randrange(1, 1 << 63))
+        return ops.Mod(rng.randrange(1, 1 << 63))
     if kind == "Bucketize":
         bounds = sorted({number() for _ in range(rng.randint(1, 6))})
-        return Bucketize(tuple(bounds), rng.random() < 0.5)
+        return ops.Bucketize(tuple(bounds), rng.random() < 0.5)
     if kind == "MultiHash":
         k = rng.randint(1, 64)
-        return MultiHash(k, rng.randrange((1 << 64) - k + 1), buckets())
+        return ops.MultiHash(k, rng.randrange((1 << 64) - k + 1), buckets())
     if kind == "Cross":
         others = rng.sample([n for n in names if n != name], rng.randint(1, 3))
-        return Cross(tuple(others), seed(), buckets())
+        return ops.Cross(tuple(others), seed(), buckets())
     if kind == "Truncate":
-        return Truncate(rng.randint(0, 1000), rng.choice(["left", "right"]))
+        return ops.Truncate(rng.randint(0, 1000), rng.choice(["left", "right"]))
     if kind == "Pad":
-        return Pad(
+        return ops.Pad(
             rng.randint(0, 100),
             rng.randrange(-(1 << 63), 1 << 63),
             rng.choice(["left", "right"]),
@@ -136,16 +125,18 @@ def _random_op(rng: random.Random, name: str, names: list[str]) -> Op:
         )
     if kind == "FilterIds":
         ids = [rng.randrange(-(1 << 63), 1 << 63) for _ in range(rng.randint(0, 5))]
-        return FilterIds(tuple(ids), rng.random() < 0.5)
+        return ops.FilterIds(tuple(ids), rng.random() < 0.5)
     if kind == "FillMissing":
-        return FillMissing(rng.choice([number(), math.inf, -math.inf, 0, -0.0]))
+        return ops.FillMissing(rng.choice([number(), math.inf, -math.inf, 0, -0.0]))
     if kind == "Log1p":
-        return Log1p()
+        return ops.Log1p()
     if kind == "Clip":
         lo, hi = sorted([number(), number()])
-        return rng.choice([Clip(lo, hi), Clip(min=lo), Clip(max=hi), Clip(-math.inf, math.inf)])
+        return rng.choice(
+            [ops.Clip(lo, hi), ops.Clip(min=lo), ops.Clip(max=hi), ops.Clip(-math.inf, math.inf)]
+        )
     assert kind == "Normalize"
-    return Normalize(number(), rng.uniform(1e-6, 1e6))
+    return ops.Normalize(number(), rng.uniform(1e-6, 1e6))
 
 
 def _random_features(seed: int, n: int) -> list[Feature]:
@@ -154,8 +145,8 @@ def _random_features(seed: int, n: int) -> list[Feature]:
     features = []
     for name in names:
         source = rng.choice([None, rng.choice(AWKWARD), f"col_{rng.randrange(100)}"])
-        ops = [_random_op(rng, name, names) for _ in range(rng.randint(0, 4))]
-        features.append(Feature(name, source, ops))
+        chain = [_random_op(rng, name, names) for _ in range(rng.randint(0, 4))]
+        features.append(Feature(name, source, chain))
     return features
 
 
@@ -173,7 +164,7 @@ def test_realistic_config_loads_in_every_format(name: str) -> None:
     features = load_features(GOOD / name)
     assert features == CTR
     # The example exercises every op, sparse and dense.
-    assert {type(op).__name__ for f in features for op in f.ops} == set(OPS)
+    assert {type(op).__name__ for f in features for op in f.ops} == set(ops.OPS)
     assert features[14].source == "ctr_7d"  # no source: the feature's own name
 
 
@@ -183,26 +174,28 @@ def test_path_may_be_str_or_pathlike() -> None:
 
 def test_yml_extension_and_optional_fields() -> None:
     assert load_features(GOOD / "minimal.yml") == [
-        Feature("user_id", None, [Hash()]),
-        Feature("hour", None, [Mod(24)]),
+        Feature("user_id", None, [ops.Hash()]),
+        Feature("hour", None, [ops.Mod(24)]),
         Feature("raw_score", None, []),
     ]
 
 
 def test_toml_ops_as_array_of_tables_and_infinite_floats() -> None:
     assert load_features(GOOD / "tables.toml") == [
-        Feature("tags", "tag_list", [Hash(5, 4096), Truncate(8, "right")]),
-        Feature("score", None, [Clip(-math.inf, math.inf)]),
+        Feature("tags", "tag_list", [ops.Hash(5, 4096), ops.Truncate(8, "right")]),
+        Feature("score", None, [ops.Clip(-math.inf, math.inf)]),
     ]
 
 
 def test_defaults_are_merged_and_the_op_wins() -> None:
     assert load_features(GOOD / "defaults.yaml") == [
-        Feature("a", None, [Hash(7, 1000)]),
-        Feature("b", None, [Hash(1, 1000)]),
-        Feature("c", None, [Hash(7, None)]),
-        Feature("d", None, [FilterIds((1,), True), FilterIds((2,), False), Truncate(3)]),
-        Feature("e", None, [MultiHash(2)]),
+        Feature("a", None, [ops.Hash(7, 1000)]),
+        Feature("b", None, [ops.Hash(1, 1000)]),
+        Feature("c", None, [ops.Hash(7, None)]),
+        Feature(
+            "d", None, [ops.FilterIds((1,), True), ops.FilterIds((2,), False), ops.Truncate(3)]
+        ),
+        Feature("e", None, [ops.MultiHash(2)]),
     ]
 
 
@@ -215,8 +208,8 @@ features:
     ops: [*h, {<<: *h, buckets: 20}]
 """
     assert loads_features(text, "yaml") == [
-        Feature("a", None, [Hash(3, 10)]),
-        Feature("b", None, [Hash(3, 10), Hash(3, 20)]),
+        Feature("a", None, [ops.Hash(3, 10)]),
+        Feature("b", None, [ops.Hash(3, 10), ops.Hash(3, 20)]),
     ]
 
 
@@ -269,7 +262,7 @@ def test_round_trip_of_random_features(fmt: str, seed: int) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_of_awkward_names(fmt: str) -> None:
     features = [
-        Feature(name, AWKWARD[-1 - i], [Cross((AWKWARD[i - 1],)), Hash(buckets=i + 1)])
+        Feature(name, AWKWARD[-1 - i], [ops.Cross((AWKWARD[i - 1],)), ops.Hash(buckets=i + 1)])
         for i, name in enumerate(AWKWARD)
     ]
     assert loads_features(dumps_features(features, fmt), fmt) == features
@@ -278,7 +271,7 @@ def test_round_trip_of_awkward_names(fmt: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("n", [0, 1])
 def test_round_trip_of_empty_and_one_feature(tmp_path: Path, fmt: str, n: int) -> None:
-    features = [Feature("only", "col", [Hash(buckets=10)])][:n]
+    features = [Feature("only", "col", [ops.Hash(buckets=10)])][:n]
     path = tmp_path / f"f.{fmt}"
     dump_features(features, path, format=fmt)
     assert load_features(path) == features
@@ -286,15 +279,15 @@ def test_round_trip_of_empty_and_one_feature(tmp_path: Path, fmt: str, n: int) -
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_round_trip_keeps_nan(fmt: str) -> None:
-    features = [Feature("x", None, [FillMissing(math.nan), Clip(max=math.inf)])]
+    features = [Feature("x", None, [ops.FillMissing(math.nan), ops.Clip(max=math.inf)])]
     (back,) = loads_features(dumps_features(features, fmt), fmt)
-    assert math.isnan(back.ops[0].value) and back.ops[1] == Clip(max=math.inf)
+    assert math.isnan(back.ops[0].value) and back.ops[1] == ops.Clip(max=math.inf)
 
 
 def test_dumped_text_in_each_format() -> None:
     features = [
-        Feature("user", "user_id", [Hash(buckets=1000)]),
-        Feature("age", None, [Bucketize((18, 25.5))]),
+        Feature("user", "user_id", [ops.Hash(buckets=1000)]),
+        Feature("age", None, [ops.Bucketize((18, 25.5))]),
     ]
     text = dumps_features(features, "toml")
     assert "[[features]]" in text
@@ -318,7 +311,9 @@ def test_dumped_text_in_each_format() -> None:
 
 
 def test_seeds_beyond_int64_round_trip_in_every_format() -> None:
-    features = [Feature("big", None, [Mod(3), Hash(seed=(1 << 64) - 1), MultiHash(2, 1 << 63)])]
+    features = [
+        Feature("big", None, [ops.Mod(3), ops.Hash(seed=(1 << 64) - 1), ops.MultiHash(2, 1 << 63)])
+    ]
     for fmt in FORMATS:
         assert loads_features(dumps_features(features, fmt), fmt) == features
     assert "seed = 18446744073709551615" in dumps_features(features, "toml")
@@ -328,7 +323,7 @@ def test_dump_refuses_what_a_load_would_reject(tmp_path: Path) -> None:
     with pytest.raises(FeatureConfigError, match="feature 'a' .*duplicate feature name"):
         dumps_features([Feature("a"), Feature("a", "b")], "json")
     with pytest.raises(FeatureConfigError, match="itself"):
-        dumps_features([Feature("a", "b", [Cross(("a",))])], "yaml")
+        dumps_features([Feature("a", "b", [ops.Cross(("a",))])], "yaml")
     with pytest.raises(TypeError, match=r"features\[1\] is a dict"):
         dumps_features([Feature("a"), {"name": "b"}], "json")  # type: ignore[list-item]
     with pytest.raises(TypeError, match="list of Feature"):
@@ -360,7 +355,7 @@ BAD_CASES = {
     "wrong_type.yaml": ["feature 'age_bucket' (features[1]), op 0 (Bucketize)", "'abc'"],
     "unsorted_boundaries.json": ["feature 'price_bucket'", "op 1 (Bucketize)", "increasing"],
     "empty_boundaries.yaml": ["feature 'age_bucket'", "op 0 (Bucketize)", "boundaries is empty"],
-    "mod_zero.toml": ["feature 'hour' (features[1]), op 0 (Mod)", "m must be >= 1"],
+    "mod_zero.toml": ["feature 'hour' (features[1]), op 0 (Mod)", "m must be an int >= 1"],
     "cross_itself.yaml": ["feature 'user_x_item'", "op 0 (Cross)", "itself"],
     "duplicate_key.yaml": ["duplicate key 'buckets' at line 6 (first at line 5)"],
     "duplicate_key.json": ["feature 'user'", "op 0 (Hash)", "duplicate key(s) ['seed']"],
@@ -483,4 +478,4 @@ def test_a_multihash_output_named_like_a_feature_is_a_duplicate_name() -> None:
         load_features([plain, mh])
     # What a load would refuse is not written either.
     with pytest.raises(FeatureConfigError, match="duplicate feature name 'a/1'"):
-        dumps_features([Feature("a", "i", [MultiHash(2)]), Feature("a/1", "i")], "json")
+        dumps_features([Feature("a", "i", [ops.MultiHash(2)]), Feature("a/1", "i")], "json")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from feature_testdata import SCHEMA
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.core import kernels as core_kernels
@@ -23,24 +24,11 @@ from recstack.feature_engine import (
     Mod,
     MultiHash,
     Normalize,
-    OpError,
     Pad,
     Truncate,
-    load_features,
     run_per_feature,
     schema_of,
 )
-
-SCHEMA = {
-    "user_id": "int",
-    "item_id": "int",
-    "price": "float",
-    "age": "float",
-    "hist": "int_list",
-    "query": "string",
-    "tags": "string_list",
-    "cat": "int",
-}
 
 
 def make_batch(rows: int, seed: int = 0, device: str = "cpu") -> dict:
@@ -194,27 +182,6 @@ def test_launches_do_not_grow_with_features(device: str) -> None:
     assert ops_small == ops_big  # and every other (non-view) torch op too
 
 
-def test_dedupes_and_errors_at_construction() -> None:
-    with pytest.raises(FeatureError, match="'f'.*unknown source 'nope'"):
-        FeatureEngine([Feature("f", "nope", [Hash()])], SCHEMA)
-    with pytest.raises(FeatureError, match="'f'.*float"):
-        FeatureEngine([Feature("f", "price", [Hash()])], SCHEMA)
-    with pytest.raises(FeatureError, match="itself"):
-        FeatureEngine([Feature("f", "user_id", [Cross(["f"])])], SCHEMA)
-    with pytest.raises(FeatureError, match="cycle"):
-        FeatureEngine([Feature("a", "b", [Mod(3)]), Feature("b", "a", [Mod(3)])], SCHEMA)
-    with pytest.raises(FeatureError, match="'s'.*Hash as its first op"):
-        FeatureEngine([Feature("s", "query", [Mod(3)])], SCHEMA)
-    with pytest.raises(FeatureError, match="'d'.*dense op"):
-        FeatureEngine([Feature("d", "user_id", [Hash(), Log1p()])], SCHEMA)
-    with pytest.raises(FeatureError, match="'a'.*defined twice"):
-        FeatureEngine([Feature("a", "cat"), Feature("a", "cat")], SCHEMA)
-    with pytest.raises(ValueError, match="strictly increasing"):
-        Bucketize([3, 1])
-    with pytest.raises(ValueError, match="empty"):
-        Bucketize([])
-
-
 def test_empty_sequences_and_batch(backend: str, device: str) -> None:
     batch = make_batch(5, seed=2, device=device)
     batch["hist"] = JaggedTensor.from_lengths(
@@ -272,27 +239,6 @@ def test_a_batch_column_of_the_wrong_kind_is_named() -> None:
 # --------------------------------------------------------------------------- names
 
 
-def test_a_multihash_output_cannot_take_another_features_name() -> None:
-    mh = Feature("a", "i", [MultiHash(2)])
-    other = Feature("a/0", "i", [Mod(3)])
-    schema = {"i": "int"}
-    both = r"'a/0' is defined twice: as MultiHash output 'a/0' of feature 'a' \(features\[0\]\)"
-    with pytest.raises(FeatureError, match=rf"^feature 'a/0': name {both} and as feature 'a/0'"):
-        FeatureEngine([mh, other], schema)
-    with pytest.raises(
-        FeatureError,
-        match=r"^feature 'a': name 'a/0' is defined twice: as feature 'a/0' \(features\[0\]\) "
-        r"and as MultiHash output 'a/0' of feature 'a' \(features\[1\]\)",
-    ):
-        FeatureEngine([other, mh], schema)
-    # Refused before any batch too, when the first batch supplies the schema.
-    with pytest.raises(FeatureError, match="'a/1' is defined twice"):
-        FeatureEngine([mh, Feature("a/1", "i", [])])
-    # A MultiHash output may be read by name, as long as nothing else takes it.
-    engine = FeatureEngine([mh, Feature("a/0_x", "i", [Cross(["a/0"])])], schema)
-    assert sorted(engine({"i": torch.tensor([1, 2])})["sparse"].keys()) == ["a/0", "a/0_x", "a/1"]
-
-
 def test_a_feature_named_like_a_hidden_cross_input_keeps_both(backend: str, device: str) -> None:
     features = [
         Feature("x", "user_id", [Hash(buckets=100), Cross(["y"])]),
@@ -304,68 +250,6 @@ def test_a_feature_named_like_a_hidden_cross_input_keeps_both(backend: str, devi
 
 
 # --------------------------------------------------------------------------- dense op values
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda: Clip(min=math.nan), "Clip min is NaN"),
-        (lambda: Clip(max=math.nan), "Clip max is NaN"),
-        (lambda: Clip(0.0, math.nan), "Clip max is NaN"),
-        (lambda: Clip(min=math.inf), "Clip min=inf would turn every value into inf"),
-        (lambda: Clip(max=-math.inf), "Clip max=-inf would turn every value into -inf"),
-        (lambda: Normalize(mean=math.nan), "Normalize mean must be a finite number, got nan"),
-        (lambda: Normalize(mean=math.inf), "Normalize mean must be a finite number, got inf"),
-        (lambda: Normalize(mean=-math.inf), "Normalize mean must be a finite number, got -inf"),
-        (lambda: Normalize(std=math.nan), "Normalize std must be a positive finite number"),
-        (lambda: Normalize(std=math.inf), "Normalize std must be a positive finite number"),
-        (lambda: Normalize(std=0), "Normalize std must be a positive finite number"),
-    ],
-)
-def test_non_finite_dense_op_values_are_refused_by_the_op(make, message: str) -> None:
-    with pytest.raises(OpError, match=f"^{message}"):
-        make()
-
-
-def test_non_finite_dense_op_values_name_the_feature_and_op() -> None:
-    nan = {
-        "name": "p",
-        "source": "price",
-        "ops": [{"op": "Log1p"}, {"op": "Clip", "max": math.nan}],
-    }
-    with pytest.raises(FeatureError, match=r"^feature 'p': op 1 \(Clip\): Clip max is NaN"):
-        FeatureEngine([nan], SCHEMA)
-    with pytest.raises(FeatureError, match=r"^feature 'p' \(features\[0\]\), op 1 \(Clip\)"):
-        load_features([nan])
-    # An op built around its own checks is still caught where the engine is built.
-    clip = Clip(max=1.0)
-    object.__setattr__(clip, "min", math.nan)
-    with pytest.raises(FeatureError, match=r"^feature 'p': op 0 \(Clip\) min is NaN"):
-        FeatureEngine([Feature("p", "price", [clip])], SCHEMA)
-    norm = Normalize()
-    object.__setattr__(norm, "mean", math.inf)
-    with pytest.raises(FeatureError, match=r"^feature 'b': op 0 \(Normalize\) mean must be fin"):
-        FeatureEngine([Feature("b", "price", [norm, Bucketize([0.0])])], SCHEMA)
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda: Clip(max=1e39), r"op 0 \(Clip\) max 1e\+39 is beyond float32"),
-        (lambda: Clip(min=-(10**400)), r"op 0 \(Clip\) min -1000.* is beyond float32"),
-        (lambda: Normalize(mean=-1e300), r"op 0 \(Normalize\) mean -1e\+300 is beyond float32"),
-        (lambda: Normalize(std=1e-50), r"op 0 \(Normalize\) std 1e-50 is not above 0 in float32"),
-        (lambda: Normalize(std=10**400), r"op 0 \(Normalize\) std 1000.* is beyond float32"),
-        (lambda: FillMissing(math.nan), r"op 0 \(FillMissing\) value is NaN"),
-        (lambda: FillMissing(2.0**200), r"op 0 \(FillMissing\) value 1.6.*e\+60 is beyond float32"),
-    ],
-)
-def test_dense_op_values_float32_cannot_hold_are_refused(make, message: str) -> None:
-    op = make()
-    with pytest.raises(FeatureError, match=rf"^feature 'p': {message}"):
-        FeatureEngine([Feature("p", "price", [op])], SCHEMA)
-    with pytest.raises(FeatureError, match=rf"^feature 'b': {message}"):
-        FeatureEngine([Feature("b", "price", [op, Bucketize([0.0])])], SCHEMA)
 
 
 def test_infinite_clip_bounds_on_the_open_side_still_work(backend: str, device: str) -> None:
@@ -381,28 +265,6 @@ def test_infinite_clip_bounds_on_the_open_side_still_work(backend: str, device: 
 
 
 # --------------------------------------------------------------------------- FillMissing on ids
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        (math.nan, "must be an integer on integer ids, got nan"),
-        (math.inf, "must be an integer on integer ids, got inf"),
-        (-math.inf, "must be an integer on integer ids, got -inf"),
-        (2.5, "must be an integer on integer ids, got 2.5"),
-        (2**70, "1180591620717411303424 is outside int64"),
-        (2**63, "9223372036854775808 is outside int64"),
-        (2.0**63, "9223372036854775808 is outside int64"),
-        (-(2**63) - 1, "-9223372036854775809 is outside int64"),
-    ],
-)
-def test_fill_missing_on_ids_needs_an_int64_value(value: float, message: str) -> None:
-    for source, index in (("hist", 1), ("query", 1), ("age", 1)):
-        first = {"hist": Truncate(3), "query": Hash(), "age": Bucketize([18.0])}[source]
-        with pytest.raises(
-            FeatureError, match=rf"^feature 'h': op {index} \(FillMissing\) value {message}"
-        ):
-            FeatureEngine([Feature("h", source, [first, FillMissing(value)])], SCHEMA)
 
 
 def test_fill_missing_on_ids_takes_the_int64_extremes_exactly(backend: str, device: str) -> None:
@@ -436,34 +298,6 @@ def test_integer_boundaries_past_2_53_bucketize_ids_exactly(backend: str, device
     assert out["left"].values.tolist() == [0, 0, 1, 2, 3]
     assert out["right"].values.tolist() == [0, 1, 2, 3, 3]
     assert out["mixed"].values.tolist() == [1, 1, 1, 2, 2]
-
-
-def test_bucketize_boundaries_ids_or_float64_cannot_hold_are_refused() -> None:
-    with pytest.raises(OpError, match=r"^boundaries must be strictly increasing"):
-        Bucketize([2**53 + 1, 2.0**53])  # 2**53 + 1 > 2.0**53, compared exactly
-    ids = {"i": "int"}
-    with pytest.raises(
-        FeatureError,
-        match=r"^feature 'b': op 1 \(Bucketize\) boundary must be an integer on integer ids, "
-        r"got 2.5",
-    ):
-        FeatureEngine([Feature("b", "i", [Mod(7), Bucketize([1, 2.5])])], ids)
-    with pytest.raises(
-        FeatureError,
-        match=r"^feature 'b': op 0 \(Bucketize\) boundary 9223372036854775808 is outside int64",
-    ):
-        FeatureEngine([Feature("b", "i", [Bucketize([0, 2**63])])], ids)
-    floats = {"x": "float"}
-    with pytest.raises(
-        FeatureError,
-        match=r"^feature 'b': op 0 \(Bucketize\) boundaries 9007199254740992 and "
-        r"9007199254740993 are the same float64",
-    ):
-        FeatureEngine([Feature("b", "x", [Bucketize([2**53, 2**53 + 1])])], floats)
-    with pytest.raises(
-        FeatureError, match=r"^feature 'b': op 1 \(Bucketize\) boundary 1000.* is beyond float64"
-    ):
-        FeatureEngine([Feature("b", "x", [Log1p(), Bucketize([0, 10**400])])], floats)
 
 
 # --------------------------------------------------------------------------- output keys

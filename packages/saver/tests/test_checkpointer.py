@@ -1,5 +1,7 @@
-"""Checkpointer: exact round trips, latest/pruning, async saves, per-rank state and
-resharding of keyed tables from N writers to M readers (ranks run one after another)."""
+"""recstack.saver.Checkpointer: bit-exact round trips, RNG states, plain safetensors files,
+partial checkpoints ignored, pruning, async saves, per-rank state, resharding N -> M
+(in one process and across gloo ranks), deltas that equal a full checkpoint, and the
+serving export."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy_table import ToyTable, filled
+from toy_table import ToyTable, evolve, filled
+from worker_processes import run_ranks
 
 from recstack.core import owner
 from recstack.saver import Checkpointer, CheckpointError, PerRank
@@ -136,6 +139,10 @@ def test_a_step_is_saved_once_and_load_needs_a_checkpoint(tmp_path: Path) -> Non
         ckpt.save(1, extras={})
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         ckpt.save(-1, extras={})
+    with pytest.raises(TypeError, match="Checkpointer.save: step must be an int, got 2.0"):
+        ckpt.save(2.0, extras={})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Checkpointer: part_bytes must be an int >= 1, got 0"):
+        Checkpointer(tmp_path, part_bytes=0)
     with pytest.raises(TypeError, match="cannot checkpoint a int"):
         ckpt.save(2, extras=3)
     with pytest.raises(ValueError, match="checkpoint names"):
@@ -272,6 +279,25 @@ def test_tables_reshard_from_n_writers_to_m_readers(tmp_path: Path, n: int, m: i
     assert union == full.as_dict()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 3), (3, 2), (4, 1)])
+def test_gloo_ranks_reshard(tmp_path: Path, n: int, m: int) -> None:
+    from mp_worker import ALL_KEYS
+
+    root, out = tmp_path / "ckpt", tmp_path / "out"
+    root.mkdir()
+    out.mkdir()
+    run_ranks("save", root, n, out)
+    run_ranks("load", root, m, out)
+    expect = filled("t", ALL_KEYS, seed=1).as_dict()
+    union = {}
+    for r in range(m):
+        got = {int(k): tuple(v) for k, v in json.loads((out / f"{r}.json").read_text()).items()}
+        assert all(int(owner(torch.tensor([k]), m)[0]) == r for k in got)
+        union.update(got)
+    assert union == {k: tuple(v) for k, v in expect.items()}
+
+
 def test_manifest_lists_every_file_with_size_and_checksum(tmp_path: Path) -> None:
     from recstack.saver.files import crc32_file
 
@@ -287,6 +313,114 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path: Path) -> Non
     for rel, info in manifest["files"].items():
         assert crc32_file(ckpt_dir / rel) == (info["bytes"], info["crc32"])
     assert manifest["version"] == 1 and manifest["world_size"] == 1 and manifest["step"] == 2
+
+
+def test_base_and_three_deltas_equal_a_full_checkpoint(tmp_path: Path) -> None:
+    table = filled("t", range(60), seed=0)
+    model = torch.nn.Linear(2, 2)
+    ckpt = Checkpointer(tmp_path / "chain")
+    ckpt.save(10, emb=table, model=model)
+    sizes = []
+    for i, step in enumerate((20, 30, 40)):
+        evolve(table, seed=i + 1)
+        with torch.no_grad():
+            model.weight.add_(1)
+        path = ckpt.save(step, delta=True, emb=table, model=model)
+        manifest = read_manifest(path)
+        assert manifest["kind"] == "delta" and manifest["base"]["step"] == step - 10
+        sizes.append(manifest["tables"]["emb"]["ranks"][0]["keys"])
+        assert manifest["tables"]["emb"]["ranks"][0]["removed_keys"] > 0
+    assert max(sizes) < 20  # only the changed rows
+    Checkpointer(tmp_path / "full").save(40, emb=table, model=model)
+    from_chain, from_full = ToyTable("t"), ToyTable("t")
+    m1, m2 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert Checkpointer(tmp_path / "chain").load(emb=from_chain, model=m1).step == 40
+    Checkpointer(tmp_path / "full").load(emb=from_full, model=m2)
+    assert from_chain.as_dict() == from_full.as_dict() == table.as_dict()
+    assert torch.equal(from_chain.counts, table.counts)
+    assert torch.equal(m1.weight, model.weight) and torch.equal(m2.weight, model.weight)
+
+
+def test_a_delta_needs_a_base_and_changes_tracked(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path)
+    table = filled("t", range(5), seed=1)
+    with pytest.raises(CheckpointError, match="a delta needs a base"):
+        ckpt.save(1, delta=True, emb=table)
+
+    class Plain:  # a KeyedState without change tracking
+        state_metadata = table.state_metadata
+        export_chunks = table.export_chunks
+        import_chunk = table.import_chunk
+
+    ckpt.save(1, emb=table)
+    with pytest.raises(TypeError, match="table 'emb' does not track changes"):
+        ckpt.save(2, delta=True, emb=Plain())
+    with pytest.raises(CheckpointError, match="step 0 is not after its base's 1"):
+        ckpt.save(0, delta=True, emb=table)
+
+
+def test_a_delta_after_a_load_builds_on_the_loaded_checkpoint(tmp_path: Path) -> None:
+    table = filled("t", range(20), seed=2)
+    Checkpointer(tmp_path).save(5, emb=table)
+    resumed = ToyTable("t")
+    ckpt = Checkpointer(tmp_path)
+    ckpt.load(emb=resumed)
+    evolve(resumed, seed=3)
+    path = ckpt.save(6, delta=True, emb=resumed)
+    assert read_manifest(path)["base"]["dir"] == "step-000000000005"
+    again = ToyTable("t")
+    Checkpointer(tmp_path).load(emb=again)
+    assert again.as_dict() == resumed.as_dict()
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 3), (3, 1)])
+def test_deltas_reshard(tmp_path: Path, n: int, m: int) -> None:
+    full = filled("t", range(0, 200, 3), seed=4)
+
+    def shard(table: ToyTable, r: int, world: int) -> ToyTable:
+        mine = ToyTable("t")
+        for k, row in table.rows.items():
+            if int(owner(torch.tensor([k]), world)[0]) == r:
+                mine.rows[k] = {s: v.clone() for s, v in row.items()}
+        return mine
+
+    ranks = [shard(full, r, n) for r in range(n)]
+    ckpts = [Checkpointer(tmp_path, rank=r, world_size=n) for r in range(n)]
+    for r in range(n):
+        ckpts[r].save(1, emb=ranks[r])
+    for step in (2, 3):
+        evolve(full, seed=step)
+        for r in range(n):
+            new = shard(full, r, n)
+            for k in set(ranks[r].rows) - set(new.rows):
+                ranks[r].drop(k)
+            for k, row in new.rows.items():
+                if ranks[r].rows.get(k, {}).get("values") is None or not torch.equal(
+                    ranks[r].rows[k]["values"], row["values"]
+                ):
+                    ranks[r].put(k, row["values"], row["m"])
+            ckpts[r].save(step, delta=True, emb=ranks[r])
+    union: dict = {}
+    for r in range(m):
+        mine = ToyTable("t")
+        Checkpointer(tmp_path, rank=r, world_size=m).load(emb=mine)
+        union.update(mine.as_dict())
+    assert union == full.as_dict()
+
+
+def test_pruning_keeps_the_bases_of_kept_deltas(tmp_path: Path) -> None:
+    table = filled("t", range(10), seed=6)
+    ckpt = Checkpointer(tmp_path, keep_last=1)
+    ckpt.save(1, emb=table)
+    for step in (2, 3):
+        evolve(table, seed=step)
+        ckpt.save(step, delta=True, emb=table)
+    assert ckpt.steps() == [1, 2, 3]
+    ckpt.save(4, emb=table)  # a full one: the old chain can go
+    assert ckpt.steps() == [4]
+    loaded = ToyTable("t")
+    ckpt.load(emb=loaded)
+    assert loaded.as_dict() == table.as_dict()
 
 
 def test_export_writes_a_serving_copy(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from recstack.saver import (
     verify_checkpoint,
 )
 from recstack.saver.cli import human_bytes, main
-from recstack.saver.inspect import NotACheckpointError
+from recstack.saver.errors import NotACheckpointError
 
 FULL, DELTA = "step-000000000010", "step-000000000020"
 TABLE = "model.ec.item"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from test_deltas import evolve
 from torch import nn
-from toy_table import ToyTable, filled
+from toy_optimizer import SGD
+from toy_table import ToyTable, evolve, filled
 
 from recstack.core import owner
 from recstack.saver import (
@@ -29,10 +29,9 @@ from recstack.saver import (
 from recstack.saver import read as read_module
 from recstack.saver.cli import export_command, main
 from recstack.saver.convert import find_chain
-from recstack.saver.inspect import NotACheckpointError
-from recstack.saver.load import _table_files
+from recstack.saver.errors import NotACheckpointError
 from recstack.saver.manifest import MANIFEST, read_manifest
-from recstack.saver.replay import replay_rows
+from recstack.saver.replay import chain_files, replay_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -55,19 +54,6 @@ class Model(nn.Module):
         super().__init__()
         self.sparse = Sparse(table)
         self.tower = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
-
-
-class SGD:
-    """Stands for an optimizer: state_dict()/load_state_dict(), not a module."""
-
-    def __init__(self, params: Any) -> None:
-        self.param_groups = [{"params": list(params), "lr": 0.1}]
-
-    def state_dict(self) -> dict:
-        return {"state": {}, "param_groups": self.param_groups}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 def build(seed: int = 0) -> tuple[Model, ToyTable]:
@@ -166,7 +152,7 @@ def test_parts_are_rechunked_to_part_bytes(tmp_path: Path) -> None:
 
 def test_a_table_streams_part_by_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, user = save_full(tmp_path / "ckpts", part_bytes=300)  # 7 rows a part
-    files = _table_files(find_chain(tmp_path / "ckpts"), "user")
+    files = chain_files(find_chain(tmp_path / "ckpts"), "user")
     parts = files[0][1]
     assert len(parts) == 6
     reads: list[str] = []

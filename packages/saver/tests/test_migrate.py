@@ -171,6 +171,6 @@ def test_bad_shapes_and_ids_name_the_table() -> None:
         )
     with pytest.raises(ValueError, match=r"table 'item'.*id 7 appears more than once"):
         import_embedding_weight(state, torch.randn(3, 4), ids=torch.tensor([7, 1, 7]))
-    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 1"):
         import_embedding_weight(state, torch.randn(3, 4), chunk_rows=0)
     assert state.state_metadata()["num_keys"] == 0  # nothing was imported

@@ -1,5 +1,5 @@
-"""Export for serving and load_for_inference: ids and rows only, in one dtype, read back as
-read-only lookups equal to what the collection returns in eval."""
+"""recstack.saver.serving: serving exports read back as read-only lookups equal to what the
+collection returns in eval; ids and rows only, in one dtype."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving_testdata import IDS, TABLE, Model, eval_rows, trained
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor
@@ -19,39 +20,6 @@ from recstack.saver import (
     export_for_serving,
     load_for_inference,
 )
-
-TABLE = "model.ec.item"
-
-
-class Model(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ec = EmbeddingCollection([TableConfig("item", dim=4)], [FeatureConfig("f", "item")])
-        self.linear = nn.Linear(4, 2)
-
-
-def kjt(ids: list[int]) -> KeyedJaggedTensor:
-    return KeyedJaggedTensor(
-        ["f"], torch.tensor(ids), lengths=torch.ones(len(ids), dtype=torch.int64)
-    )
-
-
-def trained(ids: list[int]) -> Model:
-    model = Model()
-    model.ec(kjt(ids))  # training mode: inserts the ids
-    return model
-
-
-def eval_rows(model: Model, ids: list[int]) -> torch.Tensor:
-    """What the collection returns in eval (one id per bag, sum pooling: the id's row)."""
-    model.ec.eval()
-    try:
-        return model.ec(kjt(ids))["f"].detach()
-    finally:
-        model.ec.train()
-
-
-IDS = [3, 17, 5, 1_000_003, 42]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -187,45 +155,6 @@ def test_an_id_on_two_ranks_is_refused_at_load(tmp_path: Path) -> None:
         export_for_serving(out, rank=rank, world_size=2, model=trained([1, 2]))
     with pytest.raises(CheckpointError, match="appears more than once"):
         load_for_inference(out)
-
-
-class SGD:
-    """Stands for a torch optimizer (whose first construction imports torch._dynamo, ~4 s):
-    state_dict()/load_state_dict(), not a module, not a table."""
-
-    def __init__(self, params: object) -> None:
-        self.param_groups = [{"params": list(params), "lr": 0.1}]
-
-    def state_dict(self) -> dict:
-        return {"state": {}, "param_groups": self.param_groups}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def test_exporting_an_optimizer_is_refused(tmp_path: Path) -> None:
-    model = trained(IDS)
-    opt = SGD(model.linear.parameters())
-    with pytest.raises(TypeError, match="'opt' is a SGD.*not optimizers"):
-        export_for_serving(tmp_path / "s", model=model, opt=opt)
-    with pytest.raises(TypeError, match="'extras' is a dict"):
-        export_for_serving(tmp_path / "s", model=model, extras={"epoch": 1})
-    assert not (tmp_path / "s").exists()  # refused before anything was written
-    with pytest.raises(TypeError, match="dtype must be one of"):
-        export_for_serving(tmp_path / "s", dtype=torch.float64, model=model)
-
-
-def test_export_refuses_a_complete_or_foreign_directory(tmp_path: Path) -> None:
-    model = trained(IDS)
-    out = export_for_serving(tmp_path / "s", model=model)
-    with pytest.raises(CheckpointError, match="complete export already"):
-        export_for_serving(out, model=model)
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not an unfinished export"):
-        export_for_serving(foreign, model=model)
-    assert (foreign / "notes.txt").exists()
 
 
 def test_corrupt_file_is_refused_naming_it(tmp_path: Path) -> None:

@@ -116,3 +116,16 @@ def filled(name: str, keys: Sequence[int], seed: int, dim: int = 4) -> ToyTable:
         t.put(int(k), torch.randn(dim, generator=gen), torch.randn(dim, generator=gen))
     t.counts = torch.randint(0, 5, (8,), generator=gen)
     return t
+
+
+def evolve(table: ToyTable, seed: int) -> None:
+    """One 'training window': some rows change, some keys are new, some are evicted."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = sorted(table.rows)
+    for k in keys[::5]:
+        table.put(k, torch.randn(4, generator=gen), torch.randn(4, generator=gen))
+    for k in keys[1::7]:
+        table.drop(k)
+    for k in range(1000 + 10 * seed, 1000 + 10 * seed + 4):
+        table.put(k, torch.randn(4, generator=gen))
+    table.counts += seed

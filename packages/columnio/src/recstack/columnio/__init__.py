@@ -3,8 +3,12 @@
 * :class:`ColumnReader` reads files, directories, globs or ``s3://``/``gs://``/``hdfs://``
   URIs with multi-threaded decoding into ``dict[str, Tensor | JaggedTensor]`` batches, sharded
   by rank, shuffled per epoch (in windows, or exactly over the whole epoch with
-  ``shuffle="epoch"``), with exact resume from :meth:`ColumnReader.state_dict`.
+  ``shuffle="epoch"``), with exact resume from :meth:`ColumnReader.state_dict`. It is a
+  ``torch.utils.data.IterableDataset``: ``DataLoader(reader, batch_size=None)`` works, and
+  torchdata's ``StatefulDataLoader`` resumes it.
 * :class:`StreamingReader` follows a directory for online learning, in windows.
+* :class:`ReadOptions`: what both readers share (columns, batch size, sharding, threads...),
+  checked once; give it as ``options=`` or as keyword arguments.
 * :func:`to_device` copies batch k+1 to the GPU on a side stream while batch k trains.
 * :func:`write_parquet` and :func:`write_synthetic_ctr` write data (atomically).
 """
@@ -21,6 +25,7 @@ from recstack.columnio.device import (
 from recstack.columnio.errors import ColumnIOError, ReadStats, ShuffleWarning
 from recstack.columnio.files import FORMATS, FileRef
 from recstack.columnio.formats import FileMeta, inspect_file, read_unit
+from recstack.columnio.options import ReadOptions
 from recstack.columnio.paths import infer_format, resolve_files
 from recstack.columnio.reader import ColumnReader
 from recstack.columnio.streaming import EndOfWindow, StreamingReader
@@ -48,6 +53,7 @@ __all__ = [
     "EndOfWindow",
     "FileMeta",
     "FileRef",
+    "ReadOptions",
     "ReadStats",
     "ShuffleWarning",
     "StreamingReader",

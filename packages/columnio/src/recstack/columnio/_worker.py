@@ -56,7 +56,7 @@ class _Worker:
         kwargs = dict(config["reader"])
         kwargs["columns"] = [column_from_json(c) for c in kwargs["columns"]]
         self.reader = ColumnReader(**kwargs)
-        if self.reader._fingerprint != config["fingerprint"]:
+        if self.reader.fingerprint != config["fingerprint"]:
             raise ColumnIOError(
                 "the reader process sees other files (or row groups) than the trainer did; "
                 "were files added or rewritten while starting?"
@@ -91,11 +91,11 @@ class _Worker:
         return slot.tensor[:nbytes]
 
     def run(self, msg: dict[str, Any]) -> None:
-        from recstack.columnio.reader import _EpochRun
+        from recstack.columnio.reader import EpochRun
 
         r = self.reader
         r.stats = ReadStats.from_dict(msg.get("stats") or {})
-        run = _EpochRun(r, int(msg["epoch"]), int(msg["position"]), start_thread=False)
+        run = EpochRun(r, int(msg["epoch"]), int(msg["position"]), start_thread=False)
         try:
             for parts in run.batch_parts():
                 i = self._acquire()
@@ -107,7 +107,7 @@ class _Worker:
                     holder["block"] = self._buffer(i, max(nbytes, 1))
                     return holder["block"]
 
-                batch = r._builder.assemble(parts, into=into)
+                batch = run.assemble(parts, into=into)
                 slot = self.slots[i]
                 assert slot is not None
                 rows = sum(p.rows for p in parts)

@@ -22,6 +22,8 @@ from recstack.core import JaggedTensor, KeyedJaggedTensor
 
 __all__ = [
     "Batch",
+    "FileSchema",
+    "count_unit",
     "BatchBuilder",
     "Piece",
     "PieceBuffer",
@@ -125,6 +127,36 @@ def same_types(
                 file=file,
                 column=g.name,
             )
+
+
+class FileSchema:
+    """The selected columns as the first file types them; every later file must agree.
+
+    Args:
+        columns: the columns to find in every file.
+    """
+
+    def __init__(self, columns: list[Column]) -> None:
+        self.columns = columns
+        self.resolved: list[ResolvedColumn] | None = None
+        self.origin = ""
+
+    def check(self, f: FileRef, meta: FileMeta) -> list[ResolvedColumn]:
+        """The columns resolved in ``f``; the first file that passes sets their types.
+
+        Args:
+            f: the file.
+            meta: its metadata.
+
+        Raises:
+            ColumnIOError: a column is missing from ``f`` or has another type there.
+        """
+        mine = resolve_in(f, meta, self.columns)
+        if self.resolved is None:
+            self.resolved, self.origin = mine, f.uri
+        else:
+            same_types(self.resolved, mine, self.origin, f.uri)
+        return self.resolved
 
 
 def decode_unit(
@@ -298,3 +330,41 @@ def decode_ahead(
             yield None, None, e
             continue
         yield cols, local, None
+
+
+def count_unit(
+    stats: ReadStats,
+    on_error: str,
+    where: tuple[str, int],
+    rows: int,
+    decoded: tuple[ReadStats | None, ColumnIOError | None],
+    *,
+    skipped_rows: int | None = None,
+    count_nulls: bool = True,
+) -> bool:
+    """Count one unit that :func:`decode_ahead` yielded in ``stats``; ``False`` if it failed.
+
+    Args:
+        stats: the reader's counters.
+        on_error: the reader's ``on_error``: ``"raise"`` raises the unit's error.
+        where: the file's URI and the unit's index, for the skip record.
+        rows: the rows the unit decoded (``rows_read``).
+        decoded: the unit's own counters and its error, as ``decode_ahead`` yielded them.
+        skipped_rows: the rows a failure skips, when not ``rows`` (a rank's share).
+        count_nulls: add the unit's filled nulls (off for a unit decoded again).
+
+    Raises:
+        ColumnIOError: the unit failed and ``on_error`` is ``"raise"``.
+    """
+    local, error = decoded
+    if error is not None:
+        if on_error == "raise":
+            raise error
+        uri, unit = where
+        stats.record_skip(uri, rows if skipped_rows is None else skipped_rows, error, unit=unit)
+        return False
+    stats.rows_read += rows
+    if count_nulls and local is not None:
+        for name, n in local.nulls_filled.items():
+            stats.add_nulls(name, n)
+    return True

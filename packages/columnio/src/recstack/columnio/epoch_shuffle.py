@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recstack.columnio.plan import _key, permutation
+from recstack.columnio.plan import permutation, seed_key
 from recstack.core import mix64
 
 __all__ = ["BucketPlan", "estimated_passes"]
@@ -105,7 +105,7 @@ class BucketPlan:
         Args:
             rows: int64 global row indices.
         """
-        key = _key(self.seed, self.epoch, _BUCKET_TAG)
+        key = seed_key(self.seed, self.epoch, _BUCKET_TAG)
         # remainder of a uniform 64-bit hash: bias below num_buckets / 2**64.
         return torch.remainder(mix64(rows ^ key), self.num_buckets)
 

@@ -25,7 +25,16 @@ import torch
 
 from recstack.core import mix64
 
-__all__ = ["Segment", "UnitRef", "epoch_units", "rank_rows", "segments", "window_order"]
+__all__ = [
+    "Segment",
+    "UnitRef",
+    "epoch_units",
+    "permutation",
+    "rank_rows",
+    "seed_key",
+    "segments",
+    "window_order",
+]
 
 _M64 = (1 << 64) - 1
 
@@ -62,8 +71,15 @@ def _fmix(k: int) -> int:
     return k ^ (k >> 33)
 
 
-def _key(*parts: int) -> int:
-    """A 64-bit key from small ints (seed, epoch, ...), as a signed value for int64 tensors."""
+def seed_key(*parts: int) -> int:
+    """A 64-bit key from small ints (seed, epoch, ...), as a signed value for int64 tensors.
+
+    Every shuffle of ColumnIO derives its keys here, so the same ``parts`` give the same
+    order on every rank and after a restart.
+
+    Args:
+        *parts: the ints that pick the key (seed, epoch, rank, a tag...).
+    """
     k = 0x5EED_C0FF_EE00_0001
     for p in parts:
         k = _fmix(k ^ _fmix(int(p) + 0x9E3779B97F4A7C15))
@@ -71,11 +87,16 @@ def _key(*parts: int) -> int:
 
 
 def permutation(n: int, *parts: int) -> torch.Tensor:
-    """A permutation of ``range(n)`` determined by ``parts`` (int64 tensor)."""
+    """A permutation of ``range(n)`` determined by ``parts`` (int64 tensor).
+
+    Args:
+        n: how many items to permute.
+        *parts: the ints that pick the permutation (see :func:`seed_key`).
+    """
     if n <= 1:
         return torch.arange(n, dtype=torch.int64)
     idx = torch.arange(n, dtype=torch.int64)
-    keys = mix64(idx ^ _key(*parts))
+    keys = mix64(idx ^ seed_key(*parts))
     return torch.argsort(keys, stable=True)
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,10 +26,7 @@ from recstack.columnio.errors import ColumnIOError, ReadStats
 from recstack.columnio.procio import MessageReader, MessageWriter, WorkerGone
 from recstack.columnio.shm import Slot, decode_layout, shm_dir
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["ReaderProcess"]
+__all__ = ["ProcessRun", "ReaderProcess"]
 
 
 def _raise_remote(err: dict[str, Any]) -> None:
@@ -109,8 +106,8 @@ class ReaderProcess:
             m = self.maps[i] = _Mapped(path, capacity, self.cuda)
         return m
 
-    def run(self, epoch: int, position: int, stats: ReadStats) -> _ProcessRun:
-        return _ProcessRun(self, epoch, position, stats)
+    def run(self, epoch: int, position: int, stats: ReadStats) -> ProcessRun:
+        return ProcessRun(self, epoch, position, stats)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -140,8 +137,18 @@ class _InFlight:
         self.batch, self.slot, self.event, self.owner = batch, slot, event, owner
 
 
-class _ProcessRun:
-    """One epoch's pass, driven from the trainer: same protocol as the threaded run."""
+class ProcessRun:
+    """One epoch's pass, driven from the trainer: same protocol as the threaded run.
+
+    Iterating yields ``(batch, position after it, rows)``; :meth:`deliver` hands a batch
+    to the consumer and :meth:`close` stops the pass.
+
+    Args:
+        proc: the reader process that reads the pass.
+        epoch: the epoch to read.
+        position: rows of the rank's epoch stream already yielded.
+        stats: the reader's counters so far (the reader process continues them).
+    """
 
     def __init__(self, proc: ReaderProcess, epoch: int, position: int, stats: ReadStats):
         self.p = proc

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -20,30 +21,36 @@ import queue
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
-import pyarrow.fs as pafs
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
 from recstack.columnio.batching import (
     Batch,
     BatchBuilder,
+    FileSchema,
     Piece,
     PieceBuffer,
+    count_unit,
     decode_ahead,
-    resolve_in,
-    same_types,
 )
-from recstack.columnio.columns import MISSING, Column, ResolvedColumn, normalize_columns
+from recstack.columnio.columns import MISSING, Column, ResolvedColumn
 from recstack.columnio.convert import ColumnValue
 from recstack.columnio.device import batch_to, hand_over, move_batch_to_cuda
 from recstack.columnio.epoch_shuffle import BucketPlan, estimated_passes
 from recstack.columnio.errors import ColumnIOError, ReadStats, ShuffleWarning
 from recstack.columnio.files import FileRef
 from recstack.columnio.formats import FileMeta, inspect_file
+from recstack.columnio.options import (
+    ReadOptions,
+    ReadOptionsArgs,
+    ReadOptionsFields,
+    resolve_options,
+)
 from recstack.columnio.paths import resolve_files
 from recstack.columnio.plan import (
     Segment,
@@ -53,13 +60,12 @@ from recstack.columnio.plan import (
     segments,
     window_order,
 )
-from recstack.columnio.process_run import ReaderProcess, _ProcessRun
+from recstack.columnio.process_run import ProcessRun, ReaderProcess
 from recstack.columnio.rows import cat_rows, slice_rows, take_rows
-from recstack.core.distributed import dist_env
+from recstack.core.checks import check_int
 
-__all__ = ["Batch", "ColumnReader"]
+__all__ = ["Batch", "ColumnReader", "EpochRun"]
 
-OnError = Literal["raise", "skip"]
 Shuffle = bool | Literal["window", "epoch"]
 
 _STATE_FORMAT = "recstack.columnio.ColumnReader"
@@ -75,12 +81,6 @@ class _Failure:
         self.error = error
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def _check_shuffle(value: Any) -> bool | Literal["epoch"]:
     """``False``, ``True`` (windows) or ``"epoch"``: the forms a state dict records."""
     if value is False or value is True:
@@ -92,7 +92,7 @@ def _check_shuffle(value: Any) -> bool | Literal["epoch"]:
     raise ValueError(f"shuffle must be False, True, 'window' or 'epoch', got {value!r}")
 
 
-class ColumnReader:
+class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
     """An iterable of batches read from Parquet (default), ORC or Arrow IPC files.
 
     Each ``iter(reader)`` runs (the rest of) one epoch; the next one starts the next epoch.
@@ -100,16 +100,30 @@ class ColumnReader:
     :mod:`recstack.columnio.columns` for which Arrow type becomes which), plus one
     :class:`KeyedJaggedTensor` under ``keyed_jagged_key`` when ``keyed_jagged`` is given.
 
+    The reader is a ``torch.utils.data.IterableDataset`` that yields whole batches, so
+    ``torch.utils.data.DataLoader(reader, batch_size=None)`` (and torchdata's
+    ``StatefulDataLoader``, which resumes it through :meth:`state_dict`) works as is. It
+    decodes on its own threads (``num_threads``) or in its own reader process
+    (``worker="process"``), so it refuses to run in DataLoader worker processes
+    (``num_workers`` must stay 0).
+
+    What to read (columns, batch size, format, filesystem, rank, world size, decoding
+    threads, pinned memory, the KeyedJaggedTensor packing, bad-file handling) comes from
+    :class:`ReadOptions`, given as ``options=`` or as keyword arguments of the same names;
+    the other arguments say how an epoch is read.
+    ``reader.options`` holds the options in effect (``rank`` and ``world_size`` filled in
+    from torchrun's environment where not given, ``pin_memory`` on for a CUDA device).
+
     Args:
         paths: files, directories, globs or URIs (``s3://``, ``gs://``, ``hdfs://``), or a
             list of them; see :func:`recstack.columnio.resolve_files`.
-        columns: names or :class:`Column` objects; ``None`` reads every column of the
-            first file. Only these columns are read and decoded.
-        batch_size: rows per batch. The last batch of an epoch may be smaller unless
-            ``drop_last``.
-        format: ``"parquet"``, ``"orc"`` or ``"ipc"``; ``None`` infers it from each
-            file's extension (Parquet when unknown).
-        filesystem: a ``pyarrow.fs.FileSystem`` the paths live on (instead of URIs).
+        columns: :attr:`ReadOptions.columns`: names or :class:`Column` objects; ``None``
+            reads every column of the first file. Only these columns are read and decoded.
+        batch_size: :attr:`ReadOptions.batch_size` (default 4096). The last batch of an
+            epoch may be smaller unless ``drop_last``.
+        options: the :class:`ReadOptions`; a keyword argument that is not ``None`` (this
+            reader's ``columns``, ``batch_size`` or any ``**read_options``) replaces the
+            option of the same name.
         shuffle: ``False`` keeps file order. ``True`` or ``"window"`` shuffles unit order
             per epoch, then permutes the rank's stream in windows of ``shuffle_buffer``
             rows: a **partial** shuffle whenever the rank reads more rows than one window
@@ -124,31 +138,27 @@ class ColumnReader:
         seed: the shuffle seed; the same seed gives the same order.
         shuffle_buffer: rows held for shuffling: the window size (``shuffle=True``) or the
             bucket size (``"epoch"``); default ``max(65536, 16 * batch_size)``.
-        rank: this reader's share of the data; default from torchrun's ``RANK``.
-        world_size: how many readers share it; default from ``WORLD_SIZE``. Together the
-            ``world_size`` readers yield every row exactly once per epoch, with row counts
-            that differ by at most one.
         drop_last: drop the epoch's last, smaller batch (its rows are counted in
             :attr:`stats`).
-        num_threads: decoding threads (default 2).
         prefetch: batches assembled ahead of the consumer.
-        pin_memory: allocate each batch as one page-locked block (for fast, asynchronous
-            copies to the GPU; see :func:`recstack.columnio.to_device`).
         device: deliver batches on this device (``"cuda"``). The assembler thread copies
             each pinned batch on a side CUDA stream as soon as it is cut, so ``next()``
             only queues a wait on the copy: the cheapest way to feed a GPU, since the
-            training thread does no per-tensor work at all.
-        keyed_jagged: integer columns (scalars or lists) to pack into one
-            :class:`KeyedJaggedTensor`, keyed by column name, instead of separate entries.
-        keyed_jagged_key: the batch key of that KeyedJaggedTensor.
-        on_error: ``"raise"`` stops at the first bad file; ``"skip"`` skips it, counts its
-            rows in :attr:`stats` and logs a warning.
+            training thread does no per-tensor work at all. A CUDA device turns
+            ``pin_memory`` on.
         worker: ``"thread"`` decodes and assembles on threads of this process;
             ``"process"`` does it in a separate reader process that writes each batch into
             shared memory, so the training thread never waits for Python's GIL on account
             of data loading (the better choice for GPU training; it needs ``paths`` as
             strings or URIs, not a ``filesystem`` object, and JSON-able column defaults).
             Call :meth:`close` (or use ``with``) to stop the process early.
+        **read_options: any other :class:`ReadOptions` field by name: ``format``,
+            ``filesystem``, ``rank``, ``world_size`` (together the ``world_size`` readers
+            yield every row exactly once per epoch, with row counts that differ by at most
+            one), ``num_threads``, ``pin_memory`` (allocate each batch as one page-locked
+            block, for fast, asynchronous copies to the GPU; see
+            :func:`recstack.columnio.to_device`), ``keyed_jagged``, ``keyed_jagged_key``
+            and ``on_error``.
 
     Example::
 
@@ -161,71 +171,53 @@ class ColumnReader:
         self,
         paths: Any,
         columns: Sequence[str | Column] | None = None,
-        batch_size: int = 4096,
+        batch_size: int | None = None,
         *,
-        format: str | None = None,
-        filesystem: pafs.FileSystem | None = None,
+        options: ReadOptions | None = None,
         shuffle: Shuffle = False,
         seed: int = 0,
         shuffle_buffer: int | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
         drop_last: bool = False,
-        num_threads: int = 2,
         prefetch: int = 4,
-        pin_memory: bool = False,
         device: torch.device | str | None = None,
-        keyed_jagged: Sequence[str] | None = None,
-        keyed_jagged_key: str = "sparse",
-        on_error: OnError = "raise",
         worker: Literal["thread", "process"] = "thread",
+        **read_options: Unpack[ReadOptionsArgs],
     ) -> None:
+        opts = resolve_options(
+            "ColumnReader", options, columns=columns, batch_size=batch_size, **read_options
+        ).sharded()
         if worker not in ("thread", "process"):
             raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
-        if worker == "process" and filesystem is not None:
+        if worker == "process" and opts.filesystem is not None:
             raise ValueError(
                 "worker='process' re-opens the files in the reader process: give paths as "
                 "strings or URIs instead of a filesystem object"
             )
         self.worker = worker
         self._paths_arg = paths
-        self._format_arg = format
-        self._keyed_arg = list(keyed_jagged) if keyed_jagged else None
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_threads = _check_int("num_threads", num_threads, 1)
-        self.prefetch = _check_int("prefetch", prefetch, 1)
-        self.seed = _check_int("seed", seed, 0)
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.on_error: OnError = on_error
+        self.prefetch = check_int(prefetch, "ColumnReader: prefetch", minimum=1)
+        self.seed = check_int(seed, "ColumnReader: seed", minimum=0)
         self.shuffle: bool | Literal["epoch"] = _check_shuffle(shuffle)
         buffer_given = shuffle_buffer is not None
         if shuffle_buffer is None:
-            shuffle_buffer = max(65536, 16 * self.batch_size)
-        self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 1)
-        env = dist_env()
-        self.world_size = _check_int(
-            "world_size", env.world_size if world_size is None else world_size, 1
-        )
-        self.rank = _check_int("rank", env.rank if rank is None else rank, 0)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
+            shuffle_buffer = max(65536, 16 * opts.batch_size)
+        self.shuffle_buffer = check_int(shuffle_buffer, "ColumnReader: shuffle_buffer", minimum=1)
         self.drop_last = bool(drop_last)
         self.device = torch.device(device) if device is not None else None
         if self.device is not None and self.device.type == "cuda":
-            pin_memory = True
+            opts = dataclasses.replace(opts, pin_memory=True)
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
-        self.pin_memory = bool(pin_memory)
-        if self.pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs CUDA; this machine has none")
+        self.options = opts
         self.stats = ReadStats()
 
         self._files, self._metas = self._inspect(
-            resolve_files(paths, filesystem=filesystem, format=format)
+            resolve_files(paths, filesystem=opts.filesystem, format=opts.format)
         )
-        self._resolved = self._resolve_columns(normalize_columns(columns))
-        self._builder = BatchBuilder(self._resolved, keyed_jagged, keyed_jagged_key, pin_memory)
+        self._resolved = self._resolve_columns(None if opts.columns is None else list(opts.columns))
+        self._builder = BatchBuilder(
+            self._resolved, opts.keyed_jagged, opts.keyed_jagged_key, opts.pin_memory
+        )
         self._process: ReaderProcess | None = None
         self._units = [
             UnitRef(fi, ui, rows)
@@ -242,7 +234,7 @@ class ColumnReader:
         self._fingerprint = self._make_fingerprint()
         self.epoch = 0
         self._position = 0
-        self._active: _EpochRun | None = None
+        self._active: EpochRun | None = None
         self._segment_cache: tuple[int, list[Segment], list[int]] | None = None
         self._bucket_cache: BucketPlan | None = None
         self._warn_about_shuffle(shuffle, buffer_given)
@@ -297,15 +289,11 @@ class ColumnReader:
         first = self._metas[0]
         if columns is None:
             columns = [Column(name) for name in first.schema.names]
-        resolved: list[ResolvedColumn] | None = None
+        schema = FileSchema(columns)
         keep_files, keep_metas = [], []
         for f, meta in zip(self._files, self._metas, strict=True):
             try:
-                mine = resolve_in(f, meta, columns)
-                if resolved is None:
-                    resolved, origin = mine, f.uri
-                else:
-                    same_types(resolved, mine, origin, f.uri)
+                schema.check(f, meta)
             except ColumnIOError as e:
                 if self.on_error == "raise":
                     raise
@@ -314,7 +302,7 @@ class ColumnReader:
             keep_files.append(f)
             keep_metas.append(meta)
         self._files, self._metas = keep_files, keep_metas
-        return resolved or []
+        return schema.resolved or []
 
     def _make_fingerprint(self) -> str:
         desc = {
@@ -326,12 +314,18 @@ class ColumnReader:
         return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:32]
 
     @property
+    def fingerprint(self) -> str:
+        """A digest of the files, their units and the columns: what a saved state pins."""
+        return self._fingerprint
+
+    @property
     def files(self) -> list[str]:
         """The files this reader reads (after ``on_error="skip"`` dropped bad ones)."""
         return [f.uri for f in self._files]
 
     @property
     def columns(self) -> list[str]:
+        """The names of the columns each batch holds (before KeyedJaggedTensor packing)."""
         return [rc.name for rc in self._resolved]
 
     def __len__(self) -> int:
@@ -362,30 +356,37 @@ class ColumnReader:
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Batch]:
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "ColumnReader runs in a DataLoader worker process: every worker would read "
+                "the whole epoch. The reader decodes in parallel itself: keep the DataLoader's "
+                "num_workers=0 and give the reader num_threads= (decoding threads) or "
+                "worker='process' (its own reader process, outside the training GIL)"
+            )
         return self._run()
 
     def _run(self) -> Iterator[Batch]:
         if self._active is not None:
             self._active.close()
         epoch, start = self.epoch, self._position
-        run: _EpochRun | _ProcessRun
+        run: EpochRun | ProcessRun
         if self.worker == "process":
             if self._process is None:
                 self._process = ReaderProcess(self._process_config(), self.device, self.pin_memory)
             run = self._process.run(epoch, start, self.stats)
         else:
-            run = _EpochRun(self, epoch, start)
+            run = EpochRun(self, epoch, start)
         self._active = run
         try:
             for batch, pos_after, rows in run:
                 self._position = pos_after
-                if isinstance(run, _EpochRun):
+                if isinstance(run, EpochRun):
                     self.stats.rows_yielded += rows
                     self.stats.batches_yielded += 1
                 else:
                     self.stats = run.stats  # the reader process counts for us
                 yield run.deliver(batch)
-            if not isinstance(run, _EpochRun):
+            if not isinstance(run, EpochRun):
                 self.stats = run.stats
             self.epoch, self._position = epoch + 1, 0
         finally:
@@ -419,7 +420,7 @@ class ColumnReader:
             "paths": paths,
             "columns": columns,
             "batch_size": self.batch_size,
-            "format": self._format_arg,
+            "format": self.format,
             # "window", not True: the reader process must not warn a second time.
             "shuffle": "window" if self.shuffle is True else self.shuffle,
             "seed": self.seed,
@@ -428,8 +429,8 @@ class ColumnReader:
             "world_size": self.world_size,
             "drop_last": self.drop_last,
             "num_threads": self.num_threads,
-            "keyed_jagged": self._keyed_arg,
-            "keyed_jagged_key": self._builder.keyed_jagged_key,
+            "keyed_jagged": list(self.options.keyed_jagged or []) or None,
+            "keyed_jagged_key": self.options.keyed_jagged_key,
             "on_error": self.on_error,
         }
         return {"reader": reader, "fingerprint": self._fingerprint, "slots": self.prefetch + 2}
@@ -457,7 +458,7 @@ class ColumnReader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iteration at the beginning of ``epoch``."""
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int(epoch, "ColumnReader.set_epoch: epoch", minimum=0)
         self._position = 0
 
     # ------------------------------------------------------------------ state
@@ -525,12 +526,12 @@ class ColumnReader:
                 "ColumnReader state was saved over different data (files, row groups or "
                 "columns changed); exact resume needs the same files"
             )
-        position = _check_int("position", state["position"], 0)
+        position = check_int(state["position"], "ColumnReader state: position", minimum=0)
         if position > self.num_rows:
             raise ValueError(f"position {position} is past this rank's {self.num_rows} rows")
         if self._active is not None:
             self._active.close()
-        self.epoch = _check_int("epoch", state["epoch"], 0)
+        self.epoch = check_int(state["epoch"], "ColumnReader state: epoch", minimum=0)
         self._position = position
         self.stats = ReadStats.from_dict(dict(state.get("stats", {})))
 
@@ -545,8 +546,19 @@ class _InFlight:
     owners: list[torch.Tensor]  # record_stream on these covers all of the batch's memory
 
 
-class _EpochRun:
-    """One pass over (the rest of) an epoch: decoding pool, assembler thread, batch queue."""
+class EpochRun:
+    """One pass over (the rest of) an epoch: decoding pool, assembler thread, batch queue.
+
+    :class:`ColumnReader` starts one per ``iter()``; the reader process of
+    ``worker="process"`` drives one without its thread, through :meth:`batch_parts` and
+    :meth:`assemble`.
+
+    Args:
+        reader: the reader whose plan, files and counters the pass uses.
+        epoch: the epoch to read.
+        start: rows of the rank's epoch stream already yielded (where to resume).
+        start_thread: start the assembler thread that fills the batch queue.
+    """
 
     def __init__(
         self, reader: ColumnReader, epoch: int, start: int, start_thread: bool = True
@@ -651,15 +663,8 @@ class _EpochRun:
                     return
                 cols, local, error = nxt
                 rows = r._metas[seg.file].unit_rows[seg.unit]
-                if error is not None:
-                    if r.on_error == "raise":
-                        raise error
-                    r.stats.record_skip(r._files[seg.file].uri, rows, error, unit=seg.unit)
-                else:
-                    assert local is not None
-                    r.stats.rows_read += rows
-                    for name, n in local.nulls_filled.items():
-                        r.stats.add_nulls(name, n)
+                where = (r._files[seg.file].uri, seg.unit)
+                count_unit(r.stats, r.on_error, where, rows, (local, error))
                 current = (key, cols)
             cols = current[1]
             if cols is not None:
@@ -760,19 +765,16 @@ class _EpochRun:
             if nxt is None:
                 return None
             cols, local, error = nxt
-            if error is not None:
-                if r.on_error == "raise":
-                    raise error
+            where = (r._files[ref.file].uri, ref.unit)
+            first_time = index not in self.counted_units
+            if not count_unit(
+                r.stats, r.on_error, where, ref.rows, (local, error), count_nulls=first_time
+            ):
                 self.failed_units.add(index)
-                r.stats.record_skip(r._files[ref.file].uri, ref.rows, error, unit=ref.unit)
                 present[first : first + n] = False
             else:
-                assert cols is not None and local is not None
-                r.stats.rows_read += ref.rows
-                if index not in self.counted_units:
-                    self.counted_units.add(index)
-                    for name, count in local.nulls_filled.items():
-                        r.stats.add_nulls(name, count)
+                assert cols is not None
+                self.counted_units.add(index)
                 unit_start = int(r._unit_ends[index]) - ref.rows
                 local_rows = ascending[first : first + n] - unit_start
                 parts.append({k: take_rows(v, local_rows) for k, v in cols.items()})
@@ -805,9 +807,21 @@ class _EpochRun:
             else:
                 yield buf.take(buf.rows)
 
+    def assemble(
+        self, parts: list[Piece], into: Callable[[int], torch.Tensor] | None = None
+    ) -> Batch:
+        """One batch of ``parts`` (from :meth:`batch_parts`), carved from ``into`` if given.
+
+        Args:
+            parts: the pieces of one batch.
+            into: returns a uint8 buffer of at least the asked bytes for the whole batch
+                (the reader process's shared-memory slot); ``None`` allocates.
+        """
+        return self.r._builder.assemble(parts, into=into)
+
     def _emit(self, parts: list[Piece]) -> tuple[Any, int, int]:
         rows = sum(p.rows for p in parts)
-        batch = self.r._builder.assemble(parts)
+        batch = self.assemble(parts)
         dev = self.r.device
         if dev is not None and dev.type == "cuda":
             batch = self._copy(batch, dev)

@@ -17,29 +17,34 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Unpack
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 
 from recstack.columnio.batching import (
     Batch,
     BatchBuilder,
+    FileSchema,
     Piece,
     PieceBuffer,
+    count_unit,
     decode_ahead,
-    resolve_in,
-    same_types,
 )
-from recstack.columnio.columns import Column, ResolvedColumn, normalize_columns
+from recstack.columnio.columns import Column, ResolvedColumn
 from recstack.columnio.errors import ColumnIOError, ReadStats
 from recstack.columnio.files import FileRef
 from recstack.columnio.formats import FileMeta, inspect_file
+from recstack.columnio.options import (
+    ReadOptions,
+    ReadOptionsArgs,
+    ReadOptionsFields,
+    resolve_options,
+)
 from recstack.columnio.paths import resolve_files
 from recstack.columnio.plan import UnitRef, rank_rows, segments
 from recstack.columnio.rows import slice_rows, take_rows
-from recstack.core.distributed import dist_env
+from recstack.core.checks import check_int
 
 __all__ = ["EndOfWindow", "StreamingReader"]
 
@@ -84,16 +89,27 @@ class _Pending:
 Source = Any  # a path, URI, glob, a list of them, or a callable returning one
 
 
-class StreamingReader:
+class StreamingReader(ReadOptionsFields):
     """An endless iterable of batches and :class:`EndOfWindow` markers from arriving files.
+
+    What to read (columns, batch size, format, filesystem, rank, world size, decoding
+    threads, pinned memory, the KeyedJaggedTensor packing, bad-file handling) comes from
+    :class:`~recstack.columnio.ReadOptions`, given as ``options=`` or as keyword arguments
+    of the same names, exactly as for :class:`~recstack.columnio.ColumnReader`; the other
+    arguments say how the stream is followed and cut into windows.
+    ``reader.options`` holds the options in effect (``rank`` and ``world_size`` filled in
+    from torchrun's environment where not given).
 
     Args:
         source: a directory, glob or URI to follow, a list of them, or a callable that
             returns the current list of paths (re-evaluated every poll).
-        columns: names or :class:`~recstack.columnio.Column` objects, as for ColumnReader.
-        batch_size: rows per batch; a window's last batch may be smaller.
-        format: ``"parquet"``, ``"orc"`` or ``"ipc"``; ``None`` infers it per file.
-        filesystem: a ``pyarrow.fs.FileSystem`` the source lives on.
+        columns: ``ReadOptions.columns``: names or :class:`~recstack.columnio.Column`
+            objects, as for ColumnReader.
+        batch_size: ``ReadOptions.batch_size`` (default 4096); a window's last batch may
+            be smaller.
+        options: the :class:`~recstack.columnio.ReadOptions`; a keyword argument that is
+            not ``None`` (``columns``, ``batch_size`` or any ``**read_options``) replaces
+            the option of the same name.
         window_files: end a window after every ``window_files`` files.
         time_column: end windows by this column instead (an int, float or timestamp
             column; it is read even when not among ``columns``).
@@ -106,14 +122,11 @@ class StreamingReader:
             rows of an unfinished window are yielded first, without a marker); ``None``
             follows forever.
         settle_seconds: how long a file that cannot be opened yet is retried.
-        rank: this reader's rank (default torchrun's ``RANK``). Each file's rows are split
-            between ranks as ColumnReader splits an epoch, so every rank sees every window.
-        world_size: how many readers share the stream (default ``WORLD_SIZE``).
-        num_threads: decoding threads.
-        pin_memory: build batches as one page-locked block each.
-        keyed_jagged: integer columns to pack into one KeyedJaggedTensor.
-        keyed_jagged_key: the batch key of that KeyedJaggedTensor.
-        on_error: ``"raise"`` or ``"skip"`` (count and log) a bad file.
+        **read_options: any other ReadOptions field by name: ``format``, ``filesystem``
+            (the source lives on it), ``rank`` (default torchrun's ``RANK``; each file's
+            rows are split between ranks as ColumnReader splits an epoch, so every rank
+            sees every window), ``world_size``, ``num_threads``, ``pin_memory``,
+            ``keyed_jagged``, ``keyed_jagged_key`` and ``on_error``.
 
     A time window ends at the first row of a later window (rows are expected roughly in
     time order). A row whose window has already ended is yielded with the current window
@@ -124,10 +137,9 @@ class StreamingReader:
         self,
         source: Source,
         columns: Sequence[str | Column] | None = None,
-        batch_size: int = 4096,
+        batch_size: int | None = None,
         *,
-        format: str | None = None,
-        filesystem: pafs.FileSystem | None = None,
+        options: ReadOptions | None = None,
         window_files: int | None = None,
         time_column: str | None = None,
         window_length: float | int | dt.timedelta | None = None,
@@ -135,35 +147,18 @@ class StreamingReader:
         poll_interval: float = 1.0,
         idle_timeout: float | None = None,
         settle_seconds: float = 30.0,
-        rank: int | None = None,
-        world_size: int | None = None,
-        num_threads: int = 2,
-        pin_memory: bool = False,
-        keyed_jagged: Sequence[str] | None = None,
-        keyed_jagged_key: str = "sparse",
-        on_error: Literal["raise", "skip"] = "raise",
+        **read_options: Unpack[ReadOptionsArgs],
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.options = resolve_options(
+            "StreamingReader", options, columns=columns, batch_size=batch_size, **read_options
+        ).sharded()
         if window_files is not None and time_column is not None:
             raise ValueError("give window_files or time_column, not both")
-        if window_files is not None and (isinstance(window_files, bool) or window_files < 1):
-            raise ValueError(f"window_files must be an int >= 1, got {window_files!r}")
+        if window_files is not None:
+            check_int(window_files, "StreamingReader: window_files", minimum=1)
         if (time_column is None) != (window_length is None):
             raise ValueError("time_column and window_length go together")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs CUDA; this machine has none")
-        env = dist_env()
-        self.world_size = env.world_size if world_size is None else int(world_size)
-        self.rank = env.rank if rank is None else int(rank)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
         self.source = source
-        self.batch_size = batch_size
-        self.format = format
-        self.filesystem = filesystem
         self.window_files = window_files
         self.time_column = time_column
         self.window_length = window_length
@@ -171,14 +166,8 @@ class StreamingReader:
         self.poll_interval = float(poll_interval)
         self.idle_timeout = idle_timeout
         self.settle_seconds = float(settle_seconds)
-        self.num_threads = int(num_threads)
-        self.pin_memory = pin_memory
-        self.on_error = on_error
-        self._columns = normalize_columns(columns)
-        self._keyed = keyed_jagged
-        self._keyed_key = keyed_jagged_key
+        self._schema: FileSchema | None = None
         self._resolved: list[ResolvedColumn] | None = None
-        self._origin_file: str | None = None
         self._builder: BatchBuilder | None = None
         self._length: float | int | None = None
         self.stats = ReadStats()
@@ -218,19 +207,19 @@ class StreamingReader:
             return self._bad(f, e)
         self._retry_since.pop(f.uri, None)
         try:
-            if self._resolved is None:
-                cols = self._columns or [Column(n) for n in meta.schema.names]
+            if self._schema is None or self._schema.resolved is None:
+                cols = list(self.options.columns or [Column(n) for n in meta.schema.names])
                 if self.time_column is not None and self.time_column not in {c.name for c in cols}:
                     cols = [*cols, Column(self.time_column)]
-                resolved = resolve_in(f, meta, cols)
-                self._resolved, self._origin_file = resolved, f.uri
+                self._schema = FileSchema(cols)
+            resolved = self._schema.check(f, meta)
+            if self._resolved is None:
+                self._resolved = resolved
+                opts = self.options
                 self._builder = BatchBuilder(
-                    resolved, self._keyed, self._keyed_key, self.pin_memory
+                    resolved, opts.keyed_jagged, opts.keyed_jagged_key, opts.pin_memory
                 )
                 self._length = self._check_time_column()
-            else:
-                mine = resolve_in(f, meta, [rc.spec for rc in self._resolved])
-                same_types(self._resolved, mine, self._origin_file or "", f.uri)
         except ColumnIOError as e:
             return self._bad(f, e)
         return meta
@@ -404,15 +393,11 @@ class StreamingReader:
             decode_ahead(pool, jobs, self._resolved, 2 * self.num_threads, stop_flag),
             strict=True,
         ):
-            if error is not None:
-                if self.on_error == "raise":
-                    raise error
-                self.stats.record_skip(f.uri, seg.rows, error, unit=seg.unit)
-            else:
-                assert cols is not None and local is not None
-                self.stats.rows_read += meta.unit_rows[seg.unit]
-                for name, n in local.nulls_filled.items():
-                    self.stats.add_nulls(name, n)
+            rows = meta.unit_rows[seg.unit]
+            decoded = (local, error)
+            where = (f.uri, seg.unit)
+            if count_unit(self.stats, self.on_error, where, rows, decoded, skipped_rows=seg.rows):
+                assert cols is not None
                 part = {k: slice_rows(v, seg.start, seg.stop) for k, v in cols.items()}
                 if self._length is not None:
                     part = self._time_sorted(part)

@@ -50,6 +50,7 @@ import torch
 from recstack.columnio.errors import ColumnIOError, logger
 from recstack.columnio.writer import resolve_path, write_parquet
 from recstack.core import mix64
+from recstack.core.checks import check_int
 
 __all__ = [
     "METADATA_KEY",
@@ -77,12 +78,8 @@ _DENSE, _SPARSE, _NULLS, _SEQ_LEN, _SEQ_ITEMS, _STRINGS, _LABEL = range(1, 8)
 # ---------------------------------------------------------------------------- config
 
 
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"SyntheticCTRConfig.{name} must be an int, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        raise ValueError(f"SyntheticCTRConfig.{name} must be {bound}, got {value}")
+def _field(name: str) -> str:
+    return f"SyntheticCTRConfig.{name}"
 
 
 def _check_float(name: str, value: Any) -> None:
@@ -140,11 +137,11 @@ class SyntheticCTRConfig:
     history_signal: float = 0.6
 
     def __post_init__(self) -> None:
-        _check_int("num_rows", self.num_rows, 0)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        _check_int("num_dense", self.num_dense, 0)
-        _check_int("num_sparse", self.num_sparse, 0)
-        _check_int("vocab_size", self.vocab_size, 1, _MAX_VOCAB)
+        check_int(self.num_rows, _field("num_rows"), minimum=0)
+        check_int(self.seed, _field("seed"), minimum=0, maximum=2**63 - 1)
+        check_int(self.num_dense, _field("num_dense"), minimum=0)
+        check_int(self.num_sparse, _field("num_sparse"), minimum=0)
+        check_int(self.vocab_size, _field("vocab_size"), minimum=1, maximum=_MAX_VOCAB)
         if self.vocab_sizes is not None:
             object.__setattr__(self, "vocab_sizes", tuple(self.vocab_sizes))
             if len(self.vocab_sizes) != self.num_sparse:
@@ -153,7 +150,7 @@ class SyntheticCTRConfig:
                     f"num_sparse={self.num_sparse} columns"
                 )
             for i, v in enumerate(self.vocab_sizes):
-                _check_int(f"vocab_sizes[{i}]", v, 1, _MAX_VOCAB)
+                check_int(v, _field(f"vocab_sizes[{i}]"), minimum=1, maximum=_MAX_VOCAB)
         _check_float("zipf_a", self.zipf_a)
         if self.zipf_a <= 0:
             raise ValueError(f"SyntheticCTRConfig.zipf_a must be > 0, got {self.zipf_a}")
@@ -162,11 +159,11 @@ class SyntheticCTRConfig:
             raise ValueError(
                 f"SyntheticCTRConfig.seq_mean_len must be >= 0, got {self.seq_mean_len}"
             )
-        _check_int("seq_max_len", self.seq_max_len, 0, 2**15)
+        check_int(self.seq_max_len, _field("seq_max_len"), minimum=0, maximum=2**15)
         for name in ("seq_vocab_size", "string_vocab_size"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1, _MAX_VOCAB)
-        _check_int("string_ids", self.string_ids, 0)
+                check_int(getattr(self, name), _field(name), minimum=1, maximum=_MAX_VOCAB)
+        check_int(self.string_ids, _field("string_ids"), minimum=0)
         _check_float("null_fraction", self.null_fraction)
         if not 0 <= self.null_fraction < 1:
             raise ValueError(
@@ -175,7 +172,7 @@ class SyntheticCTRConfig:
         for name in ("bias", "dense_signal", "id_signal", "pair_signal", "user_signal"):
             _check_float(name, getattr(self, name))
         _check_float("history_signal", self.history_signal)
-        _check_int("signal_columns", self.signal_columns, 0)
+        check_int(self.signal_columns, _field("signal_columns"), minimum=0)
 
     # -- column names ------------------------------------------------------------------
 
@@ -483,8 +480,7 @@ def iter_synthetic_ctr(
     Concatenated, the chunks equal ``synthetic_ctr_table(config)[start:stop]`` (without the
     schema metadata) for any ``chunk_rows``.
     """
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    check_int(chunk_rows, "iter_synthetic_ctr: chunk_rows", minimum=1)
     stop = _check_range(config, start, stop)
     gen = _Generator(config)
     pending: list[pa.Table] = []
@@ -642,10 +638,7 @@ def write_synthetic_ctr(
         targets = [root]
         ranges = [(0, n)]
     else:
-        if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int):
-            raise TypeError(f"rows_per_file must be an int, got {rows_per_file!r}")
-        if rows_per_file < 1:
-            raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+        rows_per_file = check_int(rows_per_file, "write_synthetic_ctr: rows_per_file", minimum=1)
         ranges = [(s, min(s + rows_per_file, n)) for s in range(0, n, rows_per_file)] or [(0, 0)]
         targets = [f"{root.rstrip('/')}/part-{i:05d}.parquet" for i in range(len(ranges))]
         info = fs.get_file_info(root)

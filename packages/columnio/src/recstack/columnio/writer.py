@@ -33,6 +33,7 @@ import torch
 
 from recstack.columnio.errors import ColumnIOError
 from recstack.core import JaggedTensor, KeyedJaggedTensor
+from recstack.core.checks import check_int
 
 __all__ = ["batch_to_table", "write_parquet"]
 
@@ -324,10 +325,7 @@ def write_parquet(
         ColumnIOError: inputs whose columns differ (naming the column), an empty input with
             no schema, a bad column in a batch dict, a target that is a directory.
     """
-    if isinstance(row_group_size, bool) or not isinstance(row_group_size, int):
-        raise TypeError(f"row_group_size must be an int, got {type(row_group_size).__name__}")
-    if row_group_size < 1:
-        raise ValueError(f"row_group_size must be >= 1, got {row_group_size}")
+    row_group_size = check_int(row_group_size, "write_parquet: row_group_size", minimum=1)
     fs, target = resolve_path(path, filesystem)
     uri = os.fspath(path)
     if fs.get_file_info(target).type == pafs.FileType.Directory:

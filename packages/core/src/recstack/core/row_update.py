@@ -4,9 +4,10 @@ Sparse optimizers (``recstack.sparse_optim``) and the embedding engine do not im
 other. To apply an optimizer step *inside* the embedding backward (no ``SparseGrad`` is
 materialized), the optimizer describes one step of one table as a :class:`RowUpdate`: a
 ``@triton.jit`` *tile function* with its scalars and state slots, plus a torch fallback.
-Core's :func:`~recstack.core.kernels.row_update.apply_row_update` runs it over a coalesced
-gradient, and a fused backward kernel calls the same tile function through core's
-``_apply_tile`` on the row sums it has just reduced.
+Its kernels are in :mod:`recstack.core.kernels.row_update`:
+:func:`~recstack.core.kernels.row_update.apply_row_update` runs it over a coalesced
+gradient, and a fused backward kernel calls the same tile function through
+``tl_apply_row_update`` on the row sums it has just reduced.
 
 A party that can apply its updates this way speaks :class:`RowUpdater`.
 

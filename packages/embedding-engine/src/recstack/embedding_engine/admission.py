@@ -13,16 +13,25 @@ Counters saturate at ``min_count`` (nothing above it changes a decision), so the
 overflow. The sketch never forgets: an id admitted, evicted and seen again is admitted at
 once (its counters are still full), which is the usual behaviour of a frequency filter.
 
+A physical table keeps one sketch per logical table with admission
+(:attr:`~recstack.embedding_engine.physical.PhysicalTable.sketches`); :func:`admission_mask`
+counts a batch's ids without a row in them and says which get one.
+
 Everything is vectorized torch on the keys' device (CPU or CUDA): no per-id Python.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from recstack.core.hashing import mix64
 
-__all__ = ["DEFAULT_DEPTH", "CountMinSketch"]
+if TYPE_CHECKING:
+    from recstack.embedding_engine.physical import PhysicalTable
+
+__all__ = ["DEFAULT_DEPTH", "CountMinSketch", "admission_mask"]
 
 #: Hash rows of a sketch (fewer when ``counter_slots`` is smaller).
 DEFAULT_DEPTH = 4
@@ -135,3 +144,26 @@ class CountMinSketch:
         new = (view[slots].to(torch.int64) + sums).clamp_(max=self._cap)
         view[slots] = new.to(torch.int32)
         return new[inverse].reshape(self._depth, -1).amin(0)
+
+
+def admission_mask(
+    phys: PhysicalTable, unique: torch.Tensor, tags: torch.Tensor | None, hits: torch.Tensor
+) -> torch.Tensor:
+    """Bool mask of a batch's unique entries that have or get a row, counting the others.
+
+    An entry without a row is counted in its logical table's sketch (``hits`` times) and
+    admitted once its count reaches the table's ``Admission(min_count=)``.
+
+    Args:
+        phys: the physical table (its sketches, hash table and table configs).
+        unique: int64 ``[U]`` distinct ids of the batch.
+        tags: their logical table indices in a merged table, ``None`` for a table of one.
+        hits: int64 ``[U]`` occurrences of each in the batch.
+    """
+    admit = torch.ones(unique.shape, dtype=torch.bool, device=unique.device)
+    absent = phys.hash_table.find(unique, tags, check_keys=False) < 0
+    for t, sketch in phys.sketches.items():
+        mine = absent & (tags == t) if tags is not None else absent
+        counts = sketch.add(unique[mine], hits[mine])
+        admit[mine] = counts >= phys.tables[t].admission.min_count
+    return admit

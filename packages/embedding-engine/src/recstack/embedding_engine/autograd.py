@@ -40,7 +40,7 @@ from recstack.core.kernels.row_update import apply_row_update, check_rows, new_g
 from recstack.embedding_engine.dedup import sort_ids
 from recstack.embedding_engine.kernels.lookup_grad import lookup_grad_sums
 from recstack.embedding_engine.kernels.lookup_grad_update import lookup_grad_update
-from recstack.embedding_engine.kernels.pooling import _bag_lengths, _bag_scale, pooled_lookup
+from recstack.embedding_engine.kernels.pooling import bag_lengths, bag_scale, pooled_lookup
 
 __all__ = [
     "EmbeddingLookupFunction",
@@ -49,7 +49,6 @@ __all__ = [
     "lookup_backward",
     "lookup_backward_fused",
     "lookup_forward",
-    "merge_sparse_grads",
 ]
 
 
@@ -167,8 +166,8 @@ def _bags(plan: LookupPlan, grad_pooled: torch.Tensor | None) -> dict[str, Any]:
     offsets = plan.pooled_offsets
     n_pooled = plan.pooled_rows.numel()
     return {
-        "bag_of": torch.repeat_interleave(_bag_lengths(offsets), output_size=n_pooled),
-        "bag_scale": _bag_scale(offsets, plan.modes, plan.batch_size),
+        "bag_of": torch.repeat_interleave(bag_lengths(offsets), output_size=n_pooled),
+        "bag_scale": bag_scale(offsets, plan.modes, plan.batch_size),
     }
 
 
@@ -275,13 +274,6 @@ def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
     s = sort_ids(rows)
     min_seg = int(bool(s.num_unique) and int(s.unique[0]) < 0)
     return RowSort(s.order, s.sorted_seg, s.unique, s.num_unique), min_seg
-
-
-def merge_sparse_grads(parts: list[SparseGrad]) -> SparseGrad:
-    """Sum several gradients of one table into one coalesced fp32 :class:`SparseGrad`."""
-    rows = torch.cat([p.rows for p in parts])
-    values = torch.cat([p.values.to(torch.float32) for p in parts])
-    return SparseGrad(rows, values).coalesce()
 
 
 class EmbeddingLookupFunction(torch.autograd.Function):

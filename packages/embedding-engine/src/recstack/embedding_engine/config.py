@@ -11,6 +11,9 @@
 
 Every config is a frozen dataclass with ``to_dict``/``from_dict`` (JSON-able; unknown keys are
 rejected). Every error is a :class:`ConfigError` naming the table, feature or initializer.
+Options with a fixed set of values are ``Literal`` types (:data:`Pooling`,
+:data:`TruncateSide`, :data:`EvalDefault`, :data:`EvictionPolicy`, :data:`InitializerKind`,
+:data:`TableDtypeName`), checked at construction against the same values.
 
 Example:
     >>> t = TableConfig("item", dim=64, initializer=Initializer.normal(std=0.01))
@@ -24,14 +27,14 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.hashing import hash64
 from recstack.core.jagged import JaggedTensor
 
@@ -41,14 +44,20 @@ __all__ = [
     "ConfigError",
     "EVAL_DEFAULTS",
     "EVICTION_POLICIES",
+    "EvalDefault",
     "Eviction",
+    "EvictionPolicy",
     "FeatureConfig",
     "INITIALIZER_KINDS",
     "Initializer",
+    "InitializerKind",
     "POOLINGS",
+    "Pooling",
     "TABLE_DTYPES",
     "TRUNCATE_SIDES",
     "TableConfig",
+    "TableDtypeName",
+    "TruncateSide",
     "check_configs",
 ]
 
@@ -57,26 +66,39 @@ class ConfigError(ValueError):
     """An invalid table, feature or initializer config; the message names it."""
 
 
-#: Row dtypes a table may store, by the name ``to_dict`` writes.
-TABLE_DTYPES: dict[str, torch.dtype] = {
+#: The name of a row dtype a table may store (what ``to_dict`` writes).
+TableDtypeName = Literal["float32", "bfloat16", "float16"]
+#: Row dtypes a table may store, by name.
+TABLE_DTYPES: dict[TableDtypeName, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
 _DTYPE_NAMES = {v: k for k, v in TABLE_DTYPES.items()}
-EVICTION_POLICIES = ("none", "lru", "lfu")
-POOLINGS = ("sum", "mean", "none", "tile")
+#: Which rows a capacity cap drops: none (no cap), least recently or least often seen.
+EvictionPolicy = Literal["none", "lru", "lfu"]
+EVICTION_POLICIES: tuple[EvictionPolicy, ...] = get_args(EvictionPolicy)
+#: How a feature's bag comes out: summed, averaged, as a sequence, or tiled.
+Pooling = Literal["sum", "mean", "none", "tile"]
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
 #: Which end of a sequence longer than ``max_len`` is cut (the feature engine's ``Truncate``
 #: sides): ``"left"`` cuts the start and keeps the last ``max_len`` ids (the most recent
 #: behaviours), ``"right"`` cuts the end and keeps the first ``max_len``.
-TRUNCATE_SIDES = ("left", "right")
-EVAL_DEFAULTS = ("initializer", "zeros")
+TruncateSide = Literal["left", "right"]
+TRUNCATE_SIDES: tuple[TruncateSide, ...] = get_args(TruncateSide)
+#: What an id without a row reads: its initializer's row (not inserted) or zeros.
+EvalDefault = Literal["initializer", "zeros"]
+EVAL_DEFAULTS: tuple[EvalDefault, ...] = get_args(EvalDefault)
 #: Default size of an admission counter: 2**20 counters (4 MiB as int32).
 ADMISSION_COUNTER_SLOTS = 1 << 20
 
+#: How an initializer draws values (its parameters: :data:`INITIALIZER_KINDS`).
+InitializerKind = Literal[
+    "zeros", "constant", "uniform", "normal", "truncated_normal", "xavier_uniform", "xavier_normal"
+]
 # Parameters of each initializer kind; ``None`` marks a required one.
 _REQUIRED = None
-INITIALIZER_KINDS: dict[str, dict[str, float | None]] = {
+INITIALIZER_KINDS: dict[InitializerKind, dict[str, float | None]] = {
     "zeros": {},
     "constant": {"value": _REQUIRED},
     "uniform": {"low": _REQUIRED, "high": _REQUIRED},
@@ -96,13 +118,10 @@ _MAX_TRUNCATION = 20.0
 
 
 def _int(owner: str, name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ConfigError(f"{owner}: {name} must be an int, got {value!r}")
-    v = operator.index(value)  # type: ignore[arg-type]
-    if v < low or (high is not None and v > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{owner}: {name} must be {bound}, got {v}")
-    return v
+    try:
+        return check_int(value, f"{owner}: {name}", minimum=low, maximum=high)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _opt_int(owner: str, name: str, value: object, low: int, high: int | None = None) -> int | None:
@@ -121,7 +140,10 @@ def _float(owner: str, name: str, value: object) -> float:
     return v
 
 
-def _choice(owner: str, name: str, value: object, choices: Sequence[str]) -> str:
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(owner: str, name: str, value: object, choices: Sequence[_Choice]) -> _Choice:
     if value not in choices:
         raise ConfigError(f"{owner}: {name} must be one of {list(choices)}, got {value!r}")
     return value  # type: ignore[return-value]
@@ -142,6 +164,27 @@ def _mapping(owner: str, data: object, allowed: Sequence[str]) -> Mapping[str, A
     if unknown:
         raise ConfigError(f"{owner}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
     return data
+
+
+_Config = TypeVar("_Config")
+
+
+def _config_from_dict(cls: type[_Config], data: object, required: Sequence[str] = ()) -> _Config:
+    """``cls(**data)`` for a dataclass config: unknown keys and missing ``required`` keys
+    raise a :class:`ConfigError` naming the config (and its ``name``, when it has one)."""
+    allowed = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    name = data.get("name") if isinstance(data, Mapping) and "name" in allowed else None
+    owner = cls.__name__ if name is None else f"{cls.__name__} {name!r}"
+    checked = _mapping(owner, data, allowed)
+    for key in required:
+        if key not in checked:
+            raise ConfigError(f"{owner}: missing required key {key!r}")
+    return cls(**checked)
+
+
+def _fields_dict(config: object) -> dict[str, Any]:
+    """A flat dataclass config's fields by name (its JSON-able ``to_dict``)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}  # type: ignore[arg-type]
 
 
 def _dtype(owner: str, value: object) -> torch.dtype:
@@ -192,14 +235,11 @@ class Initializer:
         {'mean': 0.0, 'std': 0.02, 'a': -2.0, 'b': 2.0}
     """
 
-    kind: str
+    kind: InitializerKind
     param_items: tuple[tuple[str, float], ...]
 
-    def __init__(self, kind: str, **params: float) -> None:
-        if not isinstance(kind, str) or kind not in INITIALIZER_KINDS:
-            raise ConfigError(
-                f"Initializer: kind must be one of {list(INITIALIZER_KINDS)}, got {kind!r}"
-            )
+    def __init__(self, kind: InitializerKind, **params: float) -> None:
+        kind = _choice("Initializer", "kind", kind, tuple(INITIALIZER_KINDS))
         owner = f"Initializer {kind!r}"
         spec = INITIALIZER_KINDS[kind]
         unknown = sorted(set(params) - set(spec))
@@ -351,7 +391,7 @@ class Eviction:
         True
     """
 
-    policy: str = "none"
+    policy: EvictionPolicy = "none"
     max_rows: int | None = None
     ttl_steps: int | None = None
     min_count: int | None = None
@@ -379,12 +419,12 @@ class Eviction:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Eviction:
         """The inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        return cls(**_mapping("Eviction", data, [f.name for f in fields(cls)]))
+        return _config_from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -420,12 +460,12 @@ class Admission:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
-        return {"min_count": self.min_count, "counter_slots": self.counter_slots}
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Admission:
         """The inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        return cls(**_mapping("Admission", data, [f.name for f in fields(cls)]))
+        return _config_from_dict(cls, data)
 
 
 # ----------------------------------------------------------------------------------------
@@ -486,7 +526,7 @@ class TableConfig:
     admission: Admission = field(default_factory=Admission)
     capacity: int | None = None
     fixed_size: int | None = None
-    eval_default: str = "initializer"
+    eval_default: EvalDefault = "initializer"
     init_seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -546,13 +586,7 @@ class TableConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TableConfig:
         """The inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        name = data.get("name") if isinstance(data, Mapping) else None
-        owner = f"TableConfig {name!r}" if name is not None else "TableConfig"
-        data = _mapping(owner, data, [f.name for f in fields(cls)])
-        for key in ("name", "dim"):
-            if key not in data:
-                raise ConfigError(f"{owner}: missing required key {key!r}")
-        return cls(**data)
+        return _config_from_dict(cls, data, required=("name", "dim"))
 
 
 def _name_seed(name: str) -> int:
@@ -608,10 +642,10 @@ class FeatureConfig:
 
     name: str
     table: str
-    pooling: str = "sum"
+    pooling: Pooling = "sum"
     max_len: int | None = None
     weighted: bool = False
-    truncate: str = "left"
+    truncate: TruncateSide = "left"
     with_lengths: bool = False
 
     def __post_init__(self) -> None:
@@ -668,18 +702,12 @@ class FeatureConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeatureConfig:
         """The inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError`."""
-        name = data.get("name") if isinstance(data, Mapping) else None
-        owner = f"FeatureConfig {name!r}" if name is not None else "FeatureConfig"
-        data = _mapping(owner, data, [f.name for f in fields(cls)])
-        for key in ("name", "table"):
-            if key not in data:
-                raise ConfigError(f"{owner}: missing required key {key!r}")
-        return cls(**data)
+        return _config_from_dict(cls, data, required=("name", "table"))
 
 
 def check_configs(

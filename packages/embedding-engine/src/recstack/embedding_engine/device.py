@@ -1,12 +1,12 @@
-"""Moving an ``EmbeddingCollection``'s state to another device (``module.to(device)``).
+"""Moving an ``EmbeddingCollection``'s tables to another device (``module.to(device)``).
 
 The collection's state is not ``nn.Parameter``\\ s or buffers, which ``nn.Module._apply``
-would convert, so :meth:`EmbeddingCollection._apply` calls :func:`move_collection_`. It
-moves, in place, everything a table holds: the hash table (or a fixed table's index), the
+would convert, so :meth:`EmbeddingCollection._apply` calls :func:`move_tables_`. It moves,
+in place, everything a physical table holds: the hash table (or a fixed table's index), the
 value store with its companions (a sparse optimizer's state slots, so an optimizer built
 before the move keeps training the same ``PagedTensor``\\ s), the row metadata, the
-admission sketches, and the collection's own tensors (pooling modes, the stored sparse
-gradients, the eviction log of delta checkpoints).
+admission sketches and the removal logs of delta checkpoints. The collection then moves its
+own small tensors (pooling modes, stored sparse gradients).
 
 Dtype casts never reach the tables: ``model.half()`` or ``model.to(torch.bfloat16)`` leaves
 every table in the dtype of its ``TableConfig`` (and ids, rows and counters in their integer
@@ -16,15 +16,15 @@ types); ``model.to("cuda", torch.bfloat16)`` moves the tables and keeps their dt
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from recstack.embedding_engine.collection import EmbeddingCollection
+    from recstack.embedding_engine.physical import PhysicalTable
 
-__all__ = ["move_collection_", "target_device"]
+__all__ = ["move_tables_", "target_device"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
 
@@ -44,15 +44,21 @@ def target_device(fn: Callable[[torch.Tensor], object], device: torch.device) ->
     return out.device
 
 
-def move_collection_(ec: EmbeddingCollection, device: torch.device) -> None:
-    """Move all of ``ec``'s state to ``device``, in place.
+def move_tables_(
+    tables: Mapping[str, PhysicalTable], source: torch.device, device: torch.device | str
+) -> torch.device:
+    """Move all of the physical tables' state from ``source`` to ``device``, in place.
 
     If a copy fails (out of GPU memory), what had moved is moved back before the error
-    propagates, so the collection is left whole on its old device.
+    propagates, so the tables are left whole on ``source``.
 
     Args:
-        ec: the collection.
+        tables: the physical tables, by name.
+        source: where they are now.
         device: a CPU or CUDA device.
+
+    Returns:
+        ``device`` with its index (``"cuda"`` -> ``cuda:0``), as the tables report it.
 
     Raises:
         ValueError: ``device`` is neither a CPU nor a CUDA device (the tables' kernels run
@@ -61,15 +67,14 @@ def move_collection_(ec: EmbeddingCollection, device: torch.device) -> None:
     device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as the tables say
     if device.type not in _DEVICE_TYPES:
         raise ValueError(
-            f"EmbeddingCollection: cannot move the tables {list(ec.physical_tables)} to "
-            f"{device}: they hold their rows, ids and counters on a CPU or CUDA device only"
+            f"EmbeddingCollection: cannot move the tables {list(tables)} to {device}: they "
+            "hold their rows, ids and counters on a CPU or CUDA device only"
         )
-    source = ec.device
     if device == source:
-        return
+        return device
     moved: list[object] = []
     try:
-        for phys in ec.physical_tables.values():
+        for phys in tables.values():
             for part in (phys.values, phys.hash_table, phys.meta, *phys.sketches.values()):
                 part.move_to_(device)
                 moved.append(part)
@@ -77,9 +82,10 @@ def move_collection_(ec: EmbeddingCollection, device: torch.device) -> None:
         for part in reversed(moved):
             part.move_to_(source)  # type: ignore[attr-defined]
         raise
-    # The collection's own tensors are small: moved after the tables, they cannot fail
-    # for lack of memory where the tables fit.
-    ec._modes = {name: m.to(device) for name, m in ec._modes.items()}
-    ec._grads = {name: g.to(device) for name, g in ec._grads.items()}
-    ec._removed = {t: [k.to(device) for k in log] for t, log in ec._removed.items()}
-    ec._device = device
+    # The removal logs are small: moved after the tables, they cannot fail for lack of
+    # memory where the tables fit.
+    for phys in tables.values():
+        phys.removal_logs = {
+            index: [ids.to(device) for ids in log] for index, log in phys.removal_logs.items()
+        }
+    return device

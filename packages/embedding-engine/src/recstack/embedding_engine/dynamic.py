@@ -24,19 +24,24 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor, PagedTensor, RowUpdater, SparseGrad
-from recstack.embedding_engine.collection import DEFAULT_PAGE_ROWS, EmbeddingCollection
+from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig
 from recstack.embedding_engine.parameters import EmbeddingSparseParameter
+from recstack.embedding_engine.physical import DEFAULT_PAGE_ROWS
 
-__all__ = ["DynamicEmbedding"]
+__all__ = ["BagMode", "DynamicEmbedding"]
+
+#: How a :class:`DynamicEmbedding` with a mode pools each bag, as ``nn.EmbeddingBag``.
+BagMode = Literal["sum", "mean"]
 
 _FEATURE = "ids"
-_MODES = (None, "sum", "mean")
+_MODES = (None, *get_args(BagMode))
 
 
 class DynamicEmbedding(nn.Module):
@@ -67,7 +72,7 @@ class DynamicEmbedding(nn.Module):
     def __init__(
         self,
         table: TableConfig,
-        mode: str | None = None,
+        mode: BagMode | None = None,
         device: torch.device | str | None = None,
         *,
         page_rows: int = DEFAULT_PAGE_ROWS,
@@ -99,7 +104,7 @@ class DynamicEmbedding(nn.Module):
         return self._table.dim
 
     @property
-    def mode(self) -> str | None:
+    def mode(self) -> BagMode | None:
         """``None`` (one row per id), ``"sum"`` or ``"mean"`` (pooled bags)."""
         return self._mode
 

@@ -14,15 +14,32 @@ float32/bfloat16/float16 only, and a float32 step or count is exact only up to `
 the value store (geometrically, so amortized O(1) per new row) and move with it.
 
 :func:`stale_mask` and :func:`cap_victims` pick victims among a logical table's live rows;
-the collection erases their keys from its :class:`~recstack.embedding_engine.hash_table.
-HashTable`, which puts the rows on its free list.
+:func:`evict_stale`, :func:`apply_eviction_rules` and :func:`enforce_caps` run the passes
+over a collection's physical tables: they erase the victims' ids
+(:meth:`~recstack.embedding_engine.physical.PhysicalTable.erase`), which puts their rows on
+the hash table's free list.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["RowMetadata", "cap_victims", "stale_mask"]
+from recstack.embedding_engine.config import EvictionPolicy
+
+if TYPE_CHECKING:
+    from recstack.embedding_engine.physical import PhysicalTable
+
+__all__ = [
+    "RowMetadata",
+    "apply_eviction_rules",
+    "cap_victims",
+    "enforce_caps",
+    "evict_stale",
+    "stale_mask",
+]
 
 
 class RowMetadata:
@@ -154,7 +171,7 @@ def stale_mask(
 def cap_victims(
     meta: RowMetadata,
     rows: torch.Tensor,
-    policy: str,
+    policy: EvictionPolicy,
     excess: int,
     protected: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -164,7 +181,7 @@ def cap_victims(
         meta: the physical table's metadata.
         rows: int64 ``[n]`` live rows of one logical table, in ascending order.
         policy: ``"lru"`` (smallest last-seen step first) or ``"lfu"`` (smallest hit count
-            first).
+            first); ``"none"`` chooses no victims and raises.
         excess: how many to drop; fewer when not enough rows are unprotected.
         protected: bool ``[n]``, rows that must stay (the current batch's).
 
@@ -181,3 +198,85 @@ def cap_victims(
     if protected is not None:
         order = order[~protected[order]]
     return order[: max(excess, 0)]
+
+
+# ----------------------------------------------------------------------------------------
+# Eviction passes over physical tables
+# ----------------------------------------------------------------------------------------
+
+
+def evict_stale(
+    phys: PhysicalTable,
+    index: int,
+    *,
+    older_than_step: int | None,
+    min_count: int | None,
+    protect_step: int | None = None,
+) -> int:
+    """Erase the ids of logical table ``index`` that :func:`stale_mask` selects.
+
+    Args:
+        phys: the physical table.
+        index: the logical table's index in it.
+        older_than_step: evict ids last seen before this step (``None``: no such rule).
+        min_count: evict ids seen fewer times (``None``: no such rule).
+        protect_step: spare ids last seen at this step (the batch just looked up).
+
+    Returns:
+        How many ids were evicted.
+    """
+    ids, rows = phys.table_entries(index)
+    mask = stale_mask(phys.meta, rows, older_than_step=older_than_step, min_count=min_count)
+    if protect_step is not None:
+        mask &= phys.meta.last_seen[rows] != protect_step
+    return phys.erase(index, ids[mask])
+
+
+def apply_eviction_rules(
+    tables: Iterable[PhysicalTable], step: int, *, protect_step: int | None = None
+) -> dict[str, int]:
+    """Apply every logical table's ``Eviction(ttl_steps=, min_count=)`` rules.
+
+    Args:
+        tables: the physical tables.
+        step: the collection's current step (``ttl_steps=n`` evicts ids last seen before
+            ``step - n``).
+        protect_step: spare ids last seen at this step.
+
+    Returns:
+        ``{logical table: ids evicted}`` for the tables with such rules.
+    """
+    out: dict[str, int] = {}
+    for phys in tables:
+        for index, cfg in enumerate(phys.tables):
+            ev = cfg.eviction
+            if ev.ttl_steps is None and ev.min_count is None:
+                continue
+            older = None if ev.ttl_steps is None else step - ev.ttl_steps
+            out[cfg.name] = evict_stale(
+                phys, index, older_than_step=older, min_count=ev.min_count,
+                protect_step=protect_step,
+            )  # fmt: skip
+    return out
+
+
+def enforce_caps(tables: Iterable[PhysicalTable], stamped: int) -> None:
+    """Evict LRU/LFU ids of logical tables over their ``max_rows``, sparing the batch just
+    looked up.
+
+    Args:
+        tables: the physical tables.
+        stamped: the step the batch just looked up stamped on its rows.
+    """
+    for phys in tables:
+        for index, cfg in enumerate(phys.tables):
+            cap = cfg.eviction.max_rows
+            if cap is None:
+                continue
+            excess = phys.num_ids(index) - cap
+            if excess <= 0:
+                continue
+            ids, rows = phys.table_entries(index)
+            protected = phys.meta.last_seen[rows] == stamped
+            victims = cap_victims(phys.meta, rows, cfg.eviction.policy, excess, protected)
+            phys.erase(index, ids[victims])

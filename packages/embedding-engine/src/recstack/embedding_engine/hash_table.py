@@ -17,11 +17,12 @@ for the kernels, their launch counts and the torch reference the CPU runs).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator
 
 import torch
 
+from recstack.core.checks import check_int
+from recstack.core.kernels.host import next_pow2
 from recstack.embedding_engine.kernels.hash_table import (
     EMPTY,
     MAX_CAPACITY,
@@ -37,10 +38,6 @@ from recstack.embedding_engine.kernels.hash_table import (
 )
 
 __all__ = ["EMPTY", "TOMBSTONE", "HashTable"]
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(v - 1, 0).bit_length()
 
 
 class HashTable:
@@ -98,11 +95,7 @@ class HashTable:
         max_load: float = 0.75,
         num_tags: int = 1,
     ) -> None:
-        if isinstance(capacity, bool) or not hasattr(capacity, "__index__"):
-            raise TypeError(f"HashTable: capacity must be an int, got {type(capacity).__name__}")
-        cap = operator.index(capacity)
-        if not 1 <= cap <= MAX_CAPACITY:
-            raise ValueError(f"HashTable: capacity must be in [1, 2**60], got {cap}")
+        cap = check_int(capacity, "HashTable: capacity", minimum=1, maximum=MAX_CAPACITY)
         if isinstance(max_load, bool) or not isinstance(max_load, (int, float)):
             raise TypeError(f"HashTable: max_load must be a float, got {type(max_load).__name__}")
         if not (0.0 < max_load < 1.0) or math.isnan(max_load):
@@ -110,13 +103,9 @@ class HashTable:
                 f"HashTable: max_load must be in (0, 1), got {max_load} (linear probing needs "
                 "free slots to end its probes)"
             )
-        if isinstance(num_tags, bool) or not hasattr(num_tags, "__index__"):
-            raise TypeError(f"HashTable: num_tags must be an int, got {type(num_tags).__name__}")
-        if not 1 <= operator.index(num_tags) <= MAX_TAGS:
-            raise ValueError(f"HashTable: num_tags must be in [1, 2**30], got {num_tags}")
-        self._num_tags = operator.index(num_tags)
+        self._num_tags = check_int(num_tags, "HashTable: num_tags", minimum=1, maximum=MAX_TAGS)
         self._max_load = float(max_load)
-        self._slots = empty_slots(_next_pow2(cap), device)
+        self._slots = empty_slots(next_pow2(cap), device)
         self._device = self._slots.device
         self._free = torch.empty(0, dtype=torch.int64, device=self._device)
         self._next_row = 0
@@ -292,7 +281,7 @@ class HashTable:
         export the same on every device and reads the caller's value store in order. With
         ``num_tags > 1`` a key may appear once per tag: :meth:`tagged_items` tells them apart.
         """
-        chunk = _check_chunk(chunk_size, "items")
+        chunk = check_int(chunk_size, "HashTable.items: chunk_size", minimum=1)
         keys, _, rows = table_entries(self._slots, self._next_row, num_tags=self._num_tags)
         return _chunks(chunk, keys, rows)
 
@@ -300,7 +289,7 @@ class HashTable:
         self, chunk_size: int = 1 << 20
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every ``(keys, tags, rows)`` entry (tags int64), as :meth:`items` lists them."""
-        chunk = _check_chunk(chunk_size, "tagged_items")
+        chunk = check_int(chunk_size, "HashTable.tagged_items: chunk_size", minimum=1)
         keys, tags, rows = table_entries(self._slots, self._next_row, num_tags=self._num_tags)
         return _chunks(chunk, keys, tags, rows)
 
@@ -327,17 +316,6 @@ class HashTable:
             )
         self._slots = table_rehash(self._slots, new_cap, num_tags=self._num_tags)
         self._tombstones = 0
-
-
-def _check_chunk(chunk_size: object, what: str) -> int:
-    if isinstance(chunk_size, bool) or not hasattr(chunk_size, "__index__"):
-        raise TypeError(
-            f"HashTable.{what}: chunk_size must be an int, got {type(chunk_size).__name__}"
-        )
-    chunk = operator.index(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"HashTable.{what}: chunk_size must be >= 1, got {chunk}")
-    return chunk
 
 
 def _chunks(chunk: int, *columns: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:

@@ -28,7 +28,8 @@ import torch
 from recstack.core import PagedTensor
 
 if TYPE_CHECKING:
-    from recstack.embedding_engine.collection import EmbeddingCollection, PhysicalTable
+    from recstack.embedding_engine.collection import EmbeddingCollection
+    from recstack.embedding_engine.physical import PhysicalTable
 
 __all__ = ["MemoryStats", "TableMemory", "collection_memory", "paged_nbytes", "table_memory"]
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from recstack.core import JaggedTensor
+from recstack.embedding_engine.config import TruncateSide
 
 __all__ = ["PaddedSequence", "padded_sequence"]
 
@@ -63,13 +64,19 @@ class PaddedSequence(NamedTuple):
 
 
 def padded_sequence(
-    rows: JaggedTensor, max_len: int, truncate: str, *, with_lengths: bool = False
+    rows: JaggedTensor, max_len: int, truncate: TruncateSide, *, with_lengths: bool = False
 ) -> torch.Tensor | PaddedSequence:
     """A feature's jagged rows padded to ``[B, max_len, dim]`` (with ``with_lengths``, as a
     :class:`PaddedSequence` with each row's id count).
 
     Row ``b``'s kept ids come first (its last ``max_len`` for ``truncate="left"``, its
     first for ``"right"``), then zeros. Nothing syncs.
+
+    Args:
+        rows: the feature's ``[n_ids, dim]`` rows with the batch's offsets.
+        max_len: the padded length.
+        truncate: which end of a longer bag is cut.
+        with_lengths: return a :class:`PaddedSequence` with each row's id count.
 
     Example:
         >>> rows = JaggedTensor(torch.arange(5.0).unsqueeze(1), torch.tensor([0, 4, 5]))
@@ -78,7 +85,7 @@ def padded_sequence(
         >>> padded_sequence(rows, 2, "right", with_lengths=True).lengths.tolist()
         [2, 1]
     """
-    values = rows.to_padded(max_len, truncate=truncate)  # type: ignore[arg-type]
+    values = rows.to_padded(max_len, truncate=truncate)
     if not with_lengths:
         return values
     return PaddedSequence(values, rows.lengths().clamp(max=max_len))

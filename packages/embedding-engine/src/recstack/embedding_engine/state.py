@@ -45,19 +45,20 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from recstack.core import Companion, PagedTensor
+from recstack.core.checks import check_int
 from recstack.core.keyed_state import check_json_metadata, select_owned, validate_chunk
 from recstack.core.sharding import ShardSpec
 from recstack.embedding_engine.config import TABLE_DTYPES
 
 if TYPE_CHECKING:
-    from recstack.embedding_engine.collection import EmbeddingCollection, PhysicalTable
+    from recstack.embedding_engine.collection import EmbeddingCollection
+    from recstack.embedding_engine.physical import PhysicalTable
 
 __all__ = [
     "ADMISSION_COUNTERS",
@@ -144,16 +145,6 @@ def _locate(ec: EmbeddingCollection, table: object, what: str) -> tuple[Physical
     raise KeyError(f"{what}: unknown table {table!r}; the collection has tables {known}")
 
 
-def _entries(phys: PhysicalTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(table index, logical id, row)`` of every entry of ``phys``, by ascending row."""
-    ht = phys.hash_table
-    ids, tags, rows = next(ht.tagged_items(max(len(ht), 1)), (None, None, None))
-    if ids is None:
-        empty = torch.empty(0, dtype=torch.int64, device=ht.device)
-        return empty, empty, empty
-    return tags, ids, rows
-
-
 def _table_slots(phys: PhysicalTable) -> dict[str, dict[str, Any]]:
     slots = {VALUES_SLOT: {"dtype": _DTYPE_NAMES[phys.dtype], "shape": [phys.dim]}}
     slots.update((name, _store_info(s)) for name, s in _row_metadata(phys).items())
@@ -222,15 +213,6 @@ def collection_state_metadata(ec: EmbeddingCollection) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_chunk_rows(chunk_rows: object) -> int:
-    if isinstance(chunk_rows, bool) or not hasattr(chunk_rows, "__index__"):
-        raise TypeError(f"chunk_rows must be an int, got {type(chunk_rows).__name__}")
-    n = operator.index(chunk_rows)
-    if n < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {n}")
-    return n
-
-
 def _gather(store: _RowStore, rows: torch.Tensor) -> torch.Tensor:
     if isinstance(store, PagedTensor):
         return store.gather_rows(rows, check_bounds=False)
@@ -240,7 +222,7 @@ def _gather(store: _RowStore, rows: torch.Tensor) -> torch.Tensor:
 def _export_physical(
     phys: PhysicalTable, only: int | None, chunk_rows: int, changed: bool = False
 ) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
-    tags, ids, rows = _entries(phys)
+    ids, tags, rows = phys.entries()
     meta = _row_metadata(phys)
     stores = {name: c.store for name, c in _companions(phys).items()}
     stores.update(meta)
@@ -286,7 +268,7 @@ def export_collection_chunks(
         TypeError, ValueError: ``chunk_rows`` is not an int >= 1.
         KeyError: ``table`` is unknown.
     """
-    chunk_rows = _check_chunk_rows(chunk_rows)
+    chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     if table is not None:
         phys, index = _locate(ec, table, "export_collection_chunks")
         return _export_physical(phys, index, chunk_rows)
@@ -533,9 +515,7 @@ def import_collection_chunk(
         phys.meta.ensure_rows(n_rows)
         phys.meta.mark_dirty(rows)
         meta_stores = _row_metadata(phys)
-    counts = getattr(ec, "_num_ids", None)
-    if counts is not None:  # the collection's per-table id counts (capacity caps read them)
-        counts[phys.name][index] += n_new
+    phys.add_ids(index, n_new)  # capacity caps read the per-table id counts
     for name, store in meta_stores.items():
         if isinstance(store, PagedTensor):
             store.ensure_rows(n_rows)
@@ -623,16 +603,16 @@ class CollectionTableState:
         if len(phys.tables) == 1:
             phys.meta.mark_clean()  # every row is this table's: no scan of the keys
         else:
-            tags, _, rows = _entries(phys)
+            _, tags, rows = phys.entries()
             phys.meta.mark_clean(rows[tags == index])
-        self._ec._removed[self._table] = []
+        phys.start_removal_log(index)
 
     def export_changed_chunks(
         self, chunk_rows: int
     ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Chunks of the ids looked up in training, inserted or imported since the last
         :meth:`mark_clean` (all of them before the first), as :meth:`export_chunks`."""
-        chunk_rows = _check_chunk_rows(chunk_rows)
+        chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
         phys, index = _locate(self._ec, self._table, "CollectionTableState")
         for _, keys, slots in _export_physical(phys, index, chunk_rows, changed=True):
             yield keys, slots
@@ -640,10 +620,8 @@ class CollectionTableState:
     def removed_keys(self) -> torch.Tensor:
         """int64 ids evicted or erased since the last :meth:`mark_clean` (sorted, each
         once; empty before the first mark, when no log is kept)."""
-        log = self._ec._removed.get(self._table) or []
-        if not log:
-            return torch.empty(0, dtype=torch.int64, device=self._ec.device)
-        return torch.unique(torch.cat(log))
+        phys, index = _locate(self._ec, self._table, "CollectionTableState")
+        return phys.removed_ids(index)
 
     def remove_keys(self, keys: torch.Tensor, shard: ShardSpec | None = None) -> int:
         """Erase ``keys`` (logical ids; those ``shard`` owns, given one) from the table;
@@ -659,7 +637,7 @@ class CollectionTableState:
         keys, _ = select_owned(keys, {}, shard)
         # Only held ids are erased, so only they are logged as removed.
         held = keys[phys.hash_table.find(keys, index, check_keys=False) >= 0]
-        return self._ec._erase(phys, index, held)
+        return phys.erase(index, held)
 
     # ------------------------------------------------------------------ auxiliary state
     def auxiliary_state(self) -> dict[str, torch.Tensor]:

@@ -37,12 +37,13 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 from recstack.feature_engine.feature import Feature, FeatureError, output_names
 from recstack.feature_engine.ops import OPS, Cross, Op, OpError, op_from_dict
 
 __all__ = [
+    "ConfigFormat",
     "FeatureConfigError",
     "dump_features",
     "dumps_features",
@@ -50,9 +51,16 @@ __all__ = [
     "loads_features",
 ]
 
+#: The config formats.
+ConfigFormat = Literal["yaml", "json", "toml"]
 #: Config formats by file extension.
-EXTENSIONS: dict[str, str] = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
-_FORMATS = ("yaml", "json", "toml")
+EXTENSIONS: dict[str, ConfigFormat] = {
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".json": "json",
+    ".toml": "toml",
+}
+_FORMATS: tuple[ConfigFormat, ...] = get_args(ConfigFormat)
 _TOP_KEYS = ("version", "features", "defaults")
 _FEATURE_KEYS = ("name", "source", "ops")
 _ALIASES = {"Mask": "FilterIds"}
@@ -103,7 +111,7 @@ class FeatureConfigError(FeatureError):
 def load_features(
     source: str | os.PathLike[str] | Mapping[str, Any] | Sequence[Mapping[str, Any]],
     *,
-    format: str | None = None,
+    format: ConfigFormat | None = None,
 ) -> list[Feature]:
     """Features from a config file, a parsed config mapping, or a list of feature dicts.
 
@@ -137,15 +145,23 @@ def load_features(
     )
 
 
-def loads_features(text: str, format: str) -> list[Feature]:
-    """Features from config text in ``format`` (``"yaml"``, ``"json"`` or ``"toml"``)."""
+def loads_features(text: str, format: ConfigFormat) -> list[Feature]:
+    """Features from config text in ``format``.
+
+    Args:
+        text: the config, as a file would hold it.
+        format: ``"yaml"``, ``"json"`` or ``"toml"`` (``"yml"`` is ``"yaml"``).
+
+    Raises:
+        FeatureConfigError: the config is invalid (the message names feature and op).
+    """
     fmt = _check_format(format, None)
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     return _parse_document(_parse_text(text, fmt, None), None)
 
 
-def dumps_features(features: Sequence[Feature], format: str) -> str:
+def dumps_features(features: Sequence[Feature], format: ConfigFormat) -> str:
     """Config text for ``features`` that :func:`loads_features` reads back equal.
 
     Writes ``version: 1`` and every feature with all its ops' params (``None`` params
@@ -155,6 +171,13 @@ def dumps_features(features: Sequence[Feature], format: str) -> str:
     does), YAML ``.nan``/``.inf`` and TOML ``nan``/``inf``; seeds above ``2**63 - 1``
     are written to TOML as plain integers, which ``tomllib`` reads but stricter
     TOML parsers may not.
+
+    Args:
+        features: the features to write.
+        format: ``"yaml"``, ``"json"`` or ``"toml"``.
+
+    Raises:
+        FeatureConfigError: a feature a load would refuse.
     """
     fmt = _check_format(format, None)
     doc = _document(features)
@@ -172,11 +195,16 @@ def dump_features(
     features: Sequence[Feature],
     path: str | os.PathLike[str],
     *,
-    format: str | None = None,
+    format: ConfigFormat | None = None,
 ) -> None:
-    """Write ``features`` to ``path`` (format from the extension unless ``format=``).
+    """Write ``features`` to ``path``, written aside and renamed into place.
 
-    The file is written aside and renamed into place, so a reader never sees half of it.
+    A reader never sees half of the file.
+
+    Args:
+        features: the features to write.
+        path: the config file; its extension gives the format.
+        format: ``"yaml"``, ``"json"`` or ``"toml"``, overriding the extension.
     """
     file = str(os.fspath(path))
     text = dumps_features(features, _format_of(file, format))
@@ -195,7 +223,7 @@ def dump_features(
 # --------------------------------------------------------------------------- formats
 
 
-def _check_format(fmt: Any, file: str | None) -> str:
+def _check_format(fmt: Any, file: str | None) -> ConfigFormat:
     name = fmt.lower() if isinstance(fmt, str) else fmt
     name = "yaml" if name == "yml" else name
     if name not in _FORMATS:
@@ -205,7 +233,7 @@ def _check_format(fmt: Any, file: str | None) -> str:
     return name
 
 
-def _format_of(file: str, fmt: str | None) -> str:
+def _format_of(file: str, fmt: str | None) -> ConfigFormat:
     if fmt is not None:
         return _check_format(fmt, file)
     ext = Path(file).suffix.lower()
@@ -330,6 +358,16 @@ def _did_you_mean(word: Any, options: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _reject_unknown(
+    keys: Iterable[Any], allowed: Sequence[str], fail: Callable[[str], NoReturn], message: str
+) -> None:
+    """``fail`` on the keys outside ``allowed``: ``message`` gets them, a "did you mean"
+    hint for the first one and the allowed keys, in that order, as its ``{}`` fields."""
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        fail(message.format(unknown, _did_you_mean(unknown[0], allowed), list(allowed)))
+
+
 def _op_params(name: str) -> list[str]:
     return [f.name for f in fields(OPS[name])]
 
@@ -343,10 +381,7 @@ def _parse_document(doc: Any, file: str | None) -> list[Feature]:
     if not isinstance(doc, Mapping):
         fail(f"expected a mapping with a 'features' list at the top, got {_kind(doc)}")
     _reject_duplicates(doc, fail)
-    unknown = [k for k in doc if k not in _TOP_KEYS]
-    if unknown:
-        hint = _did_you_mean(unknown[0], _TOP_KEYS)
-        fail(f"unknown top-level key(s) {unknown}{hint}; allowed: {list(_TOP_KEYS)}")
+    _reject_unknown(doc, _TOP_KEYS, fail, "unknown top-level key(s) {}{}; allowed: {}")
     if "version" in doc:
         version = doc["version"]
         if type(version) is not int or version != _VERSION:
@@ -378,10 +413,9 @@ def _parse_defaults(raw: Any, file: str | None) -> dict[str, dict[str, Any]]:
             fail(f"{name}: params must be a mapping, got {_kind(params)}")
         _reject_duplicates(params, lambda m, name=name: fail(f"{name}: {m}"))
         allowed = _op_params(canonical)
-        unknown = [k for k in params if k not in allowed]
-        if unknown:
-            hint = _did_you_mean(unknown[0], allowed)
-            fail(f"{name} has no parameter(s) {unknown}{hint}; it takes {allowed}")
+        _reject_unknown(
+            params, allowed, fail, f"{name} has no parameter(s) {{}}{{}}; it takes {{}}"
+        )
         out[canonical] = dict(params)
     return out
 
@@ -434,10 +468,7 @@ def _parse_feature(
     if not isinstance(entry, Mapping):
         fail(f"a feature entry must be a mapping with name, source and ops, got {_kind(entry)}")
     _reject_duplicates(entry, fail)
-    unknown = [k for k in entry if k not in _FEATURE_KEYS]
-    if unknown:
-        hint = _did_you_mean(unknown[0], _FEATURE_KEYS)
-        fail(f"unknown field(s) {unknown}{hint}; a feature has {list(_FEATURE_KEYS)}")
+    _reject_unknown(entry, _FEATURE_KEYS, fail, "unknown field(s) {}{}; a feature has {}")
     if "name" not in entry:
         fail("missing 'name'")
     if label is None:
@@ -476,10 +507,13 @@ def _parse_op(
     if canonical not in OPS:
         fail(f"unknown op {name!r}{_did_you_mean(name, OPS)}; known ops: {sorted(OPS)}")
     allowed = _op_params(canonical)
-    unknown = [k for k in raw if k != "op" and k not in allowed]
-    if unknown:
-        hint = _did_you_mean(unknown[0], allowed)
-        fail(f"{name} has no parameter(s) {unknown}{hint}; it takes {allowed}", name)
+    params = [k for k in raw if k != "op"]
+    _reject_unknown(
+        params,
+        allowed,
+        lambda m: fail(m, name),
+        f"{name} has no parameter(s) {{}}{{}}; it takes {{}}",
+    )
     merged = {**defaults.get(canonical, {}), **raw}
     try:
         return op_from_dict(merged)

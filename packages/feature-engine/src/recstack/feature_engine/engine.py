@@ -21,22 +21,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.feature_engine.feature import Feature, FeatureError
-from recstack.feature_engine.graph import Node, Plan, check_names, compile_plan, schema_of
+from recstack.feature_engine.graph import (
+    ColumnKind,
+    FromCross,
+    FromNode,
+    Node,
+    Plan,
+    check_names,
+    compile_plan,
+    schema_of,
+)
 from recstack.feature_engine.kernels.concat import concat_1d
 from recstack.feature_engine.kernels.cross import cross_checked, cross_tables
-from recstack.feature_engine.kernels.program import dense_program, sparse_program
-from recstack.feature_engine.kernels.rows import filter_rows, reshape_rows
+from recstack.feature_engine.kernels.dense_program import dense_program
+from recstack.feature_engine.kernels.filter_rows import filter_rows
+from recstack.feature_engine.kernels.reshape_rows import reshape_rows
+from recstack.feature_engine.kernels.sparse_program import sparse_program
 from recstack.feature_engine.tables import LevelTables, reshape_bound
 
 __all__ = ["FeatureEngine"]
 
+#: Which input columns the output batch keeps (see :class:`FeatureEngine`).
 Passthrough = Literal["unused", "all", "none"]
 
 # Column dtypes the first-level kernel reads directly; others are converted to the first.
@@ -97,7 +109,7 @@ class FeatureEngine(nn.Module):
     def __init__(
         self,
         features: Sequence[Feature | Mapping[str, Any]],
-        schema: Mapping[str, str] | None = None,
+        schema: Mapping[str, ColumnKind] | None = None,
         *,
         sparse_key: str = "sparse",
         dense_key: str = "dense",
@@ -106,8 +118,9 @@ class FeatureEngine(nn.Module):
         super().__init__()
         self.features = [f if isinstance(f, Feature) else Feature.from_dict(f) for f in features]
         check_names(self.features)  # needs no schema: refused here even without one
-        if passthrough not in ("unused", "all", "none"):
-            raise ValueError(f"passthrough must be 'unused', 'all' or 'none', got {passthrough!r}")
+        if passthrough not in get_args(Passthrough):
+            allowed = ", ".join(repr(p) for p in get_args(Passthrough))
+            raise ValueError(f"passthrough must be one of {allowed}, got {passthrough!r}")
         for what, key in (("sparse_key", sparse_key), ("dense_key", dense_key)):
             if not isinstance(key, str) or not key:
                 raise ValueError(f"{what} must be a non-empty string, got {key!r}")
@@ -365,12 +378,9 @@ class FeatureEngine(nn.Module):
         """``[n, B]`` float32: each node's column through its dense ops (one program)."""
         if not nodes:
             return None
-        x = concat_1d([cols[n.input[1]] for n in nodes], dtype=torch.float32)
-        key = ("prepare", str(device))
-        if key not in self._dense_tables:
-            self._dense_tables[key] = _dense_tables([list(n.first[3]) for n in nodes], device)
-        ops_t, params_t = self._dense_tables[key]
-        return dense_program(x.view(len(nodes), size), ops_t, params_t).t().contiguous()
+        columns = [cols[n.input.column] for n in nodes]
+        programs = [list(n.on_read.prepare) for n in nodes]
+        return self._run_dense("prepare", columns, programs, size, device).t().contiguous()
 
     def _inputs_from_nodes(
         self,
@@ -384,12 +394,12 @@ class FeatureEngine(nn.Module):
         output) and each node's number of ids."""
         v_parts: list[torch.Tensor] = []
         l_parts: list[torch.Tensor] = []
-        sources = [self._where[n.input[1]] for n in nodes if n.input[0] == "node"]
+        sources = [self._where[n.input.node] for n in nodes if isinstance(n.input, FromNode)]
         counts = [levels[k].spans[i + 1] - levels[k].spans[i] for k, i in sources]
         for k, a, b in _source_runs(sources):
             v_parts.append(levels[k].ids(a, b))
             l_parts.append(levels[k].lengths(a, b))
-        crosses = [n for n in nodes if n.input[0] == "cross"]
+        crosses = [n for n in nodes if isinstance(n.input, FromCross)]
         if crosses:
             # Cross nodes come after the others in the level buffer (see graph.levels).
             cv, cl, per_cross = self._crosses(level, crosses, size, device, levels)
@@ -414,7 +424,7 @@ class FeatureEngine(nn.Module):
         device: torch.device,
         levels: list[_Buffer],
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        comps = list(dict.fromkeys(c for n in crosses for c in n.input[1]))
+        comps = list(dict.fromkeys(c for n in crosses for c in n.input.nodes))
         homes = {self._where[c][0] for c in comps}
         key = (level, str(device))
         if key not in self._cross:
@@ -424,8 +434,8 @@ class FeatureEngine(nn.Module):
             else:
                 index = {c: i for i, c in enumerate(comps)}
             tables = cross_tables(
-                [[index[c] for c in n.input[1]] for n in crosses],
-                [n.input[2] for n in crosses],
+                [[index[c] for c in n.input.nodes] for n in crosses],
+                [n.input.seed for n in crosses],
                 device,
             )
             self._cross[key] = tables
@@ -444,12 +454,27 @@ class FeatureEngine(nn.Module):
     def _dense(
         self, plan: Plan, cols: Mapping[str, Any], size: int, device: torch.device
     ) -> torch.Tensor:
-        x = concat_1d([cols[d.column] for d in plan.dense], dtype=torch.float32)
-        key = ("dense", str(device))
+        columns = [cols[d.column] for d in plan.dense]
+        return self._run_dense("dense", columns, [d.ops for d in plan.dense], size, device)
+
+    def _run_dense(
+        self,
+        use: str,
+        columns: list[torch.Tensor],
+        programs: list[list[tuple[int, float, float]]],
+        size: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``[B, n]`` float32: the ``[B]`` columns through their dense programs, one launch.
+
+        ``use`` keys the program tables, built on the first batch and kept per device.
+        """
+        x = concat_1d(columns, dtype=torch.float32)
+        key = (use, str(device))
         if key not in self._dense_tables:
-            self._dense_tables[key] = _dense_tables([d.ops for d in plan.dense], device)
+            self._dense_tables[key] = _dense_program_tables(programs, device)
         ops_t, params_t = self._dense_tables[key]
-        return dense_program(x.view(len(plan.dense), size), ops_t, params_t)
+        return dense_program(x.view(len(columns), size), ops_t, params_t)
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -485,7 +510,7 @@ def _describe(v: Any) -> str:
     return type(v).__name__
 
 
-def _dense_tables(
+def _dense_program_tables(
     programs: list[list[tuple[int, float, float]]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (op codes, params) tables of :func:`dense_program` for per-feature op lists."""

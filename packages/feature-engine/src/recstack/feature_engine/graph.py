@@ -13,48 +13,48 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple, get_args
 
+from recstack.core.kernels.host import as_int64
+from recstack.feature_engine import ops
 from recstack.feature_engine.feature import Feature, FeatureError, output_names
-from recstack.feature_engine.kernels.program import (
+from recstack.feature_engine.kernels.dense_program import (
     DOP_CLIP,
     DOP_FILL_NAN,
     DOP_LOG1P,
     DOP_NORMALIZE,
-    OP_BUCKETIZE,
-    OP_HASH,
-    OP_MOD,
-    OP_UMOD,
 )
-from recstack.feature_engine.ops import (
-    Bucketize,
-    Clip,
-    Cross,
-    FillMissing,
-    FilterIds,
-    Hash,
-    Log1p,
-    Mod,
-    MultiHash,
-    Normalize,
-    Pad,
-    Truncate,
-)
+from recstack.feature_engine.kernels.sparse_program import OP_BUCKETIZE, OP_HASH, OP_MOD, OP_UMOD
 
-__all__ = ["COLUMN_KINDS", "DenseNode", "Node", "Plan", "compile_plan", "schema_of"]
+__all__ = [
+    "COLUMN_KINDS",
+    "BucketizeFloats",
+    "ColumnKind",
+    "DenseNode",
+    "FromColumn",
+    "FromCross",
+    "FromNode",
+    "HashStrings",
+    "Node",
+    "Plan",
+    "Step",
+    "StepKind",
+    "compile_plan",
+    "schema_of",
+]
 
 #: What a batch column can be, as a schema names it.
-COLUMN_KINDS = ("int", "float", "int_list", "float_list", "string", "string_list")
+ColumnKind = Literal["int", "float", "int_list", "float_list", "string", "string_list"]
+#: The column kinds, in order.
+COLUMN_KINDS: tuple[ColumnKind, ...] = get_args(ColumnKind)
+#: What a step does to a node's ids: an elementwise ``program``, or a structural step.
+StepKind = Literal["program", "truncate", "pad", "filter", "fill"]
 
 _INF = float("inf")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def schema_of(batch: Mapping[str, Any]) -> dict[str, str]:
+def schema_of(batch: Mapping[str, Any]) -> dict[str, ColumnKind]:
     """The schema (column -> kind) of a batch, for ``FeatureEngine(schema=...)``.
 
     Keys of a :class:`~recstack.core.KeyedJaggedTensor` in the batch count as ``int_list``
@@ -64,7 +64,7 @@ def schema_of(batch: Mapping[str, Any]) -> dict[str, str]:
 
     from recstack.core import JaggedTensor, KeyedJaggedTensor
 
-    out: dict[str, str] = {}
+    out: dict[str, ColumnKind] = {}
     for name, v in batch.items():
         if isinstance(v, KeyedJaggedTensor):
             for key in v:
@@ -83,10 +83,44 @@ def schema_of(batch: Mapping[str, Any]) -> dict[str, str]:
 
 @dataclass
 class Step:
-    """One unit of work on a node's ids. ``kind``: program, truncate, pad, filter, fill."""
+    """One unit of work on a node's ids."""
 
-    kind: str
+    kind: StepKind
     params: Any
+
+
+class FromColumn(NamedTuple):
+    """A node's input: a batch column."""
+
+    column: str
+    kind: ColumnKind
+
+
+class FromNode(NamedTuple):
+    """A node's input: another node's output."""
+
+    node: str
+
+
+class FromCross(NamedTuple):
+    """A node's input: the hashed per-row cartesian product of other nodes' outputs."""
+
+    nodes: tuple[str, ...]
+    seed: int  # the uint64 seed's int64 bit pattern
+
+
+class HashStrings(NamedTuple):
+    """A string column's strings, hashed as the column is read."""
+
+    seed: int  # the uint64 seed's int64 bit pattern
+
+
+class BucketizeFloats(NamedTuple):
+    """A float column, through its dense ops, bucketized as the column is read."""
+
+    boundaries: tuple[float, ...]  # compared in float64
+    right: bool
+    prepare: tuple[tuple[int, float, float], ...]  # dense program slots run first
 
 
 @dataclass
@@ -95,9 +129,8 @@ class Node:
 
     name: str
     emit: bool
-    # input: ("column", name, kind) | ("node", name) | ("cross", [names], seed)
-    input: tuple[Any, ...]
-    first: Any = None  # ("hash_string", seed) | ("bucketize_float", boundaries, right) | None
+    input: FromColumn | FromNode | FromCross
+    on_read: HashStrings | BucketizeFloats | None = None  # for a FromColumn input
     steps: list[Step] = field(default_factory=list)
     level: int = 0
 
@@ -113,10 +146,12 @@ class DenseNode:
 
 @dataclass
 class Plan:
+    """Every sparse node by dependency level, the dense features, and what the plan reads."""
+
     nodes: list[Node]
     dense: list[DenseNode]
     levels: list[list[Node]]
-    columns: dict[str, str]  # the columns the plan reads, with their kinds
+    columns: dict[str, ColumnKind]  # the columns the plan reads, with their kinds
     # Emitted features computed by an identical node under another name: name -> that node.
     aliases: dict[str, str] = field(default_factory=dict)
 
@@ -127,14 +162,14 @@ def _program_ops(op: Any, feature: str, index: int = 0) -> list[tuple[Any, ...]]
     A Bucketize entry carries its boundaries as a fifth item; the engine lays every
     feature's boundaries out in one table and puts the offset in their place.
     """
-    if isinstance(op, Hash):
-        out = [(OP_HASH, _signed(op.seed), 0, 0)]
+    if isinstance(op, ops.Hash):
+        out = [(OP_HASH, as_int64(op.seed), 0, 0)]
         if op.buckets is not None:
             out.append((OP_UMOD, op.buckets, 0, 0))
         return out
-    if isinstance(op, Mod):
+    if isinstance(op, ops.Mod):
         return [(OP_MOD, op.m, 0, 0)]
-    if isinstance(op, Bucketize):
+    if isinstance(op, ops.Bucketize):
         bounds = tuple(
             _int64(b, f"op {index} (Bucketize) boundary", feature) for b in op.boundaries
         )
@@ -158,7 +193,7 @@ def _int64(value: int | float, what: str, feature: str) -> int:
     return value
 
 
-def _float64_boundaries(op: Bucketize, index: int, feature: str) -> tuple[float, ...]:
+def _float64_boundaries(op: ops.Bucketize, index: int, feature: str) -> tuple[float, ...]:
     """A float column's boundaries as the float64 they are compared in."""
     out: list[float] = []
     for b in op.boundaries:
@@ -208,15 +243,18 @@ def _dense_param(value: int | float, what: str, feature: str, *, finite: bool) -
 
 
 class _Builder:
-    def __init__(self, features: Sequence[Feature], schema: Mapping[str, str]) -> None:
+    def __init__(self, features: Sequence[Feature], schema: Mapping[str, ColumnKind]) -> None:
         self.schema = dict(schema)
         for col, kind in self.schema.items():
             if kind not in COLUMN_KINDS:
-                raise FeatureError(f"schema: column {col!r} has unknown kind {kind!r}")
+                raise FeatureError(
+                    f"schema: column {col!r} has unknown kind {kind!r}; the kinds are "
+                    + ", ".join(repr(k) for k in COLUMN_KINDS)
+                )
         self.features = {f.name: f for f in features}
         self.nodes: dict[str, Node] = {}
         self.dense: list[DenseNode] = []
-        self.columns: dict[str, str] = {}
+        self.columns: dict[str, ColumnKind] = {}
         self.sparse_names: set[str] = set()
 
     def kind_of_source(self, feature: str, source: str) -> str:
@@ -237,21 +275,22 @@ class _Builder:
 
     def add(self, f: Feature) -> None:
         kind = self.kind_of_source(f.name, f.source)
-        ops = list(f.ops)
-        dense_ops = (Log1p, Clip, Normalize)
+        chain = list(f.ops)
+        dense_ops = (ops.Log1p, ops.Clip, ops.Normalize)
         if kind in ("float", "float_list") and (
-            not ops or all(isinstance(o, (*dense_ops, FillMissing)) for o in ops)
+            not chain or all(isinstance(o, (*dense_ops, ops.FillMissing)) for o in chain)
         ):
             if kind == "float_list":
                 raise FeatureError("dense ops need a float column with one value a row", f.name)
             self.dense.append(
                 DenseNode(
-                    f.name, f.source, [self.dense_op(o, f.name, i) for i, o in enumerate(ops)]
+                    f.name, f.source, [self.dense_op(o, f.name, i) for i, o in enumerate(chain)]
                 )
             )
             return
-        first_bucketize = next((i for i, o in enumerate(ops) if isinstance(o, Bucketize)), len(ops))
-        for i, op in enumerate(ops):
+        buckets = (i for i, o in enumerate(chain) if isinstance(o, ops.Bucketize))
+        first_bucketize = next(buckets, len(chain))
+        for i, op in enumerate(chain):
             if isinstance(op, dense_ops) and not (
                 kind in ("float", "float_list") and i < first_bucketize
             ):
@@ -261,54 +300,53 @@ class _Builder:
                     f.name,
                 )
         node = Node(
-            f.name, True, ("node", f.source) if kind == "feature" else ("column", f.source, kind)
+            f.name, True, FromNode(f.source) if kind == "feature" else FromColumn(f.source, kind)
         )
-        start = 0  # the ops the node's steps take, from ops[start] on
+        start = 0  # the ops the node's steps take, from chain[start] on
         if kind in ("string", "string_list"):
-            if not ops or not isinstance(ops[0], Hash):
+            if not chain or not isinstance(chain[0], ops.Hash):
                 raise FeatureError("a string column needs Hash as its first op", f.name)
-            node.first = ("hash_string", _signed(ops[0].seed))
-            if ops[0].buckets is not None:
-                node.steps.append(Step("program", [(OP_UMOD, ops[0].buckets, 0, 0)]))
+            node.on_read = HashStrings(as_int64(chain[0].seed))
+            if chain[0].buckets is not None:
+                node.steps.append(Step("program", [(OP_UMOD, chain[0].buckets, 0, 0)]))
             start = 1
         elif kind in ("float", "float_list"):
             # Dense ops may prepare the numbers (fill NaN, clip, log) before they are
             # bucketized; they run in float32, as dense features do.
             pre = 0
-            while pre < len(ops) and isinstance(ops[pre], (*dense_ops, FillMissing)):
+            while pre < len(chain) and isinstance(chain[pre], (*dense_ops, ops.FillMissing)):
                 pre += 1
-            if pre == len(ops) or not isinstance(ops[pre], Bucketize):
+            if pre == len(chain) or not isinstance(chain[pre], ops.Bucketize):
                 raise FeatureError(
                     "a float column becomes ids only through Bucketize, got "
-                    f"{type(ops[pre]).__name__ if pre < len(ops) else 'no Bucketize'}",
+                    f"{type(chain[pre]).__name__ if pre < len(chain) else 'no Bucketize'}",
                     f.name,
                 )
             if pre and kind == "float_list":
                 raise FeatureError("dense ops before Bucketize need a float column", f.name)
-            node.first = (
-                "bucketize_float",
-                _float64_boundaries(ops[pre], pre, f.name),
-                ops[pre].right,
-                tuple(self.dense_op(o, f.name, i) for i, o in enumerate(ops[:pre])),
+            node.on_read = BucketizeFloats(
+                _float64_boundaries(chain[pre], pre, f.name),
+                chain[pre].right,
+                tuple(self.dense_op(o, f.name, i) for i, o in enumerate(chain[:pre])),
             )
             start = pre + 1
         self.sparse_names.add(f.name)
         self.nodes[f.name] = node
-        self.add_steps(node, ops, start)
+        self.add_steps(node, chain, start)
 
     def dense_op(self, op: Any, feature: str, index: int) -> tuple[int, float, float]:
         # The ops check their own values, but an op may have been built around them, and
         # float32 limits are the engine's: checked again here, where the feature is known.
         where = f"op {index} ({type(op).__name__})"
-        if isinstance(op, Log1p):
+        if isinstance(op, ops.Log1p):
             return (DOP_LOG1P, 0.0, 0.0)
-        if isinstance(op, Clip):
+        if isinstance(op, ops.Clip):
             lo, hi = (
                 inf if v is None else _dense_param(v, f"{where} {side}", feature, finite=False)
                 for v, side, inf in ((op.min, "min", -_INF), (op.max, "max", _INF))
             )
             return (DOP_CLIP, lo, hi)
-        if isinstance(op, Normalize):
+        if isinstance(op, ops.Normalize):
             mean = _dense_param(op.mean, f"{where} mean", feature, finite=True)
             std = _dense_param(op.std, f"{where} std", feature, finite=True)
             if not _float32(std) > 0:
@@ -318,33 +356,33 @@ class _Builder:
                     feature,
                 )
             return (DOP_NORMALIZE, mean, std)
-        if isinstance(op, FillMissing):
+        if isinstance(op, ops.FillMissing):
             # NaN would fill a NaN with NaN: a no-op that hides a config mistake.
             value = _dense_param(op.value, f"{where} value", feature, finite=False)
             return (DOP_FILL_NAN, value, 0.0)
         raise FeatureError(f"{type(op).__name__} does not apply to a dense float column", feature)
 
-    def add_steps(self, node: Node, ops: list[Any], start: int = 0) -> None:
-        for i in range(start, len(ops)):
-            op = ops[i]
-            if isinstance(op, MultiHash):
-                if i != len(ops) - 1:
+    def add_steps(self, node: Node, chain: list[Any], start: int = 0) -> None:
+        for i in range(start, len(chain)):
+            op = chain[i]
+            if isinstance(op, ops.MultiHash):
+                if i != len(chain) - 1:
                     raise FeatureError("MultiHash must be the last op", node.name)
                 node.emit = False
                 for k in range(op.k):
-                    child = Node(f"{node.name}/{k}", True, ("node", node.name))
+                    child = Node(f"{node.name}/{k}", True, FromNode(node.name))
                     child.steps.append(
-                        Step("program", _program_ops(Hash(op.seed + k, op.buckets), node.name))
+                        Step("program", _program_ops(ops.Hash(op.seed + k, op.buckets), node.name))
                     )
                     self.nodes[child.name] = child
                     self.sparse_names.add(child.name)
                 return
-            if isinstance(op, Cross):
+            if isinstance(op, ops.Cross):
                 if node.name in op.others:
                     raise FeatureError("a cross of a feature with itself", node.name)
-                if node.input[0] == "node" and not node.steps and node.first is None:
+                if isinstance(node.input, FromNode) and not node.steps:
                     # Crossing another feature's output as it is: read it directly.
-                    first = node.input[1]
+                    first = node.input.node
                     if first in op.others:
                         raise FeatureError(
                             f"crosses {first!r} with itself (it is both the source and in others)",
@@ -356,11 +394,11 @@ class _Builder:
                     hidden = f"{node.name}@pre"
                     while hidden in self.features or hidden in self.nodes:
                         hidden += "@"
-                    pre = Node(hidden, False, node.input, node.first, node.steps)
+                    pre = Node(hidden, False, node.input, node.on_read, node.steps)
                     self.nodes[pre.name] = pre
                     first = pre.name
-                node.input = ("cross", [first, *op.others], _signed(op.seed))
-                node.first = None
+                node.input = FromCross((first, *op.others), as_int64(op.seed))
+                node.on_read = None
                 node.steps = []
                 if node.name in op.others:
                     raise FeatureError("a cross of a feature with itself", node.name)
@@ -373,23 +411,23 @@ class _Builder:
                     node.steps[-1].params.extend(prog)
                 else:
                     node.steps.append(Step("program", list(prog)))
-            elif isinstance(op, Truncate):
+            elif isinstance(op, ops.Truncate):
                 node.steps.append(Step("truncate", (op.max_len, op.side)))
-            elif isinstance(op, Pad):
+            elif isinstance(op, ops.Pad):
                 node.steps.append(Step("pad", (op.length, op.value, op.side, op.truncate)))
-            elif isinstance(op, FilterIds):
+            elif isinstance(op, ops.FilterIds):
                 node.steps.append(Step("filter", (op.ids, op.keep)))
-            elif isinstance(op, FillMissing):
+            elif isinstance(op, ops.FillMissing):
                 value = _int64(op.value, f"op {i} (FillMissing) value", node.name)
                 node.steps.append(Step("fill", value))
             else:  # pragma: no cover - every op class is handled above
                 raise FeatureError(f"unsupported op {type(op).__name__}", node.name)
 
     def deps(self, node: Node) -> list[str]:
-        if node.input[0] == "node":
-            return [node.input[1]]
-        if node.input[0] == "cross":
-            return list(node.input[1])
+        if isinstance(node.input, FromNode):
+            return [node.input.node]
+        if isinstance(node.input, FromCross):
+            return list(node.input.nodes)
         return []
 
     def levels(self) -> list[list[Node]]:
@@ -426,7 +464,7 @@ class _Builder:
         return [
             sorted(
                 (n for n in self.nodes.values() if n.level == k),
-                key=lambda n: (n.input[0] == "cross", [s.kind for s in n.steps]),
+                key=lambda n: (isinstance(n.input, FromCross), [s.kind for s in n.steps]),
             )
             for k in range(depth)
         ]
@@ -460,7 +498,7 @@ def check_names(features: Sequence[Feature]) -> None:
             )
 
 
-def compile_plan(features: Sequence[Feature], schema: Mapping[str, str]) -> Plan:
+def compile_plan(features: Sequence[Feature], schema: Mapping[str, ColumnKind]) -> Plan:
     """Check ``features`` against ``schema`` and lay out their execution."""
     check_names(features)
     b = _Builder(features, schema)
@@ -479,11 +517,11 @@ def _dedupe(levels: list[list[Node]]) -> tuple[list[list[Node]], dict[str, str]]
     for level in levels:
         kept: list[Node] = []
         for n in level:
-            if n.input[0] == "node":
-                n.input = ("node", canon.get(n.input[1], n.input[1]))
-            elif n.input[0] == "cross":
-                n.input = ("cross", [canon.get(c, c) for c in n.input[1]], n.input[2])
-            sig = repr((n.input, n.first, [(s.kind, s.params) for s in n.steps]))
+            if isinstance(n.input, FromNode):
+                n.input = FromNode(canon.get(n.input.node, n.input.node))
+            elif isinstance(n.input, FromCross):
+                n.input = FromCross(tuple(canon.get(c, c) for c in n.input.nodes), n.input.seed)
+            sig = repr((n.input, n.on_read, [(s.kind, s.params) for s in n.steps]))
             if sig in seen:
                 canon[n.name] = seen[sig]
                 if n.emit:

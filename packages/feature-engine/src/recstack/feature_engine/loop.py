@@ -13,22 +13,9 @@ from typing import Any
 import torch
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor, hash64
+from recstack.feature_engine import ops
 from recstack.feature_engine.feature import Feature
 from recstack.feature_engine.kernels.cross import xxh64_pair_reference
-from recstack.feature_engine.ops import (
-    Bucketize,
-    Clip,
-    Cross,
-    FillMissing,
-    FilterIds,
-    Hash,
-    Log1p,
-    Mod,
-    MultiHash,
-    Normalize,
-    Pad,
-    Truncate,
-)
 
 __all__ = ["run_per_feature", "umod"]
 
@@ -115,7 +102,7 @@ def run_per_feature(features: Sequence[Feature], batch: Mapping[str, Any]) -> di
     def compute(f: Feature) -> None:
         x = value_of(f.source, f.name)
         for op in f.ops:
-            if isinstance(op, Hash):
+            if isinstance(op, ops.Hash):
                 if isinstance(x, JaggedTensor) and x.is_nested:
                     x = JaggedTensor(hash64(x.values, op.seed), x.offsets)
                 elif isinstance(x, JaggedTensor) and x.values.dtype == torch.uint8:
@@ -126,30 +113,30 @@ def run_per_feature(features: Sequence[Feature], batch: Mapping[str, Any]) -> di
                 if op.buckets is not None:
                     v, o = _rows(x)
                     x = JaggedTensor(umod(v, op.buckets), o)
-            elif isinstance(op, Mod):
+            elif isinstance(op, ops.Mod):
                 v, o = _rows(x)
                 x = JaggedTensor(torch.remainder(v, op.m), o)
-            elif isinstance(op, Bucketize):
+            elif isinstance(op, ops.Bucketize):
                 v, o = _rows(x)
                 bdtype = torch.float64 if v.dtype.is_floating_point else torch.int64
                 b = torch.tensor(op.boundaries, dtype=bdtype, device=v.device)
                 x = JaggedTensor(torch.bucketize(v.to(bdtype), b, right=op.right), o)
-            elif isinstance(op, MultiHash):
+            elif isinstance(op, ops.MultiHash):
                 v, o = _rows(x)
                 for k in range(op.k):
                     h = hash64(v, op.seed + k)
                     out[f"{f.name}/{k}"] = JaggedTensor(umod(h, op.buckets) if op.buckets else h, o)
                 return
-            elif isinstance(op, Cross):
+            elif isinstance(op, ops.Cross):
                 v, o = _rows(x)
                 parts = [JaggedTensor(v, o)] + [value_of(n, f.name) for n in op.others]
                 x = _cross(parts, op.seed)
                 if op.buckets is not None:
                     x = JaggedTensor(umod(x.values, op.buckets), x.offsets)
-            elif isinstance(op, Truncate):
+            elif isinstance(op, ops.Truncate):
                 v, o = _rows(x)
                 x = _truncate(JaggedTensor(v, o), op.max_len, op.side == "left")
-            elif isinstance(op, Pad):
+            elif isinstance(op, ops.Pad):
                 v, o = _rows(x)
                 padded = JaggedTensor(v, o).to_padded(
                     max_len=op.length, pad_value=op.value, side=op.side, truncate=op.truncate
@@ -157,7 +144,7 @@ def run_per_feature(features: Sequence[Feature], batch: Mapping[str, Any]) -> di
                 x = _from_lengths(
                     padded.reshape(-1), torch.full((padded.shape[0],), op.length, device=v.device)
                 )
-            elif isinstance(op, FilterIds):
+            elif isinstance(op, ops.FilterIds):
                 v, o = _rows(x)
                 member = torch.isin(v, torch.tensor(op.ids, dtype=torch.int64, device=v.device))
                 keep = member if op.keep else ~member
@@ -167,7 +154,7 @@ def run_per_feature(features: Sequence[Feature], batch: Mapping[str, Any]) -> di
                 new_len = torch.zeros(o.numel() - 1, dtype=torch.int64, device=v.device)
                 new_len.index_add_(0, row, keep.to(torch.int64))
                 x = _from_lengths(v[keep], new_len)
-            elif isinstance(op, FillMissing):
+            elif isinstance(op, ops.FillMissing):
                 if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
                     x = x.to(torch.float32)  # dense ops compute in float32
                     x = torch.nan_to_num(
@@ -189,14 +176,14 @@ def run_per_feature(features: Sequence[Feature], batch: Mapping[str, Any]) -> di
                     picked = v[src] if v.numel() else torch.zeros_like(src)
                     fill = torch.full_like(picked, int(op.value))
                     x = _from_lengths(torch.where(empty[row], fill, picked), new_len)
-            elif isinstance(op, Log1p):
+            elif isinstance(op, ops.Log1p):
                 x = torch.log1p(x.to(torch.float32))
-            elif isinstance(op, Clip):
+            elif isinstance(op, ops.Clip):
                 x = x.to(torch.float32).clamp(
                     min=None if op.min is None else float(op.min),
                     max=None if op.max is None else float(op.max),
                 )
-            elif isinstance(op, Normalize):
+            elif isinstance(op, ops.Normalize):
                 x = (x.to(torch.float32) - float(op.mean)) / float(op.std)
         if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point:
             v, o = _rows(x)

@@ -27,27 +27,38 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
+
+from recstack.core.checks import check_int
 
 __all__ = [
-    "OPS",
-    "Bucketize",
-    "Clip",
-    "Cross",
-    "FillMissing",
-    "FilterIds",
+    # The ops, in the order of the table above.
     "Hash",
-    "Log1p",
-    "Mask",
     "Mod",
+    "Bucketize",
     "MultiHash",
+    "Cross",
+    "Truncate",
+    "Pad",
+    "FilterIds",
+    "Mask",
+    "FillMissing",
+    "Log1p",
+    "Clip",
     "Normalize",
+    # What they share.
+    "OPS",
     "Op",
     "OpError",
-    "Pad",
-    "Truncate",
+    "OpKind",
+    "Side",
     "op_from_dict",
 ]
+
+#: The end of a row an op cuts or pads: ``"left"`` (its start) or ``"right"`` (its end).
+Side = Literal["left", "right"]
+#: What an op applies to: ids (``"sparse"``), one float a row (``"dense"``) or either.
+OpKind = Literal["sparse", "dense", "any"]
 
 _U64 = 1 << 64
 
@@ -57,13 +68,21 @@ class OpError(ValueError):
 
 
 def _int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # Python ints only: an op keeps the value it was given, and configs write it back.
+    if not isinstance(value, int):
         raise OpError(f"{name} must be an int, got {value!r}")
-    if low is not None and value < low:
-        raise OpError(f"{name} must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise OpError(f"{name} must be <= {high}, got {value}")
-    return value
+    try:
+        return check_int(value, name, minimum=low, maximum=high)
+    except (TypeError, ValueError) as e:  # a bool, or out of range
+        raise OpError(str(e)) from None
+
+
+def _choice(name: str, value: Any, choices: Any) -> None:
+    """Refuse a ``value`` outside the ``Literal`` type ``choices``, naming the allowed ones."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        listed = " or ".join(repr(c) for c in allowed)
+        raise OpError(f"{name} must be {listed}, got {value!r}")
 
 
 def _seed(value: Any) -> int:
@@ -93,7 +112,7 @@ def _is_finite(value: int | float) -> bool:
 class Op:
     """Base class. ``kind`` says what the op takes: ``"sparse"``, ``"dense"`` or ``"any"``."""
 
-    kind: ClassVar[str] = "sparse"
+    kind: ClassVar[OpKind] = "sparse"
 
     def to_dict(self) -> dict[str, Any]:
         """``{"op": "<Name>", **params}``: what config files hold."""
@@ -139,7 +158,7 @@ class Bucketize(Op):
     there.
     """
 
-    kind: ClassVar[str] = "any"
+    kind: ClassVar[OpKind] = "any"
     boundaries: tuple[float, ...] = ()
     right: bool = False
 
@@ -207,12 +226,11 @@ class Truncate(Op):
     """At most ``max_len`` ids per row; ``side="left"`` cuts the start (keeps the latest)."""
 
     max_len: int = 1
-    side: str = "left"
+    side: Side = "left"
 
     def __post_init__(self) -> None:
         _int("max_len", self.max_len, 0)
-        if self.side not in ("left", "right"):
-            raise OpError(f"side must be 'left' or 'right', got {self.side!r}")
+        _choice("side", self.side, Side)
 
 
 @dataclass(frozen=True)
@@ -222,15 +240,14 @@ class Pad(Op):
 
     length: int = 1
     value: int = 0
-    side: str = "right"
-    truncate: str = "left"
+    side: Side = "right"
+    truncate: Side = "left"
 
     def __post_init__(self) -> None:
         _int("length", self.length, 0)
         _int("value", self.value, -(1 << 63), (1 << 63) - 1)
-        for name in ("side", "truncate"):
-            if getattr(self, name) not in ("left", "right"):
-                raise OpError(f"{name} must be 'left' or 'right', got {getattr(self, name)!r}")
+        _choice("side", self.side, Side)
+        _choice("truncate", self.truncate, Side)
 
 
 @dataclass(frozen=True)
@@ -264,7 +281,7 @@ class FillMissing(Op):
     and, unless infinite, must fit float32. The engine checks both.
     """
 
-    kind: ClassVar[str] = "any"
+    kind: ClassVar[OpKind] = "any"
     value: float = 0
 
     def __post_init__(self) -> None:
@@ -277,7 +294,7 @@ class FillMissing(Op):
 class Log1p(Op):
     """``log(1 + x)``; clip first if ``x`` can be below -1."""
 
-    kind: ClassVar[str] = "dense"
+    kind: ClassVar[OpKind] = "dense"
 
 
 @dataclass(frozen=True)
@@ -288,7 +305,7 @@ class Clip(Op):
     is refused, as it would turn every value into that infinity.
     """
 
-    kind: ClassVar[str] = "dense"
+    kind: ClassVar[OpKind] = "dense"
     min: float | None = None
     max: float | None = None
 
@@ -313,7 +330,7 @@ class Clip(Op):
 class Normalize(Op):
     """``(x - mean) / std`` with a finite ``mean`` and a finite ``std > 0``."""
 
-    kind: ClassVar[str] = "dense"
+    kind: ClassVar[OpKind] = "dense"
     mean: float = 0.0
     std: float = 1.0
 

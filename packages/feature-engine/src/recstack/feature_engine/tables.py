@@ -4,10 +4,10 @@ A level's sparse nodes share one key-major buffer. Each round (the ``r``-th step
 node that has one) runs at most three fused ops over the whole buffer, each with one table
 row per node and an identity row for the nodes it does not touch:
 
-* ``program``: the elementwise op chains (:func:`~.kernels.program.sparse_program`);
-* ``reshape``: Truncate, Pad and FillMissing (:func:`~.kernels.rows.reshape_rows`), with
-  the table's rows on the host too, to bound each node's ids;
-* ``filter``: FilterIds (:func:`~.kernels.rows.filter_rows`).
+* ``program``: the elementwise op chains (:func:`~.kernels.sparse_program.sparse_program`);
+* ``reshape``: Truncate, Pad and FillMissing (:func:`~.kernels.reshape_rows.reshape_rows`),
+  with the table's rows on the host too, to bound each node's ids;
+* ``filter``: FilterIds (:func:`~.kernels.filter_rows.filter_rows`).
 
 The first level also keeps how each node reads its batch column (:class:`Source`).
 """
@@ -15,15 +15,24 @@ The first level also keeps how each node reads its batch column (:class:`Source`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from recstack.feature_engine.graph import Node
-from recstack.feature_engine.kernels.gather import SEG_FLOAT, SEG_IDS, SEG_STRING, GatherPlan
-from recstack.feature_engine.kernels.program import OP_BUCKETIZE
+from recstack.feature_engine.graph import ColumnKind, FromColumn, Node
+from recstack.feature_engine.kernels.gather import (
+    SEG_FLOAT,
+    SEG_IDS,
+    SEG_STRING,
+    GatherPlan,
+    SegmentKind,
+)
+from recstack.feature_engine.kernels.sparse_program import OP_BUCKETIZE
 
-__all__ = ["LevelTables", "Source", "reshape_bound"]
+__all__ = ["LevelTables", "RoundOp", "Source", "reshape_bound"]
+
+#: The fused op one entry of a round runs (see the module docstring).
+RoundOp = Literal["program", "reshape", "filter"]
 
 _MASK64 = (1 << 64) - 1
 # reshape_rows' identity row: keep everything, no padding, no minimum length.
@@ -35,8 +44,8 @@ class Source:
     """How a first-level node reads its column: segment kind and its static parameters."""
 
     column: str
-    column_kind: str
-    kind: int
+    column_kind: ColumnKind
+    kind: SegmentKind
     seed: int = 0
     bound_start: int = 0
     bound_count: int = 0
@@ -48,11 +57,11 @@ class LevelTables:
     """Every table one level needs, on one device."""
 
     def __init__(self, nodes: list[Node], device: torch.device) -> None:
-        self.rounds: list[list[tuple[str, Any]]] = []
+        self.rounds: list[list[tuple[RoundOp, Any]]] = []
         depth = max((len(n.steps) for n in nodes), default=0)
         for r in range(depth):
             here = [(i, n.steps[r]) for i, n in enumerate(nodes) if len(n.steps) > r]
-            ops: list[tuple[str, Any]] = []
+            ops: list[tuple[RoundOp, Any]] = []
             program = [(i, s) for i, s in here if s.kind == "program"]
             if program:
                 ops.append(("program", _program_table(program, len(nodes), device)))
@@ -67,7 +76,7 @@ class LevelTables:
         self.prepared: list[Node] = []
         self.float_bounds: torch.Tensor | None = None
         self.gather: GatherPlan | None = None
-        if nodes and nodes[0].input[0] == "column":
+        if nodes and isinstance(nodes[0].input, FromColumn):
             self._sources(nodes, device)
             self.gather = GatherPlan(
                 [src.kind for src in self.sources],
@@ -81,11 +90,12 @@ class LevelTables:
     def _sources(self, nodes: list[Node], device: torch.device) -> None:
         bounds: list[float] = []
         for n in nodes:
-            _, column, kind = n.input
+            column, kind = n.input
             if kind in ("string", "string_list"):
-                self.sources.append(Source(column, kind, SEG_STRING, seed=n.first[1] & _MASK64))
+                seed = n.on_read.seed & _MASK64
+                self.sources.append(Source(column, kind, SEG_STRING, seed=seed))
             elif kind in ("float", "float_list"):
-                _, boundaries, right, pre = n.first
+                boundaries, right, pre = n.on_read
                 prepared = -1
                 if pre:
                     prepared = len(self.prepared)

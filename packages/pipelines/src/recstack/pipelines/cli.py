@@ -115,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a checkpoint's serving export (no optimizer state)")
     x.add_argument("checkpoint", help="a step-... directory, or a root (its latest checkpoint)")
     x.add_argument("out", help="the export directory (new or empty)")
+    # recstack.saver.cli.ExportDtype's values, spelled out: importing it here loads torch.
     x.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     x.add_argument("--step", type=int, help="the step to export from a checkpoint root")
     x.set_defaults(run=_export)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from recstack.core.checks import check_int
 from recstack.pipelines.evaluation import task_metrics, update_metrics
 from recstack.pipelines.metrics import MetricCollection
 from recstack.pipelines.signals import StopSignals
@@ -88,8 +89,7 @@ def run_online(
         max_windows: stop after this many windows in this call.
         resume: continue from the checkpointer's latest checkpoint when there is one.
     """
-    if isinstance(full_every, bool) or not isinstance(full_every, int) or full_every < 1:
-        raise ValueError(f"run_online: full_every must be an int >= 1, got {full_every!r}")
+    check_int(full_every, "run_online: full_every", minimum=1)
     t0 = time.perf_counter()
     trainer.train_stream = BatchStream(trainer.train_stream.source, trainer.device, markers=True)
     result = OnlineResult(resumed_from=trainer.restore() if resume else None)

@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from recstack.core.checks import check_int
+
 __all__ = ["Stage", "frozen_parameters"]
 
 
@@ -50,11 +52,9 @@ class Stage:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Stage: name must be a non-empty string, got {self.name!r}")
         where = f"Stage {self.name!r}"
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"{where}: epochs must be an int >= 1, got {self.epochs!r}")
-        m = self.max_steps
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"{where}: max_steps must be an int >= 1, got {m!r}")
+        check_int(self.epochs, f"{where}: epochs", minimum=1)
+        if self.max_steps is not None:
+            check_int(self.max_steps, f"{where}: max_steps", minimum=1)
         for what in ("dense_lr", "sparse_lr"):
             v = getattr(self, what)
             if v is not None and not (isinstance(v, (int, float)) and v >= 0):

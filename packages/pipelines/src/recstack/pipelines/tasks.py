@@ -13,9 +13,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Task", "compute_losses", "predictions_of"]
+from recstack.pipelines.choices import check_choice
+
+__all__ = ["Task", "TaskOutput", "compute_losses", "predictions_of"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: What a model returns for a task: logits, or probabilities already in ``[0, 1]``.
+TaskOutput = Literal["logits", "probability"]
 
 
 @dataclass(frozen=True)
@@ -38,18 +43,15 @@ class Task:
     name: str
     label: str = "label"
     weight: float = 1.0
-    output: Literal["logits", "probability"] = "logits"
-    loss: str | LossFn = "bce"
+    output: TaskOutput = "logits"
+    loss: Literal["bce"] | LossFn = "bce"
     group: str | None = None
     metrics: Sequence[str] = field(default=("auc", "logloss", "calibration", "ne"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Task: name must be a non-empty string, got {self.name!r}")
-        if self.output not in ("logits", "probability"):
-            raise ValueError(
-                f"Task {self.name!r}: output must be 'logits' or 'probability', got {self.output!r}"
-            )
+        check_choice(self.output, f"Task {self.name!r}: output", TaskOutput)
         if not (isinstance(self.loss, str) and self.loss == "bce") and not callable(self.loss):
             raise ValueError(f"Task {self.name!r}: loss must be 'bce' or a callable")
         w = self.weight
@@ -62,12 +64,21 @@ class Task:
             raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {w!r}")
 
     def probability(self, output: torch.Tensor) -> torch.Tensor:
-        """The predicted probability (float32) from the model's output for this task."""
+        """The predicted probability (float32) from the model's output for this task.
+
+        Args:
+            output: the model's output for the task.
+        """
         out = output.float()
         return torch.sigmoid(out) if self.output == "logits" else out
 
     def compute_loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """The task's (unweighted) mean loss on a batch, in float32."""
+        """The task's (unweighted) mean loss on a batch, in float32.
+
+        Args:
+            output: the model's output for the task.
+            label: the task's labels.
+        """
         out, y = output.float(), label.float()
         if callable(self.loss):
             return self.loss(out, y)
@@ -80,6 +91,10 @@ def predictions_of(
     outputs: torch.Tensor | Mapping[str, torch.Tensor], tasks: Sequence[Task]
 ) -> dict[str, torch.Tensor]:
     """The model's outputs by task name, each flattened to ``[B]``.
+
+    Args:
+        outputs: what the model returned: one tensor (one task) or a dict by task name.
+        tasks: the tasks.
 
     Raises:
         KeyError: a dict output lacks a task's key (named).
@@ -119,6 +134,11 @@ def compute_losses(
     preds: Mapping[str, torch.Tensor], batch: Mapping[str, object], tasks: Sequence[Task]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total loss and each task's loss (detached) for one batch.
+
+    Args:
+        preds: the model's outputs by task name (:func:`predictions_of`).
+        batch: the batch, holding each task's label column.
+        tasks: the tasks.
 
     Raises:
         KeyError: a task's label column is not in the batch (named).

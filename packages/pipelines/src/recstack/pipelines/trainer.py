@@ -18,8 +18,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from recstack.core.checks import check_int
 from recstack.embedding_engine import EmbeddingCollection
 from recstack.pipelines.callbacks.base import Callback
+from recstack.pipelines.choices import check_choice
 from recstack.pipelines.evaluation import evaluate_model
 from recstack.pipelines.online import OnlineResult, run_online
 from recstack.pipelines.signals import StopSignals
@@ -28,8 +30,10 @@ from recstack.pipelines.stream import BatchStream
 from recstack.pipelines.tasks import Task, compute_losses, predictions_of
 from recstack.saver import Checkpointer, PerRank
 
-__all__ = ["FitResult", "Trainer"]
+__all__ = ["FitResult", "Precision", "Trainer"]
 
+#: The dense side's autocast: ``"auto"`` (bf16 on a GPU that has it, else none), ``"bf16"``,
+#: ``"fp16"`` or ``"fp32"`` (none).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 _STATE = "recstack.pipelines.Trainer"
 
@@ -60,12 +64,8 @@ class FitResult:
     seconds: float = 0.0
 
 
-def _positive(name: str, value: object, *, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Trainer: {name} must be an int >= 1, got {value!r}")
-    return value
+def _positive_or_none(value: int | None, name: str) -> int | None:
+    return None if value is None else check_int(value, f"Trainer: {name}", minimum=1)
 
 
 class Trainer:
@@ -174,26 +174,28 @@ class Trainer:
         self.lr_scheduler = lr_scheduler
         self.checkpointer = checkpointer
         self.precision = self._autocast_dtype(precision)
-        self.epochs = _positive("epochs", epochs, allow_none=False)
-        self.max_steps = _positive("max_steps", max_steps)
-        self.grad_accumulation = _positive("grad_accumulation", grad_accumulation, allow_none=False)
+        self.epochs = check_int(epochs, "Trainer: epochs", minimum=1)
+        self.max_steps = _positive_or_none(max_steps, "max_steps")
+        self.grad_accumulation = check_int(
+            grad_accumulation, "Trainer: grad_accumulation", minimum=1
+        )
         if clip_grad_norm is not None and not (
             isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0
         ):
             raise ValueError(f"Trainer: clip_grad_norm must be > 0, got {clip_grad_norm!r}")
         self.clip_grad_norm = clip_grad_norm
-        self.eval_every = _positive("eval_every", eval_every)
-        self.eval_batches = _positive("eval_batches", eval_batches)
-        self.checkpoint_every = _positive("checkpoint_every", checkpoint_every)
+        self.eval_every = _positive_or_none(eval_every, "eval_every")
+        self.eval_batches = _positive_or_none(eval_batches, "eval_batches")
+        self.checkpoint_every = _positive_or_none(checkpoint_every, "checkpoint_every")
         if checkpoint_every is not None and checkpointer is None:
             raise ValueError("Trainer: checkpoint_every needs a checkpointer")
         self.async_checkpoints = bool(async_checkpoints)
-        self.evict_every = _positive("evict_every", evict_every)
-        self.evict_older_than = _positive("evict_older_than", evict_older_than)
-        self.evict_min_count = _positive("evict_min_count", evict_min_count)
+        self.evict_every = _positive_or_none(evict_every, "evict_every")
+        self.evict_older_than = _positive_or_none(evict_older_than, "evict_older_than")
+        self.evict_min_count = _positive_or_none(evict_min_count, "evict_min_count")
         if self.evict_every and not (self.evict_older_than or self.evict_min_count):
             raise ValueError("Trainer: evict_every needs evict_older_than and/or evict_min_count")
-        self.log_every = _positive("log_every", log_every, allow_none=False)
+        self.log_every = check_int(log_every, "Trainer: log_every", minimum=1)
         self.callbacks = list(callbacks)
         if progress is None:
             import sys
@@ -240,11 +242,8 @@ class Trainer:
         self._loss_steps = 0
 
     # ------------------------------------------------------------------ setup helpers
-    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
-        if precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(
-                f"Trainer: precision must be 'auto', 'bf16', 'fp16' or 'fp32', got {precision!r}"
-            )
+    def _autocast_dtype(self, precision: Precision) -> torch.dtype | None:
+        check_choice(precision, "Trainer: precision", Precision)
         if precision == "auto":
             cuda = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             return torch.bfloat16 if cuda else None
@@ -300,7 +299,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output."""
+        """Restore :meth:`state_dict`'s output.
+
+        Args:
+            state: what :meth:`state_dict` returned (as a checkpoint holds it).
+        """
         if state.get("format") != _STATE:
             raise ValueError(f"not a Trainer state (format {state.get('format')!r})")
         self.step = int(state["step"])
@@ -326,7 +329,12 @@ class Trainer:
                 c.load_state_dict(saved[key])
 
     def checkpoint_objects(self, trainer_state: dict[str, Any]) -> dict[str, Any]:
-        """What a checkpoint holds, by name (for ``Checkpointer.save`` / ``load``)."""
+        """What a checkpoint holds, by name (for ``Checkpointer.save`` / ``load``).
+
+        Args:
+            trainer_state: the trainer's own state (:meth:`state_dict`, or an empty dict
+                a load fills).
+        """
         objs: dict[str, Any] = {"model": self.model, "trainer": trainer_state}
         objs["data"] = PerRank(self._position)
         if self.sparse_optimizer is not None:
@@ -340,6 +348,11 @@ class Trainer:
     def save_checkpoint(self, *, blocking: bool = True, delta: bool = False) -> Path:
         """Write a checkpoint of the current step now (``delta``: only the table rows
         changed since the previous checkpoint, see ``Checkpointer.save``).
+
+        Args:
+            blocking: ``False`` writes the files in the background (see
+                ``Checkpointer.save``).
+            delta: write only the rows changed since the previous checkpoint.
 
         Raises:
             RuntimeError: the trainer has no checkpointer.
@@ -359,6 +372,9 @@ class Trainer:
     def restore(self, step: int | None = None) -> int | None:
         """Load the checkpointer's checkpoint of ``step`` (default: the latest complete
         one) into the model, optimizers, schedule, data position, RNG and trainer.
+
+        Args:
+            step: the checkpoint's step (``None``: the latest complete one).
 
         Returns:
             The step restored, or ``None`` when there is no checkpoint.
@@ -597,6 +613,11 @@ class Trainer:
     ) -> dict[str, float]:
         """Metrics of every task on ``data`` (default the trainer's ``eval_data``), with
         the model in eval mode under ``torch.no_grad()``; the mode is restored after.
+
+        Args:
+            data: the batches (``None``: the trainer's ``eval_data``).
+            max_batches: read at most this many (``None``: the trainer's
+                ``eval_batches``).
 
         Returns:
             ``{"<task>/<metric>": value}`` plus ``"samples"``.

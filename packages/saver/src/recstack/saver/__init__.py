@@ -24,12 +24,8 @@ from recstack.saver.errors import CheckpointError
 from recstack.saver.inspect import describe_checkpoint, verify_checkpoint
 from recstack.saver.load import LoadReport
 from recstack.saver.migrate import import_embedding_weight, import_torchrec_state_dict
-from recstack.saver.serving import (
-    ServingModel,
-    ServingTable,
-    export_for_serving,
-    load_for_inference,
-)
+from recstack.saver.serving import ServingModel, ServingTable, load_for_inference
+from recstack.saver.serving_export import export_for_serving
 from recstack.saver.stateful import PerRank
 
 __version__ = "0.1.0"

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recstack.core import AuxiliaryState, IncrementalKeyedState, check_json_metadata
+from recstack.core.checks import check_int
 from recstack.saver.errors import CheckpointError
 from recstack.saver.load import LoadReport, load_chain
 from recstack.saver.manifest import (
@@ -40,9 +41,10 @@ from recstack.saver.manifest import (
     parse_step,
     resolve_chain,
 )
+from recstack.saver.parallel import default_threads, resolve_ranks
 from recstack.saver.progress import Progress
 from recstack.saver.rng import capture_rng
-from recstack.saver.serving import export_for_serving
+from recstack.saver.serving_export import export_for_serving
 from recstack.saver.snapshot import (
     PinnedPool,
     host_copies,
@@ -55,12 +57,6 @@ from recstack.saver.tree import encode_tree
 from recstack.saver.write import DenseJob, RankJob, TableJob, write_rank
 
 __all__ = ["Checkpointer"]
-
-
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Checkpointer: {name} must be an int >= 1, got {value!r}")
-    return value
 
 
 class Checkpointer:
@@ -116,29 +112,21 @@ class Checkpointer:
         self.root = Path(root)
         self.durable = bool(durable)
         if keep_last is not None:
-            _positive("keep_last", keep_last)
+            check_int(keep_last, "Checkpointer: keep_last", minimum=1)
         self.keep_last = keep_last
         self.rng = bool(rng)
-        self.part_bytes = _positive("part_bytes", part_bytes)
-        self.dense_file_bytes = _positive("dense_file_bytes", dense_file_bytes)
-        default_threads = min(16, os.cpu_count() or 4)
-        self.threads = _positive("threads", default_threads if threads is None else threads)
+        self.part_bytes = check_int(part_bytes, "Checkpointer: part_bytes", minimum=1)
+        self.dense_file_bytes = check_int(
+            dense_file_bytes, "Checkpointer: dense_file_bytes", minimum=1
+        )
+        self.threads = check_int(
+            default_threads() if threads is None else threads, "Checkpointer: threads", minimum=1
+        )
         in_flight = self.threads + 2 if max_in_flight is None else max_in_flight
-        self.max_in_flight = _positive("max_in_flight", in_flight)
+        self.max_in_flight = check_int(in_flight, "Checkpointer: max_in_flight", minimum=1)
         self.progress = progress
-        self._pg = dist.is_available() and dist.is_initialized()
-        if (rank is None) != (world_size is None):
-            raise ValueError("Checkpointer: give both rank and world_size, or neither")
-        if rank is None:
-            rank = dist.get_rank() if self._pg else 0
-            world_size = dist.get_world_size() if self._pg else 1
-        else:
-            self._pg = False  # explicit ranks: no collectives (see the docstring)
-        assert world_size is not None
-        _positive("world_size", world_size)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"Checkpointer: rank must be in [0, {world_size}), got {rank!r}")
-        self.rank, self.world_size = rank, world_size
+        # Explicit ranks use no collectives (see the docstring).
+        self.rank, self.world_size, self._pg = resolve_ranks(rank, world_size, "Checkpointer")
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="recstack-saver")
         self._pinned = PinnedPool()
         self._thread: threading.Thread | None = None
@@ -149,7 +137,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ queries
     def path(self, step: int) -> Path:
-        """The directory of the checkpoint of ``step``."""
+        """The directory of the checkpoint of ``step``.
+
+        Args:
+            step: the training step.
+        """
         return self.root / checkpoint_dirname(step)
 
     def steps(self) -> list[int]:
@@ -187,8 +179,7 @@ class Checkpointer:
             TypeError, ValueError: an object that cannot be saved, named.
         """
         self.wait()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"Checkpointer.save: step must be an int >= 0, got {step!r}")
+        check_int(step, "Checkpointer.save: step", minimum=0)
         objs = sort_stateful(stateful)
         ckpt = self.path(step)
         if (ckpt / MANIFEST).exists():
@@ -454,8 +445,16 @@ class Checkpointer:
         """Write a serving export of the objects into ``out_dir`` (ids and rows of every
         table in ``dtype``, no optimizer state, plus the modules' dense weights), with this
         checkpointer's ranks, part size and threads; see
-        :func:`~recstack.saver.serving.export_for_serving`. Read it back with
-        :func:`~recstack.saver.serving.load_for_inference`."""
+        :func:`~recstack.saver.export_for_serving`. Read it back with
+        :func:`~recstack.saver.load_for_inference`.
+
+        Args:
+            out_dir: the export directory.
+            dtype: the dtype of the rows and of the modules' floating tensors.
+            step: the training step recorded in the export.
+            **stateful: what to export, by name (see
+                :func:`~recstack.saver.export_for_serving`).
+        """
         self.wait()
         return export_for_serving(
             out_dir,

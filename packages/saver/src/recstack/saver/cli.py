@@ -22,18 +22,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, get_args
 
 import torch
 
 from recstack.saver.convert import export_checkpoint
-from recstack.saver.errors import CheckpointError
-from recstack.saver.inspect import NotACheckpointError, _verify, describe_checkpoint
+from recstack.saver.errors import CheckpointError, NotACheckpointError
+from recstack.saver.inspect import describe_checkpoint, verify_report
 from recstack.saver.manifest import read_manifest
 
 __all__ = [
     "EXPORT_DTYPES",
+    "ExportDtype",
     "build_parser",
     "export_command",
     "format_checkpoint",
@@ -46,8 +47,15 @@ __all__ = [
 OK, PROBLEMS, USAGE = 0, 1, 2
 _PROG = "recstack-saver"
 
+#: The ``--dtype`` names of an export.
+ExportDtype = Literal["fp32", "bf16", "fp16"]
+
 #: The ``--dtype`` names of an export and their torch dtypes.
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT_DTYPES: dict[ExportDtype, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -245,7 +253,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify_cmd(args: argparse.Namespace) -> int:
     try:
-        result = _verify(args.dir, args.threads, progress=False if args.no_progress else None)
+        result = verify_report(args.dir, args.threads, progress=False if args.no_progress else None)
     except NotACheckpointError as err:
         _error(str(err))
         return USAGE
@@ -294,7 +302,7 @@ def _verify_cmd(args: argparse.Namespace) -> int:
 def export_command(
     checkpoint: str,
     out: str,
-    dtype: str = "fp32",
+    dtype: ExportDtype = "fp32",
     step: int | None = None,
     *,
     include: list[str] | None = None,
@@ -322,7 +330,7 @@ def export_command(
         chain, ``out`` holds an export or foreign files); ``2`` a usage error (an unknown
         dtype, a step or pattern that matches nothing) or a path that is not a checkpoint.
     """
-    if dtype not in EXPORT_DTYPES:
+    if dtype not in get_args(ExportDtype):
         _error(f"dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}", prog)
         return USAGE
     try:
@@ -363,24 +371,19 @@ def _export_cmd(args: argparse.Namespace) -> int:
     )
 
 
-def _step(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
 
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help=dir_help)
     p.add_argument(
         "--threads",
-        type=_threads,
+        type=_whole_number(1),
         default=None,
         metavar="N",
         help="files checked at once (default: the CPU count, at most 16); each holds one "
@@ -472,25 +475,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="the dtype of the rows and floating dense weights (default: fp32)",
     )
     p.add_argument(
-        "--step", type=_step, default=None, metavar="N", help="the step to export from a root"
+        "--step",
+        type=_whole_number(0),
+        default=None,
+        metavar="N",
+        help="the step to export from a root",
     )
-    p.add_argument(
-        "--include",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="export only the tables whose names match (repeatable)",
-    )
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        action="extend",
-        metavar="GLOB",
-        help="leave out the tables whose names match (repeatable)",
-    )
+    for flag, what in (("--include", "export only"), ("--exclude", "leave out")):
+        p.add_argument(
+            flag,
+            nargs="+",
+            action="extend",
+            metavar="GLOB",
+            help=f"{what} the tables whose names match (repeatable)",
+        )
     p.add_argument(
         "--threads",
-        type=_threads,
+        type=_whole_number(1),
         default=None,
         metavar="N",
         help="reader/writer threads (default: the CPU count, at most 16)",

@@ -47,38 +47,39 @@ from typing import Any
 
 import torch
 
+from recstack.core.checks import check_int
+from recstack.saver.dense_state import DenseState
+from recstack.saver.dtype_names import DTYPES_BY_NAME, dtype_name
 from recstack.saver.errors import CheckpointError
-from recstack.saver.inspect import _locate
-from recstack.saver.load import _TORCH_DTYPES, _Dense, _Names, _part_expect, _table_files
-from recstack.saver.load import _tensor_names as tensor_names
 from recstack.saver.manifest import (
     MANIFEST,
+    Chain,
     checkpoint_dirname,
     complete_steps,
+    locate_checkpoint,
     resolve_chain,
 )
+from recstack.saver.names import NameFilter
+from recstack.saver.parallel import default_threads
 from recstack.saver.progress import Progress
-from recstack.saver.read import CheckedFile, verify_files
-from recstack.saver.replay import ChainFiles, replay_rows
-from recstack.saver.serving import (
-    SERVING_DTYPES,
-    _module_entry,
-    _name,
-    _prepare,
-    _refuse_out_dir,
-    _table_metadata,
-    _values_only,
+from recstack.saver.read import CheckedFile, part_expectation, verify_files
+from recstack.saver.replay import ChainFiles, chain_files, replay_rows
+from recstack.saver.serving_format import (
+    VALUES,
+    check_export_dir,
+    check_serving_dtype,
+    module_serving_entry,
+    prepare_export_dir,
+    serving_rows,
+    serving_table_metadata,
 )
 from recstack.saver.snapshot import estimate_chunk_rows
-from recstack.saver.tree import decode_tree
+from recstack.saver.tree import decode_tree, tensor_names
 from recstack.saver.write import DenseJob, RankJob, TableJob, write_rank
 
 __all__ = ["export_checkpoint", "find_chain"]
 
-Chain = list[tuple[Path, dict[str, Any]]]
 Rows = tuple[torch.Tensor, dict[str, torch.Tensor]]
-
-_VALUES = "values"
 # As export_for_serving writes them: the dense tensors in files of about this size.
 _DENSE_FILE_BYTES = 1 << 30
 # Part files read ahead of the one being converted: enough to keep the disk busy.
@@ -139,23 +140,23 @@ def export_checkpoint(
     chain = find_chain(checkpoint, step)
     last_dir, last = chain[-1]
     out = Path(out_dir)
-    _refuse_out_dir(out)
+    check_export_dir(out)
     tables = _plan_tables(chain, include, exclude)
-    dense = _Dense(last_dir, last)
+    dense = DenseState(last_dir, last)
     modules = _module_trees(dense, last_dir)
     needed: set[str] = set()
     for tree in modules.values():
-        needed |= tensor_names(tree)
-    n_threads = threads if threads is not None else min(16, os.cpu_count() or 4)
+        needed.update(tensor_names(tree))
+    n_threads = threads if threads is not None else default_threads()
     with ThreadPoolExecutor(n_threads, thread_name_prefix="recstack-export") as pool:
         checks: list[tuple[CheckedFile, dict[str, Any] | None]] = []
         for table in tables:
             checks += table.checks()
         checks += dense.checked_files(needed)
         verify_files(checks, pool)
-        dense_job = _dense_job(modules, dense.tensors(needed), dtype, last_dir)
+        dense_job = _saved_modules_job(modules, dense.tensors(needed), dtype, last_dir)
         # ---- every file is checked and the dense state decoded; from here on, write.
-        _prepare(out, 0, False)
+        prepare_export_dir(out, 0, False)
         bar = Progress(
             f"exporting {last_dir.name} for serving",
             sum(t.bytes_read for t in tables),
@@ -174,7 +175,7 @@ def export_checkpoint(
             per_rank_tensors={},
             dense_file_bytes=_DENSE_FILE_BYTES,
             max_in_flight=n_threads + 1,
-            extra={"dtype": _name(dtype)},
+            extra={"dtype": dtype_name(dtype)},
         )
         try:
             write_rank(job, pool)
@@ -191,13 +192,9 @@ def _check_args(
     threads: object,
     part_bytes: object,
 ) -> None:
-    if dtype not in SERVING_DTYPES:
-        raise TypeError(
-            f"export_checkpoint: dtype must be one of {[_name(d) for d in SERVING_DTYPES]}, "
-            f"got {dtype!r}"
-        )
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"export_checkpoint: step must be an int >= 0 or None, got {step!r}")
+    check_serving_dtype(dtype, "export_checkpoint")
+    if step is not None:
+        check_int(step, "export_checkpoint: step", minimum=0)
     for what, patterns in (("include", include), ("exclude", exclude)):
         if patterns is None:
             continue
@@ -207,11 +204,9 @@ def _check_args(
             raise TypeError(
                 f"export_checkpoint: {what} must be a list of glob patterns, got {patterns!r}"
             )
-    for what, value in (("threads", threads), ("part_bytes", part_bytes)):
-        if value is None and what == "threads":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"export_checkpoint: {what} must be an int >= 1, got {value!r}")
+    if threads is not None:
+        check_int(threads, "export_checkpoint: threads", minimum=1)
+    check_int(part_bytes, "export_checkpoint: part_bytes", minimum=1)
 
 
 def find_chain(checkpoint: str | os.PathLike[str], step: int | None = None) -> Chain:
@@ -229,7 +224,7 @@ def find_chain(checkpoint: str | os.PathLike[str], step: int | None = None) -> C
             a serving export, or a broken delta chain.
         ValueError: ``step`` is not the given checkpoint directory's.
     """
-    what, path = _locate(checkpoint)
+    what, path = locate_checkpoint(checkpoint)
     if what == "partial":
         raise CheckpointError(
             f"{path}: no {MANIFEST}: a save that did not finish; export a complete checkpoint"
@@ -273,7 +268,7 @@ class _Table:
     metadata: Any
 
     def checks(self) -> list[tuple[CheckedFile, dict[str, Any] | None]]:
-        expect = _part_expect(self.slots)
+        expect = part_expectation(self.slots)
         out: list[tuple[CheckedFile, dict[str, Any] | None]] = []
         for _, parts, removed, _ in self.files:
             out += [(f, expect) for f in parts]
@@ -297,11 +292,11 @@ class _Table:
         pool: ThreadPoolExecutor,
         on_file: Callable[[int], None],
     ) -> TableJob:
-        meta, dim = _table_metadata(self.name, self.metadata, dtype)
+        meta, dim = serving_table_metadata(self.name, self.metadata, dtype)
         rows = estimate_chunk_rows({"slots": meta["slots"]}, part_bytes)
-        source = replay_rows(self.files, pool, slots=(_VALUES,), ahead=_READ_AHEAD, on_file=on_file)
+        source = replay_rows(self.files, pool, slots=(VALUES,), ahead=_READ_AHEAD, on_file=on_file)
         return TableJob(
-            self.name, meta, _rechunk(_values_only(self.name, source, dtype, dim), rows)
+            self.name, meta, _rechunk(serving_rows(self.name, source, dtype, dim), rows)
         )
 
 
@@ -317,7 +312,7 @@ def _plan_tables(
                 f"export_checkpoint: include pattern {pattern!r} matches no table of "
                 f"{chain[-1][0]} (its tables: {saved})"
             )
-    names = _Names(list(include) if include is not None else None, list(exclude or []), {})
+    names = NameFilter(include, exclude, {})
     out = []
     for name in saved:
         if not names.selected(name):
@@ -328,7 +323,7 @@ def _plan_tables(
         slots = full["tables"][name].get("slots")
         _check_rows(name, slots, f"{full_dir / MANIFEST}")
         out.append(
-            _Table(name, _table_files(chain, name), slots or {}, last["tables"][name]["metadata"])
+            _Table(name, chain_files(chain, name), slots or {}, last["tables"][name]["metadata"])
         )
     return out
 
@@ -339,22 +334,22 @@ def _check_rows(name: str, slots: Any, where: str) -> None:
         raise CheckpointError(f"{where}: table {name!r} has malformed slots {slots!r}")
     if not slots:
         return  # no rows were ever written: an empty table
-    info = slots.get(_VALUES)
+    info = slots.get(VALUES)
     if not isinstance(info, dict):
         raise CheckpointError(
-            f"{where}: table {name!r} has no {_VALUES!r} slot (it has {sorted(slots)}); only "
+            f"{where}: table {name!r} has no {VALUES!r} slot (it has {sorted(slots)}); only "
             "tables of embedding rows can be exported for serving"
         )
-    dtype = _TORCH_DTYPES.get(str(info.get("dtype")))
+    dtype = DTYPES_BY_NAME.get(str(info.get("dtype")))
     if dtype is None or not dtype.is_floating_point:
         raise CheckpointError(
-            f"{where}: table {name!r} has {_VALUES!r} rows of dtype {info.get('dtype')}, not "
+            f"{where}: table {name!r} has {VALUES!r} rows of dtype {info.get('dtype')}, not "
             "floating point; it cannot be exported for serving"
         )
     shape = info.get("shape")
     if not (isinstance(shape, list) and len(shape) == 1):
         raise CheckpointError(
-            f"{where}: table {name!r} has {_VALUES!r} rows of shape {shape}, not [dim]"
+            f"{where}: table {name!r} has {VALUES!r} rows of shape {shape}, not [dim]"
         )
 
 
@@ -365,7 +360,7 @@ def _rechunk(chunks: Iterator[Rows], rows: int) -> Iterator[Rows]:
     values: list[torch.Tensor] = []
     held = 0
     for k, slots in chunks:
-        v = slots[_VALUES]
+        v = slots[VALUES]
         start = 0
         while start < k.numel():
             take = min(rows - held, k.numel() - start)
@@ -374,16 +369,16 @@ def _rechunk(chunks: Iterator[Rows], rows: int) -> Iterator[Rows]:
             held += take
             start += take
             if held == rows:
-                yield torch.cat(keys), {_VALUES: torch.cat(values)}
+                yield torch.cat(keys), {VALUES: torch.cat(values)}
                 keys, values, held = [], [], 0
     if held:
-        yield torch.cat(keys), {_VALUES: torch.cat(values)}
+        yield torch.cat(keys), {VALUES: torch.cat(values)}
 
 
 # ---------------------------------------------------------------------------- dense
 
 
-def _module_trees(dense: _Dense, where: Path) -> dict[str, dict[str, Any]]:
+def _module_trees(dense: DenseState, where: Path) -> dict[str, dict[str, Any]]:
     """The state tree of every ``nn.Module`` entry of the dense state, by name."""
     out = {}
     for name, info in dense.trees.items():
@@ -396,7 +391,7 @@ def _module_trees(dense: _Dense, where: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _dense_job(
+def _saved_modules_job(
     modules: dict[str, dict[str, Any]],
     tensors: dict[str, torch.Tensor],
     dtype: torch.dtype,
@@ -409,6 +404,6 @@ def _dense_job(
             state = decode_tree(tree, tensors, f"{where}: {name!r}")
         except ValueError as err:
             raise CheckpointError(str(err)) from None
-        trees[name], ts = _module_entry(name, state, dtype)
+        trees[name], ts = module_serving_entry(name, state, dtype)
         host.update(ts)
     return DenseJob(trees, host)

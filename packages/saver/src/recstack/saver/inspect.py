@@ -37,57 +37,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from recstack.saver.errors import CheckpointError
+from recstack.core.checks import check_int
+from recstack.saver.dtype_names import dtype_from_name, safetensors_name
+from recstack.saver.errors import CheckpointError, NotACheckpointError
 from recstack.saver.files import SAFETENSORS_DTYPES, read_header
 from recstack.saver.manifest import (
     MANIFEST,
+    PathKind,
     checkpoint_dirname,
     complete_steps,
+    locate_checkpoint,
     parse_step,
     read_manifest,
     resolve_chain,
     safe_path,
 )
+from recstack.saver.parallel import default_threads
 from recstack.saver.progress import Progress
-from recstack.saver.read import CheckedFile, read_json
+from recstack.saver.read import CheckedFile, part_expectation, read_json, shape_fits
+from recstack.saver.tree import tensor_names
 
-__all__ = ["NotACheckpointError", "describe_checkpoint", "verify_checkpoint"]
-
-
-class NotACheckpointError(CheckpointError):
-    """The path is neither a checkpoint directory nor a checkpointer root (or is missing)."""
+__all__ = [
+    "NotACheckpointError",
+    "VerifyReport",
+    "describe_checkpoint",
+    "verify_checkpoint",
+    "verify_report",
+]
 
 
 # ---------------------------------------------------------------------------- locating
-
-
-def _locate(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """``(what, directory)``: ``"checkpoint"`` (it has a manifest), ``"partial"`` (a
-    ``step-*`` directory without one) or ``"root"`` (it holds ``step-*`` directories).
-
-    Raises:
-        NotACheckpointError: missing, not a directory, or none of the above.
-    """
-    p = Path(path)
-    if p.name == MANIFEST and p.is_file():
-        p = p.parent
-    if not p.exists():
-        raise NotACheckpointError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise NotACheckpointError(
-            f"{p}: not a directory (give a checkpoint directory or a checkpointer root)"
-        )
-    if (p / MANIFEST).is_file():
-        return "checkpoint", p
-    if parse_step(p.name) is not None:
-        return "partial", p
-    if any(parse_step(e.name) is not None and e.is_dir() for e in p.iterdir()):
-        return "root", p
-    raise NotACheckpointError(
-        f"{p}: not a checkpoint (no {MANIFEST}) nor a checkpointer root (no step-* directories)"
-    )
 
 
 def _partial_message(ckpt: Path) -> str:
@@ -106,36 +85,15 @@ def _incomplete(root: Path) -> list[str]:
 # ---------------------------------------------------------------------------- describe
 
 
-def _dtype(name: object) -> torch.dtype | None:
-    d = getattr(torch, str(name), None)
-    return d if isinstance(d, torch.dtype) else None
-
-
 def _tensor_bytes(info: object) -> int:
     """Bytes of a tensor from its manifest entry ``{"dtype", "shape"}`` (0 if unknown)."""
     if not isinstance(info, dict):
         return 0
-    dtype = _dtype(info.get("dtype"))
+    dtype = dtype_from_name(info.get("dtype"))
     shape = info.get("shape")
     if dtype is None or not isinstance(shape, list):
         return 0
     return dtype.itemsize * math.prod(int(s) for s in shape)
-
-
-def _tensor_names(tree: Any) -> list[str]:
-    """The tensor names a JSON tree refers to (``{"__tensor__": name}``), in order."""
-    out: list[str] = []
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(reversed(node))
-        elif isinstance(node, dict):
-            if set(node) == {"__tensor__"} and isinstance(node["__tensor__"], str):
-                out.append(node["__tensor__"])
-            else:
-                stack.extend(reversed(list(node.values())))
-    return out
 
 
 def _size(files: dict[str, Any], rels: list[str]) -> int:
@@ -222,7 +180,7 @@ def _describe_dense(m: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, obj in trees.items():
         obj = obj if isinstance(obj, dict) else {}
-        names = _tensor_names(obj.get("tree"))
+        names = tensor_names(obj.get("tree"))
         out.append(
             {
                 "name": name,
@@ -328,12 +286,15 @@ def describe_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Sizes are the ones the manifests record; :func:`verify_checkpoint` checks the files.
 
+    Args:
+        path: a checkpoint directory, its ``manifest.json``, or a checkpointer root.
+
     Raises:
         NotACheckpointError: the path is missing or neither a checkpoint nor a root.
         CheckpointError: a ``step-*`` directory without a manifest, or a manifest that
             cannot be read; the message names the file.
     """
-    what, p = _locate(path)
+    what, p = locate_checkpoint(path)
     if what == "partial":
         raise CheckpointError(_partial_message(p))
     if what == "root":
@@ -370,8 +331,17 @@ class _Count:
 
 
 @dataclass
-class _Result:
-    """What a verification found (the command line prints its summary)."""
+class VerifyReport:
+    """What :func:`verify_report` found (``recstack-saver verify`` prints its summary).
+
+    Attributes:
+        problems: one line per problem, each naming the file (or manifest) concerned.
+        checkpoints: the names of the checkpoints checked, oldest first.
+        files: how many files were checked.
+        bytes: their recorded size in all.
+        incomplete: the directories of a root's saves that did not finish (skipped).
+        root: whether the path was a checkpointer root.
+    """
 
     problems: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
@@ -379,11 +349,6 @@ class _Result:
     bytes: int = 0
     incomplete: list[str] = field(default_factory=list)
     root: bool = False
-
-
-def _st_dtype(name: object) -> str | None:
-    d = _dtype(name)
-    return SAFETENSORS_DTYPES.get(d) if d is not None else None
 
 
 def _plan(ckpt: Path, m: dict[str, Any], problems: list[str]) -> tuple[list[_Check], list[_Count]]:
@@ -428,9 +393,7 @@ def _plan(ckpt: Path, m: dict[str, Any], problems: list[str]) -> tuple[list[_Che
             problems.append(
                 f"{where}: {label} has {len(t['ranks'])} ranks' entries, the world size is {world}"
             )
-        part: dict[str, Any] = {"keys": _KEYS}
-        for slot, info in _slots(t.get("slots")).items():
-            part[f"slot/{slot}"] = (_st_dtype(info["dtype"]), [-1, *info["shape"]])
+        part = part_expectation(_slots(t.get("slots")))
         for r, entry in enumerate(t["ranks"]):
             if not isinstance(entry, dict) or not isinstance(entry.get("parts"), list):
                 problems.append(f"{where}: {label} rank {r}: malformed entry")
@@ -463,11 +426,11 @@ def _plan(ckpt: Path, m: dict[str, Any], problems: list[str]) -> tuple[list[_Che
     for tensor, rel in (dense.get("tensors") or {}).items():
         ti = info.get(tensor) if isinstance(info.get(tensor), dict) else {}
         shape = ti.get("shape") if isinstance(ti.get("shape"), list) else None
-        ref(rel, f"dense tensor {tensor!r}", {tensor: (_st_dtype(ti.get("dtype")), shape)})
+        ref(rel, f"dense tensor {tensor!r}", {tensor: (safetensors_name(ti.get("dtype")), shape)})
     trees = dense.get("trees") or {}
     known = set(dense.get("tensors") or {})
     for obj, tree in trees.items():
-        for tensor in _tensor_names(tree.get("tree") if isinstance(tree, dict) else None):
+        for tensor in tensor_names(tree.get("tree") if isinstance(tree, dict) else None):
             if tensor not in known:
                 problems.append(f"{where}: dense object {obj!r} uses tensor {tensor!r}, no file")
 
@@ -486,12 +449,6 @@ def _plan(ckpt: Path, m: dict[str, Any], problems: list[str]) -> tuple[list[_Che
 
     checks = [_Check(ckpt, m, rel, e) for rel, e in expect.items()]
     return checks, counts
-
-
-def _fits(shape: list[int], expect: list[int]) -> bool:
-    return len(shape) == len(expect) and all(
-        e == -1 or s == e for s, e in zip(shape, expect, strict=True)
-    )
 
 
 _ITEMSIZE = {name: d.itemsize for d, name in SAFETENSORS_DTYPES.items()}
@@ -552,7 +509,7 @@ def _check(c: _Check, progress: Callable[[int], None]) -> tuple[list[str], int |
             problems.append(
                 f"{f.where}: tensor {name!r} is {info.get('dtype')}, the manifest says {dtype}"
             )
-        if shape is not None and not _fits(list(info.get("shape") or []), shape):
+        if shape is not None and not shape_fits(list(info.get("shape") or []), shape):
             problems.append(
                 f"{f.where}: tensor {name!r} has shape {info.get('shape')}, the manifest "
                 f"says {[('n' if s == -1 else s) for s in shape]}"
@@ -568,7 +525,7 @@ def _check(c: _Check, progress: Callable[[int], None]) -> tuple[list[str], int |
     return problems, keys
 
 
-def _targets(what: str, p: Path, result: _Result) -> list[Path]:
+def _targets(what: PathKind, p: Path, result: VerifyReport) -> list[Path]:
     """The checkpoint directories to check, each delta's chain included."""
     if what == "checkpoint":
         roots, names = p.parent, [p.name]
@@ -596,14 +553,27 @@ def _targets(what: str, p: Path, result: _Result) -> list[Path]:
     return sorted(out.values(), key=lambda d: d.name)
 
 
-def _verify(
+def verify_report(
     path: str | os.PathLike[str], threads: int | None = None, progress: bool | None = None
-) -> _Result:
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):  # fmt: skip
-        raise ValueError(f"verify_checkpoint: threads must be an int >= 1, got {threads!r}")
-    what, p = _locate(path)
-    result = _Result(root=what == "root")
+) -> VerifyReport:
+    """Re-check a checkpoint's files against its manifest, as :func:`verify_checkpoint`
+    does, and report what was checked besides the problems.
+
+    Args:
+        path: a checkpoint directory, its ``manifest.json``, or a checkpointer root.
+        threads: files checked at once (default: the CPU count, at most 16).
+        progress: show a progress line on stderr; ``None`` shows it when stderr is a
+            terminal.
+
+    Raises:
+        NotACheckpointError: the path is missing or neither a checkpoint nor a root.
+        TypeError: ``threads`` is not an int.
+        ValueError: ``threads`` is below 1.
+    """
+    if threads is not None:
+        check_int(threads, "verify_checkpoint: threads", minimum=1)
+    what, p = locate_checkpoint(path)
+    result = VerifyReport(root=what == "root")
     if what == "partial":
         result.problems.append(_partial_message(p))
         return result
@@ -631,7 +601,7 @@ def _verify(
     result.bytes = sum(c.manifest["files"][c.rel]["bytes"] for c in checks)
     label = targets[-1].name if len(targets) == 1 else f"{len(targets)} checkpoints"
     bar = Progress(f"verifying {label}", result.bytes, enabled=progress)
-    workers = threads or min(16, os.cpu_count() or 4)
+    workers = threads or default_threads()
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="recstack-verify") as pool:
             futures = [pool.submit(_check, c, bar.add) for c in checks]
@@ -685,6 +655,7 @@ def verify_checkpoint(
 
     Raises:
         NotACheckpointError: the path is missing or neither a checkpoint nor a root.
-        ValueError: ``threads`` is not an int >= 1.
+        TypeError: ``threads`` is not an int.
+        ValueError: ``threads`` is below 1.
     """
-    return _verify(path, threads, progress).problems
+    return verify_report(path, threads, progress).problems

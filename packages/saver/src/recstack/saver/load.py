@@ -12,7 +12,6 @@ loaded, per-rank state and random generators restored.
 
 from __future__ import annotations
 
-import fnmatch
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,26 @@ import torch
 from torch import nn
 
 from recstack.core import AuxiliaryState, IncrementalKeyedState, KeyedState, ShardSpec
+from recstack.saver.dense_state import DenseState
+from recstack.saver.dtype_names import dtype_from_name
 from recstack.saver.errors import CheckpointError
-from recstack.saver.files import SAFETENSORS_DTYPES
+from recstack.saver.manifest import Chain
+from recstack.saver.names import NameFilter
 from recstack.saver.progress import Progress
-from recstack.saver.read import CheckedFile, read_checked, read_json, read_parts, verify_files
+from recstack.saver.read import (
+    CheckedFile,
+    part_expectation,
+    read_checked,
+    read_json,
+    read_parts,
+    verify_files,
+)
+from recstack.saver.replay import ChainFiles, chain_files
 from recstack.saver.rng import restore_rng
 from recstack.saver.stateful import Sorted
-from recstack.saver.tree import decode_tree
+from recstack.saver.tree import decode_tree, tensor_names
 
 __all__ = ["LoadReport", "load_chain"]
-
-Chain = list[tuple[Path, dict[str, Any]]]
-_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in SAFETENSORS_DTYPES}
 
 
 @dataclass
@@ -67,90 +74,12 @@ class LoadReport:
         )
 
 
-class _Names:
-    def __init__(
-        self, include: list[str] | None, exclude: list[str] | None, rename: dict[str, str]
-    ) -> None:
-        self.include, self.exclude = include, exclude or []
-        # Longest prefix first, so a specific rename beats a general one.
-        self.rename = sorted(rename.items(), key=lambda kv: -len(kv[0]))
-
-    def renamed(self, name: str) -> str:
-        for old, new in self.rename:
-            if name == old or name.startswith(old + "."):
-                return new + name[len(old) :]
-        return name
-
-    def selected(self, name: str) -> bool:
-        pats = self.include
-        if pats is not None and not any(fnmatch.fnmatchcase(name, p) for p in pats):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
-
-
-class _Dense:
-    """The dense state of the chain's last checkpoint: trees, tensor files, shapes."""
-
-    def __init__(self, ckpt: Path, manifest: dict[str, Any]) -> None:
-        dense = manifest["dense"] or {}
-        self.ckpt, self.manifest = ckpt, manifest
-        self.trees: dict[str, Any] = dense.get("trees", {})
-        self.files: dict[str, str] = dense.get("tensors", {})
-        self.info: dict[str, Any] = dense.get("info", {})
-        self._read: dict[str, dict[str, torch.Tensor]] = {}
-
-    def shape(self, name: str) -> tuple[list[int], torch.dtype | None] | None:
-        info = self.info.get(name)
-        if not isinstance(info, dict):
-            return None
-        return list(info.get("shape", [])), _TORCH_DTYPES.get(str(info.get("dtype")))
-
-    def checked_files(self, names: set[str]) -> list[tuple[CheckedFile, dict[str, Any]]]:
-        by_file: dict[str, dict[str, Any]] = {}
-        for name in names:
-            rel = self.files.get(name)
-            if rel is None:
-                raise CheckpointError(f"{self.ckpt}: dense tensor {name!r} has no file")
-            info = self.info.get(name, {})
-            dtype = SAFETENSORS_DTYPES.get(_TORCH_DTYPES.get(str(info.get("dtype"))))  # type: ignore[arg-type]
-            by_file.setdefault(rel, {})[name] = (dtype, info.get("shape"))
-        return [
-            (CheckedFile(self.ckpt, self.manifest, rel), e) for rel, e in sorted(by_file.items())
-        ]
-
-    def tensors(self, names: set[str]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name in names:
-            rel = self.files[name]
-            if rel not in self._read:
-                # Checked by verify_files already: read without a second CRC pass.
-                f = CheckedFile(self.ckpt, self.manifest, rel)
-                self._read[rel] = read_checked(f, crc=False)
-            out[name] = self._read[rel][name]
-        return out
-
-
-def _tensor_names(tree: Any) -> set[str]:
-    if isinstance(tree, list):
-        return set().union(*(_tensor_names(x) for x in tree)) if tree else set()
-    if isinstance(tree, dict):
-        if set(tree) == {"__tensor__"}:
-            return {tree["__tensor__"]}
-        return set().union(*(_tensor_names(v) for v in tree.values())) if tree else set()
-    return set()
-
-
 @dataclass
 class _Plan:
     tables: list[tuple[str, str, KeyedState]] = field(default_factory=list)
     modules: dict[str, tuple[nn.Module, dict[str, Any]]] = field(default_factory=dict)
     objects: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
     per_rank: dict[str, tuple[Any, Any, str]] = field(default_factory=dict)
-
-
-def _dtype(name: object) -> torch.dtype | None:
-    d = getattr(torch, str(name), None)
-    return d if isinstance(d, torch.dtype) else None
 
 
 def _slot_problem(saved: dict[str, Any], state: KeyedState) -> str | None:
@@ -168,7 +97,7 @@ def _slot_problem(saved: dict[str, Any], state: KeyedState) -> str | None:
                 f"slot {slot!r} has rows of shape {info.get('shape')} in the checkpoint but "
                 f"{mine.get('shape')} in the table (dim mismatch)"
             )
-        a, b = _dtype(info.get("dtype")), _dtype(mine.get("dtype"))
+        a, b = dtype_from_name(info.get("dtype")), dtype_from_name(mine.get("dtype"))
         if a is None or b is None or a == b:
             continue
         if slot == "values" or a.is_floating_point != b.is_floating_point:
@@ -194,7 +123,7 @@ def _replay_problem(chain: Chain, state: KeyedState) -> str | None:
 
 
 def _plan(
-    chain: Chain, objs: Sorted, names: _Names, rank: int, dense: _Dense, report: LoadReport
+    chain: Chain, objs: Sorted, names: NameFilter, rank: int, dense: DenseState, report: LoadReport
 ) -> _Plan:
     full = chain[0][1]
     last_dir, last = chain[-1]
@@ -256,7 +185,12 @@ def _plan(
 
 
 def _plan_module(
-    name: str, module: nn.Module, dense: _Dense, names: _Names, plan: _Plan, report: LoadReport
+    name: str,
+    module: nn.Module,
+    dense: DenseState,
+    names: NameFilter,
+    plan: _Plan,
+    report: LoadReport,
 ) -> None:
     """Match a module's state entries one by one (warm start: new or renamed layers)."""
     saved: dict[str, Any] = {}
@@ -289,7 +223,7 @@ def _plan_module(
         plan.modules[name] = (module, chosen)
 
 
-def _entry_problem(own: Any, tree: Any, dense: _Dense) -> str | None:
+def _entry_problem(own: Any, tree: Any, dense: DenseState) -> str | None:
     if not isinstance(own, torch.Tensor):
         return None
     if not (isinstance(tree, dict) and set(tree) == {"__tensor__"}):
@@ -306,32 +240,6 @@ def _entry_problem(own: Any, tree: Any, dense: _Dense) -> str | None:
 
 
 # ---------------------------------------------------------------------------- checks
-
-
-def _part_expect(slots: dict[str, Any]) -> dict[str, Any]:
-    expect: dict[str, Any] = {"keys": ("I64", [-1])}
-    for slot, info in slots.items():
-        dtype = _TORCH_DTYPES.get(str(info.get("dtype")))
-        expect[f"slot/{slot}"] = (SAFETENSORS_DTYPES.get(dtype), [-1, *info.get("shape", [])])  # type: ignore[arg-type]
-    return expect
-
-
-def _table_files(
-    chain: Chain, saved: str
-) -> list[tuple[int, list[CheckedFile], list[CheckedFile], list[CheckedFile]]]:
-    """Per checkpoint of the chain: ``(index, parts, tombstone files, aux files)``."""
-    out = []
-    for i, (ckpt, m) in enumerate(chain):
-        entry = m["tables"][saved]
-        parts, removed, aux = [], [], []
-        for r in entry["ranks"]:
-            parts += [CheckedFile(ckpt, m, rel) for rel in r["parts"]]
-            if r.get("removed"):
-                removed.append(CheckedFile(ckpt, m, r["removed"]))
-            if r.get("aux"):
-                aux.append(CheckedFile(ckpt, m, r["aux"]))
-        out.append((i, parts, removed, aux))
-    return out
 
 
 def _check_object(name: str, obj: Any, state: Any, where: str) -> None:
@@ -368,8 +276,8 @@ def load_chain(
     """Load ``chain`` (full checkpoint first, then its deltas) into ``objs``."""
     last_dir, last = chain[-1]
     report = LoadReport(step=last["step"], path=last_dir)
-    names = _Names(include, exclude, rename)
-    dense = _Dense(last_dir, last)
+    names = NameFilter(include, exclude, rename)
+    dense = DenseState(last_dir, last)
     plan = _plan(chain, objs, names, rank, dense, report)
     if strict and report.problems():
         listed = "\n  - ".join(report.problems())
@@ -381,18 +289,18 @@ def load_chain(
     checks: list[tuple[CheckedFile, dict[str, Any] | None]] = []
     table_files = {}
     for name, saved, _ in plan.tables:
-        files = _table_files(chain, saved)
+        files = chain_files(chain, saved)
         table_files[name] = files
         slots = chain[0][1]["tables"][saved]["slots"]
         for _, parts, removed, aux in files:
-            checks += [(f, _part_expect(slots)) for f in parts]
+            checks += [(f, part_expectation(slots)) for f in parts]
             checks += [(f, {"keys": ("I64", [-1])}) for f in removed]
             checks += [(f, None) for f in aux]
     needed: set[str] = set()
     for _, chosen in plan.modules.values():
-        needed |= _tensor_names(chosen)
+        needed.update(tensor_names(chosen))
     for _, tree, _ in plan.objects.values():
-        needed |= _tensor_names(tree)
+        needed.update(tensor_names(tree))
     checks += dense.checked_files(needed)
     entries = last.get("per_rank") or []
     per_rank_entry = entries[rank] if rank < len(entries) else None
@@ -478,7 +386,7 @@ def _load_table(
     chain: Chain,
     saved: str,
     state: KeyedState,
-    files: list[tuple[int, list[CheckedFile], list[CheckedFile], list[CheckedFile]]],
+    files: ChainFiles,
     shard: ShardSpec | None,
     pool: ThreadPoolExecutor,
     bar: Progress,

@@ -11,20 +11,24 @@ that did not finish: it is ignored (with a warning) and never loaded.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
-from recstack.saver.errors import CheckpointError
+from recstack.saver.errors import CheckpointError, NotACheckpointError
 
 __all__ = [
     "FORMAT",
     "MANIFEST",
     "VERSION",
+    "Chain",
+    "PathKind",
     "checkpoint_dirname",
     "complete_steps",
+    "locate_checkpoint",
     "manifest_crc",
     "parse_step",
     "read_manifest",
@@ -37,6 +41,12 @@ VERSION = 1
 MANIFEST = "manifest.json"
 _DIR = re.compile(r"^step-(\d{12})$")
 _KINDS = ("full", "delta", "serving")
+
+#: A checkpoint and the ones it builds on, ``[(directory, manifest), ...]``, full one first.
+Chain = list[tuple[Path, dict[str, Any]]]
+
+#: What a path given as "a checkpoint" turned out to be (see :func:`locate_checkpoint`).
+PathKind = Literal["checkpoint", "partial", "root"]
 
 
 def checkpoint_dirname(step: int) -> str:
@@ -69,6 +79,38 @@ def complete_steps(root: Path, *, warn: bool = True) -> list[int]:
                 stacklevel=3,
             )
     return steps
+
+
+def locate_checkpoint(path: str | os.PathLike[str]) -> tuple[PathKind, Path]:
+    """``(kind, directory)`` of a path given as a checkpoint: ``"checkpoint"`` (a
+    directory with a manifest, or the manifest itself), ``"partial"`` (a ``step-*``
+    directory without one: a save that did not finish) or ``"root"`` (a directory holding
+    ``step-*`` directories).
+
+    Args:
+        path: a checkpoint directory, its ``manifest.json``, or a checkpointer root.
+
+    Raises:
+        NotACheckpointError: missing, not a directory, or none of the above.
+    """
+    p = Path(path)
+    if p.name == MANIFEST and p.is_file():
+        p = p.parent
+    if not p.exists():
+        raise NotACheckpointError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        raise NotACheckpointError(
+            f"{p}: not a directory (give a checkpoint directory or a checkpointer root)"
+        )
+    if (p / MANIFEST).is_file():
+        return "checkpoint", p
+    if parse_step(p.name) is not None:
+        return "partial", p
+    if any(parse_step(e.name) is not None and e.is_dir() for e in p.iterdir()):
+        return "root", p
+    raise NotACheckpointError(
+        f"{p}: not a checkpoint (no {MANIFEST}) nor a checkpointer root (no step-* directories)"
+    )
 
 
 def _in_progress(entry: Path) -> bool:
@@ -156,7 +198,7 @@ def _referenced(m: dict[str, Any], where: str) -> list[Any]:
     return out
 
 
-def resolve_chain(root: Path, name: str) -> list[tuple[Path, dict[str, Any]]]:
+def resolve_chain(root: Path, name: str) -> Chain:
     """``[(dir, manifest), ...]`` from the full checkpoint up to checkpoint ``name``.
 
     Raises:

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import operator
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from recstack.core import HasKeyedStates, KeyedState, ShardSpec
+from recstack.core.checks import check_int
 from recstack.saver.stateful import declared_dim
 
 __all__ = ["import_embedding_weight", "import_torchrec_state_dict"]
@@ -89,11 +89,7 @@ def _check(
         raise ValueError(
             f"{where}: the weight has rows of width {w.shape[1]} but the table has dim {dim}"
         )
-    if isinstance(chunk_rows, bool) or not hasattr(chunk_rows, "__index__"):
-        raise TypeError(f"{where}: chunk_rows must be an int, got {type(chunk_rows).__name__}")
-    rows = operator.index(chunk_rows)  # type: ignore[arg-type]
-    if rows < 1:
-        raise ValueError(f"{where}: chunk_rows must be >= 1, got {rows}")
+    rows = check_int(chunk_rows, f"{where}: chunk_rows", minimum=1)
     if ids is None:
         return meta, w, None, rows
     if not isinstance(ids, torch.Tensor):

@@ -17,11 +17,20 @@ from typing import Any
 
 import torch
 
+from recstack.saver.dtype_names import safetensors_name
 from recstack.saver.errors import CheckpointError
 from recstack.saver.files import byte_view, crc32_file, read_header, read_tensor_file
 from recstack.saver.manifest import MANIFEST, safe_path
 
-__all__ = ["CheckedFile", "read_checked", "read_json", "read_parts", "verify_files"]
+__all__ = [
+    "CheckedFile",
+    "part_expectation",
+    "read_checked",
+    "read_json",
+    "read_parts",
+    "shape_fits",
+    "verify_files",
+]
 
 
 class CheckedFile:
@@ -148,7 +157,7 @@ def verify_files(
                 raise CheckpointError(
                     f"{f.where}: tensor {name!r} is {info['dtype']}, the manifest says {dtype}"
                 )
-            if shape is not None and not _fits(info["shape"], shape):
+            if shape is not None and not shape_fits(info["shape"], shape):
                 raise CheckpointError(
                     f"{f.where}: tensor {name!r} has shape {info['shape']}, the manifest "
                     f"says {shape}"
@@ -159,10 +168,30 @@ def verify_files(
         fut.result()
 
 
-def _fits(shape: list[int], expect: list[int]) -> bool:
+def shape_fits(shape: list[int], expect: list[int]) -> bool:
+    """Whether a tensor's ``shape`` is the expected one (an ``expect`` entry of ``-1``
+    accepts any length there).
+
+    Args:
+        shape: the shape a file's header records.
+        expect: the shape the manifest implies.
+    """
     if len(shape) != len(expect):
         return False
     return all(e == -1 or s == e for s, e in zip(shape, expect, strict=True))
+
+
+def part_expectation(slots: dict[str, Any]) -> dict[str, Any]:
+    """What a table's part file must hold, for :func:`verify_files`: int64 ``keys`` and,
+    per slot, ``slot/<name>`` rows of the recorded dtype and row shape, one per key.
+
+    Args:
+        slots: the table's ``{slot: {"dtype", "shape"}}`` from the manifest.
+    """
+    expect: dict[str, Any] = {"keys": ("I64", [-1])}
+    for slot, info in slots.items():
+        expect[f"slot/{slot}"] = (safetensors_name(info.get("dtype")), [-1, *info.get("shape", [])])
+    return expect
 
 
 def read_parts(

@@ -24,15 +24,39 @@ from dataclasses import dataclass
 
 import torch
 
+from recstack.saver.manifest import Chain
 from recstack.saver.read import CheckedFile, read_checked, read_parts
 
-__all__ = ["ChainFiles", "replay_rows"]
+__all__ = ["ChainFiles", "chain_files", "replay_rows"]
 
 #: Per checkpoint of a chain (full first): ``(index, parts, tombstone files, aux files)``.
 ChainFiles = list[tuple[int, list[CheckedFile], list[CheckedFile], list[CheckedFile]]]
 Rows = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 _REMOVED = -1
+
+
+def chain_files(chain: Chain, table: str) -> ChainFiles:
+    """Table ``table``'s files in each checkpoint of ``chain`` (full checkpoint first):
+    ``(index, parts, tombstone files, auxiliary-state files)``, every rank's.
+
+    Args:
+        chain: the checkpoints, as :func:`~recstack.saver.manifest.resolve_chain` gives
+            them.
+        table: the table's saved name (each checkpoint of the chain must have it).
+    """
+    out = []
+    for i, (ckpt, m) in enumerate(chain):
+        entry = m["tables"][table]
+        parts, removed, aux = [], [], []
+        for r in entry["ranks"]:
+            parts += [CheckedFile(ckpt, m, rel) for rel in r["parts"]]
+            if r.get("removed"):
+                removed.append(CheckedFile(ckpt, m, r["removed"]))
+            if r.get("aux"):
+                aux.append(CheckedFile(ckpt, m, r["aux"]))
+        out.append((i, parts, removed, aux))
+    return out
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Export for serving: each table's ids and embedding rows, and the dense weights, in one
-dtype; loaded back as read-only lookups.
+"""Serving exports read back: each table's ids and embedding rows, and the dense weights,
+in one dtype, as read-only lookups.
 
 A serving export is what an inference server needs of a trained model and nothing more:
 
@@ -12,13 +12,14 @@ A serving export is what an inference server needs of a trained model and nothin
 
 It is written like a checkpoint (the same layout, per-rank part files, CRC-32 checksums,
 files written aside and renamed, ``manifest.json`` last) with kind ``"serving"``, so it
-is complete or ignored. :func:`load_for_inference` reads it back: each table's keys
+is complete or ignored (:mod:`recstack.saver.serving_export`,
+:mod:`recstack.saver.convert`). :func:`load_for_inference` reads it back: each table's keys
 sorted once with their rows in that order, looked up with ``torch.searchsorted`` (pure
 torch, CPU or CUDA).
 
 Example:
     >>> import tempfile, torch
-    >>> from recstack.saver.serving import export_for_serving, load_for_inference
+    >>> from recstack.saver import export_for_serving, load_for_inference
     >>> class Table:  # any KeyedState: here 3 ids with 2-wide rows
     ...     def state_metadata(self):
     ...         return {"dim": 2}
@@ -36,320 +37,26 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from recstack.core import HasKeyedStates, KeyedState
+from recstack.saver.dtype_names import DTYPES_BY_NAME, dtype_name
 from recstack.saver.errors import CheckpointError
-from recstack.saver.files import SAFETENSORS_DTYPES
 from recstack.saver.manifest import MANIFEST, read_manifest
-from recstack.saver.progress import Progress
+from recstack.saver.parallel import default_threads
 from recstack.saver.read import CheckedFile, read_checked, read_parts
-from recstack.saver.snapshot import estimate_chunk_rows, host_copies, iter_host_chunks
-from recstack.saver.stateful import PerRank, declared_dim, sort_stateful
-from recstack.saver.tree import decode_tree, encode_tree
-from recstack.saver.write import DenseJob, RankJob, TableJob, write_rank
+from recstack.saver.serving_format import SERVING_DTYPES, VALUES
+from recstack.saver.stateful import declared_dim
+from recstack.saver.tree import decode_tree
 
-__all__ = [
-    "SERVING_DTYPES",
-    "ServingModel",
-    "ServingTable",
-    "export_for_serving",
-    "load_for_inference",
-]
+__all__ = ["PoolingMode", "ServingModel", "ServingTable", "load_for_inference"]
 
-#: The dtypes a serving export can be written in.
-SERVING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_VALUES = "values"
-_DTYPE_NAMES = {d: str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES}
-_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
-# What an export directory may hold besides the manifest: anything else means the caller
-# pointed at a directory that is not an export (never deleted).
-_OWN_ENTRIES = {"sparse", "dense", "rank"}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-
-
-# ---------------------------------------------------------------------------- export
-
-
-def export_for_serving(
-    out_dir: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    step: int = 0,
-    rank: int | None = None,
-    world_size: int | None = None,
-    part_bytes: int = 256 << 20,
-    dense_file_bytes: int = 1 << 30,
-    threads: int | None = None,
-    pool: ThreadPoolExecutor | None = None,
-    progress: bool | None = None,
-    barrier: bool | None = None,
-    **stateful: Any,
-) -> Path:
-    """Write the serving export of the named objects into ``out_dir``; return it.
-
-    Args:
-        out_dir: the export directory (created when missing). It must not hold a complete
-            export already; what an unfinished export left there is cleared by rank 0.
-        dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``: the dtype of
-            every table's rows and of the modules' floating tensors.
-        step: the training step recorded in the manifest (:attr:`ServingModel.step`).
-        rank: this process's rank; default from ``torch.distributed`` when initialized,
-            else ``0``. Every rank writes the rows its tables hold
-            (one part file per exported chunk), rank 0 also the dense weights; the last
-            rank to finish writes the manifest. Given without a process group, the ranks
-            run one after another into the same ``out_dir``, rank 0 first.
-        world_size: the number of ranks; default from ``torch.distributed``, else ``1``.
-        part_bytes: about how many bytes of serving rows (ids and ``dtype`` values) one
-            part file holds (the export chunk; the state's other slots are gathered with
-            it, so it briefly takes more memory where the table lives).
-        dense_file_bytes: the dense tensors are split into files of about this size.
-        threads: writer threads when ``pool`` is not given (default: CPU count, <= 16).
-        pool: a thread pool to write with (a :class:`~recstack.saver.Checkpointer`'s).
-        progress: show a progress line; ``None`` shows it when stderr is a terminal.
-        barrier: synchronize the ranks through ``torch.distributed`` (after the directory
-            is prepared, and before returning, when the manifest is there); default: when
-            ``rank``/``world_size`` come from it.
-        **stateful: what to export, by name: ``nn.Module`` objects (their tables and
-            dense weights), ``KeyedState`` objects, dicts of them, objects with
-            ``keyed_states()``. Tables get the names a checkpoint gives them
-            (``"model.ec.item"`` for table ``item`` of submodule ``ec`` of ``model``).
-
-    Raises:
-        TypeError: an object that is not exported for serving (an optimizer, a scheduler,
-            a dict of values, a ``PerRank``), an unsupported ``dtype``, or a table whose
-            ``"values"`` rows are not floating point; named.
-        ValueError: a bad name, ``rank``/``world_size`` or size.
-        CheckpointError: ``out_dir`` holds a complete export, or files that are not an
-            export's; a table without a ``"values"`` slot; ranks that did not export the
-            same tables.
-    """
-    if dtype not in SERVING_DTYPES:
-        raise TypeError(
-            f"export_for_serving: dtype must be one of {[_name(d) for d in SERVING_DTYPES]}, "
-            f"got {dtype!r}"
-        )
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"export_for_serving: step must be an int >= 0, got {step!r}")
-    for what, value in (("part_bytes", part_bytes), ("dense_file_bytes", dense_file_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"export_for_serving: {what} must be an int >= 1, got {value!r}")
-    rank, world_size, group = _place(rank, world_size)
-    if barrier is not None:
-        group = bool(barrier)
-    _refuse_non_serving(stateful)
-    objs = sort_stateful(stateful)
-    out = Path(out_dir)
-    _prepare(out, rank, group)
-    tables = [_table_job(name, state, dtype, part_bytes) for name, state in objs.tables.items()]
-    dense = _dense_job(objs.dense, dtype) if rank == 0 else None
-    job = RankJob(
-        ckpt=out,
-        step=step,
-        kind="serving",
-        rank=rank,
-        world_size=world_size,
-        base=None,
-        tables=tables,
-        dense=dense,
-        per_rank={"rng": None, "states": {}},
-        per_rank_tensors={},
-        dense_file_bytes=dense_file_bytes,
-        max_in_flight=2 * _threads(threads),
-        extra={"dtype": _name(dtype)},
-    )
-    bar = Progress(f"exporting {out.name} for serving", enabled=progress)
-    own = pool is None
-    if own:
-        pool = ThreadPoolExecutor(_threads(threads), thread_name_prefix="recstack-export")
-    assert pool is not None
-    try:
-        write_rank(job, pool, bar.add)
-    finally:
-        bar.close()
-        if own:
-            pool.shutdown(wait=True)
-    if group:
-        dist.barrier()
-    return out
-
-
-def _threads(threads: int | None) -> int:
-    n = threads if threads is not None else min(16, os.cpu_count() or 4)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"export_for_serving: threads must be an int >= 1, got {threads!r}")
-    return n
-
-
-def _place(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """``(rank, world_size, use the process group)``."""
-    if (rank is None) != (world_size is None):
-        raise ValueError("export_for_serving: give both rank and world_size, or neither")
-    group = rank is None and dist.is_available() and dist.is_initialized()
-    if rank is None or world_size is None:
-        rank = dist.get_rank() if group else 0
-        world_size = dist.get_world_size() if group else 1
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"export_for_serving: world_size must be an int >= 1, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"export_for_serving: rank must be in [0, {world_size}), got {rank!r}")
-    return rank, world_size, group
-
-
-def _refuse_non_serving(stateful: Mapping[str, Any]) -> None:
-    """Only modules and tables have a serving form: refuse the rest before writing."""
-    for name, obj in stateful.items():
-        if isinstance(obj, (nn.Module, KeyedState, HasKeyedStates)):
-            continue
-        if (
-            isinstance(obj, Mapping)
-            and obj
-            and all(isinstance(v, KeyedState) for v in obj.values())
-        ):
-            continue
-        what = "a PerRank object" if isinstance(obj, PerRank) else f"a {type(obj).__name__}"
-        raise TypeError(
-            f"export_for_serving: {name!r} is {what}; a serving export holds only the tables "
-            "and dense weights of models: pass nn.Module objects, KeyedStates (or dicts of "
-            "them) and objects with keyed_states(), not optimizers, schedulers, dicts of "
-            "values or per-rank state"
-        )
-
-
-def _refuse_out_dir(out: Path) -> list[Path]:
-    """Refuse a directory that holds a complete export or foreign files; return what an
-    unfinished export left there (to clear)."""
-    if (out / MANIFEST).exists():
-        raise CheckpointError(
-            f"{out}: holds a complete export already; export into a new directory (or "
-            "remove this one)"
-        )
-    entries = list(out.iterdir()) if out.is_dir() else []
-    foreign = sorted(p.name for p in entries if not _own_entry(p.name))
-    if foreign:
-        raise CheckpointError(
-            f"{out}: not empty and not an unfinished export (it holds {foreign[:5]}); "
-            "export into a new or empty directory"
-        )
-    return entries
-
-
-def _prepare(out: Path, rank: int, group: bool) -> None:
-    """Refuse a directory that holds a complete export or foreign files (every rank checks,
-    so all of them raise); on rank 0 clear what an unfinished export left; then let every
-    rank write."""
-    entries = _refuse_out_dir(out)
-    if rank == 0:
-        for p in entries:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
-    if group:
-        dist.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _own_entry(name: str) -> bool:
-    """Whether an export (finished or not) writes an entry of this name."""
-    return (
-        name in _OWN_ENTRIES
-        or name.startswith(".writing")
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
-
-
-def _table_metadata(name: str, meta: Any, dtype: torch.dtype) -> tuple[dict[str, Any], int | None]:
-    """``(metadata of the table in the export, its row width or None)`` from the table's
-    own metadata (live, or as a checkpoint recorded it)."""
-    dim = declared_dim(meta)
-    # Without a declared dim, the slots come from the first chunk a rank writes.
-    slots = {} if dim is None else {_VALUES: {"dtype": _name(dtype), "shape": [dim]}}
-    serving_meta: dict[str, Any] = {"table": name, "dtype": _name(dtype), "slots": slots}
-    if dim is not None:
-        serving_meta["dim"] = dim
-    source = meta.get("format") if isinstance(meta, Mapping) else None
-    if isinstance(source, str):
-        serving_meta["source_format"] = source
-    return serving_meta, dim
-
-
-def _table_job(name: str, state: KeyedState, dtype: torch.dtype, part_bytes: int) -> TableJob:
-    serving_meta, dim = _table_metadata(name, state.state_metadata(), dtype)
-    rows = estimate_chunk_rows({"slots": serving_meta["slots"]}, part_bytes)
-    chunks = iter_host_chunks(
-        _values_only(name, state.export_chunks(rows), dtype, dim), snapshot=False, pool=None
-    )
-    return TableJob(name, serving_meta, chunks)
-
-
-def _values_only(
-    name: str,
-    chunks: Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    dtype: torch.dtype,
-    dim: int | None,
-) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The ``"values"`` slot of each chunk, cast to ``dtype`` where the rows live."""
-    for keys, slots in chunks:
-        values = slots.get(_VALUES)
-        if values is None:
-            raise CheckpointError(
-                f"table {name!r}: its export chunks have no {_VALUES!r} slot (they have "
-                f"{sorted(slots)}); only tables of embedding rows can be exported for serving"
-            )
-        if not values.is_floating_point():
-            raise TypeError(f"table {name!r}: its {_VALUES!r} rows are {values.dtype}, not float")
-        if values.dim() != 2 or values.shape[0] != keys.shape[0] or keys.dim() != 1:
-            raise CheckpointError(
-                f"table {name!r}: a chunk has keys of shape {tuple(keys.shape)} and values of "
-                f"shape {tuple(values.shape)}; expected [n] and [n, dim]"
-            )
-        if dim is not None and values.shape[1] != dim:
-            raise CheckpointError(
-                f"table {name!r}: a chunk has rows of width {values.shape[1]}, its metadata "
-                f"says dim {dim}"
-            )
-        if keys.dtype != torch.int64:
-            raise TypeError(f"table {name!r}: keys must be int64, got {keys.dtype}")
-        yield keys, {_VALUES: values.detach().to(dtype)}
-
-
-def _dense_job(dense: Mapping[str, Any], dtype: torch.dtype) -> DenseJob:
-    trees: dict[str, Any] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, obj in dense.items():
-        if not isinstance(obj, nn.Module):
-            # An object with keyed_states() that also has a state_dict: its tables are
-            # exported, its other state has no serving form.
-            continue
-        trees[name], ts = _module_entry(name, obj.state_dict(), dtype)
-        tensors.update(ts)
-    return DenseJob(trees, tensors)
-
-
-def _module_entry(
-    name: str, state: Mapping[str, Any], dtype: torch.dtype
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(dense tree entry, host tensors)`` of a module's state dict in the export: its
-    tensors only, floating ones cast to ``dtype``."""
-    kept = {
-        key: (value.detach().to(dtype) if value.is_floating_point() else value.detach())
-        for key, value in state.items()
-        if isinstance(value, torch.Tensor)
-    }
-    tree, ts = encode_tree(kept, name)
-    return {"kind": "module", "tree": tree}, host_copies(ts, snapshot=False, pool=None)
+#: How :meth:`ServingTable.lookup_pooled` pools a bag of ids.
+PoolingMode = Literal["sum", "mean"]
 
 
 # ---------------------------------------------------------------------------- serving
@@ -443,12 +150,15 @@ class ServingTable(nn.Module):
             raise TypeError(f"ServingTable {self.name!r}: {what} must be a tensor")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"ServingTable {self.name!r}: {what} must be integers, got {ids.dtype}")
-        if ids.device != self.device:
+        self._check_device(ids, what)
+        return ids.to(torch.int64)
+
+    def _check_device(self, t: torch.Tensor, what: str) -> None:
+        if t.device != self.device:
             raise ValueError(
-                f"ServingTable {self.name!r}: {what} are on {ids.device} but the table is on "
+                f"ServingTable {self.name!r}: {what} are on {t.device} but the table is on "
                 f"{self.device}"
             )
-        return ids.to(torch.int64)
 
     def lookup(
         self, ids: torch.Tensor, *, default: torch.Tensor | None = None
@@ -458,6 +168,10 @@ class ServingTable(nn.Module):
 
         Unknown ids read ``default`` (``[dim]``; else the table's :attr:`default`; else
         zeros). No host sync.
+
+        Args:
+            ids: integer ids, on the table's device.
+            default: the row unknown ids read (``None``: the table's default).
         """
         ids = self._check_ids(ids, "ids")
         flat = ids.reshape(-1)
@@ -477,14 +191,18 @@ class ServingTable(nn.Module):
         return rows.view(*ids.shape, self.dim), found.view(ids.shape)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows of ``ids`` (see :meth:`lookup`)."""
+        """The rows of ``ids`` (see :meth:`lookup`).
+
+        Args:
+            ids: integer ids, on the table's device.
+        """
         return self.lookup(ids)[0]
 
     def lookup_pooled(
         self,
         ids: torch.Tensor,
         offsets: torch.Tensor,
-        mode: str = "sum",
+        mode: PoolingMode = "sum",
         *,
         weights: torch.Tensor | None = None,
         default: torch.Tensor | None = None,
@@ -495,6 +213,8 @@ class ServingTable(nn.Module):
         (accumulated in fp32).
 
         Args:
+            ids: 1-D integer ids of every bag, on the table's device.
+            offsets: int64 ``[B + 1]`` bag boundaries into ``ids``.
             mode: ``"sum"`` or ``"mean"`` (an empty bag gives zeros; unknown ids read the
                 default row and count in the mean, as in the embedding engine's eval).
             weights: per-id weights (``[len(ids)]``), for a weighted ``"sum"``.
@@ -502,7 +222,7 @@ class ServingTable(nn.Module):
 
         Offsets are not read on the host (no sync): ids past ``offsets[-1]`` are ignored.
         """
-        if mode not in ("sum", "mean"):
+        if mode not in get_args(PoolingMode):
             raise ValueError(
                 f"ServingTable {self.name!r}: mode must be 'sum' or 'mean', got {mode!r}"
             )
@@ -520,11 +240,7 @@ class ServingTable(nn.Module):
             raise TypeError(
                 f"ServingTable {self.name!r}: offsets must be a 1-D int64 tensor of length B + 1"
             )
-        if offsets.device != self.device:
-            raise ValueError(
-                f"ServingTable {self.name!r}: offsets are on {offsets.device} but the table is "
-                f"on {self.device}"
-            )
+        self._check_device(offsets, "offsets")
         rows, _ = self.lookup(ids, default=default)
         rows = rows.float()
         if weights is not None:
@@ -551,6 +267,13 @@ class ServingTable(nn.Module):
 
 class ServingModel:
     """What :func:`load_for_inference` read: the tables and dense weights of an export.
+
+    Args:
+        path: the export directory.
+        step: the step recorded at export.
+        dtype: the export's dtype.
+        tables: a :class:`ServingTable` per table.
+        dense: each module's dense weights, by module name.
 
     Attributes:
         path: the export directory.
@@ -582,6 +305,9 @@ class ServingModel:
         """The dense weights of module ``name`` (as exported), or of one of its submodules
         (``"model.tower"``: the entries under that prefix, the prefix removed), for
         ``load_state_dict``.
+
+        Args:
+            name: a module's name, or a dotted path below it.
 
         Raises:
             KeyError: no such module or submodule in the export, listing what it holds.
@@ -620,6 +346,11 @@ def load_for_inference(
     Every file is checked against the manifest (size, CRC-32, tensor dtypes and shapes);
     each table's ids are sorted once, its rows put in that order.
 
+    Args:
+        path: the export directory.
+        device: where the tables and dense weights go.
+        threads: reader threads (default: the CPU count, at most 16).
+
     Raises:
         CheckpointError: no manifest, not a serving export, a missing, truncated or
             corrupt file (named), or an id held by two ranks' parts.
@@ -633,11 +364,11 @@ def load_for_inference(
             "export_for_serving (or load this one with Checkpointer.load)"
         )
     extra = manifest.get("extra") if isinstance(manifest.get("extra"), dict) else {}
-    dtype = _BY_NAME.get(str(extra.get("dtype")))
+    dtype = DTYPES_BY_NAME.get(str(extra.get("dtype")))
     if dtype not in SERVING_DTYPES:
         raise CheckpointError(f"{where}: unknown serving dtype {extra.get('dtype')!r}")
     device = torch.device(device)
-    n_threads = threads if threads is not None else min(16, os.cpu_count() or 4)
+    n_threads = threads if threads is not None else default_threads()
     with ThreadPoolExecutor(n_threads, thread_name_prefix="recstack-serving") as pool:
         tables = {
             name: _load_table(ckpt, manifest, name, entry, dtype, device, pool)
@@ -659,14 +390,14 @@ def _load_table(
     where = f"{ckpt / MANIFEST}: table {name!r}"
     if not isinstance(entry, dict) or not isinstance(entry.get("ranks"), list):
         raise CheckpointError(f"{where}: malformed entry")
-    info = (entry.get("slots") or {}).get(_VALUES) or {}
+    info = (entry.get("slots") or {}).get(VALUES) or {}
     shape = info.get("shape")
     dim = shape[0] if isinstance(shape, list) and len(shape) == 1 else None
     if dim is None:
         dim = declared_dim(entry.get("metadata"))
-    if info and info.get("dtype") != _name(dtype):
+    if info and info.get("dtype") != dtype_name(dtype):
         raise CheckpointError(
-            f"{where}: rows are {info.get('dtype')}, the export is {_name(dtype)}"
+            f"{where}: rows are {info.get('dtype')}, the export is {dtype_name(dtype)}"
         )
     files, total = [], 0
     for r in entry["ranks"]:
@@ -676,15 +407,15 @@ def _load_table(
     values = torch.empty((total, dim or 0), dtype=dtype)
     at = 0
     for f, tensors in zip(files, read_parts(files, pool), strict=True):
-        k, v = tensors.get("keys"), tensors.get(f"slot/{_VALUES}")
+        k, v = tensors.get("keys"), tensors.get(f"slot/{VALUES}")
         if k is None or v is None:
-            raise CheckpointError(f"{f.where}: lacks tensor 'keys' or 'slot/{_VALUES}'")
+            raise CheckpointError(f"{f.where}: lacks tensor 'keys' or 'slot/{VALUES}'")
         if k.dtype != torch.int64 or k.dim() != 1:
             raise CheckpointError(f"{f.where}: keys are {k.dtype} {list(k.shape)}, not int64 [n]")
         if v.dtype != dtype or v.dim() != 2 or v.shape[0] != k.shape[0] or v.shape[1] != (dim or 0):
             raise CheckpointError(
                 f"{f.where}: values are {v.dtype} {list(v.shape)}, the manifest says "
-                f"{_name(dtype)} [{k.shape[0]}, {dim}]"
+                f"{dtype_name(dtype)} [{k.shape[0]}, {dim}]"
             )
         if at + k.shape[0] > total:
             raise CheckpointError(f"{where}: its parts hold more ids than the manifest's {total}")
@@ -719,10 +450,10 @@ def _load_dense(
             raise CheckpointError(f"{ckpt / rel}: tensor {name!r} is missing")
         expect = info_of.get(name)
         if isinstance(expect, dict) and (
-            _name(t.dtype) != expect.get("dtype") or list(t.shape) != expect.get("shape")
+            dtype_name(t.dtype) != expect.get("dtype") or list(t.shape) != expect.get("shape")
         ):
             raise CheckpointError(
-                f"{ckpt / rel}: tensor {name!r} is {_name(t.dtype)} {list(t.shape)}, the "
+                f"{ckpt / rel}: tensor {name!r} is {dtype_name(t.dtype)} {list(t.shape)}, the "
                 f"manifest says {expect.get('dtype')} {expect.get('shape')}"
             )
         tensors[name] = t

@@ -28,7 +28,7 @@ import torch
 
 from recstack.core import PagedTensor
 
-__all__ = ["decode_tree", "encode_tree"]
+__all__ = ["decode_tree", "encode_tree", "tensor_names"]
 
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -111,6 +111,26 @@ def decode_tree(tree: Any, tensors: Mapping[str, torch.Tensor], where: str) -> A
         ValueError: the tree names a tensor the map lacks, or holds an unknown tag.
     """
     return _decode(tree, tensors, where)
+
+
+def tensor_names(tree: Any) -> list[str]:
+    """The tensor names a tree refers to (its ``{"__tensor__": name}`` tags), in order.
+
+    Args:
+        tree: a JSON tree :func:`encode_tree` made (or a manifest holds).
+    """
+    out: list[str] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            if set(node) == {"__tensor__"} and isinstance(node["__tensor__"], str):
+                out.append(node["__tensor__"])
+            else:
+                stack.extend(reversed(list(node.values())))
+    return out
 
 
 _DROP = object()

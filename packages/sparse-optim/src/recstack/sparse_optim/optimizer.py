@@ -46,7 +46,7 @@ from recstack.core.kernels.row_update_many import RowJob, check_and_apply_row_up
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
 from recstack.core.row_update import RowUpdate
 from recstack.sparse_optim.gates import GateBook
-from recstack.sparse_optim.kernels.optimizer_tile import optimizer_tile
+from recstack.sparse_optim.kernels.optimizer_tile import OptimizerTile, optimizer_tile, tile_slots
 
 __all__ = ["Param", "ParamLike", "SlotSpec", "SparseOptimizer"]
 
@@ -635,7 +635,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] += 1
         step = state["step"]
-        variant, lr, params, flags = self._tile_args(group, step, _dim_of(p))
+        variant, lr, params, flags = tile_slots(self._tile_args(group, step, _dim_of(p)))
 
         def reference(rows: torch.Tensor, grad: torch.Tensor) -> None:
             w = table.gather_rows(rows, check_bounds=False).to(torch.float32)
@@ -658,11 +658,10 @@ class SparseOptimizer(torch.optim.Optimizer):
             gate=gate,
         )
 
-    def _tile_args(
-        self, group: dict[str, Any], step: int, dim: int
-    ) -> tuple[int, float, tuple[float, ...], tuple[bool, ...]]:
-        """``(variant, lr, params, flags)`` of :func:`~recstack.sparse_optim.kernels.
-        optimizer_tile.optimizer_tile` for this group's update at ``step``."""
+    def _tile_args(self, group: dict[str, Any], step: int, dim: int) -> OptimizerTile:
+        """This group's update at ``step`` on rows of width ``dim``, named for
+        :func:`~recstack.sparse_optim.kernels.optimizer_tile.optimizer_tile` (an
+        ``SgdTile``, ``AdamTile``...)."""
         raise NotImplementedError
 
     def _whole_rows(self) -> bool:

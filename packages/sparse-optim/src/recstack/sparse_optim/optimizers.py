@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from recstack.sparse_optim.kernels.optimizer_tile import (
-    OPT_ADAGRAD,
-    OPT_ADAM,
-    OPT_FTRL,
-    OPT_ROWWISE,
-    OPT_SGD,
+    AdagradTile,
+    AdamTile,
+    FtrlTile,
+    RowWiseAdagradTile,
+    SgdTile,
     log2_beta,
 )
 from recstack.sparse_optim.optimizer import (
@@ -112,8 +112,13 @@ class SparseSGD(SparseOptimizer):
             raise ValueError("SparseSGD: nesterov needs momentum > 0")
 
     def _tile_args(self, group, step, dim):
-        flags = (bool(group["momentum"]), bool(group["nesterov"]))
-        return OPT_SGD, group["lr"], (group["momentum"], group["weight_decay"]), flags
+        return SgdTile(
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            has_momentum=bool(group["momentum"]),
+            nesterov=bool(group["nesterov"]),
+        )
 
     def _update_rows(self, group, step, w, g, slots):
         buf = slots.get("momentum_buffer")
@@ -179,7 +184,7 @@ class SparseAdagrad(SparseOptimizer):
 
     def _tile_args(self, group, step, dim):
         clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-        return OPT_ADAGRAD, clr, (group["eps"], group["weight_decay"]), ()
+        return AdagradTile(lr=clr, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def _update_rows(self, group, step, w, g, slots):
         w, acc = adagrad_rows(
@@ -230,7 +235,9 @@ class RowWiseAdagrad(SparseOptimizer):
         _nonneg(self, group, "weight_decay", "eps")
 
     def _tile_args(self, group, step, dim):
-        return OPT_ROWWISE, group["lr"], (group["eps"], group["weight_decay"], float(dim)), ()
+        return RowWiseAdagradTile(
+            lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"], dim=float(dim)
+        )
 
     def _update_rows(self, group, step, w, g, slots):
         w, acc = rowwise_adagrad_rows(
@@ -316,12 +323,21 @@ class SparseAdam(SparseOptimizer):
         beta1, beta2 = group["betas"]
         per_row = self.step_count == "per_row"
         if per_row:
-            corr = (log2_beta(beta1), log2_beta(beta2))
+            corr1, corr2 = log2_beta(beta1), log2_beta(beta2)
         else:
-            corr = (1 - beta1**step, 1 - beta2**step)
-        params = (beta1, beta2, group["eps"], group["weight_decay"], *corr)
-        flags = (self._decoupled, bool(group["tf_compat"]), per_row)
-        return OPT_ADAM, group["lr"], params, flags
+            corr1, corr2 = 1 - beta1**step, 1 - beta2**step
+        return AdamTile(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correction1=corr1,
+            correction2=corr2,
+            decoupled=self._decoupled,
+            tf_compat=bool(group["tf_compat"]),
+            per_row_steps=per_row,
+        )
 
     def _update_rows(self, group, step, w, g, slots):
         beta1, beta2 = group["betas"]
@@ -422,7 +438,7 @@ class SparseFTRL(SparseOptimizer):
             raise ValueError(f"SparseFTRL: lr must be > 0, got {group['lr']!r}")
 
     def _tile_args(self, group, step, dim):
-        return OPT_FTRL, group["lr"], (group["beta"], group["l1"], group["l2"]), ()
+        return FtrlTile(lr=group["lr"], beta=group["beta"], l1=group["l1"], l2=group["l2"])
 
     def _update_rows(self, group, step, w, g, slots):
         w, z, n = ftrl_rows(

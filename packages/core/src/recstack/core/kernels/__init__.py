@@ -11,6 +11,11 @@ reference. Which one runs is decided per call from the tensors' device:
 The choice can be forced with :func:`use_backend` / :func:`set_backend` or the
 ``RECSTACK_KERNELS`` environment variable (``auto``, ``triton`` or ``torch``); forcing
 ``torch`` on CUDA runs the reference on the GPU, which is what benchmarks compare against.
+
+Kernels of every package share two helper modules: :mod:`recstack.core.kernels.device`
+(``@triton.jit`` device functions: hashing steps, paged row pointers, table dtypes,
+segmented sums) and :mod:`recstack.core.kernels.host` (launch arithmetic: block sizes,
+warps, int64 constants).
 """
 
 from __future__ import annotations

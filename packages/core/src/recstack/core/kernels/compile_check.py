@@ -169,6 +169,9 @@ def _decode(arg: tuple[Any, ...]) -> Any:
         return getattr(tl, arg[1])
     if kind == "jit":
         return _resolve(arg[1], arg[2])
+    if kind == "tuple":
+        fields = [_decode(a) for a in arg[3]]
+        return _resolve(arg[1], arg[2])(*fields) if arg[1] else tuple(fields)
     raise LookupError(f"cannot rebuild an argument of type {arg[1]}")
 
 
@@ -318,12 +321,21 @@ def _describe(sig: LaunchSignature) -> str:
         names = list(_resolve(sig.kernel, sig.file).arg_names)
     except Exception:
         names = [str(i) for i in range(len(sig.args))]
-    consts = ", ".join(
-        f"{names[i]}={a[1] if a[0] != 'jit' else a[1].rsplit(':', 1)[-1]}"
-        for i, a in enumerate(sig.args)
-        if a[0] in ("const", "dtype", "jit")
-    )
+    consts = ", ".join(f"{names[i]}={_shown(a)}" for i, a in enumerate(sig.args) if _is_const(a))
     return f"{sig.kernel}({consts})"
+
+
+def _is_const(arg: tuple[Any, ...]) -> bool:
+    if arg[0] == "tuple":
+        return any(_is_const(a) for a in arg[3])
+    return arg[0] in ("const", "dtype", "jit")
+
+
+def _shown(arg: tuple[Any, ...]) -> str:
+    """A constexpr argument for messages: its value, a jitted function's name."""
+    if arg[0] == "tuple":
+        return "(" + ", ".join(_shown(a) for a in arg[3] if _is_const(a)) + ")"
+    return str(arg[1]) if arg[0] != "jit" else arg[1].rsplit(":", 1)[-1]
 
 
 # --- command line ----------------------------------------------------------------------------

@@ -15,7 +15,9 @@ every supported version). In the torch references, add and multiply wrap modulo 
 as unsigned arithmetic does, and logical right shift is an arithmetic shift followed by a mask.
 The Triton kernels bitcast to uint64 and work unsigned. ``tl_xxh64_u64``, ``tl_xxh64_bytes``
 and ``tl_fmix64`` are ``@triton.jit`` device functions other kernels (hash tables, fused
-feature gathers) call so they hash identically.
+feature gathers) call so they hash identically; the XXH64 steps they are built from are in
+:mod:`recstack.core.kernels.device`. :func:`lshr64`, :func:`xxh64_step8` and
+:func:`xxh64_avalanche` are those steps' torch forms, for other packages' references.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import operator
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON
+from recstack.core.kernels.device import PRIME64_1, PRIME64_2, PRIME64_3, PRIME64_4, PRIME64_5
+from recstack.core.kernels.host import as_int64
 
 __all__ = [
     "PRIME64_1",
@@ -40,22 +45,19 @@ __all__ = [
     "check_world_size",
     "fmix64",
     "fmix64_reference",
+    "lshr64",
     "shard_owner",
     "shard_owner_reference",
     "xxh64_bytes",
+    "xxh64_avalanche",
     "xxh64_bytes_reference",
     "xxh64_int",
     "xxh64_int_reference",
+    "xxh64_step8",
 ]
 
 _MASK64 = (1 << 64) - 1
 
-# XXH64 primes, from the xxHash specification.
-PRIME64_1 = 0x9E3779B185EBCA87
-PRIME64_2 = 0xC2B2AE3D27D4EB4F
-PRIME64_3 = 0x165667B19E3779F9
-PRIME64_4 = 0x85EBCA77C2B2AE63
-PRIME64_5 = 0x27D4EB2F165667C5
 # MurmurHash3 fmix64 multipliers.
 FMIX64_C1 = 0xFF51AFD7ED558CCD
 FMIX64_C2 = 0xC4CEB9FE1A85EC53
@@ -67,20 +69,13 @@ _INT_BLOCK = 1024
 _BYTES_BLOCK = 128
 _BYTES_WARPS = 4
 
-
-def _signed(v: int) -> int:
-    """The int64 whose two's complement bit pattern is the uint64 ``v mod 2**64``."""
-    v &= _MASK64
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-_S_P1 = _signed(PRIME64_1)
-_S_P2 = _signed(PRIME64_2)
-_S_P3 = _signed(PRIME64_3)
-_S_P4 = _signed(PRIME64_4)
-_S_P5 = _signed(PRIME64_5)
-_S_C1 = _signed(FMIX64_C1)
-_S_C2 = _signed(FMIX64_C2)
+_S_P1 = as_int64(PRIME64_1)
+_S_P2 = as_int64(PRIME64_2)
+_S_P3 = as_int64(PRIME64_3)
+_S_P4 = as_int64(PRIME64_4)
+_S_P5 = as_int64(PRIME64_5)
+_S_C1 = as_int64(FMIX64_C1)
+_S_C2 = as_int64(FMIX64_C2)
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -102,12 +97,8 @@ def _check_int64(x: object, name: str, op: str) -> torch.Tensor:
 
 
 def check_world_size(world_size: object, op: str) -> int:
-    if isinstance(world_size, bool) or not hasattr(world_size, "__index__"):
-        raise TypeError(f"{op}: world_size must be an int, got {type(world_size).__name__}")
-    value = operator.index(world_size)
-    if not 1 <= value <= MAX_WORLD_SIZE:
-        raise ValueError(f"{op}: world_size must be in [1, {MAX_WORLD_SIZE}], got {value}")
-    return value
+    """Validate a world size (an int in ``[1, MAX_WORLD_SIZE]``) given to ``op``."""
+    return check_int(world_size, f"{op}: world_size", minimum=1, maximum=MAX_WORLD_SIZE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,13 +106,17 @@ def check_world_size(world_size: object, op: str) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def _lshr(x: torch.Tensor, r: int) -> torch.Tensor:
-    # torch's >> on int64 is arithmetic; masking off the sign-extended bits makes it logical.
+def lshr64(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Logical right shift by ``r`` (``0 < r < 64``) of int64 tensors holding uint64 bits.
+
+    torch's ``>>`` on int64 is arithmetic; masking off the sign-extended bits makes it
+    logical.
+    """
     return (x >> r) & ((1 << (64 - r)) - 1)
 
 
 def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
-    return (x << r) | _lshr(x, 64 - r)
+    return (x << r) | lshr64(x, 64 - r)
 
 
 def _round(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
@@ -136,15 +131,18 @@ def _merge(acc: torch.Tensor, lane_acc: torch.Tensor) -> torch.Tensor:
     return (acc ^ _round0(lane_acc)) * _S_P1 + _S_P4
 
 
-def _avalanche(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ _lshr(h, 33)
+def xxh64_avalanche(h: torch.Tensor) -> torch.Tensor:
+    """XXH64's final avalanche of accumulators ``h`` (int64 tensors of uint64 bits)."""
+    h = h ^ lshr64(h, 33)
     h = h * _S_P2
-    h = h ^ _lshr(h, 29)
+    h = h ^ lshr64(h, 29)
     h = h * _S_P3
-    return h ^ _lshr(h, 32)
+    return h ^ lshr64(h, 32)
 
 
-def _step8(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+def xxh64_step8(acc: torch.Tensor, lane: torch.Tensor) -> torch.Tensor:
+    """XXH64's step of accumulators ``acc`` over one trailing 8-byte ``lane`` each (int64
+    tensors of uint64 bits; a lane is the 8 little-endian bytes of an int64)."""
     return _rotl(acc ^ _round0(lane), 27) * _S_P1 + _S_P4
 
 
@@ -160,22 +158,22 @@ def xxh64_int_reference(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """XXH64 of each int64's 8 little-endian bytes (torch reference, any device)."""
     seed = check_seed(seed)
     # An 8-byte input takes the short path: acc = seed + PRIME64_5 + len, one 8-byte lane.
-    acc0 = _signed(seed + PRIME64_5 + 8)
-    return _avalanche(_step8(torch.full_like(x, acc0), x))
+    acc0 = as_int64(seed + PRIME64_5 + 8)
+    return xxh64_avalanche(xxh64_step8(torch.full_like(x, acc0), x))
 
 
 def fmix64_reference(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3 fmix64 of each int64's bit pattern (torch reference, any device)."""
-    k = x ^ _lshr(x, 33)
+    k = x ^ lshr64(x, 33)
     k = k * _S_C1
-    k = k ^ _lshr(k, 33)
+    k = k ^ lshr64(k, 33)
     k = k * _S_C2
-    return k ^ _lshr(k, 33)
+    return k ^ lshr64(k, 33)
 
 
 def _rank_of(h: torch.Tensor, world_size: int) -> torch.Tensor:
     # Multiply-high on the top 32 bits: floor(hi32 * world / 2**32), no division, no low bits.
-    return (_lshr(h, 32) * world_size) >> 32
+    return (lshr64(h, 32) * world_size) >> 32
 
 
 def shard_owner_reference(x: torch.Tensor, seed: int, world_size: int) -> torch.Tensor:
@@ -217,9 +215,9 @@ def xxh64_bytes_reference(
 
     nstripes = lens // 32
     if seeds is None:
-        acc = torch.full((n,), _signed(seed + PRIME64_5), dtype=torch.int64, device=dev)
+        acc = torch.full((n,), as_int64(seed + PRIME64_5), dtype=torch.int64, device=dev)
     else:
-        acc = seeds + _signed(PRIME64_5)  # int64 adds wrap like uint64 ones
+        acc = seeds + as_int64(PRIME64_5)  # int64 adds wrap like uint64 ones
     max_stripes = int(nstripes.max())
     if max_stripes > 0:
         order = torch.argsort(nstripes, descending=True)
@@ -235,14 +233,14 @@ def xxh64_bytes_reference(
                 seed,
                 seed - PRIME64_1,
             )
-            accs = [torch.full((n_long,), _signed(v), dtype=torch.int64, device=dev) for v in init]
+            accs = [torch.full((n_long,), as_int64(v), dtype=torch.int64, device=dev) for v in init]
         else:
             long_seeds = seeds[order[:n_long]]
             accs = [
-                long_seeds + _signed((PRIME64_1 + PRIME64_2) & _MASK64),
-                long_seeds + _signed(PRIME64_2),
+                long_seeds + as_int64((PRIME64_1 + PRIME64_2) & _MASK64),
+                long_seeds + as_int64(PRIME64_2),
                 long_seeds.clone(),
-                long_seeds + _signed((-PRIME64_1) & _MASK64),
+                long_seeds + as_int64((-PRIME64_1) & _MASK64),
             ]
         all_on = torch.ones(n_long, dtype=torch.bool, device=dev)
         for s in range(max_stripes):
@@ -262,7 +260,7 @@ def xxh64_bytes_reference(
     rem = lens - nstripes * 32
     for j in range(3):
         on = rem >= 8 * (j + 1)
-        acc = torch.where(on, _step8(acc, _read_le(values, tail + 8 * j, 8, on)), acc)
+        acc = torch.where(on, xxh64_step8(acc, _read_le(values, tail + 8 * j, 8, on)), acc)
     pos = tail + (rem // 8) * 8
     rem = rem % 8
     on = rem >= 4
@@ -272,7 +270,7 @@ def xxh64_bytes_reference(
     for k in range(3):
         on = rem > k
         acc = torch.where(on, _step1(acc, _read_le(values, pos + k, 1, on)), acc)
-    return _avalanche(acc)
+    return xxh64_avalanche(acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,10 +281,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _P1 = tl.constexpr(PRIME64_1)
+    from recstack.core.kernels.device import (
+        tl_rotl64,
+        tl_xxh64_avalanche,
+        tl_xxh64_merge,
+        tl_xxh64_round,
+        tl_xxh64_step1,
+        tl_xxh64_step4,
+        tl_xxh64_step8,
+    )
+
     _P2 = tl.constexpr(PRIME64_2)
-    _P3 = tl.constexpr(PRIME64_3)
-    _P4 = tl.constexpr(PRIME64_4)
     _P5 = tl.constexpr(PRIME64_5)
     _P5_8 = tl.constexpr((PRIME64_5 + 8) & _MASK64)
     _P1_P2 = tl.constexpr((PRIME64_1 + PRIME64_2) & _MASK64)
@@ -295,35 +300,9 @@ if HAS_TRITON:
     _C2 = tl.constexpr(FMIX64_C2)
 
     @triton.jit
-    def _tl_rotl(x, r: tl.constexpr):
-        return (x << r) | (x >> (64 - r))
-
-    @triton.jit
-    def _tl_round(acc, lane):
-        return _tl_rotl(acc + lane * _P2, 31) * _P1
-
-    @triton.jit
-    def _tl_round0(lane):
-        return _tl_rotl(lane * _P2, 31) * _P1
-
-    @triton.jit
-    def _tl_merge(acc, lane_acc):
-        return (acc ^ _tl_round0(lane_acc)) * _P1 + _P4
-
-    @triton.jit
-    def _tl_avalanche(h):
-        h = h ^ (h >> 33)
-        h = h * _P2
-        h = h ^ (h >> 29)
-        h = h * _P3
-        return h ^ (h >> 32)
-
-    @triton.jit
     def tl_xxh64_u64(x, seed):
         """XXH64 of a uint64's 8 little-endian bytes; ``x`` and ``seed`` uint64."""
-        acc = seed + _P5_8
-        acc = _tl_rotl(acc ^ _tl_round0(x), 27) * _P1 + _P4
-        return _tl_avalanche(acc)
+        return tl_xxh64_avalanche(tl_xxh64_step8(seed + _P5_8, x))
 
     @triton.jit
     def tl_fmix64(k):
@@ -421,15 +400,15 @@ if HAS_TRITON:
             w2 = _tl_word_at(words_ptr, base + 16, on)
             w3 = _tl_word_at(words_ptr, base + 24, on)
             w4 = _tl_word_at(words_ptr, base + 32, on & (mis != 0))
-            a1 = tl.where(on, _tl_round(a1, _tl_join(w0, w1, mis)), a1)
-            a2 = tl.where(on, _tl_round(a2, _tl_join(w1, w2, mis)), a2)
-            a3 = tl.where(on, _tl_round(a3, _tl_join(w2, w3, mis)), a3)
-            a4 = tl.where(on, _tl_round(a4, _tl_join(w3, w4, mis)), a4)
-        conv = _tl_rotl(a1, 1) + _tl_rotl(a2, 7) + _tl_rotl(a3, 12) + _tl_rotl(a4, 18)
-        conv = _tl_merge(conv, a1)
-        conv = _tl_merge(conv, a2)
-        conv = _tl_merge(conv, a3)
-        conv = _tl_merge(conv, a4)
+            a1 = tl.where(on, tl_xxh64_round(a1, _tl_join(w0, w1, mis)), a1)
+            a2 = tl.where(on, tl_xxh64_round(a2, _tl_join(w1, w2, mis)), a2)
+            a3 = tl.where(on, tl_xxh64_round(a3, _tl_join(w2, w3, mis)), a3)
+            a4 = tl.where(on, tl_xxh64_round(a4, _tl_join(w3, w4, mis)), a4)
+        conv = tl_rotl64(a1, 1) + tl_rotl64(a2, 7) + tl_rotl64(a3, 12) + tl_rotl64(a4, 18)
+        conv = tl_xxh64_merge(conv, a1)
+        conv = tl_xxh64_merge(conv, a2)
+        conv = tl_xxh64_merge(conv, a3)
+        conv = tl_xxh64_merge(conv, a4)
         acc = tl.where(nstripes > 0, conv, zero + (seed_u + _P5))
         acc = acc + lens.to(tl.uint64, bitcast=True)
 
@@ -438,19 +417,19 @@ if HAS_TRITON:
         for j in tl.static_range(3):
             on = rem >= 8 * (j + 1)
             lane = _tl_read_u64(words_ptr, tail + 8 * j, on)
-            acc = tl.where(on, _tl_rotl(acc ^ _tl_round0(lane), 27) * _P1 + _P4, acc)
+            acc = tl.where(on, tl_xxh64_step8(acc, lane), acc)
         pos = tail + (rem // 8) * 8
         rem = rem % 8
         on4 = rem >= 4
         lane4 = _tl_read_u32(words_ptr, pos, on4)
-        acc = tl.where(on4, _tl_rotl(acc ^ (lane4 * _P1), 23) * _P2 + _P3, acc)
+        acc = tl.where(on4, tl_xxh64_step4(acc, lane4), acc)
         pos = pos + tl.where(on4, 4, 0) - misalign
         rem = rem % 4
         for k in tl.static_range(3):
             on1 = rem > k
             byte = tl.load(values_ptr + pos + k, mask=on1, other=0).to(tl.uint64)
-            acc = tl.where(on1, _tl_rotl(acc ^ (byte * _P5), 11) * _P1, acc)
-        return _tl_avalanche(acc)
+            acc = tl.where(on1, tl_xxh64_step1(acc, byte), acc)
+        return tl_xxh64_avalanche(acc)
 
     @triton.jit(do_not_specialize=["seed", "misalign"])
     def _xxh64_bytes_kernel(
@@ -489,7 +468,7 @@ def _launch_int(x: torch.Tensor, seed: int, world_size: int, owner: bool) -> tor
         kernels.record_launch("shard_owner" if owner else "xxh64_int")
         grid = (triton.cdiv(n, _INT_BLOCK),)
         _xxh64_int_kernel[grid](
-            flat, out, n, _signed(seed), world_size, OWNER=owner, BLOCK=_INT_BLOCK, num_warps=4
+            flat, out, n, as_int64(seed), world_size, OWNER=owner, BLOCK=_INT_BLOCK, num_warps=4
         )
     return out.view(x.shape)
 
@@ -631,7 +610,7 @@ def xxh64_bytes(
             offsets,
             out,
             n,
-            _signed(seed),
+            as_int64(seed),
             values.data_ptr() % 8,
             seeds if seeds is not None else out,
             BLOCK=_BYTES_BLOCK,

@@ -41,6 +41,8 @@ class LaunchSignature:
             ``["int", representative]``, ``["float"]``, ``["bool", value]``, ``["none"]``,
             and for constexprs ``["const", value]``, ``["dtype", name]`` or
             ``["jit", "module:qualname", file]``; ``["other", type name]`` for anything else.
+            A tuple is ``["tuple", "module:qualname", file, [fields...]]`` (its class for a
+            named tuple, else ``""`` twice), each field encoded as above.
         options: launch options (``num_warps``, ``num_stages``...) as sorted pairs.
     """
 
@@ -123,6 +125,15 @@ def _is_constexpr(param: inspect.Parameter) -> bool:
 
 
 def _encode(value: Any, constexpr: bool) -> tuple[Any, ...]:
+    if isinstance(value, tuple):
+        cls = type(value)
+        named = cls is not tuple
+        return (
+            "tuple",
+            f"{cls.__module__}:{cls.__qualname__}" if named else "",
+            (inspect.getsourcefile(cls) or "") if named else "",
+            tuple(_encode(v, constexpr) for v in value),
+        )
     if constexpr:
         if value is None or isinstance(value, (bool, int, float, str)):
             return ("const", value)

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.device import TABLE_KINDS
+from recstack.core.kernels.host import next_pow2
 from recstack.core.kernels.segment_sum import (
-    _segment_sum_triton,
     coalesce_rows_reference,
+    segment_sum_sorted_triton,
     sort_segments,
 )
 
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from recstack.core.kernels.device import tl_row_pointers, tl_to_table_dtype
 
 __all__ = [
     "PAGED_ROWS_DEFAULTS",
@@ -49,60 +53,11 @@ __all__ = [
 #: (wider rows use several column tiles on the grid's second axis).
 PAGED_ROWS_DEFAULTS: dict[str, int] = {"tile_elems": 4096, "max_block_d": 256, "num_warps": 4}
 
-_TABLE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _MODE = {"set": 0, "add_atomic": 1, "add_unique": 2}
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _float_ptr(addr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-        # int64 address(es) as typed pointers: KIND 0 fp32, 1 bf16, 2 fp16. Addresses
-        # loaded from memory carry no alignment; the 16-byte hint (ALIGNED, set by the
-        # launcher only when true) lets row loads vectorize. It goes on the typed pointer
-        # (a hint on the int64 does not survive the cast) and inside this helper: Triton
-        # 3.6 drops a hint put on a jitted helper's result.
-        if KIND == 0:
-            p = addr.to(tl.pointer_type(tl.float32))
-        elif KIND == 1:
-            p = addr.to(tl.pointer_type(tl.bfloat16))
-        else:
-            p = addr.to(tl.pointer_type(tl.float16))
-        if ALIGNED:
-            p = tl.multiple_of(p, 16)
-        return p
-
-    @triton.jit
-    def _row_pointers(
-        page_table_ptr,
-        rows,
-        row_ok,
-        page_shift,
-        page_mask,
-        dim,
-        KIND: tl.constexpr,
-        ALIGNED: tl.constexpr,
-    ):
-        addr = tl.load(page_table_ptr + (rows >> page_shift), mask=row_ok, other=0)
-        base = _float_ptr(addr, KIND, ALIGNED)
-        return base + (rows & page_mask) * dim
-
-    @triton.jit
-    def _to_table_dtype(x, KIND: tl.constexpr):
-        # fp32 -> bf16 with explicit round-to-nearest-even on the bits: Triton's
-        # interpreter truncates on `.to(tl.bfloat16)`, and this keeps GPU, interpreter and
-        # torch's `.to(torch.bfloat16)` bit-identical.
-        if KIND == 0:
-            y = x.to(tl.float32)
-        elif KIND == 1:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-            rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
-            y = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            y = x.to(tl.float32).to(tl.float16)
-        return y
 
     @triton.jit
     def _paged_gather_kernel(
@@ -122,7 +77,9 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = r < n
         rows = tl.load(rows_ptr + r, mask=row_ok, other=0)
-        src = _row_pointers(page_table_ptr, rows, row_ok, page_shift, page_mask, dim, KIND, ALIGNED)
+        src = tl_row_pointers(
+            page_table_ptr, rows, row_ok, page_shift, page_mask, dim, KIND, ALIGNED
+        )
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < dim)[None, :]
         x = tl.load(src[:, None] + cols[None, :], mask=mask)
@@ -147,30 +104,28 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = r < n
         rows = tl.load(rows_ptr + r, mask=row_ok, other=0)
-        dst = _row_pointers(page_table_ptr, rows, row_ok, page_shift, page_mask, dim, KIND, ALIGNED)
+        dst = tl_row_pointers(
+            page_table_ptr, rows, row_ok, page_shift, page_mask, dim, KIND, ALIGNED
+        )
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < dim)[None, :]
         ptrs = dst[:, None] + cols[None, :]
         v = tl.load(val_ptr + r[:, None] * val_stride + cols[None, :], mask=mask)
         if MODE == 0:
-            tl.store(ptrs, _to_table_dtype(v, KIND), mask=mask)
+            tl.store(ptrs, tl_to_table_dtype(v, KIND), mask=mask)
         elif MODE == 1:
             tl.atomic_add(ptrs, v.to(tl.float32), mask=mask, sem="relaxed")
         else:
             # Rows are unique here, so a plain read-add-write cannot race; round once.
             old = tl.load(ptrs, mask=mask).to(tl.float32)
-            tl.store(ptrs, _to_table_dtype(old + v.to(tl.float32), KIND), mask=mask)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+            tl.store(ptrs, tl_to_table_dtype(old + v.to(tl.float32), KIND), mask=mask)
 
 
 def _tile(dim: int, tile_elems: int | None, max_block_d: int | None) -> tuple[int, int]:
     tile_elems = tile_elems or PAGED_ROWS_DEFAULTS["tile_elems"]
     max_block_d = max_block_d or PAGED_ROWS_DEFAULTS["max_block_d"]
-    block_d = min(_next_pow2(dim), _next_pow2(max_block_d))
-    block_r = _next_pow2(max(1, tile_elems // block_d))
+    block_d = min(next_pow2(dim), next_pow2(max_block_d))
+    block_r = next_pow2(max(1, tile_elems // block_d))
     return block_r, block_d
 
 
@@ -304,7 +259,7 @@ def _launch(
         data.stride(0),
         table.page_shift,
         table.page_mask,
-        KIND=_TABLE_KIND[table.dtype],
+        KIND=TABLE_KINDS[table.dtype],
         ALIGNED=table._pages_aligned,
         BLOCK_R=block_r,
         BLOCK_D=block_d,
@@ -407,7 +362,7 @@ def scatter_paged_rows(
         mode = _MODE["add_atomic"]
     else:
         rows, order, segment_ids = sort_segments(rows)
-        values = _segment_sum_triton(
+        values = segment_sum_sorted_triton(
             values,
             order,
             segment_ids,

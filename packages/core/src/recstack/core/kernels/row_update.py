@@ -3,15 +3,23 @@ gate it.
 
 * :func:`apply_row_update`: one launch reads each touched weight row, its gradient and its
   state once, runs the update's tile function, writes each once. The weight and the slots
-  are addressed through their page tables (:func:`_row_pointers`); a bf16/fp16 weight is
-  rounded once on the way back (:func:`_to_table_dtype`).
-* ``_apply_tile``: the same for one tile whose gradient sums are already in registers, so
-  a kernel that has just reduced them (the embedding engine's fused backward) updates the
-  rows without writing the gradient out.
+  are addressed through their page tables (core's ``tl_row_pointers``); a bf16/fp16 weight
+  is rounded once on the way back (``tl_to_table_dtype``).
+* ``tl_apply_row_update``: the same for one tile whose gradient sums are already in
+  registers, so a kernel that has just reduced them (the embedding engine's fused backward)
+  updates the rows without writing the gradient out. ``tl_update_rows`` and
+  ``tl_check_rows`` update and check a block of gradient rows, for this module's kernels
+  and :mod:`~recstack.core.kernels.row_update_many`'s.
 * :func:`check_rows`: row bounds and NaN/Inf of a gradient, into a two-int *gate* on the
   device (``[any row out of range, any value non-finite]``). Update launches given the gate
   write nothing when it is set, so a step is checked and applied without the host waiting
   in between; the caller reads the gate once, after queueing everything, to raise or count.
+
+A kernel takes an update as two named-tuple arguments (Triton passes a tuple as its fields,
+so they cost nothing over separate arguments): :class:`RowUpdateArgs`, the weight's and the
+slots' page tables (:class:`PageTable`) and the scalars, and, as a constexpr,
+:class:`RowUpdateConsts`, the tile function and the update's constexpr choices.
+:func:`row_update_args` makes both.
 
 Bytes moved by :func:`apply_row_update` (``U`` rows, ``D`` = dim, ``E`` = weight element
 bytes, ``S`` = full-width state slots): ``U * 8`` (rows) ``+ U * D * 4`` (gradient)
@@ -21,13 +29,14 @@ slot. :func:`check_rows` reads the rows and the gradient once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.device import KIND_FP32, TABLE_KINDS
+from recstack.core.kernels.host import next_pow2
 from recstack.core.kernels.launch import FastKernel
-from recstack.core.kernels.paged_rows import _TABLE_KIND
 from recstack.core.paged import PagedTensor
 from recstack.core.row_update import RowUpdate
 
@@ -35,14 +44,21 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.paged_rows import _row_pointers, _to_table_dtype
+    from recstack.core.kernels.device import tl_row_pointers, tl_to_table_dtype
 
 __all__ = [
     "ROW_UPDATE_DEFAULTS",
+    "PageTable",
+    "RowUpdateArgs",
+    "RowUpdateConsts",
     "apply_row_update",
     "check_rows",
     "new_gate",
-    "row_update_kwargs",
+    "row_tile",
+    "row_update_args",
+    "tl_apply_row_update",
+    "tl_check_rows",
+    "tl_update_rows",
 ]
 
 #: Tile defaults of :func:`apply_row_update`: ``tile_elems`` is the target rows x columns of
@@ -50,60 +66,159 @@ __all__ = [
 ROW_UPDATE_DEFAULTS: dict[str, int] = {"tile_elems": 1024, "max_block_d": 128, "num_warps": 4}
 
 
+class PageTable(NamedTuple):
+    """A :class:`~recstack.core.paged.PagedTensor`'s rows as a kernel addresses them.
+
+    Attributes:
+        pointers: the int64 ``[pages]`` tensor of page data pointers (in a kernel, its
+            pointer).
+        shift: row ``r`` lives in page ``r >> shift``...
+        mask: ...at row ``r & mask`` of that page.
+        width: elements a row.
+    """
+
+    pointers: Any
+    shift: int
+    mask: int
+    width: int
+
+    @classmethod
+    def of(cls, table: PagedTensor) -> PageTable:
+        """``table``'s page table and row width."""
+        return cls(table.page_table, table.page_shift, table.page_mask, table.dim)
+
+
+class RowUpdateArgs(NamedTuple):
+    """The runtime kernel argument of a :class:`~recstack.core.row_update.RowUpdate` of one
+    table.
+
+    Attributes:
+        weight: the table's rows (``weight.width`` is the row width, ``dim``).
+        slots: the three state slots' rows; a missing slot repeats ``weight`` (the tile
+            function never touches it).
+        lr: the step's learning rate.
+        params: the update's six fp32 scalars, missing ones 0.
+    """
+
+    weight: PageTable
+    slots: tuple[PageTable, PageTable, PageTable]
+    lr: float
+    params: tuple[float, float, float, float, float, float]
+
+
+class RowUpdateConsts(NamedTuple):
+    """The constexpr kernel argument of a :class:`~recstack.core.row_update.RowUpdate` of
+    one table: what a kernel is compiled for.
+
+    Attributes:
+        tile_fn: the update's ``@triton.jit`` tile function.
+        variant: its constexpr variant.
+        flags: its three constexpr flags, missing ones False.
+        weight_kind: the table's element kind (core's ``TABLE_KINDS``).
+        weight_aligned: every page of the table is 16-byte aligned.
+        slots_aligned: every page of every slot is 16-byte aligned.
+    """
+
+    tile_fn: Any
+    variant: int
+    flags: tuple[bool, bool, bool]
+    weight_kind: int
+    weight_aligned: bool
+    slots_aligned: bool
+
+
+def row_update_args(update: RowUpdate, table: PagedTensor) -> tuple[RowUpdateArgs, RowUpdateConsts]:
+    """The two kernel arguments that apply ``update`` to ``table``'s rows: its runtime
+    :class:`RowUpdateArgs` and its constexpr :class:`RowUpdateConsts`.
+
+    Args:
+        update: the step (its slots row-aligned with ``table``).
+        table: the weight.
+    """
+    weight = PageTable.of(table)
+    slots = update.slots
+    # Per step and table: plain loops and tuples, no per-item generators.
+    aligned = True
+    for s in slots:
+        aligned = aligned and s._pages_aligned
+    pages = [PageTable.of(s) for s in slots] + [weight] * (3 - len(slots))
+    params = [float(p) for p in update.params] + [0.0] * (6 - len(update.params))
+    flags = [bool(f) for f in update.flags] + [False] * (3 - len(update.flags))
+    args = RowUpdateArgs(weight, tuple(pages), float(update.lr), tuple(params))  # type: ignore[arg-type]
+    consts = RowUpdateConsts(
+        update.tile_fn,
+        int(update.variant),
+        tuple(flags),  # type: ignore[arg-type]
+        TABLE_KINDS[table.dtype],
+        table._pages_aligned,
+        aligned,
+    )
+    return args, consts
+
+
 if HAS_TRITON:
+    _FP32 = tl.constexpr(KIND_FP32)
 
     @triton.jit
-    def _apply_tile(
-        rows,
-        row_ok,
-        cols,
-        col_ok,
-        g,
-        dim,
-        w_table,
-        w_shift,
-        w_mask,
-        s0_table,
-        s0_shift,
-        s0_mask,
-        s0_width,
-        s1_table,
-        s1_shift,
-        s1_mask,
-        s1_width,
-        s2_table,
-        s2_shift,
-        s2_mask,
-        s2_width,
-        lr,
-        p1,
-        p2,
-        p3,
-        p4,
-        p5,
-        p6,
-        TILE_FN: tl.constexpr,
-        VARIANT: tl.constexpr,
-        FLAG_A: tl.constexpr,
-        FLAG_B: tl.constexpr,
-        FLAG_C: tl.constexpr,
-        W_KIND: tl.constexpr,
-        W_ALIGNED: tl.constexpr,
-        S_ALIGNED: tl.constexpr,
-    ):
-        # `rows` are table rows (masked lanes hold any value); `g` the fp32 gradient tile.
-        wp = _row_pointers(w_table, rows, row_ok, w_shift, w_mask, dim, W_KIND, W_ALIGNED)
-        s0 = _row_pointers(s0_table, rows, row_ok, s0_shift, s0_mask, s0_width, 0, S_ALIGNED)
-        s1 = _row_pointers(s1_table, rows, row_ok, s1_shift, s1_mask, s1_width, 0, S_ALIGNED)
-        s2 = _row_pointers(s2_table, rows, row_ok, s2_shift, s2_mask, s2_width, 0, S_ALIGNED)
+    def _rows_of(pages, rows, row_ok, KIND: tl.constexpr, ALIGNED: tl.constexpr):
+        # Pointers to the first element of each row in a PageTable's pages.
+        return tl_row_pointers(
+            pages.pointers, rows, row_ok, pages.shift, pages.mask, pages.width, KIND, ALIGNED
+        )
+
+    @triton.jit
+    def tl_apply_row_update(rows, row_ok, cols, col_ok, g, update, UPDATE: tl.constexpr):
+        """Apply a row update to one tile of table rows whose gradient is in registers.
+
+        Args:
+            rows: int64 ``[R]`` table rows (any value where ``row_ok`` is False).
+            row_ok: bool ``[R]``: the rows to update.
+            cols: ``[C]`` column indices of the tile.
+            col_ok: bool ``[C]``: the columns inside the row.
+            g: fp32 ``[R, C]`` summed gradient of the tile.
+            update: the :class:`RowUpdateArgs`.
+            UPDATE: the :class:`RowUpdateConsts` (constexpr).
+        """
+        wp = _rows_of(update.weight, rows, row_ok, UPDATE.weight_kind, UPDATE.weight_aligned)
+        s0 = _rows_of(update.slots[0], rows, row_ok, _FP32, UPDATE.slots_aligned)
+        s1 = _rows_of(update.slots[1], rows, row_ok, _FP32, UPDATE.slots_aligned)
+        s2 = _rows_of(update.slots[2], rows, row_ok, _FP32, UPDATE.slots_aligned)
         mask = row_ok[:, None] & col_ok[None, :]
         at = wp[:, None] + cols[None, :]
         w = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-        w = TILE_FN(
-            w, g, mask, row_ok, cols, s0, s1, s2, lr, p1, p2, p3, p4, p5, p6,
-            VARIANT, FLAG_A, FLAG_B, FLAG_C,
+        p = update.params
+        w = UPDATE.tile_fn(
+            w, g, mask, row_ok, cols, s0, s1, s2, update.lr, p[0], p[1], p[2], p[3], p[4], p[5],
+            UPDATE.variant, UPDATE.flags[0], UPDATE.flags[1], UPDATE.flags[2],
         )  # fmt: skip
-        tl.store(at, _to_table_dtype(w, W_KIND), mask=mask)
+        tl.store(at, tl_to_table_dtype(w, UPDATE.weight_kind), mask=mask)
+
+    @triton.jit
+    def tl_update_rows(
+        r, rows_ptr, grad_ptr, grad_stride, n, update, UPDATE: tl.constexpr, BLOCK_D: tl.constexpr
+    ):
+        """Apply a row update to the gradient rows at positions ``r`` below ``n``, column
+        tile by column tile.
+
+        Args:
+            r: int64 ``[R]`` positions in ``rows_ptr`` and the gradient.
+            rows_ptr: int64 table row of each position.
+            grad_ptr: float gradient rows, ``grad_stride`` elements apart.
+            grad_stride: the gradient's row stride.
+            n: positions at or past ``n`` are not updated.
+            update: the :class:`RowUpdateArgs`.
+            UPDATE: the :class:`RowUpdateConsts` (constexpr).
+            BLOCK_D: columns of a tile (constexpr).
+        """
+        ok = r < n
+        rows = tl.load(rows_ptr + r, mask=ok, other=0)
+        gp = grad_ptr + r * grad_stride
+        dim = update.weight.width
+        for c0 in range(0, dim, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            g = tl.load(gp[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+            tl_apply_row_update(rows, ok, cols, col_ok, g.to(tl.float32), update, UPDATE)
 
     @triton.jit
     def _row_update_kernel(
@@ -113,37 +228,8 @@ if HAS_TRITON:
         n,
         gate_ptr,
         count_ptr,
-        dim,
-        w_table,
-        w_shift,
-        w_mask,
-        s0_table,
-        s0_shift,
-        s0_mask,
-        s0_width,
-        s1_table,
-        s1_shift,
-        s1_mask,
-        s1_width,
-        s2_table,
-        s2_shift,
-        s2_mask,
-        s2_width,
-        lr,
-        p1,
-        p2,
-        p3,
-        p4,
-        p5,
-        p6,
-        TILE_FN: tl.constexpr,
-        VARIANT: tl.constexpr,
-        FLAG_A: tl.constexpr,
-        FLAG_B: tl.constexpr,
-        FLAG_C: tl.constexpr,
-        W_KIND: tl.constexpr,
-        W_ALIGNED: tl.constexpr,
-        S_ALIGNED: tl.constexpr,
+        update,
+        UPDATE: tl.constexpr,
         HAS_GATE: tl.constexpr,
         HAS_COUNT: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -156,45 +242,7 @@ if HAS_TRITON:
         if HAS_GATE:
             # A set gate (a bad row or value anywhere in the step) means: write nothing.
             n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
-        _update_block(
-            r, rows_ptr, grad_ptr, grad_stride, n, dim,
-            w_table, w_shift, w_mask,
-            s0_table, s0_shift, s0_mask, s0_width,
-            s1_table, s1_shift, s1_mask, s1_width,
-            s2_table, s2_shift, s2_mask, s2_width,
-            lr, p1, p2, p3, p4, p5, p6,
-            TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED, BLOCK_D,
-        )  # fmt: skip
-
-    @triton.jit
-    def _update_block(
-        r, rows_ptr, grad_ptr, grad_stride, n, dim,
-        w_table, w_shift, w_mask,
-        s0_table, s0_shift, s0_mask, s0_width,
-        s1_table, s1_shift, s1_mask, s1_width,
-        s2_table, s2_shift, s2_mask, s2_width,
-        lr, p1, p2, p3, p4, p5, p6,
-        TILE_FN: tl.constexpr, VARIANT: tl.constexpr, FLAG_A: tl.constexpr,
-        FLAG_B: tl.constexpr, FLAG_C: tl.constexpr, W_KIND: tl.constexpr,
-        W_ALIGNED: tl.constexpr, S_ALIGNED: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        # Update the gradient rows at positions ``r`` (those below ``n``), column tile by tile.
-        ok = r < n
-        rows = tl.load(rows_ptr + r, mask=ok, other=0)
-        gp = grad_ptr + r * grad_stride
-        for c0 in range(0, dim, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < dim
-            g = tl.load(gp[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
-            _apply_tile(
-                rows, ok, cols, col_ok, g.to(tl.float32), dim,
-                w_table, w_shift, w_mask,
-                s0_table, s0_shift, s0_mask, s0_width,
-                s1_table, s1_shift, s1_mask, s1_width,
-                s2_table, s2_shift, s2_mask, s2_width,
-                lr, p1, p2, p3, p4, p5, p6,
-                TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED,
-            )  # fmt: skip
+        tl_update_rows(r, rows_ptr, grad_ptr, grad_stride, n, update, UPDATE, BLOCK_D)
 
     @triton.jit
     def _check_kernel(
@@ -214,12 +262,12 @@ if HAS_TRITON:
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         if HAS_COUNT:
             n = tl.minimum(tl.load(count_ptr), n)
-        _check_block(
+        tl_check_rows(
             r, values_ptr, stride, n, dim, rows_ptr, num_rows, gate_ptr, HAS_ROWS, BLOCK_R, BLOCK_D
         )
 
     @triton.jit
-    def _check_block(
+    def tl_check_rows(
         r,
         values_ptr,
         stride,
@@ -232,7 +280,22 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        # Check the value rows (and rows) at positions ``r`` below ``n`` into the gate.
+        """Check the value rows (and rows) at positions ``r`` below ``n`` into the gate.
+
+        Args:
+            r: int64 ``[BLOCK_R]`` positions.
+            values_ptr: float value rows, ``stride`` elements apart, ``dim`` wide.
+            stride: the values' row stride.
+            n: positions at or past ``n`` are not checked.
+            dim: the row width.
+            rows_ptr: int64 table row of each position (with ``HAS_ROWS``).
+            num_rows: rows must lie in ``[0, num_rows)``.
+            gate_ptr: the int32 ``[2]`` gate: a row out of range sets ``gate[0]``, a NaN or
+                Inf value ``gate[1]``.
+            HAS_ROWS: check the rows too (constexpr).
+            BLOCK_R: ``r``'s length (constexpr).
+            BLOCK_D: columns read at once (constexpr).
+        """
         ok = r < n
         if HAS_ROWS:
             row = tl.load(rows_ptr + r, mask=ok, other=0)
@@ -252,10 +315,6 @@ if HAS_TRITON:
 
     _ROW_UPDATE = FastKernel(_row_update_kernel)
     _CHECK = FastKernel(_check_kernel)
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def new_gate(device: torch.device | str) -> torch.Tensor:
@@ -309,7 +368,7 @@ def check_rows(
         return
     if values.stride(1) != 1 and dim > 1:
         values = values.contiguous()
-    block_d = min(_pow2_ceil(max(dim, 1)), 128)
+    block_d = min(next_pow2(max(dim, 1)), 128)
     block_r = max(1, 4096 // block_d)
     record_launch("check_rows")
     _CHECK(
@@ -330,52 +389,12 @@ def check_rows(
     )
 
 
-_ROW_UPDATE_ARG_NAMES: tuple[str, ...] = (
-    "dim", "w_table", "w_shift", "w_mask",
-    "s0_table", "s0_shift", "s0_mask", "s0_width",
-    "s1_table", "s1_shift", "s1_mask", "s1_width",
-    "s2_table", "s2_shift", "s2_mask", "s2_width",
-    "lr", "p1", "p2", "p3", "p4", "p5", "p6",
-    "TILE_FN", "VARIANT", "FLAG_A", "FLAG_B", "FLAG_C", "W_KIND", "W_ALIGNED", "S_ALIGNED",
-)  # fmt: skip
-
-
-def _row_update_args(update: RowUpdate, table: PagedTensor) -> list[Any]:
-    """``_apply_tile``'s arguments after the tile's own (``dim`` .. ``S_ALIGNED``), in order."""
-    slots = update.slots
-    args: list[Any] = [table.dim, table.page_table, table.page_shift, table.page_mask]
-    aligned = True
-    for i in range(3):
-        # Missing slots point at the weight; the tile function never touches them.
-        s = slots[i] if i < len(slots) else table
-        args += (s.page_table, s.page_shift, s.page_mask, s.dim)
-        if i < len(slots):
-            aligned = aligned and s._pages_aligned
-    params = update.params
-    args.append(float(update.lr))
-    args += (float(p) for p in params)
-    args += (0.0,) * (6 - len(params))
-    flags = update.flags
-    args.append(update.tile_fn)
-    args.append(int(update.variant))
-    args += (bool(f) for f in flags)
-    args += (False,) * (3 - len(flags))
-    args += (_TABLE_KIND[table.dtype], table._pages_aligned, aligned)
-    return args
-
-
-def row_update_kwargs(update: RowUpdate, table: PagedTensor) -> dict[str, Any]:
-    """The keyword arguments ``_apply_tile`` (and kernels that call it) take for ``update``
-    of ``table``: page tables, slot widths, scalars and constexprs."""
-    return dict(zip(_ROW_UPDATE_ARG_NAMES, _row_update_args(update, table), strict=True))
-
-
 def row_tile(update: RowUpdate, dim: int, tile_elems: int, max_block_d: int) -> tuple[int, int]:
     """``(BLOCK_R, BLOCK_D)`` for ``update`` on rows of ``dim``: whole rows when it needs
     them, else columns capped at ``max_block_d``; about ``tile_elems`` elements a tile."""
-    block_d = _pow2_ceil(max(dim, 1))
+    block_d = next_pow2(max(dim, 1))
     if not update.whole_rows:
-        block_d = min(block_d, _pow2_ceil(max_block_d))
+        block_d = min(block_d, next_pow2(max_block_d))
     return max(1, tile_elems // block_d), block_d
 
 
@@ -432,7 +451,7 @@ def apply_row_update(
         n,
         gate if gate is not None else rows,
         count if count is not None else rows,
-        *_row_update_args(update, table),
+        *row_update_args(update, table),
         gate is not None,
         count is not None,
         block_r,

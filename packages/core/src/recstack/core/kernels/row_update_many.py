@@ -28,11 +28,14 @@ from typing import Any, NamedTuple
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.device import TABLE_KINDS
+from recstack.core.kernels.host import next_pow2
 from recstack.core.kernels.launch import FastKernel
-from recstack.core.kernels.paged_rows import _TABLE_KIND
 from recstack.core.kernels.row_update import (
     ROW_UPDATE_DEFAULTS,
-    _pow2_ceil,
+    PageTable,
+    RowUpdateArgs,
+    RowUpdateConsts,
     apply_row_update,
     check_rows,
     row_tile,
@@ -44,8 +47,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.paged_rows import _float_ptr
-    from recstack.core.kernels.row_update import _check_block, _update_block
+    from recstack.core.kernels.device import tl_float_ptr
+    from recstack.core.kernels.row_update import tl_check_rows, tl_update_rows
 
 __all__ = ["RowJob", "check_and_apply_row_updates"]
 
@@ -54,7 +57,6 @@ _ROWS, _GRAD, _N, _COUNT, _NUM_ROWS = 0, 1, 2, 3, 4
 _W = 5  # w_table, w_shift, w_mask; then the three slots' (table, shift, mask)
 _FIELDS = 17
 _SCALARS = 7  # lr, p1 .. p6 (fp32)
-_GRAD_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NO_PARAMS = (0.0,) * 6
 
 
@@ -108,7 +110,7 @@ if HAS_TRITON:
         # Loaded pointers carry no alignment: the hint (IN_ALIGNED, set only when every
         # job's rows and gradient are aligned) lets the row loads vectorize.
         rows_ptr = _i64_ptr(tl.load(d + 0), IN_ALIGNED)
-        grad_ptr = _float_ptr(tl.load(d + 1), G_KIND, IN_ALIGNED)
+        grad_ptr = tl_float_ptr(tl.load(d + 1), G_KIND, IN_ALIGNED)
         n = tl.minimum(tl.load(_i64_ptr(tl.load(d + 3), False)), tl.load(d + 2))
         return j, d, rows_ptr, grad_ptr, n, tile * BLOCK_R + tl.arange(0, BLOCK_R)
 
@@ -127,8 +129,13 @@ if HAS_TRITON:
         _, d, rows_ptr, grad_ptr, n, r = _job(
             desc_ptr, first_ptr, G_KIND, IN_ALIGNED, NUM_P2, BLOCK_R
         )
-        _check_block(r, grad_ptr, dim, n, dim, rows_ptr, tl.load(d + 4), gate_ptr, True,
-                     BLOCK_R, BLOCK_D)  # fmt: skip
+        tl_check_rows(r, grad_ptr, dim, n, dim, rows_ptr, tl.load(d + 4), gate_ptr, True,
+                      BLOCK_R, BLOCK_D)  # fmt: skip
+
+    @triton.jit
+    def _pages_at(d, width):
+        # A PageTable from the descriptor fields at ``d``: page pointers, shift, mask.
+        return PageTable(_i64_ptr(tl.load(d), False), tl.load(d + 1), tl.load(d + 2), width)
 
     @triton.jit
     def _update_many_kernel(
@@ -137,17 +144,8 @@ if HAS_TRITON:
         scalar_ptr,
         gate_ptr,
         dim,
-        s0_width,
-        s1_width,
-        s2_width,
-        TILE_FN: tl.constexpr,
-        VARIANT: tl.constexpr,
-        FLAG_A: tl.constexpr,
-        FLAG_B: tl.constexpr,
-        FLAG_C: tl.constexpr,
-        W_KIND: tl.constexpr,
-        W_ALIGNED: tl.constexpr,
-        S_ALIGNED: tl.constexpr,
+        slot_widths,
+        UPDATE: tl.constexpr,
         G_KIND: tl.constexpr,
         IN_ALIGNED: tl.constexpr,
         NUM_P2: tl.constexpr,
@@ -160,16 +158,18 @@ if HAS_TRITON:
         # A set gate (a bad row or value anywhere in the step) means: write nothing.
         n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
         sc = scalar_ptr + j * 7
-        _update_block(
-            r, rows_ptr, grad_ptr, dim, n, dim,
-            _i64_ptr(tl.load(d + 5), False), tl.load(d + 6), tl.load(d + 7),
-            _i64_ptr(tl.load(d + 8), False), tl.load(d + 9), tl.load(d + 10), s0_width,
-            _i64_ptr(tl.load(d + 11), False), tl.load(d + 12), tl.load(d + 13), s1_width,
-            _i64_ptr(tl.load(d + 14), False), tl.load(d + 15), tl.load(d + 16), s2_width,
-            tl.load(sc), tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3), tl.load(sc + 4),
-            tl.load(sc + 5), tl.load(sc + 6),
-            TILE_FN, VARIANT, FLAG_A, FLAG_B, FLAG_C, W_KIND, W_ALIGNED, S_ALIGNED, BLOCK_D,
+        update = RowUpdateArgs(
+            _pages_at(d + 5, dim),
+            (
+                _pages_at(d + 8, slot_widths[0]),
+                _pages_at(d + 11, slot_widths[1]),
+                _pages_at(d + 14, slot_widths[2]),
+            ),
+            tl.load(sc),
+            (tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3), tl.load(sc + 4),
+             tl.load(sc + 5), tl.load(sc + 6)),
         )  # fmt: skip
+        tl_update_rows(r, rows_ptr, grad_ptr, dim, n, update, UPDATE, BLOCK_D)
 
     _CHECK_MANY = FastKernel(_check_many_kernel)
     _UPDATE_MANY = FastKernel(_update_many_kernel)
@@ -205,18 +205,16 @@ class _Staging:
 _STAGING: dict[torch.device, _Staging] = {}
 
 
-class _Class(NamedTuple):
+class _JobClass(NamedTuple):
     """The jobs one pair of launches serves, and what the launches share."""
 
     dim: int
     g_kind: int
-    w_kind: int
-    w_aligned: bool
-    s_aligned: bool
     in_aligned: bool
     check_tile: tuple[int, int]
     update_tile: tuple[int, int]
     update: RowUpdate  # the first job's: its tile function and constexprs stand for all
+    consts: RowUpdateConsts  # the same, as the update kernel takes them
 
 
 def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **tile: int) -> None:
@@ -267,7 +265,7 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
             apply_row_update(j.update, j.table, j.rows, j.grad, gate, j.count, **tile)
         return
     cfg = {**ROW_UPDATE_DEFAULTS, **tile}
-    classes: dict[tuple[Any, ...], tuple[_Class, list[RowJob]]] = {}
+    classes: dict[tuple[Any, ...], tuple[_JobClass, list[RowJob]]] = {}
     alone: list[RowJob] = []
     for j in live:
         key = _key_of(j)
@@ -290,14 +288,10 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
             num_warps=4,
         )  # fmt: skip
     for c, (desc, firsts, scalars, widths, grids, num_p2) in packed:
-        u = c.update
-        flags = [bool(f) for f in u.flags] + [False] * (3 - len(u.flags))
         record_launch("row_update_many")
         _UPDATE_MANY(
-            (grids[1],), desc, firsts[1], scalars, gate, c.dim, *widths, u.tile_fn,
-            int(u.variant), *flags, c.w_kind, c.w_aligned, c.s_aligned, c.g_kind,
-            c.in_aligned, num_p2,
-            *c.update_tile, num_warps=cfg["num_warps"],
+            (grids[1],), desc, firsts[1], scalars, gate, c.dim, widths, c.consts, c.g_kind,
+            c.in_aligned, num_p2, *c.update_tile, num_warps=cfg["num_warps"],
         )  # fmt: skip
     for j in alone:
         apply_row_update(j.update, j.table, j.rows, j.grad, gate, j.count, **tile)
@@ -306,7 +300,7 @@ def check_and_apply_row_updates(jobs: Sequence[RowJob], gate: torch.Tensor, **ti
 def _key_of(job: RowJob) -> tuple[Any, ...] | None:
     """What jobs launched together must share; ``None``: the job launches alone. (Per
     step and table: kept to plain attribute reads, no per-item generators.)"""
-    g_kind = _GRAD_KIND.get(job.grad.dtype)
+    g_kind = TABLE_KINDS.get(job.grad.dtype)
     if g_kind is None:
         return None
     u, table = job.update, job.table
@@ -314,7 +308,7 @@ def _key_of(job: RowJob) -> tuple[Any, ...] | None:
     return (
         table.dim,
         g_kind,
-        _TABLE_KIND[table.dtype],
+        TABLE_KINDS[table.dtype],
         table._pages_aligned,
         all([s._pages_aligned for s in slots]),
         job.rows.data_ptr() % 16 == 0 and job.grad.data_ptr() % 16 == 0,
@@ -326,31 +320,31 @@ def _key_of(job: RowJob) -> tuple[Any, ...] | None:
     )
 
 
-def _describe(job: RowJob, key: tuple[Any, ...], cfg: dict[str, int]) -> _Class:
+def _describe(job: RowJob, key: tuple[Any, ...], cfg: dict[str, int]) -> _JobClass:
     """The launch settings of the class of ``job`` (its ``key``)."""
     dim = job.table.dim
-    check_d = min(_pow2_ceil(max(dim, 1)), 128)
-    return _Class(
+    check_d = min(next_pow2(max(dim, 1)), 128)
+    u = job.update
+    flags = [bool(f) for f in u.flags] + [False] * (3 - len(u.flags))
+    return _JobClass(
         dim=dim,
         g_kind=key[1],
-        w_kind=key[2],
-        w_aligned=key[3],
-        s_aligned=key[4],
         in_aligned=key[5],
         check_tile=(max(1, 4096 // check_d), check_d),
-        update_tile=row_tile(job.update, dim, cfg["tile_elems"], cfg["max_block_d"]),
-        update=job.update,
+        update_tile=row_tile(u, dim, cfg["tile_elems"], cfg["max_block_d"]),
+        update=u,
+        consts=RowUpdateConsts(u.tile_fn, int(u.variant), tuple(flags), key[2], key[3], key[4]),  # type: ignore[arg-type]
     )
 
 
 def _pack(
-    c: _Class, members: list[RowJob], device: torch.device, keep: list[torch.Tensor]
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, list[int],
+    c: _JobClass, members: list[RowJob], device: torch.device, keep: list[torch.Tensor]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor, tuple[int, ...],
            tuple[int, int], int]:  # fmt: skip
     """One class's descriptors on ``device``: ``(descriptors, (check firsts, update
     firsts), scalars, slot widths, (check grid, update grid), NUM_P2)``."""
     p = len(members)
-    num_p2 = _pow2_ceil(p)
+    num_p2 = next_pow2(p)
     n_desc, n_scalar = p * _FIELDS, -(-p * _SCALARS // 2)
     dev = torch.empty(n_desc + 2 * num_p2 + n_scalar, dtype=torch.int64, device=device)
     base = dev.data_ptr()
@@ -400,7 +394,7 @@ def _pack(
         dev.copy_(host)
     grids = (check_grid, update_grid)
     a, b = n_desc, n_desc + num_p2
-    widths = [s.dim for s in c.update.slots] + [c.dim] * (3 - len(c.update.slots))
+    widths = tuple([s.dim for s in c.update.slots] + [c.dim] * (3 - len(c.update.slots)))
     return (
         dev[:n_desc],
         (dev[a:b], dev[b : b + num_p2]),

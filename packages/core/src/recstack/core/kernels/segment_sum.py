@@ -18,9 +18,9 @@ not one per occurrence, and no program walks a long segment on its own.
 ``coalesce_rows_padded`` does the same without a host sync: its outputs keep the input's
 length and carry the number of unique rows as a device tensor, which the row-update
 kernels read. ``segment_sum_sorted`` is the reusable middle step (the embedding backward
-calls it with its own segment ids); ``coalesce_rows_reference`` /
-``segment_sum_sorted_reference`` are the torch references (``torch.unique`` +
-``index_add_``).
+calls it with its own segment ids), ``segment_sum_sorted_triton`` its kernel path alone;
+``coalesce_rows_reference`` / ``segment_sum_sorted_reference`` are the torch references
+(``torch.unique`` + ``index_add_``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ from __future__ import annotations
 import torch
 
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
+from recstack.core.kernels.host import next_pow2, warps_for_rows
 from recstack.core.kernels.launch import FastKernel
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from recstack.core.kernels.device import tl_segmented_add
 
 __all__ = [
     "SEGMENT_SUM_DEFAULTS",
@@ -41,6 +44,8 @@ __all__ = [
     "coalesce_rows_reference",
     "segment_sum_sorted",
     "segment_sum_sorted_reference",
+    "segment_sum_sorted_triton",
+    "segment_sum_warps",
     "sort_segments",
 ]
 
@@ -49,22 +54,23 @@ __all__ = [
 SEGMENT_SUM_DEFAULTS: dict[str, int] = {"tile_elems": 4096, "max_block_d": 256, "num_warps": 4}
 
 
-def _warps(block_n: int) -> int:
-    """Warps of a ``block_n``-row tile: the default, but at least one per 512 rows. More
-    rows a warp spill registers on sm_90 (the compile check: a 4096 x 1 tile on 4 warps
-    spills 128 bytes a thread, on 8 none); only dim-1 tables reach that by default."""
-    return min(8, max(SEGMENT_SUM_DEFAULTS["num_warps"], block_n // 512))
+def segment_sum_warps(block_n: int) -> int:
+    """Warps of the segment-sum kernel on a ``block_n``-row tile: the default, but at least
+    one per 512 rows.
+
+    More rows a warp spill registers on sm_90 (the compile check: a 4096 x 1 tile on 4
+    warps spills 128 bytes a thread, on 8 none); only dim-1 tables reach that by default.
+
+    Args:
+        block_n: the tile's rows (sorted entries).
+    """
+    return warps_for_rows(block_n, rows_per_warp=512, default=SEGMENT_SUM_DEFAULTS["num_warps"])
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _segmented_add(v1, f1, v2, f2):
-        # (v2, f2) follows (v1, f1): a segment start at v2 drops everything before it.
-        return tl.where(f2 != 0, v2, v1 + v2), f1 | f2
 
     @triton.jit
     def _segment_sum_kernel(
@@ -99,7 +105,7 @@ if HAS_TRITON:
             other=0.0,
         ).to(tl.float32)
         flags = tl.broadcast_to(is_start[:, None], (BLOCK_N, BLOCK_D))
-        sums, _ = tl.associative_scan((x, flags), axis=0, combine_fn=_segmented_add)
+        sums, _ = tl.associative_scan((x, flags), axis=0, combine_fn=tl_segmented_add)
         tl.atomic_add(
             out_ptr + seg[:, None] * dim + cols[None, :],
             sums,
@@ -120,10 +126,6 @@ if HAS_TRITON:
 
     _SEGMENT_SUM = FastKernel(_segment_sum_kernel)
     _ZERO_ROWS = FastKernel(_zero_rows_kernel)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _check_values(values: torch.Tensor, n: int | None, what: str) -> None:
@@ -178,7 +180,7 @@ def sort_segments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return sorted_rows[starts], order, segment_ids
 
 
-def _segment_sum_triton(
+def segment_sum_sorted_triton(
     values: torch.Tensor,
     order: torch.Tensor,
     segment_ids: torch.Tensor,
@@ -189,6 +191,20 @@ def _segment_sum_triton(
     num_warps: int | None = None,
     count: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """:func:`segment_sum_sorted`'s kernel path, for callers already on it: no validation,
+    no backend choice.
+
+    Args:
+        values: float ``[n, dim]`` value rows (unit column stride preferred).
+        order: int64 ``[n]`` value rows in segment order.
+        segment_ids: int64 ``[n]`` non-decreasing segment of each sorted entry.
+        num_segments: rows of the output.
+        tile_elems: target ``BLOCK_N * BLOCK_D`` (:data:`SEGMENT_SUM_DEFAULTS`).
+        max_block_d: the column tile cap.
+        num_warps: warps per program (``None``: :func:`segment_sum_warps`).
+        count: int64 ``[1]`` on the device: only the first ``count`` output rows are
+            zeroed and summed into, the rest is left unwritten; ``None``: all of them.
+    """
     n, dim = order.numel(), values.shape[1]
     if count is None:
         out = torch.zeros((num_segments, dim), dtype=torch.float32, device=values.device)
@@ -197,7 +213,7 @@ def _segment_sum_triton(
         # coalesce_rows_padded may be much larger than the unique rows).
         out = torch.empty((num_segments, dim), dtype=torch.float32, device=values.device)
         if num_segments and dim:
-            block_d = min(_next_pow2(dim), 128)
+            block_d = min(next_pow2(dim), 128)
             block_r = max(1, 2048 // block_d)
             _ZERO_ROWS(
                 (triton.cdiv(num_segments, block_r),), out, count, num_segments, dim,
@@ -210,8 +226,8 @@ def _segment_sum_triton(
         values = values.contiguous()
     tile_elems = tile_elems or SEGMENT_SUM_DEFAULTS["tile_elems"]
     max_block_d = max_block_d or SEGMENT_SUM_DEFAULTS["max_block_d"]
-    block_d = min(_next_pow2(dim), _next_pow2(max_block_d))
-    block_n = _next_pow2(max(1, tile_elems // block_d))
+    block_d = min(next_pow2(dim), next_pow2(max_block_d))
+    block_n = next_pow2(max(1, tile_elems // block_d))
     grid = (triton.cdiv(n, block_n), triton.cdiv(dim, block_d))
     _SEGMENT_SUM(
         grid,
@@ -224,7 +240,7 @@ def _segment_sum_triton(
         values.stride(0),
         block_n,
         block_d,
-        num_warps=num_warps or _warps(block_n),
+        num_warps=num_warps or segment_sum_warps(block_n),
     )
     record_launch("segment_sum")
     return out
@@ -284,7 +300,7 @@ def segment_sum_sorted(
                 f"{what}: {name} is on device {t.device} but values is on device {values.device}"
             )
     if use_triton(values, order, segment_ids, op=what):
-        return _segment_sum_triton(
+        return segment_sum_sorted_triton(
             values,
             order,
             segment_ids,
@@ -341,7 +357,7 @@ def coalesce_rows(
     if not use_triton(rows, values, op=what):
         return coalesce_rows_reference(rows, values, out_dtype=out_dtype)
     unique, order, segment_ids = sort_segments(rows)
-    summed = _segment_sum_triton(
+    summed = segment_sum_sorted_triton(
         values,
         order,
         segment_ids,
@@ -389,7 +405,7 @@ def coalesce_rows_padded(
     unique = torch.full_like(sorted_rows, -1).scatter_(0, segment_ids, sorted_rows)
     count = segment_ids[-1:] + 1
     if use_triton(rows, values, op=what):
-        summed = _segment_sum_triton(
+        summed = segment_sum_sorted_triton(
             values, order, segment_ids, n,
             tile_elems=tile_elems, max_block_d=max_block_d, num_warps=num_warps, count=count,
         )  # fmt: skip

@@ -101,12 +101,15 @@ resolves one program.
 from __future__ import annotations
 
 import operator
+from typing import Any, NamedTuple
 
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON
 from recstack.core.kernels.hash import fmix64_reference
+from recstack.core.kernels.host import as_int64
 
 if HAS_TRITON:
     import triton
@@ -144,7 +147,7 @@ MAX_TAGS = 2**30
 
 # Home-slot salt of the tag word (the 64-bit golden ratio, odd: a bijection of the tag word).
 _SALT = 0x9E3779B97F4A7C15
-_S_SALT = _SALT - 2**64
+_S_SALT = as_int64(_SALT)
 # A lane's claim of a slot's row word: _SIGN | tag word << 31 | lane (lanes of one call are
 # < 2**31, tag words < 2**31): negative and never -1. Rows are >= 0 and free slots hold -1.
 _SIGN = -(2**63)
@@ -224,21 +227,14 @@ def _is_pow2(v: int) -> bool:
 
 
 def _check_capacity(capacity: object, op: str) -> int:
-    if isinstance(capacity, bool) or not hasattr(capacity, "__index__"):
-        raise TypeError(f"{op}: capacity must be an int, got {type(capacity).__name__}")
-    cap = operator.index(capacity)
-    if not _is_pow2(cap) or cap > MAX_CAPACITY:
-        raise ValueError(f"{op}: capacity must be a power of two in [1, 2**60], got {cap}")
+    cap = check_int(capacity, f"{op}: capacity", minimum=1, maximum=MAX_CAPACITY)
+    if not _is_pow2(cap):
+        raise ValueError(f"{op}: capacity must be a power of two, got {cap}")
     return cap
 
 
 def _check_num_tags(num_tags: object, op: str) -> int:
-    if isinstance(num_tags, bool) or not hasattr(num_tags, "__index__"):
-        raise TypeError(f"{op}: num_tags must be an int, got {type(num_tags).__name__}")
-    value = operator.index(num_tags)
-    if not 1 <= value <= MAX_TAGS:
-        raise ValueError(f"{op}: num_tags must be in [1, 2**30], got {value}")
-    return value
+    return check_int(num_tags, f"{op}: num_tags", minimum=1, maximum=MAX_TAGS)
 
 
 def _check_slots(slots: object, op: str) -> torch.Tensor:
@@ -308,16 +304,44 @@ def _check_rows(free_rows: object, slots: torch.Tensor, op: str) -> torch.Tensor
 
 
 def _check_next_row(next_row: object, num_tags: int, op: str) -> int:
-    if isinstance(next_row, bool) or not hasattr(next_row, "__index__"):
-        raise TypeError(f"{op}: next_row must be an int, got {type(next_row).__name__}")
-    value = operator.index(next_row)
-    limit = 1 << _row_bits(num_tags)
-    if not 0 <= value < limit:
-        raise ValueError(
-            f"{op}: next_row must be in [0, 2**{_row_bits(num_tags)}) for {num_tags} tag(s), "
-            f"got {value}"
-        )
-    return value
+    limit = (1 << _row_bits(num_tags)) - 1
+    return check_int(next_row, f"{op}: next_row ({num_tags} tag(s))", minimum=0, maximum=limit)
+
+
+class _Batch(NamedTuple):
+    """One call's checked table and keys: what every probing launch takes."""
+
+    slots: torch.Tensor
+    flat: torch.Tensor  # the keys, flat and contiguous
+    tags: torch.Tensor | None  # flat tags, or None: every key has tag ``tag``
+    tag: int
+    num_tags: int
+    op: str
+
+    def probe_args(self, *outputs: torch.Tensor) -> tuple[Any, ...]:
+        """A probing kernel's arguments up to ``n_tags``: the table, keys and tags, then
+        ``outputs``, then ``n``, the slot mask, the scalar tag and the tag count."""
+        tags = self.tags if self.tags is not None else self.flat
+        n, mask = self.flat.numel(), self.slots.shape[0] - 1
+        return (self.slots, self.flat, tags, *outputs, n, mask, self.tag, self.num_tags)
+
+    def probe_options(self) -> dict[str, Any]:
+        """A probing kernel's tile constexprs and launch options."""
+        return {
+            "BLOCK": _BLOCK,
+            "W": _window(self.slots.shape[0]),
+            "HAS_TAGS": self.tags is not None,
+            "num_warps": _NUM_WARPS,
+        }
+
+
+def _batch(slots: torch.Tensor, keys: torch.Tensor, tags: object, num_tags: int, op: str) -> _Batch:
+    """Check an op's table, keys, tags and tag count."""
+    slots = _check_slots(slots, op)
+    num_tags = _check_num_tags(num_tags, op)
+    flat = _check_keys(keys, slots, op)
+    tag_flat, tag = _check_tags(tags, keys, num_tags, op)
+    return _Batch(slots, flat, tag_flat, tag, num_tags, op)
 
 
 def _bad_tags(tags: torch.Tensor, num_tags: int) -> torch.Tensor:
@@ -1004,11 +1028,8 @@ def table_find(
 
     Triton path: one launch (+ a 1-element memset and one sync when checking tags).
     """
-    op = _NAMES["find"]
-    slots = _check_slots(slots, op)
-    num_tags = _check_num_tags(num_tags, op)
-    flat = _check_keys(keys, slots, op)
-    tag_flat, tag = _check_tags(tags, keys, num_tags, op)
+    b = _batch(slots, keys, tags, num_tags, _NAMES["find"])
+    slots, flat, tag_flat, tag, num_tags, op = b
     if not kernels.use_triton(slots, flat, op="hash_table_find"):
         kernels.record_launch("hash_table_find_reference")
         rows = table_find_reference(
@@ -1024,21 +1045,7 @@ def table_find(
         row_bits = _row_bits(num_tags)
         kernels.record_launch("hash_table_find")
         _find_kernel[_grid(n)](
-            slots,
-            flat,
-            tag_flat if tag_flat is not None else flat,
-            rows,
-            stats,
-            n,
-            slots.shape[0] - 1,
-            tag,
-            num_tags,
-            row_bits,
-            (1 << row_bits) - 1,
-            BLOCK=_BLOCK,
-            W=_window(slots.shape[0]),
-            HAS_TAGS=tag_flat is not None,
-            num_warps=_NUM_WARPS,
+            *b.probe_args(rows, stats), row_bits, (1 << row_bits) - 1, **b.probe_options()
         )
         if check and int(stats[0]):
             _raise_bad_tags(tag_flat, num_tags, op)
@@ -1081,11 +1088,8 @@ def table_find_or_insert(
     Triton path: 3 launches (claim, first, assign), one ``torch.cumsum`` and one host sync
     after them all.
     """
-    op = _NAMES["find_or_insert"]
-    slots = _check_slots(slots, op)
-    num_tags = _check_num_tags(num_tags, op)
-    flat = _check_keys(keys, slots, op)
-    tag_flat, tag = _check_tags(tags, keys, num_tags, op)
+    b = _batch(slots, keys, tags, num_tags, _NAMES["find_or_insert"])
+    slots, flat, tag_flat, tag, num_tags, op = b
     free_rows = _check_rows(free_rows, slots, op)
     next_row = _check_next_row(next_row, num_tags, op)
     if not kernels.use_triton(slots, flat, op="hash_table_find_or_insert"):
@@ -1100,31 +1104,20 @@ def table_find_or_insert(
         empty = torch.empty(keys.shape, dtype=torch.int64, device=dev)
         return empty, torch.empty(keys.shape, dtype=torch.bool, device=dev), 0
     if n > _CHUNK:
-        rows, is_new, n_new = _find_or_insert_chunks(
-            slots, flat, tag_flat, tag, num_tags, free_rows, next_row, op
-        )
+        rows, is_new, n_new = _find_or_insert_chunks(b, free_rows, next_row)
     else:
-        rows, is_new, n_new = _find_or_insert(
-            slots, flat, tag_flat, tag, num_tags, free_rows, next_row, op
-        )
+        rows, is_new, n_new = _find_or_insert(b, free_rows, next_row)
     if keys.dim() != 1:
         rows, is_new = rows.view(keys.shape), is_new.view(keys.shape)
     return rows, is_new, n_new
 
 
 def _find_or_insert(
-    slots: torch.Tensor,
-    flat: torch.Tensor,
-    tags: torch.Tensor | None,
-    tag: int,
-    num_tags: int,
-    free_rows: torch.Tensor,
-    next_row: int,
-    op: str,
+    b: _Batch, free_rows: torch.Tensor, next_row: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The Triton path of :func:`table_find_or_insert` for ``1 <= n <= _CHUNK`` keys."""
+    slots, flat, tags, _, num_tags, op = b
     n, dev = flat.numel(), slots.device
-    mask = slots.shape[0] - 1
     row_bits = _row_bits(num_tags)
     slot = torch.empty(n, dtype=torch.int64, device=dev)
     # Each lane's row once known; between the launches, a new entry's claim (first lane).
@@ -1135,21 +1128,7 @@ def _find_or_insert(
     is_new = torch.empty(n, dtype=torch.bool, device=dev)
     kernels.record_launch("hash_table_claim")
     _claim_kernel[(-(-n // _BLOCK),)](
-        slots,
-        flat,
-        tags if tags is not None else flat,
-        slot,
-        rows,
-        n,
-        mask,
-        tag,
-        num_tags,
-        row_bits,
-        (1 << row_bits) - 1,
-        BLOCK=_BLOCK,
-        W=_window(mask + 1),
-        HAS_TAGS=tags is not None,
-        num_warps=_NUM_WARPS,
+        *b.probe_args(slot, rows), row_bits, (1 << row_bits) - 1, **b.probe_options()
     )
     stream = (-(-n // _STREAM_BLOCK),)
     kernels.record_launch("hash_table_first")
@@ -1183,25 +1162,18 @@ def _find_or_insert(
 
 
 def _find_or_insert_chunks(
-    slots: torch.Tensor,
-    flat: torch.Tensor,
-    tags: torch.Tensor | None,
-    tag: int,
-    num_tags: int,
-    free_rows: torch.Tensor,
-    next_row: int,
-    op: str,
+    b: _Batch, free_rows: torch.Tensor, next_row: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """A batch of more than ``_CHUNK`` keys, one chunk after another (the counts the scan
     packs into 32 bits and the lanes a claim holds stay in range); bad tags are rejected
     before any chunk runs."""
-    _check_tags_now(tags, num_tags, op)
+    tags = b.tags
+    _check_tags_now(tags, b.num_tags, b.op)
     rows, is_new, total = [], [], 0
-    for start in range(0, flat.numel(), _CHUNK):
+    for start in range(0, b.flat.numel(), _CHUNK):
         part = None if tags is None else tags[start : start + _CHUNK]
-        r, new, k = _find_or_insert(
-            slots, flat[start : start + _CHUNK], part, tag, num_tags, free_rows, next_row, op
-        )
+        chunk = b._replace(flat=b.flat[start : start + _CHUNK], tags=part)
+        r, new, k = _find_or_insert(chunk, free_rows, next_row)
         used = min(k, free_rows.numel())
         free_rows, next_row, total = free_rows[used:], next_row + k - used, total + k
         rows.append(r)
@@ -1230,11 +1202,8 @@ def table_erase(
     Triton path: one launch, a 2-element memset, one host sync, and a ``torch.sort`` of the
     free list with the batch's rows when something was erased.
     """
-    op = _NAMES["erase"]
-    slots = _check_slots(slots, op)
-    num_tags = _check_num_tags(num_tags, op)
-    flat = _check_keys(keys, slots, op)
-    tag_flat, tag = _check_tags(tags, keys, num_tags, op)
+    b = _batch(slots, keys, tags, num_tags, _NAMES["erase"])
+    slots, flat, tag_flat, tag, num_tags, op = b
     free_rows = _check_rows(free_rows, slots, op)
     if not kernels.use_triton(slots, flat, op="hash_table_erase"):
         kernels.record_launch("hash_table_erase_reference")
@@ -1250,23 +1219,7 @@ def table_erase(
     slot = torch.empty(n, dtype=torch.int64, device=dev)
     stats = torch.zeros(2, dtype=torch.int64, device=dev)
     kernels.record_launch("hash_table_erase")
-    _erase_kernel[_grid(n)](
-        slots,
-        flat,
-        tag_flat if tag_flat is not None else flat,
-        words,
-        slot,
-        stats,
-        n,
-        slots.shape[0] - 1,
-        tag,
-        num_tags,
-        row_bits,
-        BLOCK=_BLOCK,
-        W=_window(slots.shape[0]),
-        HAS_TAGS=tag_flat is not None,
-        num_warps=_NUM_WARPS,
-    )
+    _erase_kernel[_grid(n)](*b.probe_args(words, slot, stats), row_bits, **b.probe_options())
     n_bad, n_erased = stats.tolist()
     if n_bad:
         done = (slot >= 0).nonzero().squeeze(1)

@@ -44,14 +44,16 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON
-from recstack.core.kernels.hash import _lshr, _signed, check_seed, fmix64_reference
+from recstack.core.kernels.device import TABLE_KINDS
+from recstack.core.kernels.hash import check_seed, fmix64_reference, lshr64
+from recstack.core.kernels.host import as_int64, next_pow2
 from recstack.core.paged import PagedTensor
 from recstack.embedding_engine.config import Initializer
 
@@ -59,8 +61,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from recstack.core.kernels.device import tl_to_table_dtype
     from recstack.core.kernels.hash import tl_fmix64
-    from recstack.core.kernels.paged_rows import _to_table_dtype
 
 __all__ = [
     "GOLDEN",
@@ -76,7 +78,6 @@ GOLDEN = 0x9E3779B97F4A7C15
 INIT_ROWS_DEFAULTS: dict[str, int] = {"tile_elems": 1024, "max_block_d": 64, "num_warps": 4}
 
 _MASK64 = (1 << 64) - 1
-_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # core's table kinds
 _REF_CHUNK = 1 << 20  # values per chunk of the torch reference (bounds its temporaries)
 
 # Kinds the kernel knows; every Initializer maps onto one.
@@ -237,17 +238,16 @@ def _check_keys(keys: object, op: str) -> torch.Tensor:
 def _check_args(
     dim: object, initializer: object, seed: object, dtype: object, op: str
 ) -> tuple[int, int]:
-    if isinstance(dim, bool) or not hasattr(dim, "__index__") or operator.index(dim) < 1:
-        raise ValueError(f"{op}: dim must be a positive int, got {dim!r}")
+    dim = check_int(dim, f"{op}: dim", minimum=1)
     if not isinstance(initializer, Initializer):
         raise TypeError(
             f"{op}: initializer must be an Initializer, got {type(initializer).__name__}"
         )
-    if dtype not in _OUT_DTYPES:
+    if dtype not in TABLE_KINDS:
         raise TypeError(
-            f"{op}: dtype must be one of {', '.join(map(str, _OUT_DTYPES))}, got {dtype}"
+            f"{op}: dtype must be one of {', '.join(map(str, TABLE_KINDS))}, got {dtype}"
         )
-    return operator.index(dim), check_seed(seed)  # type: ignore[arg-type]
+    return dim, check_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,14 +304,14 @@ def _values_ref(
 ) -> torch.Tensor:
     if kind == _CONST:
         return torch.full((keys.numel(), dim), params[0], dtype=torch.float64, device=keys.device)
-    base = fmix64_reference(keys ^ _signed(salt))
+    base = fmix64_reference(keys ^ as_int64(salt))
     cols = torch.arange(1, dim + 1, dtype=torch.int64, device=keys.device)
-    bits = fmix64_reference(base[:, None] + cols[None, :] * _signed(GOLDEN))
+    bits = fmix64_reference(base[:, None] + cols[None, :] * as_int64(GOLDEN))
     if kind == _UNIFORM:
-        u = _lshr(bits, 11).to(torch.float64) * _TWO_M53
+        u = lshr64(bits, 11).to(torch.float64) * _TWO_M53
         return u * params[1] + params[0]
     p_lo, p_width, mean, std, z_lo, z_hi, sign = params[:7]
-    u = (_lshr(bits, 12).to(torch.float64) + 0.5) * _TWO_M52
+    u = (lshr64(bits, 12).to(torch.float64) + 0.5) * _TWO_M52
     z = _ndtri_ref(u * p_width + p_lo)
     z = torch.clamp(z, z_lo, z_hi) * sign
     return z * std + mean
@@ -441,20 +441,16 @@ if HAS_TRITON:
                 z = tl.minimum(tl.maximum(z, tl.load(params_ptr + 4)), tl.load(params_ptr + 5))
                 z = z * tl.load(params_ptr + 6)
                 v = z * tl.load(params_ptr + 3) + tl.load(params_ptr + 2)
-        out = _to_table_dtype(v.to(tl.float32), OUT)
+        out = tl_to_table_dtype(v.to(tl.float32), OUT)
         tl.store(out_ptr + r[:, None] * dim + cols[None, :], out, mask=mask)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _launch(
     keys: torch.Tensor, out: torch.Tensor, kind: int, params: tuple[float, ...], salt: int
 ) -> None:
     n, dim = out.shape
-    block_d = min(_next_pow2(dim), INIT_ROWS_DEFAULTS["max_block_d"])
-    block_r = _next_pow2(max(1, INIT_ROWS_DEFAULTS["tile_elems"] // block_d))
+    block_d = min(next_pow2(dim), INIT_ROWS_DEFAULTS["max_block_d"])
+    block_r = next_pow2(max(1, INIT_ROWS_DEFAULTS["tile_elems"] // block_d))
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
     _init_rows_kernel[grid](
         keys,
@@ -462,9 +458,9 @@ def _launch(
         _params_tensor(params, keys.device),
         n,
         dim,
-        _signed(salt),
+        as_int64(salt),
         KIND=kind,
-        OUT=_OUT_DTYPES[out.dtype],
+        OUT=TABLE_KINDS[out.dtype],
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=INIT_ROWS_DEFAULTS["num_warps"],

@@ -19,11 +19,11 @@ Semantics (both kernels and the torch references):
   works (e.g. a slice of a wider dense-input buffer).
 
 Forward kernel (:func:`pooled_lookup`): each program pools ``G`` consecutive bags for one
-column tile. Per step it loads ``G x BLOCK_N`` row ids, their page pointers
-(:func:`recstack.core.kernels.paged_rows._row_pointers`, 16-byte hinted when every page is
-aligned) and one ``[G * BLOCK_N, BLOCK_D]`` masked load of the rows -- ``G * BLOCK_N`` rows in
-flight, each a coalesced ``dim``-wide read -- reduces it over the ids and loops while any bag
-of the group has ids left. ``BLOCK_N`` follows the mean bag length (known on the host as
+column tile. Per step it loads ``G x BLOCK_N`` row ids, their page pointers (core's
+:func:`~recstack.core.kernels.device.tl_row_pointers`, 16-byte hinted when every page is
+aligned) and one ``[G * BLOCK_N, BLOCK_D]`` masked load of the rows -- ``G * BLOCK_N`` rows
+in flight, each a coalesced ``dim``-wide read -- reduces it over the ids and loops while any
+bag of the group has ids left. ``BLOCK_N`` follows the mean bag length (known on the host as
 ``N / (K * B)``, no sync) and ``G`` fills the tile: one bag per program at 20 ids/bag and
 dim 64, 32 bags per program for one-hot features. No atomics: a bag belongs to one program.
 
@@ -62,26 +62,26 @@ from collections.abc import Sequence
 import torch
 
 from recstack.core import PagedTensor, SparseGrad
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
-from recstack.core.kernels.paged_rows import _TABLE_KIND, gather_paged_rows_reference
-from recstack.embedding_engine.kernels.lookup_grad import (
-    GRAD_DEFAULTS,
-    _pow2_ceil,
-    _pow2_floor,
-    lookup_grad_sums,
-)
+from recstack.core.kernels.device import TABLE_KINDS
+from recstack.core.kernels.host import next_pow2, prev_pow2
+from recstack.core.kernels.paged_rows import gather_paged_rows_reference
+from recstack.embedding_engine.kernels.lookup_grad import GRAD_DEFAULTS, lookup_grad_sums
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.paged_rows import _row_pointers, _to_table_dtype
+    from recstack.core.kernels.device import tl_row_pointers, tl_to_table_dtype
 
 __all__ = [
     "MODE_MEAN",
     "MODE_SUM",
     "POOLING_BACKWARD_DEFAULTS",
     "POOLING_DEFAULTS",
+    "bag_lengths",
+    "bag_scale",
     "pooled_lookup",
     "pooled_lookup_backward",
     "pooled_lookup_backward_reference",
@@ -106,7 +106,6 @@ POOLING_BACKWARD_DEFAULTS: dict[str, int] = GRAD_DEFAULTS
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32)
-_OUT_KIND = _TABLE_KIND  # fp32 0, bf16 1, fp16 2: the same codes _to_table_dtype takes
 _INT32_MAX = 2**31 - 1
 
 
@@ -148,13 +147,13 @@ if HAS_TRITON:
         # (masked lanes issue no memory traffic).
         steps = tl.max((length + BLOCK_N - 1) // BLOCK_N, axis=0)
         for step in range(0, steps):
-            # Flat [G * BLOCK_N] ids: _row_pointers (and its 16-byte hint) works on 1-D rows.
+            # Flat [G * BLOCK_N] ids: tl_row_pointers (and its 16-byte hint) works on 1-D rows.
             idx2 = start[:, None] + step * BLOCK_N + lane[None, :]
             idx = tl.reshape(idx2, (G * BLOCK_N,))
             ok = tl.reshape(idx2 < end[:, None], (G * BLOCK_N,))
             rows = tl.load(rows_ptr + idx, mask=ok, other=-1).to(tl.int64)
             row_ok = ok & (rows >= 0)
-            src = _row_pointers(
+            src = tl_row_pointers(
                 page_table_ptr, rows, row_ok, page_shift, page_mask, dim, KIND, ALIGNED
             )
             x = tl.load(
@@ -176,7 +175,7 @@ if HAS_TRITON:
         denom = tl.where((mode == 1) & (length > 0), length, 1).to(tl.float32)
         acc = acc / denom[:, None]
         dst = out_ptr + b[:, None] * out_stride_b + k[:, None] * out_stride_k + cols[None, :]
-        tl.store(dst, _to_table_dtype(acc, OUT_KIND), mask=bag_ok[:, None] & col_ok[None, :])
+        tl.store(dst, tl_to_table_dtype(acc, OUT_KIND), mask=bag_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------
@@ -230,8 +229,7 @@ def _check_bags(
     weights: object,
 ):
     """Validate the bag layout shared by forward and backward (no device sync)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-        raise ValueError(f"{what}: batch_size must be an int >= 0, got {batch_size!r}")
+    check_int(batch_size, f"{what}: batch_size", minimum=0)
     rows = _check_int_tensor(what, "rows", rows, device)
     offsets = _check_int_tensor(what, "offsets", offsets, device)
     if offsets.dtype != torch.int64:
@@ -351,7 +349,8 @@ def _index_checks(
 # ----------------------------------------------------------------------------------------
 
 
-def _bag_lengths(offsets: torch.Tensor) -> torch.Tensor:
+def bag_lengths(offsets: torch.Tensor) -> torch.Tensor:
+    """int64 ``[K * B]``: each bag's length, from the ``[K * B + 1]`` offsets."""
     return offsets[1:] - offsets[:-1]
 
 
@@ -382,7 +381,7 @@ def pooled_lookup_reference(
         vals[valid] = gather_paged_rows_reference(table, rows[valid]).to(torch.float32)
     if weights is not None:
         vals = vals * weights.to(torch.float32)[:, None]
-    lengths = _bag_lengths(offsets)
+    lengths = bag_lengths(offsets)
     bag_of = torch.repeat_interleave(lengths, output_size=n)
     pooled = torch.zeros((num_bags, dim), dtype=torch.float32, device=table.device)
     pooled.index_add_(0, bag_of, vals)
@@ -498,13 +497,13 @@ def pooled_lookup(
     if n == 0:
         out.zero_()
         return out
-    tile_elems = _pow2_floor(tile_elems or POOLING_DEFAULTS["tile_elems"])
+    tile_elems = prev_pow2(tile_elems or POOLING_DEFAULTS["tile_elems"])
     max_block_d = max_block_d or POOLING_DEFAULTS["max_block_d"]
-    block_d = min(_pow2_ceil(dim), _pow2_ceil(max_block_d))
+    block_d = min(next_pow2(dim), next_pow2(max_block_d))
     max_n = max(1, tile_elems // block_d)
-    block_n = block_n or POOLING_DEFAULTS["block_n"] or _pow2_ceil(-(-n // num_bags))
-    block_n = min(_pow2_ceil(block_n), max_n)
-    group = min(max(1, tile_elems // (block_n * block_d)), _pow2_ceil(num_bags))
+    block_n = block_n or POOLING_DEFAULTS["block_n"] or next_pow2(-(-n // num_bags))
+    block_n = min(next_pow2(block_n), max_n)
+    group = min(max(1, tile_elems // (block_n * block_d)), next_pow2(num_bags))
     tile = group * block_n * block_d
     num_warps = num_warps or POOLING_DEFAULTS["num_warps"] or max(1, min(8, tile // 1024))
     grid = (triton.cdiv(num_bags, group), triton.cdiv(dim, block_d))
@@ -522,8 +521,8 @@ def pooled_lookup(
         out.stride(1),
         table.page_shift,
         table.page_mask,
-        KIND=_TABLE_KIND[table.dtype],
-        OUT_KIND=_OUT_KIND[out_dtype],
+        KIND=TABLE_KINDS[table.dtype],
+        OUT_KIND=TABLE_KINDS[out_dtype],
         ALIGNED=bool(getattr(table, "_pages_aligned", False)),
         HAS_WEIGHTS=weights is not None,
         G=group,
@@ -540,9 +539,9 @@ def pooled_lookup(
 # ----------------------------------------------------------------------------------------
 
 
-def _bag_scale(offsets: torch.Tensor, modes: torch.Tensor, batch_size: int) -> torch.Tensor:
+def bag_scale(offsets: torch.Tensor, modes: torch.Tensor, batch_size: int) -> torch.Tensor:
     """fp32 ``[K * B]``: ``1 / length`` for mean bags, ``1`` otherwise."""
-    lengths = _bag_lengths(offsets)
+    lengths = bag_lengths(offsets)
     mean = (_bag_modes(modes, batch_size) == MODE_MEAN) & (lengths > 0)
     return torch.where(mean, 1.0 / lengths.clamp(min=1).to(torch.float32), 1.0)
 
@@ -567,8 +566,8 @@ def pooled_lookup_backward_reference(
     num_keys, n = modes.numel(), rows.numel()
     num_bags = num_keys * batch_size
     per_bag = grad_out.to(torch.float32).transpose(0, 1).reshape(num_bags, dim)
-    bag_of = torch.repeat_interleave(_bag_lengths(offsets), output_size=n)
-    scale = _bag_scale(offsets, modes, batch_size).index_select(0, bag_of)
+    bag_of = torch.repeat_interleave(bag_lengths(offsets), output_size=n)
+    scale = bag_scale(offsets, modes, batch_size).index_select(0, bag_of)
     if weights is not None:
         scale = scale * weights.to(torch.float32)
     inverse = inverse.to(torch.int64)
@@ -691,8 +690,8 @@ def pooled_lookup_backward(
         None,
         dim,
         grad_pooled=grad_out,
-        bag_of=torch.repeat_interleave(_bag_lengths(offsets), output_size=n),
-        bag_scale=_bag_scale(offsets, modes, batch_size),
+        bag_of=torch.repeat_interleave(bag_lengths(offsets), output_size=n),
+        bag_scale=bag_scale(offsets, modes, batch_size),
         weights=weights,
         batch_size=batch_size,
         n_pooled=n,

@@ -46,38 +46,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _last_le(table_ptr, x, base, length):
-        """Largest ``i`` in ``[base, base + length)`` with ``table[i] <= x`` (table sorted).
-
-        Assumes ``table[base] <= x``. Branchless halving, so ``x``/``base`` may be scalars or
-        blocks (``base`` must already have ``x``'s shape); ``length`` is a scalar.
-        """
-        while length > 1:
-            half = length // 2
-            probe = tl.load(table_ptr + base + half)
-            base = base + half * (probe <= x).to(tl.int64)
-            length -= half
-        return base
-
-    @triton.jit
-    def _load_as(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr):
-        # ``addr`` is an int64 data pointer from the table: give it the input's element type.
-        if KIND == 0:
-            base = addr.to(tl.pointer_type(tl.int64))
-        elif KIND == 1:
-            base = addr.to(tl.pointer_type(tl.int32))
-        elif KIND == 2:
-            base = addr.to(tl.pointer_type(tl.uint8))
-        elif KIND == 3:
-            base = addr.to(tl.pointer_type(tl.float32))
-        else:
-            base = addr.to(tl.pointer_type(tl.float64))
-        # Pointers loaded from memory carry no alignment facts; the launcher sets ALIGNED
-        # only when every input is 16-byte aligned, which lets contiguous tiles vectorize.
-        if ALIGNED:
-            base = tl.multiple_of(base, 16)
-        return tl.load(base + offs, mask=mask)
+    from recstack.feature_engine.kernels.device import last_le, load_as
 
     @triton.jit(do_not_specialize=["n_inputs"])
     def _concat_kernel(
@@ -91,7 +60,7 @@ if HAS_TRITON:
     ):
         pid = tl.program_id(0).to(tl.int64)
         sec = n_inputs.to(tl.int64) + 1
-        i = _last_le(table_ptr, pid, pid * 0, n_inputs.to(tl.int64))
+        i = last_le(table_ptr, pid, pid * 0, n_inputs.to(tl.int64))
         tile0 = tl.load(table_ptr + i)
         out0 = tl.load(table_ptr + sec + i)
         numel = tl.load(table_ptr + sec + i + 1) - out0
@@ -104,21 +73,21 @@ if HAS_TRITON:
             src = local * tl.load(table_ptr + 3 * sec + i)
         out_ty = out_ptr.dtype.element_ty
         if SRC_KIND >= 0:
-            x = _load_as(addr, src, mask, SRC_KIND, ALIGNED).to(out_ty)
+            x = load_as(addr, src, mask, SRC_KIND, ALIGNED).to(out_ty)
         else:
             # Mixed input dtypes: the branch is uniform per program (one input per tile).
             kind = tl.load(table_ptr + 4 * sec + i)
             x = tl.zeros([BLOCK], dtype=out_ty)
             if kind == 0:
-                x = _load_as(addr, src, mask, 0, ALIGNED).to(out_ty)
+                x = load_as(addr, src, mask, 0, ALIGNED).to(out_ty)
             elif kind == 1:
-                x = _load_as(addr, src, mask, 1, ALIGNED).to(out_ty)
+                x = load_as(addr, src, mask, 1, ALIGNED).to(out_ty)
             elif kind == 2:
-                x = _load_as(addr, src, mask, 2, ALIGNED).to(out_ty)
+                x = load_as(addr, src, mask, 2, ALIGNED).to(out_ty)
             elif kind == 3:
-                x = _load_as(addr, src, mask, 3, ALIGNED).to(out_ty)
+                x = load_as(addr, src, mask, 3, ALIGNED).to(out_ty)
             else:
-                x = _load_as(addr, src, mask, 4, ALIGNED).to(out_ty)
+                x = load_as(addr, src, mask, 4, ALIGNED).to(out_ty)
         tl.store(out_ptr + out0 + local, x, mask=mask)
 
 

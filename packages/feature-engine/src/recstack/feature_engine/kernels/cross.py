@@ -23,22 +23,23 @@ range, splits its local index over the component lengths and hashes.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON
 from recstack.core.kernels.hash import (
     PRIME64_1,
     PRIME64_4,
     PRIME64_5,
-    _avalanche,
-    _signed,
-    _step8,
+    xxh64_avalanche,
+    xxh64_step8,
 )
+from recstack.core.kernels.host import as_int64
+from recstack.feature_engine.kernels.host import check_tensor
 
 __all__ = [
     "MAX_CROSS_COMPONENTS",
@@ -71,8 +72,8 @@ _REF_CHUNK = 1 << 22
 
 def _pair_hash(a: torch.Tensor, b: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
     # XXH64 short-input path for 16 bytes: acc = seed + PRIME64_5 + 16, two 8-byte lanes.
-    acc = seed + _signed(PRIME64_5 + 16)
-    return _avalanche(_step8(_step8(acc, a), b))
+    acc = seed + as_int64(PRIME64_5 + 16)
+    return xxh64_avalanche(xxh64_step8(xxh64_step8(acc, a), b))
 
 
 def xxh64_pair_reference(a: torch.Tensor, b: torch.Tensor, seed: int) -> torch.Tensor:
@@ -100,12 +101,18 @@ def xxh64_pair_reference(a: torch.Tensor, b: torch.Tensor, seed: int) -> torch.T
     a, b = a.to(torch.int64), b.to(torch.int64)
     if a.device != b.device:
         raise ValueError(f"xxh64_pair_reference: a is on {a.device} but b is on {b.device}")
-    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-        raise TypeError(f"xxh64_pair_reference: seed must be an int, got {type(seed).__name__}")
-    value = operator.index(seed)
-    if not -(1 << 63) <= value <= _MASK64:
-        raise ValueError(f"xxh64_pair_reference: seed must be in [-2**63, 2**64), got {value}")
-    return _pair_hash(a, b, _signed(value))
+    value = check_int(seed, "xxh64_pair_reference: seed", minimum=-(1 << 63), maximum=_MASK64)
+    return _pair_hash(a, b, as_int64(value))
+
+
+def _empty_plan(dev: torch.device, n_crosses: int) -> tuple:
+    """The plan of crosses without output rows (no crosses, or ``B == 0``)."""
+    lengths = torch.zeros(0, dtype=torch.int64, device=dev)
+    return lengths, torch.zeros(1, dtype=torch.int64, device=dev), 0, [0] * n_crosses
+
+
+def _too_many_items() -> ValueError:
+    return ValueError(f"cross: the crosses would produce 2**62 or more items (limit {_MAX_ITEMS})")
 
 
 def _plan(
@@ -124,12 +131,7 @@ def _plan(
     n_crosses = components.shape[0]
     n_out = n_crosses * batch_size
     if n_out == 0:
-        return (
-            torch.zeros(0, dtype=torch.int64, device=dev),
-            torch.zeros(1, dtype=torch.int64, device=dev),
-            0,
-            [0] * n_crosses,
-        )
+        return _empty_plan(dev, n_crosses)
     row_len = row_offsets[1:] - row_offsets[:-1]
     used = components >= 0
     comp_len = row_len.view(-1, batch_size)[components.clamp(min=0)]  # [C, slots, B]
@@ -154,9 +156,7 @@ def _plan(
             f"last={int(row_offsets[-1])}"
         )
     if overflow:
-        raise ValueError(
-            f"cross: the crosses would produce 2**62 or more items (limit {_MAX_ITEMS})"
-        )
+        raise _too_many_items()
     return out_len, out_off, int(total), per_cross
 
 
@@ -169,12 +169,7 @@ def _plan_trusted(
     n_crosses = components.shape[0]
     n_out = n_crosses * batch_size
     if n_out == 0:
-        return (
-            torch.zeros(0, dtype=torch.int64, device=dev),
-            torch.zeros(1, dtype=torch.int64, device=dev),
-            0,
-            [0] * n_crosses,
-        )
+        return _empty_plan(dev, n_crosses)
     n_blocks = triton.cdiv(n_out, _LEN_BLOCK)
     lengths = torch.empty(n_out + n_blocks, dtype=torch.int64, device=dev)
     out_off = torch.empty(n_out + n_blocks + 1, dtype=torch.int64, device=dev)
@@ -195,9 +190,7 @@ def _plan_trusted(
     per_cross = out_off[batch_size : n_out + 1 : batch_size] - out_off[:n_out:batch_size]
     total, end, *counts = torch.cat([out_off[n_out : n_out + 1], out_off[-1:], per_cross]).tolist()
     if end != total:
-        raise ValueError(
-            f"cross: the crosses would produce 2**62 or more items (limit {_MAX_ITEMS})"
-        )
+        raise _too_many_items()
     return lengths[:n_out], out_off[: n_out + 1], total, counts
 
 
@@ -264,8 +257,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.hash import _tl_avalanche, _tl_rotl, _tl_round0
-    from recstack.feature_engine.kernels.concat import _last_le
+    from recstack.core.kernels.device import tl_rotl64, tl_xxh64_avalanche, tl_xxh64_round0
+    from recstack.feature_engine.kernels.device import last_le
 
     _P1 = tl.constexpr(PRIME64_1)
     _P4 = tl.constexpr(PRIME64_4)
@@ -275,9 +268,9 @@ if HAS_TRITON:
     def tl_xxh64_u64x2(a, b, seed):
         """XXH64 of the 16 bytes ``LE(a) || LE(b)``; ``a``, ``b`` and ``seed`` uint64."""
         acc = seed + _P5_16
-        acc = _tl_rotl(acc ^ _tl_round0(a), 27) * _P1 + _P4
-        acc = _tl_rotl(acc ^ _tl_round0(b), 27) * _P1 + _P4
-        return _tl_avalanche(acc)
+        acc = tl_rotl64(acc ^ tl_xxh64_round0(a), 27) * _P1 + _P4
+        acc = tl_rotl64(acc ^ tl_xxh64_round0(b), 27) * _P1 + _P4
+        return tl_xxh64_avalanche(acc)
 
     @triton.jit(do_not_specialize=["n_out", "batch_size", "limit"])
     def _cross_lengths_kernel(
@@ -352,9 +345,9 @@ if HAS_TRITON:
         e = tl.minimum(e, last)  # tail lanes redo the last item; only valid lanes store
         # Output rows of the tile's first and last items bound every item's row, so the
         # per-item search only spans the rows this tile touches.
-        r0 = _last_le(out_offsets_ptr, first, first * 0, nr)
-        r1 = _last_le(out_offsets_ptr, last, r0, nr - r0)
-        r = _last_le(out_offsets_ptr, e, tl.zeros([BLOCK], dtype=tl.int64) + r0, r1 - r0 + 1)
+        r0 = last_le(out_offsets_ptr, first, first * 0, nr)
+        r1 = last_le(out_offsets_ptr, last, r0, nr - r0)
+        r = last_le(out_offsets_ptr, e, tl.zeros([BLOCK], dtype=tl.int64) + r0, r1 - r0 + 1)
         c = r // B
         b = r - c * B
         local = e - tl.load(out_offsets_ptr + r)
@@ -377,25 +370,6 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 # Validation and launcher
 # ----------------------------------------------------------------------------------------
-
-
-def _check_tensor(x: object, name: str, dims: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"cross: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.int64:
-        raise TypeError(f"cross: {name} must be int64, got {x.dtype}")
-    if x.dim() != dims:
-        raise ValueError(f"cross: {name} must be {dims}-D, got shape {tuple(x.shape)}")
-    return x
-
-
-def _check_int(x: object, name: str) -> int:
-    if isinstance(x, bool) or not hasattr(x, "__index__"):
-        raise TypeError(f"cross: {name} must be an int, got {type(x).__name__}")
-    value = operator.index(x)
-    if value < 0:
-        raise ValueError(f"cross: {name} must be >= 0, got {value}")
-    return value
 
 
 def _num_features(row_offsets: torch.Tensor, batch_size: int, num_features: int | None) -> int:
@@ -503,13 +477,13 @@ def cross(
         >>> lens.tolist(), out.shape
         ([6], torch.Size([6]))
     """
-    values = _check_tensor(values, "values", 1)
-    row_offsets = _check_tensor(row_offsets, "row_offsets", 1)
-    components = _check_tensor(components, "components", 2)
-    seeds = _check_tensor(seeds, "seeds", 1)
-    batch_size = _check_int(batch_size, "batch_size")
+    values = check_tensor(values, "values", "cross", (torch.int64,), 1)
+    row_offsets = check_tensor(row_offsets, "row_offsets", "cross", (torch.int64,), 1)
+    components = check_tensor(components, "components", "cross", (torch.int64,), 2)
+    seeds = check_tensor(seeds, "seeds", "cross", (torch.int64,), 1)
+    batch_size = check_int(batch_size, "cross: batch_size", minimum=0)
     if num_features is not None:
-        num_features = _check_int(num_features, "num_features")
+        num_features = check_int(num_features, "cross: num_features", minimum=0)
     dev = values.device
     if row_offsets.device != dev:
         raise ValueError(f"cross: row_offsets is on {row_offsets.device} but values on {dev}")
@@ -536,7 +510,7 @@ class CrossTables(NamedTuple):
 
     components: torch.Tensor  # int64 [C, 4], unused slots -1
     seeds: torch.Tensor  # int64 [C]
-    most: int  # the most components any cross uses
+    max_components: int  # the most components any cross uses
     max_index: int  # the largest feature index named
 
 
@@ -561,7 +535,7 @@ def cross_tables(
             )
         rows.append([*comp, *[-1] * (MAX_CROSS_COMPONENTS - len(comp))])
     most = max((len(comp) for comp in components), default=2)
-    seed_t = torch.tensor([_signed(int(s)) for s in seeds], dtype=torch.int64)
+    seed_t = torch.tensor([as_int64(int(s)) for s in seeds], dtype=torch.int64)
     return CrossTables(
         torch.tensor(rows, dtype=torch.int64, device=device).view(-1, MAX_CROSS_COMPONENTS),
         seed_t.to(device),

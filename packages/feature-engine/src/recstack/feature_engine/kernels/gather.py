@@ -10,7 +10,8 @@ Item semantics per segment kind:
 
 * ``SEG_IDS``: ids copied as int64 (int32 sign-extends, uint8 zero-extends, as ``Tensor.to``);
 * ``SEG_FLOAT``: ``torch.bucketize(float64(x), boundaries[start:start + count], right=right)``,
-  NaN -> ``count`` (exactly :func:`~recstack.feature_engine.kernels.program.bucketize_float`);
+  NaN -> ``count`` (exactly
+  :func:`~recstack.feature_engine.kernels.bucketize_float.bucketize_float`);
 * ``SEG_STRING``: XXH64 of each string's bytes with the segment's seed, equal to
   :func:`recstack.core.kernels.hash.xxh64_bytes` (the uint64 as an int64 bit pattern).
 
@@ -37,22 +38,25 @@ import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 
 from recstack.core import kernels
+from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON
 from recstack.core.kernels.hash import check_seed, xxh64_bytes_reference
+from recstack.core.kernels.host import as_int64
 from recstack.feature_engine.kernels.concat import CONCAT_DTYPES
-from recstack.feature_engine.kernels.program import _cached
+from recstack.feature_engine.kernels.host import cached
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from recstack.core.kernels.hash import tl_xxh64_bytes
-    from recstack.feature_engine.kernels.concat import _last_le, _load_as
+    from recstack.feature_engine.kernels.device import bucket_of, last_le, load_as
 
 __all__ = [
     "SEG_FLOAT",
@@ -60,14 +64,21 @@ __all__ = [
     "SEG_STRING",
     "GatherPlan",
     "InputSegment",
+    "SegmentKind",
     "gather_inputs",
     "gather_inputs_reference",
 ]
 
-SEG_IDS = 0
-SEG_FLOAT = 1
-SEG_STRING = 2
-_KIND_NAMES = ("SEG_IDS", "SEG_FLOAT", "SEG_STRING")
+
+class SegmentKind(IntEnum):
+    """What a segment's items are, and so how they become ids (see the module docstring)."""
+
+    IDS = 0
+    FLOAT = 1
+    STRING = 2
+
+
+SEG_IDS, SEG_FLOAT, SEG_STRING = SegmentKind
 
 _ITEM_DTYPES: tuple[tuple[torch.dtype, ...], ...] = (
     (torch.int64, torch.int32, torch.uint8),
@@ -134,14 +145,8 @@ _OP = "gather_inputs"
 
 
 def _where(s: int, kind: int | None = None) -> str:
-    name = f" ({_KIND_NAMES[kind]})" if kind is not None else ""
+    name = f" (SEG_{SegmentKind(kind).name})" if kind is not None else ""
     return f"{_OP}: segments[{s}]{name}"
-
-
-def _int_field(v: object, what: str) -> int:
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{what} must be an int, got {type(v).__name__}")
-    return operator.index(v)
 
 
 def _offsets_tensor(t: object, name: str, s: int, kind: int, dev: torch.device) -> torch.Tensor:
@@ -182,23 +187,23 @@ def _check_boundaries(boundaries: object, dev: torch.device) -> tuple[int, list[
         raise ValueError(f"{_OP}: boundaries must be 1-D, got shape {tuple(boundaries.shape)}")
     if boundaries.device != dev:
         raise ValueError(f"{_OP}: boundaries is on {boundaries.device} but the segments on {dev}")
-    nan, descents = _cached(_OP, (boundaries,), lambda: _analyze_boundaries(boundaries))
+    nan, descents = cached(_OP, (boundaries,), lambda: _analyze_boundaries(boundaries))
     if nan >= 0:
         raise ValueError(f"{_OP}: boundaries must not be NaN (at index {nan})")
     return nan, descents
 
 
-class _Seg(NamedTuple):
+class _CheckedSegment(NamedTuple):
     """A validated segment: contiguous tensors and host-known sizes."""
 
     kind: int
     items: torch.Tensor
-    ro: torch.Tensor | None
-    so: torch.Tensor | None
-    count: int
+    row_offsets: torch.Tensor | None
+    string_offsets: torch.Tensor | None
+    count: int  # items (ids, floats or strings)
     seed: int
-    bstart: int
-    bcount: int
+    bound_start: int
+    bound_count: int
     right: int
 
 
@@ -207,7 +212,7 @@ def _validate(
     batch_size: object,
     boundaries: torch.Tensor | None,
     device: object,
-) -> tuple[list[_Seg], int, torch.device]:
+) -> tuple[list[_CheckedSegment], int, torch.device]:
     """Check every segment on the host (no device sync) and return them validated.
 
     Runs every training step for every feature, so the loop stays lean: error messages are
@@ -215,11 +220,7 @@ def _validate(
     """
     if isinstance(segments, torch.Tensor | InputSegment) or not isinstance(segments, Sequence):
         raise TypeError(f"{_OP}: segments must be a sequence of InputSegment")
-    if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__"):
-        raise TypeError(f"{_OP}: batch_size must be an int, got {type(batch_size).__name__}")
-    bsz = operator.index(batch_size)
-    if bsz < 0:
-        raise ValueError(f"{_OP}: batch_size must be >= 0, got {bsz}")
+    bsz = check_int(batch_size, f"{_OP}: batch_size", minimum=0)
     want = torch.device(device) if device is not None else None
     if not segments:
         dev = want if want is not None else torch.device("cpu")
@@ -236,7 +237,7 @@ def _validate(
         if not same:
             raise ValueError(f"{_OP}: device={want} but the segments are on {dev}")
     descents: list[int] | None = None
-    out: list[_Seg] = []
+    out: list[_CheckedSegment] = []
     n_rows = bsz + 1
     for s, seg in enumerate(segments):
         if not isinstance(seg, InputSegment):
@@ -300,7 +301,7 @@ def _validate(
                     f"got {tuple(ro.shape)}"
                 )
         if kind != SEG_FLOAT:
-            out.append(_Seg(kind, items, ro, so, count, seed, 0, 0, 0))
+            out.append(_CheckedSegment(kind, items, ro, so, count, seed, 0, 0, 0))
             continue
         if boundaries is None:
             raise ValueError(f"{_where(s, kind)}: float segments need the boundaries tensor")
@@ -308,10 +309,10 @@ def _validate(
             _, descents = _check_boundaries(boundaries, dev)
         bstart = seg.bound_start
         if type(bstart) is not int:
-            bstart = _int_field(bstart, f"{_where(s, kind)}: bound_start")
+            bstart = check_int(bstart, f"{_where(s, kind)}: bound_start")
         bcount = seg.bound_count
         if type(bcount) is not int:
-            bcount = _int_field(bcount, f"{_where(s, kind)}: bound_count")
+            bcount = check_int(bcount, f"{_where(s, kind)}: bound_count")
         m = len(descents)
         if bcount < 1 or bstart < 0 or bstart > m - bcount:
             raise ValueError(
@@ -327,22 +328,22 @@ def _validate(
         right = seg.right
         if right not in (0, 1):  # bools and 0/1 ints
             raise TypeError(f"{_where(s, kind)}: right must be a bool, got {right!r}")
-        out.append(_Seg(kind, items, ro, so, count, 0, bstart, bcount, int(right)))
+        out.append(_CheckedSegment(kind, items, ro, so, count, 0, bstart, bcount, int(right)))
     if boundaries is not None and descents is None:
         _check_boundaries(boundaries, dev)
     return out, bsz, dev
 
 
-def _check_offsets(segs: list[_Seg]) -> None:
+def _check_offsets(segs: list[_CheckedSegment]) -> None:
     """Offsets consistent with the item counts, for every segment at once (one host sync)."""
     checks: list[tuple[int, str, torch.Tensor]] = []
     for s, g in enumerate(segs):
-        if g.ro is not None:
-            ro = g.ro
+        if g.row_offsets is not None:
+            ro = g.row_offsets
             ok = (ro[1:] >= ro[:-1]).all() & (ro[-1] - ro[0] == g.count)
             checks.append((s, "ro", ok))
-        if g.so is not None:
-            so = g.so
+        if g.string_offsets is not None:
+            so = g.string_offsets
             ok = (so[1:] >= so[:-1]).all() & (so[0] >= 0) & (so[-1] <= g.items.numel())
             checks.append((s, "so", ok))
     if not checks:
@@ -356,13 +357,13 @@ def _check_offsets(segs: list[_Seg]) -> None:
         if what == "ro":
             raise ValueError(
                 f"{where}: row_offsets must be non-decreasing with row_offsets[-1] - "
-                f"row_offsets[0] == its {g.count} items; got first={int(g.ro[0])}, "
-                f"last={int(g.ro[-1])}"
+                f"row_offsets[0] == its {g.count} items; got first={int(g.row_offsets[0])}, "
+                f"last={int(g.row_offsets[-1])}"
             )
         raise ValueError(
             f"{where}: string_offsets must be non-decreasing within [0, {g.items.numel()}] "
-            f"(items has {g.items.numel()} bytes); got first={int(g.so[0])}, "
-            f"last={int(g.so[-1])}"
+            f"(items has {g.items.numel()} bytes); got first={int(g.string_offsets[0])}, "
+            f"last={int(g.string_offsets[-1])}"
         )
 
 
@@ -372,7 +373,7 @@ def _check_offsets(segs: list[_Seg]) -> None:
 
 
 def _reference(
-    segs: list[_Seg], bsz: int, boundaries: torch.Tensor | None, dev: torch.device
+    segs: list[_CheckedSegment], bsz: int, boundaries: torch.Tensor | None, dev: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     parts: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
@@ -382,16 +383,16 @@ def _reference(
             v = g.items.to(torch.int64)
         elif g.kind == SEG_FLOAT:
             x = g.items.to(torch.float64)
-            bl = boundaries[g.bstart : g.bstart + g.bcount]
+            bl = boundaries[g.bound_start : g.bound_start + g.bound_count]
             v = torch.bucketize(x, bl, right=bool(g.right))
-            v = torch.where(x.isnan(), g.bcount, v)
+            v = torch.where(x.isnan(), g.bound_count, v)
         else:
-            v = xxh64_bytes_reference(g.items, g.so, g.seed)
+            v = xxh64_bytes_reference(g.items, g.string_offsets, g.seed)
         parts.append(v)
-        if g.ro is None:
+        if g.row_offsets is None:
             rows.append(torch.arange(base, base + bsz, dtype=torch.int64, device=dev))
         else:
-            rows.append(g.ro[:-1] - g.ro[0] + base)
+            rows.append(g.row_offsets[:-1] - g.row_offsets[0] + base)
         base += g.count
     rows.append(torch.full((1,), base, dtype=torch.int64, device=dev))
     return torch.cat(parts), torch.cat(rows)
@@ -446,34 +447,25 @@ if HAS_TRITON:
     def _load_ids(addr, i, mask, code, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
         x = tl.zeros([BLOCK], dtype=tl.int64)
         if code == 0:
-            x = _load_as(addr, i, mask, 0, ALIGNED).to(tl.int64)
+            x = load_as(addr, i, mask, 0, ALIGNED).to(tl.int64)
         elif code == 1:
-            x = _load_as(addr, i, mask, 1, ALIGNED).to(tl.int64)
+            x = load_as(addr, i, mask, 1, ALIGNED).to(tl.int64)
         else:
-            x = _load_as(addr, i, mask, 2, ALIGNED).to(tl.int64)
+            x = load_as(addr, i, mask, 2, ALIGNED).to(tl.int64)
         return x
 
     @triton.jit
     def _bucketize(addr, i, mask, code, rec, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-        # Same search and NaN rule as program.py's _bucketize_float_kernel: lower_bound
-        # (right=0: first b >= x) / upper_bound (right=1: first b > x) in float64.
+        # The search and NaN rule of bucketize_float, in float64.
         x = tl.zeros([BLOCK], dtype=tl.float64)
         if code == 3:
-            x = _load_as(addr, i, mask, 3, ALIGNED).to(tl.float64)
+            x = load_as(addr, i, mask, 3, ALIGNED).to(tl.float64)
         else:
-            x = _load_as(addr, i, mask, 4, ALIGNED).to(tl.float64)
+            x = load_as(addr, i, mask, 4, ALIGNED).to(tl.float64)
         bounds = tl.load(rec + _K_BPTR).to(tl.pointer_type(tl.float64))
         count = tl.load(rec + _K_BCOUNT)
         right = tl.load(rec + _K_RIGHT) != 0
-        lo = tl.zeros([BLOCK], dtype=tl.int64)
-        hi = lo + count
-        for _ in range(tl.load(rec + _K_STEPS)):
-            active = lo < hi
-            mid = (lo + hi) >> 1
-            b = tl.load(bounds + mid, mask=active, other=0.0)
-            go = tl.where(right, b <= x, b < x)
-            lo = tl.where(active & go, mid + 1, lo)
-            hi = tl.where(active & ~go, mid, hi)
+        lo = bucket_of(bounds, x, count, right, tl.load(rec + _K_STEPS))
         return tl.where(x != x, count, lo)
 
     @triton.jit
@@ -538,7 +530,7 @@ if HAS_TRITON:
         pid = tl.program_id(0).to(tl.int64)
         n_seg = n_segments.to(tl.int64)
         # Work items: value tiles of segments 0..F-1, then row tiles of segments 0..F-1.
-        w = _last_le(table_ptr, pid, pid * 0, 2 * n_seg)
+        w = last_le(table_ptr, pid, pid * 0, 2 * n_seg)
         tile = pid - tl.load(table_ptr + w)
         is_rows = w >= n_seg
         s = tl.where(is_rows, w - n_seg, w)
@@ -556,17 +548,13 @@ if HAS_TRITON:
                 _item_tile(rec, vals_ptr, tile, base, count, kind, ALIGNED, BLOCK)
 
 
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-class _Static(NamedTuple):
+class _StaticTable(NamedTuple):
     """The per-segment table fields that do not change from batch to batch."""
 
     kinds: list[int]
     template: list[int]  # the records with their static fields filled in
-    bstart: list[int]  # byte offset of each segment's boundary slice
-    block: list[int]  # items per value tile
+    bound_byte_offsets: list[int]  # where each segment's boundary slice starts, in bytes
+    tile_items: list[int]  # items per value tile
 
 
 def _static_table(
@@ -575,20 +563,20 @@ def _static_table(
     starts: Sequence[int],
     counts: Sequence[int],
     rights: Sequence[int],
-) -> _Static:
+) -> _StaticTable:
     kinds = [int(k) for k in kinds]
     template = [0] * (len(kinds) * _NF)
     template[_F_KIND::_NF] = kinds
-    template[_F_SEED::_NF] = [_signed(int(x)) for x in seeds]  # uint64 seed's bit pattern
+    template[_F_SEED::_NF] = [as_int64(x) for x in seeds]  # uint64 seed's bit pattern
     template[_F_BCOUNT::_NF] = [int(c) for c in counts]
     template[_F_RIGHT::_NF] = [int(r) for r in rights]
     template[_F_STEPS::_NF] = [int(c).bit_length() for c in counts]
     block = [_SBLOCK if k == SEG_STRING else _BLOCK for k in kinds]
-    return _Static(kinds, template, [8 * int(x) for x in starts], block)
+    return _StaticTable(kinds, template, [8 * int(x) for x in starts], block)
 
 
 def _plan_launch(
-    static: _Static,
+    static: _StaticTable,
     boundaries: torch.Tensor | None,
     items: Sequence[torch.Tensor],
     row_offsets: Sequence[torch.Tensor | None],
@@ -624,11 +612,11 @@ def _plan_launch(
     rec[_F_COUNT::_NF] = counts
     if boundaries is not None:
         b0 = boundaries.data_ptr()
-        rec[_F_BPTR::_NF] = [b0 + x for x in static.bstart]
+        rec[_F_BPTR::_NF] = [b0 + x for x in static.bound_byte_offsets]
     rec[_F_NROWS::_NF] = [bsz] * f
     rec[(f - 1) * _NF + _F_NROWS] = bsz + 1  # the last segment also writes N
     # Work items: value tiles of segments 0..F-1, then row tiles of segments 0..F-1.
-    work = [-(-c // b) for c, b in zip(counts, static.block, strict=True)]
+    work = [-(-c // b) for c, b in zip(counts, static.tile_items, strict=True)]
     work += [-(-bsz // _BLOCK)] * (f - 1) + [-(-(bsz + 1) // _BLOCK)]
     rec0 = -(-(2 * f + 1) // _NF) * _NF
     tiles = list(itertools.accumulate(work, initial=0))
@@ -697,16 +685,16 @@ def gather_inputs(
     static = _static_table(
         [g.kind for g in segs],
         [g.seed for g in segs],
-        [g.bstart for g in segs],
-        [g.bcount for g in segs],
+        [g.bound_start for g in segs],
+        [g.bound_count for g in segs],
         [g.right for g in segs],
     )
     return _plan_launch(
         static,
         boundaries,
         [g.items for g in segs],
-        [g.ro for g in segs],
-        [g.so for g in segs],
+        [g.row_offsets for g in segs],
+        [g.string_offsets for g in segs],
         bsz,
     )
 

@@ -6,12 +6,17 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+from recstack.core.checks import check_int
 from recstack.pipelines.callbacks.base import Callback
+from recstack.pipelines.choices import check_choice
 
 if TYPE_CHECKING:
     from recstack.pipelines.trainer import Trainer
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EarlyStopping", "Mode"]
+
+#: Whether a larger (``"max"``, e.g. AUC) or a smaller (``"min"``, log-loss) value is better.
+Mode = Literal["max", "min"]
 
 
 class EarlyStopping(Callback):
@@ -30,14 +35,12 @@ class EarlyStopping(Callback):
     def __init__(
         self,
         monitor: str,
-        mode: Literal["max", "min"] = "max",
+        mode: Mode = "max",
         patience: int = 3,
         min_delta: float = 0.0,
     ) -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"EarlyStopping: mode must be 'max' or 'min', got {mode!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be an int >= 1, got {patience!r}")
+        check_choice(mode, "EarlyStopping: mode", Mode)
+        check_int(patience, "EarlyStopping: patience", minimum=1)
         self.monitor = monitor
         self.mode = mode
         self.patience = patience

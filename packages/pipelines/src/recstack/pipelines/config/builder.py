@@ -23,6 +23,7 @@ from recstack.pipelines.callbacks import (
 )
 from recstack.pipelines.config.data_sections import EVAL_INHERITS, ReaderConfig
 from recstack.pipelines.config.errors import ConfigError
+from recstack.pipelines.config.fields import section_arguments
 from recstack.pipelines.config.readers import (
     build_reader,
     build_stream,
@@ -158,17 +159,8 @@ def _checkpointer(config: RunConfig) -> Checkpointer | None:
     c = config.checkpoint
     if c is None:
         return None
-    return Checkpointer(
-        c.dir,
-        keep_last=c.keep_last,
-        rng=c.rng,
-        part_bytes=c.part_bytes,
-        dense_file_bytes=c.dense_file_bytes,
-        threads=c.threads,
-        max_in_flight=c.max_in_flight,
-        progress=c.progress,
-        durable=c.durable,
-    )
+    # every and async are the trainer's checkpoint_every and async_checkpoints.
+    return Checkpointer(c.dir, **section_arguments(c, exclude=("dir", "every", "async_")))
 
 
 @dataclass
@@ -261,12 +253,7 @@ def build_run(config: RunConfig) -> Run:
                 st.name,
                 train_data=train,
                 eval_data=evaluation,
-                epochs=st.epochs,
-                max_steps=st.max_steps,
-                dense_lr=st.dense_lr,
-                sparse_lr=st.sparse_lr,
-                freeze=st.freeze,
-                train_embeddings=st.train_embeddings,
+                **section_arguments(st, exclude=("name", "train", "eval")),
             )
             for st, (train, evaluation) in zip(config.stages, data.stages, strict=True)
         ]
@@ -282,21 +269,11 @@ def build_run(config: RunConfig) -> Run:
         lr_scheduler=scheduler,
         checkpointer=checkpointer,
         device=device,
-        precision=t.precision,
-        epochs=t.epochs,
-        max_steps=t.max_steps,
-        grad_accumulation=t.grad_accumulation,
-        clip_grad_norm=t.clip_grad_norm,
-        eval_every=t.eval_every,
-        eval_batches=t.eval_batches,
         checkpoint_every=every,
         async_checkpoints=async_,
-        evict_every=t.evict_every,
-        evict_older_than=t.evict_older_than,
-        evict_min_count=t.evict_min_count,
-        log_every=t.log_every,
         callbacks=callbacks,
         progress=config.logging.progress,
+        **section_arguments(t, exclude=("device", "checkpoint_every", "async_checkpoints")),
     )
     return Run(
         config=config,

@@ -66,7 +66,7 @@ def _optional_paths(value: object, path: str, where: Where) -> tuple[str, ...] |
     return None if value is None else _paths(value, path, where)
 
 
-def _columns(value: object, path: str, where: Where) -> tuple[Column, ...] | None:
+def _parse_columns(value: object, path: str, where: Where) -> tuple[Column, ...] | None:
     if value is None:
         return None
     return parse_value(tuple[Column, ...], value, path, where)
@@ -100,7 +100,7 @@ class ReaderConfig:
 
     paths: tuple[str, ...] | None = field(default=None, metadata={"parse": _optional_paths})
     batch_size: int = 4096
-    columns: tuple[Column, ...] | None = field(default=None, metadata={"parse": _columns})
+    columns: tuple[Column, ...] | None = field(default=None, metadata={"parse": _parse_columns})
     shuffle: Shuffle = False
     seed: int = 0
     shuffle_buffer: int | None = None
@@ -160,7 +160,7 @@ class StreamConfig:
 
     source: tuple[str, ...] = field(metadata={"parse": _paths})
     batch_size: int = 4096
-    columns: tuple[Column, ...] | None = field(default=None, metadata={"parse": _columns})
+    columns: tuple[Column, ...] | None = field(default=None, metadata={"parse": _parse_columns})
     format: Format | None = None
     window_files: int | None = None
     time_column: str | None = None

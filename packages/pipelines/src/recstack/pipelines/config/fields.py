@@ -34,6 +34,7 @@ __all__ = [
     "item",
     "parse_dataclass",
     "parse_value",
+    "section_arguments",
 ]
 
 
@@ -175,6 +176,22 @@ def at_least(obj: object, low: int, *names: str) -> None:
         value = getattr(obj, name)
         if value is not None and value < low:
             raise Invalid(f"must be >= {low}, got {value}", name)
+
+
+def section_arguments(section: object, *, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """A section's fields as the keyword arguments of the object it configures (a
+    section's keys are that object's arguments), less ``exclude``.
+
+    Args:
+        section: a section dataclass instance.
+        exclude: the fields the builder passes itself (or that are not arguments).
+    """
+    skip = set(exclude)
+    return {
+        f.name: getattr(section, f.name)
+        for f in dataclasses.fields(section)  # type: ignore[arg-type]
+        if f.name not in skip and not f.metadata.get("internal")
+    }
 
 
 def _hints(cls: type) -> dict[str, Any]:

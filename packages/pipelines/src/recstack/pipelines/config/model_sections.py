@@ -29,6 +29,7 @@ from recstack.pipelines.config.fields import (
 )
 from recstack.pipelines.config.registry import MODELS
 from recstack.pipelines.metrics import METRIC_NAMES
+from recstack.pipelines.models.layers import Activation
 from recstack.pipelines.tasks import Task
 
 __all__ = ["FeaturesConfig", "ModelConfig", "parse_model", "parse_tasks"]
@@ -36,6 +37,8 @@ __all__ = ["FeaturesConfig", "ModelConfig", "parse_model", "parse_tasks"]
 PARSERS[Initializer] = lambda value, path, where: construct(
     Initializer.from_dict, {"data": value}, path, where
 )
+# Any case: the model configs take "PReLU" as "prelu".
+PARSERS[Activation] = lambda value, path, where: parse_value(str, value, path, where)
 
 
 def _raw(value: object, path: str, where: Where) -> object:

@@ -15,6 +15,7 @@ from recstack.columnio import (
     write_synthetic_ctr,
 )
 from recstack.pipelines.config.data_sections import ReaderConfig, StreamConfig, SyntheticData
+from recstack.pipelines.config.fields import section_arguments
 from recstack.pipelines.config.schema import RunConfig
 
 __all__ = [
@@ -87,7 +88,9 @@ def default_columns(config: RunConfig) -> list[str] | None:
     return columns
 
 
-def _columns(given: tuple[Column, ...] | None, default: list[str] | None) -> list[Any] | None:
+def _reader_columns(
+    given: tuple[Column, ...] | None, default: list[str] | None
+) -> list[Any] | None:
     return list(given) if given is not None else default
 
 
@@ -109,22 +112,15 @@ def build_reader(
     files = list(reader.paths) if reader.paths is not None else paths
     if not files:
         raise ValueError("a reader needs paths")
+    own = ("paths", "columns", "batch_size", "shuffle", "drop_last", "keyed_jagged")
     return ColumnReader(
         files,
-        _columns(reader.columns, columns),
+        _reader_columns(reader.columns, columns),
         reader.batch_size,
-        format=reader.format,
         shuffle=reader.shuffle if train else False,
-        seed=reader.seed,
-        shuffle_buffer=reader.shuffle_buffer,
         drop_last=reader.drop_last if train else False,
-        num_threads=reader.num_threads,
-        prefetch=reader.prefetch,
-        pin_memory=reader.pin_memory,
         keyed_jagged=list(reader.keyed_jagged) if reader.keyed_jagged else None,
-        keyed_jagged_key=reader.keyed_jagged_key,
-        on_error=reader.on_error,
-        worker=reader.worker,
+        **section_arguments(reader, exclude=own),
     )
 
 
@@ -135,21 +131,11 @@ def build_stream(stream: StreamConfig, *, columns: list[str] | None = None) -> S
         stream: the section.
         columns: the columns when the section names none.
     """
+    own = ("source", "columns", "batch_size", "keyed_jagged")
     return StreamingReader(
         list(stream.source),
-        _columns(stream.columns, columns),
+        _reader_columns(stream.columns, columns),
         stream.batch_size,
-        format=stream.format,
-        window_files=stream.window_files,
-        time_column=stream.time_column,
-        window_length=stream.window_length,
-        origin=stream.origin,
-        poll_interval=stream.poll_interval,
-        idle_timeout=stream.idle_timeout,
-        settle_seconds=stream.settle_seconds,
-        num_threads=stream.num_threads,
-        pin_memory=stream.pin_memory,
         keyed_jagged=list(stream.keyed_jagged) if stream.keyed_jagged else None,
-        keyed_jagged_key=stream.keyed_jagged_key,
-        on_error=stream.on_error,
+        **section_arguments(stream, exclude=own),
     )

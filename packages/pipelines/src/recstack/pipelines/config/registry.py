@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -20,6 +20,7 @@ from recstack.sparse_optim import (
 
 __all__ = [
     "BUILTIN_SCHEDULES",
+    "BuiltinSchedule",
     "DENSE_OPTIMIZERS",
     "MODELS",
     "SPARSE_OPTIMIZERS",
@@ -58,8 +59,11 @@ DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and name not in _NOT_DENSE
 }
 
-#: The schedules built in (linear warmup, then constant, cosine or linear decay).
-BUILTIN_SCHEDULES = ("constant", "cosine", "linear")
+#: A schedule built in: linear warmup, then constant, cosine or linear decay.
+BuiltinSchedule = Literal["constant", "cosine", "linear"]
+
+#: The schedules built in.
+BUILTIN_SCHEDULES: tuple[str, ...] = get_args(BuiltinSchedule)
 
 _SCHEDULER_BASES = tuple(
     c

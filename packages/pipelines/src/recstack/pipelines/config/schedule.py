@@ -9,14 +9,15 @@ from typing import Any
 
 import torch
 
+from recstack.pipelines.choices import check_choice
 from recstack.pipelines.config.optim_sections import ScheduleConfig
-from recstack.pipelines.config.registry import TORCH_SCHEDULERS
+from recstack.pipelines.config.registry import TORCH_SCHEDULERS, BuiltinSchedule
 
 __all__ = ["build_scheduler", "lr_factor"]
 
 
 def lr_factor(
-    kind: str, warmup_steps: int, total_steps: int | None, min_factor: float = 0.0
+    kind: BuiltinSchedule, warmup_steps: int, total_steps: int | None, min_factor: float = 0.0
 ) -> Callable[[int], float]:
     """The built-in schedule's LR factor of the update at (0-based) step ``s``.
 
@@ -32,8 +33,7 @@ def lr_factor(
         total_steps: where the decay ends (needed for ``"cosine"``/``"linear"``).
         min_factor: the factor after the decay.
     """
-    if kind not in ("constant", "cosine", "linear"):
-        raise ValueError(f"lr_factor: kind must be constant, cosine or linear, got {kind!r}")
+    check_choice(kind, "lr_factor: kind", BuiltinSchedule)
     if kind != "constant" and (total_steps is None or total_steps <= warmup_steps):
         raise ValueError(f"lr_factor: {kind} needs total_steps > warmup_steps ({warmup_steps})")
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from recstack.pipelines.callbacks.early_stopping import Mode
 from recstack.pipelines.config.data_sections import ReaderConfig
 from recstack.pipelines.config.errors import Invalid
 from recstack.pipelines.config.fields import Where, at_least, parse_value
+from recstack.pipelines.trainer import Precision
 
 __all__ = [
     "CheckpointConfig",
@@ -20,8 +21,6 @@ __all__ = [
     "StageConfig",
     "TrainerConfig",
 ]
-
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
 
 
 @dataclass(frozen=True)
@@ -213,7 +212,7 @@ class EarlyStoppingConfig:
     """
 
     monitor: str
-    mode: Literal["max", "min"] = "max"
+    mode: Mode = "max"
     patience: int = 3
     min_delta: float = 0.0
 

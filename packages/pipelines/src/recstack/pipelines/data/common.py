@@ -1,14 +1,14 @@
-"""What every converter shares: its error, its report, bad-line policy and a progress line."""
+"""What every converter shares: its error, its report and its bad-line policy."""
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import numpy as np
+
+from recstack.pipelines.choices import check_choice
 
 __all__ = [
     "ConvertError",
@@ -16,8 +16,6 @@ __all__ = [
     "NeedLineNumbers",
     "OnError",
     "Problems",
-    "Progress",
-    "check_int",
 ]
 
 #: What a converter does with a bad line: stop with :class:`ConvertError`, or skip and count it.
@@ -115,8 +113,7 @@ class Problems:
     """
 
     def __init__(self, on_error: OnError, max_examples: int = 20) -> None:
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        check_choice(on_error, "on_error", OnError)
         self.on_error = on_error
         self.max_examples = max_examples
         self.skipped = 0
@@ -155,82 +152,3 @@ class Problems:
 
 def _reason(failing: Sequence[Check], row: int) -> str:
     return next(reason(row) for mask, reason in failing if mask is not None and mask[row])
-
-
-def check_int(name: str, value: Any, low: int) -> int:
-    """``value`` if it is an ``int >= low``, else a ``ValueError`` naming the option.
-
-    Args:
-        name: the option's name, for the message.
-        value: the value given.
-        low: the smallest allowed value.
-    """
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-class Progress:
-    """One self-overwriting line on stderr: ``label: 1.20 / 3.50 GB  34%  210 MB/s  ~11 s left``.
-
-    Printed at most every 0.2 s, and only to a terminal unless ``enabled`` says otherwise.
-
-    Args:
-        label: what is in progress.
-        total: the amount expected (0 when unknown).
-        unit: ``"bytes"`` or ``"rows"``, for the display.
-        enabled: ``None`` shows it when ``stream`` is a terminal.
-        stream: where to print (default ``sys.stderr``).
-    """
-
-    def __init__(
-        self,
-        label: str,
-        total: int = 0,
-        *,
-        unit: Literal["bytes", "rows"] = "bytes",
-        enabled: bool | None = None,
-        stream: TextIO | None = None,
-    ) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self._stream, "isatty", None)
-        self._on = bool(isatty and isatty()) if enabled is None else enabled
-        self.label = label
-        self._total = total
-        self._unit = unit
-        self.done = 0
-        self._start = time.monotonic()
-        self._shown = float("-inf")
-
-    def advance(self, amount: int) -> None:
-        """Count ``amount`` more done and redraw the line if 0.2 s have passed.
-
-        Args:
-            amount: bytes or rows just finished.
-        """
-        self.done += amount
-        now = time.monotonic()
-        if self._on and now - self._shown >= 0.2:
-            self._shown = now
-            self._print(now, end="")
-
-    def close(self) -> None:
-        """Print the final line (and a newline)."""
-        if self._on:
-            self._print(time.monotonic(), end="\n")
-
-    def _amount(self, n: float) -> str:
-        return f"{n / 1e9:.2f} GB" if self._unit == "bytes" else f"{n / 1e6:.2f}M rows"
-
-    def _print(self, now: float, end: str) -> None:
-        rate = self.done / max(now - self._start, 1e-9)
-        text = f"\r{self.label}: {self._amount(self.done)}"
-        if self._total:
-            text += f" / {self._amount(self._total)}  {100 * self.done / self._total:.0f}%"
-        text += (
-            f"  {rate / 1e6:.0f} MB/s" if self._unit == "bytes" else f"  {rate / 1e6:.2f}M rows/s"
-        )
-        if self._total and rate > 0 and end != "\n":
-            text += f"  ~{max(self._total - self.done, 0) / rate:.0f} s left"
-        self._stream.write(text + " " * 8 + end)
-        self._stream.flush()

@@ -33,13 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recstack.core.checks import check_int
+from recstack.pipelines.choices import check_choice
 from recstack.pipelines.data.common import (
     ConvertError,
     ConvertReport,
     OnError,
     Problems,
-    Progress,
-    check_int,
 )
 from recstack.pipelines.data.output import ParquetSettings, Staging, split_parts
 from recstack.pipelines.data.text import (
@@ -50,6 +50,7 @@ from recstack.pipelines.data.text import (
     read_tables,
     show,
 )
+from recstack.saver.progress import Progress
 
 __all__ = ["CRITEO_CATEGORICAL", "CRITEO_INTEGER", "convert_criteo", "criteo_schema"]
 
@@ -164,11 +165,10 @@ def convert_criteo(
         ValueError: an invalid option.
     """
     started = time.monotonic()
-    if categorical not in ("int64", "string"):
-        raise ValueError(f"categorical must be 'int64' or 'string', got {categorical!r}")
-    check_int("rows_per_file", rows_per_file, 1)
-    check_int("row_group_size", row_group_size, 1)
-    check_int("block_size", block_size, 1)
+    check_choice(categorical, "convert_criteo: categorical", Categorical)
+    check_int(rows_per_file, "convert_criteo: rows_per_file", minimum=1)
+    check_int(row_group_size, "convert_criteo: row_group_size", minimum=1)
+    check_int(block_size, "convert_criteo: block_size", minimum=1)
     paths = _sources(src)
     problems = Problems(on_error)
     schema = criteo_schema(categorical, has_label)
@@ -178,7 +178,7 @@ def convert_criteo(
         {"dataset": "criteo", "sources": [p.name for p in paths], "categorical": categorical},
     )
     report = ConvertReport("criteo", [str(p) for p in paths], str(Path(dst).absolute()))
-    bar = Progress("criteo", sum(os.path.getsize(p) for p in paths), unit="bytes", enabled=progress)
+    bar = Progress("criteo", sum(os.path.getsize(p) for p in paths), enabled=progress)
 
     def tables() -> Iterator[pa.Table]:
         for path in paths:
@@ -190,7 +190,7 @@ def convert_criteo(
                 num_fields=len(schema),
                 problems=problems,
                 block_size=block_size,
-                on_bytes=bar.advance,
+                on_bytes=bar.add,
             )
 
     with Staging(dst, overwrite=overwrite) as staging:

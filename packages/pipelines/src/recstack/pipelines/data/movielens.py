@@ -43,15 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recstack.pipelines.data.common import ConvertError, ConvertReport, OnError, Problems
-from recstack.pipelines.data.sequences import HistoryLayout, convert_with_histories
-from recstack.pipelines.data.text import (
-    COMPRESSIONS,
-    FieldBlock,
-    parse_float,
-    parse_int,
-    read_tables,
-    show,
-)
+from recstack.pipelines.data.sequences import HistoryLayout, TextFormat, convert_with_histories
+from recstack.pipelines.data.text import COMPRESSIONS, FieldBlock, parse_float, parse_int, show
 
 __all__ = ["NO_GENRES", "convert_movielens", "load_genres", "movielens_schema"]
 
@@ -273,17 +266,12 @@ def convert_movielens(
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
 
-    def read(problems: Problems, on_bytes: Callable[[int], None]) -> Iterator[pa.Table]:
-        return read_tables(
-            ratings,
-            lambda block: _parse(block, problems, float(threshold)),
-            separator="::" if kind == ".dat" else ",",
-            num_fields=4,
-            problems=problems,
-            header=_CSV_HEADER if kind == ".csv" else None,
-            on_bytes=on_bytes,
-        )
-
+    text = TextFormat(
+        separator="::" if kind == ".dat" else ",",
+        num_fields=4,
+        parse=lambda block, problems: _parse(block, problems, float(threshold)),
+        header=_CSV_HEADER if kind == ".csv" else None,
+    )
     layout = HistoryLayout(
         base=_BASE,
         schema=movielens_schema(bool(genres)),
@@ -296,7 +284,7 @@ def convert_movielens(
     return convert_with_histories(
         "movielens",
         [ratings],
-        read,
+        text,
         layout,
         dst,
         max_history=max_history,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from recstack.pipelines.data.common import ConvertReport
-from recstack.pipelines.data.criteo import convert_criteo
+from recstack.pipelines.data.common import ConvertReport, OnError
+from recstack.pipelines.data.criteo import Categorical, convert_criteo
 from recstack.pipelines.data.movielens import convert_movielens
 from recstack.pipelines.data.taobao import TAOBAO_BEHAVIORS, convert_taobao
 
@@ -70,7 +70,7 @@ def _common(row_group_size: int = 262_144) -> tuple[ConverterOption, ...]:
             str,
             "raise",
             "a bad line: 'raise' stops naming file and line, 'skip' drops and counts it",
-            ("raise", "skip"),
+            get_args(OnError),
         ),
         ConverterOption("overwrite", bool, False, "replace a previous conversion at dst"),
         ConverterOption(
@@ -107,7 +107,7 @@ CONVERTERS: dict[str, Converter] = {
                 str,
                 "int64",
                 "C1..C26 as int64 parsed from hex, or the hex strings",
-                ("int64", "string"),
+                get_args(Categorical),
             ),
             ConverterOption(
                 "has_label", bool, True, "whether the first column is the label (not test.txt)"

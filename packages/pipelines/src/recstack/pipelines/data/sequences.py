@@ -10,25 +10,68 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from recstack.pipelines.data.common import ConvertReport, OnError, Problems, Progress, check_int
+from recstack.core.checks import check_int
+from recstack.pipelines.data.common import ConvertReport, OnError, Problems
 from recstack.pipelines.data.history import UserBuckets, sort_bucket, with_histories
 from recstack.pipelines.data.output import ParquetSettings, Staging
-from recstack.pipelines.data.text import text_size
+from recstack.pipelines.data.text import FieldBlock, read_tables, text_size
+from recstack.saver.progress import Progress
 
-__all__ = ["BUCKET_TEXT_BYTES", "HistoryLayout", "auto_buckets", "convert_with_histories"]
+__all__ = [
+    "BUCKET_TEXT_BYTES",
+    "HistoryLayout",
+    "TextFormat",
+    "auto_buckets",
+    "convert_with_histories",
+]
 
 #: Text bytes per user bucket when ``buckets=None``: sorting one takes about 1.5 GB.
 BUCKET_TEXT_BYTES = 256 << 20
 
-#: Reads the sources: ``(problems, on_bytes) -> tables`` with the layout's base schema.
-Read = Callable[[Problems, Callable[[int], None]], Iterable[pa.Table]]
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How a data set's text lines become rows.
+
+    Args:
+        separator: the field separator (``","``, ``"::"``).
+        num_fields: fields per line.
+        parse: types one block of fields into a table of the layout's ``base`` schema,
+            reporting bad rows to the :class:`~recstack.pipelines.data.common.Problems`.
+        header: the header line's fields, or ``None`` for a file without one.
+    """
+
+    separator: str
+    num_fields: int
+    parse: Callable[[FieldBlock, Problems], pa.Table]
+    header: Sequence[str] | None = None
+
+    def read(
+        self, path: Path, problems: Problems, on_bytes: Callable[[int], None]
+    ) -> Iterator[pa.Table]:
+        """The tables of ``path`` (see :func:`~recstack.pipelines.data.text.read_tables`).
+
+        Args:
+            path: the text file.
+            problems: the bad-line policy.
+            on_bytes: called with the bytes read, as they are.
+        """
+        return read_tables(
+            path,
+            lambda block: self.parse(block, problems),
+            separator=self.separator,
+            num_fields=self.num_fields,
+            problems=problems,
+            header=self.header,
+            on_bytes=on_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -66,14 +109,14 @@ def auto_buckets(sources: Sequence[Path]) -> int:
 
 def _counted(chunks: Iterator[pa.Table], bar: Progress) -> Iterator[pa.Table]:
     for chunk in chunks:
-        bar.advance(chunk.num_rows)
+        bar.add(chunk.num_rows)
         yield chunk
 
 
 def convert_with_histories(
     dataset: str,
     sources: Sequence[Path],
-    read: Read,
+    text: TextFormat,
     layout: HistoryLayout,
     dst: str | Path,
     *,
@@ -90,8 +133,8 @@ def convert_with_histories(
 
     Args:
         dataset: the converter's name, for the report and the progress line.
-        sources: the text files ``read`` reads (for sizes and the report).
-        read: parses the sources into tables of ``layout.base``.
+        sources: the text files, read in order.
+        text: how their lines become rows of ``layout.base``.
         layout: the columns.
         dst: the output directory.
         max_history: values per history list.
@@ -104,29 +147,30 @@ def convert_with_histories(
         metadata: what to record in the files' ``recstack.data`` metadata.
     """
     started = time.monotonic()
-    check_int("max_history", max_history, 0)
-    check_int("row_group_size", row_group_size, 1)
-    buckets = auto_buckets(sources) if buckets is None else check_int("buckets", buckets, 1)
+    who = f"convert_{dataset}"
+    check_int(max_history, f"{who}: max_history", minimum=0)
+    check_int(row_group_size, f"{who}: row_group_size", minimum=1)
+    if buckets is None:
+        buckets = auto_buckets(sources)
+    check_int(buckets, f"{who}: buckets", minimum=1)
     problems = Problems(on_error)
     settings = ParquetSettings(row_group_size, compression, {"dataset": dataset, **metadata})
     report = ConvertReport(dataset, [str(p) for p in sources], str(Path(dst).absolute()))
     with Staging(dst, overwrite=overwrite) as staging:
         reading = Progress(
-            f"{dataset}: reading",
-            sum(text_size(p)[0] for p in sources),
-            unit="bytes",
-            enabled=progress,
+            f"{dataset}: reading", sum(text_size(p)[0] for p in sources), enabled=progress
         )
         scratch = UserBuckets(staging.scratch, buckets, layout.base, user=layout.user)
         parsed = 0
-        for table in read(problems, reading.advance):
-            parsed += table.num_rows
-            scratch.add(table)
+        for path in sources:
+            for table in text.read(path, problems, reading.add):
+                parsed += table.num_rows
+                scratch.add(table)
         bucket_files = scratch.close()
         reading.close()
         report.bytes_read = reading.done
 
-        sorting = Progress(f"{dataset}: histories", parsed, unit="rows", enabled=progress)
+        sorting = Progress(f"{dataset}: histories", parsed, enabled=progress, unit="rows")
         written = 0
         for path in bucket_files:
             table = sort_bucket(path, layout.sort_keys)

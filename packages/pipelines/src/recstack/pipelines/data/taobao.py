@@ -33,15 +33,15 @@ carries its histories: expect a few GB of Parquet for the full file.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from recstack.pipelines.data.common import ConvertError, ConvertReport, OnError, Problems
-from recstack.pipelines.data.sequences import HistoryLayout, convert_with_histories
-from recstack.pipelines.data.text import FieldBlock, parse_choice, parse_int, read_tables, show
+from recstack.pipelines.data.sequences import HistoryLayout, TextFormat, convert_with_histories
+from recstack.pipelines.data.text import FieldBlock, parse_choice, parse_int, show
 
 __all__ = ["TAOBAO_BEHAVIORS", "convert_taobao", "taobao_schema"]
 
@@ -158,16 +158,11 @@ def convert_taobao(
     codes = _positive(positive_behaviors)
     positive = pa.array(codes, type=pa.int8())
 
-    def read(problems: Problems, on_bytes: Callable[[int], None]) -> Iterator[pa.Table]:
-        return read_tables(
-            path,
-            lambda block: _parse(block, problems, positive),
-            separator=",",
-            num_fields=5,
-            problems=problems,
-            on_bytes=on_bytes,
-        )
-
+    text = TextFormat(
+        separator=",",
+        num_fields=5,
+        parse=lambda block, problems: _parse(block, problems, positive),
+    )
     layout = HistoryLayout(
         base=_BASE,
         schema=taobao_schema(),
@@ -179,7 +174,7 @@ def convert_taobao(
     return convert_with_histories(
         "taobao",
         [path],
-        read,
+        text,
         layout,
         dst,
         max_history=max_history,

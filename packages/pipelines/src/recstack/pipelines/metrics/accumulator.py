@@ -7,21 +7,21 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from recstack.pipelines.metrics._evaluate import (
-    PROBABILITY_METRICS,
-    EvalSet,
-    check_metric_names,
-    check_weighting,
-    evaluate,
-)
-from recstack.pipelines.metrics._gather import gather_eval_set, gather_world
-from recstack.pipelines.metrics._inputs import (
+from recstack.pipelines.metrics.batch_checks import (
     NUM_PROBLEMS,
     Batch,
     check_batch,
     raise_value_problems,
 )
-from recstack.pipelines.metrics.types import DEFAULT_METRICS, GAUCWeighting
+from recstack.pipelines.metrics.compute import (
+    PROBABILITY_METRICS,
+    EvalSet,
+    check_metric_names,
+    check_weighting,
+    compute_metrics,
+)
+from recstack.pipelines.metrics.gather import gather_eval_set, gather_world
+from recstack.pipelines.metrics.types import DEFAULT_METRICS, GAUCWeighting, MetricName
 
 __all__ = ["BinaryMetrics"]
 
@@ -60,7 +60,7 @@ class BinaryMetrics:
 
     def __init__(
         self,
-        metrics: Sequence[str] = DEFAULT_METRICS,
+        metrics: Sequence[MetricName] = DEFAULT_METRICS,
         *,
         name: str = "",
         gauc_weighting: GAUCWeighting = "impressions",
@@ -175,7 +175,7 @@ class BinaryMetrics:
         need_probabilities = not PROBABILITY_METRICS.isdisjoint(self.metrics)
         raise_value_problems(counts, self._where, need_probabilities)
         # Stack: caller -> compute -> evaluate.
-        return evaluate(
+        return compute_metrics(
             data, self.metrics, weighting=self.gauc_weighting, where=self._where, stacklevel=2
         )
 

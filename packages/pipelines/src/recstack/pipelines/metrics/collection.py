@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from recstack.pipelines.metrics.accumulator import BinaryMetrics
-from recstack.pipelines.metrics.types import DEFAULT_METRICS, GAUCWeighting
+from recstack.pipelines.metrics.types import DEFAULT_METRICS, GAUCWeighting, MetricName
 
 __all__ = ["MetricCollection"]
 
@@ -42,8 +42,8 @@ class MetricCollection:
 
     def __init__(
         self,
-        tasks: Sequence[str] | Mapping[str, Sequence[str]],
-        metrics: Sequence[str] = DEFAULT_METRICS,
+        tasks: Sequence[str] | Mapping[str, Sequence[MetricName]],
+        metrics: Sequence[MetricName] = DEFAULT_METRICS,
         *,
         gauc_weighting: GAUCWeighting = "impressions",
         process_group: dist.ProcessGroup | None = None,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from recstack.pipelines.metrics._evaluate import (
+from recstack.pipelines.metrics.batch_checks import check_batch, raise_value_problems
+from recstack.pipelines.metrics.compute import (
     PROBABILITY_METRICS,
     EvalSet,
     check_weighting,
-    evaluate,
+    compute_metrics,
 )
-from recstack.pipelines.metrics._inputs import check_batch, raise_value_problems
 from recstack.pipelines.metrics.types import GAUCResult, GAUCWeighting
 
 __all__ = ["auc", "calibration", "gauc", "log_loss", "normalized_entropy"]
@@ -34,7 +34,7 @@ def _one_shot(
     raise_value_problems(batch.problems.tolist(), metric, metric in PROBABILITY_METRICS)
     data = EvalSet(batch.preds, batch.labels, batch.groups, batch.weights)
     # Stack: caller -> public function -> _one_shot -> evaluate.
-    return evaluate(data, (metric,), weighting=weighting, where=metric, stacklevel=3)
+    return compute_metrics(data, (metric,), weighting=weighting, where=metric, stacklevel=3)
 
 
 def auc(preds: Any, labels: Any, weights: Any = None) -> float:

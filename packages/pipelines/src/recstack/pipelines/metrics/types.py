@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 __all__ = [
     "DEFAULT_METRICS",
     "METRIC_NAMES",
     "GAUCResult",
     "GAUCWeighting",
+    "MetricName",
     "UndefinedMetricWarning",
 ]
 
-METRIC_NAMES: tuple[str, ...] = ("auc", "gauc", "logloss", "calibration", "ne")
+MetricName = Literal["auc", "gauc", "logloss", "calibration", "ne"]
+"""A metric ``BinaryMetrics`` and ``MetricCollection`` compute."""
+
+METRIC_NAMES: tuple[MetricName, ...] = get_args(MetricName)
 """Every metric name ``BinaryMetrics`` and ``MetricCollection`` understand."""
 
-DEFAULT_METRICS: tuple[str, ...] = ("auc", "logloss", "calibration", "ne")
+DEFAULT_METRICS: tuple[MetricName, ...] = ("auc", "logloss", "calibration", "ne")
 """The metrics evaluated when none are named (GAUC needs a group column, so it is opt-in)."""
 
 GAUCWeighting = Literal["impressions", "clicks", "uniform"]

@@ -5,14 +5,14 @@ the batch-dict calling convention the Trainer uses.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor
 from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
-from recstack.pipelines.models.fields import ModelConfigError, config_from_mapping
+from recstack.pipelines.models.fields import CheckedConfig, ModelConfigError, config_from_mapping
 from recstack.pipelines.models.inputs import (
     ModelFeatures,
     build_embeddings,
@@ -24,14 +24,21 @@ __all__ = ["EmbeddingModel"]
 
 Tables = Sequence[TableConfig | Mapping[str, Any]]
 Features = Sequence[FeatureConfig | Mapping[str, Any]]
+ConfigT = TypeVar("ConfigT", bound=CheckedConfig)
 
 
-class EmbeddingModel(nn.Module):
+class EmbeddingModel(nn.Module, Generic[ConfigT]):
     """A model that owns an :class:`~recstack.embedding_engine.EmbeddingCollection`
-    (``self.embeddings``) and is called as ``model(inputs)`` on a batch dict.
+    (``self.embeddings``) and is called as ``model(inputs)`` on a batch dict: the
+    feature engine's output, with the ``KeyedJaggedTensor`` of sparse features at
+    ``inputs[config.sparse_key]`` and, when ``config.dense_dim > 0``, the dense features
+    ``[B, dense_dim]`` at ``inputs[config.dense_key]``.
 
-    Subclasses set ``config_class`` and build their dense layers after calling
-    ``super().__init__``, then call :meth:`_place` last.
+    Subclasses set ``config_class`` (a :class:`~recstack.pipelines.models.fields.CheckedConfig`
+    dataclass), build their dense layers in ``_build(config)``, which runs once the
+    collection and :attr:`features` are ready (the model is then moved to the
+    collection's device), and compute their outputs in ``_outputs(kjt, embedded, dense)``
+    from the batch :meth:`forward` read.
 
     Args:
         config: the model's config (a ``config_class`` instance).
@@ -44,6 +51,10 @@ class EmbeddingModel(nn.Module):
             collection's device, else CPU). A collection does not follow ``.to()``, so
             build the model on its device.
 
+    Raises:
+        ModelConfigError: a config of another class, or one that does not fit the
+            features (a field names a missing feature, or one of the wrong kind or dim).
+
     Attributes:
         config: the config.
         embeddings: the collection (its rows are trained by a sparse optimizer).
@@ -53,7 +64,7 @@ class EmbeddingModel(nn.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: ConfigT,
         tables: Tables | None = None,
         features: Features | None = None,
         *,
@@ -67,10 +78,12 @@ class EmbeddingModel(nn.Module):
                 f"{type(self).__name__}: config must be a {owner} (use from_config for a "
                 f"mapping), got {type(config).__name__}"
             )
-        self.config = config
+        self.config: ConfigT = config
         self.embeddings, self._features = build_embeddings(
             owner, tables, features, embeddings, device
         )
+        self._build(config)
+        self._place()
 
     @property
     def features(self) -> ModelFeatures:
@@ -108,16 +121,36 @@ class EmbeddingModel(nn.Module):
             device=device,
         )
 
+    def forward(self, inputs: Mapping[str, Any]) -> Any:
+        """The model's outputs for a batch dict: logits ``[B]`` (float32), or a dict of
+        them by task (see the model's class).
+
+        Args:
+            inputs: the feature engine's batch dict (see the class).
+        """
+        return self._outputs(*self._read(inputs))
+
+    def _build(self, config: ConfigT) -> None:
+        """Build the dense layers (a subclass's own); nothing by default."""
+
+    def _outputs(
+        self, kjt: KeyedJaggedTensor, out: Mapping[str, Any], dense: torch.Tensor | None
+    ) -> Any:
+        """The outputs from the batch's sparse features, their embeddings (the
+        collection's output) and the dense features (``None`` without them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
     def _place(self) -> None:
         """Move the dense layers to the collection's device."""
         self.to(self.embeddings.device)
 
     def _read(
-        self, inputs: Mapping[str, Any], dense_dim: int
+        self, inputs: Mapping[str, Any]
     ) -> tuple[KeyedJaggedTensor, dict[str, Any], torch.Tensor | None]:
-        """The batch's sparse features, their embeddings and the dense features."""
-        name = type(self).__name__
-        kjt = sparse_input(name, inputs, self.config.sparse_key)
+        """The batch's sparse features, their embeddings and the dense features (``None``
+        for a model without them)."""
+        name, c = type(self).__name__, self.config
+        kjt = sparse_input(name, inputs, c.sparse_key)
         out = self.embeddings(kjt)
-        dense = dense_input(name, inputs, self.config.dense_key, dense_dim, kjt.stride())
+        dense = dense_input(name, inputs, c.dense_key, c.dense_dim, kjt.stride())
         return kjt, out, dense

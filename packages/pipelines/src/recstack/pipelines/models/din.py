@@ -11,32 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from recstack.embedding_engine import EmbeddingCollection
-from recstack.pipelines.models.base import EmbeddingModel, Features, Tables
-from recstack.pipelines.models.fields import (
-    ModelConfigError,
-    activation_field,
-    bool_field,
-    config_to_dict,
-    dropout_field,
-    int_field,
-    name_field,
-    names_field,
-    sizes_field,
-)
+from recstack.core import KeyedJaggedTensor
+from recstack.pipelines.models.base import EmbeddingModel
+from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
 from recstack.pipelines.models.inputs import (
-    pooled_output,
-    pooled_parts,
+    PooledInputs,
+    embedded_output,
     sequence_mask,
-    sequence_output,
 )
-from recstack.pipelines.models.layers import MLP
+from recstack.pipelines.models.layers import MLP, Activation, Tower
 
 __all__ = ["DIN", "DINConfig", "TargetAttention"]
 
 
 @dataclass(frozen=True)
-class DINConfig:
+class DINConfig(CheckedConfig):
     """DIN's fields (all plain values, so a YAML/TOML table describes it).
 
     Args:
@@ -61,44 +50,31 @@ class DINConfig:
         dense_key: the batch column holding the dense features.
     """
 
-    item_feature: str
-    history_feature: str
-    other_features: Sequence[str] = ()
-    dense_dim: int = 0
-    attention_hidden: Sequence[int] = (80, 40)
-    attention_activation: str = "sigmoid"
-    softmax: bool = False
-    mlp_hidden: Sequence[int] = (200, 80)
-    mlp_activation: str = "dice"
-    dropout: float = 0.0
-    sparse_key: str = "sparse"
-    dense_key: str = "dense"
+    item_feature: str = ConfigField.name()
+    history_feature: str = ConfigField.name()
+    other_features: Sequence[str] = ConfigField.names(())
+    dense_dim: int = ConfigField.count(0, low=0)
+    attention_hidden: Sequence[int] = ConfigField.sizes((80, 40))
+    attention_activation: Activation = ConfigField.activation("sigmoid")
+    softmax: bool = ConfigField.flag(False)
+    mlp_hidden: Sequence[int] = ConfigField.sizes((200, 80))
+    mlp_activation: Activation = ConfigField.activation("dice")
+    dropout: float = ConfigField.dropout()
+    sparse_key: str = ConfigField.name("sparse")
+    dense_key: str = ConfigField.name("dense")
 
-    def __post_init__(self) -> None:
-        o, set_ = "DINConfig", object.__setattr__
-        name_field(o, "item_feature", self.item_feature)
-        name_field(o, "history_feature", self.history_feature)
-        set_(self, "other_features", names_field(o, "other_features", self.other_features))
+    def check_consistency(self) -> None:
+        """The item, the history and the other features must be different features.
+
+        Raises:
+            ModelConfigError: a feature named twice.
+        """
         used = [self.item_feature, self.history_feature, *self.other_features]
         if len(set(used)) != len(used):
             raise ModelConfigError(
-                f"{o}: item_feature, history_feature and other_features must name different "
-                f"features, got {used}"
+                "DINConfig: item_feature, history_feature and other_features must name "
+                f"different features, got {used}"
             )
-        int_field(o, "dense_dim", self.dense_dim, 0)
-        set_(self, "attention_hidden", sizes_field(o, "attention_hidden", self.attention_hidden))
-        act = activation_field(o, "attention_activation", self.attention_activation)
-        set_(self, "attention_activation", act)
-        bool_field(o, "softmax", self.softmax)
-        set_(self, "mlp_hidden", sizes_field(o, "mlp_hidden", self.mlp_hidden))
-        set_(self, "mlp_activation", activation_field(o, "mlp_activation", self.mlp_activation))
-        set_(self, "dropout", dropout_field(o, "dropout", self.dropout))
-        name_field(o, "sparse_key", self.sparse_key)
-        name_field(o, "dense_key", self.dense_key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values (lists for sequences)."""
-        return config_to_dict(self)
 
 
 class TargetAttention(nn.Module):
@@ -114,7 +90,9 @@ class TargetAttention(nn.Module):
             scores weight the sum, as in the paper).
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int], activation: str, softmax: bool) -> None:
+    def __init__(
+        self, dim: int, hidden: Sequence[int], activation: Activation, softmax: bool
+    ) -> None:
         super().__init__()
         self.softmax = softmax
         self.score = MLP(4 * dim, hidden, activation, out_dim=1)
@@ -139,7 +117,7 @@ class TargetAttention(nn.Module):
         return torch.einsum("bl,bld->bd", weights, keys.float())
 
 
-class DIN(EmbeddingModel):
+class DIN(EmbeddingModel[DINConfig]):
     """Deep Interest Network: ``model(inputs) -> logits [B]`` (float32).
 
     The candidate item's embedding attends over the history's (:class:`TargetAttention`,
@@ -147,30 +125,14 @@ class DIN(EmbeddingModel):
     item, ``other_features`` and the dense features go through an MLP to one logit.
     Train it with one ``Task`` on the click label.
 
-    Args:
-        config: a :class:`DINConfig`.
-        tables: the collection's tables (see :class:`EmbeddingModel`).
-        features: the collection's features (see :class:`EmbeddingModel`).
-        embeddings: a ready-made collection (see :class:`EmbeddingModel`).
-        device: where the model lives (see :class:`EmbeddingModel`).
-
-    Raises:
-        ModelConfigError: a config field names a missing feature or one of the wrong
-            kind, or the item and history dims differ.
+    Built like every :class:`EmbeddingModel`, from a :class:`DINConfig`; a config field
+    naming a missing feature or one of the wrong kind, or item and history features of
+    different dims, raise a ``ModelConfigError``.
     """
 
     config_class = DINConfig
 
-    def __init__(
-        self,
-        config: DINConfig,
-        tables: Tables | None = None,
-        features: Features | None = None,
-        *,
-        embeddings: EmbeddingCollection | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(config, tables, features, embeddings=embeddings, device=device)
+    def _build(self, config: DINConfig) -> None:
         c, fs = config, self.features
         self.dim = fs.pooled("item_feature", c.item_feature, allow_tile=False)
         hist_dim, self.max_len = fs.sequence("history_feature", c.history_feature)
@@ -180,30 +142,21 @@ class DIN(EmbeddingModel):
                 f"history_feature {c.history_feature!r} has dim {hist_dim}; they should read "
                 "one table"
             )
-        self.other_widths = [
-            fs.pooled(f"other_features[{i}]", n) for i, n in enumerate(c.other_features)
-        ]
+        self.others = PooledInputs("DIN", fs, "other_features", c.other_features, c.dense_dim)
         self.attention = TargetAttention(
             self.dim, c.attention_hidden, c.attention_activation, c.softmax
         )
-        width = 2 * self.dim + sum(self.other_widths) + c.dense_dim
-        self.mlp = MLP(width, c.mlp_hidden, c.mlp_activation, c.dropout, out_dim=1)
-        self._place()
+        width = 2 * self.dim + self.others.width
+        self.mlp = Tower(width, c.mlp_hidden, c.mlp_activation, c.dropout)
 
-    def forward(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Logits ``[B]`` (float32) for a batch dict.
-
-        Args:
-            inputs: ``inputs[sparse_key]`` the ``KeyedJaggedTensor``, and
-                ``inputs[dense_key]`` ``[B, dense_dim]`` when ``dense_dim > 0``.
-        """
+    def _outputs(
+        self, kjt: KeyedJaggedTensor, out: Mapping[str, Any], dense: torch.Tensor | None
+    ) -> torch.Tensor:
         c = self.config
-        kjt, out, dense = self._read(inputs, c.dense_dim)
         batch = kjt.stride()
-        item = pooled_output("DIN", out, c.item_feature, batch, self.dim)
-        history = sequence_output("DIN", out, c.history_feature, batch, self.max_len, self.dim)
+        item = embedded_output("DIN", out, c.item_feature, (batch, self.dim))
+        history = embedded_output("DIN", out, c.history_feature, (batch, self.max_len, self.dim))
         mask = sequence_mask(kjt, c.history_feature, self.max_len)
         interest = self.attention(item, history, mask)
-        rest = pooled_parts("DIN", out, c.other_features, self.other_widths, batch, dense)
-        x = torch.cat([interest, item.float(), *rest], dim=-1)
-        return self.mlp(x).squeeze(-1).float()
+        x = torch.cat([interest, item.float(), *self.others.parts(out, batch, dense)], dim=-1)
+        return self.mlp(x)

@@ -11,26 +11,17 @@ from typing import Any
 
 import torch
 
-from recstack.embedding_engine import EmbeddingCollection
-from recstack.pipelines.models.base import EmbeddingModel, Features, Tables
-from recstack.pipelines.models.fields import (
-    ModelConfigError,
-    activation_field,
-    config_to_dict,
-    dropout_field,
-    int_field,
-    name_field,
-    names_field,
-    sizes_field,
-)
-from recstack.pipelines.models.inputs import pooled_output
-from recstack.pipelines.models.layers import MLP
+from recstack.core import KeyedJaggedTensor
+from recstack.pipelines.models.base import EmbeddingModel
+from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
+from recstack.pipelines.models.inputs import embedded_output
+from recstack.pipelines.models.layers import MLP, Activation, Tower
 
 __all__ = ["DLRM", "DLRMConfig", "dot_interaction"]
 
 
 @dataclass(frozen=True)
-class DLRMConfig:
+class DLRMConfig(CheckedConfig):
     """DLRM's fields.
 
     Args:
@@ -47,35 +38,27 @@ class DLRMConfig:
         dense_key: the batch column holding the dense features.
     """
 
-    sparse_features: Sequence[str]
-    dense_dim: int = 0
-    bottom_hidden: Sequence[int] = (512, 256)
-    top_hidden: Sequence[int] = (512, 256)
-    activation: str = "relu"
-    dropout: float = 0.0
-    sparse_key: str = "sparse"
-    dense_key: str = "dense"
+    sparse_features: Sequence[str] = ConfigField.names(min_len=1)
+    dense_dim: int = ConfigField.count(0, low=0)
+    bottom_hidden: Sequence[int] = ConfigField.sizes((512, 256))
+    top_hidden: Sequence[int] = ConfigField.sizes((512, 256))
+    activation: Activation = ConfigField.activation("relu")
+    dropout: float = ConfigField.dropout()
+    sparse_key: str = ConfigField.name("sparse")
+    dense_key: str = ConfigField.name("dense")
 
-    def __post_init__(self) -> None:
-        o, set_ = "DLRMConfig", object.__setattr__
-        names = names_field(o, "sparse_features", self.sparse_features, min_len=1)
-        set_(self, "sparse_features", names)
-        int_field(o, "dense_dim", self.dense_dim, 0)
-        if len(names) + (self.dense_dim > 0) < 2:
+    def check_consistency(self) -> None:
+        """The interaction needs two vectors: two features, or one and the dense ones.
+
+        Raises:
+            ModelConfigError: one sparse feature and no dense features.
+        """
+        if len(self.sparse_features) + (self.dense_dim > 0) < 2:
             raise ModelConfigError(
-                f"{o}: the interaction needs at least two vectors: give two sparse_features, "
-                f"or dense_dim > 0 (got sparse_features={list(names)}, dense_dim=0)"
+                "DLRMConfig: the interaction needs at least two vectors: give two "
+                f"sparse_features, or dense_dim > 0 (got sparse_features="
+                f"{list(self.sparse_features)}, dense_dim=0)"
             )
-        set_(self, "bottom_hidden", sizes_field(o, "bottom_hidden", self.bottom_hidden))
-        set_(self, "top_hidden", sizes_field(o, "top_hidden", self.top_hidden))
-        set_(self, "activation", activation_field(o, "activation", self.activation))
-        set_(self, "dropout", dropout_field(o, "dropout", self.dropout))
-        name_field(o, "sparse_key", self.sparse_key)
-        name_field(o, "dense_key", self.dense_key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values (lists for sequences)."""
-        return config_to_dict(self)
 
 
 def dot_interaction(vectors: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -90,37 +73,21 @@ def dot_interaction(vectors: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return gram[:, pairs[0], pairs[1]]
 
 
-class DLRM(EmbeddingModel):
+class DLRM(EmbeddingModel[DLRMConfig]):
     """DLRM: ``model(inputs) -> logits [B]`` (float32).
 
     ``z = bottom(dense)`` (``[B, D]``); the interaction is the pairwise dot products of
     ``[z, e_1, ..., e_F]`` (upper triangle, no self products); the top MLP reads
     ``[z, interactions]`` and ends in one logit.
 
-    Args:
-        config: a :class:`DLRMConfig`.
-        tables: the collection's tables (see :class:`EmbeddingModel`).
-        features: the collection's features (see :class:`EmbeddingModel`).
-        embeddings: a ready-made collection (see :class:`EmbeddingModel`).
-        device: where the model lives (see :class:`EmbeddingModel`).
-
-    Raises:
-        ModelConfigError: a field names a missing feature, one that is not pooled, or the
-            dims differ.
+    Built like every :class:`EmbeddingModel`, from a :class:`DLRMConfig`; a field naming
+    a missing feature, one that is not pooled, or fields of different dims raise a
+    ``ModelConfigError``.
     """
 
     config_class = DLRMConfig
 
-    def __init__(
-        self,
-        config: DLRMConfig,
-        tables: Tables | None = None,
-        features: Features | None = None,
-        *,
-        embeddings: EmbeddingCollection | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(config, tables, features, embeddings=embeddings, device=device)
+    def _build(self, config: DLRMConfig) -> None:
         c = config
         self.dim = self.features.common_dim("sparse_features", c.sparse_features)
         self.bottom = (
@@ -129,20 +96,14 @@ class DLRM(EmbeddingModel):
         n = len(c.sparse_features) + (1 if c.dense_dim else 0)
         self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
         width = n * (n - 1) // 2 + (self.dim if c.dense_dim else 0)
-        self.top = MLP(width, c.top_hidden, c.activation, c.dropout, out_dim=1)
-        self._place()
+        self.top = Tower(width, c.top_hidden, c.activation, c.dropout)
 
-    def forward(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """Logits ``[B]`` (float32) for a batch dict.
-
-        Args:
-            inputs: ``inputs[sparse_key]`` the ``KeyedJaggedTensor``, and
-                ``inputs[dense_key]`` ``[B, dense_dim]`` when ``dense_dim > 0``.
-        """
+    def _outputs(
+        self, kjt: KeyedJaggedTensor, out: Mapping[str, Any], dense: torch.Tensor | None
+    ) -> torch.Tensor:
         c = self.config
-        kjt, out, dense = self._read(inputs, c.dense_dim)
         batch = kjt.stride()
-        vectors = [pooled_output("DLRM", out, n, batch, self.dim) for n in c.sparse_features]
+        vectors = [embedded_output("DLRM", out, n, (batch, self.dim)) for n in c.sparse_features]
         top_in = []
         if self.bottom is not None and dense is not None:
             z = self.bottom(dense)
@@ -153,4 +114,4 @@ class DLRM(EmbeddingModel):
         stacked = torch.stack([v.to(dtype) for v in vectors], dim=1)
         top_in.append(dot_interaction(stacked, self.pairs))
         x = torch.cat([t.to(dtype) for t in top_in], dim=-1)
-        return self.top(x).squeeze(-1).float()
+        return self.top(x)

@@ -10,27 +10,22 @@ from typing import Any
 
 import torch
 
-from recstack.embedding_engine import EmbeddingCollection
-from recstack.pipelines.models.base import EmbeddingModel, Features, Tables
+from recstack.core import KeyedJaggedTensor
+from recstack.pipelines.models.base import EmbeddingModel
 from recstack.pipelines.models.fields import (
+    CheckedConfig,
+    ConfigField,
     ModelConfigError,
-    activation_field,
-    config_to_dict,
-    dropout_field,
-    int_field,
-    name_field,
-    names_field,
-    sizes_field,
     task_names,
 )
-from recstack.pipelines.models.inputs import pooled_parts
-from recstack.pipelines.models.layers import MLP
+from recstack.pipelines.models.inputs import PooledInputs
+from recstack.pipelines.models.layers import Activation, Tower
 
 __all__ = ["ESMM", "ESMMConfig"]
 
 
 @dataclass(frozen=True)
-class ESMMConfig:
+class ESMMConfig(CheckedConfig):
     """ESMM's fields.
 
     Args:
@@ -48,37 +43,31 @@ class ESMMConfig:
         dense_key: the batch column holding the dense features.
     """
 
-    sparse_features: Sequence[str]
-    dense_dim: int = 0
-    tower_hidden: Sequence[int] = (200, 80)
-    activation: str = "relu"
-    dropout: float = 0.0
+    sparse_features: Sequence[str] = ConfigField.names()
+    dense_dim: int = ConfigField.count(0, low=0)
+    tower_hidden: Sequence[int] = ConfigField.sizes((200, 80))
+    activation: Activation = ConfigField.activation("relu")
+    dropout: float = ConfigField.dropout()
     ctr_task: str = "ctr"
     ctcvr_task: str = "ctcvr"
     cvr_output: str = "cvr"
-    sparse_key: str = "sparse"
-    dense_key: str = "dense"
+    sparse_key: str = ConfigField.name("sparse")
+    dense_key: str = ConfigField.name("dense")
 
-    def __post_init__(self) -> None:
-        o, set_ = "ESMMConfig", object.__setattr__
-        set_(self, "sparse_features", names_field(o, "sparse_features", self.sparse_features))
-        int_field(o, "dense_dim", self.dense_dim, 0)
+    def check_consistency(self) -> None:
+        """The towers need an input, and the three outputs distinct task names.
+
+        Raises:
+            ModelConfigError: neither sparse nor dense features, or output keys that are
+                not distinct names without a dot.
+        """
         if not self.sparse_features and self.dense_dim == 0:
-            raise ModelConfigError(f"{o}: give sparse_features or dense_dim > 0 (no inputs)")
-        set_(self, "tower_hidden", sizes_field(o, "tower_hidden", self.tower_hidden))
-        set_(self, "activation", activation_field(o, "activation", self.activation))
-        set_(self, "dropout", dropout_field(o, "dropout", self.dropout))
+            raise ModelConfigError("ESMMConfig: give sparse_features or dense_dim > 0 (no inputs)")
         outputs = [self.ctr_task, self.ctcvr_task, self.cvr_output]
-        task_names(o, "ctr_task, ctcvr_task and cvr_output", outputs)
-        name_field(o, "sparse_key", self.sparse_key)
-        name_field(o, "dense_key", self.dense_key)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as plain values (lists for sequences)."""
-        return config_to_dict(self)
+        task_names("ESMMConfig", "ctr_task, ctcvr_task and cvr_output", outputs)
 
 
-class ESMM(EmbeddingModel):
+class ESMM(EmbeddingModel[ESMMConfig]):
     """ESMM: ``model(inputs) -> {ctr_task: pCTR, ctcvr_task: pCTR * pCVR, cvr_output:
     pCVR}``, probabilities ``[B]`` in float32.
 
@@ -95,50 +84,25 @@ class ESMM(EmbeddingModel):
     ``output="probability"`` because the product of two probabilities has no logit the
     loss could take.
 
-    Args:
-        config: an :class:`ESMMConfig`.
-        tables: the collection's tables (see :class:`EmbeddingModel`).
-        features: the collection's features (see :class:`EmbeddingModel`).
-        embeddings: a ready-made collection (see :class:`EmbeddingModel`).
-        device: where the model lives (see :class:`EmbeddingModel`).
-
-    Raises:
-        ModelConfigError: a field names a missing feature or an unpooled one.
+    Built like every :class:`EmbeddingModel`, from an :class:`ESMMConfig`; a field
+    naming a missing feature or an unpooled one raises a ``ModelConfigError``.
     """
 
     config_class = ESMMConfig
 
-    def __init__(
-        self,
-        config: ESMMConfig,
-        tables: Tables | None = None,
-        features: Features | None = None,
-        *,
-        embeddings: EmbeddingCollection | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(config, tables, features, embeddings=embeddings, device=device)
+    def _build(self, config: ESMMConfig) -> None:
         c = config
-        self.widths = [
-            self.features.pooled(f"sparse_features[{i}]", n)
-            for i, n in enumerate(c.sparse_features)
-        ]
-        width = sum(self.widths) + c.dense_dim
-        self.ctr_tower = MLP(width, c.tower_hidden, c.activation, c.dropout, out_dim=1)
-        self.cvr_tower = MLP(width, c.tower_hidden, c.activation, c.dropout, out_dim=1)
-        self._place()
+        self.inputs = PooledInputs(
+            "ESMM", self.features, "sparse_features", c.sparse_features, c.dense_dim
+        )
+        self.ctr_tower = Tower(self.inputs.width, c.tower_hidden, c.activation, c.dropout)
+        self.cvr_tower = Tower(self.inputs.width, c.tower_hidden, c.activation, c.dropout)
 
-    def forward(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Probabilities ``[B]`` (float32) by output key for a batch dict.
-
-        Args:
-            inputs: ``inputs[sparse_key]`` the ``KeyedJaggedTensor``, and
-                ``inputs[dense_key]`` ``[B, dense_dim]`` when ``dense_dim > 0``.
-        """
+    def _outputs(
+        self, kjt: KeyedJaggedTensor, out: Mapping[str, Any], dense: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         c = self.config
-        kjt, out, dense = self._read(inputs, c.dense_dim)
-        parts = pooled_parts("ESMM", out, c.sparse_features, self.widths, kjt.stride(), dense)
-        x = torch.cat(parts, dim=-1)
-        p_ctr = torch.sigmoid(self.ctr_tower(x).squeeze(-1).float())
-        p_cvr = torch.sigmoid(self.cvr_tower(x).squeeze(-1).float())
+        x = self.inputs.concat(out, kjt.stride(), dense)
+        p_ctr = torch.sigmoid(self.ctr_tower(x))
+        p_cvr = torch.sigmoid(self.cvr_tower(x))
         return {c.ctr_task: p_ctr, c.ctcvr_task: p_ctr * p_cvr, c.cvr_output: p_cvr}

@@ -1,6 +1,6 @@
 """What a model reads: its embedding collection's feature configs (checked against the
 model config's fields) and, per batch, the sparse and dense inputs, the embedding outputs
-and the history mask.
+(alone, or pooled features side by side as an MLP's input) and the history mask.
 """
 
 from __future__ import annotations
@@ -14,7 +14,15 @@ from recstack.core import KeyedJaggedTensor
 from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
 from recstack.pipelines.models.fields import ModelConfigError
 
-__all__ = ["ModelFeatures", "build_embeddings", "sequence_mask"]
+__all__ = [
+    "ModelFeatures",
+    "PooledInputs",
+    "build_embeddings",
+    "dense_input",
+    "embedded_output",
+    "sequence_mask",
+    "sparse_input",
+]
 
 POOLED = ("sum", "mean")
 
@@ -239,82 +247,91 @@ def dense_input(
     return dense.float()
 
 
-def pooled_output(
-    owner: str, out: Mapping[str, Any], name: str, batch: int, width: int
+class PooledInputs:
+    """Pooled features side by side with the dense features: the input of an MLP.
+
+    Args:
+        model: the model's name, for errors in the forward.
+        features: the model's features.
+        field: the config field listing ``names``, for errors.
+        names: the pooled features (``"sum"``, ``"mean"`` or ``"tile"``), in order.
+        dense_dim: the width of the dense features after them (0: none).
+
+    Raises:
+        ModelConfigError: a feature is missing or not pooled.
+
+    Attributes:
+        widths: each feature's width.
+        width: the concatenated width (the features' and ``dense_dim``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        features: ModelFeatures,
+        field: str,
+        names: Sequence[str],
+        dense_dim: int,
+    ) -> None:
+        self.model = model
+        self.names = tuple(names)
+        self.widths = [features.pooled(f"{field}[{i}]", n) for i, n in enumerate(self.names)]
+        self.width = sum(self.widths) + dense_dim
+
+    def parts(
+        self, out: Mapping[str, Any], batch: int, dense: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """The float32 ``[B, width]`` embeddings of the features, then the dense features
+        if any.
+
+        Args:
+            out: the collection's output.
+            batch: the batch size ``B``.
+            dense: the dense features, or ``None``.
+        """
+        parts = [
+            embedded_output(self.model, out, n, (batch, w)).float()
+            for n, w in zip(self.names, self.widths, strict=True)
+        ]
+        if dense is not None:
+            parts.append(dense)
+        return parts
+
+    def concat(
+        self, out: Mapping[str, Any], batch: int, dense: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`parts` concatenated: ``[B, width]`` float32.
+
+        Args:
+            out: the collection's output.
+            batch: the batch size ``B``.
+            dense: the dense features, or ``None``.
+        """
+        return torch.cat(self.parts(out, batch, dense), dim=-1)
+
+
+def embedded_output(
+    owner: str, out: Mapping[str, Any], name: str, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """Feature ``name``'s ``[B, width]`` embedding from the collection's output.
+    """Feature ``name``'s embeddings from the collection's output: ``[B, width]`` for a
+    pooled feature, ``[B, max_len, dim]`` for a padded sequence.
 
     Args:
         owner: the model's name, for errors.
         out: the collection's output.
         name: the feature.
-        batch: the batch size ``B``.
-        width: the width the model was built for.
+        shape: the shape the model was built for.
 
     Raises:
         ValueError: the output is missing or of another shape (the features given to the
             model differ from the collection's).
     """
     value = out.get(name)
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch, width):
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
         got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(
-            f"{owner}: feature {name!r} should embed to [{batch}, {width}] but the collection "
-            f"gave {got}; the FeatureConfigs given to the model differ from the collection's"
-        )
-    return value
-
-
-def pooled_parts(
-    owner: str,
-    out: Mapping[str, Any],
-    names: Sequence[str],
-    widths: Sequence[int],
-    batch: int,
-    dense: torch.Tensor | None,
-) -> list[torch.Tensor]:
-    """The float32 ``[B, width]`` embeddings of pooled features ``names``, then the dense
-    features if any: the pieces a model concatenates into its MLP input.
-
-    Args:
-        owner: the model's name, for errors.
-        out: the collection's output.
-        names: the pooled features, in order.
-        widths: their widths.
-        batch: the batch size ``B``.
-        dense: the dense features, or ``None``.
-    """
-    parts = [
-        pooled_output(owner, out, n, batch, w).float() for n, w in zip(names, widths, strict=True)
-    ]
-    if dense is not None:
-        parts.append(dense)
-    return parts
-
-
-def sequence_output(
-    owner: str, out: Mapping[str, Any], name: str, batch: int, max_len: int, dim: int
-) -> torch.Tensor:
-    """Feature ``name``'s padded ``[B, max_len, dim]`` embeddings from the collection.
-
-    Args:
-        owner: the model's name, for errors.
-        out: the collection's output.
-        name: the feature.
-        batch: the batch size ``B``.
-        max_len: the padded length.
-        dim: the embedding width.
-
-    Raises:
-        ValueError: the output is missing or of another shape.
-    """
-    value = out.get(name)
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch, max_len, dim):
-        got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise ValueError(
-            f"{owner}: feature {name!r} should embed to [{batch}, {max_len}, {dim}] but the "
-            f"collection gave {got}; the FeatureConfigs given to the model differ from the "
-            "collection's"
+            f"{owner}: feature {name!r} should embed to {list(shape)} but the collection gave "
+            f"{got}; the FeatureConfigs given to the model differ from the collection's"
         )
     return value
 

@@ -1,27 +1,22 @@
-"""Dense building blocks shared by the reference models: an MLP builder and the
-activations a config names (including DIN's Dice).
+"""Dense building blocks shared by the reference models: an MLP builder, a tower to one
+logit, and the activations a config names (including DIN's Dice).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "Dice", "make_activation"]
+__all__ = ["ACTIVATIONS", "MLP", "Activation", "Dice", "Tower", "make_activation"]
+
+#: An activation a model config names (any case: ``"PReLU"`` is ``"prelu"``).
+Activation = Literal["relu", "prelu", "dice", "gelu", "silu", "tanh", "sigmoid", "leaky_relu"]
 
 #: Activation names a model config accepts (lower case).
-ACTIVATIONS: tuple[str, ...] = (
-    "relu",
-    "prelu",
-    "dice",
-    "gelu",
-    "silu",
-    "tanh",
-    "sigmoid",
-    "leaky_relu",
-)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 
 class Dice(nn.Module):
@@ -67,7 +62,7 @@ class Dice(nn.Module):
         return (p * xf + (1 - p) * self.alpha * xf).to(x.dtype)
 
 
-def make_activation(name: str, dim: int) -> nn.Module:
+def make_activation(name: Activation, dim: int) -> nn.Module:
     """The activation module called ``name`` (one of :data:`ACTIVATIONS`).
 
     Args:
@@ -117,7 +112,7 @@ class MLP(nn.Module):
         self,
         in_dim: int,
         hidden: Sequence[int],
-        activation: str = "relu",
+        activation: Activation = "relu",
         dropout: float = 0.0,
         out_dim: int | None = None,
     ) -> None:
@@ -146,3 +141,34 @@ class MLP(nn.Module):
         # PReLU and Dice take channels from dim 1, so leading dims are flattened first.
         y = self.layers(x.reshape(-1, x.shape[-1]))
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class Tower(MLP):
+    """A task head: an :class:`MLP` ending in a linear layer to one logit per row.
+
+    Its parameters are the MLP's (``layers.*``), so a tower and the ``MLP(...,
+    out_dim=1)`` it replaces load each other's state dicts.
+
+    Args:
+        in_dim: the input width.
+        hidden: the hidden layer widths (may be empty).
+        activation: the activation after each hidden layer.
+        dropout: the dropout probability after each hidden layer.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int],
+        activation: Activation = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(in_dim, hidden, activation, dropout, out_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[...]`` (the last dim of ``x`` consumed).
+
+        Args:
+            x: ``[..., in_dim]``.
+        """
+        return super().forward(x).squeeze(-1).float()

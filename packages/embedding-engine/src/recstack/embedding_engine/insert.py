@@ -1,0 +1,112 @@
+"""A training forward's inserts: new ids get rows, initialized from the logical id.
+
+:func:`insert_ids` takes a batch's unique entries of one dynamic physical table (ids, with
+their logical table indices in a merged table), lets admission decide which may have a row
+(:func:`~recstack.embedding_engine.admission.admission_mask`), finds or inserts those in the
+hash table, grows the value store and the row metadata to the rows handed out, stamps the
+rows' last-seen step and hits, and initializes the rows new ids took
+(:func:`init_new_rows`).
+
+A new row is initialized from the *logical* id with its logical table's initializer and
+seed (:func:`~recstack.embedding_engine.kernels.init_rows.init_rows_into`), so merged and
+unmerged collections start with bit-identical rows, and a row an evicted id freed starts
+afresh (announced through ``PagedTensor.rows_reset``, so a sparse optimizer's state of that
+row restarts too).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recstack.embedding_engine.admission import admission_mask
+from recstack.embedding_engine.kernels.init_rows import init_rows_into
+from recstack.embedding_engine.physical import PhysicalTable
+
+__all__ = ["init_new_rows", "insert_ids"]
+
+
+def insert_ids(
+    phys: PhysicalTable,
+    unique: torch.Tensor,
+    tags: torch.Tensor | None,
+    hits: torch.Tensor,
+    step: int,
+) -> tuple[torch.Tensor, bool]:
+    """Rows of a batch's unique entries, inserting and initializing the new admitted ones.
+
+    Args:
+        phys: a dynamic physical table.
+        unique: int64 ``[U]`` distinct ids.
+        tags: their logical table indices in a merged table, ``None`` for a table of one.
+        hits: int64 ``[U]`` occurrences of each in the batch.
+        step: the training step stamped on the rows.
+
+    Returns:
+        ``(rows, partial)``: ``rows`` int64 ``[U]``, -1 for ids admission keeps out, and
+        ``partial`` whether there are any.
+    """
+    if not unique.numel():
+        return unique, False
+    admit = admission_mask(phys, unique, tags, hits) if phys.sketches else None
+    if admit is not None and bool(admit.all()):
+        admit = None
+    keys_a, tags_a, hits_a = unique, tags, hits
+    if admit is not None:
+        keys_a, hits_a = unique[admit], hits[admit]
+        tags_a = None if tags is None else tags[admit]
+    held = len(phys.hash_table)
+    if keys_a.numel():
+        rows_a, is_new = phys.hash_table.find_or_insert(keys_a, tags_a)
+    else:
+        rows_a = keys_a
+        is_new = torch.zeros(0, dtype=torch.bool, device=unique.device)
+    n_new = len(phys.hash_table) - held  # known on the host: no sync to find the new rows
+    n_rows = phys.hash_table.num_rows_allocated
+    phys.values.ensure_rows(n_rows)
+    phys.meta.ensure_rows(n_rows)
+    phys.meta.touch(rows_a, step, hits_a, is_new)
+    if n_new:
+        new = torch.nonzero_static(is_new, size=n_new).squeeze(1)
+        new_tags = None if tags_a is None else tags_a.index_select(0, new)
+        init_new_rows(phys, rows_a.index_select(0, new), keys_a.index_select(0, new), new_tags)
+    if admit is None:
+        return rows_a, False
+    rows = torch.full_like(unique, -1)
+    rows[admit] = rows_a
+    return rows, True
+
+
+def init_new_rows(
+    phys: PhysicalTable,
+    new_rows: torch.Tensor,
+    new_ids: torch.Tensor,
+    tags: torch.Tensor | None,
+) -> None:
+    """Initialize rows new ids took (fresh or freed by eviction), count the ids, and
+    announce the rows (``PagedTensor.rows_reset``) to whoever keeps state per row.
+
+    Args:
+        phys: the physical table.
+        new_rows: int64 rows the new ids took.
+        new_ids: the new ids (logical ids).
+        tags: their logical table indices, ``None`` for a physical table of one.
+    """
+    if tags is None:
+        added = [new_ids.numel()]
+    else:
+        # One sync for the per-table counts; each table's rows are then found unsynced.
+        added = torch.bincount(tags, minlength=len(phys.tables)).tolist()
+        for index, count in enumerate(added):
+            phys.add_ids(index, count)
+    for t, cfg in enumerate(phys.tables):
+        if not added[t]:
+            continue
+        rows_t, ids_t = new_rows, new_ids
+        if tags is not None:
+            mine = torch.nonzero_static(tags == t, size=added[t]).squeeze(1)
+            rows_t, ids_t = new_rows.index_select(0, mine), new_ids.index_select(0, mine)
+        init_rows_into(
+            phys.values, rows_t, ids_t, cfg.initializer, seed=cfg.init_seed, check_bounds=False
+        )
+    # State kept per row elsewhere (a sparse optimizer's moments) starts afresh too.
+    phys.values.rows_reset(new_rows)

@@ -1,0 +1,41 @@
+"""Run a worker script as several local ranks, for the multi-process tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+
+def run_ranks(
+    worker: Path,
+    world: int,
+    args: Callable[[int], list[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+) -> None:
+    """Run ``python worker RANK WORLD *args(RANK)`` for every rank at once; fail with the
+    end of a rank's output when it does not exit with 0."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(r), str(world), *args(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r}:\n{logs[r][-4000:]}"

@@ -58,6 +58,7 @@ __all__ = [
     "row_update_args",
     "tl_apply_row_update",
     "tl_check_rows",
+    "tl_runtime_row_update_args",
     "tl_update_rows",
 ]
 
@@ -160,6 +161,33 @@ if HAS_TRITON:
     _FP32 = tl.constexpr(KIND_FP32)
 
     @triton.jit
+    def _runtime_pages(pages):
+        return PageTable(
+            pages.pointers,
+            tl.cast(pages.shift, tl.int64),
+            tl.cast(pages.mask, tl.int64),
+            tl.cast(pages.width, tl.int64),
+        )
+
+    @triton.jit
+    def tl_runtime_row_update_args(update):
+        """``update`` (a :class:`RowUpdateArgs`) with every integer as a runtime value.
+
+        Triton turns an int argument equal to 1 (a dim-1 table, 2-row pages) into a
+        constant; Triton 3.6 then fails to compile a loop whose body reads a tuple holding
+        such a constant. Kernels call this before a loop over ``update``, and take the
+        loop's bound from the argument as given (Triton 3.6's interpreter cannot use a
+        cast value as a ``range`` bound).
+        """
+        s = update.slots
+        return RowUpdateArgs(
+            _runtime_pages(update.weight),
+            (_runtime_pages(s[0]), _runtime_pages(s[1]), _runtime_pages(s[2])),
+            update.lr,
+            update.params,
+        )
+
+    @triton.jit
     def _rows_of(pages, rows, row_ok, KIND: tl.constexpr, ALIGNED: tl.constexpr):
         # Pointers to the first element of each row in a PageTable's pages.
         return tl_row_pointers(
@@ -210,10 +238,11 @@ if HAS_TRITON:
             UPDATE: the :class:`RowUpdateConsts` (constexpr).
             BLOCK_D: columns of a tile (constexpr).
         """
+        dim = update.weight.width
+        update = tl_runtime_row_update_args(update)
         ok = r < n
         rows = tl.load(rows_ptr + r, mask=ok, other=0)
         gp = grad_ptr + r * grad_stride
-        dim = update.weight.width
         for c0 in range(0, dim, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_ok = cols < dim

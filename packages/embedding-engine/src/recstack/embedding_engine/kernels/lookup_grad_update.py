@@ -31,7 +31,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.row_update import tl_apply_row_update
+    from recstack.core.kernels.row_update import tl_apply_row_update, tl_runtime_row_update_args
     from recstack.embedding_engine.kernels.lookup_grad import tl_tile_grad_sums
 
 __all__ = ["FUSED_GRAD_DEFAULTS", "lookup_grad_update"]
@@ -103,6 +103,7 @@ if HAS_TRITON:
         if HAS_SEG_ROWS:
             row = tl.load(seg_rows_ptr + label, mask=first, other=0)
         dim = update.weight.width
+        update = tl_runtime_row_update_args(update)
         for c0 in range(0, dim, BLOCK_D):
             cols = c0 + tl.arange(0, BLOCK_D)
             col_ok = cols < dim

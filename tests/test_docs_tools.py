@@ -114,6 +114,18 @@ def test_roles_become_optional_autorefs(tmp_path: Path) -> None:
     assert ref("pkg.core.Table.rows", "Table.rows") in table.docstring.value
 
 
+def test_escaped_spaces_after_inline_markup_are_dropped(tmp_path: Path) -> None:
+    # reST writes a plural of inline markup as ``x``\ s; Markdown would show the backslash.
+    files = {
+        "pkg/__init__.py": 'r"""Some :class:`Item`\\ s and ``int``\\ s; a plain \\ stays."""\n'
+        "class Item:\n    pass\n",
+    }
+    pkg = load_package(tmp_path, files)
+    assert pkg.docstring.value == (
+        f"Some {ref('pkg.Item', 'Item')}s and ``int``s; a plain \\ stays."
+    )
+
+
 def test_relative_names_resolve_in_the_docstrings_scope(tmp_path: Path) -> None:
     pkg = load_package(tmp_path, PACKAGE)
     grow = pkg["core.Table.grow"].docstring.value

@@ -45,6 +45,10 @@ ROLE = re.compile(
 EXPLICIT_TITLE = re.compile(r"^(?P<title>.+?)\s*<(?P<target>[^<>]+)>$")
 """The ``Title <target>`` form of a role's body."""
 
+ESCAPED_SPACE = re.compile(r"(?:(?<=`)|(?<=</autoref>))\\ ")
+"""reST's escaped space after inline markup (``SparseParameter``\\ s reads "SparseParameters");
+Markdown has none, so it is dropped."""
+
 CALLABLE_ROLES = frozenset({"func", "meth"})
 """Roles whose displayed title ends with ``()``, as Sphinx shows them."""
 
@@ -82,8 +86,11 @@ class SphinxRoles(griffe.Extension):
         objects = list(walk(pkg))
         index = name_index(objects)
         for obj in objects:
-            if obj.docstring is not None and ROLE.search(obj.docstring.value):
+            if obj.docstring is None:
+                continue
+            if ROLE.search(obj.docstring.value):
                 obj.docstring.value = rewrite(obj.docstring.value, obj, loader, index)
+            obj.docstring.value = ESCAPED_SPACE.sub("", obj.docstring.value)
 
 
 def walk(obj: griffe.Object) -> Iterator[griffe.Object]:

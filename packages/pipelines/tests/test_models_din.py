@@ -1,12 +1,26 @@
-"""recstack.pipelines.models.din: DIN's attention sees each row's valid history only."""
+"""recstack.pipelines.models.din: DIN's attention sees each row's valid history only; the
+fused attention op and the unfused module give the same model and load each other's
+checkpoints."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from model_testdata import MAX_LEN, ROWS, din, make_batch
+from model_testdata import DENSE, FEATURES, MAX_LEN, ROWS, TABLES, din, make_batch, synthetic_rows
 
-from recstack.pipelines.models import TargetAttention
+from recstack.core import kernels
+from recstack.pipelines.models import DIN, DINConfig, ModelConfigError, TargetAttention
+from recstack.pipelines.ops import FusedTargetAttention
+
+RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param(
+        "triton",
+        id="triton",
+        marks=pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1"),
+    ),
+]
 
 
 @pytest.mark.parametrize("softmax", [False, True])
@@ -44,3 +58,84 @@ def test_target_attention_masks_padding(softmax: bool) -> None:
         n = int(lengths[b])
         alone = att(query[b : b + 1], keys[b : b + 1, :n], torch.ones(1, n, dtype=torch.bool))
         assert torch.allclose(alone[0], out[b], atol=1e-6)
+
+
+def build(**changes: object) -> DIN:
+    fields = {
+        "item_feature": "item_id",
+        "history_feature": "hist",
+        "other_features": ["user_id", "category"],
+        "dense_dim": DENSE,
+        "attention_hidden": [16, 8],
+        "mlp_hidden": [32, 16],
+        **changes,
+    }
+    return DIN(DINConfig(**fields), TABLES, FEATURES)
+
+
+def test_the_fused_attention_runs_where_the_kernels_support_it() -> None:
+    assert DINConfig("item_id", "hist").fused_attention is True
+    assert isinstance(build().attention, FusedTargetAttention)
+    assert isinstance(build(attention_activation="ReLU").attention, FusedTargetAttention)
+    for changes in (
+        {"fused_attention": False},
+        {"attention_activation": "prelu"},  # learns parameters: not fused
+        {"attention_activation": "dice"},
+        {"attention_hidden": [8, 8, 8]},  # the kernels take one or two hidden layers
+        {"attention_hidden": [300]},  # wider than the kernels take
+    ):
+        assert type(build(**changes).attention) is TargetAttention, changes
+    with pytest.raises(ModelConfigError, match="fused_attention"):
+        DINConfig("item_id", "hist", fused_attention=1)
+    fields = {"item_feature": "item_id", "history_feature": "hist", "fused_attention": False}
+    model = DIN.from_config(fields, TABLES, FEATURES)  # as a config file gives it
+    assert model.config.fused_attention is False and type(model.attention) is TargetAttention
+
+
+@pytest.mark.parametrize("hidden", [[16], [16, 8]], ids=["1layer", "2layers"])
+def test_checkpoints_load_with_the_attention_fused_or_not(hidden: list[int]) -> None:
+    torch.manual_seed(0)
+    fused = build(attention_hidden=hidden)
+    unfused = build(attention_hidden=hidden, fused_attention=False)
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    unfused.load_state_dict(fused.state_dict())
+    fused.load_state_dict(unfused.state_dict())
+    for a, b in zip(fused.attention.parameters(), unfused.attention.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _step(model: DIN, batch: dict, weight: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+    """Logits, dense gradients and the embedding rows' (coalesced) sparse gradients."""
+    logits = model(batch)
+    (logits * weight).sum().backward()
+    dense = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    sparse = {name: g.coalesce() for name, g in model.embeddings.sparse_grads().items()}
+    return logits.detach(), dense, sparse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+def test_fused_and_unfused_attention_give_the_same_model(softmax: bool, backend: str) -> None:
+    torch.manual_seed(0)
+    unfused = build(softmax=softmax, fused_attention=False)
+    batch = make_batch(ROWS + synthetic_rows(6, seed=3))  # empty, truncated, ragged histories
+    unfused(batch)  # training mode: the batch's ids get rows
+    unfused.embeddings.zero_grad_sparse()
+    fused = build(softmax=softmax)
+    fused.load_state_dict(unfused.state_dict())
+    weight = torch.randn(len(ROWS) + 6)
+
+    expected = _step(unfused, batch, weight)
+    with kernels.use_backend(backend), kernels.count_launches() as launches:
+        got = _step(fused, batch, weight)
+    if backend == "triton":
+        assert launches["target_attention_fwd"] == 1 and launches["target_attention_bwd"] == 1
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert got[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        assert torch.equal(got[2][name].rows, grad.rows), name
+        torch.testing.assert_close(got[2][name].values, grad.values, rtol=1e-5, atol=1e-5)

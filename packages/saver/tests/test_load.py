@@ -101,18 +101,63 @@ BROKEN = [
 ]
 
 
+# None: checked files kept in memory; 0: checked in blocks, read again to import.
+@pytest.mark.parametrize("keep", [None, 0])
 @pytest.mark.parametrize(("breakage", "match"), BROKEN)
-def test_a_broken_checkpoint_is_refused_and_nothing_loads(saved: Path, breakage, match) -> None:
+def test_a_broken_checkpoint_is_refused_and_nothing_loads(
+    saved: Path, breakage, match, keep: int | None
+) -> None:
     breakage(saved)
     model = torch.nn.Linear(3, 2)
     weight = model.weight.detach().clone()
     table = filled("t", [500], seed=2)
     before = table.as_dict()
     with pytest.raises(CheckpointError, match=match):
-        Checkpointer(saved).load(
+        Checkpointer(saved, load_buffer_bytes=keep).load(
             1, model=model, opt=torch.optim.Adam(model.parameters()), emb=table
         )
     assert torch.equal(model.weight, weight) and table.as_dict() == before
+
+
+@pytest.mark.parametrize("keep", ["all", "one part", "none"])
+def test_checked_files_kept_in_memory_are_read_once(
+    saved: Path, monkeypatch: pytest.MonkeyPatch, keep: str
+) -> None:
+    from recstack.saver import read
+
+    reads: list[str] = []
+    block_checks: list[str] = []
+    read_buffer, crc32_file = read.CheckedFile.read_buffer, read.crc32_file
+
+    def counted_read(self, *, crc: bool = True):
+        reads.append(Path(self.where).name)
+        return read_buffer(self, crc=crc)
+
+    def counted_check(path):
+        block_checks.append(Path(path).name)
+        return crc32_file(path)
+
+    monkeypatch.setattr(read.CheckedFile, "read_buffer", counted_read)
+    monkeypatch.setattr(read, "crc32_file", counted_check)
+    files = list((saved / STEP / "sparse").rglob("*-p*.safetensors"))  # the part files
+    parts = sorted(p.name for p in files)
+    sizes = sorted(p.stat().st_size for p in files)
+    budget = {"all": None, "one part": sizes[-1], "none": 0}[keep]
+    model = torch.nn.Linear(3, 2)
+    table = filled("t", [], seed=2)
+    Checkpointer(saved, load_buffer_bytes=budget).load(
+        1, model=model, opt=torch.optim.Adam(model.parameters()), emb=table
+    )
+    assert table.as_dict() == filled("t", range(40), seed=1).as_dict()
+    part_reads = [n for n in reads if n in parts]
+    checked = [n for n in block_checks if n in parts]
+    assert sorted(set(part_reads)) == parts  # every part imported
+    if keep == "all":
+        assert checked == [] and sorted(part_reads) == parts
+    elif keep == "none":
+        assert sorted(checked) == parts and sorted(part_reads) == parts
+    else:  # each part read once or checked in blocks then read: never both ways twice
+        assert len(checked) == len(parts) - 1 and len(part_reads) == len(parts)
 
 
 def test_a_table_of_another_dim_is_refused_naming_it(saved: Path) -> None:

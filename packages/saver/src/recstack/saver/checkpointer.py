@@ -43,6 +43,7 @@ from recstack.saver.manifest import (
 )
 from recstack.saver.parallel import default_threads, resolve_ranks
 from recstack.saver.progress import Progress
+from recstack.saver.read import default_keep_bytes
 from recstack.saver.rng import capture_rng
 from recstack.saver.serving_export import export_for_serving
 from recstack.saver.snapshot import (
@@ -87,6 +88,11 @@ class Checkpointer:
             still survives the process being killed at any instant (the kernel keeps what
             was written), but not the machine going down. For scratch checkpoints, memory
             file systems and checkpoints copied elsewhere right after.
+        load_buffer_bytes: host memory a load may fill with files it has checked, so it
+            imports them without reading them a second time (a load checks every file's
+            CRC-32 before it changes anything). Default: a quarter of the memory available
+            when the load starts. Files beyond it are checked in blocks and read again,
+            part by part, when imported; 0 always does that.
 
     A save writes every file aside and renames it when whole; ``manifest.json`` comes last
     and names only complete files, so a process killed at any moment leaves the previous
@@ -108,8 +114,14 @@ class Checkpointer:
         world_size: int | None = None,
         progress: bool | None = None,
         durable: bool = True,
+        load_buffer_bytes: int | None = None,
     ) -> None:
         self.root = Path(root)
+        self.load_buffer_bytes = (
+            None
+            if load_buffer_bytes is None
+            else check_int(load_buffer_bytes, "Checkpointer: load_buffer_bytes", minimum=0)
+        )
         self.durable = bool(durable)
         if keep_last is not None:
             check_int(keep_last, "Checkpointer: keep_last", minimum=1)
@@ -426,6 +438,9 @@ class Checkpointer:
             rng=self.rng if rng is None else rng,
             pool=self._pool,
             progress=self.progress,
+            keep_bytes=(
+                default_keep_bytes() if self.load_buffer_bytes is None else self.load_buffer_bytes
+            ),
         )
         for state in objs.tables.values():
             if isinstance(state, IncrementalKeyedState):

@@ -29,6 +29,7 @@ from recstack.saver.names import NameFilter
 from recstack.saver.progress import Progress
 from recstack.saver.read import (
     CheckedFile,
+    KeptBytes,
     part_expectation,
     read_checked,
     read_json,
@@ -272,8 +273,10 @@ def load_chain(
     rng: bool,
     pool: ThreadPoolExecutor,
     progress: bool | None,
+    keep_bytes: int = 0,
 ) -> LoadReport:
-    """Load ``chain`` (full checkpoint first, then its deltas) into ``objs``."""
+    """Load ``chain`` (full checkpoint first, then its deltas) into ``objs``; up to
+    ``keep_bytes`` of the checked tensor files stay in memory for the import."""
     last_dir, last = chain[-1]
     report = LoadReport(step=last["step"], path=last_dir)
     names = NameFilter(include, exclude, rename)
@@ -311,7 +314,7 @@ def load_chain(
         if per_rank_entry.get("tensors"):
             rank_tensors = CheckedFile(last_dir, last, per_rank_entry["tensors"])
             checks.append((rank_tensors, None))
-    verify_files(checks, pool)
+    verify_files(checks, pool, KeptBytes(keep_bytes))
     # Decode the dense and per-rank state now: a bad tree fails before any write.
     tensors = dense.tensors(needed)
     modules = {

@@ -4,11 +4,17 @@ Every file a load needs is checked first (present, of the recorded size and CRC-
 well-formed safetensors file whose tensors fit the manifest), in parallel; only then does
 anything change in the objects loaded into. Part files are read whole (a part is one
 exported chunk, so memory stays bounded by the part size), a few ahead of the import.
+
+A check reads every byte, so a file checked into memory is kept there (up to a byte
+budget, :class:`KeptBytes`) and imported from it: a checkpoint that fits the budget is
+read once; the files beyond it are checked in blocks and read again when imported.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +30,8 @@ from recstack.saver.manifest import MANIFEST, safe_path
 
 __all__ = [
     "CheckedFile",
+    "KeptBytes",
+    "default_keep_bytes",
     "part_expectation",
     "read_checked",
     "read_json",
@@ -44,6 +52,8 @@ class CheckedFile:
             raise CheckpointError(f"{ckpt / MANIFEST}: names {rel!r} but not among its files")
         self.bytes: int = info["bytes"]
         self.crc32: str = info["crc32"]
+        # The file's bytes, when :func:`verify_files` checked them into memory.
+        self.kept: torch.Tensor | None = None
 
     def read(self, *, crc: bool = True) -> bytes:
         """The file's bytes, checked against the manifest's size and (with ``crc``, the
@@ -118,8 +128,12 @@ class CheckedFile:
 
 
 def read_checked(f: CheckedFile, *, crc: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of a checked safetensors file (see :meth:`CheckedFile.read`)."""
-    data = f.read_buffer(crc=crc)
+    """The tensors of a checked safetensors file (see :meth:`CheckedFile.read`); from the
+    bytes :func:`verify_files` kept, when it kept them (handed over once: the caller's
+    tensors then hold the memory, which goes when they do)."""
+    data, f.kept = f.kept, None
+    if data is None:
+        data = f.read_buffer(crc=crc)
     try:
         return read_tensor_file(data, f.where)[0]
     except ValueError as err:
@@ -134,15 +148,70 @@ def read_json(f: CheckedFile) -> Any:
         raise CheckpointError(f"{f.where}: not valid JSON ({err})") from None
 
 
+def default_keep_bytes() -> int:
+    """A quarter of the memory the operating system reports available (``MemAvailable``
+    on Linux, free pages elsewhere); 0 when it reports nothing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class KeptBytes:
+    """How many bytes of checked files a load may still keep in memory (thread-safe).
+
+    Args:
+        budget: the bytes it may keep at most (0 keeps none).
+    """
+
+    def __init__(self, budget: int) -> None:
+        self._left = max(int(budget), 0)
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` if that many are left; whether it did.
+
+        Args:
+            nbytes: the size of the file to keep.
+        """
+        with self._lock:
+            if nbytes > self._left:
+                return False
+            self._left -= nbytes
+            return True
+
+
 def verify_files(
-    files: Iterable[tuple[CheckedFile, dict[str, Any] | None]], pool: ThreadPoolExecutor
+    files: Iterable[tuple[CheckedFile, dict[str, Any] | None]],
+    pool: ThreadPoolExecutor,
+    keep: KeptBytes | None = None,
 ) -> None:
     """Check every file in parallel; with an expectation ``{tensor: (dtype, shape or
     None)}`` also check its safetensors header (a shape of ``None`` accepts any, a
-    leading ``-1`` any length). Raises the first problem found, naming the file."""
+    leading ``-1`` any length). Raises the first problem found, naming the file.
+
+    Args:
+        files: ``(file, expectation or None)`` pairs.
+        pool: the threads that check.
+        keep: a budget for keeping the checked bytes of tensor files (those with an
+            expectation) in memory, as :attr:`CheckedFile.kept`, so that
+            :func:`read_checked` and :func:`read_parts` need not read them again.
+    """
 
     def check(f: CheckedFile, expect: dict[str, Any] | None) -> None:
-        head = f.check()
+        if expect is not None and keep is not None and keep.take(f.bytes):
+            data = f.read_buffer(crc=True)
+            head = byte_view(data)[: min(len(data), 8 + _header_length(data))]
+            f.kept = data
+        else:
+            head = f.check()
         if expect is None:
             return
         try:
@@ -166,6 +235,10 @@ def verify_files(
     futures = [pool.submit(check, f, e) for f, e in files]
     for fut in futures:
         fut.result()
+
+
+def _header_length(data: torch.Tensor) -> int:
+    return int.from_bytes(byte_view(data[:8]), "little") if len(data) >= 8 else 0
 
 
 def shape_fits(shape: list[int], expect: list[int]) -> bool:

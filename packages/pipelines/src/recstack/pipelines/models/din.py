@@ -1,5 +1,10 @@
 """DIN, the Deep Interest Network (Zhou et al., KDD 2018): target attention of the
 candidate item over the user's behaviour sequence, then an MLP to one logit.
+
+The attention unit is the fused op (:class:`~recstack.pipelines.ops.FusedTargetAttention`,
+Triton kernels on CUDA reading the padded history in place) when its activation and sizes
+are ones the kernels compute, else the unfused :class:`TargetAttention`; both hold the same
+parameters, so a checkpoint of either loads into the other.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor
+from recstack.pipelines.kernels.target_attention import FUSED_ACTIVATIONS, MAX_FUSED_WIDTH
 from recstack.pipelines.models.base import EmbeddingModel
 from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
 from recstack.pipelines.models.inputs import (
@@ -21,7 +27,7 @@ from recstack.pipelines.models.inputs import (
 )
 from recstack.pipelines.models.layers import MLP, Activation, Tower
 
-__all__ = ["DIN", "DINConfig", "TargetAttention"]
+__all__ = ["DIN", "DINConfig", "TargetAttention", "fused_attention_supported"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,10 @@ class DINConfig(CheckedConfig):
         softmax: normalize the attention scores with a softmax over the valid positions.
             The default ``False`` is the paper's choice: un-normalized weights keep the
             intensity of a user's interest (many matching behaviours sum to more).
+        fused_attention: run the attention unit as the fused op (Triton kernels on CUDA
+            over the padded history in place; the same computation in torch on the CPU)
+            when :func:`fused_attention_supported` says it can; ``False`` always uses the
+            unfused :class:`TargetAttention`. The parameters are the same either way.
         mlp_hidden: hidden sizes of the final MLP.
         mlp_activation: its activation: ``"dice"`` (the paper's), ``"prelu"``,
             ``"relu"``, ... (see ``layers.ACTIVATIONS``).
@@ -57,6 +67,7 @@ class DINConfig(CheckedConfig):
     attention_hidden: Sequence[int] = ConfigField.sizes((80, 40))
     attention_activation: Activation = ConfigField.activation("sigmoid")
     softmax: bool = ConfigField.flag(False)
+    fused_attention: bool = ConfigField.flag(True)
     mlp_hidden: Sequence[int] = ConfigField.sizes((200, 80))
     mlp_activation: Activation = ConfigField.activation("dice")
     dropout: float = ConfigField.dropout()
@@ -75,6 +86,24 @@ class DINConfig(CheckedConfig):
                 "DINConfig: item_feature, history_feature and other_features must name "
                 f"different features, got {used}"
             )
+
+
+def fused_attention_supported(dim: int, hidden: Sequence[int], activation: str) -> bool:
+    """Whether the fused target attention op computes DIN's attention unit of this shape:
+    one or two hidden layers, ``dim`` and every hidden size at most ``MAX_FUSED_WIDTH``
+    (256), and an activation of ``FUSED_ACTIVATIONS`` (not PReLU or Dice).
+
+    Args:
+        dim: the embedding width.
+        hidden: the attention MLP's hidden sizes.
+        activation: its activation.
+    """
+    sizes = tuple(hidden)
+    return (
+        activation.lower() in FUSED_ACTIVATIONS
+        and len(sizes) in (1, 2)
+        and max(dim, *sizes) <= MAX_FUSED_WIDTH
+    )
 
 
 class TargetAttention(nn.Module):
@@ -120,10 +149,16 @@ class TargetAttention(nn.Module):
 class DIN(EmbeddingModel[DINConfig]):
     """Deep Interest Network: ``model(inputs) -> logits [B]`` (float32).
 
-    The candidate item's embedding attends over the history's (:class:`TargetAttention`,
-    with the mask from the history's lengths in the batch); the attention output, the
-    item, ``other_features`` and the dense features go through an MLP to one logit.
-    Train it with one ``Task`` on the click label.
+    The candidate item's embedding attends over the history's, the padding excluded by the
+    history's lengths in the batch (read on the device, no host sync); the attention
+    output, the item, ``other_features`` and the dense features go through an MLP to one
+    logit. Train it with one ``Task`` on the click label.
+
+    The attention unit (``model.attention``) is a
+    :class:`~recstack.pipelines.ops.FusedTargetAttention` when ``config.fused_attention``
+    is set and :func:`fused_attention_supported` holds (the defaults: sigmoid, ``(80,
+    40)``), else a :class:`TargetAttention`. Their parameters and ``state_dict`` keys are
+    the same, so checkpoints load either way.
 
     Built like every :class:`EmbeddingModel`, from a :class:`DINConfig`; a config field
     naming a missing feature or one of the wrong kind, or item and history features of
@@ -143,9 +178,22 @@ class DIN(EmbeddingModel[DINConfig]):
                 "one table"
             )
         self.others = PooledInputs("DIN", fs, "other_features", c.other_features, c.dense_dim)
-        self.attention = TargetAttention(
-            self.dim, c.attention_hidden, c.attention_activation, c.softmax
+        self.fused = c.fused_attention and fused_attention_supported(
+            self.dim, c.attention_hidden, c.attention_activation
         )
+        self.attention: nn.Module
+        if self.fused:
+            # Imported here: the ops package imports models.layers, whose package imports
+            # this module.
+            from recstack.pipelines.ops.target_attention import FusedTargetAttention
+
+            self.attention = FusedTargetAttention(
+                self.dim, c.attention_hidden, c.attention_activation, c.softmax
+            )
+        else:
+            self.attention = TargetAttention(
+                self.dim, c.attention_hidden, c.attention_activation, c.softmax
+            )
         width = 2 * self.dim + self.others.width
         self.mlp = Tower(width, c.mlp_hidden, c.mlp_activation, c.dropout)
 
@@ -156,7 +204,14 @@ class DIN(EmbeddingModel[DINConfig]):
         batch = kjt.stride()
         item = embedded_output("DIN", out, c.item_feature, (batch, self.dim))
         history = embedded_output("DIN", out, c.history_feature, (batch, self.max_len, self.dim))
-        mask = sequence_mask(kjt, c.history_feature, self.max_len)
-        interest = self.attention(item, history, mask)
+        if self.fused:
+            # The history's lengths as sequence_mask reads them: the key-major lengths
+            # buffer, no host sync; the op clamps them to max_len.
+            keys = kjt.keys()
+            lengths = kjt.lengths().view(len(keys), batch)[keys.index(c.history_feature)]
+            interest = self.attention.forward_padded(item, history, lengths).float()
+        else:
+            mask = sequence_mask(kjt, c.history_feature, self.max_len)
+            interest = self.attention(item, history, mask)
         x = torch.cat([interest, item.float(), *self.others.parts(out, batch, dense)], dim=-1)
         return self.mlp(x)

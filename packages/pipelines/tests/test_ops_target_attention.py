@@ -1,0 +1,401 @@
+"""target_attention / FusedTargetAttention through autograd: the Triton path and the CPU
+reference path against the unfused models.din.TargetAttention on the padded equivalent, and
+the padded mode (padded_target_attention / forward_padded) that reads [B, L, D] in place."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from recstack.core import kernels
+from recstack.pipelines.kernels.target_attention import padded_target_attention_reference
+from recstack.pipelines.models.din import TargetAttention
+from recstack.pipelines.ops.target_attention import (
+    FusedTargetAttention,
+    padded_target_attention,
+    target_attention,
+)
+
+RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
+ON_GPU = torch.cuda.is_available() and not kernels.interpret_mode()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param(
+        "triton",
+        id="triton",
+        marks=pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1"),
+    ),
+]
+LENGTHS = [3, 0, 1, 21, 5]  # ragged, an empty row, a single behaviour
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels() -> Iterator[None]:
+    """Replaces the package's fixture (which forces the torch reference under the
+    interpreter): these tests pick the backend themselves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def generator(*seed: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(seed).encode()))
+
+
+def padded(lengths: list[int], dim: int, gen: torch.Generator):
+    """``[B, L, D]`` keys with their mask (random numbers in the padding too) and the
+    jagged equivalent."""
+    batch, max_len = len(lengths), max(lengths, default=0)
+    keys = torch.randn(batch, max_len, dim, generator=gen)
+    mask = torch.arange(max_len)[None, :] < torch.tensor(lengths, dtype=torch.int64)[:, None]
+    offsets = torch.zeros(batch + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return keys, mask, keys[mask], offsets
+
+
+def modules(dim, hidden, activation, softmax, gen):
+    unfused = TargetAttention(dim, hidden, activation, softmax)
+    with torch.no_grad():
+        for p in unfused.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
+    fused = FusedTargetAttention(dim, hidden, activation, softmax)
+    fused.load_state_dict(unfused.state_dict())
+    return unfused.to(DEVICE), fused.to(DEVICE)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str) -> None:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, name
+    scale = max(float(e.abs().max()) if e.numel() else 0.0, 1.0)
+    err = float((a - e).abs().max()) if e.numel() else 0.0
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def test_state_dicts_are_interchangeable():
+    for hidden in ((80, 40), (16,)):
+        unfused = TargetAttention(8, hidden, "sigmoid", False)
+        fused = FusedTargetAttention(8, hidden, "sigmoid", False)
+        assert list(unfused.state_dict()) == list(fused.state_dict())
+        unfused.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+@pytest.mark.parametrize("hidden", [(12,), (20, 12)], ids=["1layer", "2layers"])
+def test_matches_the_unfused_module_on_padded_input(hidden, softmax, backend):
+    gen = generator(hidden, softmax)
+    dim = 16
+    unfused, fused = modules(dim, hidden, "sigmoid", softmax, gen)
+    keys, mask, values, offsets = padded(LENGTHS, dim, gen)
+    query = torch.randn(len(LENGTHS), dim, generator=gen)
+    grad_out = torch.randn(len(LENGTHS), dim, generator=gen).to(DEVICE)
+
+    q1 = query.to(DEVICE).requires_grad_()
+    k1 = keys.to(DEVICE).requires_grad_()
+    expected = unfused(q1, k1, mask.to(DEVICE))
+    expected.backward(grad_out)
+
+    q2 = query.to(DEVICE).requires_grad_()
+    v2 = values.to(DEVICE).requires_grad_()
+    with kernels.use_backend(backend), kernels.count_launches() as launches:
+        out = fused(q2, offsets.to(DEVICE), v2)
+        out.backward(grad_out)
+    if backend == "triton":
+        assert launches == {"target_attention_fwd": 1, "target_attention_bwd": 1}
+    else:
+        assert set(launches) == {"target_attention_reference"}
+
+    close(out, expected, 1e-4, "out")
+    close(q2.grad, q1.grad, 1e-4, "d_query")
+    close(v2.grad, k1.grad[mask.to(DEVICE)], 1e-4, "d_values")
+    assert torch.equal(k1.grad[~mask.to(DEVICE)], torch.zeros_like(k1.grad[~mask.to(DEVICE)]))
+    for (name, p1), p2 in zip(unfused.named_parameters(), fused.parameters(), strict=True):
+        close(p2.grad, p1.grad, 1e-4, f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_padded_takes_a_prefix_mask(backend):
+    gen = generator("padded-call")
+    unfused, fused = modules(16, (20, 12), "relu", True, gen)
+    keys, mask, _, _ = padded(LENGTHS, 16, gen)
+    query = torch.randn(len(LENGTHS), 16, generator=gen).to(DEVICE)
+    keys, mask = keys.to(DEVICE), mask.to(DEVICE)
+    with kernels.use_backend(backend):
+        out = fused.forward_padded(query, keys, mask)
+        checked = fused.forward_padded(query, keys, mask, check_bounds=True)
+    close(out, unfused(query, keys, mask), 1e-4, "out")
+    assert torch.equal(out, checked)
+    with pytest.raises(ValueError, match="mask must be"):
+        fused.forward_padded(query, keys, mask[:, :2])
+    holes = mask.clone()
+    holes[3, 0] = False  # row 3's valid positions no longer come first
+    with pytest.raises(ValueError, match="True on its first positions"):
+        fused.forward_padded(query, keys, holes, check_bounds=True)
+
+
+# Lengths 0, 1, exactly L, past L (clamped to L), in between; L not a multiple of a block.
+PADDED_LENGTHS = [2, 0, 1, 19, 40, 7]
+PADDED_L = 19
+
+
+def padded_inputs(dtype: torch.dtype, gen: torch.Generator):
+    """``[B, L, D]`` keys with garbage in the padding, the query, lengths, the mask and a
+    gradient of the output."""
+    batch, dim = len(PADDED_LENGTHS), 16
+    lengths = torch.tensor(PADDED_LENGTHS, dtype=torch.int64)
+    mask = torch.arange(PADDED_L)[None, :] < lengths.clamp(max=PADDED_L)[:, None]
+    keys = torch.randn(batch, PADDED_L, dim, generator=gen)
+    keys = torch.where(mask[..., None], keys, 100 * torch.randn(keys.shape, generator=gen))
+    query = torch.randn(batch, dim, generator=gen)
+    grad_out = torch.randn(batch, dim, generator=gen)
+    return [t.to(dtype).to(DEVICE) for t in (keys, query, grad_out)] + [
+        lengths.to(DEVICE),
+        mask.to(DEVICE),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+@pytest.mark.parametrize("hidden", [(12,), (20, 12)], ids=["1layer", "2layers"])
+def test_padded_mode_matches_the_unfused_module(hidden, softmax, backend):
+    gen = generator("padded", hidden, softmax)
+    unfused, fused = modules(16, hidden, "sigmoid", softmax, gen)
+    keys, query, grad_out, lengths, mask = padded_inputs(torch.float32, gen)
+
+    k1, q1 = keys.clone().requires_grad_(), query.clone().requires_grad_()
+    expected = unfused(q1, k1, mask)
+    expected.backward(grad_out)
+
+    k2, q2 = keys.clone().requires_grad_(), query.clone().requires_grad_()
+    with kernels.use_backend(backend), kernels.count_launches() as launches:
+        out = fused.forward_padded(q2, k2, lengths)
+        out.backward(grad_out)
+    if backend == "triton":
+        assert launches == {"target_attention_fwd": 1, "target_attention_bwd": 1}
+    else:
+        assert set(launches) == {"target_attention_reference"}
+    close(out, expected, 1e-4, "out")
+    close(q2.grad, q1.grad, 1e-4, "d_query")
+    close(k2.grad, k1.grad, 1e-4, "d_keys")
+    assert torch.equal(k2.grad[~mask], torch.zeros_like(k2.grad[~mask]))  # the padding
+    for (name, p1), p2 in zip(unfused.named_parameters(), fused.parameters(), strict=True):
+        close(p2.grad, p1.grad, 1e-4, f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_mode_in_bfloat16(backend):
+    gen = generator("padded-bf16")
+    unfused, fused = modules(16, (20, 12), "sigmoid", True, gen)
+    keys, query, grad_out, lengths, mask = padded_inputs(torch.bfloat16, gen)
+    k1, q1 = keys.float().requires_grad_(), query.float().requires_grad_()
+    expected = unfused(q1, k1, mask)
+    expected.backward(grad_out.float())
+    k2, q2 = keys.clone().requires_grad_(), query.clone().requires_grad_()
+    with kernels.use_backend(backend):
+        out = padded_target_attention(q2, k2, lengths, fused.layers(), softmax=True)
+        out.backward(grad_out)
+    assert out.dtype == torch.bfloat16 and k2.grad.dtype == torch.bfloat16
+    close(out, expected, 5e-2, "out")
+    close(q2.grad, q1.grad, 5e-2, "d_query")
+    close(k2.grad, k1.grad, 5e-2, "d_keys")
+    assert torch.equal(k2.grad[~mask], torch.zeros_like(k2.grad[~mask]))
+
+
+def test_padded_reference_is_the_unfused_computation():
+    # The path of CUDA tensors under a forced torch backend: no host sync, same numbers.
+    gen = generator("padded-reference")
+    unfused, fused = modules(16, (20, 12), "gelu", True, gen)
+    keys, query, grad_out, lengths, mask = padded_inputs(torch.float32, gen)
+    k1, k2 = keys.clone().requires_grad_(), keys.clone().requires_grad_()
+    expected = unfused(query, k1, mask)
+    expected.backward(grad_out)
+    out = padded_target_attention_reference(
+        query, k2, lengths.clamp(max=PADDED_L), fused.layers(), activation="gelu", softmax=True
+    )
+    out.backward(grad_out)
+    close(out, expected, 1e-5, "out")
+    close(k2.grad, k1.grad, 1e-5, "d_keys")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_mode_edge_shapes(backend):
+    fused = FusedTargetAttention(16, (8,), "sigmoid", True).to(DEVICE)
+    with kernels.use_backend(backend):
+        for batch, max_len in ((0, 4), (3, 0)):
+            keys = torch.randn(batch, max_len, 16, device=DEVICE, requires_grad=True)
+            query = torch.randn(batch, 16, device=DEVICE, requires_grad=True)
+            lengths = torch.full((batch,), 5, dtype=torch.int32, device=DEVICE)
+            out = fused.forward_padded(query, keys, lengths)
+            out.sum().backward()
+            assert out.shape == (batch, 16) and torch.equal(out, torch.zeros_like(out))
+            assert keys.grad.shape == keys.shape and query.grad.shape == query.shape
+
+
+def test_padded_mode_refuses_bad_input():
+    fused = FusedTargetAttention(16, (8,), "sigmoid", False)
+    query, keys = torch.zeros(2, 16), torch.zeros(2, 3, 16)
+    with pytest.raises(ValueError, match="keys must be 3-D"):
+        fused.forward_padded(query, keys[0], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"lengths must be \[B\] = \[2\]"):
+        fused.forward_padded(query, keys, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="lengths must be an integer tensor"):
+        fused.forward_padded(query, keys, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="query has B = 1 rows"):
+        fused.forward_padded(query[:1], keys, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="values has dtype"):
+        fused.forward_padded(query, keys.to(torch.bfloat16), torch.tensor([1, 2]))
+
+
+@pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1")
+def test_autocast_leaves_the_kernels_precision_alone():
+    # The kernels pick their precision from the inputs' dtype; autocast must not round the
+    # host-side matmuls around them (a model under bf16 autocast feeds fp32 embeddings).
+    gen = generator("autocast")
+    _, fused = modules(16, (20, 12), "sigmoid", True, gen)
+    keys, query, grad_out, lengths, _ = padded_inputs(torch.float32, gen)
+    results = []
+    for enabled in (False, True):
+        fused.zero_grad()
+        k, q = keys.clone().requires_grad_(), query.clone().requires_grad_()
+        with kernels.use_backend("triton"):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=enabled):
+                out = fused.forward_padded(q, k, lengths)
+            out.backward(grad_out)
+        results.append([out, q.grad, k.grad, *(p.grad for p in fused.parameters())])
+    assert results[1][0].dtype == torch.float32
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_torch_path_under_cpu_autocast():
+    # The reference's MLP runs in bf16 under autocast; its segment softmax stays fp32.
+    gen = generator("cpu-autocast")
+    _, fused = modules(16, (20, 12), "sigmoid", True, gen)
+    keys, query, _, lengths, _ = padded_inputs(torch.float32, gen)
+    keys, query, lengths = keys.cpu(), query.cpu(), lengths.cpu()
+    fused = fused.cpu()
+    with kernels.use_backend("torch"):
+        expected = fused.forward_padded(query, keys, lengths)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused.forward_padded(query, keys, lengths)
+    assert out.dtype == torch.float32
+    close(out, expected, 5e-2, "out")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host syncs are only visible on a CUDA device")
+def test_padded_mode_does_not_sync_on_cuda():
+    gen = generator("no-sync")
+    _, fused = modules(16, (20, 12), "sigmoid", True, gen)
+    keys, query, grad_out, lengths, _ = padded_inputs(torch.float32, gen)
+    keys.requires_grad_()
+    fused.forward_padded(query, keys, lengths).backward(grad_out)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused.forward_padded(query, keys, lengths).backward(grad_out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_table_rows_with_repeated_ids_accumulate_a_dense_gradient(dtype, backend):
+    gen = generator("table", str(dtype))
+    dim, rows = 16, 6
+    _, fused = modules(dim, (20, 12), "sigmoid", True, gen)
+    _, _, _, offsets = padded(LENGTHS, dim, gen)
+    n = int(offsets[-1])
+    row_ids = torch.randint(0, rows, (n,), generator=gen).to(DEVICE)
+    table = torch.randn(rows, dim, generator=gen).to(dtype).to(DEVICE)
+    query = torch.randn(len(LENGTHS), dim, generator=gen).to(dtype).to(DEVICE)
+    grad_out = torch.randn(len(LENGTHS), dim, generator=gen).to(dtype).to(DEVICE)
+
+    t1 = table.clone().requires_grad_()
+    q1 = query.clone().requires_grad_()
+    with kernels.use_backend(backend):
+        out = fused(q1, offsets.to(DEVICE), table=t1, row_ids=row_ids)
+    out.backward(grad_out)
+    grads = [p.grad.clone() for p in fused.parameters()]
+    fused.zero_grad()
+
+    t2 = table.clone().requires_grad_()
+    q2 = query.clone().requires_grad_()
+    with kernels.use_backend("torch"):
+        expected = fused(q2, offsets.to(DEVICE), t2.index_select(0, row_ids))
+    expected.backward(grad_out)
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert out.dtype == dtype and t1.grad.dtype == dtype
+    close(out, expected, tol, "out")
+    close(t1.grad, t2.grad, tol, "d_table")
+    close(q1.grad, q2.grad, tol, "d_query")
+    for g, p in zip(grads, fused.parameters(), strict=True):
+        close(g, p.grad, tol, "d_weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_sink_gets_the_row_gradients_instead_of_the_table(backend):
+    gen = generator("sink")
+    dim, rows = 16, 5
+    _, fused = modules(dim, (12,), "sigmoid", False, gen)
+    _, _, _, offsets = padded(LENGTHS, dim, gen)
+    n = int(offsets[-1])
+    row_ids = torch.randint(0, rows, (n,), generator=gen).to(DEVICE)
+    table = torch.randn(rows, dim, generator=gen).to(DEVICE).requires_grad_()
+    query = torch.randn(len(LENGTHS), dim, generator=gen).to(DEVICE)
+    grad_out = torch.randn(len(LENGTHS), dim, generator=gen).to(DEVICE)
+    received = []
+
+    def sink(ids: torch.Tensor, d_rows: torch.Tensor) -> None:
+        received.append((ids, d_rows))
+
+    with kernels.use_backend(backend):
+        out = fused(query, offsets.to(DEVICE), table=table, row_ids=row_ids, grad_sink=sink)
+    out.backward(grad_out)
+    assert table.grad is None
+    ((ids, d_rows),) = received
+    assert torch.equal(ids, row_ids) and d_rows.dtype == torch.float32 and d_rows.shape == (n, dim)
+
+    values = table.detach().index_select(0, row_ids).requires_grad_()
+    with kernels.use_backend("torch"):
+        fused(query, offsets.to(DEVICE), values).backward(grad_out)
+    close(d_rows, values.grad, 1e-4, "d_rows")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    fused = FusedTargetAttention(16, (8, 8), "sigmoid", True).to(DEVICE)
+    query = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    values = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
+    with kernels.use_backend(backend):
+        out = fused(query, torch.zeros(1, dtype=torch.int64, device=DEVICE), values)
+        out.sum().backward()
+    assert out.shape == (0, 16)
+    assert query.grad.shape == (0, 16)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in fused.parameters())
+
+
+def test_unsupported_configurations_are_refused():
+    with pytest.raises(ValueError, match="activation 'dice' is not supported.*TargetAttention"):
+        FusedTargetAttention(16, (8,), "dice", False)
+    with pytest.raises(ValueError, match="activation 'prelu' is not supported"):
+        FusedTargetAttention(16, (8,), "prelu", False)
+    with pytest.raises(ValueError, match="hidden must have 1 or 2 sizes"):
+        FusedTargetAttention(16, (8, 8, 8), "relu", False)
+    fused = FusedTargetAttention(16, (8,), "ReLU", False)
+    assert fused.activation == "relu"
+    query, values = torch.zeros(2, 16), torch.zeros(3, 16)
+    offsets = torch.tensor([0, 1, 3])
+    with pytest.raises(ValueError, match="grad_sink goes with table"):
+        target_attention(query, offsets, fused.layers(), values=values, grad_sink=print)
+    with pytest.raises(TypeError, match="grad_sink must be callable"):
+        fused(query, offsets, table=values, row_ids=torch.tensor([0, 1, 2]), grad_sink=3)
+    with pytest.raises(IndexError, match="row_ids holds 3"):
+        fused(query, offsets, table=values, row_ids=torch.tensor([0, 1, 3]))

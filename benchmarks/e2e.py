@@ -53,6 +53,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -134,6 +135,7 @@ class Settings:
     baseline_bf16: bool
     deferred_checks: bool
     capacity: int | None
+    gen_workers: int
     data_max_hist: int  # the data's longest history: fixed, so --hist lists share files
 
 
@@ -179,6 +181,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         baseline_bf16=args.baseline_bf16,
         deferred_checks=args.deferred_checks,
         capacity=args.capacity,
+        gen_workers=args.gen_workers or min(os.cpu_count() or 1, 16),
         data_max_hist=max((*hists, 20 if q else 1000)),
     )
 
@@ -226,7 +229,12 @@ def prepare_data(cfg: Settings) -> Data:
     t0 = time.perf_counter()
     group = max(cfg.batch, min(65_536, file_rows) // cfg.batch * cfg.batch)
     written = write_synthetic_ctr(
-        root, config, rows_per_file=file_rows, row_group_size=group, overwrite=True
+        root,
+        config,
+        rows_per_file=file_rows,
+        row_group_size=group,
+        overwrite=True,
+        workers=cfg.gen_workers,
     )
     names = [Path(p).name for p in written.paths]
     best = best_auc(pq.read_table(root / names[-1], columns=["label", "label_prob"]))
@@ -915,6 +923,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="write the data here and reuse it on later runs")
     p.add_argument("--prepare-only", action="store_true", help="write the data and stop")
+    p.add_argument(
+        "--gen-workers", type=int, help="processes writing the data (the CPU count, at most 16)"
+    )
     p.add_argument(
         "--baseline-bf16", action="store_true", help="bf16 autocast for the baseline's tower"
     )

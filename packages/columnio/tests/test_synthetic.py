@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -348,6 +349,17 @@ def test_write_directory_of_parts(tmp_path):
     info2 = write_synthetic_ctr(root, small(1500, seed=4), rows_per_file=1000, overwrite=True)
     assert sorted(p.name for p in root.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert info2.rows_per_file == (1000, 500)
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path):
+    config = small(2300, seed=5)
+    one = write_synthetic_ctr(tmp_path / "one", config, rows_per_file=1000)
+    many = write_synthetic_ctr(tmp_path / "many", config, rows_per_file=1000, workers=3)
+    assert many.best_auc == one.best_auc and many.positive_rate == one.positive_rate
+    for a, b in zip(one.paths, many.paths, strict=True):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+    with pytest.raises(ValueError, match="workers"):
+        write_synthetic_ctr(tmp_path / "bad", config, rows_per_file=1000, workers=0)
 
 
 def test_write_empty_and_without_auc(tmp_path):

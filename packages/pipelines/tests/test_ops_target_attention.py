@@ -254,9 +254,10 @@ def test_padded_mode_refuses_bad_input():
 
 
 @pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1")
-def test_autocast_leaves_the_kernels_precision_alone():
-    # The kernels pick their precision from the inputs' dtype; autocast must not round the
-    # host-side matmuls around them (a model under bf16 autocast feeds fp32 embeddings).
+def test_bf16_autocast_multiplies_in_bf16_and_rounds_nothing_else():
+    # Under bf16 autocast the kernels' dots take bf16 operands on a GPU (fp32 rows rounded
+    # in registers); the host-side matmuls around them stay fp32, and the output stays
+    # fp32. The interpreter always multiplies in fp32, so there the results are identical.
     gen = generator("autocast")
     _, fused = modules(16, (20, 12), "sigmoid", True, gen)
     keys, query, grad_out, lengths, _ = padded_inputs(torch.float32, gen)
@@ -270,8 +271,11 @@ def test_autocast_leaves_the_kernels_precision_alone():
             out.backward(grad_out)
         results.append([out, q.grad, k.grad, *(p.grad for p in fused.parameters())])
     assert results[1][0].dtype == torch.float32
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        if ON_GPU:
+            close(b, a, 5e-2, f"result {i}")
+        else:
+            assert torch.equal(a, b)
 
 
 def test_torch_path_under_cpu_autocast():

@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -607,6 +609,7 @@ def write_synthetic_ctr(
     filesystem: pafs.FileSystem | None = None,
     overwrite: bool = False,
     compute_best_auc: bool = True,
+    workers: int = 1,
 ) -> SyntheticCTRInfo:
     """Write the data set as Parquet: one file at ``path``, or with ``rows_per_file`` a
     directory ``path`` of ``part-00000.parquet``, ``part-00001.parquet``, ...
@@ -628,9 +631,15 @@ def write_synthetic_ctr(
             the new last part. Without it an existing target raises ``FileExistsError``.
         compute_best_auc: compute the AUCs first (a labels-only pass over the data, and
             5 bytes per row held in memory); ``False`` writes ``null`` instead.
+        workers: processes generating in parallel, one file (and one file's labels) each
+            at a time; the files are byte-identical whatever the count (generation is
+            seeded per block of rows). Only the config, paths and row ranges travel to
+            the workers (the config as its JSON dict), and the labels come back as
+            arrays. ``1`` generates in this process.
 
     Progress is logged per file on the ``recstack.columnio`` logger at INFO level.
     """
+    workers = check_int(workers, "write_synthetic_ctr: workers", minimum=1)
     fs, root = resolve_path(path, filesystem)
     uri = os.fspath(path)
     n = config.num_rows
@@ -649,36 +658,53 @@ def write_synthetic_ctr(
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
 
     gen = _Generator(config)
-    empty_stats: dict[str, float | None] = {"best_auc": None, "positive_rate": None}
-    file_stats = [dict(empty_stats) for _ in ranges]
-    dataset_stats = dict(empty_stats)
-    if compute_best_auc:
-        prob, label = _labels(gen, 0, n)
-        dataset_stats = _stats(prob, label)
-        file_stats = [_stats(prob[s:e], label[s:e]) for s, e in ranges]
-    dataset_stats = {"num_rows": n, "num_files": len(targets), **dataset_stats}
+    pool = _pool(workers, len(ranges))
+    try:
+        empty_stats: dict[str, float | None] = {"best_auc": None, "positive_rate": None}
+        file_stats = [dict(empty_stats) for _ in ranges]
+        dataset_stats = dict(empty_stats)
+        if compute_best_auc:
+            if pool is None:
+                prob, label = _labels(gen, 0, n)
+            else:
+                cfg = config.to_dict()
+                parts = list(pool.map(_range_labels, [cfg] * len(ranges), ranges))
+                prob = np.concatenate([p for p, _ in parts])
+                label = np.concatenate([y for _, y in parts])
+            dataset_stats = _stats(prob, label)
+            file_stats = [_stats(prob[s:e], label[s:e]) for s, e in ranges]
+        dataset_stats = {"num_rows": n, "num_files": len(targets), **dataset_stats}
 
-    for i, (target, (s, e)) in enumerate(zip(targets, ranges, strict=True)):
-        meta = _metadata_json(
-            config, s, {"num_rows": e - s, **file_stats[i]}, dataset_stats, file_index=i
-        )
-        write_parquet(
-            iter_synthetic_ctr(config, start=s, stop=e),
-            target,
-            row_group_size=row_group_size,
-            compression=compression,
-            filesystem=fs,
-            schema=gen.schema,
-            metadata={METADATA_KEY: meta},
-        )
-        logger.info(
-            "write_synthetic_ctr: wrote %s (%d/%d files, %d/%d rows)",
-            target,
-            i + 1,
-            len(targets),
-            e,
-            n,
-        )
+        jobs = [
+            _FileJob(
+                target,
+                s,
+                e,
+                _metadata_json(
+                    config, s, {"num_rows": e - s, **file_stats[i]}, dataset_stats, file_index=i
+                ),
+                row_group_size,
+                compression,
+            )
+            for i, (target, (s, e)) in enumerate(zip(targets, ranges, strict=True))
+        ]
+        if pool is None:
+            done: Iterator[_FileJob] = (_write_file(config, job, fs) for job in jobs)
+        else:
+            cfgs = [config.to_dict()] * len(jobs)
+            done = pool.map(_write_file_in_worker, cfgs, jobs, [fs] * len(jobs))
+        for i, job in enumerate(done):
+            logger.info(
+                "write_synthetic_ctr: wrote %s (%d/%d files, %d/%d rows)",
+                job.target,
+                i + 1,
+                len(targets),
+                job.stop,
+                n,
+            )
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
     if rows_per_file is not None and overwrite:
         _remove_stale_parts(fs, root, len(targets))
@@ -690,6 +716,48 @@ def write_synthetic_ctr(
         positive_rate=dataset_stats["positive_rate"],
         config=config,
     )
+
+
+@dataclass(frozen=True)
+class _FileJob:
+    """One file to write: where, which rows, its metadata and Parquet options."""
+
+    target: str
+    start: int
+    stop: int
+    metadata: bytes
+    row_group_size: int
+    compression: str
+
+
+def _pool(workers: int, files: int) -> ProcessPoolExecutor | None:
+    """Worker processes (spawned: a forked copy of a process running threads or CUDA may
+    hang), or ``None`` to generate here."""
+    if workers == 1 or files <= 1:
+        return None
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(min(workers, files), mp_context=context)
+
+
+def _write_file(config: SyntheticCTRConfig, job: _FileJob, fs: pafs.FileSystem) -> _FileJob:
+    write_parquet(
+        iter_synthetic_ctr(config, start=job.start, stop=job.stop),
+        job.target,
+        row_group_size=job.row_group_size,
+        compression=job.compression,
+        filesystem=fs,
+        schema=_Generator(config).schema,
+        metadata={METADATA_KEY: job.metadata},
+    )
+    return job
+
+
+def _write_file_in_worker(config: dict[str, Any], job: _FileJob, fs: pafs.FileSystem) -> _FileJob:
+    return _write_file(SyntheticCTRConfig.from_dict(config), job, fs)
+
+
+def _range_labels(config: dict[str, Any], rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return _labels(_Generator(SyntheticCTRConfig.from_dict(config)), *rows)
 
 
 def _remove_stale_parts(fs: pafs.FileSystem, root: str, keep: int) -> None:

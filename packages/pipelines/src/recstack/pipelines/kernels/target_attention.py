@@ -941,10 +941,12 @@ def _prepare(inputs: _Inputs) -> _Prepared:
     )  # fmt: skip
 
 
-def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
-    """``(DOT_BF16, PRECISION)``: bf16 operands for bf16 inputs on a GPU, else fp32 dots,
-    TF32 only where torch's own matmuls may use it."""
-    if dtype == torch.bfloat16 and not interpret_mode():
+def _dot_options(dtype: torch.dtype, bf16_dots: bool = False) -> tuple[bool, str]:
+    """``(DOT_BF16, PRECISION)``: bf16 operands for bf16 inputs (or fp32 inputs with
+    ``bf16_dots``, as under bf16 autocast: the tiles are rounded in registers, so the rows
+    need no bf16 copy) on a GPU, else fp32 dots, TF32 only where torch's own matmuls may
+    use it. The interpreter's bf16 dot is wrong, so it always gets fp32 dots."""
+    if (dtype == torch.bfloat16 or bf16_dots) and not interpret_mode():
         return True, "ieee"
     tf32 = torch.backends.cuda.matmul.allow_tf32 and not interpret_mode()
     return False, "tf32" if tf32 else "ieee"
@@ -973,6 +975,7 @@ def target_attention_forward(
     activation: str = "sigmoid",
     softmax: bool = False,
     check_bounds: bool = True,
+    bf16_dots: bool = False,
     block_l: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, TargetAttentionSaved]:
@@ -1002,6 +1005,9 @@ def target_attention_forward(
         check_bounds: one host sync to check the layout (offsets, or spans in range and
             disjoint) and that ``row_ids`` lie in the table; pass ``False`` for trusted
             inputs (no sync).
+        bf16_dots: multiply in bf16 (fp32 accumulation) even for fp32 inputs, rounding
+            the tiles in registers: what bf16 autocast asks of the dense side, without a
+            bf16 copy of the rows. GPU only (the interpreter multiplies in fp32).
         block_l: behaviours per step (default :data:`TARGET_ATTENTION_DEFAULTS`).
         num_warps: warps per program.
 
@@ -1040,7 +1046,7 @@ def target_attention_forward(
     block_l, block_d, block_h1, block_h2 = _blocks(
         inputs, block_l or TARGET_ATTENTION_DEFAULTS["block_l"]
     )
-    dot_bf16, precision = _dot_options(dtype)
+    dot_bf16, precision = _dot_options(dtype, bf16_dots)
     two = len(inputs.hidden) == 2
     _target_attention_fwd_kernel[(batch,)](
         inputs.query,
@@ -1116,6 +1122,7 @@ def target_attention_backward(
     activation: str = "sigmoid",
     softmax: bool = False,
     rows_dtype: torch.dtype | None = None,
+    bf16_dots: bool = False,
     block_l: int | None = None,
     num_warps: int | None = None,
     programs: int | None = None,
@@ -1142,6 +1149,7 @@ def target_attention_backward(
         softmax: as given to the forward.
         rows_dtype: dtype of the returned row gradients: the rows' dtype (default) or
             float32 (to accumulate them without rounding first).
+        bf16_dots: as given to the forward.
         block_l: behaviours per step (default :data:`TARGET_ATTENTION_DEFAULTS`).
         num_warps: warps per program.
         programs: persistent programs (default: ``programs_per_sm`` per SM, at most ``B``).
@@ -1203,7 +1211,7 @@ def target_attention_backward(
         block_l, block_d, block_h1, block_h2 = _blocks(
             inputs, block_l or defaults["backward_block_l"]
         )
-        dot_bf16, precision = _dot_options(dtype)
+        dot_bf16, precision = _dot_options(dtype, bf16_dots)
         row_order = _row_order(inputs.lengths, n_prog)
         _target_attention_bwd_kernel[(n_prog,)](
             grad_out,

@@ -70,20 +70,27 @@ class _TargetAttentionFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         layers = list(zip(flat_layers[0::2], flat_layers[1::2], strict=True))
         gather = row_ids is not None
-        # The kernels pick their own precision from the inputs' dtype; autocast would round
-        # the small host-side matmuls around them (the first layer's per-row bias) to bf16.
-        with torch.autocast(query.device.type, enabled=False):
+        # Under bf16 autocast the kernels multiply in bf16 (tiles rounded in registers, fp32
+        # accumulation), as the unfused module's linears would; autocast itself is turned
+        # off around them, or it would round the small host-side matmuls (the first
+        # layer's per-row bias) too.
+        device_type = query.device.type
+        bf16_dots = (
+            torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        )
+        with torch.autocast(device_type, enabled=False):
             out, saved = target_attention_forward(
                 query, offsets, layers,
                 values=None if gather else source, table=source if gather else None,
                 row_ids=row_ids, starts=starts, lengths=lengths, activation=activation,
-                softmax=softmax, check_bounds=False,
+                softmax=softmax, check_bounds=False, bf16_dots=bf16_dots,
             )  # fmt: skip
         ctx.save_for_backward(
             query, source, row_ids, offsets, starts, lengths, saved.stats, saved.out_f32,
             *flat_layers,
         )  # fmt: skip
-        ctx.options = (activation, softmax, grad_sink)
+        ctx.options = (activation, softmax, grad_sink, bf16_dots)
         return out
 
     @staticmethod
@@ -91,7 +98,7 @@ class _TargetAttentionFunction(torch.autograd.Function):
         query, source, row_ids, offsets, starts, lengths, stats, out_f32, *flat_layers = (
             ctx.saved_tensors
         )
-        activation, softmax, grad_sink = ctx.options
+        activation, softmax, grad_sink, bf16_dots = ctx.options
         layers = list(zip(flat_layers[0::2], flat_layers[1::2], strict=True))
         gather = row_ids is not None
         with torch.autocast(query.device.type, enabled=False):
@@ -100,6 +107,7 @@ class _TargetAttentionFunction(torch.autograd.Function):
                 values=None if gather else source, table=source if gather else None,
                 row_ids=row_ids, starts=starts, lengths=lengths, activation=activation,
                 softmax=softmax, rows_dtype=torch.float32 if gather else None,
+                bf16_dots=bf16_dots,
             )  # fmt: skip
         d_source = None
         if not gather:

@@ -9,6 +9,7 @@ import torch
 from model_testdata import DENSE, FEATURES, MAX_LEN, ROWS, TABLES, din, make_batch, synthetic_rows
 
 from recstack.core import kernels
+from recstack.embedding_engine import FeatureConfig
 from recstack.pipelines.models import DIN, DINConfig, ModelConfigError, TargetAttention
 from recstack.pipelines.ops import FusedTargetAttention
 
@@ -139,3 +140,95 @@ def test_fused_and_unfused_attention_give_the_same_model(softmax: bool, backend:
     for name, grad in expected[2].items():
         assert torch.equal(got[2][name].rows, grad.rows), name
         torch.testing.assert_close(got[2][name].values, grad.values, rtol=1e-5, atol=1e-5)
+
+
+# The same features with the history jagged (no padding) or padded past its longest row.
+LONGEST = 8
+JAGGED = [
+    FeatureConfig("hist", "item", pooling="none") if f.name == "hist" else f for f in FEATURES
+]
+PADDED = [
+    FeatureConfig("hist", "item", pooling="none", max_len=LONGEST) if f.name == "hist" else f
+    for f in FEATURES
+]
+
+
+def _jagged_and_padded(fused: bool, softmax: bool, batch: dict) -> tuple[DIN, DIN]:
+    torch.manual_seed(0)
+    fields = {
+        "item_feature": "item_id",
+        "history_feature": "hist",
+        "other_features": ["user_id", "category"],
+        "dense_dim": DENSE,
+        "attention_hidden": [16, 8],
+        "mlp_hidden": [32, 16],
+        "mlp_activation": "relu",  # no batch statistics: the two models see one batch each
+        "softmax": softmax,
+        "fused_attention": fused,
+    }
+    padded = DIN(DINConfig(**fields), TABLES, PADDED)
+    padded(batch)  # training mode: the batch's ids get rows
+    padded.embeddings.zero_grad_sparse()
+    jagged = DIN(DINConfig(**fields), TABLES, JAGGED)
+    jagged.load_state_dict(padded.state_dict())
+    assert jagged.max_len is None and padded.max_len == LONGEST
+    return jagged, padded
+
+
+def _assert_same_step(got: tuple, expected: tuple) -> None:
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert got[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        assert torch.equal(got[2][name].rows, grad.rows), name
+        torch.testing.assert_close(got[2][name].values, grad.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+def test_a_jagged_history_gives_the_padded_models_logits_and_gradients(
+    softmax: bool, fused: bool, backend: str
+) -> None:
+    # ROWS: an empty history and one of 7 ids, the longest; then ragged ones, empty too.
+    batch = make_batch(ROWS + synthetic_rows(5, seed=4))
+    jagged, padded = _jagged_and_padded(fused, softmax, batch)
+    assert isinstance(jagged.attention, FusedTargetAttention if fused else TargetAttention)
+    weight = torch.randn(len(ROWS) + 5)
+    with kernels.use_backend(backend):
+        expected = _step(padded, batch, weight)
+        with kernels.count_launches() as launches:
+            got = _step(jagged, batch, weight)
+    if fused and backend == "triton":
+        assert launches["target_attention_fwd"] == 1 and launches["target_attention_bwd"] == 1
+    _assert_same_step(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_a_batch_of_empty_jagged_histories_attends_to_nothing(fused: bool, backend: str) -> None:
+    rows = [{**r, "hist": []} for r in ROWS]
+    batch = make_batch(rows)
+    jagged, padded = _jagged_and_padded(fused, False, batch)
+    weight = torch.randn(len(rows))
+    with kernels.use_backend(backend):
+        expected = _step(padded, batch, weight)
+        got = _step(jagged, batch, weight)
+    _assert_same_step(got, expected)
+    # The attention layers take no share of the logits: their gradient is zero.
+    assert all(not g.any() for n, g in got[1].items() if n.startswith("attention."))
+
+
+def test_history_feature_errors_name_both_layouts() -> None:
+    fields = {"item_feature": "item_id", "history_feature": "user_id"}
+    with pytest.raises(
+        ModelConfigError,
+        match=r"DINConfig\.history_feature: feature 'user_id' has pooling 'sum'; this field "
+        r"needs a jagged or padded sequence: pooling='none', without or with max_len",
+    ):
+        DIN.from_config(fields, TABLES, JAGGED)
+    with pytest.raises(ModelConfigError, match="feature 'hist' has dim 8"):
+        DIN.from_config({"item_feature": "category", "history_feature": "hist"}, TABLES, JAGGED)

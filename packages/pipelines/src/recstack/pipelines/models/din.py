@@ -1,10 +1,12 @@
 """DIN, the Deep Interest Network (Zhou et al., KDD 2018): target attention of the
 candidate item over the user's behaviour sequence, then an MLP to one logit.
 
-The attention unit is the fused op (:class:`~recstack.pipelines.ops.FusedTargetAttention`,
-Triton kernels on CUDA reading the padded history in place) when its activation and sizes
-are ones the kernels compute, else the unfused :class:`TargetAttention`; both hold the same
-parameters, so a checkpoint of either loads into the other.
+The history is a padded ``[B, L, D]`` sequence or jagged ``[N, D]`` rows (no padding:
+memory follows the number of history ids). The attention unit is the fused op
+(:class:`~recstack.pipelines.ops.FusedTargetAttention`, Triton kernels on CUDA reading
+either layout in place) when its activation and sizes are ones the kernels compute, else
+the unfused :class:`TargetAttention` (a jagged history is then padded to the batch's
+longest); both hold the same parameters, so a checkpoint of either loads into the other.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from recstack.core import KeyedJaggedTensor
+from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.pipelines.kernels.target_attention import FUSED_ACTIVATIONS, MAX_FUSED_WIDTH
 from recstack.pipelines.models.base import EmbeddingModel
 from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
 from recstack.pipelines.models.inputs import (
     PooledInputs,
     embedded_output,
+    jagged_output,
     sequence_mask,
 )
 from recstack.pipelines.models.layers import MLP, Activation, Tower
@@ -37,10 +40,12 @@ class DINConfig(CheckedConfig):
     Args:
         item_feature: the candidate item, a pooled feature (``pooling="sum"``; one id per
             row) -> ``[B, D]``.
-        history_feature: the behaviour sequence, a padded sequence feature
-            (``pooling="none", max_len=L``) -> ``[B, L, D]``. It should read the same
-            table as ``item_feature``, so an item has one embedding whether it is the
-            candidate or in a history; it must at least have the same dim.
+        history_feature: the behaviour sequence: a padded sequence feature
+            (``pooling="none", max_len=L``) -> ``[B, L, D]``, or a jagged one
+            (``pooling="none"``, no ``max_len``) -> a ``JaggedTensor`` of ``[N, D]`` rows,
+            every id of every history with no padding (for long histories). It should
+            read the same table as ``item_feature``, so an item has one embedding whether
+            it is the candidate or in a history; it must at least have the same dim.
         other_features: further pooled features (user profile, context) fed to the MLP.
         dense_dim: the width of ``inputs[dense_key]``; 0 uses no dense features.
         attention_hidden: hidden sizes of the attention unit's MLP.
@@ -49,7 +54,8 @@ class DINConfig(CheckedConfig):
             The default ``False`` is the paper's choice: un-normalized weights keep the
             intensity of a user's interest (many matching behaviours sum to more).
         fused_attention: run the attention unit as the fused op (Triton kernels on CUDA
-            over the padded history in place; the same computation in torch on the CPU)
+            over the padded or jagged history in place; the same computation in torch on
+            the CPU)
             when :func:`fused_attention_supported` says it can; ``False`` always uses the
             unfused :class:`TargetAttention`. The parameters are the same either way.
         mlp_hidden: hidden sizes of the final MLP.
@@ -154,6 +160,12 @@ class DIN(EmbeddingModel[DINConfig]):
     output, the item, ``other_features`` and the dense features go through an MLP to one
     logit. Train it with one ``Task`` on the click label.
 
+    A jagged history (``max_len`` unset on its feature; ``model.max_len`` is then
+    ``None``) goes to the fused op as its ``[N, D]`` rows and the batch's offsets, so
+    memory follows the number of history ids, not ``B * L_max * D``, with no host sync.
+    The unfused module pads it to the batch's longest history first (one host sync for
+    that length), which gives the same logits and gradients.
+
     The attention unit (``model.attention``) is a
     :class:`~recstack.pipelines.ops.FusedTargetAttention` when ``config.fused_attention``
     is set and :func:`fused_attention_supported` holds (the defaults: sigmoid, ``(80,
@@ -170,7 +182,9 @@ class DIN(EmbeddingModel[DINConfig]):
     def _build(self, config: DINConfig) -> None:
         c, fs = config, self.features
         self.dim = fs.pooled("item_feature", c.item_feature, allow_tile=False)
-        hist_dim, self.max_len = fs.sequence("history_feature", c.history_feature)
+        hist_dim, self.max_len = fs.sequence(
+            "history_feature", c.history_feature, allow_jagged=True
+        )
         if hist_dim != self.dim:
             raise ModelConfigError(
                 f"DINConfig: item_feature {c.item_feature!r} has dim {self.dim} but "
@@ -203,6 +217,18 @@ class DIN(EmbeddingModel[DINConfig]):
         c = self.config
         batch = kjt.stride()
         item = embedded_output("DIN", out, c.item_feature, (batch, self.dim))
+        if self.max_len is None:
+            interest = self._jagged_interest(item, out, batch)
+        else:
+            interest = self._padded_interest(kjt, item, out, batch)
+        x = torch.cat([interest, item.float(), *self.others.parts(out, batch, dense)], dim=-1)
+        return self.mlp(x)
+
+    def _padded_interest(
+        self, kjt: KeyedJaggedTensor, item: torch.Tensor, out: Mapping[str, Any], batch: int
+    ) -> torch.Tensor:
+        c = self.config
+        assert self.max_len is not None
         history = embedded_output("DIN", out, c.history_feature, (batch, self.max_len, self.dim))
         if self.fused:
             # The history's lengths as sequence_mask reads them: the key-major lengths
@@ -213,5 +239,24 @@ class DIN(EmbeddingModel[DINConfig]):
         else:
             mask = sequence_mask(kjt, c.history_feature, self.max_len)
             interest = self.attention(item, history, mask)
-        x = torch.cat([interest, item.float(), *self.others.parts(out, batch, dense)], dim=-1)
-        return self.mlp(x)
+        return interest
+
+    def _jagged_interest(
+        self, item: torch.Tensor, out: Mapping[str, Any], batch: int
+    ) -> torch.Tensor:
+        history = jagged_output("DIN", out, self.config.history_feature, batch, self.dim)
+        if self.fused:
+            # The collection's offsets are trusted: no bounds check, so no host sync.
+            return self.attention(item, history.offsets, history.values, check_bounds=False).float()
+        keys, mask = _padded_history(history)
+        return self.attention(item, keys, mask)
+
+
+def _padded_history(history: JaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A jagged history padded to its longest row, ``[B, L, D]``, and its ``[B, L]``
+    mask, for the unfused module. Reading the longest length is one host sync."""
+    lengths = history.lengths()
+    max_len = int(lengths.max()) if lengths.numel() else 0
+    keys = history.to_padded(max_len)
+    positions = torch.arange(max_len, device=lengths.device)
+    return keys, positions < lengths.unsqueeze(1)

@@ -1,6 +1,7 @@
 """What a model reads: its embedding collection's feature configs (checked against the
 model config's fields) and, per batch, the sparse and dense inputs, the embedding outputs
-(alone, or pooled features side by side as an MLP's input) and the history mask.
+(alone, pooled features side by side as an MLP's input, or a jagged sequence's rows) and
+the history mask.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from recstack.core import KeyedJaggedTensor
+from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
 from recstack.pipelines.models.fields import ModelConfigError
 
@@ -20,6 +21,7 @@ __all__ = [
     "build_embeddings",
     "dense_input",
     "embedded_output",
+    "jagged_output",
     "sequence_mask",
     "sparse_input",
 ]
@@ -100,25 +102,37 @@ class ModelFeatures:
             )
         return next(iter(dims.values()))
 
-    def sequence(self, field: str, name: str) -> tuple[int, int]:
-        """``(dim, max_len)`` of ``name``, which must be a padded sequence
-        (``pooling="none"`` with ``max_len``: a ``[B, max_len, dim]`` output).
+    def sequence(
+        self, field: str, name: str, *, allow_jagged: bool = False
+    ) -> tuple[int, int | None]:
+        """``(dim, max_len)`` of sequence ``name``: a padded sequence (``pooling="none"``
+        with ``max_len``, a ``[B, max_len, dim]`` output), or with ``allow_jagged`` also a
+        jagged one (``pooling="none"`` without ``max_len``, a ``JaggedTensor`` of
+        ``[N, dim]`` rows), whose ``max_len`` is then ``None``.
 
         Args:
             field: the config field naming it, for errors.
             name: the feature.
+            allow_jagged: accept a jagged sequence (the model reads the rows and offsets
+                itself, e.g. through :func:`jagged_output`).
 
         Raises:
-            ModelConfigError: no such feature, or it is not a padded sequence.
+            ModelConfigError: no such feature, or not a sequence of an accepted kind.
         """
         f = self._get(field, name)
-        if f.pooling != "none" or f.max_len is None:
-            got = f"pooling {f.pooling!r}" + (f", max_len={f.max_len}" if f.max_len else "")
-            raise ModelConfigError(
-                f"{self.owner}.{field}: feature {name!r} has {got}; this field needs a "
-                "padded sequence: pooling='none' with max_len"
-            )
-        return self.table_of(name).dim, f.max_len
+        if f.pooling == "none" and (f.max_len is not None or allow_jagged):
+            return self.table_of(name).dim, f.max_len
+        got = f"pooling {f.pooling!r}" + (f", max_len={f.max_len}" if f.max_len else "")
+        if f.pooling == "none":
+            got += " and no max_len (a jagged sequence)"
+        needs = (
+            "a jagged or padded sequence: pooling='none', without or with max_len"
+            if allow_jagged
+            else "a padded sequence: pooling='none' with max_len"
+        )
+        raise ModelConfigError(
+            f"{self.owner}.{field}: feature {name!r} has {got}; this field needs {needs}"
+        )
 
 
 def _parse(items: object, cls: type[Any], what: str) -> list[Any]:
@@ -334,6 +348,45 @@ def embedded_output(
             f"{got}; the FeatureConfigs given to the model differ from the collection's"
         )
     return value
+
+
+def jagged_output(
+    owner: str, out: Mapping[str, Any], name: str, batch: int, dim: int
+) -> JaggedTensor:
+    """Jagged sequence ``name``'s rows from the collection's output: a ``JaggedTensor`` of
+    ``[N, dim]`` rows with ``B + 1`` offsets. Checks shapes only, no host sync.
+
+    Args:
+        owner: the model's name, for errors.
+        out: the collection's output.
+        name: the feature (``pooling="none"`` without ``max_len``).
+        batch: the batch size ``B``.
+        dim: the row width the model was built for.
+
+    Raises:
+        ValueError: the output is missing or not such rows (the features given to the
+            model differ from the collection's).
+    """
+    value = out.get(name)
+    if (
+        isinstance(value, JaggedTensor)
+        and isinstance(value.values, torch.Tensor)
+        and value.values.dim() == 2
+        and value.values.shape[1] == dim
+        and value.offsets.numel() == batch + 1
+    ):
+        return value
+    if isinstance(value, JaggedTensor):
+        rows = value.values
+        shape = list(rows.shape) if isinstance(rows, torch.Tensor) else "nested rows"
+        got = f"a JaggedTensor of {shape} rows with {value.offsets.numel()} offsets"
+    else:
+        got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise ValueError(
+        f"{owner}: feature {name!r} should embed to a JaggedTensor of [N, {dim}] rows with "
+        f"{batch + 1} offsets but the collection gave {got}; the FeatureConfigs given to the "
+        "model differ from the collection's"
+    )
 
 
 def sequence_mask(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:

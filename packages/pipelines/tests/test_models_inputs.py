@@ -15,6 +15,7 @@ from recstack.pipelines.models import (
     DeepFMConfig,
     ModelConfigError,
     ModelFeatures,
+    sequence_lengths,
     sequence_mask,
 )
 from recstack.pipelines.models.inputs import jagged_output
@@ -25,6 +26,8 @@ def test_sequence_mask_comes_from_the_lengths() -> None:
     expected = [[False] * 4, [True] * 4, [True, True, False, False]]
     assert sequence_mask(kjt, "hist", MAX_LEN).tolist() == expected
     assert sequence_mask(kjt, "hist", 1).tolist() == [[False], [True], [True]]
+    assert sequence_lengths(kjt, "hist", MAX_LEN).tolist() == [0, 4, 2]
+    assert sequence_lengths(kjt, "hist", 1).tolist() == [0, 1, 1]
 
 
 def test_ready_made_collection_is_used() -> None:

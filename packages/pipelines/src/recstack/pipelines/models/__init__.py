@@ -13,7 +13,7 @@ from recstack.pipelines.models.din import DIN, DINConfig, TargetAttention
 from recstack.pipelines.models.dlrm import DLRM, DLRMConfig, dot_interaction
 from recstack.pipelines.models.esmm import ESMM, ESMMConfig
 from recstack.pipelines.models.fields import ModelConfigError
-from recstack.pipelines.models.inputs import ModelFeatures, sequence_mask
+from recstack.pipelines.models.inputs import ModelFeatures, sequence_lengths, sequence_mask
 from recstack.pipelines.models.layers import ACTIVATIONS, MLP, Dice, make_activation
 from recstack.pipelines.models.mmoe import MMoE, MMoEConfig
 
@@ -38,5 +38,6 @@ __all__ = [
     "dot_interaction",
     "fm_interaction",
     "make_activation",
+    "sequence_lengths",
     "sequence_mask",
 ]

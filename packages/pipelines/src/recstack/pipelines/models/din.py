@@ -26,6 +26,7 @@ from recstack.pipelines.models.inputs import (
     PooledInputs,
     embedded_output,
     jagged_output,
+    sequence_lengths,
     sequence_mask,
 )
 from recstack.pipelines.models.layers import MLP, Activation, Tower
@@ -231,10 +232,7 @@ class DIN(EmbeddingModel[DINConfig]):
         assert self.max_len is not None
         history = embedded_output("DIN", out, c.history_feature, (batch, self.max_len, self.dim))
         if self.fused:
-            # The history's lengths as sequence_mask reads them: the key-major lengths
-            # buffer, no host sync; the op clamps them to max_len.
-            keys = kjt.keys()
-            lengths = kjt.lengths().view(len(keys), batch)[keys.index(c.history_feature)]
+            lengths = sequence_lengths(kjt, c.history_feature, self.max_len)
             interest = self.attention.forward_padded(item, history, lengths).float()
         else:
             mask = sequence_mask(kjt, c.history_feature, self.max_len)

@@ -22,6 +22,7 @@ __all__ = [
     "dense_input",
     "embedded_output",
     "jagged_output",
+    "sequence_lengths",
     "sequence_mask",
     "sparse_input",
 ]
@@ -389,12 +390,10 @@ def jagged_output(
     )
 
 
-def sequence_mask(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:
-    """Bool ``[B, max_len]``: True where the collection's padded output of sequence
-    ``name`` holds an id, False on padding.
-
-    Row ``b`` holds ``min(length_b, max_len)`` ids at the front (the collection pads on
-    the right). Read from the KJT's lengths without a host sync.
+def sequence_lengths(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:
+    """int64 ``[B]``: how many ids row ``b`` of the collection's padded output of sequence
+    ``name`` holds, ``min(length_b, max_len)``. Read from the KJT's lengths without a
+    host sync.
 
     Args:
         kjt: the batch's sparse features.
@@ -402,9 +401,24 @@ def sequence_mask(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tens
         max_len: its padded length.
     """
     keys = kjt.keys()
-    batch = kjt.stride()
     # The key-major lengths buffer, not kjt[name], which reads per-key totals from the
     # device to slice the values.
-    lengths = kjt.lengths().view(len(keys), batch)[keys.index(name)]
+    lengths = kjt.lengths().view(len(keys), kjt.stride())[keys.index(name)]
+    return lengths.clamp(max=max_len)
+
+
+def sequence_mask(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:
+    """Bool ``[B, max_len]``: True where the collection's padded output of sequence
+    ``name`` holds an id, False on padding.
+
+    Row ``b`` holds ``min(length_b, max_len)`` ids at the front (the collection pads on
+    the right), :func:`sequence_lengths`. No host sync.
+
+    Args:
+        kjt: the batch's sparse features.
+        name: the sequence feature.
+        max_len: its padded length.
+    """
+    lengths = sequence_lengths(kjt, name, max_len)
     positions = torch.arange(max_len, device=lengths.device)
-    return positions < lengths.clamp(max=max_len).unsqueeze(1)
+    return positions < lengths.unsqueeze(1)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from _results import host_name, module_version
@@ -25,6 +26,16 @@ _ROOT = Path(__file__).resolve().parents[1]
 for _src in sorted(_ROOT.glob("packages/*/src")):
     if str(_src) not in sys.path:
         sys.path.insert(0, str(_src))
+
+
+def sized_for_device(args: Any, gpu: Mapping[str, Any], cpu: Mapping[str, Any]) -> torch.device:
+    """``args.device`` as a device, after filling each size in ``args`` left ``None`` with
+    its GPU default (on CUDA) or CPU smoke-run default."""
+    device = torch.device(args.device)
+    for name, value in (gpu if device.type == "cuda" else cpu).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -36,7 +36,15 @@ import argparse
 import math
 
 import torch
-from _harness import Report, Row, copy_bandwidth, device_name, median_time, synchronize
+from _harness import (
+    Report,
+    Row,
+    copy_bandwidth,
+    device_name,
+    median_time,
+    sized_for_device,
+    synchronize,
+)
 from _results import add_json_option, measurement, report_result, save
 
 from recstack.core import JaggedTensor
@@ -82,11 +90,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int)
     add_json_option(parser)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    defaults = _GPU_SIZES if device.type == "cuda" else _CPU_SIZES
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    device = sized_for_device(args, _GPU_SIZES, _CPU_SIZES)
     if args.dtype is None:
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

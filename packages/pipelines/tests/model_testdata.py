@@ -14,12 +14,14 @@ from recstack.pipelines.models import (
     DIN,
     DLRM,
     ESMM,
+    HSTU,
     DeepFM,
     DeepFMConfig,
     DINConfig,
     DLRMConfig,
     EmbeddingModel,
     ESMMConfig,
+    HSTUConfig,
     MMoE,
     MMoEConfig,
 )
@@ -43,6 +45,12 @@ FEATURES = [
     FeatureConfig("hist", "item", pooling="none", max_len=MAX_LEN),  # shares the item table
     FeatureConfig("user_id", "user"),
     FeatureConfig("category", "cat", pooling="mean"),
+]
+
+
+# The history jagged: every id kept, no padding (HSTU reads it so).
+JAGGED_FEATURES = [
+    FeatureConfig("hist", "item", pooling="none") if f.name == "hist" else f for f in FEATURES
 ]
 
 
@@ -107,6 +115,21 @@ def din(softmax: bool = False) -> DIN:
     return DIN(config, TABLES, FEATURES)
 
 
+def hstu() -> HSTU:
+    config = HSTUConfig(
+        item_feature="item_id",
+        history_feature="hist",
+        other_features=["user_id", "category"],
+        dense_dim=DENSE,
+        dim=16,
+        heads=2,
+        mlp_hidden=[16],
+        num_negatives=8,
+        temperature=0.2,
+    )
+    return HSTU(config, TABLES, JAGGED_FEATURES)
+
+
 MODELS: dict[str, tuple[Callable[[], EmbeddingModel], list[Task]]] = {
     "din": (din, [Task("label")]),
     "din-softmax": (lambda: din(softmax=True), [Task("label")]),
@@ -154,7 +177,11 @@ MODELS: dict[str, tuple[Callable[[], EmbeddingModel], list[Task]]] = {
             Task("ctcvr", label="conversion", output="probability"),
         ],
     ),
+    "hstu": (hstu, [Task("label"), Task("next_item", output="loss", weight=0.5)]),
 }
+
+#: The features each model is built on, where not :data:`FEATURES`.
+FEATURES_OF = {"hstu": JAGGED_FEATURES}
 
 
 def as_dict(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -163,7 +190,8 @@ def as_dict(out: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def check_outputs(name: str, out: Any, batch: int) -> None:
     for key, value in as_dict(out).items():
-        assert value.shape == (batch,), (name, key)
+        shape = () if (name, key) == ("hstu", "next_item") else (batch,)
+        assert value.shape == shape, (name, key)
         assert value.dtype == torch.float32, (name, key)
         assert torch.isfinite(value).all(), (name, key)
     if name == "esmm":
@@ -172,6 +200,8 @@ def check_outputs(name: str, out: Any, batch: int) -> None:
         assert torch.allclose(out["ctcvr"], out["ctr"] * out["cvr"])
     if name == "mmoe":
         assert set(out) == {"click", "liked"}
+    if name == "hstu":
+        assert set(out) == {"label", "next_item"}
 
 
 def sparse_step(model: EmbeddingModel, opt: SparseAdam) -> None:

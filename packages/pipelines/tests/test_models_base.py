@@ -9,6 +9,7 @@ import pytest
 import torch
 from model_testdata import (
     FEATURES,
+    FEATURES_OF,
     KEYS,
     MODELS,
     ROWS,
@@ -125,7 +126,8 @@ def test_cuda_bf16_forward_backward(name: str) -> None:
     make, tasks = MODELS[name]
     on_cpu = make()
     with kernels.use_backend("auto"):  # the Triton kernels, as in training
-        model = type(on_cpu)(on_cpu.config, TABLES, FEATURES, device="cuda")
+        features = FEATURES_OF.get(name, FEATURES)
+        model = type(on_cpu)(on_cpu.config, TABLES, features, device="cuda")
         assert all(p.is_cuda for p in model.parameters())
         batch = {k: v.to("cuda") for k, v in make_batch(ROWS).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16):

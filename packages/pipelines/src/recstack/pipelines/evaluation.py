@@ -1,4 +1,5 @@
-"""Evaluating a model: every task's exact metrics over a whole evaluation set."""
+"""Evaluating a model: every task's exact metrics over a whole evaluation set, and the
+mean of every loss the model computes itself."""
 
 from __future__ import annotations
 
@@ -7,14 +8,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recstack.core import JaggedTensor, hash64
 from recstack.pipelines.metrics import MetricCollection
+from recstack.pipelines.metrics.gather import gather_world
 from recstack.pipelines.stream import BatchStream
-from recstack.pipelines.tasks import Task, predictions_of
+from recstack.pipelines.tasks import Task, batch_rows, predictions_of
 
-__all__ = ["evaluate_model", "group_ids", "task_metrics", "update_metrics"]
+__all__ = ["TaskMetrics", "evaluate_model", "group_ids", "task_metrics", "update_metrics"]
 
 
 def group_ids(column: object, name: str) -> torch.Tensor:
@@ -32,35 +35,145 @@ def group_ids(column: object, name: str) -> torch.Tensor:
     raise TypeError(f"group column {name!r} must hold integer ids or strings, got {kind}")
 
 
-def task_metrics(tasks: Sequence[Task]) -> MetricCollection:
-    """An empty :class:`MetricCollection` of every task's metrics."""
-    return MetricCollection({t.name: tuple(t.metrics) for t in tasks})
+class TaskMetrics:
+    """What an evaluation of the tasks accumulates: a :class:`MetricCollection` of the
+    tasks with labels, and for each loss task (``output="loss"``) the sum of its values
+    weighted by their batches' rows.
+
+    :meth:`compute` reports each loss task as ``"<task>/loss"``, the row-weighted mean of
+    its value over the batches seen. With ``torch.distributed`` initialized (more than one
+    rank, as the collection gathers), the sums and rows are summed over the default group
+    first, so every rank reports the same value; :meth:`compute` is then a collective.
+
+    Args:
+        tasks: the tasks.
+
+    Attributes:
+        tasks: the tasks, in order.
+        collection: the metrics of the tasks that are not loss tasks (``None`` when every
+            task is one).
+        rows: the rows of the batches added on this rank.
+    """
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.tasks: tuple[Task, ...] = tuple(tasks)
+        per_task = {t.name: tuple(t.metrics) for t in self.tasks if not t.is_loss}
+        self.collection: MetricCollection | None = MetricCollection(per_task) if per_task else None
+        self.rows = 0
+        self._loss_names = [t.name for t in self.tasks if t.is_loss]
+        self._loss_sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def distributed(self) -> bool:
+        """Whether :meth:`compute` is a collective (every rank must call it)."""
+        return gather_world(None) > 1
+
+    def add_losses(self, preds: Mapping[str, torch.Tensor], rows: int) -> None:
+        """Add one batch's loss values, each weighted by the batch's rows; no host sync.
+
+        Args:
+            preds: the model's outputs by task name (:func:`predictions_of`), holding
+                every loss task's value.
+            rows: the batch's rows.
+        """
+        for name in self._loss_names:
+            term = preds[name].detach().double().reshape(()) * rows
+            old = self._loss_sums.get(name)
+            self._loss_sums[name] = term if old is None else old + term
+        self.rows += rows
+
+    def loss_means(self) -> dict[str, float]:
+        """Each loss task's row-weighted mean value, keyed ``"<task>/loss"`` (``nan``
+        without rows; a collective when :attr:`distributed`)."""
+        if not self._loss_names:
+            return {}
+        distributed = self.distributed
+        # NCCL moves only CUDA memory, the others host memory (as the metrics' gather).
+        on_cuda = distributed and dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else None
+        sums = torch.zeros(len(self._loss_names) + 1, dtype=torch.float64, device=device)
+        for i, name in enumerate(self._loss_names):
+            if name in self._loss_sums:
+                sums[i] = self._loss_sums[name].to(sums.device)
+        sums[-1] = self.rows
+        if distributed:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        *totals, rows = sums.tolist()
+        return {
+            f"{name}/loss": total / rows if rows else float("nan")
+            for name, total in zip(self._loss_names, totals, strict=True)
+        }
+
+    def compute(self) -> dict[str, float]:
+        """Every task's results in task order: ``"<task>/<metric>"`` as
+        :meth:`MetricCollection.compute` gives them, ``"<task>/loss"`` for a loss task
+        (a collective when :attr:`distributed`)."""
+        losses = self.loss_means()
+        out: dict[str, float] = {}
+        for t in self.tasks:
+            if t.is_loss:
+                out[f"{t.name}/loss"] = losses[f"{t.name}/loss"]
+                continue
+            assert self.collection is not None
+            for key, value in self.collection[t.name].compute().items():
+                out[f"{t.name}/{key}"] = value
+        return out
+
+    def undefined(self) -> dict[str, float]:
+        """Every key :meth:`compute` gives (bar GAUC's group counts) as ``nan``: the
+        results of no rows, computed without a collective."""
+        return {
+            key: float("nan")
+            for t in self.tasks
+            for key in ([f"{t.name}/loss"] if t.is_loss else [f"{t.name}/{m}" for m in t.metrics])
+        }
+
+
+def task_metrics(tasks: Sequence[Task]) -> TaskMetrics:
+    """An empty :class:`TaskMetrics` of every task: the metrics of the tasks with labels,
+    the mean value of the loss tasks.
+
+    Args:
+        tasks: the tasks.
+    """
+    return TaskMetrics(tasks)
 
 
 def update_metrics(
-    metrics: MetricCollection,
+    metrics: TaskMetrics,
     inputs: Mapping[str, Any],
     preds: Mapping[str, torch.Tensor],
     tasks: Sequence[Task],
 ) -> int:
     """Add one batch's predictions (the model's outputs by task) to ``metrics``, with the
-    labels and GAUC groups from ``inputs``; return the batch's rows.
+    labels and GAUC groups from ``inputs``, and the loss tasks' values; return the batch's
+    rows (:func:`~recstack.pipelines.tasks.batch_rows`).
+
+    Args:
+        metrics: what :func:`task_metrics` built for ``tasks``.
+        inputs: the batch the model was given.
+        preds: the model's outputs by task name (:func:`predictions_of`).
+        tasks: the tasks.
 
     Raises:
         KeyError: a task's label column is not a tensor in the batch (named).
     """
+    labelled = [t for t in tasks if not t.is_loss]
     labels = {}
-    for t in tasks:
+    for t in labelled:
         label = inputs.get(t.label)
         if not isinstance(label, torch.Tensor):
             raise KeyError(
                 f"task {t.name!r}: label column {t.label!r} is not a tensor in the batch"
             )
         labels[t.name] = label.reshape(-1)
-    probs = {t.name: t.probability(preds[t.name]) for t in tasks}
-    groups = {t.name: group_ids(inputs.get(t.group), t.group) for t in tasks if t.group}
-    metrics.update(probs, labels, groups or None)
-    return int(next(iter(probs.values())).shape[0])
+    rows = batch_rows(preds, inputs, tasks)
+    if metrics.collection is not None:
+        probs = {t.name: t.probability(preds[t.name]) for t in labelled}
+        groups = {t.name: group_ids(inputs.get(t.group), t.group) for t in labelled if t.group}
+        metrics.collection.update(probs, labels, groups or None)
+    metrics.add_losses(preds, rows)
+    return rows
 
 
 def evaluate_model(
@@ -74,7 +187,9 @@ def evaluate_model(
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Run ``model`` in eval mode under ``torch.no_grad()`` over ``data`` and return the
-    tasks' metrics, ``{"<task>/<metric>": value, ..., "samples": rows}``.
+    tasks' metrics, ``{"<task>/<metric>": value, ..., "samples": rows}``; a loss task
+    (``output="loss"``) gives ``"<task>/loss"``, its mean value weighted by the batches'
+    rows.
 
     A source with ``set_epoch`` (a ``ColumnReader``) is rewound to the start of epoch 0
     first, so every evaluation reads the same rows. The model's train/eval mode is
@@ -118,10 +233,7 @@ def evaluate_model(
                 rows += update_metrics(metrics, inputs, preds, tasks)
     finally:
         model.train(was_training)
-    out = (
-        metrics.compute()
-        if rows
-        else {f"{t.name}/{m}": float("nan") for t in tasks for m in t.metrics}
-    )
+    # Across ranks every rank joins the collectives, also one that read no rows.
+    out = metrics.compute() if rows or metrics.distributed else metrics.undefined()
     out["samples"] = float(rows)
     return out

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from recstack.core.checks import check_int
-from recstack.pipelines.evaluation import task_metrics, update_metrics
-from recstack.pipelines.metrics import MetricCollection
+from recstack.pipelines.evaluation import TaskMetrics, task_metrics, update_metrics
 from recstack.pipelines.signals import StopSignals
 from recstack.pipelines.stream import BatchStream
 from recstack.pipelines.tasks import predictions_of
@@ -32,7 +31,8 @@ class WindowReport:
         rows: rows trained on in it.
         step: the optimizer step at its end.
         metrics: progressive-validation metrics: every row predicted by the model as it
-            was just before training on that row's batch.
+            was just before training on that row's batch; a loss task (``output="loss"``)
+            gives ``"<task>/loss"``, its value's mean weighted by the batches' rows.
         checkpoint: the checkpoint written at its end (``None`` without a checkpointer).
         delta: whether that checkpoint is a delta.
     """
@@ -130,11 +130,11 @@ def run_online(
     return result
 
 
-def _new_metrics(trainer: Trainer) -> MetricCollection:
+def _new_metrics(trainer: Trainer) -> TaskMetrics:
     return task_metrics(trainer.tasks)
 
 
-def _predict_then_train(trainer: Trainer, batch: dict[str, Any], metrics: MetricCollection) -> int:
+def _predict_then_train(trainer: Trainer, batch: dict[str, Any], metrics: TaskMetrics) -> int:
     inputs = trainer._inputs(batch)  # noqa: SLF001 - once: the training step reuses it
     model = trainer.model
     model.eval()
@@ -151,11 +151,12 @@ def _end_window(
     trainer: Trainer,
     window: int,
     rows: int,
-    metrics: MetricCollection,
+    metrics: TaskMetrics,
     state: dict[str, Any],
     full_every: int,
 ) -> WindowReport:
-    values = metrics.compute() if rows else {}
+    # Across ranks every rank joins the collectives, also one whose window was empty.
+    values = metrics.compute() if rows or metrics.distributed else {}
     values = {**values, "window": float(window), "samples": float(rows)}
     trainer.last_metrics = {**values, "step": trainer.step}
     for c in trainer.callbacks:

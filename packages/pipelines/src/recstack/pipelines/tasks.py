@@ -1,7 +1,9 @@
 """Prediction tasks: which model output is trained against which label, and how.
 
 A single-task model returns one tensor of logits; a multi-task model returns a dict of
-them (or of probabilities, for ESMM-style products of probabilities), one per task.
+them (or of probabilities, for ESMM-style products of probabilities), one per task. A
+dict may also hold a scalar loss the model computed itself (a sampled softmax over a
+user's next items, say): a task with ``output="loss"`` adds it to the total as it is.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from recstack.core import JaggedTensor, KeyedJaggedTensor
 from recstack.pipelines.choices import check_choice
 
-__all__ = ["Task", "TaskOutput", "compute_losses", "predictions_of"]
+__all__ = ["Task", "TaskOutput", "batch_rows", "compute_losses", "predictions_of"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: What a model returns for a task: logits, or probabilities already in ``[0, 1]``.
-TaskOutput = Literal["logits", "probability"]
+#: What a model returns for a task: logits, probabilities already in ``[0, 1]``, or a
+#: scalar loss it computed itself.
+TaskOutput = Literal["logits", "probability", "loss"]
+
+# The default of Task.metrics, told apart by identity: a loss task drops it, but metrics
+# given explicitly to a loss task are an error.
+_BINARY_METRICS: tuple[str, ...] = ("auc", "logloss", "calibration", "ne")
 
 
 @dataclass(frozen=True)
@@ -29,15 +37,24 @@ class Task:
 
     Args:
         name: the task's name, and the key of its output when the model returns a dict.
-        label: the batch column holding its 0/1 label.
+        label: the batch column holding its 0/1 label (not read for a loss task).
         weight: the task loss's weight in the total loss.
         output: what the model returns for it: ``"logits"`` (trained with
-            binary cross-entropy on logits, the stable choice) or ``"probability"``
-            (already in ``[0, 1]``, e.g. an ESMM pCTCVR = pCTR * pCVR product).
+            binary cross-entropy on logits, the stable choice), ``"probability"``
+            (already in ``[0, 1]``, e.g. an ESMM pCTCVR = pCTR * pCVR product) or
+            ``"loss"``: a scalar loss the model computed itself (0-dim or one element),
+            added to the total as ``weight * value``. A loss task has no label, group,
+            loss function or metrics; evaluation reports its row-weighted mean as
+            ``"<name>/loss"``.
         loss: ``"bce"`` or a callable ``loss(output, label) -> scalar`` used instead.
         group: a batch column to group the GAUC by (e.g. ``"user_id"``), or ``None``.
         metrics: the metrics evaluated for this task (names understood by
-            :class:`recstack.pipelines.metrics.MetricCollection`).
+            :class:`recstack.pipelines.metrics.MetricCollection`); ``()`` by default for
+            a loss task.
+
+    Raises:
+        ValueError: an empty name, an unknown output, a negative or infinite weight, or
+            a loss task given a loss callable, a group or metrics (each naming the task).
     """
 
     name: str
@@ -46,7 +63,7 @@ class Task:
     output: TaskOutput = "logits"
     loss: Literal["bce"] | LossFn = "bce"
     group: str | None = None
-    metrics: Sequence[str] = field(default=("auc", "logloss", "calibration", "ne"))
+    metrics: Sequence[str] = field(default=_BINARY_METRICS)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -62,23 +79,59 @@ class Task:
             or w == float("inf")
         ):
             raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {w!r}")
+        if self.is_loss:
+            self._check_loss_task()
+
+    @property
+    def is_loss(self) -> bool:
+        """Whether the model computes this task's loss itself (``output="loss"``)."""
+        return self.output == "loss"
+
+    def _check_loss_task(self) -> None:
+        where = f"Task {self.name!r} (output='loss', a loss the model computes)"
+        if callable(self.loss):
+            raise ValueError(f"{where}: takes no loss function; the model's value is the loss")
+        if self.group is not None:
+            raise ValueError(f"{where}: has no group (GAUC needs labels), got {self.group!r}")
+        if self.metrics is _BINARY_METRICS:
+            object.__setattr__(self, "metrics", ())  # frozen: the default, resolved once
+        elif len(self.metrics):
+            raise ValueError(
+                f"{where}: has no metrics (its mean is reported as '{self.name}/loss'), got "
+                f"metrics {list(self.metrics)}"
+            )
 
     def probability(self, output: torch.Tensor) -> torch.Tensor:
         """The predicted probability (float32) from the model's output for this task.
 
         Args:
             output: the model's output for the task.
+
+        Raises:
+            ValueError: a loss task, whose output is a loss, not a prediction.
         """
+        if self.is_loss:
+            raise ValueError(
+                f"Task {self.name!r}: output='loss' is a loss the model computed, not a "
+                "prediction; it has no probability"
+            )
         out = output.float()
         return torch.sigmoid(out) if self.output == "logits" else out
 
-    def compute_loss(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, output: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
         """The task's (unweighted) mean loss on a batch, in float32.
 
         Args:
             output: the model's output for the task.
-            label: the task's labels.
+            label: the task's labels (``None`` for a loss task, which reads none).
+
+        Raises:
+            ValueError: no labels for a task that needs them.
         """
+        if self.is_loss:
+            return output.float().reshape(())
+        if label is None:
+            raise ValueError(f"Task {self.name!r}: needs its labels (column {self.label!r})")
         out, y = output.float(), label.float()
         if callable(self.loss):
             return self.loss(out, y)
@@ -90,7 +143,8 @@ class Task:
 def predictions_of(
     outputs: torch.Tensor | Mapping[str, torch.Tensor], tasks: Sequence[Task]
 ) -> dict[str, torch.Tensor]:
-    """The model's outputs by task name, each flattened to ``[B]``.
+    """The model's outputs by task name, each flattened to ``[B]``; a loss task's value
+    (one element) as a 0-dim tensor.
 
     Args:
         outputs: what the model returned: one tensor (one task) or a dict by task name.
@@ -98,7 +152,8 @@ def predictions_of(
 
     Raises:
         KeyError: a dict output lacks a task's key (named).
-        ValueError: a tensor output for several tasks, or an output not of one value a row.
+        ValueError: a tensor output for several tasks, an output not of one value a row,
+            or a loss task's value not of one element.
     """
     if isinstance(outputs, torch.Tensor):
         if len(tasks) != 1:
@@ -119,6 +174,14 @@ def predictions_of(
                 f"{sorted(outputs)})"
             )
         value = outputs[task.name]
+        if task.is_loss:
+            if value.numel() != 1:
+                raise ValueError(
+                    f"task {task.name!r}: output='loss' needs the model's loss as one value "
+                    f"(a 0-dim tensor), got shape {tuple(value.shape)}"
+                )
+            out[task.name] = value.reshape(())
+            continue
         if value.dim() == 2 and value.shape[1] == 1:
             value = value.squeeze(1)
         if value.dim() != 1:
@@ -135,9 +198,11 @@ def compute_losses(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted total loss and each task's loss (detached) for one batch.
 
+    A loss task's loss is the model's value for it, in float32; it reads no label.
+
     Args:
         preds: the model's outputs by task name (:func:`predictions_of`).
-        batch: the batch, holding each task's label column.
+        batch: the batch, holding each task's label column (loss tasks need none).
         tasks: the tasks.
 
     Raises:
@@ -146,6 +211,12 @@ def compute_losses(
     total = None
     each = {}
     for task in tasks:
+        if task.is_loss:
+            loss = task.compute_loss(preds[task.name], None)
+            each[task.name] = loss.detach()
+            term = loss * float(task.weight)
+            total = term if total is None else total + term
+            continue
         label = batch.get(task.label)
         if not isinstance(label, torch.Tensor):
             raise KeyError(
@@ -164,3 +235,36 @@ def compute_losses(
         total = term if total is None else total + term
     assert total is not None
     return total, each
+
+
+def batch_rows(
+    preds: Mapping[str, torch.Tensor], inputs: Mapping[str, object], tasks: Sequence[Task]
+) -> int:
+    """How many rows a batch has: the length of the first prediction of a task that is
+    not a loss task; when every task is a loss task (a loss is one value, whatever the
+    rows), the first of the batch's columns that has rows: a ``KeyedJaggedTensor``'s
+    ``stride()``, a ``JaggedTensor``'s number of rows, a tensor's first dim. No host sync.
+
+    Args:
+        preds: the model's outputs by task name (:func:`predictions_of`).
+        inputs: the batch the model was given.
+        tasks: the tasks.
+
+    Raises:
+        ValueError: every task is a loss task and no column of the batch has rows.
+    """
+    for task in tasks:
+        if not task.is_loss:
+            return int(preds[task.name].shape[0])
+    for value in inputs.values():
+        if isinstance(value, KeyedJaggedTensor):
+            return value.stride()
+        if isinstance(value, JaggedTensor):
+            return len(value)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError(
+        f"every task ({[t.name for t in tasks]}) is a loss task and no column of the batch "
+        f"is a tensor, JaggedTensor or KeyedJaggedTensor to count its rows (its keys: "
+        f"{sorted(inputs)})"
+    )

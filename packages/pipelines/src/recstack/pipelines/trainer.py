@@ -27,7 +27,7 @@ from recstack.pipelines.online import OnlineResult, run_online
 from recstack.pipelines.signals import StopSignals
 from recstack.pipelines.stages import Stage, frozen_parameters
 from recstack.pipelines.stream import BatchStream
-from recstack.pipelines.tasks import Task, compute_losses, predictions_of
+from recstack.pipelines.tasks import Task, batch_rows, compute_losses, predictions_of
 from recstack.saver import Checkpointer, PerRank
 
 __all__ = ["FitResult", "Precision", "Trainer"]
@@ -88,7 +88,11 @@ class Trainer:
             for ``epochs`` (each brings its data, length, learning rates and frozen parts).
         features: a callable applied to each batch on the device (a ``FeatureEngine``);
             ``None`` passes batches unchanged.
-        tasks: the tasks; default one task ``"label"`` trained on column ``"label"``.
+        tasks: the tasks; default one task ``"label"`` trained on column ``"label"``. A
+            ``Task(name, output="loss", weight=w)`` takes the scalar loss the model
+            computed itself under ``name`` in its dict (a sampled softmax over a user's
+            next items, say) and adds ``w * value`` to the total; it reads no label, and
+            evaluation reports its mean as ``"<name>/loss"``.
         sparse_optimizer: a ``recstack.sparse_optim`` optimizer over the model's
             ``ec.sparse_parameters()`` (``None``: the tables are not trained).
         dense_optimizer: a ``torch.optim`` optimizer over the dense parameters.
@@ -525,7 +529,7 @@ class Trainer:
             loss, each = compute_losses(preds, inputs, self.tasks)
             (loss / n).backward()
             self._accumulate_loss(loss.detach(), each)
-            self.samples += int(next(iter(preds.values())).shape[0])
+            self.samples += batch_rows(preds, inputs, self.tasks)
             if n > 1 and self.sparse_optimizer is not None and self._train_embeddings:
                 # The next forward would refuse unread gradients: the optimizer keeps them
                 # (and drops rows an eviction hands to new ids before the step).

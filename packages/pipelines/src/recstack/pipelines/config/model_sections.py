@@ -30,7 +30,7 @@ from recstack.pipelines.config.fields import (
 from recstack.pipelines.config.registry import MODELS
 from recstack.pipelines.metrics import METRIC_NAMES
 from recstack.pipelines.models.layers import Activation
-from recstack.pipelines.tasks import Task
+from recstack.pipelines.tasks import Task, TaskOutput
 
 __all__ = ["FeaturesConfig", "ModelConfig", "parse_model", "parse_tasks"]
 
@@ -125,7 +125,7 @@ class ModelConfig:
 
     Args:
         type: a key of :data:`~recstack.pipelines.config.registry.MODELS`
-            (``din``, ``deepfm``, ``dlrm``, ``mmoe``, ``esmm``).
+            (``din``, ``deepfm``, ``dlrm``, ``mmoe``, ``esmm``, ``hstu``).
         config: the model's config dataclass (``DINConfig`` ...), from the section's
             other keys.
     """
@@ -137,14 +137,18 @@ class ModelConfig:
         """The model class of ``type``."""
         return MODELS[self.type]
 
-    def outputs(self) -> tuple[tuple[str, ...], str] | None:
-        """The output keys of a model that returns a dict, and whether they are
-        ``"logits"`` or ``"probability"``; ``None`` for one tensor of logits."""
+    def outputs(self) -> dict[str, TaskOutput] | None:
+        """What a model that returns a dict returns under each key, in order: ``"logits"``,
+        ``"probability"`` or ``"loss"`` (a scalar loss it computes itself), the
+        :class:`~recstack.pipelines.Task` ``output`` a task trained on that key must
+        declare; ``None`` for a model that returns one tensor of logits."""
         c = self.config
         if self.type == "esmm":
-            return (c.ctr_task, c.ctcvr_task, c.cvr_output), "probability"
+            return dict.fromkeys((c.ctr_task, c.ctcvr_task, c.cvr_output), "probability")
         if self.type == "mmoe":
-            return tuple(c.tasks), "logits"
+            return dict.fromkeys(c.tasks, "logits")
+        if self.type == "hstu" and c.next_item_loss != "none":
+            return {c.rank_task: "logits", c.next_item_task: "loss"}
         return None
 
 

@@ -72,8 +72,8 @@ def ensure_synthetic(s: SyntheticData) -> tuple[list[str], list[str]]:
 
 def default_columns(config: RunConfig) -> list[str] | None:
     """The columns a reader reads when its section names none: the feature schema's
-    columns and the tasks' label and group columns (``None`` without a feature schema:
-    every column).
+    columns and the tasks' label and group columns (a loss task, which the model computes,
+    has neither; ``None`` without a feature schema: every column).
 
     Args:
         config: the run.
@@ -82,6 +82,8 @@ def default_columns(config: RunConfig) -> list[str] | None:
         return None
     columns = sorted(config.features.schema)
     for task in config.task_list:
+        if task.is_loss:
+            continue
         for name in (task.label, task.group):
             if name is not None and name not in columns:
                 columns.append(name)

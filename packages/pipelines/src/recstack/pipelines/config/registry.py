@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from recstack.pipelines.models import DIN, DLRM, ESMM, DeepFM, EmbeddingModel, MMoE
+from recstack.pipelines.models import DIN, DLRM, ESMM, HSTU, DeepFM, EmbeddingModel, MMoE
 from recstack.sparse_optim import (
     RowWiseAdagrad,
     SparseAdagrad,
@@ -36,6 +36,7 @@ MODELS: dict[str, type[EmbeddingModel]] = {
     "dlrm": DLRM,
     "mmoe": MMoE,
     "esmm": ESMM,
+    "hstu": HSTU,
 }
 
 #: ``optimizers.sparse.type`` -> a ``recstack.sparse_optim`` optimizer class.

@@ -123,23 +123,25 @@ class RunConfig:
             if len(tasks) != 1:
                 raise Invalid(f"the {self.model.type} model has one output; give one task", "tasks")
             return
-        keys, kind = outputs
         if self.tasks is None:
             raise Invalid(
                 f"required key is missing: the {self.model.type} model has outputs "
-                f"{list(keys)}; name the tasks trained on them",
+                f"{list(outputs)}; name the tasks trained on them",
                 "tasks",
             )
+        one_kind = len(set(outputs.values())) == 1
         for i, task in enumerate(tasks):
-            if task.name not in keys:
+            if task.name not in outputs:
                 raise Invalid(
                     f"the {self.model.type} model has no output {task.name!r} (its outputs: "
-                    f"{', '.join(keys)})",
+                    f"{', '.join(outputs)})",
                     f"tasks[{i}].name",
                 )
+            kind = outputs[task.name]
             if task.output != kind:
+                what = "outputs are" if one_kind else f"output {task.name!r} is"
                 raise Invalid(
-                    f"the {self.model.type} model's outputs are {kind}: set output: {kind}",
+                    f"the {self.model.type} model's {what} {kind}: set output: {kind}",
                     f"tasks[{i}].output",
                 )
 

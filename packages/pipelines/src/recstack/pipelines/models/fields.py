@@ -93,6 +93,22 @@ def _bool(owner: str, field: str, value: object) -> bool:
     return value
 
 
+def _positive(owner: str, field: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
+        raise ModelConfigError(f"{owner}.{field} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _choice(owner: str, field: str, value: object, *, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ModelConfigError(f"{owner}.{field} must be one of {list(choices)}, got {value!r}")
+    return value.lower()
+
+
 def _activation(owner: str, field: str, value: object) -> str:
     if not isinstance(value, str) or value.lower() not in ACTIVATIONS:
         raise ModelConfigError(f"{owner}.{field} must be one of {list(ACTIVATIONS)}, got {value!r}")
@@ -177,6 +193,25 @@ class ConfigField:
             default: the default.
         """
         return checked(_dropout, default=default)
+
+    @staticmethod
+    def positive(default: float) -> Any:
+        """A finite number ``> 0`` (a float once checked).
+
+        Args:
+            default: the default.
+        """
+        return checked(_positive, default=default)
+
+    @staticmethod
+    def choice(default: str, choices: Sequence[str]) -> Any:
+        """One of ``choices``, any case (lower case once checked).
+
+        Args:
+            default: the default.
+            choices: the values allowed (lower case).
+        """
+        return checked(_choice, default=default, choices=tuple(choices))
 
     @staticmethod
     def flag(default: bool) -> Any:

@@ -645,7 +645,7 @@ def sampled_softmax_loss(
     neg_logq: torch.Tensor | None = None,
     remove_accidental_hits: bool = True,
     temperature: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Sampled softmax loss: each token's positive against ``S`` shared sampled negatives,
@@ -679,7 +679,8 @@ def sampled_softmax_loss(
         neg_logq: ``[S]`` log sampling probability of each negative, or ``None``.
         remove_accidental_hits: drop negatives equal to the token's positive.
         temperature: logits are divided by it before the correction.
-        ignore_index: a ``pos_ids`` value of tokens that contribute nothing.
+        ignore_index: a ``pos_ids`` value of tokens that contribute nothing; ``None``
+            ignores no token (for raw ids, where every value may be a real item).
         reduction: ``"mean"`` (over tokens not ignored; NaN if none, as torch),
             ``"sum"`` or ``"none"``.
 
@@ -712,7 +713,7 @@ def sampled_softmax_loss(
         if not isinstance(neg_ids, torch.Tensor) or neg_ids.dim() != 1:
             raise ValueError(f"{what}: neg_ids must be a 1-D tensor")
         neg_ids = _ids(what, "neg_ids", neg_ids, neg_ids.numel(), device)
-    keep = pos_ids != ignore_index if pos_ids is not None else None
+    keep = pos_ids != ignore_index if pos_ids is not None and ignore_index is not None else None
     if item_weight is not None:
         if pos_emb is not None or neg_emb is not None:
             raise ValueError(f"{what}: give item_weight or pos_emb/neg_emb, not both")

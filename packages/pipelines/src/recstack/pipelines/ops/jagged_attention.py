@@ -220,6 +220,7 @@ class JaggedSelfAttention(nn.Module):
         offsets: torch.Tensor | None = None,
         num_targets: torch.Tensor | None = None,
         max_len: int | None = None,
+        check_inputs: bool = True,
     ) -> Any:
         """Attend within each sequence of ``x``.
 
@@ -229,6 +230,8 @@ class JaggedSelfAttention(nn.Module):
             offsets: int64 ``[B + 1]`` sequence boundaries (with a plain tensor ``x``).
             num_targets: optional int64 ``[B]`` target counts (see :func:`jagged_attention`).
             max_len: optional bound of the lengths (the pointwise divisor when given).
+            check_inputs: read ``offsets`` and ``num_targets`` back to check them (one
+                host sync); ``False`` for offsets the caller built itself.
 
         Returns:
             ``[N, dim]`` in the projections' output dtype, or a ``JaggedTensor`` of it.
@@ -255,7 +258,7 @@ class JaggedSelfAttention(nn.Module):
         attended = jagged_attention(
             q.view(shape), k.view(shape), v.view(shape), offsets,
             kind=self.kind, causal=self.causal, num_targets=num_targets,
-            scale=self.scale, max_len=max_len,
+            scale=self.scale, max_len=max_len, check_inputs=check_inputs,
         ).reshape(n, inner)  # fmt: skip
         if self.norm is not None:
             attended = self.norm(attended) * u

@@ -12,8 +12,11 @@ the device before a side runs, from the same seed for both sides (the same ids),
   ``DINConfig(attention_hidden=[80, 40], mlp_hidden=[200, 80], mlp_activation="relu")``
   (the fused target attention, the default), one dynamic ``TableConfig`` item table read by
   the candidate (sum pooling, one id) and by the history as a jagged feature
-  (``pooling="none"`` without ``max_len``: the ``[N, D]`` rows of the batch's ``N``
-  history ids and its offsets, no padding, no host sync in the attention);
+  (``pooling="none"`` without ``max_len``: no padding, no host sync in the attention).
+  With ``--rows table`` (the default) the history feature has ``gather=False``: the
+  attention kernels read each id's row from the table, so the batch's ``[N, D]`` history
+  rows are never gathered or kept for the backward; ``--rows gathered`` hands the
+  attention the gathered rows instead;
   ``recstack.sparse_optim.SparseAdam`` for the rows, ``torch.optim.AdamW`` for the dense
   layers. The batch is ``{"sparse": KeyedJaggedTensor, "label": ...}``.
 * Plain PyTorch, the DIN a user writes: ``nn.Embedding(items, dim, sparse=True)``, the
@@ -199,7 +202,9 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Callable[[dict
     tables = [TableConfig("item", dim=args.dim, capacity=args.capacity)]
     features = [
         FeatureConfig("item", "item"),
-        FeatureConfig("history", "item", pooling="none"),  # jagged: every id, no padding
+        # Jagged: every id, no padding; with --rows table the kernels read each id's row
+        # from the table, so the [N, dim] rows are never gathered.
+        FeatureConfig("history", "item", pooling="none", gather=args.rows == "gathered"),
     ]
     config = DINConfig(
         item_feature="item",
@@ -366,7 +371,8 @@ def measure(side: str, args: argparse.Namespace, length: int, device: torch.devi
 
 def workload_name(args: argparse.Namespace, length: int) -> str:
     shape = f"lengths uniform in [{length // 2:,}, {length:,}]" if args.ragged else "all full"
-    return f"DIN train step, history {length:,} ({shape}), batch {args.batch}"
+    rows = "rows read from the table" if args.rows == "table" else "rows gathered"
+    return f"DIN train step, history {length:,} ({shape}), batch {args.batch}, {rows}"
 
 
 def nbytes_lower_bound(history_ids: int, dim: int) -> int:
@@ -421,6 +427,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
     parser.add_argument("--steps", type=int, help="timed steps per side (5; 2 on a CPU)")
     parser.add_argument("--capacity", type=int, help="our table's capacity hint (rows)")
+    parser.add_argument(
+        "--rows",
+        choices=["table", "gathered"],
+        default="table",
+        help="our attention reads the history rows from the table (FeatureConfig(gather="
+        "False)) or from the lookup's gathered [N, dim] rows",
+    )
     add_json_option(parser)
     args = parser.parse_args()
     device = sized_for_device(args, _GPU_SIZES, _CPU_SIZES)

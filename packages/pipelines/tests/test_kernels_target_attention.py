@@ -1,6 +1,7 @@
 """Fused target attention kernels vs the torch reference: forward and every gradient, on
 jagged rows (values) and gathered table rows, one and two hidden layers, softmax on and off;
-and on spans (starts + lengths), the padded ``[B, L, D]`` layout read in place."""
+on spans (starts + lengths), the padded ``[B, L, D]`` layout read in place; and on rows read
+through a PagedTensor's page table, with negative row ids reading zero rows."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from recstack.core import kernels
+from recstack.core import PagedTensor, kernels
 from recstack.pipelines.kernels.target_attention import (
     FUSED_ACTIVATIONS,
     MAX_FUSED_WIDTH,
     TargetAttentionSaved,
+    gather_table_rows,
     padded_target_attention_reference,
     target_attention_backward,
     target_attention_forward,
@@ -86,7 +88,7 @@ def reference_grads(case: dict, grad_out: torch.Tensor, **options) -> tuple[torc
     rows' gradient is per gathered position, as the kernel returns it."""
     query = case["query"].detach().clone().requires_grad_()
     if "table" in case:
-        rows = case["table"].index_select(0, case["row_ids"]).detach().requires_grad_()
+        rows = gather_table_rows(case["table"], case["row_ids"]).detach().requires_grad_()
     else:
         rows = case["values"].detach().clone().requires_grad_()
     layers = [(w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_())
@@ -301,8 +303,9 @@ def test_bad_row_ids_and_activation_and_widths():
     case["layers"] = [(w.cpu(), b.cpu()) for w, b in case["layers"]]
     with pytest.raises(IndexError, match="row_ids holds 4"):
         _forward(_bad(case, row_ids=torch.tensor([0, 1, 4, 2, 3])))
-    with pytest.raises(IndexError, match="row_ids holds -1"):
-        _forward(_bad(case, row_ids=torch.tensor([0, 1, -1, 2, 3])))
+    # Negative ids are zero rows (ids an admission filter left out), not errors.
+    out, _ = _forward(_bad(case, row_ids=torch.tensor([0, 1, -1, 2, -5])))
+    assert out.shape == (2, 16)
     with pytest.raises(TypeError, match="row_ids must be a 1-D int64"):
         _forward(_bad(case, row_ids=torch.zeros(5)))
     with pytest.raises(ValueError, match="activation 'dice' is not supported"):
@@ -557,3 +560,153 @@ def test_span_bounds_check_ignores_uncovered_row_ids():
                 query3, None, layers, table=table, row_ids=torch.tensor([0, 1, 7, 0, 3, 1]),
                 starts=starts, lengths=lengths,
             )  # fmt: skip
+
+
+# ------------------------------------------------------------------------- paged tables
+
+
+def paged_copy(table: torch.Tensor, page_rows: int = 8) -> PagedTensor:
+    """``table``'s rows in a PagedTensor of ``page_rows``-row pages (several pages)."""
+    paged = PagedTensor(
+        table.shape[1], dtype=table.dtype, device=table.device, page_rows=page_rows,
+        name="item_emb",
+    )  # fmt: skip
+    paged.scatter_rows(paged.append_rows(table.shape[0]), table)
+    return paged
+
+
+def with_unadmitted_ids(case: dict, every: int = 4) -> dict:
+    """``case`` with every ``every``-th row id set to -1 (an id the admission filter left
+    out: a zero row)."""
+    row_ids = case["row_ids"].clone()
+    row_ids[::every] = -1
+    return {**case, "row_ids": row_ids}
+
+
+# About 40 rows over 5 pages of 8; ids repeat and some are -1.
+PAGED_ROWS = 37
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+@pytest.mark.parametrize("hidden", [(12,), (20, 12)], ids=["1layer", "2layers"])
+def test_paged_table_reads_the_same_rows_as_the_plain_table(hidden, softmax, dtype):
+    seed = ("paged", hidden, softmax, str(dtype))
+    case = make_case(LENGTHS, 16, hidden, dtype, table_rows=PAGED_ROWS, seed=seed)
+    case = with_unadmitted_ids(case)
+    paged = paged_copy(case["table"])
+    assert paged.num_pages == 5 and torch.equal(paged.to_dense(), case["table"])
+    assert bool((case["row_ids"] == -1).any())
+    # The plain-table kernels against the reference (which reads -1 as a zero row) ...
+    check_case(case, TOL[dtype], softmax=softmax)
+    # ... and the paged kernels read exactly the same numbers, forward and backward.
+    grad_out = torch.randn(case["query"].shape, generator=torch.Generator().manual_seed(7))
+    grad_out = grad_out.to(dtype).to(DEVICE)
+    out, grads = run_kernels(case, grad_out, softmax=softmax)
+    paged_out, paged_grads = run_kernels({**case, "table": paged}, grad_out, softmax=softmax)
+    assert torch.equal(paged_out, out)
+    for i, (a, b) in enumerate(zip(paged_grads, grads, strict=True)):
+        assert torch.equal(a, b), f"gradient {i}"
+
+
+@needs_kernels
+def test_unadmitted_ids_are_scored_as_zero_rows():
+    # A row of -1 ids only: each is scored from [q, 0, q, 0] and weighs a zero row, so the
+    # output is zero, yet each still gets a row gradient (the score's w_l * g term).
+    case = make_case([3, 2], 16, (12,), torch.float32, table_rows=PAGED_ROWS, seed="zeros")
+    case["row_ids"] = torch.tensor([-1, -1, -1, 4, 9]).to(DEVICE)
+    case["table"] = paged_copy(case["table"])
+    grad_out = torch.randn(2, 16).to(DEVICE)
+    for softmax in (False, True):
+        out, grads = run_kernels(case, grad_out, softmax=softmax)
+        assert torch.equal(out[0], torch.zeros(16, device=DEVICE))
+        d_rows = grads[1]
+        assert d_rows.shape == (5, 16) and bool((d_rows[:3] != 0).any())
+        _, ref_grads = reference_grads(case, grad_out, softmax=softmax)
+        for i, (g, r) in enumerate(zip(grads, ref_grads, strict=True)):
+            assert_close(g, r, TOL[torch.float32], f"gradient {i}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("lengths", [[], [0, 0, 0]], ids=["empty-batch", "no-behaviours"])
+def test_paged_table_without_behaviours(lengths):
+    case = make_case(lengths, 16, (16,), torch.float32, table_rows=PAGED_ROWS, seed="p-none")
+    case["table"] = paged_copy(case["table"])
+    grad_out = torch.randn(len(lengths), 16).to(DEVICE)
+    out, grads = run_kernels(case, grad_out, softmax=True)
+    assert out.shape == (len(lengths), 16) and torch.equal(out, torch.zeros_like(out))
+    assert grads[1].shape == (0, 16)
+    for name, g in zip(["query", "rows", "w1", "b1", "w3", "b3"], grads, strict=True):
+        assert torch.equal(g, torch.zeros_like(g)), name
+
+
+@needs_kernels
+def test_paged_table_over_spans_reads_only_covered_ids():
+    # Padded spans whose padding holds ids far past the table: never read through the
+    # page table, and the covered -1 ids read zero rows.
+    spans, packed, mask = make_padded_case(
+        PADDED_LENGTHS, PADDED_L, 16, (20, 12), torch.float32, table_rows=PAGED_ROWS,
+        seed="paged-spans",
+    )  # fmt: skip
+    positions = mask.nonzero().squeeze(1)
+    packed = with_unadmitted_ids(packed, every=3)
+    spans["row_ids"] = spans["row_ids"].index_put((positions,), packed["row_ids"])
+    spans["table"] = paged_copy(spans["table"])
+    check_spans(spans, packed, positions, 1e-4, softmax=True)
+
+
+@needs_kernels
+def test_wrapped_tensor_reads_like_the_plain_table():
+    # PagedTensor.wrap: one page (page_shift 62), the same kernels.
+    case = make_case([5, 0, 12], 24, (16,), torch.bfloat16, table_rows=9, seed="wrap")
+    case = with_unadmitted_ids(case)
+    grad_out = torch.randn(3, 24).to(torch.bfloat16).to(DEVICE)
+    out, grads = run_kernels(case, grad_out)
+    wrapped = {**case, "table": PagedTensor.wrap(case["table"], name="wrapped")}
+    wrapped_out, wrapped_grads = run_kernels(wrapped, grad_out)
+    assert torch.equal(wrapped_out, out)
+    for a, b in zip(wrapped_grads, grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reference_gathers_a_paged_table_with_zero_rows_for_negative_ids():
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randn(PAGED_ROWS, 16, generator=gen)
+    paged = paged_copy(table)
+    ids = torch.tensor([3, -1, 36, 3, 8, -7, 0])
+    expected = table[ids.clamp(min=0)] * (ids >= 0)[:, None]
+    with kernels.use_backend("torch"):
+        assert torch.equal(gather_table_rows(paged, ids), expected)
+        assert torch.equal(gather_table_rows(table, ids), expected)
+        empty = PagedTensor(16, page_rows=8)
+        assert torch.equal(gather_table_rows(empty, torch.tensor([-1, -1])), torch.zeros(2, 16))
+        case = make_case([4, 0, 3], 16, (12,), torch.float32, seed="ref-paged")
+        layers = [(w.cpu(), b.cpu()) for w, b in case["layers"]]
+        args = (case["query"].cpu(), case["offsets"].cpu(), layers)
+        by_paged = target_attention_reference(*args, table=paged, row_ids=ids, softmax=True)
+        by_values = target_attention_reference(*args, values=expected, softmax=True)
+    assert torch.equal(by_paged, by_values)
+
+
+def test_paged_table_checks():
+    case = make_case([3, 2], 16, (8,), torch.float32, table_rows=PAGED_ROWS, seed="p-bad")
+    case = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    case["layers"] = [(w.cpu(), b.cpu()) for w, b in case["layers"]]
+    paged = paged_copy(case["table"])
+    ok_ids = torch.tensor([0, -1, 36, -1, 8])
+    out, _ = _forward(_bad(case, table=paged, row_ids=ok_ids))
+    assert out.shape == (2, 16)
+    with pytest.raises(IndexError, match="row_ids holds 37, past the table's rows"):
+        _forward(_bad(case, table=paged, row_ids=torch.tensor([0, -1, 37, 2, 3])))
+    bf16 = paged_copy(case["table"].to(torch.bfloat16))
+    with pytest.raises(TypeError, match="table 'item_emb' has dtype torch.bfloat16 but query"):
+        _forward(_bad(case, table=bf16, row_ids=ok_ids))
+    narrow = paged_copy(case["table"][:, :8].contiguous())
+    with pytest.raises(ValueError, match="rows of width 8 but query has D = 16"):
+        _forward(_bad(case, table=narrow, row_ids=ok_ids))
+    elsewhere = PagedTensor(16, device="meta", page_rows=8, name="item_emb")
+    with pytest.raises(ValueError, match="table 'item_emb' is on device meta but query is on"):
+        _forward(_bad(case, table=elsewhere, row_ids=ok_ids))
+    with pytest.raises(TypeError, match="table must be a torch.Tensor or a PagedTensor"):
+        _forward(_bad(case, table=[[0.0] * 16], row_ids=ok_ids))

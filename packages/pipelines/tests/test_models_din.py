@@ -12,6 +12,7 @@ from recstack.core import kernels
 from recstack.embedding_engine import FeatureConfig
 from recstack.pipelines.models import DIN, DINConfig, ModelConfigError, TargetAttention
 from recstack.pipelines.ops import FusedTargetAttention
+from recstack.sparse_optim import SparseAdam
 
 RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
 BACKENDS = [
@@ -232,3 +233,50 @@ def test_history_feature_errors_name_both_layouts() -> None:
         DIN.from_config(fields, TABLES, JAGGED)
     with pytest.raises(ModelConfigError, match="feature 'hist' has dim 8"):
         DIN.from_config({"item_feature": "category", "history_feature": "hist"}, TABLES, JAGGED)
+
+
+# The history left in its table: the attention reads each id's row itself.
+IN_TABLE = [
+    FeatureConfig("hist", "item", pooling="none", gather=False) if f.name == "hist" else f
+    for f in FEATURES
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
+def test_rows_read_from_the_table_give_the_gathered_models_step(
+    softmax: bool, fused: bool, backend: str
+) -> None:
+    batch = make_batch(ROWS + synthetic_rows(5, seed=7))
+    jagged, _ = _jagged_and_padded(fused, softmax, batch)
+    in_table = DIN(jagged.config, TABLES, IN_TABLE)
+    in_table.load_state_dict(jagged.state_dict())
+    in_table(batch)  # the batch's ids get rows, the same as the jagged model's
+    in_table.embeddings.zero_grad_sparse()
+    weight = torch.randn(len(ROWS) + 5)
+    with kernels.use_backend(backend):
+        expected = _step(jagged, batch, weight)
+        got = _step(in_table, batch, weight)
+    _assert_same_step(got, expected)
+    for model in (jagged, in_table):
+        model.embeddings.zero_grad_sparse()
+    # Three steps with a sparse optimizer keep the two tables equal.
+    for model in (jagged, in_table):
+        opt = SparseAdam(model.embeddings.sparse_parameters(), lr=0.05)
+        for step in range(3):
+            with kernels.use_backend(backend):
+                (model(make_batch(synthetic_rows(6, seed=20 + step))) * weight[:6]).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    # The rows of every item id, after the same updates, are the same.
+    ids = torch.arange(40)
+    tables = []
+    for model in (jagged, in_table):
+        ec = model.embeddings
+        rows = ec.find_rows("item", ids)
+        values = ec.physical_tables[ec.physical_table_of("item")].values
+        found = rows >= 0
+        tables.append((found, values.gather_rows(rows[found])))
+    assert torch.equal(tables[0][0], tables[1][0])
+    torch.testing.assert_close(tables[1][1], tables[0][1], rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ from recstack.embedding_engine.state import (
     export_collection_chunks,
     import_collection_chunk,
 )
+from recstack.embedding_engine.table_rows import RowGradSink, TableRows
 
 __version__ = "0.1.0"
 
@@ -51,8 +52,10 @@ __all__ = [
     "Initializer",
     "MemoryStats",
     "PaddedSequence",
+    "RowGradSink",
     "TableConfig",
     "TableMemory",
+    "TableRows",
     "__version__",
     "CollectionTableState",
     "check_configs",

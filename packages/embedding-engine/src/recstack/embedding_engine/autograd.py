@@ -29,7 +29,7 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,6 +96,12 @@ class LookupPlan:
             ``table`` the backward applies itself (:func:`lookup_backward_fused`) instead
             of handing a gradient to ``sink``; ``None``: unfused.
         one_pass: with an updater, :func:`lookup_backward_fused`'s one-kernel form.
+        sequence_sizes: the ids of each sequence feature, in ``sequence_rows`` order (only
+            needed with ``deferred``).
+        deferred: per sequence feature, whether its rows are left in the table for the
+            consumer to read (a :class:`~recstack.embedding_engine.table_rows.TableRows`)
+            instead of gathered; the consumer's backward hands their gradient to
+            :meth:`receive` before the lookup's backward runs.
     """
 
     name: str
@@ -110,15 +116,74 @@ class LookupPlan:
     row_sort: RowSort | None = None
     updater: RowUpdater | None = None
     one_pass: bool = False
+    sequence_sizes: tuple[int, ...] = ()
+    deferred: tuple[bool, ...] = ()
+    deferred_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_pooled(self) -> int:
         """``K_p``, the number of pooled features."""
         return self.modes.numel()
 
+    @property
+    def has_deferred(self) -> bool:
+        """Whether some sequence feature's rows are left in the table."""
+        return any(self.deferred)
+
+    def sequence_slices(self) -> list[tuple[int, int, bool]]:
+        """``(start, stop, deferred)`` of each sequence feature in ``sequence_rows``."""
+        out, start = [], 0
+        for size, deferred in zip(self.sequence_sizes, self.deferred, strict=True):
+            out.append((start, start + size, deferred))
+            start += size
+        return out
+
+    def gathered_rows(self) -> torch.Tensor:
+        """The rows of the sequence features whose rows the lookup gathers, concatenated."""
+        if not self.has_deferred:
+            return self.sequence_rows
+        slices = self.sequence_slices()
+        parts = [self.sequence_rows[a:b] for a, b, deferred in slices if not deferred]
+        return torch.cat(parts) if parts else self.sequence_rows[:0]
+
+    def receive(self, feature: int, grad: torch.Tensor) -> None:
+        """Take the fp32 ``[n_ids, dim]`` row gradient of deferred sequence feature
+        ``feature`` (its index among the sequence features) from its consumer."""
+        if feature in self.deferred_grads:
+            raise RuntimeError(
+                f"embedding table {self.name!r}: the rows of one sequence feature got two "
+                "gradients in one backward; a TableRows output takes one consumer"
+            )
+        self.deferred_grads[feature] = grad
+
+    def full_sequence_grad(self, gathered: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient of every sequence row, in ``sequence_rows`` order: the gathered
+        rows' from autograd, the deferred ones' from :meth:`receive` (zeros where none
+        came); ``None`` when none came at all."""
+        grads = self.deferred_grads
+        if not self.has_deferred or (not grads and gathered is None):
+            return gathered
+        slices = self.sequence_slices()
+        if gathered is None and len(grads) == 1 and len(slices) == 1:
+            return next(iter(grads.values()))
+        dim, device = self.table.dim, self.table.device
+        parts, at = [], 0
+        for i, (a, b, deferred) in enumerate(slices):
+            n = b - a
+            if deferred:
+                part = grads.get(i)
+            else:
+                part = gathered[at : at + n] if gathered is not None else None
+                at += n
+            if part is None:
+                part = torch.zeros((n, dim), dtype=torch.float32, device=device)
+            parts.append(part.float())
+        return torch.cat(parts) if parts else None
+
 
 def lookup_forward(plan: LookupPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pooled [B, K_p, dim], sequence rows [N_s, dim])`` in the table's dtype."""
+    """``(pooled [B, K_p, dim], sequence rows [N_s, dim])`` in the table's dtype; the rows
+    of deferred sequence features (``plan.deferred``) are left out."""
     table = plan.table
     shape = (plan.batch_size, plan.num_pooled, table.dim)
     if plan.num_pooled:
@@ -133,8 +198,9 @@ def lookup_forward(plan: LookupPlan) -> tuple[torch.Tensor, torch.Tensor]:
         )
     else:
         pooled = torch.zeros(shape, dtype=table.dtype, device=table.device)
-    if plan.sequence_rows.numel():
-        seq = table.gather_rows(plan.sequence_rows, check_bounds=False)
+    gathered = plan.gathered_rows()
+    if gathered.numel():
+        seq = table.gather_rows(gathered, check_bounds=False)
     else:
         seq = torch.zeros((0, table.dim), dtype=table.dtype, device=table.device)
     return pooled, seq
@@ -277,12 +343,16 @@ def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
 
 
 class EmbeddingLookupFunction(torch.autograd.Function):
-    """``apply(anchor, plan) -> (pooled, sequence)``: a lookup with a sparse backward.
+    """``apply(anchor, plan) -> (pooled, sequence, depends_on)``: a lookup with a sparse
+    backward.
 
     ``anchor`` is any tensor with ``requires_grad=True`` (a zero-size one is enough); it only
-    ties the outputs into the graph and receives no gradient. The backward sends
-    :func:`lookup_backward`'s :class:`SparseGrad` to ``plan.sink``, or, when the plan has
-    an updater that trains the table, applies the updater's step itself.
+    ties the outputs into the graph and receives no gradient. ``depends_on`` is a zero-size
+    output for the consumers of deferred sequence rows to take as an input, so this
+    backward runs after theirs, once they have handed their rows' gradient to
+    ``plan.receive``. The backward sends :func:`lookup_backward`'s :class:`SparseGrad` to
+    ``plan.sink``, or, when the plan has an updater that trains the table, applies the
+    updater's step itself.
     """
 
     @staticmethod
@@ -293,13 +363,19 @@ class EmbeddingLookupFunction(torch.autograd.Function):
         ctx.backend = kernels.get_backend()
         # Unused outputs get None, not a materialized [B, K, dim] zero gradient.
         ctx.set_materialize_grads(False)
-        return lookup_forward(plan)
+        pooled, seq = lookup_forward(plan)
+        return pooled, seq, torch.empty(0, device=plan.table.device)
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: Any, grad_pooled: torch.Tensor | None, grad_sequence: torch.Tensor | None
+        ctx: Any,
+        grad_pooled: torch.Tensor | None,
+        grad_sequence: torch.Tensor | None,
+        _grad_depends_on: torch.Tensor | None,
     ) -> tuple[None, None]:
         plan: LookupPlan = ctx.plan
+        grad_sequence = plan.full_sequence_grad(grad_sequence)
+        plan.deferred_grads.clear()
         with kernels.use_backend(ctx.backend):
             live = _live_grads(plan, grad_pooled, grad_sequence)
             has_grad = any(g is not None for g in live)

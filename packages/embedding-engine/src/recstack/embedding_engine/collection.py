@@ -150,6 +150,7 @@ from recstack.embedding_engine.planner import FeatureOutput, LookupPlanner
 from recstack.embedding_engine.sequence import PaddedSequence
 from recstack.embedding_engine.sparse_grads import SparseGradStore
 from recstack.embedding_engine.state import collection_table_states
+from recstack.embedding_engine.table_rows import TableRows
 
 # FixedIndex and PhysicalTable are what ``physical_tables`` holds: importable from here too.
 __all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "FixedIndex", "PhysicalTable"]
@@ -188,6 +189,10 @@ class EmbeddingCollection(nn.Module):
       its ids are still looked up and inserted). With ``with_lengths=True`` that tensor
       comes as a :class:`~recstack.embedding_engine.sequence.PaddedSequence`
       ``(values, lengths)``, its ``.mask`` the padding mask (no host sync).
+    * ``pooling="none"`` without ``max_len`` and with ``gather=False``: a
+      :class:`~recstack.embedding_engine.table_rows.TableRows`, the table, each id's row
+      and the offsets, for a consumer that reads the rows in its own kernel (the rows are
+      never copied out; their gradient comes back through its sink).
     * ``pooling="tile"``: that padded tensor reshaped to ``[B, max_len * dim]``.
 
     ``fixed_size`` tables take ids in ``[0, fixed_size)`` as rows directly and are never
@@ -466,7 +471,7 @@ class EmbeddingCollection(nn.Module):
 
     def forward(
         self, kjt: KeyedJaggedTensor
-    ) -> dict[str, torch.Tensor | JaggedTensor | PaddedSequence]:
+    ) -> dict[str, torch.Tensor | JaggedTensor | PaddedSequence | TableRows]:
         """Look up and pool every feature of ``kjt``; see the class docs for the outputs.
 
         Raises:
@@ -488,11 +493,14 @@ class EmbeddingCollection(nn.Module):
             plan = self._planner.plan(
                 phys, jts, batch, training=self.training, step=self._step, grads=self._grads
             )
+            depends_on = None
             if track:
-                pooled, seq = EmbeddingLookupFunction.apply(anchor, plan)
+                pooled, seq, depends_on = EmbeddingLookupFunction.apply(anchor, plan)
             else:
                 pooled, seq = lookup_forward(plan)
-            out.update(self._planner.outputs(pname, jts, pooled, seq, batch, phys.dim))
+            out.update(
+                self._planner.outputs(pname, jts, pooled, seq, batch, phys.dim, plan, depends_on)
+            )
         if self.training:
             stamped = self._step
             self._step += 1

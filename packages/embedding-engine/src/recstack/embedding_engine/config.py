@@ -632,6 +632,12 @@ class FeatureConfig:
             lengths)`` instead of the bare ``[B, max_len, dim]`` tensor: ``lengths`` (int64
             ``[B]``) counts each row's ids, so ``values[b, :lengths[b]]`` holds them and
             ``.mask`` is the ``[B, max_len]`` padding mask, with no host sync.
+        gather: with ``pooling="none"`` and no ``max_len`` (a jagged sequence), ``False``
+            outputs a :class:`~recstack.embedding_engine.table_rows.TableRows` (the table,
+            each id's row and the offsets) instead of the gathered ``[n_ids, dim]`` rows:
+            for a consumer that reads the rows inside its own kernel (DIN's fused target
+            attention), so the rows are never copied out and their gradient comes back
+            through the ``TableRows``' sink.
 
     Example:
         >>> FeatureConfig("hist", "item", pooling="tile", max_len=50).output_dim(8)
@@ -647,6 +653,7 @@ class FeatureConfig:
     weighted: bool = False
     truncate: TruncateSide = "left"
     with_lengths: bool = False
+    gather: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -686,6 +693,15 @@ class FeatureConfig:
                     if self.pooling == "none"
                     else ""
                 )
+            )
+
+        if not isinstance(self.gather, bool):
+            raise ConfigError(f"{owner}: gather must be a bool, got {self.gather!r}")
+        if not self.gather and (self.pooling != "none" or self.max_len is not None):
+            raise ConfigError(
+                f"{owner}: gather=False needs a jagged sequence (pooling 'none' without "
+                f"max_len), got pooling {self.pooling!r}"
+                + ("" if self.max_len is None else f" with max_len={self.max_len}")
             )
 
     @property

@@ -43,6 +43,7 @@ from recstack.embedding_engine.merged import BatchTags, batch_tags
 from recstack.embedding_engine.physical import PhysicalTable, TableLocation
 from recstack.embedding_engine.sequence import PaddedSequence, padded_sequence
 from recstack.embedding_engine.sparse_grads import SparseGradStore
+from recstack.embedding_engine.table_rows import TableRows
 
 __all__ = [
     "FeatureOutput",
@@ -54,8 +55,9 @@ __all__ = [
 ]
 
 #: What a feature's lookup gives: pooled ``[B, dim]`` or tiled ``[B, max_len * dim]`` rows,
-#: jagged sequence rows, or a padded sequence (with its lengths when asked).
-FeatureOutput = torch.Tensor | JaggedTensor | PaddedSequence
+#: jagged sequence rows, a padded sequence (with its lengths when asked), or a jagged
+#: sequence's rows left in the table (``gather=False``).
+FeatureOutput = torch.Tensor | JaggedTensor | PaddedSequence | TableRows
 
 
 class FeatureRead(NamedTuple):
@@ -220,6 +222,8 @@ class LookupPlanner:
         else:
             table, rows = self._eval_rows(phys, feats, ids, keys, tags, bad)
         offsets, weights = self._pooled_layout(reads.pooled, jts)
+        deferred = tuple(not f.config.gather for f in reads.sequence)
+        sizes = tuple(x.numel() for x in ids[len(reads.pooled) :]) if any(deferred) else ()
         return LookupPlan(
             name=phys.name,
             table=table,
@@ -234,6 +238,8 @@ class LookupPlanner:
             # A compact table's plan hands its mapped gradient to apply_update instead.
             updater=updater if table is phys.values else None,
             one_pass=grads.one_pass,
+            sequence_sizes=sizes,
+            deferred=deferred if any(deferred) else (),
         )
 
     def outputs(
@@ -244,6 +250,8 @@ class LookupPlanner:
         sequence: torch.Tensor,
         batch: int,
         dim: int,
+        plan: LookupPlan | None = None,
+        depends_on: torch.Tensor | None = None,
     ) -> dict[str, FeatureOutput]:
         """Each feature's output from physical table ``name``'s lookup.
 
@@ -251,21 +259,30 @@ class LookupPlanner:
             name: the physical table.
             jts: the batch's features that read it.
             pooled: ``[B, K_p, dim]``, the pooled features' bags.
-            sequence: ``[N_s, dim]``, the sequence features' rows, concatenated.
+            sequence: ``[N_s, dim]``, the gathered sequence features' rows, concatenated.
             batch: the batch size ``B``.
             dim: the row width.
+            plan: the lookup's plan (needed when a feature's rows are deferred,
+                ``gather=False``: its output is a :class:`TableRows` of the plan's rows).
+            depends_on: the lookup's zero-size output that a deferred feature's consumer
+                takes as an input (``None`` without gradients).
         """
         reads = self._reads[name]
         out: dict[str, FeatureOutput] = {}
         for k, f in enumerate(reads.pooled):
             out[f.config.name] = pooled[:, k, :]
-        start = 0
-        for f in reads.sequence:
+        start = at = 0
+        for i, f in enumerate(reads.sequence):
             jt = jts[f.config.name]
             n = jt.values.shape[0]
-            rows = JaggedTensor(sequence[start : start + n], jt.offsets)
-            start += n
-            out[f.config.name] = sequence_output(f.config, rows, batch, dim)
+            if not f.config.gather:
+                assert plan is not None
+                out[f.config.name] = _table_rows(plan, i, at, n, jt.offsets, depends_on)
+            else:
+                rows = JaggedTensor(sequence[start : start + n], jt.offsets)
+                start += n
+                out[f.config.name] = sequence_output(f.config, rows, batch, dim)
+            at += n
         return out
 
     def _bad_flag(self, phys: PhysicalTable, ids: list[torch.Tensor]) -> torch.Tensor:
@@ -396,6 +413,26 @@ def sequence_output(
         assert isinstance(padded, torch.Tensor)
         return padded.reshape(batch, config.output_dim(dim))
     return padded_sequence(rows, config.max_len, config.truncate, with_lengths=config.with_lengths)
+
+
+def _table_rows(
+    plan: LookupPlan,
+    feature: int,
+    start: int,
+    size: int,
+    offsets: torch.Tensor,
+    depends_on: torch.Tensor | None,
+) -> TableRows:
+    """Sequence feature ``feature``'s ids as rows of the plan's table, their gradient
+    going back to the plan."""
+    rows = plan.sequence_rows[start : start + size]
+    if depends_on is None:
+        return TableRows(plan.table, rows, offsets)
+
+    def sink(_rows: torch.Tensor, grad: torch.Tensor) -> None:
+        plan.receive(feature, grad)
+
+    return TableRows(plan.table, rows, offsets, depends_on, sink)
 
 
 class _RowMapSink:

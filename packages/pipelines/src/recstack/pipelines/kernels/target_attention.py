@@ -14,7 +14,9 @@ tensor used in place as ``values = keys.reshape(B * L, D)``, ``starts = arange(B
 ``lengths = lengths.clamp(0, L)``: no packing, no host sync). The kernels read each row's
 start and length; offsets become ``starts = offsets[:-1]`` (a view) and ``lengths =
 diff(offsets)``. At those positions the behaviours are either ``values`` rows or rows of a
-``table`` gathered by ``row_ids`` inside the kernels, so an embedding lookup fuses into the
+``table`` gathered by ``row_ids`` inside the kernels (a plain ``[R, D]`` tensor, or a
+:class:`~recstack.core.paged.PagedTensor` read through its page table with core's
+``tl_row_pointers``; a negative id reads a zero row), so an embedding lookup fuses into the
 op: no ``[N, D]`` copy of the rows, no ``[N, 4D]`` or ``[N, H]`` intermediate. Memory beyond
 inputs and outputs is ``O(B * (D + H1))`` plus the backward's per-program weight-gradient
 partials; the backward's ``d_rows`` (``[N, D]``, the gradient of each gathered row, aligned
@@ -52,6 +54,7 @@ not: use the unfused module for them).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -60,12 +63,13 @@ import torch
 from recstack.core.kernels import HAS_TRITON, interpret_mode, record_launch, use_triton
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.host import next_pow2
+from recstack.core.paged import PagedTensor
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from recstack.core.kernels.device import tl_to_table_dtype
+    from recstack.core.kernels.device import tl_row_pointers, tl_to_table_dtype
 
 __all__ = [
     "FUSED_ACTIVATIONS",
@@ -74,6 +78,7 @@ __all__ = [
     "TargetAttentionGrads",
     "TargetAttentionSaved",
     "activation_code",
+    "gather_table_rows",
     "target_attention_backward",
     "target_attention_forward",
     "padded_target_attention_reference",
@@ -192,17 +197,48 @@ if HAS_TRITON:
         return c
 
     @triton.jit
-    def _load_rows(src_ptr, row_ids_ptr, pos, ok, cols, col_ok, src_stride, GATHER: tl.constexpr):
-        # A block of behaviour rows, from values[pos] or table[row_ids[pos]] (int64 offsets).
-        if GATHER:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
-            rows = tl.load(row_ids_ptr + pos, mask=ok, other=0).to(tl.int64)
+    def _load_rows(
+        src_ptr,
+        row_ids_ptr,
+        pos,
+        ok,
+        cols,
+        col_ok,
+        src_stride,
+        page_shift,
+        page_mask,
+        dim,
+        GATHER: tl.constexpr,
+        PAGED: tl.constexpr,
+        ROWS_KIND: tl.constexpr,
+        ALIGNED: tl.constexpr,
+    ):
+        # A block of behaviour rows (int64 offsets): values[pos], or table[row_ids[pos]] from
+        # a plain [R, D] table or, with PAGED, through a PagedTensor's page table (src_ptr).
+        # A negative row id (an id the embedding's admission filter left out) reads zeros.
+        if GATHER:
+            rows = tl.load(row_ids_ptr + pos, mask=ok, other=-1).to(tl.int64)
+            ok = ok & (rows >= 0)
+            if PAGED:
+                row_ptrs = tl_row_pointers(
+                    src_ptr, rows, ok, page_shift, page_mask, dim, ROWS_KIND, ALIGNED
+                )
+                x = tl.load(
+                    row_ptrs[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0
+                )
+            else:
+                x = tl.load(
+                    src_ptr + rows[:, None] * src_stride + cols[None, :],
+                    mask=ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
         else:
-            rows = pos
-        return tl.load(
-            src_ptr + rows[:, None] * src_stride + cols[None, :],
-            mask=ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+            x = tl.load(
+                src_ptr + pos[:, None] * src_stride + cols[None, :],
+                mask=ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+        return x
 
     @triton.jit
     def _row_matrix(base_ptr, prod_ptr, q, cols, col_ok, hid, hid_ok, hidden1):
@@ -236,9 +272,14 @@ if HAS_TRITON:
         query_stride,
         src_stride,
         out_stride,
+        page_shift,
+        page_mask,
         ACT: tl.constexpr,
         SOFTMAX: tl.constexpr,
         GATHER: tl.constexpr,
+        PAGED: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        ROWS_KIND: tl.constexpr,
         TWO_LAYERS: tl.constexpr,
         OUT_KIND: tl.constexpr,
         DOT_BF16: tl.constexpr,
@@ -283,7 +324,10 @@ if HAS_TRITON:
         for l0 in range(0, end - start, BLOCK_L):
             pos = start + l0 + lane
             ok = pos < end
-            k = _load_rows(src_ptr, row_ids_ptr, pos, ok, cols, col_ok, src_stride, GATHER)
+            k = _load_rows(
+                src_ptr, row_ids_ptr, pos, ok, cols, col_ok, src_stride, page_shift, page_mask,
+                dim, GATHER, PAGED, ROWS_KIND, ALIGNED,
+            )  # fmt: skip
             kf = k.to(tl.float32)
             a1 = _activate(_dot(kf, m_op, DOT_BF16, PRECISION) + c[None, :], ACT)
             if TWO_LAYERS:
@@ -343,9 +387,14 @@ if HAS_TRITON:
         grad_stride,
         query_stride,
         src_stride,
+        page_shift,
+        page_mask,
         ACT: tl.constexpr,
         SOFTMAX: tl.constexpr,
         GATHER: tl.constexpr,
+        PAGED: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        ROWS_KIND: tl.constexpr,
         TWO_LAYERS: tl.constexpr,
         D_ROWS_KIND: tl.constexpr,
         DOT_BF16: tl.constexpr,
@@ -413,7 +462,10 @@ if HAS_TRITON:
             for l0 in range(0, end - start, BLOCK_L):
                 pos = start + l0 + lane
                 ok = pos < end
-                k = _load_rows(src_ptr, row_ids_ptr, pos, ok, cols, col_ok, src_stride, GATHER)
+                k = _load_rows(
+                    src_ptr, row_ids_ptr, pos, ok, cols, col_ok, src_stride, page_shift,
+                    page_mask, dim, GATHER, PAGED, ROWS_KIND, ALIGNED,
+                )  # fmt: skip
                 kf = k.to(tl.float32)
                 z1 = _dot(kf, m_op, DOT_BF16, PRECISION) + c[None, :]
                 a1 = _activate(z1, ACT)
@@ -493,7 +545,7 @@ class _Inputs(NamedTuple):
     offsets: torch.Tensor | None
     starts: torch.Tensor
     lengths: torch.Tensor
-    source: torch.Tensor
+    source: torch.Tensor | PagedTensor
     row_ids: torch.Tensor | None
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     batch: int
@@ -635,8 +687,14 @@ def _check_inputs(
         name = "values"
         num_rows = source.shape[0] if source.dim() == 2 else -1
     else:
-        source = _check_tensor(what, "table", table)
-        name = "table"
+        if isinstance(table, PagedTensor):
+            source, name = table, f"table {table.name!r}"
+        elif isinstance(table, torch.Tensor):
+            source, name = table, "table"
+        else:
+            raise TypeError(
+                f"{what}: table must be a torch.Tensor or a PagedTensor, got {type(table).__name__}"
+            )
         row_ids = _check_tensor(what, "row_ids", row_ids)
         if row_ids.dim() != 1 or row_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(
@@ -649,7 +707,13 @@ def _check_inputs(
             )
         row_ids = row_ids.to(torch.int64).contiguous()
         num_rows = row_ids.numel()
-    if source.dim() != 2 or source.shape[1] != dim:
+    if isinstance(source, PagedTensor):
+        if source.dim != dim:
+            raise ValueError(
+                f"{what}: {name} (a PagedTensor) has rows of width {source.dim} but query has "
+                f"D = {dim}; they must match"
+            )
+    elif source.dim() != 2 or source.shape[1] != dim:
         raise ValueError(
             f"{what}: {name} must be 2-D [{'N' if name == 'values' else 'R'}, D = {dim}] like "
             f"query, got shape {tuple(source.shape)}"
@@ -669,7 +733,7 @@ def _check_inputs(
             )
     if query.stride(1) != 1:
         query = query.contiguous()
-    if source.stride(1) != 1:
+    if isinstance(source, torch.Tensor) and source.stride(1) != 1:
         source = source.contiguous()
     return _Inputs(
         query, offsets, starts, lengths, source, row_ids, checked, batch, dim, num_rows, hidden,
@@ -680,7 +744,8 @@ def _check_inputs(
 def _check_layout(what: str, inputs: _Inputs) -> None:
     """One host sync. Offsets: start at 0, end at N, never decrease. Spans: in ``[0, N)``,
     lengths >= 0, no two rows share a position (the backward writes each position's
-    gradient once). Row ids: in the table (with spans, only at covered positions)."""
+    gradient once). Row ids: below the table's rows (with spans, only at covered positions);
+    negative ids are zero rows, not errors."""
     n = inputs.num_rows
     if inputs.offsets is not None:
         offsets = inputs.offsets
@@ -703,24 +768,24 @@ def _check_layout(what: str, inputs: _Inputs) -> None:
     extra = []
     if inputs.row_ids is not None and n:
         ids = inputs.row_ids
-        if covered is None:
-            extra = [ids.amin(), ids.amax()]
-        else:
-            # No covered position leaves (lo, hi) = (0, -1): nothing to report.
-            extra = [
-                torch.where(covered, ids, torch.zeros_like(ids)).amin(),
-                torch.where(covered, ids, torch.full_like(ids, -1)).amax(),
-            ]
+        # Only the largest id can be out of range (negative ids read zero rows); with spans,
+        # no covered position leaves -1: nothing to report.
+        extra = [ids.amax() if covered is None else torch.where(covered, ids, -1).amax()]
     host = torch.stack([f.to(torch.int64) for f in flags] + extra).tolist()
     for ok, message in zip(host[: len(flags)], messages, strict=True):
         if not ok:
             raise ValueError(f"{what}: {message}")
     if extra:
-        lo, hi = host[len(flags) :]
-        rows = inputs.source.shape[0]
-        bad = lo if lo < 0 else hi if hi >= rows else None
-        if bad is not None:
-            raise IndexError(f"{what}: row_ids holds {bad}, outside the table's rows [0, {rows})")
+        hi, rows = host[-1], _table_rows(inputs.source)
+        if hi >= rows:
+            raise IndexError(
+                f"{what}: row_ids holds {hi}, past the table's rows [0, {rows}) (a negative id "
+                "reads a zero row)"
+            )
+
+
+def _table_rows(table: torch.Tensor | PagedTensor) -> int:
+    return table.num_rows if isinstance(table, PagedTensor) else table.shape[0]
 
 
 def _span_flags(
@@ -737,12 +802,17 @@ def _span_flags(
     order = torch.argsort(key_start, stable=True)
     s, e = key_start[order], key_end[order]
     flags.append((e[:-1] <= s[1:]).all())  # True for fewer than two rows
-    # Coverage by a difference array: +1 at each start, -1 at each end, running sum > 0.
+    return flags, _covered_positions(starts, lengths, n)
+
+
+def _covered_positions(starts: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """bool ``[n]``: the positions some span covers (no host sync)."""
+    # A difference array: +1 at each start, -1 at each end, running sum > 0.
     delta = torch.zeros(n + 1, dtype=torch.int64, device=starts.device)
-    one = nonempty.to(torch.int64)
+    one = (lengths > 0).to(torch.int64)
     delta.index_add_(0, starts.clamp(0, n), one)
-    delta.index_add_(0, ends.clamp(0, n), -one)
-    return flags, torch.cumsum(delta[:n], 0) > 0
+    delta.index_add_(0, (starts + lengths).clamp(0, n), -one)
+    return torch.cumsum(delta[:n], 0) > 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -788,13 +858,42 @@ def _span_positions(
     return segment, starts.index_select(0, segment) + within
 
 
+def gather_table_rows(table: torch.Tensor | PagedTensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """``table[row_ids]`` as the kernels read it: a zero row for each negative id.
+
+    A plain table is gathered with ``index_select`` (differentiable: the negative ids' rows
+    get no gradient), a :class:`~recstack.core.paged.PagedTensor` with its own
+    ``gather_rows`` (no gradient). Ids are not bounds-checked.
+
+    Args:
+        table: ``[R, D]`` rows, a tensor or a PagedTensor.
+        row_ids: int64 ``[N]`` rows to read; negative ids read zeros.
+
+    Returns:
+        ``[N, D]`` in the table's dtype.
+    """
+    valid = row_ids >= 0
+    # Negative ids read row 0 (masked out below) so no gather sees them; an empty table has
+    # no row 0, and then every id is negative (or out of range, which is not checked here).
+    safe = torch.where(valid, row_ids, 0)
+    if isinstance(table, PagedTensor):
+        if table.num_rows == 0:
+            return torch.zeros((row_ids.numel(), table.dim), dtype=table.dtype, device=table.device)
+        rows = table.gather_rows(safe, check_bounds=False)
+    else:
+        if table.shape[0] == 0:
+            return table.new_zeros((row_ids.numel(), table.shape[1]))
+        rows = table.index_select(0, safe)
+    return rows.masked_fill(~valid.unsqueeze(1), 0)
+
+
 def target_attention_reference(
     query: torch.Tensor,
     offsets: torch.Tensor | None,
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     values: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
+    table: torch.Tensor | PagedTensor | None = None,
     row_ids: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
@@ -817,8 +916,10 @@ def target_attention_reference(
         layers: ``(weight, bias)`` of each linear layer of the scoring MLP, as
             ``nn.Linear`` stores them: ``[H1, 4D]``, (``[H2, H1]``,) ``[1, H_last]``.
         values: ``[N, D]`` behaviour rows (or give ``table`` and ``row_ids``).
-        table: ``[R, D]`` rows to gather from.
-        row_ids: int64 ``[N]``: the table row of each behaviour position.
+        table: ``[R, D]`` rows to gather from, a tensor (differentiable) or a
+            :class:`~recstack.core.paged.PagedTensor` (read with its ``gather_rows``).
+        row_ids: int64 ``[N]``: the table row of each behaviour position; a negative id
+            reads a zero row (:func:`gather_table_rows`).
         starts: int64 ``[B]``: row ``b``'s first position (instead of ``offsets``).
         lengths: int64 ``[B]``: row ``b``'s behaviour count (with ``starts``).
         activation: the hidden layers' activation (:data:`FUSED_ACTIVATIONS`).
@@ -842,7 +943,7 @@ def target_attention_reference(
         rows = values if positions is None else values.index_select(0, positions)
     else:
         ids = row_ids if positions is None else row_ids.index_select(0, positions)
-        rows = table.index_select(0, ids)
+        rows = gather_table_rows(table, ids)
     k = rows.float()
     q = query.float().index_select(0, segment)
     scores = _scoring_mlp(torch.cat([q, k, q - k, q * k], dim=-1), layers, act)
@@ -952,6 +1053,55 @@ def _dot_options(dtype: torch.dtype, bf16_dots: bool = False) -> tuple[bool, str
     return False, "tf32" if tf32 else "ieee"
 
 
+class _Source(NamedTuple):
+    """How the kernels reach the behaviour rows (the arguments after ``row_ids_ptr`` that
+    depend on the source; see :func:`_source`)."""
+
+    ptr: torch.Tensor  # values, a plain table, or a PagedTensor's page table
+    stride: int  # row stride of values / a plain table (a page's rows are dim apart)
+    page_shift: int
+    page_mask: int
+    paged: bool
+    aligned: bool  # every page 16-byte aligned (the row loads' vector hint)
+    rows_kind: int  # TABLE_KINDS of the rows' dtype
+
+
+# A PagedTensor's page alignment, cached per page table: the page table is rebuilt
+# whenever pages are added or moved, so an unchanged one means unchanged pages.
+_PAGE_ALIGNMENT: weakref.WeakKeyDictionary[PagedTensor, tuple[torch.Tensor, bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _pages_aligned(table: PagedTensor) -> bool:
+    cached = _PAGE_ALIGNMENT.get(table)
+    if cached is None or cached[0] is not table.page_table:
+        cached = (table.page_table, all(p.data_ptr() % 16 == 0 for p in table.pages))
+        _PAGE_ALIGNMENT[table] = cached
+    return cached[1]
+
+
+def _source(inputs: _Inputs) -> _Source:
+    """The kernels' view of the rows. A plain table keeps its own path (``PAGED`` off)
+    rather than going through ``PagedTensor.wrap``: wrapping builds a one-entry page table
+    on the device every call (a host-to-device copy, which synchronizes), needs a contiguous
+    table (a strided one would be copied), and adds a dependent page-pointer load before
+    every row load; the constexpr switch compiles the plain and values kernels unchanged."""
+    src = inputs.source
+    kind = TABLE_KINDS[src.dtype]
+    if isinstance(src, PagedTensor):
+        return _Source(
+            src.page_table, 0, src.page_shift, src.page_mask, True, _pages_aligned(src), kind
+        )
+    return _Source(src, src.stride(0), 0, 0, False, False, kind)
+
+
+def _source_tensor(inputs: _Inputs) -> torch.Tensor:
+    """A tensor on the rows' device, for the backend choice."""
+    src = inputs.source
+    return src.page_table if isinstance(src, PagedTensor) else src
+
+
 def _blocks(inputs: _Inputs, block_l: int) -> tuple[int, int, int, int]:
     hidden = inputs.hidden
     mean_len = -(-inputs.num_rows // max(inputs.batch, 1))
@@ -968,7 +1118,7 @@ def target_attention_forward(
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     values: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
+    table: torch.Tensor | PagedTensor | None = None,
     row_ids: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
@@ -993,8 +1143,11 @@ def target_attention_forward(
             stores them: ``[H1, 4D]``, optionally ``[H2, H1]``, then ``[1, H_last]``.
         values: ``[N, D]`` behaviour rows, the query's dtype; or give ``table`` and
             ``row_ids``.
-        table: ``[R, D]`` rows (the query's dtype), gathered by ``row_ids`` in the kernel.
-        row_ids: int64 ``[N]`` table row of each behaviour position (repeats allowed).
+        table: ``[R, D]`` rows (the query's dtype), gathered by ``row_ids`` in the kernel:
+            a tensor, or a :class:`~recstack.core.paged.PagedTensor` read through its page
+            table.
+        row_ids: int64 ``[N]`` table row of each behaviour position (repeats allowed; a
+            negative id reads a zero row, still scored and still given a row gradient).
         starts: int64 ``[B]``: row ``b``'s behaviours are positions ``starts[b]:starts[b] +
             lengths[b]`` (disjoint spans in ``[0, N)``; positions outside every span, such
             as padding, are never read).
@@ -1003,8 +1156,8 @@ def target_attention_forward(
         softmax: normalize the scores over each row's positions (else raw scores weight
             the sum, as in DIN).
         check_bounds: one host sync to check the layout (offsets, or spans in range and
-            disjoint) and that ``row_ids`` lie in the table; pass ``False`` for trusted
-            inputs (no sync).
+            disjoint) and that no row id is past the table's rows (negative ids are zero
+            rows); pass ``False`` for trusted inputs (no sync).
         bf16_dots: multiply in bf16 (fp32 accumulation) even for fp32 inputs, rounding
             the tiles in registers: what bf16 autocast asks of the dense side, without a
             bf16 copy of the rows. GPU only (the interpreter multiplies in fp32).
@@ -1018,7 +1171,7 @@ def target_attention_forward(
     Raises:
         TypeError, ValueError: bad shapes, dtypes, devices, layers or activation (the
             message names the argument); with ``check_bounds``, a bad layout.
-        IndexError: with ``check_bounds``, a row id outside the table.
+        IndexError: with ``check_bounds``, a row id past the table's rows.
     """
     what = "target_attention"
     inputs = _check_inputs(
@@ -1028,7 +1181,7 @@ def target_attention_forward(
         _check_layout(what, inputs)
     batch, dim = inputs.batch, inputs.dim
     device, dtype = inputs.query.device, inputs.query.dtype
-    if not use_triton(inputs.query, inputs.starts, inputs.source, op=what):
+    if not use_triton(inputs.query, inputs.starts, _source_tensor(inputs), op=what):
         out = target_attention_reference(
             inputs.query, inputs.offsets, inputs.layers,
             values=inputs.source if table is None else None,
@@ -1048,9 +1201,10 @@ def target_attention_forward(
     )
     dot_bf16, precision = _dot_options(dtype, bf16_dots)
     two = len(inputs.hidden) == 2
+    src = _source(inputs)
     _target_attention_fwd_kernel[(batch,)](
         inputs.query,
-        inputs.source,
+        src.ptr,
         inputs.row_ids if inputs.row_ids is not None else inputs.starts,
         inputs.starts,
         inputs.lengths,
@@ -1068,11 +1222,16 @@ def target_attention_forward(
         inputs.hidden[0],
         inputs.hidden[1] if two else 1,
         inputs.query.stride(0),
-        inputs.source.stride(0),
+        src.stride,
         out.stride(0),
+        src.page_shift,
+        src.page_mask,
         ACT=inputs.act,
         SOFTMAX=bool(softmax),
         GATHER=inputs.row_ids is not None,
+        PAGED=src.paged,
+        ALIGNED=src.aligned,
+        ROWS_KIND=src.rows_kind,
         TWO_LAYERS=two,
         OUT_KIND=TABLE_KINDS[dtype],
         DOT_BF16=dot_bf16,
@@ -1115,7 +1274,7 @@ def target_attention_backward(
     saved: TargetAttentionSaved,
     *,
     values: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
+    table: torch.Tensor | PagedTensor | None = None,
     row_ids: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
@@ -1174,7 +1333,7 @@ def target_attention_backward(
         )
     if softmax and (saved.stats is None or saved.out_f32 is None):
         raise ValueError(f"{what}: softmax needs the forward's saved stats and out_f32")
-    if not use_triton(inputs.query, inputs.starts, inputs.source, op=what):
+    if not use_triton(inputs.query, inputs.starts, _source_tensor(inputs), op=what):
         raise RuntimeError(
             f"{what}: the Triton kernel cannot run on these tensors; differentiate "
             "target_attention_reference instead"
@@ -1213,10 +1372,11 @@ def target_attention_backward(
         )
         dot_bf16, precision = _dot_options(dtype, bf16_dots)
         row_order = _row_order(inputs.lengths, n_prog)
+        src = _source(inputs)
         _target_attention_bwd_kernel[(n_prog,)](
             grad_out,
             inputs.query,
-            inputs.source,
+            src.ptr,
             inputs.row_ids if inputs.row_ids is not None else inputs.starts,
             inputs.starts,
             inputs.lengths,
@@ -1245,10 +1405,15 @@ def target_attention_backward(
             hidden[1] if two else 1,
             grad_out.stride(0),
             inputs.query.stride(0),
-            inputs.source.stride(0),
+            src.stride,
+            src.page_shift,
+            src.page_mask,
             ACT=inputs.act,
             SOFTMAX=bool(softmax),
             GATHER=inputs.row_ids is not None,
+            PAGED=src.paged,
+            ALIGNED=src.aligned,
+            ROWS_KIND=src.rows_kind,
             TWO_LAYERS=two,
             D_ROWS_KIND=TABLE_KINDS[rows_dtype],
             DOT_BF16=dot_bf16,

@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
+from recstack.embedding_engine import TableRows
 from recstack.pipelines.kernels.target_attention import FUSED_ACTIVATIONS, MAX_FUSED_WIDTH
 from recstack.pipelines.models.base import EmbeddingModel
 from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
 from recstack.pipelines.models.inputs import (
     PooledInputs,
     embedded_output,
-    jagged_output,
     sequence_lengths,
     sequence_mask,
+    table_rows_output,
 )
 from recstack.pipelines.models.layers import MLP, Activation, Tower
 
@@ -242,7 +243,17 @@ class DIN(EmbeddingModel[DINConfig]):
     def _jagged_interest(
         self, item: torch.Tensor, out: Mapping[str, Any], batch: int
     ) -> torch.Tensor:
-        history = jagged_output("DIN", out, self.config.history_feature, batch, self.dim)
+        history = table_rows_output("DIN", out, self.config.history_feature, batch, self.dim)
+        if isinstance(history, TableRows):
+            if self.fused:
+                # The kernels read each id's row from the table: the rows are never
+                # gathered, and their gradient goes back through the collection's sink.
+                return self.attention(
+                    item, history.offsets, table=history.table, row_ids=history.rows,
+                    grad_sink=history.grad_sink, depends_on=history.depends_on,
+                    check_bounds=False,
+                ).float()  # fmt: skip
+            history = history.gather()
         if self.fused:
             # The collection's offsets are trusted: no bounds check, so no host sync.
             return self.attention(item, history.offsets, history.values, check_bounds=False).float()

@@ -3,8 +3,9 @@ user's behaviour sequence with the candidate item appended goes through a stack 
 jagged pointwise-attention blocks; the candidate's output state ranks it (a click
 logit), and every history token is trained to predict the item that follows it.
 
-Sequences stay jagged end to end (no padding to the batch's longest history) and
-nothing is read back to the host on the way: the attention is the fused
+Sequences stay jagged end to end (no padding to the batch's longest history) and, past
+the embedding lookup, nothing is read back to the host (but the ids the full-vocabulary
+loss checks): the attention is the fused
 :func:`~recstack.pipelines.ops.jagged_attention` and the full-vocabulary next-item loss
 the fused :func:`~recstack.pipelines.ops.linear_cross_entropy`.
 """

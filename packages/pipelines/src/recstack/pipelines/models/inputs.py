@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
-from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig, TableRows
 from recstack.pipelines.models.fields import ModelConfigError
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "sequence_lengths",
     "sequence_mask",
     "sparse_input",
+    "table_rows_output",
 ]
 
 POOLED = ("sum", "mean")
@@ -388,6 +389,37 @@ def jagged_output(
         f"{batch + 1} offsets but the collection gave {got}; the FeatureConfigs given to the "
         "model differ from the collection's"
     )
+
+
+def table_rows_output(
+    owner: str, out: Mapping[str, Any], name: str, batch: int, dim: int
+) -> JaggedTensor | TableRows:
+    """Jagged sequence ``name``'s output: its gathered rows (:func:`jagged_output`), or,
+    for a feature left in its table (``FeatureConfig(gather=False)``), the
+    :class:`~recstack.embedding_engine.TableRows` as they are. Checks shapes only, no host
+    sync.
+
+    Args:
+        owner: the model's name, for errors.
+        out: the collection's output.
+        name: the feature (``pooling="none"`` without ``max_len``).
+        batch: the batch size ``B``.
+        dim: the row width the model was built for.
+
+    Raises:
+        ValueError: the output is missing or of another shape.
+    """
+    value = out.get(name)
+    if isinstance(value, TableRows):
+        if value.dim != dim or value.offsets.numel() != batch + 1:
+            raise ValueError(
+                f"{owner}: feature {name!r} should give rows of dim {dim} with {batch + 1} "
+                f"offsets but the collection gave dim {value.dim} with "
+                f"{value.offsets.numel()}; the FeatureConfigs given to the model differ from "
+                "the collection's"
+            )
+        return value
+    return jagged_output(owner, out, name, batch, dim)
 
 
 def sequence_lengths(kjt: KeyedJaggedTensor, name: str, max_len: int) -> torch.Tensor:

@@ -16,12 +16,19 @@ On CUDA (and under ``TRITON_INTERPRET=1``) the forward and the backward are one 
 each (:mod:`recstack.pipelines.kernels.target_attention`); on the CPU the torch reference runs
 under ordinary autograd.
 
+The ``table`` is a plain ``[R, D]`` tensor or a :class:`~recstack.core.paged.PagedTensor`
+(an embedding table's row store, read through its page table inside the kernels). A negative
+row id reads a zero row: it is scored like any behaviour (the MLP sees ``[q, 0, q, 0]``) and
+adds nothing to the sum.
+
 Gradients of the behaviour rows: with ``values``, ``values.grad`` (``[N, D]``). With ``table``
 and ``row_ids``, either a dense ``table.grad`` (an fp32 ``index_add`` of the row gradients,
-then the table's dtype), or, given ``grad_sink``, nothing for the table: the backward calls
-``grad_sink(row_ids, d_rows)`` with the fp32 ``[N, D]`` gradient of each gathered row,
-aligned with ``row_ids`` (repeats not summed), for a sparse optimizer or an embedding
-engine's own reduction.
+then the table's dtype; negative ids add nothing; a PagedTensor gets none), or, given
+``grad_sink``, nothing for the table: the backward calls ``grad_sink(row_ids, d_rows)`` with
+the fp32 ``[N, D]`` gradient of each gathered row, aligned with ``row_ids`` (repeats not
+summed, negative ids included), for a sparse optimizer or an embedding engine's own
+reduction. ``depends_on`` makes whatever produced it (that embedding lookup) run its
+backward only after the sink was called.
 """
 
 from __future__ import annotations
@@ -33,11 +40,15 @@ import torch
 from torch import nn
 
 from recstack.core.kernels import use_triton
+from recstack.core.paged import PagedTensor
 from recstack.pipelines.kernels.target_attention import (
     TargetAttentionSaved,
     _check_inputs,
     _check_layout,
+    _covered_positions,
+    _source_tensor,
     activation_code,
+    gather_table_rows,
     padded_target_attention_reference,
     target_attention_backward,
     target_attention_forward,
@@ -51,14 +62,46 @@ __all__ = ["FusedTargetAttention", "GradSink", "padded_target_attention", "targe
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
+def _dense_table_grad(
+    table: torch.Tensor, row_ids: torch.Tensor, d_rows: torch.Tensor
+) -> torch.Tensor:
+    """``table``'s gradient from its gathered rows' (fp32 sums, then the table's dtype);
+    rows read by a negative id belong to no table row."""
+    dense = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+    valid = row_ids >= 0
+    d_rows = d_rows.float().masked_fill(~valid.unsqueeze(1), 0)
+    if dense.shape[0]:
+        dense.index_add_(0, torch.where(valid, row_ids, 0), d_rows)
+    return dense.to(table.dtype)
+
+
+def _depends_on_grad(depends_on: tuple[Any, ...] | None) -> torch.Tensor | None:
+    """Zeros for ``depends_on`` (kept as its shape, dtype and device)."""
+    if depends_on is None:
+        return None
+    shape, dtype, device = depends_on
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _depends_on_meta(depends_on: torch.Tensor | None) -> tuple[Any, ...] | None:
+    if depends_on is None:
+        return None
+    return (depends_on.shape, depends_on.dtype, depends_on.device)
+
+
 class _TargetAttentionFunction(torch.autograd.Function):
-    """Fused forward and backward; the layer tensors follow the fixed arguments."""
+    """Fused forward and backward; the layer tensors follow the fixed arguments.
+
+    ``source`` is ``values``, a plain table, or a PagedTensor (not a tensor: no gradient of
+    its own, kept on ``ctx``). ``depends_on`` is an input only so that autograd orders its
+    producer's backward after this one (after ``grad_sink`` was called); its gradient is
+    zeros."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         query: torch.Tensor,
-        source: torch.Tensor,
+        source: torch.Tensor | PagedTensor,
         row_ids: torch.Tensor | None,
         offsets: torch.Tensor | None,
         starts: torch.Tensor | None,
@@ -66,6 +109,7 @@ class _TargetAttentionFunction(torch.autograd.Function):
         activation: str,
         softmax: bool,
         grad_sink: GradSink | None,
+        depends_on: torch.Tensor | None,
         *flat_layers: torch.Tensor,
     ) -> torch.Tensor:
         layers = list(zip(flat_layers[0::2], flat_layers[1::2], strict=True))
@@ -86,11 +130,13 @@ class _TargetAttentionFunction(torch.autograd.Function):
                 row_ids=row_ids, starts=starts, lengths=lengths, activation=activation,
                 softmax=softmax, check_bounds=False, bf16_dots=bf16_dots,
             )  # fmt: skip
+        paged = source if isinstance(source, PagedTensor) else None
         ctx.save_for_backward(
-            query, source, row_ids, offsets, starts, lengths, saved.stats, saved.out_f32,
-            *flat_layers,
+            query, None if paged is not None else source, row_ids, offsets, starts, lengths,
+            saved.stats, saved.out_f32, *flat_layers,
         )  # fmt: skip
-        ctx.options = (activation, softmax, grad_sink, bf16_dots)
+        ctx.paged = paged
+        ctx.options = (activation, softmax, grad_sink, bf16_dots, _depends_on_meta(depends_on))
         return out
 
     @staticmethod
@@ -98,7 +144,9 @@ class _TargetAttentionFunction(torch.autograd.Function):
         query, source, row_ids, offsets, starts, lengths, stats, out_f32, *flat_layers = (
             ctx.saved_tensors
         )
-        activation, softmax, grad_sink, bf16_dots = ctx.options
+        if ctx.paged is not None:
+            source = ctx.paged
+        activation, softmax, grad_sink, bf16_dots, depends_on = ctx.options
         layers = list(zip(flat_layers[0::2], flat_layers[1::2], strict=True))
         gather = row_ids is not None
         with torch.autocast(query.device.type, enabled=False):
@@ -114,29 +162,53 @@ class _TargetAttentionFunction(torch.autograd.Function):
             d_source = grads.rows
         elif grad_sink is not None:
             grad_sink(row_ids, grads.rows)
-        elif ctx.needs_input_grad[1]:
-            dense = torch.zeros(source.shape, dtype=torch.float32, device=source.device)
-            d_source = dense.index_add_(0, row_ids, grads.rows).to(source.dtype)
+        elif ctx.paged is None and ctx.needs_input_grad[1]:
+            d_source = _dense_table_grad(source, row_ids, grads.rows)
         flat_grads = [g for pair in grads.layers for g in pair]
-        return (grads.query, d_source, *([None] * 7), *flat_grads)
+        return (
+            grads.query, d_source, *([None] * 7), _depends_on_grad(depends_on), *flat_grads,
+        )  # fmt: skip
 
 
 class _GatherWithSink(torch.autograd.Function):
-    """``table[row_ids]`` whose backward hands the row gradients to a sink (CPU path)."""
+    """The behaviour rows of the reference path, as an autograd node: ``table[read_ids]``
+    (a zero row for a negative id; fp32) whose backward hands the row gradients to
+    ``grad_sink`` with ``row_ids`` (else a dense gradient for a plain table, none for a
+    PagedTensor); or, with ``row_ids=None``, ``values`` themselves. ``read_ids`` is
+    ``row_ids`` with -1 where no span covers the position (padding may hold any id).
+    ``depends_on`` gets zeros, after the sink was called."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, table: torch.Tensor, row_ids: torch.Tensor, grad_sink: GradSink
+        ctx: Any,
+        source: torch.Tensor | PagedTensor,
+        row_ids: torch.Tensor | None,
+        read_ids: torch.Tensor | None,
+        grad_sink: GradSink | None,
+        depends_on: torch.Tensor | None,
     ) -> torch.Tensor:
-        ctx.save_for_backward(row_ids)
+        ctx.depends_on = _depends_on_meta(depends_on)
         ctx.grad_sink = grad_sink
-        return table.index_select(0, row_ids)
+        ctx.paged = isinstance(source, PagedTensor)
+        if row_ids is None:
+            return source.view_as(source)
+        ctx.save_for_backward(row_ids, read_ids, None if ctx.paged else source)
+        # fp32 rows (the reference computes in fp32 anyway), so the sink gets fp32 gradients
+        # not rounded to the table's dtype first, as the kernels give them.
+        return gather_table_rows(source, read_ids).float()
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
-        (row_ids,) = ctx.saved_tensors
-        ctx.grad_sink(row_ids, grad.float())
-        return None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        d_depends_on = _depends_on_grad(ctx.depends_on)
+        if not ctx.saved_tensors:  # values
+            return grad, None, None, None, d_depends_on
+        row_ids, read_ids, table = ctx.saved_tensors
+        d_table = None
+        if ctx.grad_sink is not None:
+            ctx.grad_sink(row_ids, grad.float())
+        elif not ctx.paged and ctx.needs_input_grad[0]:
+            d_table = _dense_table_grad(table, read_ids, grad)
+        return d_table, None, None, None, d_depends_on
 
 
 def target_attention(
@@ -145,7 +217,7 @@ def target_attention(
     layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     values: torch.Tensor | None = None,
-    table: torch.Tensor | None = None,
+    table: torch.Tensor | PagedTensor | None = None,
     row_ids: torch.Tensor | None = None,
     starts: torch.Tensor | None = None,
     lengths: torch.Tensor | None = None,
@@ -153,6 +225,7 @@ def target_attention(
     softmax: bool = False,
     grad_sink: GradSink | None = None,
     check_bounds: bool = True,
+    depends_on: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DIN target attention of each row's candidate over its jagged behaviours: ``[B, D]``.
 
@@ -166,6 +239,13 @@ def target_attention(
     ``[B, L, D]`` history is spans over ``keys.reshape(B * L, D)``:
     :func:`padded_target_attention` builds them.
 
+    With ``table`` and ``row_ids`` the rows are read inside the op, from a plain tensor or a
+    :class:`~recstack.core.paged.PagedTensor` (through its page table: the ``[N, D]`` rows
+    are never materialized). A negative row id (an id an embedding's admission filter did
+    not admit) reads a zero row: it is still scored (the MLP sees ``[q, 0, q, 0]``), adds
+    nothing to the sum, and still gets its entry in ``grad_sink``'s ``d_rows``. The rows
+    must not change between the forward and the backward.
+
     Args:
         query: float32 or bfloat16 ``[B, D]`` candidates.
         offsets: int64 ``[B + 1]``: row ``b``'s behaviours are positions
@@ -174,26 +254,37 @@ def target_attention(
             them: ``[H1, 4D]``, optionally ``[H2, H1]``, then the output ``[1, H_last]``.
         values: ``[N, D]`` behaviour rows in the query's dtype; or give ``table`` and
             ``row_ids``.
-        table: ``[R, D]`` embedding rows (the query's dtype), read by ``row_ids`` inside
-            the kernels.
-        row_ids: int64 ``[N]``: the table row of each behaviour position (repeats allowed).
+        table: ``[R, D]`` embedding rows (the query's dtype and device), read by
+            ``row_ids`` inside the kernels: a tensor, or a
+            :class:`~recstack.core.paged.PagedTensor` (which gets no gradient: give
+            ``grad_sink`` to receive its rows' gradients).
+        row_ids: int64 ``[N]``: the table row of each behaviour position (repeats allowed;
+            negative: a zero row).
         starts: int64 ``[B]``: the first position of each row (with ``offsets=None``).
         lengths: int64 ``[B]``: each row's behaviour count (with ``starts``).
         activation: the hidden layers' activation, one of ``FUSED_ACTIVATIONS`` (sigmoid,
             relu, tanh, leaky_relu, silu, gelu).
         softmax: normalize the scores over each row's behaviours.
         grad_sink: with ``table``: called in backward as ``grad_sink(row_ids, d_rows)``
-            (fp32 ``[N, D]``) instead of giving ``table`` a dense gradient.
+            (fp32 ``[N, D]``, one row per position, negative ids included) instead of
+            giving ``table`` a dense gradient.
         check_bounds: one host sync checking the layout (offsets, or spans in range and
-            disjoint) and that ``row_ids`` lie in the table; ``False`` for trusted inputs.
+            disjoint) and that no row id is past the table's rows (negative ids are zero
+            rows); ``False`` for trusted inputs.
+        depends_on: any tensor (in practice a zero-size one with ``requires_grad``, made by
+            the embedding lookup that hands over ``table`` and ``row_ids``) that becomes an
+            input of the op's autograd node, with a zero gradient. Autograd then runs the
+            backward of whatever produced it only after this op's backward, that is after
+            ``grad_sink`` was called: the lookup's backward can read what the sink received.
 
     Returns:
         ``[B, D]`` in the query's dtype (accumulated in fp32).
 
     Raises:
         TypeError, ValueError: a bad shape, dtype, device, layer or activation (the
-            message names the argument); with ``check_bounds``, a bad layout.
-        IndexError: with ``check_bounds``, a row id outside the table.
+            message names the argument; a PagedTensor ``table`` by its name); with
+            ``check_bounds``, a bad layout.
+        IndexError: with ``check_bounds``, a row id past the table's rows.
 
     Example:
         >>> import torch
@@ -213,24 +304,41 @@ def target_attention(
         raise ValueError(f"{what}: grad_sink goes with table and row_ids, not with values")
     if grad_sink is not None and not callable(grad_sink):
         raise TypeError(f"{what}: grad_sink must be callable, got {type(grad_sink).__name__}")
+    if depends_on is not None and not isinstance(depends_on, torch.Tensor):
+        raise TypeError(
+            f"{what}: depends_on must be a torch.Tensor or None, got {type(depends_on).__name__}"
+        )
     if check_bounds:
         _check_layout(what, inputs)
-    gather = inputs.row_ids is not None
-    if use_triton(inputs.query, inputs.starts, inputs.source, op=what):
+    anchored = depends_on is not None and depends_on.requires_grad
+    if grad_sink is not None and torch.is_grad_enabled() and not anchored:
+        # The sink is the table's gradient, so the op must be in the autograd graph even
+        # when nothing else it reads needs one (a PagedTensor is no tensor input; the scorer
+        # may be frozen): a throwaway zero-size leaf puts it there.
+        depends_on = torch.zeros(0, device=inputs.query.device, requires_grad=True)
+    if use_triton(inputs.query, inputs.starts, _source_tensor(inputs), op=what):
         flat = [t for pair in inputs.layers for t in pair]
         spans = inputs.offsets is None
         return _TargetAttentionFunction.apply(
             inputs.query, inputs.source, inputs.row_ids, inputs.offsets,
             inputs.starts if spans else None, inputs.lengths if spans else None, activation,
-            bool(softmax), grad_sink, *flat,
+            bool(softmax), grad_sink, depends_on, *flat,
         )  # fmt: skip
-    if gather and grad_sink is not None:
-        values = _GatherWithSink.apply(inputs.source, inputs.row_ids, grad_sink)
-        table = row_ids = None
+    rows, table_rows, ids = inputs.source, None, None
+    paged = isinstance(rows, PagedTensor)
+    if grad_sink is not None or depends_on is not None or paged:
+        # The rows as one autograd node that calls the sink and gates depends_on.
+        read_ids = inputs.row_ids
+        if read_ids is not None and inputs.offsets is None:
+            covered = _covered_positions(inputs.starts, inputs.lengths, inputs.num_rows)
+            read_ids = torch.where(covered, read_ids, -1)
+        rows = _GatherWithSink.apply(rows, inputs.row_ids, read_ids, grad_sink, depends_on)
+    elif inputs.row_ids is not None:
+        rows, table_rows, ids = None, inputs.source, inputs.row_ids
     return target_attention_reference(
-        inputs.query, inputs.offsets, inputs.layers, values=values, table=table,
-        row_ids=inputs.row_ids if table is not None else None, starts=inputs.starts,
-        lengths=inputs.lengths, activation=activation, softmax=softmax,
+        inputs.query, inputs.offsets, inputs.layers, values=rows, table=table_rows,
+        row_ids=ids, starts=inputs.starts, lengths=inputs.lengths, activation=activation,
+        softmax=softmax,
     )  # fmt: skip
 
 
@@ -371,12 +479,13 @@ class FusedTargetAttention(nn.Module):
         offsets: torch.Tensor | None,
         values: torch.Tensor | None = None,
         *,
-        table: torch.Tensor | None = None,
+        table: torch.Tensor | PagedTensor | None = None,
         row_ids: torch.Tensor | None = None,
         starts: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
         grad_sink: GradSink | None = None,
         check_bounds: bool = True,
+        depends_on: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The attention-pooled behaviours, ``[B, D]`` in the query's dtype.
 
@@ -384,19 +493,24 @@ class FusedTargetAttention(nn.Module):
             query: ``[B, D]`` candidates.
             offsets: int64 ``[B + 1]`` behaviour offsets of each row; ``None`` with
                 ``starts`` and ``lengths``.
-            values: ``[N, D]`` behaviour rows; or give ``table`` and ``row_ids``.
-            table: ``[R, D]`` embedding rows to gather from.
-            row_ids: int64 ``[N]`` table row of each behaviour.
+            values: ``[N, D]`` behaviour rows; or give ``table`` and ``row_ids`` (exactly
+                one of the two).
+            table: ``[R, D]`` embedding rows to gather from: a tensor or a
+                :class:`~recstack.core.paged.PagedTensor`.
+            row_ids: int64 ``[N]`` table row of each behaviour (negative: a zero row).
             starts: int64 ``[B]`` first position of each row (instead of ``offsets``).
             lengths: int64 ``[B]`` behaviour count of each row (with ``starts``).
             grad_sink: with ``table``, receives ``(row_ids, d_rows)`` in backward instead of
                 a dense table gradient.
             check_bounds: one host sync checking the layout and ``row_ids``.
+            depends_on: a tensor whose producer's backward must run after this one's
+                (after ``grad_sink`` was called); it gets a zero gradient
+                (:func:`target_attention`).
         """
         return target_attention(
             query, offsets, self.layers(), values=values, table=table, row_ids=row_ids,
             starts=starts, lengths=lengths, activation=self.activation, softmax=self.softmax,
-            grad_sink=grad_sink, check_bounds=check_bounds,
+            grad_sink=grad_sink, check_bounds=check_bounds, depends_on=depends_on,
         )  # fmt: skip
 
     def forward_padded(

@@ -10,7 +10,9 @@ same held-out file.
 
 * Ours, built from the public API as a user would: a ``ColumnReader`` (its own decoding
   threads, batches delivered on the GPU), a ``FeatureEngine``, an ``EmbeddingCollection`` of
-  dynamic (collision-free) tables with the history as a padded ``pooling="none"`` feature,
+  dynamic (collision-free) tables with the history as a jagged ``pooling="none"`` feature
+  whose rows the fused attention reads from the table (``gather=False``; ``--history
+  jagged`` hands it the gathered rows, ``--history padded`` pads them to ``--hist``),
   ``recstack.pipelines.models.DIN``, ``SparseAdam(tf_compat=True)`` and ``AdamW``, bf16
   autocast for the dense tower, run by ``recstack.pipelines.trainer.Trainer``
   (``max_steps``). Its phases are timed from outside: the data source and the feature
@@ -77,7 +79,7 @@ from recstack.columnio import (
     roc_auc,
     write_synthetic_ctr,
 )
-from recstack.embedding_engine import FeatureConfig, TableConfig
+from recstack.embedding_engine import FeatureConfig, TableConfig, TableRows
 from recstack.feature_engine import Feature, FeatureEngine, Truncate
 from recstack.pipelines import Callback, Task, Trainer
 from recstack.pipelines.models import DIN, DINConfig
@@ -136,6 +138,7 @@ class Settings:
     deferred_checks: bool
     capacity: int | None
     gen_workers: int
+    history: str  # our history feature: "padded", "jagged" or "table" (see --history)
     data_max_hist: int  # the data's longest history: fixed, so --hist lists share files
 
 
@@ -182,6 +185,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         deferred_checks=args.deferred_checks,
         capacity=args.capacity,
         gen_workers=args.gen_workers or min(os.cpu_count() or 1, 16),
+        history=args.history,
         data_max_hist=max((*hists, 20 if q else 1000)),
     )
 
@@ -592,6 +596,8 @@ def instrument(
     def grad_hooks(outputs: Iterable[Any]) -> None:
         if timer.splitting and torch.is_grad_enabled():
             for t in outputs:
+                if isinstance(t, TableRows):
+                    t = t.depends_on  # its gradient comes once the attention's backward is done
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(mark("dense"))
 
@@ -606,6 +612,14 @@ def instrument(
     sparse.register_step_post_hook(mark("sparse"))
     dense.register_step_pre_hook(mark("sparse"))  # closes the sparse zero_grad
     dense.register_step_post_hook(mark("dense"))
+
+
+def history_lookup(kind: str, hist: int) -> FeatureConfig:
+    """Our history's lookup: its ids (the feature engine keeps the last ``hist``) as jagged
+    rows the attention reads from the table, as gathered jagged rows, or padded."""
+    if kind == "padded":
+        return FeatureConfig("history", "item", pooling="none", max_len=hist)
+    return FeatureConfig("history", "item", pooling="none", gather=kind == "jagged")
 
 
 def run_ours(cfg: Settings, data: Data, hist: int) -> SideResult:
@@ -627,7 +641,7 @@ def run_ours(cfg: Settings, data: Data, hist: int) -> SideResult:
     tables = [TableConfig(name, dim=cfg.dim, capacity=cfg.capacity) for name in items]
     lookups = [
         FeatureConfig("item", "item"),
-        FeatureConfig("history", "item", pooling="none", max_len=hist),
+        history_lookup(cfg.history, hist),
         *(FeatureConfig(name, name) for name in items[1:]),
     ]
     din = DINConfig(
@@ -933,6 +947,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--deferred-checks", action="store_true", help="SparseAdam(deferred_checks=True)"
     )
     p.add_argument("--capacity", type=int, help="TableConfig capacity hint (rows per table)")
+    p.add_argument(
+        "--history",
+        choices=("table", "jagged", "padded"),
+        default="table",
+        help="our history feature: jagged rows read from the table by the attention kernels "
+        "(gather=False), jagged gathered rows, or padded to --hist",
+    )
     add_json_option(p)
     return p.parse_args(argv)
 

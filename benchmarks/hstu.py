@@ -248,6 +248,18 @@ class PlainHSTU(nn.Module):
 Step = Callable[[Batch], torch.Tensor]
 
 
+def optimize(
+    loss: torch.Tensor, sparse: torch.optim.Optimizer, dense: torch.optim.Optimizer
+) -> torch.Tensor:
+    """The backward of ``loss`` and both optimizers' steps; the loss, detached."""
+    loss.backward()
+    sparse.step()
+    sparse.zero_grad()
+    dense.step()
+    dense.zero_grad()
+    return loss.detach()
+
+
 def build_ours(args: argparse.Namespace, vocab: int, device: torch.device) -> tuple[Step, int]:
     """Our step and the model's dense parameter count."""
     tables = [TableConfig("item", dim=args.emb_dim, capacity=vocab)]
@@ -271,12 +283,7 @@ def build_ours(args: argparse.Namespace, vocab: int, device: torch.device) -> tu
             out = model(batch.ours)
         loss = F.binary_cross_entropy_with_logits(out["label"], batch.label)
         loss = loss + args.next_item_weight * out["next_item"]
-        loss.backward()
-        sparse.step()
-        sparse.zero_grad()
-        dense.step()
-        dense.zero_grad()
-        return loss.detach()
+        return optimize(loss, sparse, dense)
 
     return step, sum(p.numel() for p in model.parameters())
 
@@ -294,12 +301,7 @@ def build_plain(args: argparse.Namespace, vocab: int, device: torch.device) -> t
             logits, next_loss = model(batch.ids, batch.lengths)
         loss = F.binary_cross_entropy_with_logits(logits, batch.label)
         loss = loss + args.next_item_weight * next_loss
-        loss.backward()
-        sparse.step()
-        sparse.zero_grad()
-        dense.step()
-        dense.zero_grad()
-        return loss.detach()
+        return optimize(loss, sparse, dense)
 
     return step, sum(p.numel() for p in params)
 

@@ -197,6 +197,28 @@ class PlainDIN(nn.Module):
         return self.mlp(torch.cat([interest, q.float()], dim=-1)).squeeze(-1).float()
 
 
+def training_step(
+    model: nn.Module,
+    sparse: torch.optim.Optimizer,
+    dense: torch.optim.Optimizer,
+    device: torch.device,
+) -> Callable[[dict], None]:
+    """One step of either side: the forward (bf16 autocast on CUDA), BCE on the click
+    label, the backward, then the sparse and dense optimizer steps."""
+    bf16 = device.type == "cuda"
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(batch)
+        F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+        sparse.step()
+        sparse.zero_grad()
+        dense.step()
+        dense.zero_grad(set_to_none=True)
+
+    return step
+
+
 def build_ours(args: argparse.Namespace, device: torch.device) -> Callable[[dict], None]:
     """Our DIN's training step over one batch dict."""
     tables = [TableConfig("item", dim=args.dim, capacity=args.capacity)]
@@ -218,18 +240,7 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> Callable[[dict
         raise RuntimeError("the history should be jagged and the attention fused")
     sparse = SparseAdam(model.embeddings.sparse_parameters(), lr=1e-3)
     dense = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    bf16 = device.type == "cuda"
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch)
-        F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
-        sparse.step()
-        sparse.zero_grad()
-        dense.step()
-        dense.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(model, sparse, dense, device)
 
 
 def build_plain(args: argparse.Namespace, device: torch.device) -> Callable[[dict], None]:
@@ -237,18 +248,7 @@ def build_plain(args: argparse.Namespace, device: torch.device) -> Callable[[dic
     model = PlainDIN(args.items, args.dim, device)
     sparse = torch.optim.SparseAdam([model.item.weight], lr=1e-3)
     dense = torch.optim.AdamW(model.dense_parameters(), lr=1e-3)
-    bf16 = device.type == "cuda"
-
-    def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch)
-        F.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
-        sparse.step()
-        sparse.zero_grad(set_to_none=True)
-        dense.step()
-        dense.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(model, sparse, dense, device)
 
 
 # ------------------------------------------------------------------------------ measuring

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from backends import RUNNABLE
 
 from recstack.core import PagedTensor, kernels
 from recstack.pipelines.kernels.target_attention import (
@@ -23,7 +24,6 @@ from recstack.pipelines.kernels.target_attention import (
     target_attention_reference,
 )
 
-RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
 ON_GPU = torch.cuda.is_available() and not kernels.interpret_mode()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_kernels = pytest.mark.skipif(

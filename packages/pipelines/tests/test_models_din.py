@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_testdata import DENSE, FEATURES, MAX_LEN, ROWS, TABLES, din, make_batch, synthetic_rows
+from backends import BACKENDS
+from model_testdata import (
+    DENSE,
+    FEATURES,
+    MAX_LEN,
+    ROWS,
+    TABLES,
+    din,
+    make_batch,
+    synthetic_rows,
+)
+from model_testdata import (
+    JAGGED_FEATURES as JAGGED,
+)
 
 from recstack.core import kernels
 from recstack.embedding_engine import FeatureConfig
 from recstack.pipelines.models import DIN, DINConfig, ModelConfigError, TargetAttention
 from recstack.pipelines.ops import FusedTargetAttention
 from recstack.sparse_optim import SparseAdam
-
-RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1"),
-    ),
-]
 
 
 @pytest.mark.parametrize("softmax", [False, True])
@@ -145,9 +148,6 @@ def test_fused_and_unfused_attention_give_the_same_model(softmax: bool, backend:
 
 # The same features with the history jagged (no padding) or padded past its longest row.
 LONGEST = 8
-JAGGED = [
-    FeatureConfig("hist", "item", pooling="none") if f.name == "hist" else f for f in FEATURES
-]
 PADDED = [
     FeatureConfig("hist", "item", pooling="none", max_len=LONGEST) if f.name == "hist" else f
     for f in FEATURES

@@ -8,26 +8,23 @@ from typing import Any
 
 import pytest
 import torch
-from model_testdata import DENSE, FEATURES, ROWS, TABLES, make_batch, synthetic_rows
+from backends import BACKENDS
+from model_testdata import (
+    DENSE,
+    FEATURES,
+    ROWS,
+    TABLES,
+    make_batch,
+    synthetic_rows,
+)
+from model_testdata import (
+    JAGGED_FEATURES as JAGGED,
+)
 
 from recstack.core import kernels
 from recstack.embedding_engine import FeatureConfig, TableConfig
 from recstack.pipelines.models import HSTU, HSTUConfig, ModelConfigError
 from recstack.sparse_optim import SparseAdam
-
-RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1"),
-    ),
-]
-
-JAGGED = [
-    FeatureConfig("hist", "item", pooling="none") if f.name == "hist" else f for f in FEATURES
-]
 
 
 def build(**changes: Any) -> HSTU:
@@ -249,3 +246,23 @@ def test_a_run_config_names_its_two_outputs() -> None:
     assert ModelConfig("hstu", config).outputs() == {"click": "logits", "gen": "loss"}
     ranking_only = HSTUConfig("item_id", "hist", next_item_loss="none")
     assert ModelConfig("hstu", ranking_only).outputs() is None
+
+
+def test_a_history_left_in_the_table_gives_the_same_step() -> None:
+    batch = make_batch(ROWS + synthetic_rows(5, seed=8))
+    gathered = _ready(build(), batch).train()
+    in_table_features = [
+        FeatureConfig("hist", "item", pooling="none", gather=False) if f.name == "hist" else f
+        for f in JAGGED
+    ]
+    fields = dict(vars(gathered.config))
+    in_table = HSTU(HSTUConfig(**fields), TABLES, in_table_features)
+    in_table.load_state_dict(gathered.state_dict())
+    _ready(in_table, batch).train()
+    weight = torch.randn(8)
+    expected, got = _step(gathered, batch, weight), _step(in_table, batch, weight)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    for name, grad in expected[3].items():
+        assert torch.equal(got[3][name].rows, grad.rows), name
+        torch.testing.assert_close(got[3][name].values, grad.values)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from backends import BACKENDS, RUNNABLE
 
 from recstack.core import PagedTensor, kernels
 from recstack.pipelines.kernels.target_attention import (
@@ -24,17 +25,8 @@ from recstack.pipelines.ops.target_attention import (
     target_attention,
 )
 
-RUNNABLE = kernels.HAS_TRITON and (kernels.interpret_mode() or torch.cuda.is_available())
 ON_GPU = torch.cuda.is_available() and not kernels.interpret_mode()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param(
-        "triton",
-        id="triton",
-        marks=pytest.mark.skipif(not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1"),
-    ),
-]
 LENGTHS = [3, 0, 1, 21, 5]  # ragged, an empty row, a single behaviour
 
 

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor
+from recstack.embedding_engine import TableRows
 from recstack.pipelines.models.base import EmbeddingModel
 from recstack.pipelines.models.fields import CheckedConfig, ConfigField, ModelConfigError
-from recstack.pipelines.models.inputs import PooledInputs, embedded_output, jagged_output
+from recstack.pipelines.models.inputs import PooledInputs, embedded_output, table_rows_output
 from recstack.pipelines.models.jagged_tokens import append_layout
 from recstack.pipelines.models.layers import Activation, Tower
 from recstack.pipelines.models.next_item import NEXT_ITEM_MODES, NextItemLoss
@@ -221,7 +222,9 @@ class HSTU(EmbeddingModel[HSTUConfig]):
         c = self.config
         batch = kjt.stride()
         item = embedded_output("HSTU", out, c.item_feature, (batch, self.item_dim))
-        history = jagged_output("HSTU", out, c.history_feature, batch, self.item_dim)
+        history = table_rows_output("HSTU", out, c.history_feature, batch, self.item_dim)
+        if isinstance(history, TableRows):
+            history = history.gather()  # the blocks project every row: gather them here
         rows = history.values
         num = rows.shape[0]
         layout = append_layout(history.offsets, num)

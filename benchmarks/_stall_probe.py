@@ -4,7 +4,7 @@ A step far above the median after warm-up has few possible causes on a GPU: a Tr
 kernel compiled (a new specialization of its arguments), the caching allocator asking
 the driver for memory (a new segment, or a retry after freeing its cache), or work that
 only some steps do (a hash table growing, a rehash). :class:`StallProbe` records, per
-step, the Triton compilations (through Triton's post-compile hook), the allocator's
+step, the Triton compilations (by wrapping Triton's compile step), the allocator's
 segment and retry counts, and RecStack's kernel launches by name
 (:func:`recstack.core.kernels.count_launches`); :meth:`StallProbe.explain` lists, for
 each step above a multiple of the median, what it did that a typical step does not.
@@ -42,7 +42,7 @@ def _alloc_counts(device: torch.device) -> tuple[int, int]:
 
 class StallProbe:
     """Per-step events of a run: call :meth:`step_end` after each step, :meth:`close`
-    at the end (it removes the Triton hook).
+    at the end (it restores Triton's compile step).
 
     Args:
         device: the training device (the allocator counts are read for CUDA only).
@@ -56,23 +56,26 @@ class StallProbe:
         self._stack = contextlib.ExitStack()
         self._launches = self._stack.enter_context(count_launches())
         self._seen: Counter[str] = Counter()
-        self._knobs: Any = None
-        self._previous_hook: Any = None
+        # Compiles are seen by wrapping JITFunction._do_compile, not through Triton's
+        # post-compile hook: on Triton 3.6 the hook's argument serialization fails on
+        # kernels that take a jit function as a constexpr, and any hook set sends
+        # FastKernel launches down Triton's slow path, which would skew the timings.
+        self._jit: Any = None
+        self._do_compile: Any = None
         try:
-            from triton import knobs
+            from triton.runtime.jit import JITFunction
 
-            self._knobs = knobs.runtime
-            self._previous_hook = knobs.runtime.jit_post_compile_hook
-            knobs.runtime.jit_post_compile_hook = self._compiled
-        except (ImportError, AttributeError):  # an old Triton: no compile events
-            self._knobs = None
+            original = JITFunction._do_compile
+        except (ImportError, AttributeError):  # no Triton, or another one: no compile events
+            return
+        probe = self
 
-    def _compiled(self, *args: Any, **kwargs: Any) -> Any:
-        fn = kwargs.get("fn")
-        self._current.compiled.append(str(getattr(fn, "name", None) or kwargs.get("repr", "?")))
-        if self._previous_hook is not None:
-            return self._previous_hook(*args, **kwargs)
-        return None
+        def do_compile(jit: Any, *args: Any, **kwargs: Any) -> Any:
+            probe._current.compiled.append(str(getattr(jit, "__name__", None) or jit))
+            return original(jit, *args, **kwargs)
+
+        self._jit, self._do_compile = JITFunction, original
+        JITFunction._do_compile = do_compile
 
     def step_end(self) -> None:
         """Close the current step's record."""
@@ -87,9 +90,9 @@ class StallProbe:
 
     def close(self) -> None:
         """Stop recording."""
-        if self._knobs is not None:
-            self._knobs.jit_post_compile_hook = self._previous_hook
-            self._knobs = None
+        if self._jit is not None:
+            self._jit._do_compile = self._do_compile
+            self._jit = None
         self._stack.close()
 
     def explain(self, step_times: list[float], first: int, factor: float = 2.0) -> list[str]:

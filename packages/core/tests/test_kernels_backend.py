@@ -115,3 +115,32 @@ def test_interpreted_kernels_run_from_two_threads() -> None:
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_a_backward_runs_under_the_forwards_backend_in_any_thread() -> None:
+    # Autograd runs a CUDA backward in a device thread of its own; here a thread stands in.
+    seen: list[str] = []
+
+    @kernels.carry_backend
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[override]
+            seen.append(kernels.get_backend())
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    for forced in ("torch", "triton"):
+        x = torch.tensor([1.5, -2.0], requires_grad=True)
+        with kernels.use_backend(forced):
+            y = Square.apply(x).sum()
+        thread = threading.Thread(target=y.backward)
+        thread.start()
+        thread.join()
+        assert x.grad.tolist() == [3.0, -4.0]
+    assert seen == ["torch", "triton"]
+    assert kernels.get_backend() == "auto"

@@ -57,8 +57,11 @@ JAGGED_FEATURES = [
 Row = dict[str, list[int]]
 
 
-def make_batch(rows: Sequence[Row], seed: int = 0) -> dict[str, Any]:
-    """A batch dict as the feature engine gives it, with labels for every model."""
+def make_batch(
+    rows: Sequence[Row], seed: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """A batch dict as the feature engine gives it, with labels for every model, on
+    ``device``."""
     values = [i for k in KEYS for r in rows for i in r[k]]
     lengths = [len(r[k]) for k in KEYS for r in rows]
     kjt = KeyedJaggedTensor(KEYS, torch.tensor(values, dtype=torch.int64), torch.tensor(lengths))
@@ -67,7 +70,7 @@ def make_batch(rows: Sequence[Row], seed: int = 0) -> dict[str, Any]:
     user = torch.tensor([r["user_id"][0] for r in rows])
     in_history = torch.tensor([float(r["item_id"][0] in r["hist"]) for r in rows])
     click = (item % 2 == 0).float()
-    return {
+    batch = {
         "sparse": kjt,
         "dense": torch.randn(len(rows), DENSE, generator=gen),
         "label": in_history,  # DIN's signal: the candidate is in the history
@@ -75,6 +78,7 @@ def make_batch(rows: Sequence[Row], seed: int = 0) -> dict[str, Any]:
         "conversion": click * (user % 2 == 0).float(),
         "liked": (user % 3 == 0).float(),
     }
+    return {name: value.to(device) for name, value in batch.items()}
 
 
 # Row 0 has an empty history, row 1 a history longer than MAX_LEN.

@@ -4,9 +4,12 @@ targets, label smoothing, -inf logits, empty and one-row blocks, several column 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import DEVICE
 
 from recstack.core import kernels
 from recstack.pipelines.kernels.cross_entropy import (
@@ -16,6 +19,14 @@ from recstack.pipelines.kernels.cross_entropy import (
 
 # (loss / lse, gradient) tolerances: the gradient of a bf16 block is stored in bf16.
 TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 8e-3)}
+
+
+@pytest.fixture(autouse=True)
+def on_the_device() -> Iterator[None]:
+    """The tensors a test makes live on the GPU where there is one (the compiled kernels
+    read no CPU tensor), else on the CPU."""
+    with torch.device(DEVICE):
+        yield
 
 
 def _expected(z: torch.Tensor, target: torch.Tensor, eps: float, scale: torch.Tensor):

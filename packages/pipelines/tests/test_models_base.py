@@ -129,7 +129,7 @@ def test_cuda_bf16_forward_backward(name: str) -> None:
         features = FEATURES_OF.get(name, FEATURES)
         model = type(on_cpu)(on_cpu.config, TABLES, features, device="cuda")
         assert all(p.is_cuda for p in model.parameters())
-        batch = {k: v.to("cuda") for k, v in make_batch(ROWS).items()}
+        batch = make_batch(ROWS, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(batch)
             loss, _ = compute_losses(predictions_of(out, tasks), batch, tasks)

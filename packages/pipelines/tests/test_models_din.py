@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backends import BACKENDS
+from backends import BACKENDS, DEVICE
 from model_testdata import (
     DENSE,
     FEATURES,
@@ -65,7 +65,7 @@ def test_target_attention_masks_padding(softmax: bool) -> None:
         assert torch.allclose(alone[0], out[b], atol=1e-6)
 
 
-def build(**changes: object) -> DIN:
+def build(device: torch.device | str = "cpu", **changes: object) -> DIN:
     fields = {
         "item_feature": "item_id",
         "history_feature": "hist",
@@ -75,7 +75,7 @@ def build(**changes: object) -> DIN:
         "mlp_hidden": [32, 16],
         **changes,
     }
-    return DIN(DINConfig(**fields), TABLES, FEATURES)
+    return DIN(DINConfig(**fields), TABLES, FEATURES, device=device)
 
 
 def test_the_fused_attention_runs_where_the_kernels_support_it() -> None:
@@ -122,13 +122,14 @@ def _step(model: DIN, batch: dict, weight: torch.Tensor) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("softmax", [False, True], ids=["raw", "softmax"])
 def test_fused_and_unfused_attention_give_the_same_model(softmax: bool, backend: str) -> None:
     torch.manual_seed(0)
-    unfused = build(softmax=softmax, fused_attention=False)
-    batch = make_batch(ROWS + synthetic_rows(6, seed=3))  # empty, truncated, ragged histories
+    unfused = build(DEVICE, softmax=softmax, fused_attention=False)
+    # Empty, truncated and ragged histories.
+    batch = make_batch(ROWS + synthetic_rows(6, seed=3), device=DEVICE)
     unfused(batch)  # training mode: the batch's ids get rows
     unfused.embeddings.zero_grad_sparse()
-    fused = build(softmax=softmax)
+    fused = build(DEVICE, softmax=softmax)
     fused.load_state_dict(unfused.state_dict())
-    weight = torch.randn(len(ROWS) + 6)
+    weight = torch.randn(len(ROWS) + 6, device=DEVICE)
 
     expected = _step(unfused, batch, weight)
     with kernels.use_backend(backend), kernels.count_launches() as launches:
@@ -167,10 +168,10 @@ def _jagged_and_padded(fused: bool, softmax: bool, batch: dict) -> tuple[DIN, DI
         "softmax": softmax,
         "fused_attention": fused,
     }
-    padded = DIN(DINConfig(**fields), TABLES, PADDED)
+    padded = DIN(DINConfig(**fields), TABLES, PADDED, device=DEVICE)
     padded(batch)  # training mode: the batch's ids get rows
     padded.embeddings.zero_grad_sparse()
-    jagged = DIN(DINConfig(**fields), TABLES, JAGGED)
+    jagged = DIN(DINConfig(**fields), TABLES, JAGGED, device=DEVICE)
     jagged.load_state_dict(padded.state_dict())
     assert jagged.max_len is None and padded.max_len == LONGEST
     return jagged, padded
@@ -195,10 +196,10 @@ def test_a_jagged_history_gives_the_padded_models_logits_and_gradients(
     softmax: bool, fused: bool, backend: str
 ) -> None:
     # ROWS: an empty history and one of 7 ids, the longest; then ragged ones, empty too.
-    batch = make_batch(ROWS + synthetic_rows(5, seed=4))
+    batch = make_batch(ROWS + synthetic_rows(5, seed=4), device=DEVICE)
     jagged, padded = _jagged_and_padded(fused, softmax, batch)
     assert isinstance(jagged.attention, FusedTargetAttention if fused else TargetAttention)
-    weight = torch.randn(len(ROWS) + 5)
+    weight = torch.randn(len(ROWS) + 5, device=DEVICE)
     with kernels.use_backend(backend):
         expected = _step(padded, batch, weight)
         with kernels.count_launches() as launches:
@@ -212,9 +213,9 @@ def test_a_jagged_history_gives_the_padded_models_logits_and_gradients(
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_a_batch_of_empty_jagged_histories_attends_to_nothing(fused: bool, backend: str) -> None:
     rows = [{**r, "hist": []} for r in ROWS]
-    batch = make_batch(rows)
+    batch = make_batch(rows, device=DEVICE)
     jagged, padded = _jagged_and_padded(fused, False, batch)
-    weight = torch.randn(len(rows))
+    weight = torch.randn(len(rows), device=DEVICE)
     with kernels.use_backend(backend):
         expected = _step(padded, batch, weight)
         got = _step(jagged, batch, weight)
@@ -248,13 +249,13 @@ IN_TABLE = [
 def test_rows_read_from_the_table_give_the_gathered_models_step(
     softmax: bool, fused: bool, backend: str
 ) -> None:
-    batch = make_batch(ROWS + synthetic_rows(5, seed=7))
+    batch = make_batch(ROWS + synthetic_rows(5, seed=7), device=DEVICE)
     jagged, _ = _jagged_and_padded(fused, softmax, batch)
-    in_table = DIN(jagged.config, TABLES, IN_TABLE)
+    in_table = DIN(jagged.config, TABLES, IN_TABLE, device=DEVICE)
     in_table.load_state_dict(jagged.state_dict())
     in_table(batch)  # the batch's ids get rows, the same as the jagged model's
     in_table.embeddings.zero_grad_sparse()
-    weight = torch.randn(len(ROWS) + 5)
+    weight = torch.randn(len(ROWS) + 5, device=DEVICE)
     with kernels.use_backend(backend):
         expected = _step(jagged, batch, weight)
         got = _step(in_table, batch, weight)
@@ -266,11 +267,12 @@ def test_rows_read_from_the_table_give_the_gathered_models_step(
         opt = SparseAdam(model.embeddings.sparse_parameters(), lr=0.05)
         for step in range(3):
             with kernels.use_backend(backend):
-                (model(make_batch(synthetic_rows(6, seed=20 + step))) * weight[:6]).sum().backward()
+                batch = make_batch(synthetic_rows(6, seed=20 + step), device=DEVICE)
+                (model(batch) * weight[:6]).sum().backward()
             opt.step()
             opt.zero_grad()
     # The rows of every item id, after the same updates, are the same.
-    ids = torch.arange(40)
+    ids = torch.arange(40, device=DEVICE)
     tables = []
     for model in (jagged, in_table):
         ec = model.embeddings

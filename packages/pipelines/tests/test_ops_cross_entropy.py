@@ -5,9 +5,12 @@ hand-written references (masks, log-Q correction, temperature, gradients)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import DEVICE
 
 from recstack.core import kernels
 from recstack.pipelines.ops.cross_entropy import (
@@ -23,8 +26,16 @@ from recstack.pipelines.ops.cross_entropy import (
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2)}
 
 
+@pytest.fixture(autouse=True)
+def on_the_device() -> Iterator[None]:
+    """The tensors a test makes live on the GPU where there is one (the compiled kernels
+    read no CPU tensor), else on the CPU."""
+    with torch.device(DEVICE):
+        yield
+
+
 def _inputs(rows, vocab, dim, dtype, bias, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     hidden = torch.randn(rows, dim, generator=gen).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, dim, generator=gen) * 0.5).to(dtype).requires_grad_()
     b = (torch.randn(vocab, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
@@ -46,7 +57,7 @@ def _compare(hidden, weight, bias, target, *, reduction, eps=0.0, chunk_size=Non
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     ref = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=eps)
     assert loss.dtype == ref.dtype and loss.shape == ref.shape
-    gen = torch.Generator().manual_seed(9)
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
     upstream = (torch.rand(ref.shape, generator=gen) + 0.5).to(ref.dtype)
     got = _grads(loss, (hidden, weight, bias), upstream)
     want = _grads(ref, (hidden, weight, bias), upstream)
@@ -117,7 +128,7 @@ def test_all_ignored(backend):
 
 
 def test_custom_ignore_index_and_leading_dims(backend):
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
     hidden = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
     weight = torch.randn(40, 8, generator=gen, requires_grad=True)
     target = torch.randint(0, 40, (3, 5), generator=gen)
@@ -263,7 +274,7 @@ def _sampled_reference(hidden, pos_emb, neg_emb, pos_ids, neg_ids, pos_logq, neg
 
 
 def _sampled_inputs(seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     table = torch.randn(30, 6, generator=gen, requires_grad=True)
     hidden = torch.randn(7, 6, generator=gen, requires_grad=True)
     pos_ids = torch.tensor([3, 8, 3, 15, 0, 29, 8])
@@ -383,7 +394,7 @@ def _in_batch_reference(hidden, pos_emb, pos_ids, freq, temperature, remove_hits
 
 @pytest.mark.parametrize("remove_hits", [True, False])
 def test_in_batch_softmax(remove_hits):
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
     hidden = torch.randn(6, 4, generator=gen, requires_grad=True)
     pos_emb = torch.randn(6, 4, generator=gen, requires_grad=True)
     pos_ids = torch.tensor([4, 9, 4, -100, 2, 7])
@@ -405,7 +416,7 @@ def test_in_batch_softmax(remove_hits):
 
 
 def test_in_batch_without_frequency_is_plain_in_batch_softmax():
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
     hidden, pos_emb = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
     pos_ids = torch.arange(5)
     loss = in_batch_softmax_loss(hidden, pos_emb, pos_ids)

@@ -42,6 +42,15 @@ def torch_kernels() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def same(a: torch.Tensor, b: torch.Tensor, backend: str, what: str) -> None:
+    """Bitwise equal; within rounding for the torch reference on CUDA, whose ``index_add``
+    sums run in the order of the atomics."""
+    if backend == "triton" or not ON_GPU:
+        assert torch.equal(a, b), what
+    else:
+        close(a, b, 1e-5 if a.dtype == torch.float32 else 1e-2, what)
+
+
 def generator(*seed: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(seed).encode()))
 
@@ -176,8 +185,9 @@ def test_padded_mode_matches_the_unfused_module(hidden, softmax, backend):
         out.backward(grad_out)
     if backend == "triton":
         assert launches == {"target_attention_fwd": 1, "target_attention_bwd": 1}
-    else:
-        assert set(launches) == {"target_attention_reference"}
+    else:  # CUDA tensors take the padded computation, CPU ones the jagged reference
+        reference = "padded_reference" if ON_GPU else "reference"
+        assert set(launches) == {f"target_attention_{reference}"}
     close(out, expected, 1e-4, "out")
     close(q2.grad, q1.grad, 1e-4, "d_query")
     close(k2.grad, k1.grad, 1e-4, "d_keys")
@@ -470,9 +480,10 @@ def test_paged_table_with_a_sink_matches_the_plain_gather(softmax, dtype, backen
             close(p.grad, g, tol, f"{name} d_weight")
         results[name] = [out, q2.grad, d_rows, *(p.grad.clone() for p in fused.parameters())]
         fused.zero_grad()
-    # Paged and plain tables read the same numbers: identical results.
+    # Paged and plain tables read the same numbers: identical results, but for the order
+    # of the CUDA atomics in the torch reference's index_add sums.
     for i, (a, b) in enumerate(zip(results["paged"], results["plain"], strict=True)):
-        assert torch.equal(a, b), f"result {i}"
+        same(a, b, backend, f"result {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -534,7 +545,8 @@ def test_paged_table_without_a_sink_gets_no_gradient(backend):
         out.backward(grad_out)
         expected = fused(q2, offsets, table=dense, row_ids=row_ids)
         expected.backward(grad_out)
-    assert torch.equal(out, expected) and torch.equal(q1.grad, q2.grad)
+    same(out, expected, backend, "out")
+    same(q1.grad, q2.grad, backend, "d_query")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

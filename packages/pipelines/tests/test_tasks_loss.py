@@ -107,6 +107,38 @@ def test_predictions_and_losses_of_a_logits_task_and_a_loss_task() -> None:
         predictions_of({"label": logits, "aux": torch.ones(0)}, TASKS)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_losses_are_float32_under_autocast(device: str) -> None:
+    # CUDA autocast refuses binary_cross_entropy on probabilities; every loss runs outside it.
+    seen = []
+
+    def custom(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_autocast_enabled(device))
+        return (out - y).square().mean()
+
+    tasks = [
+        Task("click", label="click"),
+        Task("buy", label="buy", output="probability"),
+        Task("dwell", label="dwell", loss=custom),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    preds = {
+        "click": torch.randn(6, generator=gen),
+        "buy": torch.rand(6, generator=gen),
+        "dwell": torch.randn(6, generator=gen),
+    }
+    labels = {name: (torch.rand(6, generator=gen) > 0.5).float() for name in preds}
+    preds = {k: v.to(device) for k, v in preds.items()}
+    labels = {k: v.to(device) for k, v in labels.items()}
+    plain, plain_each = compute_losses(preds, labels, tasks)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        total, each = compute_losses(preds, labels, tasks)
+    assert seen == [False, False]
+    assert total.dtype == torch.float32 and torch.equal(total, plain)
+    for name, value in each.items():
+        assert value.dtype == torch.float32 and torch.equal(value, plain_each[name]), name
+
+
 def test_batch_rows_from_the_first_prediction_else_the_inputs() -> None:
     preds = {"aux": torch.tensor(1.0), "label": torch.zeros(7)}
     assert batch_rows(preds, {}, [TASKS[1], TASKS[0]]) == 7

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from recstack.core import PagedTensor, RowUpdate, RowUpdater, SparseGrad, kernels
-from recstack.core.kernels import use_triton
+from recstack.core.kernels import carry_backend, use_triton
 from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 from recstack.embedding_engine.dedup import sort_ids
 from recstack.embedding_engine.kernels.lookup_grad import lookup_grad_sums
@@ -342,6 +342,7 @@ def _sort_rows(plan: LookupPlan) -> tuple[RowSort, int]:
     return RowSort(s.order, s.sorted_seg, s.unique, s.num_unique), min_seg
 
 
+@carry_backend
 class EmbeddingLookupFunction(torch.autograd.Function):
     """``apply(anchor, plan) -> (pooled, sequence, depends_on)``: a lookup with a sparse
     backward.
@@ -376,18 +377,17 @@ class EmbeddingLookupFunction(torch.autograd.Function):
         plan: LookupPlan = ctx.plan
         grad_sequence = plan.full_sequence_grad(grad_sequence)
         plan.deferred_grads.clear()
-        with kernels.use_backend(ctx.backend):
-            live = _live_grads(plan, grad_pooled, grad_sequence)
-            has_grad = any(g is not None for g in live)
-            update = None
-            if plan.updater is not None and has_grad:
-                update = plan.updater.begin_row_update(plan.table)
-            if update is not None:
-                assert plan.updater is not None
-                gate = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
-                plan.updater.end_row_update(plan.table, gate=gate)
-                return None, None
-            grad = lookup_backward(plan, grad_pooled, grad_sequence)
+        live = _live_grads(plan, grad_pooled, grad_sequence)
+        has_grad = any(g is not None for g in live)
+        update = None
+        if plan.updater is not None and has_grad:
+            update = plan.updater.begin_row_update(plan.table)
+        if update is not None:
+            assert plan.updater is not None
+            gate = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
+            plan.updater.end_row_update(plan.table, gate=gate)
+            return None, None
+        grad = lookup_backward(plan, grad_pooled, grad_sequence)
         if plan.sink is not None:
             plan.sink(plan.name, grad)
         return None, None

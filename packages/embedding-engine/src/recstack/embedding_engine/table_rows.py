@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from recstack.core import JaggedTensor, PagedTensor
+from recstack.core.kernels import carry_backend
 
 __all__ = ["RowGradSink", "TableRows"]
 
@@ -96,6 +97,7 @@ def _gather(table: PagedTensor, rows: torch.Tensor) -> torch.Tensor:
     return values * found.unsqueeze(1).to(values.dtype)
 
 
+@carry_backend
 class _GatherToSink(torch.autograd.Function):
     """Rows gathered from a table whose backward hands their gradient to a sink."""
 

@@ -133,11 +133,14 @@ class Task:
         if label is None:
             raise ValueError(f"Task {self.name!r}: needs its labels (column {self.label!r})")
         out, y = output.float(), label.float()
-        if callable(self.loss):
-            return self.loss(out, y)
-        if self.output == "logits":
-            return F.binary_cross_entropy_with_logits(out, y)
-        return F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), y)
+        # In float32 under autocast too: autocast refuses binary_cross_entropy on
+        # probabilities on CUDA, and a loss in bf16 would lose the small differences.
+        with torch.autocast(out.device.type, enabled=False):
+            if callable(self.loss):
+                return self.loss(out, y)
+            if self.output == "logits":
+                return F.binary_cross_entropy_with_logits(out, y)
+            return F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), y)
 
 
 def predictions_of(

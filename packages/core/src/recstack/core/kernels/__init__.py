@@ -26,13 +26,14 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
 __all__ = [
     "Backend",
     "HAS_TRITON",
+    "carry_backend",
     "count_launches",
     "get_backend",
     "interpret_mode",
@@ -138,6 +139,51 @@ def use_backend(backend: Backend) -> Iterator[None]:
         yield
     finally:
         _state.backend = previous
+
+
+FunctionT = TypeVar("FunctionT", bound=type)
+
+
+def carry_backend(function: FunctionT) -> FunctionT:
+    """Class decorator for a ``torch.autograd.Function`` (``forward(ctx, ...)`` style): its
+    ``backward`` runs under the backend that was in force where its ``forward`` ran.
+
+    Autograd runs a CUDA backward pass in a device thread of its own, where the forward
+    thread's :func:`use_backend` does not hold; without this, a backward under a forced
+    ``torch`` backend would launch the Triton kernels.
+
+    Example:
+        >>> import torch
+        >>> from recstack.core import kernels
+        >>> @kernels.carry_backend
+        ... class Double(torch.autograd.Function):
+        ...     @staticmethod
+        ...     def forward(ctx, x):
+        ...         return 2 * x
+        ...
+        ...     @staticmethod
+        ...     def backward(ctx, grad):
+        ...         return 2 * grad
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> Double.apply(x).sum().backward()
+        >>> x.grad.tolist()
+        [2.0, 2.0]
+    """
+    forward, backward = function.forward, function.backward
+
+    @functools.wraps(forward)
+    def forward_keeping_the_backend(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx.recstack_backend = get_backend()
+        return forward(ctx, *args, **kwargs)
+
+    @functools.wraps(backward)
+    def backward_under_it(ctx: Any, *grads: Any) -> Any:
+        with use_backend(ctx.recstack_backend):
+            return backward(ctx, *grads)
+
+    function.forward = staticmethod(forward_keeping_the_backend)  # type: ignore[attr-defined]
+    function.backward = staticmethod(backward_under_it)  # type: ignore[attr-defined]
+    return function
 
 
 def use_triton(*tensors: torch.Tensor, op: str = "op") -> bool:

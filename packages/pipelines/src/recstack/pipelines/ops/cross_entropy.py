@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from recstack.core.kernels import carry_backend
 from recstack.pipelines.kernels.cross_entropy import cross_entropy_rows
 
 __all__ = [
@@ -277,6 +278,7 @@ def _forward(
     return loss.to(hidden.dtype), (d_hidden, d_weight, d_bias)
 
 
+@carry_backend
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Gradients made in the forward (mean / sum) or by a second pass (none)."""
 

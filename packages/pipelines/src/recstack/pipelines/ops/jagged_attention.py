@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from recstack.core import JaggedTensor
-from recstack.core.kernels import use_triton
+from recstack.core.kernels import carry_backend, use_triton
 from recstack.pipelines.kernels.jagged_attention import (
     ATTENTION_KINDS,
     AttentionKind,
@@ -34,6 +34,7 @@ from recstack.pipelines.kernels.jagged_attention import (
 __all__ = ["JaggedAttentionFunction", "JaggedSelfAttention", "jagged_attention"]
 
 
+@carry_backend
 class JaggedAttentionFunction(torch.autograd.Function):
     """Autograd glue of the Triton kernels: the forward saves ``q, k, v`` (and for softmax
     the output and its fp32 log-sum-exp, ``4 * N * heads`` bytes); the backward recomputes

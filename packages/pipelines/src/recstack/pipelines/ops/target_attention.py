@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recstack.core.kernels import use_triton
+from recstack.core.kernels import carry_backend, use_triton
 from recstack.core.paged import PagedTensor
 from recstack.pipelines.kernels.target_attention import (
     TargetAttentionSaved,
@@ -89,6 +89,7 @@ def _depends_on_meta(depends_on: torch.Tensor | None) -> tuple[Any, ...] | None:
     return (depends_on.shape, depends_on.dtype, depends_on.device)
 
 
+@carry_backend
 class _TargetAttentionFunction(torch.autograd.Function):
     """Fused forward and backward; the layer tensors follow the fixed arguments.
 
@@ -170,6 +171,7 @@ class _TargetAttentionFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
+@carry_backend
 class _GatherWithSink(torch.autograd.Function):
     """The behaviour rows of the reference path, as an autograd node: ``table[read_ids]``
     (a zero row for a negative id; fp32) whose backward hands the row gradients to

@@ -24,6 +24,7 @@ from recstack.embedding_engine.config import (
 from recstack.embedding_engine.dynamic import DynamicEmbedding
 from recstack.embedding_engine.hash_table import EMPTY, TOMBSTONE, HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows, init_rows_into
+from recstack.embedding_engine.kernels.init_rows_tagged import init_rows_tagged
 from recstack.embedding_engine.memory import MemoryStats, TableMemory
 from recstack.embedding_engine.parameters import EmbeddingSparseParameter, sparse_parameters
 from recstack.embedding_engine.sequence import PaddedSequence
@@ -65,5 +66,6 @@ __all__ = [
     "import_collection_chunk",
     "init_rows",
     "init_rows_into",
+    "init_rows_tagged",
     "sparse_parameters",
 ]

@@ -20,6 +20,7 @@ import torch
 
 from recstack.embedding_engine.admission import admission_mask
 from recstack.embedding_engine.kernels.init_rows import init_rows_into
+from recstack.embedding_engine.kernels.init_rows_tagged import init_rows_tagged
 from recstack.embedding_engine.physical import PhysicalTable
 
 __all__ = ["init_new_rows", "insert_ids"]
@@ -92,21 +93,24 @@ def init_new_rows(
         tags: their logical table indices, ``None`` for a physical table of one.
     """
     if tags is None:
-        added = [new_ids.numel()]
-    else:
-        # One sync for the per-table counts; each table's rows are then found unsynced.
-        added = torch.bincount(tags, minlength=len(phys.tables)).tolist()
-        for index, count in enumerate(added):
-            phys.add_ids(index, count)
-    for t, cfg in enumerate(phys.tables):
-        if not added[t]:
-            continue
-        rows_t, ids_t = new_rows, new_ids
-        if tags is not None:
-            mine = torch.nonzero_static(tags == t, size=added[t]).squeeze(1)
-            rows_t, ids_t = new_rows.index_select(0, mine), new_ids.index_select(0, mine)
+        (cfg,) = phys.tables
         init_rows_into(
-            phys.values, rows_t, ids_t, cfg.initializer, seed=cfg.init_seed, check_bounds=False
+            phys.values, new_rows, new_ids, cfg.initializer, seed=cfg.init_seed, check_bounds=False
         )
+    else:
+        # Every logical table's new rows in one launch, counted on the device: no host sync.
+        # (bincount on CUDA reads the largest tag back to size its output.)
+        ones = torch.ones(tags.numel(), dtype=torch.int64, device=tags.device)
+        counts = torch.zeros(len(phys.tables), dtype=torch.int64, device=tags.device)
+        phys.add_id_counts(counts.index_add_(0, tags.long(), ones))
+        values = init_rows_tagged(
+            new_ids,
+            tags,
+            phys.dim,
+            [cfg.initializer for cfg in phys.tables],
+            [cfg.init_seed for cfg in phys.tables],
+            dtype=phys.values.dtype,
+        )
+        phys.values.scatter_rows(new_rows, values, check_bounds=False)
     # State kept per row elsewhere (a sparse optimizer's moments) starts afresh too.
     phys.values.rows_reset(new_rows)

@@ -97,6 +97,9 @@ class PhysicalTable:
     fixed_size: int | None = None
     id_counts: list[int] = field(default_factory=list)
     removal_logs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # New ids per logical table counted on the device by training steps, folded into
+    # id_counts when read: a step's inserts then cost no host sync.
+    _pending_counts: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id_counts:
@@ -189,7 +192,25 @@ class PhysicalTable:
         """
         if len(self.tables) == 1:
             return len(self.hash_table)
+        self._settle_counts()
         return self.id_counts[index]
+
+    def add_id_counts(self, counts: torch.Tensor) -> None:
+        """Count new ids of every logical table at once, without a host sync.
+
+        Args:
+            counts: int64 ``[len(tables)]`` new ids by table index (a ``bincount`` of the
+                new ids' tags), on any device; read back when the counts are next read.
+        """
+        if self._pending_counts is None:
+            self._pending_counts = counts.to(torch.int64)
+        else:
+            self._pending_counts += counts
+
+    def _settle_counts(self) -> None:
+        if self._pending_counts is not None:
+            pending, self._pending_counts = self._pending_counts.tolist(), None
+            self.id_counts = [a + b for a, b in zip(self.id_counts, pending, strict=True)]
 
     def add_ids(self, index: int, count: int) -> None:
         """Count ``count`` ids newly inserted into logical table ``index``.
@@ -198,12 +219,14 @@ class PhysicalTable:
             index: the logical table's index.
             count: how many new ids it got.
         """
+        self._settle_counts()
         self.id_counts[index] += count
 
     def recount_ids(self) -> None:
         """Recount :attr:`id_counts` from the hash table (after keys were inserted directly)."""
         if len(self.tables) > 1:
             tags = self.entries()[1]
+            self._pending_counts = None
             self.id_counts = torch.bincount(tags, minlength=len(self.tables)).tolist()
 
     def erase(self, index: int, ids: torch.Tensor) -> int:
@@ -220,6 +243,7 @@ class PhysicalTable:
             return 0
         n = self.hash_table.erase(ids, index)
         if len(self.tables) > 1:
+            self._settle_counts()
             self.id_counts[index] -= n
         log = self.removal_logs.get(index)
         if log is not None:

@@ -485,21 +485,27 @@ def module_version(name: str) -> str | None:
 
 def recstack_version() -> str | None:
     """The checkout's version from the root ``pyproject.toml``, with its git commit when the
-    checkout is a git repository (benchmarks run from a checkout, not an install)."""
+    checkout is a git repository of its own (benchmarks run from a checkout, not an
+    install), marked ``+changes`` when tracked files differ from that commit. A copy of the
+    tree inside another repository gets no commit: that repository's is not the code."""
     import tomllib
 
     try:
         version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     except (OSError, KeyError, ValueError):
         return None
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10,
             check=True,
-        ).stdout.strip()
+        ).stdout.strip()  # fmt: skip
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != ROOT.resolve():
+            return version
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{version} (git {commit})" if commit else version
+        return version
+    return f"{version} (git {commit}{'+changes' if changed else ''})"

@@ -171,3 +171,16 @@ def test_no_package_imports_another_packages_private_names() -> None:
         "private names or modules imported across packages (make them public where they "
         "live, or move what is shared into core):\n" + "\n".join(offenders)
     )
+
+
+def test_docstring_examples_are_an_examples_section() -> None:
+    # The API reference (griffe, Google style) renders only an "Examples:" section's
+    # ">>>" lines as code; under "Example:" they render as nested Markdown quotes.
+    offenders = []
+    for path in sorted((ROOT / "packages").glob("*/src/**/*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip() == "Example:":
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, "write 'Examples:' (plural) for doctest examples:\n" + "\n".join(
+        offenders
+    )

@@ -9,16 +9,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
-def run_ranks(
+def ranks_ended(
     worker: Path,
     world: int,
     args: Callable[[int], list[str]],
     *,
     env: Mapping[str, str] | None = None,
     timeout: float = 300,
-) -> None:
-    """Run ``python worker RANK WORLD *args(RANK)`` for every rank at once; fail with the
-    end of a rank's output when it does not exit with 0."""
+) -> list[tuple[int, str]]:
+    """Run ``python worker RANK WORLD *args(RANK)`` for every rank at once; each rank's exit
+    code and output."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [
         subprocess.Popen(
@@ -37,5 +37,18 @@ def run_ranks(
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r}:\n{logs[r][-4000:]}"
+    return [(p.returncode, log) for p, log in zip(procs, logs, strict=True)]
+
+
+def run_ranks(
+    worker: Path,
+    world: int,
+    args: Callable[[int], list[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+) -> None:
+    """Run ``python worker RANK WORLD *args(RANK)`` for every rank at once; fail with the
+    end of a rank's output when it does not exit with 0."""
+    for r, (code, log) in enumerate(ranks_ended(worker, world, args, env=env, timeout=timeout)):
+        assert code == 0, f"rank {r}:\n{log[-4000:]}"

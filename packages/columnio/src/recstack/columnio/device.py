@@ -6,7 +6,7 @@ A batch is a ``dict[str, Tensor | JaggedTensor | KeyedJaggedTensor]`` (nested di
 and tuples of those work too); items that are not dicts, such as a streaming reader's
 end-of-window marker, pass through unchanged and in order.
 
-Example::
+For example:
 
     >>> import torch
     >>> from recstack.columnio.device import to_device

@@ -52,7 +52,7 @@ class ReadOptions:
         on_error: ``"raise"`` stops at the first bad file; ``"skip"`` skips it, counts
             its rows in the reader's ``stats`` and logs a warning.
 
-    Example:
+    Examples:
         >>> options = ReadOptions(columns=["user", "label"], batch_size=1024)
         >>> options.batch_size, [c.name for c in options.columns]
         (1024, ['user', 'label'])

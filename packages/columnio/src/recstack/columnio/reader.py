@@ -160,7 +160,7 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
             :func:`recstack.columnio.to_device`), ``keyed_jagged``, ``keyed_jagged_key``
             and ``on_error``.
 
-    Example::
+    For example:
 
         >>> reader = ColumnReader("data/", ["user", "clicks", "label"], batch_size=1024)
         >>> for batch in reader:  # doctest: +SKIP

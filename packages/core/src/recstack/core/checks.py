@@ -29,7 +29,7 @@ def check_int(
         TypeError: ``value`` is not an integer (a bool, a float, a string...).
         ValueError: ``value`` is outside the range.
 
-    Example:
+    Examples:
         >>> check_int(8, "Checkpointer: threads", minimum=1)
         8
         >>> check_int(0, "Checkpointer: threads", minimum=1)

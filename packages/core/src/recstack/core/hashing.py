@@ -76,7 +76,7 @@ def hash64(
     Distinct integer ids never collide under one seed: XXH64 of an 8-byte input is a
     bijection on 64-bit values.
 
-    Example:
+    Examples:
         >>> import torch, xxhash
         >>> from recstack.core.hashing import hash64
         >>> h = hash64(torch.tensor([7, -1]), seed=3)
@@ -103,7 +103,7 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     k ^= k >> 33`` (logical shifts, arithmetic modulo 2**64). A bijection on 64 bits without
     a seed; ``mix64(0) == 0``. Integer dtypes are converted to int64 first.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.core.hashing import mix64
         >>> mix64(torch.tensor([0, 1])).tolist()[0]

@@ -4,7 +4,7 @@ Row ``i`` of a batch of ``B`` rows is ``values[offsets[i]:offsets[i + 1]]``. ``v
 carry trailing dims (``[N, D]`` for a sequence of embeddings); ``weights`` (optional) holds
 one number per item. Strings travel as rows of utf-8 bytes (``uint8`` values).
 
-Example::
+For example:
 
     >>> import torch
     >>> from recstack.core.jagged import JaggedTensor
@@ -122,7 +122,7 @@ class JaggedTensor:
     JaggedTensor moves, pins, slices, validates and converts to lists like a flat one;
     padding needs a flat one.
 
-    Example::
+    For example:
 
         >>> jt = JaggedTensor(torch.tensor([5, 6, 7]), torch.tensor([0, 2, 2, 3]))
         >>> len(jt), jt.lengths().tolist(), jt[0].tolist()

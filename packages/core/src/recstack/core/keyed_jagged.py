@@ -4,7 +4,7 @@ The layout is TorchRec's: ``lengths`` is key-major ``[K * B]`` (key 0's ``B`` ro
 then key 1's, ...) and ``values`` holds every key's items in that same order, so key ``k``
 owns the contiguous slice ``values[offset_per_key()[k]:offset_per_key()[k + 1]]``.
 
-Example::
+For example:
 
     >>> import torch
     >>> from recstack.core.keyed_jagged import KeyedJaggedTensor
@@ -77,7 +77,7 @@ class KeyedJaggedTensor:
     only the items; :meth:`compact` trims the padding (one sync) for code that reads
     ``values()`` as a whole.
 
-    Example::
+    For example:
 
         >>> kjt = KeyedJaggedTensor(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([1, 0, 2, 0]))
         >>> kjt.stride(), kjt["b"].to_list()
@@ -524,7 +524,7 @@ class KeyedJaggedTensor:
             weights: optional per-id weights ``{key: [B, n_k]}`` (``[B]`` for 1-D ids),
                 for every key.
 
-        Example::
+        For example:
 
             >>> kjt = KeyedJaggedTensor.from_dense(
             ...     {"user": torch.tensor([7, 8]), "tags": torch.tensor([[1, 2], [3, 4]])}
@@ -572,7 +572,7 @@ class KeyedJaggedTensor:
             weights: optional ``{key: [B, L_k]}`` per-slot weights, for every key.
             validate: check the lengths now (one host sync).
 
-        Example::
+        For example:
 
             >>> kjt = KeyedJaggedTensor.from_padded(
             ...     {"seq": torch.tensor([[5, 6, 0], [7, 0, 0]])}, {"seq": torch.tensor([2, 1])}
@@ -599,7 +599,7 @@ class KeyedJaggedTensor:
             groups: the feature groups, all over one batch size, values dtype and device.
             validate: check the padded groups' lengths now (one host sync).
 
-        Example::
+        For example:
 
             >>> from recstack.core.jagged_build import DenseFeatures, PaddedFeatures
             >>> kjt = KeyedJaggedTensor.from_features(

@@ -11,7 +11,7 @@ speaks this protocol, so the saver writes it without knowing its type:
   how a checkpoint written by N ranks loads on M: every rank reads every chunk and keeps
   the keys with ``owner(key, M) == rank``.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core.keyed_state import iter_chunks, select_owned
     >>> from recstack.core.sharding import ShardSpec

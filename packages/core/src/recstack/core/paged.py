@@ -78,7 +78,7 @@ class PagedTensor:
         capacity: rows to allocate up front (``num_rows`` stays 0 until rows are appended).
         name: the table's name, used in every error message.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = PagedTensor(dim=4, page_rows=8, name="item_emb")
         >>> ids = t.append_rows(20)  # rows 0..19, spread over 3 pages, zero-filled
@@ -130,7 +130,7 @@ class PagedTensor:
         Writes through the PagedTensor change ``tensor``. The result has a fixed capacity
         (the tensor's row count): ``append_rows`` past it raises.
 
-        Example:
+        Examples:
             >>> import torch
             >>> w = torch.zeros(3, 2)
             >>> PagedTensor.wrap(w, name="w").scatter_rows(torch.tensor([1]), torch.ones(1, 2))

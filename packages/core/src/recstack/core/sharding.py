@@ -45,7 +45,7 @@ def owner(keys: torch.Tensor, world_size: int) -> torch.Tensor:
     Keys are integer ids (any integer dtype, converted to int64). One fused kernel launch
     on CUDA.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.core.sharding import owner
         >>> ranks = owner(torch.arange(10), world_size=4)
@@ -60,7 +60,7 @@ def owner(keys: torch.Tensor, world_size: int) -> torch.Tensor:
 class ShardSpec:
     """One rank's view of a sharded key space: ``world_size`` ranks, this one is ``rank``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.core.sharding import ShardSpec
         >>> spec = ShardSpec(world_size=2, rank=0)

@@ -26,7 +26,7 @@ class SparseGrad:
         is_coalesced: the caller guarantees ``rows`` is sorted and unique (not checked on
             device; producers that already reduced duplicates pass ``True``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> g = SparseGrad(torch.tensor([7, 2, 7]), torch.ones(3, 2))
         >>> c = g.coalesce()

@@ -7,7 +7,7 @@ and their backward yields a :class:`~recstack.core.SparseGrad` that the producer
 driven like a ``torch.optim`` optimizer: ``step()`` fetches every parameter's pending
 gradient and ``zero_grad()`` clears it, with neither package importing the other.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import PagedTensor, SparseGrad
     >>> class Held:  # the smallest producer: one table and the gradient it was handed

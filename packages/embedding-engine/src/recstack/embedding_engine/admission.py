@@ -53,7 +53,7 @@ class CountMinSketch:
         device: where the counters live.
         depth: hash rows (at most 8, at most ``counter_slots``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> s = CountMinSketch(64, cap=3)
         >>> s.add(torch.tensor([5, 9]), torch.tensor([1, 2])).tolist()

@@ -101,7 +101,7 @@ eviction` and :mod:`~recstack.embedding_engine.admission` decide which ids lose 
 :mod:`~recstack.embedding_engine.state` and :mod:`~recstack.embedding_engine.device` export
 and move the tables.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import KeyedJaggedTensor
     >>> from recstack.embedding_engine.config import FeatureConfig, TableConfig

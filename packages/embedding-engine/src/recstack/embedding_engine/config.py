@@ -15,7 +15,7 @@ Options with a fixed set of values are ``Literal`` types (:data:`Pooling`,
 :data:`TruncateSide`, :data:`EvalDefault`, :data:`EvictionPolicy`, :data:`InitializerKind`,
 :data:`TableDtypeName`), checked at construction against the same values.
 
-Example:
+Examples:
     >>> t = TableConfig("item", dim=64, initializer=Initializer.normal(std=0.01))
     >>> f = FeatureConfig("clicked_items", table="item", pooling="mean")
     >>> sorted(check_configs([t], [f]))
@@ -228,7 +228,7 @@ class Initializer:
     :meth:`normal`, :meth:`truncated_normal`, :meth:`xavier_uniform` and
     :meth:`xavier_normal` take the same parameters.
 
-    Example:
+    Examples:
         >>> Initializer("uniform", low=-0.1, high=0.1) == Initializer.uniform(-0.1, 0.1)
         True
         >>> Initializer.truncated_normal(std=0.02).params
@@ -386,7 +386,7 @@ class Eviction:
     ``ttl_steps`` and ``min_count`` are applied at each eviction pass, with or without a
     policy. ``Eviction()`` never evicts.
 
-    Example:
+    Examples:
         >>> Eviction("lru", max_rows=10_000_000, ttl_steps=100_000).enabled
         True
     """
@@ -436,7 +436,7 @@ class Admission:
     into it, so a colliding id may be admitted early, never late), not in a second full
     table. ``min_count=1`` (the default) admits every id at once and allocates no counter.
 
-    Example:
+    Examples:
         >>> Admission(min_count=3).enabled
         True
     """
@@ -510,7 +510,7 @@ class TableConfig:
             from the table name (XXH64 of its UTF-8 bytes), so two tables given the same
             id start with independent rows.
 
-    Example:
+    Examples:
         >>> t = TableConfig("user", dim=16)
         >>> t.initializer
         Initializer('uniform', low=-0.25, high=0.25)
@@ -639,7 +639,7 @@ class FeatureConfig:
             attention), so the rows are never copied out and their gradient comes back
             through the ``TableRows``' sink.
 
-    Example:
+    Examples:
         >>> FeatureConfig("hist", "item", pooling="tile", max_len=50).output_dim(8)
         400
         >>> FeatureConfig("hist", "item", pooling="none", max_len=50).truncate  # most recent

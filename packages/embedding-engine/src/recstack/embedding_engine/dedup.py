@@ -80,7 +80,7 @@ def sort_ids(
             in the same sync, returned in :attr:`SortedIds.read`, so a caller's checks
             cost no sync of their own.
 
-    Example:
+    Examples:
         >>> s = sort_ids(torch.tensor([7, 3, 7, 5]))
         >>> s.unique.tolist(), s.counts.tolist(), s.inverse.tolist()
         ([3, 5, 7], [1, 1, 2], [2, 0, 2, 1])

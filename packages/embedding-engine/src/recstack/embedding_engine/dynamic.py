@@ -6,7 +6,7 @@ initializers, eviction, admission, sparse backward and state, called like torch'
 embedding modules instead of through a ``KeyedJaggedTensor``. Ids are any int64, never
 wrapped or collided.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.embedding_engine import DynamicEmbedding, TableConfig
     >>> emb = DynamicEmbedding(TableConfig("item", dim=4))

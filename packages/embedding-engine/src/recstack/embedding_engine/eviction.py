@@ -48,7 +48,7 @@ class RowMetadata:
     Args:
         device: where the columns live (the physical table's device).
 
-    Example:
+    Examples:
         >>> import torch
         >>> meta = RowMetadata()
         >>> meta.ensure_rows(3)

@@ -6,7 +6,7 @@ physical table has its :class:`~recstack.embedding_engine.hash_table.HashTable` 
 the same read API, so code written against the hash table (state export and import, memory
 accounting, device moves) works unchanged on fixed tables.
 
-Example:
+Examples:
     >>> import torch
     >>> index = FixedIndex(4, torch.device("cpu"))
     >>> index.find(torch.tensor([3, 0, 4, -1])).tolist()  # outside [0, 4): -1

@@ -68,7 +68,7 @@ class HashTable:
             ``1 + (num_tags - 1).bit_length()`` bits for the tag, so rows lie below
             ``2**62`` for one tag, ``2**61`` for two, ``2**60`` for up to four, ...
 
-    Example:
+    Examples:
         >>> import torch
         >>> table = HashTable(16)
         >>> rows, is_new = table.find_or_insert(torch.tensor([7, -3, 7]))

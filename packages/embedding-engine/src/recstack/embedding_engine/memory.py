@@ -5,7 +5,7 @@ themselves, which grow ahead of the rows in use: value pages of ``page_rows`` ro
 slots rehashed to the next power of two, metadata columns doubled as they fill. So the
 numbers are what the device holds, not ``rows * dim * itemsize``.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import KeyedJaggedTensor
     >>> from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig

@@ -47,7 +47,7 @@ def batch_tags(indices: Sequence[int], sizes: Sequence[int], device: torch.devic
     """Tags of ids concatenated from blocks: block ``i`` holds ``sizes[i]`` ids of logical
     table ``indices[i]``.
 
-    Example:
+    Examples:
         >>> bt = batch_tags([1, 0, 1], [2, 1, 1], torch.device("cpu"))
         >>> bt.tags.tolist(), bt.order.tolist()
         ([1, 1, 0, 1], [2, 0, 1, 3])

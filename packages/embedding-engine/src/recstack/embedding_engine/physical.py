@@ -14,7 +14,7 @@ and its ``fixed_size`` rows are made and initialized up front.
 A :class:`PhysicalTable` also keeps the books of its logical tables: how many ids each holds
 and, once a delta checkpoint has marked a table, the ids erased from it since.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.embedding_engine.config import TableConfig
     >>> tables = [TableConfig("item", dim=4), TableConfig("user", dim=4),

@@ -42,7 +42,7 @@ class PaddedSequence(NamedTuple):
     A named tuple: ``values, lengths = out["hist"]`` unpacks it, and torch's pytree utilities
     see both tensors.
 
-    Example:
+    Examples:
         >>> seq = PaddedSequence(torch.ones(2, 3, 4), torch.tensor([1, 3]))
         >>> seq.mask.tolist()
         [[True, False, False], [True, True, True]]
@@ -78,7 +78,7 @@ def padded_sequence(
         truncate: which end of a longer bag is cut.
         with_lengths: return a :class:`PaddedSequence` with each row's id count.
 
-    Example:
+    Examples:
         >>> rows = JaggedTensor(torch.arange(5.0).unsqueeze(1), torch.tensor([0, 4, 5]))
         >>> padded_sequence(rows, 2, "left").squeeze(2).tolist()  # bags [0..3] and [4]
         [[2.0, 3.0], [4.0, 0.0]]

@@ -16,7 +16,7 @@ With a fused optimizer (:attr:`SparseGradStore.updater`, core's
 stores nothing; :meth:`SparseGradStore.apply_update` does the same for a gradient that had
 to be materialized first (a batch read through a compact per-batch table).
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import SparseGrad
     >>> store = SparseGradStore()

@@ -23,7 +23,7 @@ The collection's rows leave and come back through core's
 
 :func:`collection_table_states` wraps each logical table as a ``KeyedState`` for the saver.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import KeyedJaggedTensor
     >>> from recstack.embedding_engine.collection import EmbeddingCollection

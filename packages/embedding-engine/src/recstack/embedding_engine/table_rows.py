@@ -50,7 +50,7 @@ class TableRows:
         grad_sink: receives ``(rows, grad)`` once in the consumer's backward; ``None`` when
             no gradient is taken.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.core import PagedTensor
         >>> table = PagedTensor.wrap(torch.arange(12.0).reshape(4, 3))

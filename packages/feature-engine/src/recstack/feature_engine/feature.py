@@ -23,7 +23,7 @@ class FeatureError(ValueError):
 class Feature:
     """``name`` = ``ops`` applied in order to ``source`` (a batch column or another feature).
 
-    Example::
+    For example:
 
         >>> from recstack.feature_engine import Feature, Hash, Truncate
         >>> Feature("hist", "click_history", [Hash(buckets=1 << 20), Truncate(50)]).name

@@ -25,6 +25,7 @@ from recstack.pipelines.metrics import (
     normalized_entropy,
 )
 from recstack.pipelines.online import OnlineResult, WindowReport, run_online
+from recstack.pipelines.rank_agreement import RankLostError
 from recstack.pipelines.stages import Stage
 from recstack.pipelines.stream import BatchStream
 from recstack.pipelines.tasks import Task
@@ -47,6 +48,7 @@ __all__ = [
     "OnlineResult",
     "PlotCurves",
     "ProgressBar",
+    "RankLostError",
     "Stage",
     "Task",
     "TensorBoardLogger",

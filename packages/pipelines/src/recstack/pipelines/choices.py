@@ -20,7 +20,7 @@ def check_choice(value: object, name: str, choices: Any) -> Any:
     Raises:
         ValueError: another value: ``"<name> must be 'a', 'b' or 'c', got 'x'"``.
 
-    Example:
+    Examples:
         >>> from typing import Literal
         >>> check_choice("max", "EarlyStopping: mode", Literal["max", "min"])
         'max'

@@ -24,6 +24,7 @@ from recstack.pipelines.callbacks.base import Callback
 from recstack.pipelines.choices import check_choice
 from recstack.pipelines.evaluation import evaluate_model
 from recstack.pipelines.online import OnlineResult, run_online
+from recstack.pipelines.rank_agreement import RankAgreement
 from recstack.pipelines.signals import StopSignals
 from recstack.pipelines.stages import Stage, frozen_parameters
 from recstack.pipelines.stream import BatchStream
@@ -47,7 +48,8 @@ class FitResult:
         epoch: completed epochs.
         samples: training rows seen in total.
         resumed_from: the checkpoint step the run resumed from, or ``None``.
-        stopped_by: why it ended early: ``"SIGTERM"``, ``"SIGINT"``, ``"callback"``
+        stopped_by: why it ended early: ``"SIGTERM"``, ``"SIGINT"``, ``"callback"``,
+            ``"another rank"`` (under ``torchrun``: a signal or callback on another rank)
             (a callback set ``should_stop``), or ``None`` when it ran to the end.
         metrics: the last evaluation's metrics (``{}`` without evaluation).
         checkpoint: the directory of the last checkpoint written, or ``None``.
@@ -122,6 +124,12 @@ class Trainer:
             per-step host sync).
         callbacks: :class:`Callback` objects, called in order.
         progress: show a progress bar (``None``: when stderr is a terminal).
+        rank_timeout: under ``torchrun`` (several ranks), seconds a rank waits for the
+            others before each step; past it, or at once when another rank's process is
+            gone, :meth:`fit` raises :class:`~recstack.pipelines.rank_agreement.RankLostError`
+            naming the rank and step instead of hanging. Before each step the ranks agree
+            whether all have a full step of data (the epoch ends for all when one runs out:
+            uneven shares never hang) and whether any was told to stop.
 
     Evaluation puts the model in ``eval()`` mode under ``torch.no_grad()``: in training
     mode a forward inserts unseen ids into the tables and advances their step even under
@@ -157,6 +165,7 @@ class Trainer:
         log_every: int = 50,
         callbacks: Sequence[Callback] = (),
         progress: bool | None = None,
+        rank_timeout: float = 1800.0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
@@ -235,6 +244,14 @@ class Trainer:
         self.collections = [m for m in self.model.modules() if isinstance(m, EmbeddingCollection)]
         self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self._ddp = self._data_parallel()
+        if not (isinstance(rank_timeout, (int, float)) and rank_timeout > 0):
+            raise ValueError(f"Trainer: rank_timeout must be > 0 seconds, got {rank_timeout!r}")
+        self._ranks = (
+            RankAgreement(float(rank_timeout))
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            else None
+        )
+        self._peer_stop = False
         self.step = 0
         self.epoch = 0
         self.samples = 0
@@ -423,7 +440,7 @@ class Trainer:
                     if signals.received is not None:
                         result.stopped_by = signals.received.name
                     elif self.should_stop:
-                        result.stopped_by = "callback"
+                        result.stopped_by = "another rank" if self._peer_stop else "callback"
                     if result.stopped_by is not None or not exhausted:
                         break  # a stop, or the stage's max_steps
                 if result.stopped_by is not None:
@@ -505,13 +522,38 @@ class Trainer:
                 if batch is None:
                     break
                 micro.append(batch)
+            if self._ranks is not None:
+                got = self._ranks.agree(batches=len(micro), stop=False, step=self.step + 1)
+                if got.fewest != got.most:
+                    self._end_of_data_on_another_rank(len(micro), got.fewest)
+                    return True
             if micro:
                 self._train_step(micro)
                 self._after_step()
             if len(micro) < self.grad_accumulation:
                 return True
-            if signals.received is not None or self.should_stop:
+            stop = signals.received is not None or self.should_stop
+            if self._ranks is not None:
+                agreed = self._ranks.agree(batches=len(micro), stop=stop, step=self.step + 1)
+                if agreed.any_stop and not stop:
+                    self.should_stop = self._peer_stop = True
+                stop = agreed.any_stop
+            if stop:
                 return False
+
+    def _end_of_data_on_another_rank(self, batches: int, fewest: int) -> None:
+        """The ranks have different numbers of batches for this step (one's data ran out):
+        every rank ends the epoch here, so all run the same steps; a rank with batches left
+        says how many it leaves untrained."""
+        if batches > fewest:
+            assert self._ranks is not None
+            warnings.warn(
+                f"Trainer rank {self._ranks.rank}: another rank's data ran out before step "
+                f"{self.step + 1} ({fewest} batches there, {batches} here); every rank ends "
+                "the epoch at that step, and this rank leaves its remaining batches of the "
+                "epoch untrained. Give the ranks equal shares to train on all of them.",
+                stacklevel=3,
+            )
 
     def _train_step(self, micro: list[dict[str, Any]], *, featurized: bool = False) -> None:
         self.model.train()

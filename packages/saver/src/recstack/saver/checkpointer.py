@@ -1,6 +1,6 @@
 """``Checkpointer``: save, resume, reshard and go incremental, atomically.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from recstack.saver import Checkpointer
     >>> model = torch.nn.Linear(3, 1)

@@ -22,7 +22,7 @@ export's dtype, the same dense module weights, served by
 * **Dense.** The tensors of the checkpoint's ``nn.Module`` entries, floating ones cast to
   ``dtype``; optimizers, schedulers, dicts of values and per-rank state are left out.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from pathlib import Path
     >>> from recstack.saver import Checkpointer, export_checkpoint, load_for_inference

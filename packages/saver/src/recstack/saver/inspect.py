@@ -14,7 +14,7 @@ Both take a checkpoint directory (``step-000000000123``), its ``manifest.json``,
 checkpointer root (the directory holding the ``step-*`` directories). The command line
 ``recstack-saver inspect|verify DIR`` (:mod:`recstack.saver.cli`) prints the same.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from recstack.saver import Checkpointer, describe_checkpoint, verify_checkpoint
     >>> with Checkpointer(tempfile.mkdtemp(), progress=False) as ckpt:

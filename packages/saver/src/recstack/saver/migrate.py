@@ -5,7 +5,7 @@ A dense embedding weight is a table whose id ``i`` is row ``i``; a dynamic table
 ``(ids, {"values": rows})`` through ``import_chunk``, in bounded chunks, keeping only the
 ids a rank owns when given a ``ShardSpec``.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.saver.migrate import import_embedding_weight
     >>> class Table:  # any KeyedState: here a dict of rows

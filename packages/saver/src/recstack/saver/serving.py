@@ -17,7 +17,7 @@ is complete or ignored (:mod:`recstack.saver.serving_export`,
 sorted once with their rows in that order, looked up with ``torch.searchsorted`` (pure
 torch, CPU or CUDA).
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from recstack.saver import export_for_serving, load_for_inference
     >>> class Table:  # any KeyedState: here 3 ids with 2-wide rows

@@ -4,7 +4,7 @@ Each is a :class:`~recstack.sparse_optim.optimizer.SparseOptimizer`: lazy (only 
 a step's gradient change), with fp32 state in PagedTensors row-aligned with the parameter,
 and the update of :mod:`recstack.sparse_optim.rules`.
 
-Example:
+Examples:
     >>> import torch
     >>> from recstack.core import PagedTensor, SparseGrad
     >>> w = PagedTensor.wrap(torch.ones(4, 2), name="table")

@@ -128,7 +128,7 @@ def set_backend(backend: Backend) -> None:
 def use_backend(backend: Backend) -> Iterator[None]:
     """Run the enclosed code with ``backend`` forced, then restore the previous choice.
 
-    Example:
+    Examples:
         >>> from recstack.core import kernels
         >>> with kernels.use_backend("torch"):
         ...     pass  # every RecStack op in here runs its torch reference
@@ -152,7 +152,7 @@ def carry_backend(function: FunctionT) -> FunctionT:
     thread's :func:`use_backend` does not hold; without this, a backward under a forced
     ``torch`` backend would launch the Triton kernels.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.core import kernels
         >>> @kernels.carry_backend
@@ -231,7 +231,7 @@ def count_launches() -> Iterator[Counter[str]]:
     Launches from every thread count (autograd runs a CUDA backward pass in a thread of its
     own), so count in one thread at a time. Blocks may nest; each counts what ran inside it.
 
-    Example:
+    Examples:
         >>> from recstack.core import kernels
         >>> with kernels.count_launches() as launches:
         ...     pass

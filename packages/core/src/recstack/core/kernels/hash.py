@@ -476,7 +476,7 @@ def _launch_int(x: torch.Tensor, seed: int, world_size: int, owner: bool) -> tor
 def xxh64_int(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """XXH64 of each int64 id's 8 little-endian bytes, as int64 (the uint64 bit pattern).
 
-    Example:
+    Examples:
         >>> import torch, xxhash
         >>> h = xxh64_int(torch.tensor([42]), seed=7)
         >>> h.item() & (2**64 - 1) == xxhash.xxh64_intdigest((42).to_bytes(8, "little"), 7)
@@ -504,7 +504,7 @@ def shard_owner(x: torch.Tensor, seed: int, world_size: int) -> torch.Tensor:
 def fmix64(x: torch.Tensor) -> torch.Tensor:
     """MurmurHash3 fmix64 of each int64's bit pattern, as int64.
 
-    Example:
+    Examples:
         >>> import torch
         >>> fmix64(torch.tensor([0])).item()  # fmix64 fixes zero
         0
@@ -574,7 +574,7 @@ def xxh64_bytes(
     ``seeds`` (int64 ``[B]``, each the bit pattern of a uint64 seed) gives every row its
     own seed, in the same single launch; ``seed`` is then unused.
 
-    Example:
+    Examples:
         >>> import torch, xxhash
         >>> v = torch.tensor(list(b"abcde"), dtype=torch.uint8)
         >>> h = xxh64_bytes(v, torch.tensor([0, 2, 5]))

@@ -15,7 +15,7 @@ _MASK64 = (1 << 64) - 1
 def next_pow2(x: int) -> int:
     """The smallest power of two ``>= x`` (``1`` for ``x <= 1``): a block size covering ``x``.
 
-    Example:
+    Examples:
         >>> next_pow2(0), next_pow2(1), next_pow2(5), next_pow2(64)
         (1, 1, 8, 64)
     """
@@ -25,7 +25,7 @@ def next_pow2(x: int) -> int:
 def prev_pow2(x: int) -> int:
     """The largest power of two ``<= x`` (``1`` for ``x <= 1``): a block size fitting in ``x``.
 
-    Example:
+    Examples:
         >>> prev_pow2(0), prev_pow2(1), prev_pow2(5), prev_pow2(64)
         (1, 1, 4, 64)
     """
@@ -39,7 +39,7 @@ def as_int64(v: int) -> int:
     Triton and torch type an int argument by its range and have no uint64 tensors
     everywhere.
 
-    Example:
+    Examples:
         >>> as_int64(2**64 - 1), as_int64(2**63), as_int64(5)
         (-1, -9223372036854775808, 5)
     """
@@ -54,7 +54,7 @@ def warps_for_rows(block_rows: int, *, rows_per_warp: int, default: int, most: i
     A warp that scans more rows than the register file holds spills (the sm_90 compile check
     reports it); each kernel states the rows a warp can take without spilling.
 
-    Example:
+    Examples:
         >>> warps_for_rows(256, rows_per_warp=128, default=4), warps_for_rows(
         ...     4096, rows_per_warp=128, default=4
         ... )

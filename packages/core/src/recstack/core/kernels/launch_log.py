@@ -188,7 +188,7 @@ def record_launches(
         log: add to this log instead of a new one.
         keep: record only the signatures for which this returns True.
 
-    Example::
+    For example:
 
         with record_launches() as log:
             run_the_tests()

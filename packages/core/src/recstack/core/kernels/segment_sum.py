@@ -277,7 +277,7 @@ def segment_sum_sorted(
     :func:`sort_segments` returns. Accumulation is fp32 whatever the values' dtype.
     Not validated on device (no sync): out-of-range ids are the caller's bug.
 
-    Example:
+    Examples:
         >>> import torch
         >>> rows = torch.tensor([5, 1, 5])
         >>> uniq, order, seg = sort_segments(rows)
@@ -343,7 +343,7 @@ def coalesce_rows(
     returned in ``out_dtype`` (default: the values' dtype). One sort, one host sync (the
     number of unique rows) and one kernel launch.
 
-    Example:
+    Examples:
         >>> import torch
         >>> uniq, summed = coalesce_rows(torch.tensor([3, 0, 3]), torch.ones(3, 1))
         >>> uniq.tolist(), summed.tolist()
@@ -388,7 +388,7 @@ def coalesce_rows_padded(
     optimizer step from an uncoalesced gradient queues its work without waiting for the
     GPU (``coalesce_rows`` reads the number of unique rows back to size its output).
 
-    Example:
+    Examples:
         >>> import torch
         >>> uniq, summed, count = coalesce_rows_padded(torch.tensor([3, 0, 3]), torch.ones(3, 1))
         >>> uniq.tolist(), summed[:2].tolist(), count.tolist()

@@ -499,7 +499,7 @@ def init_rows(
         TypeError: keys not an int64 tensor, a bad initializer or dtype.
         ValueError: keys not 1-D, ``dim < 1``, a seed outside ``[0, 2**64)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.embedding_engine.config import Initializer
         >>> a = init_rows(torch.tensor([7, 3]), 4, Initializer.normal(std=0.1), seed=1)

@@ -191,7 +191,7 @@ def init_rows_tagged(
         TypeError, ValueError: as :func:`init_rows`; tags not one per key, or a different
             number of initializers and seeds.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from recstack.embedding_engine import Initializer, init_rows
         >>> inits = [Initializer.normal(std=0.1), Initializer.uniform(-0.5, 0.5)]

@@ -433,7 +433,7 @@ def pooled_lookup(
         TypeError, ValueError: bad shapes, dtypes, devices or modes.
         IndexError: with ``check_bounds``, a row outside ``[-1, table.num_rows)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> t = PagedTensor.wrap(torch.arange(6.0).view(3, 2))
         >>> rows = torch.tensor([0, 2, -1, 1])

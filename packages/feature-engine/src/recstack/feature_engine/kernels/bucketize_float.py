@@ -50,7 +50,7 @@ def compile_float_boundaries(
         ``boundaries`` float64 ``[M]``, ``bound_offsets`` int64 ``[F + 1]`` and ``right``
         int64 ``[F]``, checked like the launcher does.
 
-    Example:
+    Examples:
         >>> b, off, r = compile_float_boundaries([[0.5, 1.5], [10.0]], right=[False, True])
         >>> off.tolist(), r.tolist()
         ([0, 2, 3], [0, 1])
@@ -211,7 +211,7 @@ def bucketize_float(
         TypeError: an argument of the wrong type or dtype, named.
         ValueError: a bad shape, offsets or list, naming the feature.
 
-    Example:
+    Examples:
         >>> import torch
         >>> bucketize_float(torch.tensor([0.5, 2.0, float("nan")]), torch.tensor([0, 3]),
         ...                 torch.tensor([1.0, 2.0], dtype=torch.float64),

@@ -196,7 +196,7 @@ def concat_1d(
     stream like any torch op, so callers may drop their inputs afterwards without a sync
     (the caching allocator only reuses their memory for later work on the same stream).
 
-    Example:
+    Examples:
         >>> import torch
         >>> concat_1d([torch.tensor([1, 2], dtype=torch.int32), torch.tensor([3])],
         ...           dtype=torch.int64).tolist()

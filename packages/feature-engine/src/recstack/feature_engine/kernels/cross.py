@@ -84,7 +84,7 @@ def xxh64_pair_reference(a: torch.Tensor, b: torch.Tensor, seed: int) -> torch.T
     in ``[-2**63, 2**64)`` taken modulo ``2**64``. Returns the uint64 hashes' bit patterns
     as int64.
 
-    Example:
+    Examples:
         >>> import struct, torch, xxhash
         >>> h = xxh64_pair_reference(torch.tensor([1]), torch.tensor([2]), seed=7)
         >>> h.item() & (2**64 - 1) == xxhash.xxh64_intdigest(struct.pack("<QQ", 1, 2), 7)
@@ -469,7 +469,7 @@ def cross(
     One host sync reads the output size (with the offset checks); the Triton path then runs
     one kernel.
 
-    Example:
+    Examples:
         >>> import torch
         >>> vals = torch.tensor([1, 2, 3, 4, 5])  # F=2, B=1: feature 0 = [1, 2], 1 = [3, 4, 5]
         >>> out, lens = cross(vals, torch.tensor([0, 2, 5]), 1,

@@ -94,7 +94,7 @@ def compile_dense_program(
         ``ops`` int64 ``[F, K]`` and ``params`` float64 ``[F, K, 2]`` on the CPU, checked
         like the launcher does.
 
-    Example:
+    Examples:
         >>> ops, params = compile_dense_program([[(DOP_FILL_NAN, 0.0), (DOP_LOG1P,)]])
         >>> ops.tolist()
         [[4, 1]]
@@ -273,7 +273,7 @@ def dense_program(x: torch.Tensor, ops: torch.Tensor, params: torch.Tensor) -> t
         TypeError: an argument of the wrong type or dtype, named.
         ValueError: a bad shape or table, naming the feature and op slot.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ops = torch.tensor([[DOP_FILL_NAN, DOP_CLIP]])
         >>> params = torch.tensor([[[0.0, 0.0], [-1.0, 1.0]]], dtype=torch.float64)

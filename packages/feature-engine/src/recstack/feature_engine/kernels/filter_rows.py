@@ -476,7 +476,7 @@ def filter_rows(
     Triton path: 2 launches (count kept ids per row, then write them), one ``torch.cumsum``
     and one host sync for the output size; torch path: the vectorized reference, one sync.
 
-    Example:
+    Examples:
         >>> import torch
         >>> vals = torch.tensor([5, 7, 9, 7, 1, 2])  # F=3, B=1: [5, 7, 9] | [7, 1] | [2]
         >>> out, out_offs = filter_rows(

@@ -664,7 +664,7 @@ def gather_inputs(
     pinned, asynchronous host-to-device copy of the table; no device sync. With no segments
     nothing is launched and ``([], [0])`` comes back. Non-contiguous inputs are copied first.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ids = InputSegment(SEG_IDS, torch.tensor([7, 8, 9], dtype=torch.int32),
         ...                    row_offsets=torch.tensor([0, 2, 3]))
@@ -757,7 +757,7 @@ class GatherPlan:
     schema); dtypes outside a kind's list are rejected. Off the Triton path it runs the
     checked :func:`gather_inputs` reference.
 
-    Example:
+    Examples:
         >>> import torch
         >>> plan = GatherPlan([SEG_IDS, SEG_FLOAT], bound_counts=[0, 2],
         ...                   boundaries=torch.tensor([1.0, 2.0], dtype=torch.float64))

@@ -327,7 +327,7 @@ def reshape_rows(
     Triton path: 2 launches (row lengths, then output items), one ``torch.cumsum`` and one
     host sync for the output size; torch path: the vectorized reference, also one sync.
 
-    Example:
+    Examples:
         >>> import torch
         >>> vals = torch.tensor([1, 2, 3, 4, 5, 6])  # F=2, B=2: [1, 2, 3], [] | [4], [5, 6]
         >>> offs = torch.tensor([0, 3, 3, 4, 6])

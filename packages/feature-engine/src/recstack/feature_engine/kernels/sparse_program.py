@@ -107,7 +107,7 @@ def compile_sparse_program(
         ``program`` int64 ``[F, K, 4]`` and ``boundaries`` int64 ``[M]`` on the CPU;
         identical boundary lists share one slice.
 
-    Example:
+    Examples:
         >>> prog, bounds = compile_sparse_program([[(OP_HASH, 7), (OP_UMOD, 100)],
         ...                                        [(OP_BUCKETIZE, [0, 10, 100])]])
         >>> prog.shape, bounds.tolist()
@@ -480,7 +480,7 @@ def sparse_program(
         TypeError: an argument of the wrong type or dtype, named.
         ValueError: a bad shape or table, naming the argument or the ``program[f, k]`` slot.
 
-    Example:
+    Examples:
         >>> import torch
         >>> prog = torch.tensor([[[OP_MOD, 10, 0, 0]], [[OP_BUCKETIZE, 0, 2, 0]]])
         >>> sparse_program(torch.tensor([-3, 5, 0, 7]), torch.tensor([0, 2, 4]), prog,

@@ -402,7 +402,7 @@ def cross_entropy_rows(
         ValueError: a shape, device, ``label_smoothing`` or buffer that does not fit.
         TypeError: a non-float ``logits`` or non-integer ``target``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> z = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
         >>> loss, lse = cross_entropy_rows(z, torch.tensor([0, -100]), grad_scale=torch.ones(1))

@@ -49,7 +49,7 @@ class BinaryMetrics:
         device: the device every batch must be on; it also holds the (empty) state of a
             rank that gets no batch. By default the first batch's device.
 
-    Example:
+    Examples:
         >>> import torch
         >>> m = BinaryMetrics(["auc", "logloss"])
         >>> m.update(torch.tensor([0.1, 0.4]), torch.tensor([0, 0]))

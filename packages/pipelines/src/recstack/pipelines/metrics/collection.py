@@ -29,7 +29,7 @@ class MetricCollection:
             initialized.
         device: the device every batch must be on (see :class:`BinaryMetrics`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> mc = MetricCollection({"ctr": ["auc"], "cvr": ["auc", "logloss"]})
         >>> mc.update(

@@ -56,7 +56,7 @@ def auc(preds: Any, labels: Any, weights: Any = None) -> float:
             is negative or not finite.
         TypeError: an input has an unsupported dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
         0.75
@@ -93,7 +93,7 @@ def gauc(
         ValueError: bad shapes or values, or an unknown weighting.
         TypeError: an input has an unsupported dtype (groups must be integers).
 
-    Example:
+    Examples:
         >>> import torch
         >>> r = gauc(torch.tensor([0.2, 0.9, 0.5, 0.1, 0.7]), torch.tensor([0, 1, 1, 0, 1]),
         ...          groups=torch.tensor([7, 7, 8, 8, 9]))

@@ -50,7 +50,7 @@ def append_layout(offsets: torch.Tensor, num_tokens: int) -> AppendedLayout:
     Returns:
         The :class:`AppendedLayout`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> layout = append_layout(torch.tensor([0, 2, 2, 3]), 3)
         >>> layout.offsets.tolist(), layout.candidates.tolist()
@@ -84,7 +84,7 @@ def has_next(offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
         offsets: int64 ``[B + 1]`` offsets (trusted: not read back).
         num_tokens: ``N``, the number of tokens.
 
-    Example:
+    Examples:
         >>> import torch
         >>> has_next(torch.tensor([0, 2, 2, 5]), 5).tolist()
         [True, False, True, True, False]

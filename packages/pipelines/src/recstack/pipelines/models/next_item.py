@@ -48,7 +48,7 @@ class NextItemLoss(nn.Module):
         vocab_size: the number of items (``"full"``).
         feature: the sequence feature's name, for errors.
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = NextItemLoss(16, 8, "sampled", num_negatives=4)
         >>> offsets = torch.tensor([0, 3, 5])

@@ -87,7 +87,7 @@ def logits_chunk_rows(
     Returns:
         The rows of a chunk, at least 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> logits_chunk_rows(8192, 1_000_000, torch.bfloat16)
         1024
@@ -417,7 +417,7 @@ def linear_cross_entropy(
         ValueError: shapes that do not match, a bad ``reduction``, ``label_smoothing`` or
             ``chunk_size``, or a target outside ``[0, V)`` (naming the token and value).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> hidden = torch.randn(6, 4, requires_grad=True)
@@ -473,7 +473,7 @@ class LinearCrossEntropy(nn.Module):
         chunk_size: tokens a chunk (``None``: from :data:`LOGITS_BLOCK_BYTES`).
         check_target: raise on an out-of-range target (one host read a call).
 
-    Example:
+    Examples:
         >>> import torch
         >>> loss_fn = LinearCrossEntropy(reduction="sum")
         >>> loss = loss_fn(torch.randn(5, 8), torch.randn(100, 8), torch.randint(0, 100, (5,)))
@@ -694,7 +694,7 @@ def sampled_softmax_loss(
             ``item_weight``) an id outside its rows (one host read to check).
         TypeError: non-integer ids or rows of another dtype than ``hidden``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hidden, table = torch.randn(4, 8), torch.randn(50, 8)
         >>> negs = torch.tensor([3, 7, 7, 20])
@@ -792,7 +792,7 @@ def in_batch_softmax_loss(
         ValueError: misshapen arguments or a non-positive temperature.
         TypeError: non-integer ids or rows of another dtype than ``hidden``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> hidden, pos_emb = torch.randn(4, 8), torch.randn(4, 8)
         >>> ids = torch.tensor([5, 9, 5, 2])

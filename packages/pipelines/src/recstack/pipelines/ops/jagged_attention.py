@@ -102,7 +102,7 @@ def jagged_attention(
       normalisation over ``j``; ``n`` is the sequence's length, or ``max_len`` for every
       sequence when given (HSTU's original choice: the padded length).
 
-    Example:
+    Examples:
         >>> import torch
         >>> q = k = v = torch.randn(5, 2, 16)
         >>> offsets = torch.tensor([0, 2, 5])  # two sequences, of 2 and 3 tokens
@@ -159,7 +159,7 @@ class JaggedSelfAttention(nn.Module):
     residual or an input norm: wrap it as the model's block needs (``x + attn(norm(x),
     offsets)`` for a pre-norm transformer or HSTU).
 
-    Example:
+    Examples:
         >>> import torch
         >>> attn = JaggedSelfAttention(32, heads=2, kind="pointwise")
         >>> x, offsets = torch.randn(7, 32), torch.tensor([0, 3, 3, 7])

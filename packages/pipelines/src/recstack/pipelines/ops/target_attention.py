@@ -288,7 +288,7 @@ def target_attention(
             ``check_bounds``, a bad layout.
         IndexError: with ``check_bounds``, a row id past the table's rows.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> w1, w2 = nn.Linear(4 * 2, 8), nn.Linear(8, 1)
@@ -381,7 +381,7 @@ def padded_target_attention(
     Raises:
         TypeError, ValueError: a bad shape, dtype, device, layer or activation.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> w1, w2 = nn.Linear(4 * 2, 8), nn.Linear(8, 1)

@@ -176,7 +176,7 @@ def tile_slots(step: OptimizerTile) -> tuple[int, float, tuple[float, ...], tupl
     Args:
         step: one optimizer's step (:class:`SgdTile`, :class:`AdamTile`...).
 
-    Example:
+    Examples:
         >>> tile_slots(FtrlTile(lr=0.1, beta=1.0, l1=0.5, l2=0.0))
         (4, 0.1, (1.0, 0.5, 0.0), ())
     """

@@ -78,6 +78,7 @@ def _rank(rank: int, world: int, init: str, out: str, scenario: str) -> None:
     report["weight"] = model.net[0].weight.detach().flatten()[:8].tolist()
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     if "lost" not in report:
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -92,7 +93,8 @@ def _run(tmp_path: Path, scenario: str, world: int = 2) -> tuple[list[dict], lis
     reports = []
     for r, (code, log) in enumerate(ended):
         path = tmp_path / f"rank{r}.json"
-        assert path.is_file() or code != 0, f"rank {r} wrote no report:\n{log[-3000:]}"
+        expected = 3 if (scenario, r) == ("die", 1) else 0
+        assert code == expected, f"rank {r} exited with {code}:\n{log[-3000:]}"
         reports.append(json.loads(path.read_text()) if path.is_file() else {})
     return reports, [code for code, _ in ended]
 

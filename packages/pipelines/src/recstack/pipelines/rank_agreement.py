@@ -69,7 +69,9 @@ class RankAgreement:
         self.timeout = float(timeout)
         # A host-side group of its own: the flags never touch the GPU (no stream sync), and
         # its timeout is ours, not the training backend's.
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+        self.group: dist.ProcessGroup | None = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=self.timeout)
+        )
 
     def agree(self, *, batches: int, stop: bool, step: int) -> StepAgreement:
         """Exchange this rank's batch count and stop wish with every rank's.
@@ -95,3 +97,19 @@ class RankAgreement:
             ) from exc
         fewest, most, any_stop = flags.tolist()
         return StepAgreement(fewest=-fewest, most=most, any_stop=bool(any_stop))
+
+    def close(self) -> None:
+        """Wait for every rank, then release the group: no rank's process may exit while
+        another still talks to it over this group (a gloo peer then aborts). Call it on every
+        rank, after the last :meth:`agree`."""
+        if self.group is None:
+            return
+        try:
+            dist.barrier(group=self.group)
+        except RuntimeError as exc:
+            raise RankLostError(
+                f"Trainer rank {self.rank} of {self.world_size}: lost contact with the other "
+                f"ranks at the end of training: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from exc
+        dist.destroy_process_group(self.group)
+        self.group = None

@@ -246,11 +246,8 @@ class Trainer:
         self._ddp = self._data_parallel()
         if not (isinstance(rank_timeout, (int, float)) and rank_timeout > 0):
             raise ValueError(f"Trainer: rank_timeout must be > 0 seconds, got {rank_timeout!r}")
-        self._ranks = (
-            RankAgreement(float(rank_timeout))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            else None
-        )
+        self.rank_timeout = float(rank_timeout)
+        self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False
         self.step = 0
         self.epoch = 0
@@ -286,9 +283,10 @@ class Trainer:
                 "Trainer: under torchrun (world size "
                 f"{dist.get_world_size()}) the model's embedding tables would each train "
                 "apart on every rank; data-parallel training of dynamic tables needs them "
-                "sharded across the ranks, which this release does not do yet. Train models "
-                "with embedding tables in one process (one GPU); dense-only models run "
-                "data parallel."
+                "sharded across the ranks, which the Trainer does not do yet. Train models "
+                "with embedding tables in one process (one GPU), or shard them with "
+                "recstack.embedding_engine.ShardedEmbeddingCollection in a loop of your own; "
+                "dense-only models run data parallel."
             )
         if not self.dense_parameters:
             return None
@@ -422,8 +420,10 @@ class Trainer:
         t0 = time.perf_counter()
         resumed = self.restore() if resume else None
         result = FitResult(self.step, self.epoch, self.samples, resumed_from=resumed)
-        self.should_stop = False
+        self.should_stop = self._peer_stop = False
         self.model.train()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._ranks = RankAgreement(self.rank_timeout)
         with StopSignals() as signals:
             for c in self.callbacks:
                 c.on_fit_start(self)
@@ -464,6 +464,9 @@ class Trainer:
                     result.checkpoint = self.checkpointer.path(self.step)
             for c in self.callbacks:
                 c.on_fit_end(self)
+        if self._ranks is not None:
+            self._ranks.close()
+            self._ranks = None
         result.step, result.epoch, result.samples = self.step, self.epoch, self.samples
         result.metrics = {k: v for k, v in self.last_metrics.items() if k != "step"}
         result.seconds = time.perf_counter() - t0

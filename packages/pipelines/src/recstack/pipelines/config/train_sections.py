@@ -45,6 +45,7 @@ class TrainerConfig:
         evict_older_than: evict ids not seen in the last this many steps.
         evict_min_count: evict ids seen fewer than this many times.
         log_every: read the loss back every this many steps.
+        rank_timeout: under torchrun, seconds a rank waits for the others before a step.
     """
 
     device: str | None = None
@@ -61,6 +62,7 @@ class TrainerConfig:
     evict_older_than: int | None = None
     evict_min_count: int | None = None
     log_every: int = 50
+    rank_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         at_least(
@@ -79,6 +81,8 @@ class TrainerConfig:
         )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise Invalid(f"must be > 0, got {self.clip_grad_norm}", "clip_grad_norm")
+        if not self.rank_timeout > 0:
+            raise Invalid(f"must be > 0 seconds, got {self.rank_timeout}", "rank_timeout")
         if self.evict_every and not (self.evict_older_than or self.evict_min_count):
             raise Invalid("needs evict_older_than and/or evict_min_count", "evict_every")
         if self.device is not None:

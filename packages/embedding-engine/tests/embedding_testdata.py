@@ -12,6 +12,18 @@ from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, Initia
 #: Rows of the fixed-size table of :func:`fixed_collection`.
 VOCAB = 10
 
+#: One initializer of every kind (a truncated normal mirrored to the left tail too).
+INIT_KINDS = [
+    Initializer.zeros(),
+    Initializer.constant(-0.75),
+    Initializer.uniform(-0.3, 0.5),
+    Initializer.normal(0.1, 2.0),
+    Initializer.truncated_normal(0.0, 1.0),
+    Initializer.truncated_normal(1.0, 0.5, -1.0, 3.0),
+    Initializer.xavier_uniform(1.5),
+    Initializer.xavier_normal(),
+]
+
 
 def kjt(device: torch.device, **bags: list[int]) -> KeyedJaggedTensor:
     """One bag per feature holding all its ids (batch size 1)."""

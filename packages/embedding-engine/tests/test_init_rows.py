@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from embedding_testdata import INIT_KINDS as KINDS
 
 from recstack.core import kernels
 from recstack.core.paged import PagedTensor
@@ -18,16 +19,6 @@ from recstack.embedding_engine.kernels.init_rows import (
     init_rows_reference,
 )
 
-KINDS = [
-    Initializer.zeros(),
-    Initializer.constant(-0.75),
-    Initializer.uniform(-0.3, 0.5),
-    Initializer.normal(0.1, 2.0),
-    Initializer.truncated_normal(0.0, 1.0),
-    Initializer.truncated_normal(1.0, 0.5, -1.0, 3.0),  # mirrored to the left tail
-    Initializer.xavier_uniform(1.5),
-    Initializer.xavier_normal(),
-]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from embedding_testdata import INIT_KINDS as KINDS
 
 from recstack.core import kernels
 from recstack.embedding_engine.config import Initializer
@@ -15,16 +16,6 @@ from recstack.embedding_engine.kernels.init_rows_tagged import (
     init_rows_tagged_reference,
 )
 
-KINDS = [
-    Initializer.zeros(),
-    Initializer.constant(-0.75),
-    Initializer.uniform(-0.3, 0.5),
-    Initializer.normal(0.1, 2.0),
-    Initializer.truncated_normal(0.0, 1.0),
-    Initializer.truncated_normal(1.0, 0.5, -1.0, 3.0),
-    Initializer.xavier_uniform(1.5),
-    Initializer.xavier_normal(),
-]
 SETS = {
     "mixed": KINDS,
     "constants": KINDS[:2],

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from backends import RUNNABLE
+from backends import DEVICE, RUNNABLE
 
 from recstack.core import PagedTensor, kernels
 from recstack.pipelines.kernels.target_attention import (
@@ -24,8 +24,6 @@ from recstack.pipelines.kernels.target_attention import (
     target_attention_reference,
 )
 
-ON_GPU = torch.cuda.is_available() and not kernels.interpret_mode()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 needs_kernels = pytest.mark.skipif(
     not RUNNABLE, reason="needs a GPU or TRITON_INTERPRET=1 to run the Triton kernels"
 )

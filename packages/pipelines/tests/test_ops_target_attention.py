@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from backends import BACKENDS, RUNNABLE
+from backends import BACKENDS, DEVICE, ON_GPU, RUNNABLE
 
 from recstack.core import PagedTensor, kernels
 from recstack.pipelines.kernels.target_attention import (
@@ -25,8 +25,6 @@ from recstack.pipelines.ops.target_attention import (
     target_attention,
 )
 
-ON_GPU = torch.cuda.is_available() and not kernels.interpret_mode()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 LENGTHS = [3, 0, 1, 21, 5]  # ragged, an empty row, a single behaviour
 
 

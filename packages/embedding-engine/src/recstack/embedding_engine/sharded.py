@@ -169,8 +169,7 @@ class ShardedEmbeddingCollection(nn.Module):
             raise ValueError(f"ShardedEmbeddingCollection: the batch has no feature {missing}")
         batch = kjt.stride()
         jagged = {f.name: kjt[f.name] for f in self._features}
-        # A feature's ids (its values past the last offset are not part of it).
-        values = {n: jt.values[: int(jt.offsets[-1])] for n, jt in jagged.items()}
+        values = {n: jt.values for n, jt in jagged.items()}  # each exactly its feature's ids
         # Each table's unique ids, and where every value of its features points among them.
         unique: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
@@ -222,13 +221,12 @@ class ShardedEmbeddingCollection(nn.Module):
         # ids are bags of one, padded with empty bags to the largest table's count.
         by_table = torch.argsort(asked[:, 1], stable=True)
         asked_ids, asked_tags = asked[by_table, 0], asked[by_table, 1]
-        counts = torch.bincount(asked_tags, minlength=len(self._tables)).tolist()
-        widest = max(counts, default=0)
-        lengths = torch.zeros((len(self._tables), widest), dtype=torch.int64)
-        for t, n in enumerate(counts):
-            lengths[t, :n] = 1
+        per_table = torch.bincount(asked_tags, minlength=len(self._tables))
+        counts = per_table.tolist()
+        widest = torch.arange(max(counts, default=0), device=self._device)
+        lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
         keys = [_row_feature(t.name) for t in self._tables]
-        local = KeyedJaggedTensor(keys, asked_ids, lengths.reshape(-1).to(self._device))
+        local = KeyedJaggedTensor(keys, asked_ids, lengths)
         looked = self.shard(local)
         found = torch.cat([looked[_row_feature(t)][: counts[self._table_index[t]]] for t in tables])
         found = found.index_select(0, torch.argsort(by_table))  # back to the received order

@@ -89,12 +89,7 @@ class RankAgreement:
         try:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         except RuntimeError as exc:  # gloo's connection errors and timeouts
-            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-            raise RankLostError(
-                f"Trainer rank {self.rank} of {self.world_size}: lost contact with the other "
-                f"ranks before step {step} (a rank died, or did not answer within "
-                f"{self.timeout:g} s): {first}"
-            ) from exc
+            raise self._lost(f"before step {step}", exc) from exc
         fewest, most, any_stop = flags.tolist()
         return StepAgreement(fewest=-fewest, most=most, any_stop=bool(any_stop))
 
@@ -107,9 +102,13 @@ class RankAgreement:
         try:
             dist.barrier(group=self.group)
         except RuntimeError as exc:
-            raise RankLostError(
-                f"Trainer rank {self.rank} of {self.world_size}: lost contact with the other "
-                f"ranks at the end of training: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-            ) from exc
+            raise self._lost("at the end of training", exc) from exc
         dist.destroy_process_group(self.group)
         self.group = None
+
+    def _lost(self, when: str, exc: RuntimeError) -> RankLostError:
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        return RankLostError(
+            f"Trainer rank {self.rank} of {self.world_size}: lost contact with the other ranks "
+            f"{when} (a rank died, or did not answer within {self.timeout:g} s): {first}"
+        )

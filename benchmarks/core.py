@@ -3,7 +3,9 @@
 Workload: a 20M-row, dim-64 fp32 table and 1.3M random rows; ``gather_rows``
 against ``index_select`` on a plain tensor, ``scatter_rows`` against ``index_put_`` (set) and
 ``index_add_`` (add), ``SparseGrad.coalesce`` against ``unique`` + ``index_add_``, and
-``hash64`` against the same XXH64 written in plain torch ops (our reference, run on the GPU).
+``hash64`` against the same XXH64 written in plain torch ops (our reference, run on the GPU),
+and ``owner_partition`` (ids grouped by owner rank for an all-to-all) against ``owner`` +
+a stable ``argsort`` + ``bincount``.
 
     python benchmarks/core.py                  # on a GPU
     python benchmarks/core.py --device cpu --table-rows 2000000 --batch 130000
@@ -17,7 +19,15 @@ import torch
 from _harness import Report, Row, copy_bandwidth, device_name, median_time
 from _results import add_json_option, report_result, save
 
-from recstack.core import JaggedTensor, PagedTensor, SparseGrad, hash64, kernels
+from recstack.core import (
+    JaggedTensor,
+    PagedTensor,
+    SparseGrad,
+    hash64,
+    kernels,
+    owner,
+    owner_partition,
+)
 
 
 def _random_table(rows: int, dim: int, device: torch.device, page_rows: int) -> PagedTensor:
@@ -164,6 +174,30 @@ def main() -> None:
             baseline="same XXH64 in torch ops",
         )
     )
+
+    # owner partition (the sharded lookup's id routing): read 8 bytes a key, write owner and
+    # slot (8 + 8) and read the owner back once; baseline: owner + stable argsort + bincount.
+    keys = ids[:n]
+    for world in (8, 64):
+        got = owner_partition(keys, world)
+        owners = owner(keys, world)
+        order = torch.argsort(owners, stable=True)
+        assert torch.equal(got[1], order) and torch.equal(got[0], owners)
+
+        def baseline(world=world) -> None:
+            owners = owner(keys, world)
+            torch.argsort(owners, stable=True)
+            torch.bincount(owners, minlength=world)
+
+        report.add(
+            Row(
+                f"owner_partition, {n / 1e6:.1f}M ids, {world} ranks",
+                timed(lambda world=world: owner_partition(keys, world)),
+                timed(baseline),
+                32 * n,
+                baseline="owner + argsort(stable) + bincount",
+            )
+        )
 
     # hash64 of strings: lengths 1..48 bytes (ids, tags, short titles).
     lengths = torch.randint(1, 49, (args.strings,), device=device, generator=gen)

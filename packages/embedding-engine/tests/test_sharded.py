@@ -1,7 +1,9 @@
 """ShardedEmbeddingCollection: with 2 and 3 gloo ranks, each on its share of the batch, the
-pooled outputs and, after SparseAdam steps, every id's row equal one process's
-EmbeddingCollection on the whole batch (ids on several ranks, a rank's empty features,
-tables of two widths); with one rank it is an EmbeddingCollection; clear errors.
+outputs (pooled, weighted, jagged, padded with lengths, tiled) and, after SparseAdam steps,
+every id's row equal one process's EmbeddingCollection on the whole batch (ids on several
+ranks, a rank's empty features, tables of two widths, an admission filter that counts
+every rank's sightings, a rank with an empty batch); with one rank it is an
+EmbeddingCollection, state dict included; clear errors.
 
 Run as a script (``python test_sharded.py RANK WORLD INIT_FILE OUT``) this file is one gloo
 rank of those runs.
@@ -20,18 +22,32 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from recstack.core import KeyedJaggedTensor
-from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+from recstack.core import JaggedTensor, KeyedJaggedTensor
+from recstack.embedding_engine import (
+    Admission,
+    EmbeddingCollection,
+    FeatureConfig,
+    PaddedSequence,
+    TableConfig,
+)
 from recstack.embedding_engine.sharded import ShardedEmbeddingCollection
 from recstack.sparse_optim import SparseAdam
 
 THIS = Path(__file__)
-TABLES = [TableConfig("item", dim=6), TableConfig("user", dim=3), TableConfig("cat", dim=6)]
+TABLES = [
+    TableConfig("item", dim=6),
+    TableConfig("user", dim=3, admission=Admission(min_count=2)),
+    TableConfig("cat", dim=6),
+]
 FEATURES = [
     FeatureConfig("item", "item", pooling="sum"),
     FeatureConfig("hist", "item", pooling="mean"),
     FeatureConfig("user", "user", pooling="sum"),
-    FeatureConfig("cat", "cat", pooling="mean"),
+    FeatureConfig("cat", "cat", pooling="mean", weighted=True),
+    FeatureConfig("wsum", "item", pooling="sum", weighted=True),
+    FeatureConfig("seq", "item", pooling="none"),
+    FeatureConfig("recent", "cat", pooling="none", max_len=2, with_lengths=True),
+    FeatureConfig("tiled", "user", pooling="tile", max_len=2),
 ]
 BATCH, STEPS, VOCAB = 12, 3, 30
 _CAPTURE = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
@@ -54,27 +70,61 @@ def _kjt(rows: list[dict[str, list[int]]]) -> KeyedJaggedTensor:
     keys = [f.name for f in FEATURES]
     values = [i for k in keys for r in rows for i in r[k]]
     lengths = [len(r[k]) for k in keys for r in rows]
+    # A weight per id, a pure function of the id and the feature.
+    weights = [0.5 + ((i * 7 + j) % 5) / 4 for j, k in enumerate(keys) for r in rows for i in r[k]]
     return KeyedJaggedTensor(
-        keys, torch.tensor(values, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)
+        keys,
+        torch.tensor(values, dtype=torch.int64),
+        torch.tensor(lengths, dtype=torch.int64),
+        weights=torch.tensor(weights, dtype=torch.float32),
     )
+
+
+def _dense(out: object) -> torch.Tensor:
+    """An output as ``[B, ...]`` (a jagged sequence padded to 4 ids, lengths appended)."""
+    if isinstance(out, JaggedTensor):
+        return out.to_padded(4)
+    if isinstance(out, PaddedSequence):
+        return torch.cat([out.values.flatten(1), out.lengths[:, None].float()], dim=1)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def _weights() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     dims = {t.name: t.dim for t in TABLES}
-    return {f.name: torch.randn(BATCH, dims[f.table], generator=g) for f in FEATURES}
+    shapes = {"seq": (4, dims["item"]), "recent": (2 * dims["cat"] + 1,), "tiled": (2 * 3,)}
+    return {
+        f.name: torch.randn(BATCH, *shapes.get(f.name, (dims[f.table],)), generator=g)
+        for f in FEATURES
+    }
 
 
-def _train(ec, share: slice) -> dict[str, torch.Tensor]:
-    """STEPS steps of SparseAdam on ``share`` of every global batch; the first outputs."""
+def _picks(world: int, rank: int | None) -> list[list[int]]:
+    """The global rows a rank trains on at each step (``None``: what one process sees).
+    With 3 ranks, the last one has an empty batch at the second step."""
+    out = []
+    for step in range(STEPS):
+        ranks = range(world) if rank is None else [rank]
+        idx = [i for r in ranks for i in range(r, BATCH, world)
+               if not (world == 3 and r == 2 and step == 1)]  # fmt: skip
+        out.append(sorted(idx))
+    return out
+
+
+def _train(ec, picks: list[list[int]]) -> dict[str, torch.Tensor]:
+    """STEPS steps of SparseAdam, step ``s`` on global rows ``picks[s]``; the first
+    outputs."""
     opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
     weights = _weights()
     first = {}
     for step in range(STEPS):
-        out = ec(_kjt(_rows(step)[share]))
+        idx = picks[step]
+        every = _rows(step)
+        out = {k: _dense(v) for k, v in ec(_kjt([every[i] for i in idx])).items()}
         if step == 0:
             first = {k: v.detach().clone() for k, v in out.items()}
-        loss = sum((v * weights[k][share]).sum() for k, v in out.items())
+        loss = sum((v * weights[k][idx]).sum() for k, v in out.items())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -98,8 +148,13 @@ def _table_rows(ec: EmbeddingCollection) -> dict[str, torch.Tensor]:
 def _rank(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     ec = ShardedEmbeddingCollection(TABLES, FEATURES)
-    first = _train(ec, slice(rank, None, world))
+    first = _train(ec, _picks(world, rank))
     tensors = {f"out.{k}": v for k, v in first.items()}
+    load = ec.last_load
+    assert load is not None
+    tensors["load.sent"] = torch.tensor(load.keys_sent)
+    tensors["load.received"] = torch.tensor(load.keys_received)
+    tensors["load.bytes"] = torch.tensor([load.id_bytes_sent, load.row_bytes_sent])
     tensors.update({f"table.{k}": v for k, v in _table_rows(ec.shard).items()})
     save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))
     dist.destroy_process_group()
@@ -123,12 +178,19 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path: Path, world: 
     for r, p in enumerate(ranks):
         assert p.returncode == 0, f"rank {r}:\n{logs[r][-4000:]}"
     single = EmbeddingCollection(TABLES, FEATURES)
-    first = _train(single, slice(None))
+    first = _train(single, _picks(world, None))
     expected = _table_rows(single)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(world)]
     for r, got in enumerate(ranks):
         for name, value in first.items():
             torch.testing.assert_close(got[f"out.{name}"], value[r::world], msg=name)
+    # The load report: what each rank sent to another is what that one received from it.
+    sent = torch.stack([got["load.sent"] for got in ranks])
+    received = torch.stack([got["load.received"] for got in ranks])
+    assert torch.equal(sent.t(), received)
+    for r, got in enumerate(ranks):
+        others = int(sent[r].sum() - sent[r, r])
+        assert int(got["load.bytes"][0]) == 24 * others
     for t in TABLES:
         held = [got[f"table.{t.name}"] for got in ranks]
         present = [~h.isnan().any(dim=1) for h in held]
@@ -138,6 +200,21 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path: Path, world: 
             torch.stack(present).any(0)[:, None], sum(h.nan_to_num() for h in held), float("nan")
         )
         torch.testing.assert_close(merged, expected[t.name], equal_nan=True, msg=t.name)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_zipf_ids_spread_evenly_over_the_owners(world: int) -> None:
+    """Each rank serves the unique ids it owns: with Zipf(1.05) traffic over 26 tables the
+    busiest rank serves within 5% of the mean."""
+    from recstack.core import owner
+
+    g = torch.Generator().manual_seed(world)
+    served = torch.zeros(world, dtype=torch.int64)
+    for table in range(26):
+        ranks = torch.rand(65536, generator=g).pow(-1.0 / 1.05)
+        ids = (ranks.to(torch.int64) + table * 10**9).unique()
+        served += torch.bincount(owner(ids, world), minlength=world)
+    assert float(served.max()) <= 1.05 * float(served.float().mean())
 
 
 @pytest.fixture
@@ -153,24 +230,51 @@ def one_rank():
 def test_one_rank_is_an_embedding_collection(one_rank) -> None:
     sharded = ShardedEmbeddingCollection(TABLES, FEATURES)
     single = EmbeddingCollection(TABLES, FEATURES)
-    first = _train(sharded, slice(None))
-    expected = _train(single, slice(None))
+    first = _train(sharded, _picks(1, 0))
+    expected = _train(single, _picks(1, None))
     for name, value in expected.items():
-        assert torch.equal(first[name], value), name
+        torch.testing.assert_close(first[name], value, msg=name)
     for name, table in _table_rows(single).items():
         torch.testing.assert_close(_table_rows(sharded.shard)[name], table, equal_nan=True)
+    # The module's state and its tables' names are an EmbeddingCollection's.
+    assert sharded.state_dict().keys() == single.state_dict().keys() == {"_extra_state"}
+    assert sharded.state_dict()["_extra_state"] == single.state_dict()["_extra_state"]
+    assert sharded.keyed_states().keys() == single.keyed_states().keys()
+    holder = torch.nn.Module()
+    holder.ec = sharded
+    assert [n for n, _ in holder.named_modules()] == ["", "ec"]  # the shard is not a submodule
+    holder.eval()
+    assert not sharded.shard.training
+    kjt = _kjt(_rows(0))
+    with torch.no_grad():
+        got, want = sharded(kjt), single.eval()(kjt)
+    for name in want:
+        torch.testing.assert_close(_dense(got[name]), _dense(want[name]), msg=name)
 
 
-def test_unpooled_features_and_bad_batches_are_refused(one_rank) -> None:
-    seq = [*FEATURES[:1], FeatureConfig("hist", "item", pooling="none", max_len=4)]
-    with pytest.raises(ValueError, match=r"feature 'hist' has pooling 'none'"):
-        ShardedEmbeddingCollection(TABLES[:1], seq)
+def test_deferred_features_come_out_gathered(one_rank) -> None:
+    deferred = [*FEATURES[:1], FeatureConfig("hist", "item", pooling="none", gather=False)]
+    sharded = ShardedEmbeddingCollection(TABLES[:1], deferred)
+    single = EmbeddingCollection(TABLES[:1], deferred)
+    kjt = KeyedJaggedTensor(
+        ["item", "hist"], torch.tensor([3, 4, 5, 3]), torch.tensor([1, 0, 2, 1])
+    )
+    got, want = sharded(kjt)["hist"], single(kjt)["hist"].gather()
+    assert isinstance(got, JaggedTensor)
+    assert torch.equal(got.offsets, want.offsets) and torch.equal(got.values, want.values)
+
+
+def test_bad_batches_are_refused(one_rank) -> None:
     ec = ShardedEmbeddingCollection(TABLES, FEATURES)
     with pytest.raises(TypeError, match="expected a KeyedJaggedTensor"):
         ec({"item": torch.tensor([1])})
     partial = KeyedJaggedTensor(["item"], torch.tensor([1]), torch.tensor([1]))
-    with pytest.raises(ValueError, match=r"the batch has no feature \['hist', 'user', 'cat'\]"):
+    with pytest.raises(ValueError, match=r"the batch has no feature \['hist', 'user', 'cat'"):
         ec(partial)
+    names = [f.name for f in FEATURES]
+    unweighted = KeyedJaggedTensor(names, torch.tensor([1]), torch.tensor([1] + [0] * 7))
+    with pytest.raises(ValueError, match="feature 'cat' is weighted but the batch carries no"):
+        ec(unweighted)
 
 
 def test_it_needs_a_process_group() -> None:
@@ -182,3 +286,42 @@ def test_it_needs_a_process_group() -> None:
 
 if __name__ == "__main__":
     _rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+
+
+@pytest.mark.gpu
+def test_one_nccl_rank_on_the_gpu_is_an_embedding_collection(tmp_path: Path) -> None:
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    init = tmp_path / "init"
+    dist.init_process_group("nccl", init_method=f"file://{init}", rank=0, world_size=1)
+    try:
+        sharded = ShardedEmbeddingCollection(TABLES, FEATURES, device="cuda")
+        single = EmbeddingCollection(TABLES, FEATURES, device="cuda")
+        got = _train_on(sharded, "cuda")
+        want = _train_on(single, "cuda")
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, msg=name)
+        ids = torch.arange(VOCAB, device="cuda")
+        for t in TABLES:
+            a, b = sharded.find_rows(t.name, ids), single.find_rows(t.name, ids)
+            assert torch.equal(a >= 0, b >= 0), t.name
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_on(ec, device: str) -> dict[str, torch.Tensor]:
+    """_train's steps with the batches and weights on ``device``."""
+    opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
+    weights = {k: v.to(device) for k, v in _weights().items()}
+    first = {}
+    for step in range(STEPS):
+        idx = _picks(1, None)[step]
+        every = _rows(step)
+        kjt = _kjt([every[i] for i in idx]).to(device)
+        out = {k: _dense(v) for k, v in ec(kjt).items()}
+        if step == 0:
+            first = {k: v.detach().cpu() for k, v in out.items()}
+        sum((v * weights[k][idx]).sum() for k, v in out.items()).backward()
+        opt.step()
+        opt.zero_grad()
+    return first

@@ -499,10 +499,35 @@ def test_evictions_are_logged_as_removed_keys() -> None:
     assert state.removed_keys().tolist() == [6, 7]
 
 
-def test_fixed_tables_cannot_remove_keys() -> None:
-    ec = EmbeddingCollection([TableConfig("t", dim=2, fixed_size=4)], [FeatureConfig("f", "t")])
-    with pytest.raises(ValueError, match="fixed-size table"):
-        ec.keyed_states()["t"].remove_keys(torch.tensor([1]))
+def test_removing_keys_of_a_fixed_table_resets_their_rows() -> None:
+    from recstack.sparse_optim import SparseAdam
+
+    def make() -> EmbeddingCollection:
+        return EmbeddingCollection(
+            [TableConfig("t", dim=2, fixed_size=4)], [FeatureConfig("f", "t")]
+        )
+
+    ec, fresh = make(), make()
+    opt = SparseAdam(ec.sparse_parameters(), lr=0.1)
+    ec(KeyedJaggedTensor(["f"], torch.tensor([1, 2]), lengths=torch.tensor([2])))[
+        "f"
+    ].sum().backward()
+    opt.step()
+    state = ec.keyed_states()["t"]
+    state.mark_clean()
+    assert state.remove_keys(torch.tensor([1, 3, 1])) == 2  # every id has a row: all reset
+    values = ec.physical_tables["t"].values
+    initial = fresh.physical_tables["t"].values
+    ids = torch.arange(4)
+    assert torch.equal(values.gather_rows(ids[[0, 1, 3]]), initial.gather_rows(ids[[0, 1, 3]]))
+    assert not torch.equal(values.gather_rows(ids[2:3]), initial.gather_rows(ids[2:3]))
+    moments = values.companions["exp_avg"].store.gather_rows(ids)
+    assert bool((moments[1] == 0).all()) and bool((moments[2] != 0).any())
+    assert ec.physical_tables["t"].meta.counts[1] == 0
+    changed = [k for keys, _ in state.export_changed_chunks(16) for k in keys.tolist()]
+    assert changed == [1, 3]  # a delta carries the reset rows
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
+        state.remove_keys(torch.tensor([4]))
 
 
 # ------------------------------------------------------------------------------ admission

@@ -382,8 +382,9 @@ def test_two_gloo_ranks_report_the_global_row_weighted_mean(tmp_path: Path) -> N
         for got in (ranks[case] for ranks in per_rank):
             assert got["aux/loss"] == pytest.approx(want, rel=1e-6), case
             assert got["label/auc"] == per_rank[0][case]["label/auc"], case
-            # Each rank counts its own rows; the loss means every rank's.
-        assert [ranks[case]["samples"] for ranks in per_rank] == [sum(s) for s in sizes]
+        # Every rank reports the rows of all ranks, as its metrics cover them.
+        total = sum(sum(s) for s in sizes)
+        assert [ranks[case]["samples"] for ranks in per_rank] == [total, total]
 
 
 def _rank(rank: int, world: int, init_file: str, out: str) -> None:

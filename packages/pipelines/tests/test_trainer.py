@@ -330,3 +330,43 @@ def test_two_ranks_train_like_one_process_on_the_whole_batches(tmp_path: Path) -
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the replicas agree
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "ckpt" / "step-000000000020" / "manifest.json").is_file()
+
+
+SHARDED_WORKER = Path(__file__).with_name("sharded_worker.py")
+
+
+@pytest.mark.slow
+def test_two_ranks_with_sharded_tables_train_like_one_process(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
+
+    world = 2
+    run_ranks(
+        SHARDED_WORKER,
+        world,
+        lambda r: [str(tmp_path / "init"), str(tmp_path)],
+        env={"PYTHONPATH": str(SHARDED_WORKER.parent)},
+    )
+    single = SparseToy(sharded=False)
+    # The ranks evaluated 3 batches each: the shorter share ends the evaluation on both.
+    result = trainer_for(single, sparse_data(), sparse_data(seed=5, batches=3)).fit()
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(world)]
+    for name, value in single.tower.state_dict().items():
+        assert torch.equal(ranks[0][f"dense.{name}"], ranks[1][f"dense.{name}"]), name
+        torch.testing.assert_close(ranks[0][f"dense.{name}"], value, rtol=1e-4, atol=1e-5)
+    want = rows_of(single.ec)
+    for table in ("item", "user"):
+        got = {}
+        for r in ranks:
+            for i, k in enumerate(r[f"{table}.keys"].tolist()):
+                got[k] = torch.cat(
+                    [r[f"{table}.{s}"][i] for s in ("values", "exp_avg", "exp_avg_sq")]
+                )
+        keys = want[f"{table}.keys"].tolist()
+        assert sorted(got) == sorted(keys), table
+        for i, k in enumerate(keys):
+            row = torch.cat([want[f"{table}.{s}"][i] for s in ("values", "exp_avg", "exp_avg_sq")])
+            torch.testing.assert_close(got[k], row, rtol=1e-4, atol=1e-5, msg=f"{table} {k}")
+    for r in ranks:
+        assert float(r["auc"]) == pytest.approx(result.metrics["label/auc"], abs=1e-6)
+    assert (tmp_path / "ckpt" / "step-000000000008" / "manifest.json").is_file()

@@ -35,7 +35,7 @@ from recstack.core.keyed_state import (
 )
 from recstack.core.paged import Companion, PagedTensor
 from recstack.core.row_update import RowUpdate, RowUpdater
-from recstack.core.sharding import SHARD_SEED, ShardSpec, owner
+from recstack.core.sharding import SHARD_SEED, ShardSpec, owner, owner_partition
 from recstack.core.sparse_grad import SparseGrad
 from recstack.core.sparse_param import SparseParameter
 from recstack.core.torchrec_interop import from_torchrec, to_torchrec
@@ -72,6 +72,7 @@ __all__ = [
     "kernels",
     "mix64",
     "owner",
+    "owner_partition",
     "select_owned",
     "to_torchrec",
     "validate_chunk",

@@ -28,7 +28,7 @@ from recstack.embedding_engine.kernels.init_rows_tagged import init_rows_tagged
 from recstack.embedding_engine.memory import MemoryStats, TableMemory
 from recstack.embedding_engine.parameters import EmbeddingSparseParameter, sparse_parameters
 from recstack.embedding_engine.sequence import PaddedSequence
-from recstack.embedding_engine.sharded import ShardedEmbeddingCollection
+from recstack.embedding_engine.sharded import ExchangeLoad, ShardedEmbeddingCollection
 from recstack.embedding_engine.state import (
     CollectionTableState,
     collection_state_metadata,
@@ -54,6 +54,7 @@ __all__ = [
     "Initializer",
     "MemoryStats",
     "PaddedSequence",
+    "ExchangeLoad",
     "ShardedEmbeddingCollection",
     "RowGradSink",
     "TableConfig",

@@ -126,7 +126,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -470,18 +470,29 @@ class EmbeddingCollection(nn.Module):
     # ------------------------------------------------------------------------------------
 
     def forward(
-        self, kjt: KeyedJaggedTensor
+        self, kjt: KeyedJaggedTensor, *, id_counts: Mapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor | JaggedTensor | PaddedSequence | TableRows]:
         """Look up and pool every feature of ``kjt``; see the class docs for the outputs.
+
+        Args:
+            kjt: the batch's ids, one key per feature.
+            id_counts: for ids deduplicated upstream: per feature, an integer tensor with
+                one entry per id of the feature in ``kjt``, the sightings that id stands for.
+                Admission and the rows' hit counts see these instead of one per id (the
+                sharded collection sends each unique id to its owner once, with its count).
+                Features not named count one per id. Ignored in eval.
 
         Raises:
             TypeError: ``kjt`` is not a KeyedJaggedTensor or its ids are not integers.
             ValueError: a feature is missing, the KJT is on another device, a weighted
-                feature has no weights, or an id is out of its table's range.
+                feature has no weights, an id is out of its table's range, or an
+                ``id_counts`` entry names no feature or has another size than its ids.
             RuntimeError: a training forward while stored sparse gradients are unread
                 (see the module docs).
         """
         self._check_kjt(kjt)
+        if id_counts:
+            self._check_id_counts(kjt, id_counts)
         if self.training:
             self._grads.drop_read()
         batch = kjt.stride()
@@ -491,7 +502,13 @@ class EmbeddingCollection(nn.Module):
         for pname, phys in self._physical.items():
             jts = self._planner.batch_features(pname, kjt)
             plan = self._planner.plan(
-                phys, jts, batch, training=self.training, step=self._step, grads=self._grads
+                phys,
+                jts,
+                batch,
+                training=self.training,
+                step=self._step,
+                grads=self._grads,
+                id_counts=id_counts,
             )
             depends_on = None
             if track:
@@ -529,6 +546,34 @@ class EmbeddingCollection(nn.Module):
         dtype = kjt.values().dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise TypeError(f"EmbeddingCollection: ids must be integers, got {dtype}")
+
+    def _check_id_counts(self, kjt: KeyedJaggedTensor, id_counts: object) -> None:
+        if not isinstance(id_counts, Mapping):
+            raise TypeError(
+                f"EmbeddingCollection: id_counts must be a dict of tensors by feature, got "
+                f"{type(id_counts).__name__}"
+            )
+        names = {f.name for f in self._features}
+        for name, counts in id_counts.items():
+            if name not in names:
+                raise ValueError(f"EmbeddingCollection: id_counts names no feature {name!r}")
+            n = kjt[name].values.numel()
+            if (
+                not isinstance(counts, torch.Tensor)
+                or counts.dtype.is_floating_point
+                or counts.dtype == torch.bool
+                or counts.shape != (n,)
+                or counts.device != self._device
+            ):
+                got = (
+                    f"{counts.dtype} {tuple(counts.shape)} on {counts.device}"
+                    if isinstance(counts, torch.Tensor)
+                    else type(counts).__name__
+                )
+                raise ValueError(
+                    f"EmbeddingCollection: id_counts[{name!r}] must be an integer tensor of "
+                    f"shape ({n},) on {self._device} (one count per id), got {got}"
+                )
 
 
 def _check_count(value: object, name: str, *, minimum: int) -> int:

@@ -85,15 +85,17 @@ class EmbeddingSparseParameter:
 
 def sparse_parameters(module: nn.Module) -> Iterator[EmbeddingSparseParameter]:
     """The sparse parameters of every :class:`EmbeddingCollection` in ``module`` (itself
-    included, and the collection a ``DynamicEmbedding`` holds), in ``module.modules()``
-    order: what a sparse optimizer trains while ``module.parameters()`` goes to a
-    ``torch.optim`` optimizer.
+    included, and the collection a ``DynamicEmbedding`` holds) and of every
+    ``ShardedEmbeddingCollection`` (this rank's shard), in ``module.modules()`` order:
+    what a sparse optimizer trains while ``module.parameters()`` goes to a ``torch.optim``
+    optimizer.
 
     Args:
         module: a model.
     """
     from recstack.embedding_engine.collection import EmbeddingCollection
+    from recstack.embedding_engine.sharded import ShardedEmbeddingCollection
 
     for m in module.modules():
-        if isinstance(m, EmbeddingCollection):
+        if isinstance(m, (EmbeddingCollection, ShardedEmbeddingCollection)):
             yield from m.sparse_parameters()

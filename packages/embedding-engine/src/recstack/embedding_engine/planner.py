@@ -26,7 +26,7 @@ sequence rows into each feature's output (jagged, padded or tiled,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -159,6 +159,7 @@ class LookupPlanner:
         training: bool,
         step: int,
         grads: SparseGradStore,
+        id_counts: Mapping[str, torch.Tensor] | None = None,
     ) -> LookupPlan:
         """The lookup plan of ``phys`` for one batch; in training, inserts the new ids.
 
@@ -170,6 +171,8 @@ class LookupPlanner:
                 the backward) rather than a read-only eval lookup.
             step: the step a training forward stamps on its rows.
             grads: where the backward's gradient goes (and the fused optimizer, if any).
+            id_counts: per feature, how many sightings each of its ids stands for (what
+                admission and the hit counts see; default one each).
 
         Raises:
             ValueError: an id out of a fixed-size table's range, or a weighted feature
@@ -194,6 +197,8 @@ class LookupPlanner:
             # One sort dedups the entries and, kept in the plan, groups them for the backward.
             s = _sort_entries(keys, tags, read_with=[bad])
             _check_batch_ids(phys, feats, ids, s.read[0])
+            if id_counts:
+                s = _recount(s, feats, ids, id_counts)
         if phys.is_fixed_size:
             # Row = id: no hash table, no compact table (every row exists, eval included).
             table = phys.values
@@ -363,6 +368,21 @@ def _sort_entries(
     if tags is None:
         return sort_ids(keys, read_with=read_with)
     return sort_ids(keys, tags=tags.tags, tag_order=tags.order, read_with=read_with)
+
+
+def _recount(
+    s: SortedIds,
+    feats: Sequence[FeatureRead],
+    ids: Sequence[torch.Tensor],
+    id_counts: Mapping[str, torch.Tensor],
+) -> SortedIds:
+    """``s`` with each unique entry's count the sum of its entries' given sightings."""
+    each = [
+        id_counts.get(f.config.name, torch.ones_like(x)).to(torch.int64)
+        for f, x in zip(feats, ids, strict=True)
+    ]
+    counts = torch.zeros_like(s.counts).index_add_(0, s.inverse, torch.cat(each))
+    return replace(s, counts=counts)
 
 
 def compact_table(

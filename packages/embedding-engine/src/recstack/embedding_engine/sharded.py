@@ -6,12 +6,15 @@ way, on each rank with that rank's batch. Every id lives on one rank, ``core.own
 in that rank's own ``EmbeddingCollection`` (its shard: dynamic, collision-free tables
 holding only the ids it owns). A forward:
 
-1. deduplicates each table's ids of the local batch;
-2. for each group of tables of one width, sends every unique ``(table, id)`` to its owner
-   (one variable-split all-to-all of the ids and table indices);
+1. deduplicates each table's ids of the local batch, counting each id's occurrences;
+2. for each group of tables of one width, sends every unique ``(table, id, count)`` to
+   its owner (one variable-split all-to-all);
 3. each owner looks the received ids up in its shard (inserting new ones in training,
-   with admission and eviction as configured) and sends the rows back (one all-to-all);
-4. the rows are pooled into each feature's ``[B, dim]`` output on the requesting rank.
+   with admission and eviction as configured; admission and hit counts see the counts,
+   so they match one process's) and sends the rows back (one all-to-all);
+4. the rows become each feature's output on the requesting rank, in every form an
+   ``EmbeddingCollection`` gives: pooled (sum, mean, weighted), jagged or padded
+   sequences (with lengths), tiled.
 
 The backward mirrors it: each row's gradient travels back to its owner (one all-to-all per
 width), where the shard's own backward turns the gradients of every requester into one
@@ -19,35 +22,86 @@ width), where the shard's own backward turns the gradients of every requester in
 :meth:`sparse_parameters` then steps each rank's rows locally, unchanged. With one rank the
 exchanges are no-ops and the result equals an ``EmbeddingCollection``'s.
 
-This release shards pooled features (``pooling="sum"`` or ``"mean"``, unweighted); the
-other poolings are refused with a clear error. Every rank must call forward and backward
-the same number of times (the exchanges are collectives), as a data-parallel Trainer does.
+Every rank must call forward and backward the same number of times (the exchanges are
+collectives), as a data-parallel Trainer does; a rank without data calls them with an
+empty batch.
+
+**State.** The shard is held outside the module tree, so the module's ``state_dict()``
+and its tables' names in a checkpoint (:meth:`ShardedEmbeddingCollection.keyed_states`)
+are an ``EmbeddingCollection``'s: a checkpoint written by N ranks (each its own part files)
+loads on M ranks, or into an unsharded collection, and back (``recstack.saver``).
+
+**Eviction.** Each shard evicts its own rows after the optimizer step (``evict``,
+``maybe_evict``), at the same steps on every rank. A capacity cap (``Eviction(max_rows=N)``)
+holds for each rank's shard: give it as the per-rank budget.
+
+**Optimizer step counts.** A sparse optimizer steps each rank's rows locally. Per-row
+counts (``SparseAdam(step_count="per_row")``) are the same whatever the sharding; a
+``"global"`` count advances on each rank at the steps that touched its shard's rows, so
+a table whose shard a step missed corrects its bias by a count one lower than unsharded
+(never, in practice, for tables of thousands of ids or more).
+
+**Deferred features.** A feature with ``gather=False`` (rows left in the table for a
+consumer's kernel to read, DIN's fused target attention) comes out gathered, as a
+``JaggedTensor`` of its rows: a sharded table's rows live on their owners, not in this
+rank's memory. The reference models take either.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from recstack.core import KeyedJaggedTensor, SparseGrad
+from recstack.core import JaggedTensor, KeyedJaggedTensor, KeyedState, SparseGrad
 from recstack.core.distributed import all_to_all_v
-from recstack.core.sharding import owner
+from recstack.core.keyed_state import select_owned
+from recstack.core.sharding import ShardSpec, owner_partition
 from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig, check_configs
 from recstack.embedding_engine.parameters import EmbeddingSparseParameter
+from recstack.embedding_engine.planner import FeatureOutput, sequence_output
 
-__all__ = ["ShardedEmbeddingCollection"]
+__all__ = ["ExchangeLoad", "ShardedEmbeddingCollection"]
 
 _POOLED = ("sum", "mean")
+# The columns of an exchange's request: the id, its table's index, its occurrences.
+_ID, _TAG, _COUNT = 0, 1, 2
 
 
 def _row_feature(table: str) -> str:
     """The shard's own feature that reads one row per id of ``table``."""
     return f"{table}__rows"
+
+
+@dataclass(frozen=True)
+class ExchangeLoad:
+    """What one forward of a sharded collection exchanged, seen from this rank.
+
+    Attributes:
+        keys_sent: unique ``(table, id)`` requests this rank sent to each rank (itself
+            included), by destination.
+        keys_received: requests each rank sent to this rank, by source: the lookups this
+            rank served as an owner.
+        id_bytes_sent: bytes of the requests this rank sent to other ranks (24 a key: id,
+            table, count).
+        row_bytes_sent: bytes of the rows this rank sent back to other ranks (the
+            backward sends as many gradient bytes the other way).
+    """
+
+    keys_sent: tuple[int, ...]
+    keys_received: tuple[int, ...]
+    id_bytes_sent: int
+    row_bytes_sent: int
+
+    @property
+    def served(self) -> int:
+        """The lookups this rank served (every rank's requests to it)."""
+        return sum(self.keys_received)
 
 
 class _ExchangeRows(torch.autograd.Function):
@@ -61,15 +115,18 @@ class _ExchangeRows(torch.autograd.Function):
         back_splits: list[int],
         asked_splits: list[int],
         group: dist.ProcessGroup | None,
+        scale: float,
     ) -> torch.Tensor:
-        ctx.asked_splits, ctx.group = asked_splits, group
+        ctx.asked_splits, ctx.group, ctx.scale = asked_splits, group, scale
         received, _ = all_to_all_v(rows.contiguous(), back_splits, group)
         return received
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.scale != 1.0:
+            grad = grad * ctx.scale
         to_owners, _ = all_to_all_v(grad.contiguous(), ctx.asked_splits, ctx.group)
-        return to_owners, None, None, None
+        return to_owners, None, None, None, None
 
 
 class ShardedEmbeddingCollection(nn.Module):
@@ -78,15 +135,18 @@ class ShardedEmbeddingCollection(nn.Module):
 
     Args:
         tables: the table configs, the same on every rank.
-        features: the feature configs, the same on every rank; pooled features only
-            (``pooling="sum"`` or ``"mean"``, unweighted).
+        features: the feature configs, the same on every rank (any pooling; a
+            ``gather=False`` feature comes out gathered, see the module docs).
         process_group: the ranks the tables are sharded over (``None``: the default group).
         device: where this rank's shard and outputs live (CUDA for NCCL, CPU for gloo).
         page_rows: rows per page of the shard's value stores.
+        average_gradients: divide each row's gradient by the world size: the gradient
+            of the mean of the ranks' losses, as ``DistributedDataParallel`` averages
+            dense gradients (the ``Trainer`` sets it), so ``W`` ranks with batches of
+            ``b`` rows train as one process with batches of ``W * b``. Default: the sum.
 
     Raises:
-        ValueError, TypeError: bad configs (as ``EmbeddingCollection``), or a feature that
-            is not pooled.
+        ValueError, TypeError: bad configs (as ``EmbeddingCollection``).
         RuntimeError: no initialized process group.
 
     Examples:
@@ -97,11 +157,16 @@ class ShardedEmbeddingCollection(nn.Module):
         >>> init = os.path.join(tempfile.mkdtemp(), "init")
         >>> dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
         >>> ec = ShardedEmbeddingCollection(
-        ...     [TableConfig("item", dim=4)], [FeatureConfig("item", "item", pooling="mean")]
+        ...     [TableConfig("item", dim=4)],
+        ...     [FeatureConfig("item", "item", pooling="mean"),
+        ...      FeatureConfig("hist", "item", pooling="none", max_len=3)],
         ... )
-        >>> kjt = KeyedJaggedTensor(["item"], torch.tensor([7, 8, 7]), torch.tensor([2, 1]))
-        >>> ec(kjt)["item"].shape
-        torch.Size([2, 4])
+        >>> kjt = KeyedJaggedTensor(
+        ...     ["item", "hist"], torch.tensor([7, 8, 7, 1, 2, 3]), torch.tensor([2, 1, 3, 0])
+        ... )
+        >>> out = ec(kjt)
+        >>> out["item"].shape, out["hist"].shape
+        (torch.Size([2, 4]), torch.Size([2, 3, 4]))
         >>> dist.destroy_process_group()
     """
 
@@ -113,6 +178,7 @@ class ShardedEmbeddingCollection(nn.Module):
         device: torch.device | str | None = None,
         *,
         page_rows: int | None = None,
+        average_gradients: bool = False,
     ) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -121,42 +187,65 @@ class ShardedEmbeddingCollection(nn.Module):
                 "group (torchrun, or torch.distributed.init_process_group)"
             )
         check_configs(tables, features)
-        for f in features:
-            if f.pooling not in _POOLED or f.weighted:
-                raise ValueError(
-                    f"ShardedEmbeddingCollection: feature {f.name!r} has pooling "
-                    f"{f.pooling!r}{' (weighted)' if f.weighted else ''}; sharded tables serve "
-                    "unweighted pooled features (pooling='sum' or 'mean') in this release"
-                )
         self.group = process_group
+        self.average_gradients = bool(average_gradients)
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self._features = list(features)
         self._tables = list(tables)
         self._table_index = {t.name: i for i, t in enumerate(self._tables)}
+        self._fixed = {t.name: t.fixed_size is not None for t in self._tables}
         used = {f.table for f in features}
-        # One exchange per width: tables of one dim travel together.
-        self._groups: dict[int, list[str]] = {}
+        self._used = [t.name for t in self._tables if t.name in used]
+        # Rows travel back in one exchange per width and dtype (ids in one for all).
+        self._groups: dict[tuple[int, torch.dtype], list[str]] = {}
         for t in self._tables:
             if t.name in used:
-                self._groups.setdefault(t.dim, []).append(t.name)
+                self._groups.setdefault((t.dim, t.dtype), []).append(t.name)
         extra = {} if page_rows is None else {"page_rows": page_rows}
-        self.shard = EmbeddingCollection(
+        shard = EmbeddingCollection(
             self._tables,
             [FeatureConfig(_row_feature(t.name), t.name, pooling="sum") for t in self._tables],
             device,
             merge_tables=True,
             **extra,
         )
-        self._device = self.shard._device
+        # Outside the module tree (see the module docs): state dicts and checkpoint names
+        # then match an unsharded collection's.
+        object.__setattr__(self, "_shard", shard)
+        self._device = shard.device
+        #: What the last forward exchanged (``None`` before the first).
+        self.last_load: ExchangeLoad | None = None
+
+    @property
+    def shard(self) -> EmbeddingCollection:
+        """This rank's shard: an ``EmbeddingCollection`` of the ids this rank owns."""
+        return self._shard
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's shard and the outputs live."""
+        return self._device
+
+    def train(self, mode: bool = True) -> ShardedEmbeddingCollection:
+        """Training or eval mode, for this module and its shard (eval inserts nothing)."""
+        super().train(mode)
+        self._shard.train(mode)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ShardedEmbeddingCollection:
+        self._shard._apply(fn, recurse)
+        self._device = self._shard.device
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ the step
-    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """Every feature's pooled ``[B, dim]`` rows for this rank's batch ``kjt``.
+    def forward(self, kjt: KeyedJaggedTensor) -> dict[str, FeatureOutput]:
+        """Every feature's output for this rank's batch ``kjt``, as an
+        ``EmbeddingCollection`` gives it.
 
         Raises:
-            TypeError, ValueError: ``kjt`` is not a KeyedJaggedTensor, misses a feature or
-                lives on another device.
+            TypeError, ValueError: ``kjt`` is not a KeyedJaggedTensor, misses a feature,
+                lives on another device, or a weighted feature has no weights.
         """
         if not isinstance(kjt, KeyedJaggedTensor):
             raise TypeError(
@@ -169,92 +258,241 @@ class ShardedEmbeddingCollection(nn.Module):
             raise ValueError(f"ShardedEmbeddingCollection: the batch has no feature {missing}")
         batch = kjt.stride()
         jagged = {f.name: kjt[f.name] for f in self._features}
-        values = {n: jt.values for n, jt in jagged.items()}  # each exactly its feature's ids
-        # Each table's unique ids, and where every value of its features points among them.
+        for f in self._features:
+            if f.weighted and jagged[f.name].weights is None:
+                raise ValueError(
+                    f"ShardedEmbeddingCollection: feature {f.name!r} is weighted but the "
+                    "batch carries no weights"
+                )
+        # Each table's unique ids, their occurrences, and where every id points among them.
         unique: dict[str, torch.Tensor] = {}
+        counts: dict[str, torch.Tensor] = {}
         inverse: dict[str, torch.Tensor] = {}
-        for table in {f.table for f in self._features}:
+        for table in self._used:
             names = [f.name for f in self._features if f.table == table]
-            ids = torch.cat([values[n].to(torch.int64) for n in names])
+            ids = torch.cat([jagged[n].values.to(torch.int64) for n in names])
             if ids.device != self._device:
                 raise ValueError(
                     f"ShardedEmbeddingCollection: feature {names[0]!r} is on {ids.device}, "
                     f"the collection on {self._device}"
                 )
-            unique[table], inverse[table] = torch.unique(ids, return_inverse=True)
-        rows = {}
-        for tables in self._groups.values():
-            rows.update(self._exchange(tables, unique))
-        out: dict[str, torch.Tensor] = {}
+            unique[table], inverse[table], counts[table] = torch.unique(
+                ids, return_inverse=True, return_counts=True
+            )
+        rows = self._exchange(unique, counts)
+        out: dict[str, FeatureOutput] = {}
         start: dict[str, int] = {}
         for f in self._features:
             jt = jagged[f.name]
-            n = values[f.name].numel()
+            n = jt.values.numel()
             first = start.get(f.table, 0)
             start[f.table] = first + n
-            mine = inverse[f.table][first : first + n]
-            lengths = jt.lengths().to(torch.int64)
-            bags = torch.repeat_interleave(torch.arange(batch, device=self._device), lengths)
-            table_rows = rows[f.table]
-            pooled = table_rows.new_zeros((batch, table_rows.shape[1]))
-            pooled = pooled.index_add(0, bags, table_rows.index_select(0, mine))
-            if f.pooling == "mean":
-                pooled = pooled / lengths.clamp(min=1).to(pooled.dtype)[:, None]
-            out[f.name] = pooled
+            feature_rows = rows[f.table].index_select(0, inverse[f.table][first : first + n])
+            if f.pooling in _POOLED:
+                out[f.name] = _pool(f, jt, feature_rows, batch)
+            else:
+                dim = feature_rows.shape[1]
+                out[f.name] = sequence_output(f, JaggedTensor(feature_rows, jt.offsets), batch, dim)
         return out
 
     def _exchange(
-        self, tables: list[str], unique: dict[str, torch.Tensor]
+        self, unique: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The rows of ``tables``' unique ids, each from its owner (one width)."""
-        ids = torch.cat([unique[t] for t in tables])
-        tags = torch.cat(
-            [torch.full_like(unique[t], self._table_index[t]) for t in tables]
-        )  # fmt: skip
-        ranks = owner(ids, self.world_size)
-        order = torch.argsort(ranks, stable=True)
-        splits = torch.bincount(ranks, minlength=self.world_size).tolist()
-        sent = torch.stack([ids.index_select(0, order), tags.index_select(0, order)], dim=1)
+        """Each table's rows of its unique ids, from their owners: the ids in one
+        all-to-all, one lookup in the shard (its step advances once), the rows back in
+        one all-to-all per width and dtype."""
+        tags = torch.cat([torch.full_like(unique[t], self._table_index[t]) for t in self._used])
+        ids = torch.cat([unique[t] for t in self._used])
+        ranks, order, counts_per_rank = owner_partition(ids, self.world_size)
+        splits = counts_per_rank.tolist()
+        occurrences = torch.cat([counts[t] for t in self._used])
+        sent = torch.stack([ids, tags, occurrences], dim=1).index_select(0, order)
         asked, asked_splits = all_to_all_v(sent, splits, self.group)
-        # The owner's side: one row per received id, read through the shard's row
-        # features. A KeyedJaggedTensor has one batch size for all keys, so each table's
-        # ids are bags of one, padded with empty bags to the largest table's count.
-        by_table = torch.argsort(asked[:, 1], stable=True)
-        asked_ids, asked_tags = asked[by_table, 0], asked[by_table, 1]
-        per_table = torch.bincount(asked_tags, minlength=len(self._tables))
-        counts = per_table.tolist()
-        widest = torch.arange(max(counts, default=0), device=self._device)
-        lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
-        keys = [_row_feature(t.name) for t in self._tables]
-        local = KeyedJaggedTensor(keys, asked_ids, lengths)
-        looked = self.shard(local)
-        found = torch.cat([looked[_row_feature(t)][: counts[self._table_index[t]]] for t in tables])
-        found = found.index_select(0, torch.argsort(by_table))  # back to the received order
-        got = _ExchangeRows.apply(found, asked_splits, splits, self.group)
-        rows = torch.empty_like(got).index_copy(0, order, got)  # back to ``ids``' order
-        out, first = {}, 0
-        for t in tables:
-            out[t] = rows[first : first + unique[t].numel()]
-            first += unique[t].numel()
+        looked, received_order = self._look_up(asked)
+        source = torch.repeat_interleave(
+            torch.arange(self.world_size, device=self._device),
+            torch.tensor(asked_splits, device=self._device),
+        )
+        sent_ranks, sent_tags = ranks.index_select(0, order), sent[:, _TAG]
+        out: dict[str, torch.Tensor] = {}
+        row_bytes = 0
+        for (dim, dtype), tables in self._groups.items():
+            tag_set = torch.tensor([self._table_index[t] for t in tables], device=self._device)
+            # The owner's side: the group's rows, in the order they were received.
+            received = torch.isin(asked[:, _TAG], tag_set)
+            found = torch.cat([looked[t] for t in tables])
+            found = found.index_select(0, torch.argsort(received_order[tables[0]]))
+            back = torch.bincount(source[received], minlength=self.world_size).tolist()
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            row_bytes += (sum(back) - back[self.rank]) * dim * itemsize
+            # The requester's side: they arrive in the order they were sent.
+            mine = torch.isin(sent_tags, tag_set)
+            asked_back = torch.bincount(sent_ranks[mine], minlength=self.world_size).tolist()
+            scale = 1.0 / self.world_size if self.average_gradients else 1.0
+            got = _ExchangeRows.apply(found, back, asked_back, self.group, scale)
+            in_group = torch.isin(tags, tag_set)
+            local = torch.cumsum(in_group, 0) - 1  # each id's place among the group's
+            dest = local.index_select(0, order[mine])
+            rows = torch.empty_like(got).index_copy(0, dest, got)
+            first = 0
+            for t in tables:
+                out[t] = rows[first : first + unique[t].numel()]
+                first += unique[t].numel()
+        self.last_load = ExchangeLoad(
+            tuple(splits),
+            tuple(asked_splits),
+            (sum(splits) - splits[self.rank]) * sent.shape[1] * sent.element_size(),
+            row_bytes,
+        )
         return out
 
+    def _look_up(
+        self, asked: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The owner's side: the rows of the received ``(id, tag, count)`` requests, read
+        through the shard's row features in one call, by table, and for each width and
+        dtype group (keyed by its first table) the received positions of its rows."""
+        # A KeyedJaggedTensor has one batch size for all keys, so each table's ids are
+        # bags of one, padded with empty bags to the largest table's count.
+        by_table = torch.argsort(asked[:, _TAG], stable=True)
+        ordered = asked.index_select(0, by_table)
+        per_table = torch.bincount(ordered[:, _TAG], minlength=len(self._tables))
+        sizes = per_table.tolist()
+        widest = torch.arange(max(sizes, default=0), device=self._device)
+        lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
+        keys = [_row_feature(t.name) for t in self._tables]
+        local = KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths)
+        seen = dict(zip(keys, ordered[:, _COUNT].split(sizes), strict=True))
+        looked = self._shard(local, id_counts=seen)
+        rows = {t: looked[_row_feature(t)][: sizes[self._table_index[t]]] for t in self._used}
+        positions = {}
+        for tables in self._groups.values():
+            # Requests sorted by tag list each group's tables in order, as ``rows`` do.
+            tag_set = torch.tensor([self._table_index[t] for t in tables], device=self._device)
+            positions[tables[0]] = by_table[torch.isin(ordered[:, _TAG], tag_set)]
+        return rows, positions
+
     # ------------------------------------------------------------------ the shard's state
+    def keyed_states(self) -> dict[str, KeyedState]:
+        """This rank's shard of every table as a core ``KeyedState``, by table name: a
+        checkpoint saves each rank's rows in its own part files, and a load keeps the ids
+        each rank owns (``recstack.saver``). A fixed-size table holds a row for every id
+        on every rank; it exports only the ids this rank owns (the others are never read
+        or trained here), so each id is saved once."""
+        states = self._shard.keyed_states()
+        spec = ShardSpec(self.world_size, self.rank)
+        for name, state in states.items():
+            if self._fixed[name]:
+                states[name] = _OwnedRows(state, spec)
+        return states
+
+    def get_extra_state(self) -> dict[str, int]:
+        """The step counters, as an ``EmbeddingCollection``'s (the same on every rank)."""
+        return self._shard.get_extra_state()
+
+    def set_extra_state(self, state: object) -> None:
+        """Restore :meth:`get_extra_state` output (from ``load_state_dict``)."""
+        self._shard.set_extra_state(state)
+
+    @property
+    def step(self) -> int:
+        """The step the next training forward stamps on its rows."""
+        return self._shard.step
+
+    def evict(
+        self,
+        table: str | None = None,
+        *,
+        older_than_step: int | None = None,
+        min_count: int | None = None,
+    ) -> dict[str, int]:
+        """Erase this rank's ids last seen before ``older_than_step`` or seen fewer than
+        ``min_count`` times, as ``EmbeddingCollection.evict`` (no collective: every rank
+        calls it at the same step); returns the ids erased here, by table."""
+        return self._shard.evict(table, older_than_step=older_than_step, min_count=min_count)
+
+    def maybe_evict(self) -> dict[str, int]:
+        """As ``EmbeddingCollection.maybe_evict``, on this rank's shard."""
+        return self._shard.maybe_evict()
+
     def sparse_parameters(self) -> Iterator[EmbeddingSparseParameter]:
         """This rank's shard of every table, for a ``recstack.sparse_optim`` optimizer."""
-        return self.shard.sparse_parameters()
+        return self._shard.sparse_parameters()
 
     def sparse_grads(self) -> dict[str, SparseGrad]:
         """This rank's shard's sparse gradients, by physical table."""
-        return self.shard.sparse_grads()
+        return self._shard.sparse_grads()
 
     def zero_grad_sparse(self) -> None:
         """Drop this rank's stored sparse gradients."""
-        self.shard.zero_grad_sparse()
+        self._shard.zero_grad_sparse()
 
     def find_rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` in this rank's shard of ``table`` (-1 for ids it does not hold)."""
-        return self.shard.find_rows(table, ids)
+        return self._shard.find_rows(table, ids)
 
     def num_ids(self, table: str) -> int:
         """Ids this rank's shard of ``table`` holds."""
-        return self.shard.num_ids(table)
+        return self._shard.num_ids(table)
+
+
+class _OwnedRows:
+    """A table's ``KeyedState`` that exports only the ids ``spec`` owns (a fixed-size
+    table's shard holds every id's row; only the owned ones are this rank's to save)."""
+
+    # Every method spelled out: runtime protocol checks (IncrementalKeyedState,
+    # AuxiliaryState) look methods up statically.
+    def __init__(self, state: Any, spec: ShardSpec) -> None:
+        self._state, self._spec = state, spec
+
+    def state_metadata(self) -> dict[str, Any]:
+        return self._state.state_metadata()
+
+    def mark_clean(self) -> None:
+        self._state.mark_clean()
+
+    def removed_keys(self) -> torch.Tensor:
+        return self._state.removed_keys()
+
+    def remove_keys(self, keys: torch.Tensor, shard: ShardSpec | None = None) -> int:
+        return self._state.remove_keys(keys, shard)
+
+    def auxiliary_state(self) -> dict[str, torch.Tensor]:
+        return self._state.auxiliary_state()
+
+    def load_auxiliary_state(self, parts: Sequence[Any]) -> None:
+        self._state.load_auxiliary_state(parts)
+
+    def export_chunks(self, chunk_rows: int) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        return self._owned(self._state.export_chunks(chunk_rows))
+
+    def export_changed_chunks(
+        self, chunk_rows: int
+    ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        return self._owned(self._state.export_changed_chunks(chunk_rows))
+
+    def import_chunk(self, keys: Any, slots: Any, metadata: Any, shard: Any = None) -> int:
+        return self._state.import_chunk(keys, slots, metadata, shard)
+
+    def _owned(
+        self, chunks: Iterator[tuple[torch.Tensor, dict[str, Any]]]
+    ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        for keys, slots in chunks:
+            keys, slots = select_owned(keys, slots, self._spec)
+            if keys.numel():
+                yield keys, slots
+
+
+def _pool(f: FeatureConfig, jt: JaggedTensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """A pooled feature's ``[B, dim]`` output from its ids' rows, in the rows' dtype (sums
+    in float32, as the collection's kernels)."""
+    lengths = jt.lengths().to(torch.int64)
+    bags = torch.repeat_interleave(torch.arange(batch, device=rows.device), lengths)
+    values = rows.float()
+    if f.weighted:
+        assert jt.weights is not None
+        values = values * jt.weights.float()[:, None]
+    pooled = values.new_zeros((batch, rows.shape[1])).index_add(0, bags, values)
+    if f.pooling == "mean":
+        pooled = pooled / lengths.clamp(min=1).to(pooled.dtype)[:, None]
+    return pooled.to(rows.dtype)

@@ -55,6 +55,7 @@ from recstack.core.checks import check_int
 from recstack.core.keyed_state import check_json_metadata, select_owned, validate_chunk
 from recstack.core.sharding import ShardSpec
 from recstack.embedding_engine.config import TABLE_DTYPES
+from recstack.embedding_engine.kernels.init_rows import init_rows_into
 
 if TYPE_CHECKING:
     from recstack.embedding_engine.collection import EmbeddingCollection
@@ -625,16 +626,19 @@ class CollectionTableState:
 
     def remove_keys(self, keys: torch.Tensor, shard: ShardSpec | None = None) -> int:
         """Erase ``keys`` (logical ids; those ``shard`` owns, given one) from the table;
-        return how many it held. Their rows go to the free list, as after an eviction."""
+        return how many it held. Their rows go to the free list, as after an eviction. A
+        fixed-size table keeps a row for every id: its rows of ``keys`` go back to their
+        initial values instead (the initializer's, fresh optimizer state, no hits), which
+        is what a load does before it imports a checkpoint's rows."""
         where = f"remove_keys: table {self._table!r}"
         validate_chunk(keys, {}, name=self._table)
         phys, index = _locate(self._ec, self._table, "CollectionTableState")
-        if phys.is_fixed_size:
-            raise ValueError(f"{where}: a fixed-size table keeps all its rows and cannot erase")
         keys = keys.to(self._ec.device)
         if bool(phys.bad_ids(keys).any()):
             raise ValueError(f"{where}: ids must lie in {phys.id_range()}")
         keys, _ = select_owned(keys, {}, shard)
+        if phys.is_fixed_size:
+            return _reset_fixed_rows(phys, keys)
         # Only held ids are erased, so only they are logged as removed.
         held = keys[phys.hash_table.find(keys, index, check_keys=False) >= 0]
         return phys.erase(index, held)
@@ -670,6 +674,21 @@ class CollectionTableState:
             total += counters.to(device=self._ec.device, dtype=torch.int64)
         cap = phys.tables[index].admission.min_count
         sketch.counters.copy_(total.clamp_(max=cap).to(sketch.counters.dtype))
+
+
+def _reset_fixed_rows(phys: PhysicalTable, ids: torch.Tensor) -> int:
+    """A fixed-size table's rows of ``ids`` (row = id) as when the table was made."""
+    ids = torch.unique(ids)
+    if not ids.numel():
+        return 0
+    (t,) = phys.tables
+    assert t.initializer is not None and t.init_seed is not None
+    init_rows_into(phys.values, ids, ids, t.initializer, seed=t.init_seed, check_bounds=False)
+    phys.values.rows_reset(ids)
+    zeros = torch.zeros_like(ids)
+    phys.meta.set_rows(ids, zeros, zeros)
+    phys.meta.mark_dirty(ids)  # changed: a delta carries them
+    return int(ids.numel())
 
 
 def collection_table_states(ec: EmbeddingCollection) -> dict[str, CollectionTableState]:

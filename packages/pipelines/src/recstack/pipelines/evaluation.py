@@ -4,6 +4,7 @@ mean of every loss the model computes itself."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -185,9 +186,11 @@ def evaluate_model(
     features: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     max_batches: int | None = None,
+    all_have_batch: Callable[[bool], bool] | None = None,
 ) -> dict[str, float]:
     """Run ``model`` in eval mode under ``torch.no_grad()`` over ``data`` and return the
-    tasks' metrics, ``{"<task>/<metric>": value, ..., "samples": rows}``; a loss task
+    tasks' metrics, ``{"<task>/<metric>": value, ..., "samples": rows}`` (over every rank,
+    with ``torch.distributed`` initialized); a loss task
     (``output="loss"``) gives ``"<task>/loss"``, its mean value weighted by the batches'
     rows.
 
@@ -203,6 +206,9 @@ def evaluate_model(
         features: applied to each batch first (a ``FeatureEngine``).
         autocast: a factory of the autocast context for the forward (``None``: none).
         max_batches: read at most this many batches.
+        all_have_batch: for a model whose forward is a collective (sharded tables):
+            called before each batch with whether this rank has one; the evaluation ends
+            when it returns ``False`` (some rank has none), on every rank at once.
     """
     if device is None:
         first = next(iter(model.parameters()), None)
@@ -223,8 +229,14 @@ def evaluate_model(
     rows = 0
     try:
         with torch.no_grad():
-            for i, batch in enumerate(stream):
-                if max_batches is not None and i >= max_batches:
+            batches = iter(stream)
+            for i in itertools.count():
+                batch = (
+                    None if max_batches is not None and i >= max_batches else next(batches, None)
+                )
+                if all_have_batch is not None and not all_have_batch(batch is not None):
+                    break
+                if batch is None:
                     break
                 inputs = features(batch) if features is not None else batch
                 with autocast() if autocast is not None else contextlib.nullcontext():
@@ -235,5 +247,16 @@ def evaluate_model(
         model.train(was_training)
     # Across ranks every rank joins the collectives, also one that read no rows.
     out = metrics.compute() if rows or metrics.distributed else metrics.undefined()
+    if metrics.distributed:
+        total = torch.tensor([rows], dtype=torch.float64, device=_group_device())
+        dist.all_reduce(total)
+        rows = int(total.item())
     out["samples"] = float(rows)
     return out
+
+
+def _group_device() -> torch.device:
+    """Where the default group's collectives take tensors (NCCL: this rank's GPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -5,6 +5,7 @@ with evaluation, checkpoints, exact resume and callbacks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from recstack.core.checks import check_int
-from recstack.embedding_engine import EmbeddingCollection
+from recstack.embedding_engine import EmbeddingCollection, ShardedEmbeddingCollection
 from recstack.pipelines.callbacks.base import Callback
 from recstack.pipelines.choices import check_choice
 from recstack.pipelines.evaluation import evaluate_model
@@ -131,6 +132,14 @@ class Trainer:
             whether all have a full step of data (the epoch ends for all when one runs out:
             uneven shares never hang) and whether any was told to stop.
 
+    Under ``torchrun`` the dense parameters train data parallel (``DistributedDataParallel``
+    averages their gradients) and the embedding tables must be sharded
+    (:class:`~recstack.embedding_engine.ShardedEmbeddingCollection`), which then average
+    their rows' gradients over the ranks too, so ``W`` ranks with batches of ``b`` rows
+    train as one process with batches of ``W * b``. Each forward of a sharded collection is
+    a collective, so evaluation also runs the same number of batches on every rank: it
+    ends on all when one rank's evaluation data runs out.
+
     Evaluation puts the model in ``eval()`` mode under ``torch.no_grad()``: in training
     mode a forward inserts unseen ids into the tables and advances their step even under
     ``no_grad``, so evaluating in training mode would change the model.
@@ -241,7 +250,11 @@ class Trainer:
         self.stage_start_step = 0
         self._entered: int | None = None
         self._train_embeddings = True
-        self.collections = [m for m in self.model.modules() if isinstance(m, EmbeddingCollection)]
+        self.collections: list[EmbeddingCollection | ShardedEmbeddingCollection] = [
+            m
+            for m in self.model.modules()
+            if isinstance(m, (EmbeddingCollection, ShardedEmbeddingCollection))
+        ]
         self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self._ddp = self._data_parallel()
         if not (isinstance(rank_timeout, (int, float)) and rank_timeout > 0):
@@ -272,26 +285,47 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision)
 
+    def _world(self) -> int:
+        """The number of ranks (1 without an initialized process group)."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+        return 1
+
+    def _sharded(self) -> bool:
+        """Whether forwards are collectives: sharded tables over several ranks."""
+        return self._world() > 1 and any(
+            isinstance(c, ShardedEmbeddingCollection) for c in self.collections
+        )
+
     def _data_parallel(self) -> nn.Module | None:
         """Under ``torchrun`` (an initialized process group of several ranks), wrap the
         model in ``DistributedDataParallel``: every rank reads its share of the data and
-        the dense gradients are averaged across ranks."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        the dense gradients are averaged across ranks; sharded tables average their rows'
+        gradients likewise."""
+        world = self._world()
+        if world == 1:
             return None
-        if self.collections:
+        plain = [c for c in self.collections if isinstance(c, EmbeddingCollection)]
+        if plain:
             raise ValueError(
-                "Trainer: under torchrun (world size "
-                f"{dist.get_world_size()}) the model's embedding tables would each train "
-                "apart on every rank; data-parallel training of dynamic tables needs them "
-                "sharded across the ranks, which the Trainer does not do yet. Train models "
-                "with embedding tables in one process (one GPU), or shard them with "
-                "recstack.embedding_engine.ShardedEmbeddingCollection in a loop of your own; "
-                "dense-only models run data parallel."
+                f"Trainer: under torchrun (world size {world}) the model's "
+                "EmbeddingCollection would train apart on every rank, each rank's rows "
+                "drifting from the others'. Shard its tables across the ranks: build "
+                "recstack.embedding_engine.ShardedEmbeddingCollection with the same tables "
+                "and features (the reference models of recstack.pipelines.models do so "
+                "themselves under torchrun)."
             )
+        for c in self.collections:
+            assert isinstance(c, ShardedEmbeddingCollection)
+            c.average_gradients = True  # as DDP averages the dense gradients
         if not self.dense_parameters:
             return None
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        # Buffers (batch-norm statistics) stay each rank's own between steps; newer torch
+        # names the option differently.
+        params = inspect.signature(DistributedDataParallel).parameters
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        return DistributedDataParallel(self.model, device_ids=ids, **{sync: False})
 
     def _forward(self, inputs: dict[str, Any]) -> Any:
         return (self._ddp or self.model)(inputs)
@@ -675,15 +709,23 @@ class Trainer:
         if data is None:
             raise ValueError("Trainer.evaluate: no data (pass data or give eval_data)")
         limit = max_batches if max_batches is not None else self.eval_batches
-        return evaluate_model(
-            self.model,
-            data,
-            self.tasks,
-            device=self.device,
-            features=self.features,
-            autocast=self._autocast,
-            max_batches=limit,
-        )
+        agreement = None
+        if self._sharded():
+            agreement = self._ranks if self._ranks is not None else RankAgreement(self.rank_timeout)
+        try:
+            return evaluate_model(
+                self.model,
+                data,
+                self.tasks,
+                device=self.device,
+                features=self.features,
+                autocast=self._autocast,
+                max_batches=limit,
+                all_have_batch=None if agreement is None else _all_have(agreement, self.step),
+            )
+        finally:
+            if agreement is not None and agreement is not self._ranks:
+                agreement.close()
 
     def _evaluate_and_report(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -691,6 +733,24 @@ class Trainer:
         for c in self.callbacks:
             c.on_eval_end(self, self.step, metrics)
         return metrics
+
+
+def _all_have(agreement: RankAgreement, step: int) -> Callable[[bool], bool]:
+    """Before each evaluation batch: whether every rank has one (host-side agreement)."""
+
+    def ask(have: bool) -> bool:
+        got = agreement.agree(batches=int(have), stop=False, step=step)
+        if got.fewest != got.most and have:
+            warnings.warn(
+                f"Trainer rank {agreement.rank}: another rank's evaluation data ran out "
+                "first; with sharded tables every rank evaluates the same number of "
+                "batches, so this rank's remaining ones are not evaluated. Give the ranks "
+                "equal shares of the evaluation data.",
+                stacklevel=4,
+            )
+        return got.fewest > 0
+
+    return ask
 
 
 class _Position:

@@ -47,6 +47,7 @@ from recstack.saver.read import default_keep_bytes
 from recstack.saver.rng import capture_rng
 from recstack.saver.serving_export import export_for_serving
 from recstack.saver.snapshot import (
+    GpuStage,
     PinnedPool,
     host_copies,
     host_copy,
@@ -93,6 +94,15 @@ class Checkpointer:
             CRC-32 before it changes anything). Default: a quarter of the memory available
             when the load starts. Files beyond it are checked in blocks and read again,
             part by part, when imported; 0 always does that.
+        gpu_snapshot_fraction: an async save first copies GPU tensors into spare GPU
+            memory, up to this share of what is free when it starts (device-to-device:
+            milliseconds for gigabytes), and the writer threads move them to the host in
+            the background, releasing the GPU memory file by file. What does not fit goes
+            to pinned host buffers kept from the previous async save, else to ordinary
+            host memory. ``0`` snapshots to host memory only.
+
+    Attributes:
+        last_gpu_snapshot_bytes: how many bytes the last async save staged in GPU memory.
 
     A save writes every file aside and renames it when whole; ``manifest.json`` comes last
     and names only complete files, so a process killed at any moment leaves the previous
@@ -115,8 +125,17 @@ class Checkpointer:
         progress: bool | None = None,
         durable: bool = True,
         load_buffer_bytes: int | None = None,
+        gpu_snapshot_fraction: float = 0.5,
     ) -> None:
         self.root = Path(root)
+        fraction = float(gpu_snapshot_fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(
+                "Checkpointer: gpu_snapshot_fraction must be in [0, 1], "
+                f"got {gpu_snapshot_fraction!r}"
+            )
+        self.gpu_snapshot_fraction = fraction
+        self.last_gpu_snapshot_bytes = 0
         self.load_buffer_bytes = (
             None
             if load_buffer_bytes is None
@@ -173,10 +192,10 @@ class Checkpointer:
 
         Args:
             step: the training step (an int >= 0; one checkpoint per step).
-            blocking: ``False`` copies everything to host memory (GPU tensors to pinned
-                buffers), returns, and writes the files in a background thread; call
-                :meth:`wait` to join it. At most one save is in flight: a save first
-                waits for the previous one.
+            blocking: ``False`` snapshots everything (GPU tensors into spare GPU memory
+                or pinned host buffers, see ``gpu_snapshot_fraction``), returns, and
+                writes the files in a background thread; call :meth:`wait` to join it.
+                At most one save is in flight: a save first waits for the previous one.
             delta: write only the table rows changed since the checkpoint saved or loaded
                 last (its *base*), plus tombstones for the keys removed since, and the
                 whole dense state. Needs tables that track changes (core's
@@ -201,9 +220,11 @@ class Checkpointer:
         snapshot = not blocking
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         pinned = self._pinned if snapshot and cuda else None
-        tables = self._table_jobs(objs, delta, snapshot, pinned)
-        dense = self._dense_job(objs, snapshot, pinned) if self.rank == 0 else None
-        per_rank, per_rank_tensors = self._per_rank_job(objs, snapshot, pinned)
+        stage = GpuStage(self.gpu_snapshot_fraction) if snapshot and cuda else None
+        tables = self._table_jobs(objs, delta, snapshot, pinned, stage)
+        dense = self._dense_job(objs, snapshot, pinned, stage) if self.rank == 0 else None
+        per_rank, per_rank_tensors = self._per_rank_job(objs, snapshot, pinned, stage)
+        self.last_gpu_snapshot_bytes = 0 if stage is None else stage.staged_bytes
         job = RankJob(
             ckpt=ckpt,
             step=step,
@@ -218,6 +239,7 @@ class Checkpointer:
             dense_file_bytes=self.dense_file_bytes,
             max_in_flight=self.max_in_flight,
             durable=self.durable,
+            host_pool=pinned,
         )
         incremental = [s for s in objs.tables.values() if isinstance(s, IncrementalKeyedState)]
         if blocking:
@@ -226,7 +248,8 @@ class Checkpointer:
             self._agree(error, ckpt)
             return ckpt
         if cuda:
-            torch.cuda.synchronize()  # the pinned copies are complete before the thread reads
+            # The staged and pinned copies are complete before the writer threads read them.
+            torch.cuda.synchronize()
         # Changes after this instant belong to the next delta, whatever the write does.
         for state in incremental:
             state.mark_clean()
@@ -330,7 +353,12 @@ class Checkpointer:
             raise CheckpointError(f"{ckpt}: {what} failed ({error})") from error
 
     def _table_jobs(
-        self, objs: Sorted, delta: bool, snapshot: bool, pinned: PinnedPool | None
+        self,
+        objs: Sorted,
+        delta: bool,
+        snapshot: bool,
+        pinned: PinnedPool | None,
+        stage: GpuStage | None,
     ) -> list[TableJob]:
         jobs = []
         for name, state in objs.tables.items():
@@ -344,7 +372,7 @@ class Checkpointer:
             else:
                 source = state.export_chunks(rows)
                 removed = None
-            chunks: Any = iter_host_chunks(source, snapshot=snapshot, pool=pinned)
+            chunks: Any = iter_host_chunks(source, snapshot=snapshot, pool=pinned, stage=stage)
             if snapshot:
                 chunks = list(chunks)
             aux = {}
@@ -353,7 +381,9 @@ class Checkpointer:
             jobs.append(TableJob(name, meta, chunks, removed, aux))
         return jobs
 
-    def _dense_job(self, objs: Sorted, snapshot: bool, pinned: PinnedPool | None) -> DenseJob:
+    def _dense_job(
+        self, objs: Sorted, snapshot: bool, pinned: PinnedPool | None, stage: GpuStage | None
+    ) -> DenseJob:
         trees: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
         for name, obj in objs.dense.items():
@@ -367,11 +397,11 @@ class Checkpointer:
                 else "object"
             )
             trees[name] = {"kind": kind, "tree": tree}
-            tensors.update(host_copies(ts, snapshot=snapshot, pool=pinned))
+            tensors.update(host_copies(ts, snapshot=snapshot, pool=pinned, stage=stage))
         return DenseJob(trees, tensors)
 
     def _per_rank_job(
-        self, objs: Sorted, snapshot: bool, pinned: PinnedPool | None
+        self, objs: Sorted, snapshot: bool, pinned: PinnedPool | None, stage: GpuStage | None
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         states: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
@@ -379,7 +409,7 @@ class Checkpointer:
             state = obj if isinstance(obj, dict) else obj.state_dict()
             tree, ts = encode_tree(state, name)
             states[name] = {"kind": "dict" if isinstance(obj, dict) else "object", "tree": tree}
-            tensors.update(host_copies(ts, snapshot=snapshot, pool=pinned))
+            tensors.update(host_copies(ts, snapshot=snapshot, pool=pinned, stage=stage))
         return {"rng": capture_rng() if self.rng else None, "states": states}, tensors
 
     # ------------------------------------------------------------------ load

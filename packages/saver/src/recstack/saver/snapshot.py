@@ -2,14 +2,22 @@
 
 A blocking save copies one chunk at a time to the host and hands it to a writer thread,
 so host memory is bounded by the chunks in flight, not by the table. An async save
-copies everything first, GPU tensors into pinned host buffers with non-blocking copies
-(one wait at the end), and returns; the files are written behind training. Pinned buffers
-are kept for the next async save, whose tensors usually have the same shapes.
+copies everything first and returns; the files are written behind training.
 
-Page-locked memory is slow to allocate (about 0.3 s a GB on an H100 host), so a snapshot
-never allocates it: a tensor with no pinned buffer of its shape is copied to ordinary
-memory, and the writer thread, once its files are written, pins buffers of the shapes
-that were missing, for the next save.
+Where an async save's GPU tensors go, fastest first:
+
+1. **Spare GPU memory** (:class:`GpuStage`): a device-to-device copy, at the GPU's memory
+   bandwidth (milliseconds for gigabytes). The writer threads move each staged tensor to
+   the host on a stream of their own just before writing it (:func:`to_host`; into pinned
+   buffers kept from the previous save, which copy several times faster than ordinary
+   memory), and the GPU memory is released file by file. Used while the staged bytes stay
+   under a fraction of the GPU memory free when the save starts.
+2. **Pinned host buffers** (:class:`PinnedPool`), kept from the previous async save,
+   whose tensors usually have the same shapes: a non-blocking copy at the PCIe bandwidth.
+3. **Ordinary host memory**: a synchronous copy, slower still. Page-locked memory is slow
+   to allocate (about 0.3 s a GB on an H100 host), so a snapshot never allocates it: the
+   writer thread, once its files are written, pins buffers of the shapes that were
+   missing, for the next save.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ import torch
 
 __all__ = [
     "MIN_PART_BYTES",
+    "GpuStage",
     "PinnedPool",
     "estimate_chunk_rows",
     "host_copies",
     "host_copy",
     "iter_host_chunks",
     "spread_chunk_rows",
+    "to_host",
 ]
 
 
@@ -76,19 +86,71 @@ class PinnedPool:
             self._free = free
 
 
-def host_copy(t: torch.Tensor, *, snapshot: bool, pool: PinnedPool | None) -> torch.Tensor:
-    """``t`` as a contiguous CPU tensor.
+class GpuStage:
+    """Copies of an async save's GPU tensors kept in spare GPU memory, up to a budget.
+
+    Args:
+        fraction: the share of each GPU's free memory (the driver's free memory plus what
+            PyTorch's caching allocator holds unused), measured at the first tensor on
+            that GPU, that staged copies may fill; ``0`` stages nothing.
+
+    Training keeps allocating while the files are written, so the budget leaves it the
+    rest; the staged copies are released as the writer threads move them to the host.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = float(fraction)
+        self._left: dict[torch.device, int] = {}
+        self.staged_bytes = 0
+
+    def take(self, t: torch.Tensor) -> torch.Tensor | None:
+        """A contiguous copy of CUDA tensor ``t`` in GPU memory, or ``None`` when the
+        budget has no room for it."""
+        if self.fraction <= 0:
+            return None
+        device = t.device
+        if device not in self._left:
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            self._left[device] = int((free + cached) * self.fraction)
+        nbytes = t.numel() * t.element_size()
+        if nbytes > self._left[device]:
+            return None
+        try:
+            out = t.clone(memory_format=torch.contiguous_format)
+        except torch.OutOfMemoryError:
+            self._left[device] = 0  # the estimate was wrong: the rest goes to the host
+            return None
+        self._left[device] -= nbytes
+        self.staged_bytes += nbytes
+        return out
+
+
+def host_copy(
+    t: torch.Tensor,
+    *,
+    snapshot: bool,
+    pool: PinnedPool | None,
+    stage: GpuStage | None = None,
+) -> torch.Tensor:
+    """``t`` as a contiguous CPU tensor, or a GPU snapshot of it (see below).
 
     With ``snapshot`` the result never shares memory with ``t`` (training may change
-    ``t`` while the copy is written); a CUDA tensor goes to a pinned buffer with a
-    non-blocking copy (synchronize before reading it). Without, a contiguous CPU tensor
-    comes back as it is and a CUDA tensor is copied synchronously.
+    ``t`` while the copy is written): a CUDA tensor is copied into spare GPU memory when
+    ``stage`` has room (the result is then a CUDA tensor: :func:`to_host` moves it), else
+    to a pinned buffer of ``pool`` with a non-blocking copy (synchronize before reading
+    either), else to ordinary memory. Without ``snapshot``, a contiguous CPU tensor comes
+    back as it is and a CUDA tensor is copied synchronously.
     """
     t = t.detach()
     if t.device.type == "cpu":
         if snapshot:
             return t.clone(memory_format=torch.contiguous_format)
         return t.contiguous()
+    if snapshot and stage is not None:
+        staged = stage.take(t)
+        if staged is not None:
+            return staged
     if snapshot and pool is not None:
         buf = pool.take(t)
         if buf is not None:
@@ -98,10 +160,49 @@ def host_copy(t: torch.Tensor, *, snapshot: bool, pool: PinnedPool | None) -> to
 
 
 def host_copies(
-    tensors: Mapping[str, torch.Tensor], *, snapshot: bool, pool: PinnedPool | None
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    snapshot: bool,
+    pool: PinnedPool | None,
+    stage: GpuStage | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`host_copy` of every tensor of a dict."""
-    return {k: host_copy(v, snapshot=snapshot, pool=pool) for k, v in tensors.items()}
+    return {k: host_copy(v, snapshot=snapshot, pool=pool, stage=stage) for k, v in tensors.items()}
+
+
+_streams = threading.local()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's copy stream on ``device``: PyTorch's pool streams do not wait for
+    the default stream, so a writer's copies never queue behind training's kernels."""
+    streams: dict[torch.device, torch.cuda.Stream] = getattr(_streams, "by_device", None) or {}
+    _streams.by_device = streams
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+def to_host(
+    tensors: Mapping[str, torch.Tensor], pool: PinnedPool | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a file about to be written, with GPU-staged ones copied to the host
+    on this thread's copy stream (the copy is complete when this returns): into a pinned
+    buffer of ``pool`` when it has one of the shape (a copy at PCIe speed; the pool pins
+    the missing shapes after the save), else into ordinary memory."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if t.device.type == "cuda":
+            stream = _side_stream(t.device)
+            buf = pool.take(t) if pool is not None else None
+            with torch.cuda.stream(stream):
+                if buf is None:
+                    t = t.to("cpu")
+                else:
+                    t = buf.copy_(t, non_blocking=True)
+                    stream.synchronize()
+        out[name] = t
+    return out
 
 
 _ITEM_BYTES = {"float64": 8, "int64": 8, "float32": 4, "int32": 4, "float16": 2,
@@ -155,10 +256,11 @@ def iter_host_chunks(
     *,
     snapshot: bool,
     pool: PinnedPool | None,
+    stage: GpuStage | None = None,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The chunks of a KeyedState export, copied to the host one at a time."""
+    """The chunks of a KeyedState export, copied one at a time (see :func:`host_copy`)."""
     for keys, slots in chunks:
         yield (
-            host_copy(keys, snapshot=snapshot, pool=pool),
-            host_copies(slots, snapshot=snapshot, pool=pool),
+            host_copy(keys, snapshot=snapshot, pool=pool, stage=stage),
+            host_copies(slots, snapshot=snapshot, pool=pool, stage=stage),
         )

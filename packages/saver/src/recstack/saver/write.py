@@ -14,7 +14,7 @@ import json
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +32,7 @@ from recstack.saver.files import (
     write_tensor_file,
 )
 from recstack.saver.manifest import FORMAT, MANIFEST, VERSION
+from recstack.saver.snapshot import PinnedPool, to_host
 
 __all__ = ["DenseJob", "RankJob", "TableJob", "write_rank"]
 
@@ -44,7 +45,12 @@ Chunk = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 @dataclass
 class TableJob:
-    """One table's share of this rank: host chunks, tombstones, auxiliary tensors."""
+    """One table's share of this rank: chunks, tombstones, auxiliary tensors.
+
+    Chunk tensors are on the host, or GPU snapshots of an async save (moved to the host
+    by the thread that writes them). A list of chunks is emptied as it is written, so
+    each chunk's memory is released once its file is.
+    """
 
     name: str
     metadata: dict[str, Any]
@@ -55,7 +61,8 @@ class TableJob:
 
 @dataclass
 class DenseJob:
-    """The dense state: a JSON tree per object and their tensors (host, contiguous)."""
+    """The dense state: a JSON tree per object and their tensors (contiguous; on the host
+    or GPU snapshots, like a :class:`TableJob`'s chunks)."""
 
     trees: dict[str, Any]
     tensors: dict[str, torch.Tensor]
@@ -79,6 +86,8 @@ class RankJob:
     max_in_flight: int
     durable: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Pinned buffers the writer threads copy GPU snapshots through (an async save's).
+    host_pool: PinnedPool | None = None
 
 
 def table_dir(index: int, name: str) -> str:
@@ -158,7 +167,7 @@ def _write_table(
     parts: list[Future[FileRecord]] = []
     slots: dict[str, Any] | None = None
     keys_total = 0
-    for i, (keys, chunk) in enumerate(table.chunks):
+    for i, (keys, chunk) in enumerate(_consume(table.chunks)):
         if slots is None:
             slots = {s: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
                      for s, t in chunk.items()}  # fmt: skip
@@ -167,7 +176,7 @@ def _write_table(
         rel = f"{base}/r{job.rank:05d}-p{i:05d}.safetensors"
         meta = {"table": table.name, "rank": str(job.rank), "part": str(i)}
         parts.append(submit(lambda rel=rel, tensors=tensors, meta=meta:
-                            write_tensor_file(job.ckpt, rel, tensors, meta,
+                            write_tensor_file(job.ckpt, rel, to_host(tensors, job.host_pool), meta,
                                               durable=job.durable)))  # fmt: skip
     removed = None
     if table.removed is not None and table.removed.numel():
@@ -198,8 +207,21 @@ def _write_table(
     }
 
 
+def _consume(chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+    if not isinstance(chunks, list):
+        yield from chunks
+        return
+    chunks.reverse()
+    while chunks:
+        yield chunks.pop()
+
+
 def _write_dense(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> dict[str, Any]:
     assert job.dense is not None
+    info = {
+        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        for name, t in job.dense.tensors.items()
+    }
     files: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in job.dense.tensors.items():
@@ -215,14 +237,14 @@ def _write_dense(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> dic
             continue
         rel = f"dense/d{i:05d}.safetensors"
         fut = submit(
-            lambda rel=rel, g=group: write_tensor_file(job.ckpt, rel, g, durable=job.durable)
+            lambda rel=rel, g=group: write_tensor_file(
+                job.ckpt, rel, to_host(g, job.host_pool), durable=job.durable
+            )
         )
         for name in group:
             where[name] = fut
-    info = {
-        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-        for name, t in job.dense.tensors.items()
-    }
+    # The file groups hold the tensors now: GPU snapshots are released as they are written.
+    job.dense.tensors = {}
     return {"trees": job.dense.trees, "tensors": where, "info": info}
 
 
@@ -237,7 +259,9 @@ def _write_per_rank(job: RankJob, submit: Callable[..., Future[FileRecord]]) -> 
         trel = f"rank/r{job.rank:05d}.safetensors"
         tensors = job.per_rank_tensors
         out["tensors"] = submit(
-            lambda: write_tensor_file(job.ckpt, trel, tensors, durable=job.durable)
+            lambda: write_tensor_file(
+                job.ckpt, trel, to_host(tensors, job.host_pool), durable=job.durable
+            )
         )
     return out
 

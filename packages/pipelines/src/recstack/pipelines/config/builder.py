@@ -32,6 +32,7 @@ from recstack.pipelines.config.readers import (
 )
 from recstack.pipelines.config.schedule import build_scheduler
 from recstack.pipelines.config.schema import RunConfig
+from recstack.pipelines.launch import one_writer, rank_device
 from recstack.pipelines.online import OnlineResult
 from recstack.pipelines.stages import Stage
 from recstack.pipelines.trainer import FitResult, Trainer
@@ -41,13 +42,14 @@ __all__ = ["DataSources", "Run", "build_data", "build_model", "build_run", "run_
 
 
 def run_device(config: RunConfig) -> torch.device:
-    """The run's device: ``trainer.device``, else CUDA when available, else CPU.
+    """The run's device: ``trainer.device``, else CUDA when available, else CPU; under
+    ``torchrun`` a CUDA device is this rank's GPU, ``cuda:LOCAL_RANK``.
 
     Args:
         config: the run.
     """
     name = config.trainer.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return rank_device(name)
 
 
 def build_model(config: RunConfig, device: torch.device | str | None = None) -> nn.Module:
@@ -103,7 +105,8 @@ def build_data(config: RunConfig, *, train: bool = True) -> DataSources:
     d = config.data
     train_files = eval_files = None
     if d.synthetic is not None:
-        train_files, eval_files = ensure_synthetic(d.synthetic)
+        synthetic = d.synthetic
+        train_files, eval_files = one_writer(lambda: ensure_synthetic(synthetic))
     columns = default_columns(config)
     out = DataSources()
     train_reader = d.train if d.train is not None else ReaderConfig()

@@ -15,6 +15,7 @@ from recstack.pipelines.config.builder import build_data, build_model, build_run
 from recstack.pipelines.config.errors import ConfigError
 from recstack.pipelines.config.loader import load_config
 from recstack.pipelines.config.schema import RunConfig
+from recstack.pipelines.launch import distributed_run, torchrun_ranks
 from recstack.pipelines.online import OnlineResult
 from recstack.pipelines.trainer import FitResult, Trainer
 from recstack.saver import Checkpointer, CheckpointError
@@ -74,17 +75,21 @@ def _metric_rows(metrics: Mapping[str, float]) -> list[list[object]]:
 
 
 def train(config: RunConfig, *, resume: bool = True) -> FitResult | OnlineResult:
-    """Build the run and train it (``fit_online`` for ``data.stream``).
+    """Build the run and train it (``fit_online`` for ``data.stream``). Under
+    ``torchrun`` every rank runs this: the process group is set up for the run
+    (:func:`~recstack.pipelines.launch.distributed_run`), each rank reads its share of the
+    data, the tables are sharded and the dense parameters train data parallel.
 
     Args:
         config: the run.
         resume: continue from the latest checkpoint when there is one.
     """
-    run = build_run(config)
-    try:
-        return run.fit(resume=resume)
-    finally:
-        run.close()
+    with distributed_run(run_device(config)):
+        run = build_run(config)
+        try:
+            return run.fit(resume=resume)
+        finally:
+            run.close()
 
 
 def _report_fit(result: FitResult, out: TextIO) -> None:
@@ -155,6 +160,9 @@ def train_command(
     except CheckpointError as e:  # a checkpoint to resume from that does not fit the run
         err.write(f"error: {e}\n")
         return 1
+    ranks = torchrun_ranks()
+    if ranks is not None and ranks.rank != 0:
+        return 0  # every rank trained alike and agrees on the metrics: rank 0 reports
     if isinstance(result, OnlineResult):
         _report_online(result, out)
     else:

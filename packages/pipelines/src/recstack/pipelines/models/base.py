@@ -11,10 +11,16 @@ import torch
 from torch import nn
 
 from recstack.core import KeyedJaggedTensor
-from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
+from recstack.embedding_engine import (
+    EmbeddingCollection,
+    FeatureConfig,
+    ShardedEmbeddingCollection,
+    TableConfig,
+)
 from recstack.pipelines.models.fields import CheckedConfig, ModelConfigError, config_from_mapping
 from recstack.pipelines.models.inputs import (
     ModelFeatures,
+    Sharding,
     build_embeddings,
     dense_input,
     sparse_input,
@@ -50,6 +56,10 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
         device: where the collection and the dense layers live (default: the
             collection's device, else CPU). A collection does not follow ``.to()``, so
             build the model on its device.
+        sharding: ``"auto"`` (default) shards the tables row-wise across the ranks when
+            ``torch.distributed`` is initialized with more than one rank (``torchrun``),
+            ``"row"`` always, ``"none"`` never (see
+            :class:`~recstack.embedding_engine.ShardedEmbeddingCollection`).
 
     Raises:
         ModelConfigError: a config of another class, or one that does not fit the
@@ -68,8 +78,9 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
         tables: Tables | None = None,
         features: Features | None = None,
         *,
-        embeddings: EmbeddingCollection | None = None,
+        embeddings: EmbeddingCollection | ShardedEmbeddingCollection | None = None,
         device: torch.device | str | None = None,
+        sharding: Sharding = "auto",
     ) -> None:
         super().__init__()
         owner = self.config_class.__name__
@@ -80,7 +91,7 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
             )
         self.config: ConfigT = config
         self.embeddings, self._features = build_embeddings(
-            owner, tables, features, embeddings, device
+            owner, tables, features, embeddings, device, sharding
         )
         self._build(config)
         self._place()
@@ -97,8 +108,9 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
         tables: Tables | None = None,
         features: Features | None = None,
         *,
-        embeddings: EmbeddingCollection | None = None,
+        embeddings: EmbeddingCollection | ShardedEmbeddingCollection | None = None,
         device: torch.device | str | None = None,
+        sharding: Sharding = "auto",
     ) -> Self:
         """The model from a config given as a mapping (e.g. read from YAML or TOML) or
         as its config class, and tables/features as configs or their dicts.
@@ -109,6 +121,7 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
             features: the collection's features (see the class docs).
             embeddings: a ready-made collection (see the class docs).
             device: where the model lives (see the class docs).
+            sharding: how the tables are placed (see the class docs).
 
         Raises:
             ModelConfigError: an invalid config, or one that does not fit the features.
@@ -119,6 +132,7 @@ class EmbeddingModel(nn.Module, Generic[ConfigT]):
             features,
             embeddings=embeddings,
             device=device,
+            sharding=sharding,
         )
 
     def forward(self, inputs: Mapping[str, Any]) -> Any:

@@ -7,15 +7,23 @@ the history mask.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor
-from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig, TableRows
+from recstack.embedding_engine import (
+    EmbeddingCollection,
+    FeatureConfig,
+    ShardedEmbeddingCollection,
+    TableConfig,
+    TableRows,
+)
 from recstack.pipelines.models.fields import ModelConfigError
 
 __all__ = [
+    "Sharding",
     "ModelFeatures",
     "PooledInputs",
     "build_embeddings",
@@ -143,13 +151,24 @@ def _parse(items: object, cls: type[Any], what: str) -> list[Any]:
     return [cls.from_dict(x) if isinstance(x, Mapping) else x for x in items]
 
 
+#: How a model's tables are placed: ``"auto"`` shards them row-wise when
+#: ``torch.distributed`` is initialized with more than one rank (``torchrun``), ``"row"``
+#: always shards them, ``"none"`` keeps the whole tables in this process.
+Sharding = Literal["auto", "none", "row"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def build_embeddings(
     owner: str,
     tables: Sequence[TableConfig | Mapping[str, Any]] | None,
     features: Sequence[FeatureConfig | Mapping[str, Any]] | None,
-    embeddings: EmbeddingCollection | None,
+    embeddings: EmbeddingCollection | ShardedEmbeddingCollection | None,
     device: torch.device | str | None,
-) -> tuple[EmbeddingCollection, ModelFeatures]:
+    sharding: Sharding = "auto",
+) -> tuple[EmbeddingCollection | ShardedEmbeddingCollection, ModelFeatures]:
     """A model's collection (``embeddings``, or one built from the configs) and its
     features.
 
@@ -162,6 +181,9 @@ def build_embeddings(
         embeddings: a ready-made collection, or ``None`` to build one on ``device``.
         device: where to build the collection (default CPU); with ``embeddings`` it must
             be ``None`` or the collection's device.
+        sharding: how a built collection places its tables (:data:`Sharding`): sharded
+            row-wise across the ranks (a
+            :class:`~recstack.embedding_engine.ShardedEmbeddingCollection`) or whole.
 
     Raises:
         ModelConfigError: a missing argument, or tables that differ from the collection's.
@@ -178,17 +200,28 @@ def build_embeddings(
                 f"{owner}: pass tables= (the TableConfigs) or a ready-made embeddings= collection"
             )
         tabs = _parse(tables, TableConfig, f"{owner}: tables")
-        ec = EmbeddingCollection(tabs, feats, device=device)
+        if sharding not in ("auto", "none", "row"):
+            raise ModelConfigError(
+                f"{owner}: sharding must be 'auto', 'none' or 'row', got {sharding!r}"
+            )
+        if sharding == "row" or (sharding == "auto" and _distributed()):
+            ec: EmbeddingCollection | ShardedEmbeddingCollection = ShardedEmbeddingCollection(
+                tabs, feats, device=device
+            )
+        else:
+            ec = EmbeddingCollection(tabs, feats, device=device)
         return ec, ModelFeatures(owner, tabs, feats)
-    if not isinstance(embeddings, EmbeddingCollection):
+    if not isinstance(embeddings, (EmbeddingCollection, ShardedEmbeddingCollection)):
         raise ModelConfigError(
-            f"{owner}: embeddings must be an EmbeddingCollection, got {type(embeddings).__name__}"
+            f"{owner}: embeddings must be an EmbeddingCollection or a "
+            f"ShardedEmbeddingCollection, got {type(embeddings).__name__}"
         )
     if device is not None and torch.empty(0, device=device).device != embeddings.device:
         raise ModelConfigError(
             f"{owner}: device={device} but the embeddings live on {embeddings.device}"
         )
-    held = {t.name: t for p in embeddings.physical_tables.values() for t in p.tables}
+    local = embeddings.shard if isinstance(embeddings, ShardedEmbeddingCollection) else embeddings
+    held = {t.name: t for p in local.physical_tables.values() for t in p.tables}
     if tables is not None:
         for t in _parse(tables, TableConfig, f"{owner}: tables"):
             have = held.get(t.name)

@@ -1,0 +1,39 @@
+"""One gloo rank of the Trainer's sharded-tables test (run as a script, not collected).
+
+``python sharded_worker.py RANK WORLD INIT_FILE OUT_DIR``: trains the sharded toy model on
+this rank's share of every global batch under the Trainer (dense data parallel, tables
+sharded), checkpointing under OUT_DIR, then writes its dense weights and its shard's rows
+to ``OUT_DIR/rank<R>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
+
+from recstack.saver import Checkpointer
+
+
+def main() -> None:
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    model = SparseToy(sharded=True)
+    share = sparse_data(rank=rank, world=world)
+    evals = sparse_data(seed=5, rank=rank, world=world, batches=3 + rank)  # uneven on purpose
+    trainer = trainer_for(model, share, evals, Checkpointer(out / "ckpt", progress=False))
+    result = trainer.fit()
+    assert result.step == 8, result
+    tensors = {f"dense.{k}": v.contiguous() for k, v in model.tower.state_dict().items()}
+    tensors.update(rows_of(model.ec))
+    tensors["auc"] = torch.tensor(result.metrics["label/auc"])
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -337,5 +337,5 @@ def test_a_cpu_run_writes_a_valid_result(tmp_path: Path) -> None:
     (path,) = tmp_path.glob("core-cpu-*.json")
     result = results.read(path)
     assert result.card == "cpu" and result.workload["table_rows"] == 4096
-    assert len(result.rows) == 9 and all(r.ratio and r.mbu is not None for r in result.rows)
+    assert len(result.rows) == 11 and all(r.ratio and r.mbu is not None for r in result.rows)
     assert f"results written to {path}" in done.stdout

@@ -25,6 +25,7 @@ import torch
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.host import next_pow2
+from recstack.core.kernels.launch import FastKernel
 from recstack.core.kernels.segment_sum import (
     coalesce_rows_reference,
     segment_sum_sorted_triton,
@@ -119,6 +120,11 @@ if HAS_TRITON:
             # Rows are unique here, so a plain read-add-write cannot race; round once.
             old = tl.load(ptrs, mask=mask).to(tl.float32)
             tl.store(ptrs, tl_to_table_dtype(old + v.to(tl.float32), KIND), mask=mask)
+
+    # Every gather and scatter of rows goes through these: launched without Triton's
+    # per-call argument binding.
+    _GATHER = FastKernel(_paged_gather_kernel)
+    _SCATTER = FastKernel(_paged_scatter_kernel)
 
 
 def _tile(dim: int, tile_elems: int | None, max_block_d: int | None) -> tuple[int, int]:
@@ -239,18 +245,21 @@ def scatter_paged_rows_reference(
 
 
 def _launch(
-    kernel,
+    kernel: FastKernel,
     table: PagedTensor,
     rows: torch.Tensor,
     data: torch.Tensor,
     tile,
     num_warps,
-    **constexprs,
+    *mode: int,
 ) -> None:
+    # FastKernel: every argument positional, in the kernel's order (MODE, the scatter's
+    # reduction, sits between ALIGNED and the block sizes).
     n, dim = rows.numel(), table.dim
     block_r, block_d = _tile(dim, *tile)
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
-    kernel[grid](
+    kernel(
+        grid,
         table.page_table,
         rows,
         data,
@@ -259,12 +268,12 @@ def _launch(
         data.stride(0),
         table.page_shift,
         table.page_mask,
-        KIND=TABLE_KINDS[table.dtype],
-        ALIGNED=table._pages_aligned,
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
+        TABLE_KINDS[table.dtype],
+        table._pages_aligned,
+        *mode,
+        block_r,
+        block_d,
         num_warps=num_warps or PAGED_ROWS_DEFAULTS["num_warps"],
-        **constexprs,
     )
 
 
@@ -319,7 +328,7 @@ def gather_paged_rows(
         return gather_paged_rows_reference(table, rows, out=out)
     if out is None:
         out = torch.empty((n, table.dim), dtype=table.dtype, device=table.device)
-    _launch(_paged_gather_kernel, table, rows, out, (tile_elems, max_block_d), num_warps)
+    _launch(_GATHER, table, rows, out, (tile_elems, max_block_d), num_warps)
     record_launch("paged_gather_rows")
     return out
 
@@ -372,5 +381,5 @@ def scatter_paged_rows(
             num_warps=num_warps,
         )
         mode = _MODE["add_unique"]
-    _launch(_paged_scatter_kernel, table, rows, values, tile, num_warps, MODE=mode)
+    _launch(_SCATTER, table, rows, values, tile, num_warps, mode)
     record_launch("paged_scatter_rows")

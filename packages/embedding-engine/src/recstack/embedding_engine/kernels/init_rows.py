@@ -54,6 +54,7 @@ from recstack.core.kernels import HAS_TRITON
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.hash import check_seed, fmix64_reference, lshr64
 from recstack.core.kernels.host import as_int64, next_pow2
+from recstack.core.kernels.launch import FastKernel
 from recstack.core.paged import PagedTensor
 from recstack.embedding_engine.config import Initializer
 
@@ -210,8 +211,10 @@ def _pad(values: tuple[float, ...]) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)
 def _params_tensor(params: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    # float64 on the device: Triton would pass Python floats as float32 scalars.
+    # float64 on the device: Triton would pass Python floats as float32 scalars. Kept per
+    # initializer and device (kernels only read it): no host-to-device copy a launch.
     return torch.tensor(params, dtype=torch.float64, device=device)
 
 
@@ -444,6 +447,8 @@ if HAS_TRITON:
         out = tl_to_table_dtype(v.to(tl.float32), OUT)
         tl.store(out_ptr + r[:, None] * dim + cols[None, :], out, mask=mask)
 
+    _INIT_ROWS = FastKernel(_init_rows_kernel)
+
 
 def _launch(
     keys: torch.Tensor, out: torch.Tensor, kind: int, params: tuple[float, ...], salt: int
@@ -452,17 +457,18 @@ def _launch(
     block_d = min(next_pow2(dim), INIT_ROWS_DEFAULTS["max_block_d"])
     block_r = next_pow2(max(1, INIT_ROWS_DEFAULTS["tile_elems"] // block_d))
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
-    _init_rows_kernel[grid](
+    _INIT_ROWS(
+        grid,
         keys,
         out,
         _params_tensor(params, keys.device),
         n,
         dim,
         as_int64(salt),
-        KIND=kind,
-        OUT=TABLE_KINDS[out.dtype],
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
+        kind,
+        TABLE_KINDS[out.dtype],
+        block_r,
+        block_d,
         num_warps=INIT_ROWS_DEFAULTS["num_warps"],
         # Contracting a*b + c into an FMA would round differently from the reference.
         enable_fp_fusion=False,

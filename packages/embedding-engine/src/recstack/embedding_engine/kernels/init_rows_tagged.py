@@ -20,6 +20,7 @@ from recstack.core import kernels
 from recstack.core.kernels import HAS_TRITON
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.host import as_int64, next_pow2
+from recstack.core.kernels.launch import FastKernel
 from recstack.embedding_engine.config import Initializer
 from recstack.embedding_engine.kernels.init_rows import (
     _NORMAL,
@@ -94,10 +95,12 @@ def init_rows_tagged_reference(
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)
 def _table_plans(
     plans: tuple[tuple[int, tuple[float, ...], int], ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-table kinds (int32), float64 parameters ``[T, 8]`` and salts (int64) on the device."""
+    """Per-table kinds (int32), float64 parameters ``[T, 8]`` and salts (int64) on the device,
+    kept per plan and device (kernels only read them): no host-to-device copies a call."""
     kinds = torch.tensor([k for k, _, _ in plans], dtype=torch.int32, device=device)
     params = torch.tensor([p for _, p, _ in plans], dtype=torch.float64, device=device)
     salts = torch.tensor([as_int64(s) for _, _, s in plans], dtype=torch.int64, device=device)
@@ -159,6 +162,8 @@ if HAS_TRITON:
         out = tl_to_table_dtype(v.to(tl.float32), OUT)
         tl.store(out_ptr + r[:, None] * dim + cols[None, :], out, mask=mask)
 
+    _INIT_ROWS_TAGGED = FastKernel(_init_rows_tagged_kernel)
+
 
 def init_rows_tagged(
     keys: torch.Tensor,
@@ -216,7 +221,8 @@ def init_rows_tagged(
     block_r = next_pow2(max(1, INIT_ROWS_DEFAULTS["tile_elems"] // block_d))
     grid = (triton.cdiv(keys.numel(), block_r), triton.cdiv(dim, block_d))
     kernels.record_launch("init_rows_tagged")
-    _init_rows_tagged_kernel[grid](
+    _INIT_ROWS_TAGGED(
+        grid,
         keys,
         tags,
         kinds,
@@ -225,12 +231,12 @@ def init_rows_tagged(
         out,
         keys.numel(),
         dim,
-        NPARAMS=_NPARAMS,
-        ANY_UNIFORM=any(kind == _UNIFORM for kind, _, _ in plans),
-        ANY_NORMAL=any(kind == _NORMAL for kind, _, _ in plans),
-        OUT=TABLE_KINDS[dtype],
-        BLOCK_R=block_r,
-        BLOCK_D=block_d,
+        _NPARAMS,
+        any(kind == _UNIFORM for kind, _, _ in plans),
+        any(kind == _NORMAL for kind, _, _ in plans),
+        TABLE_KINDS[dtype],
+        block_r,
+        block_d,
         num_warps=INIT_ROWS_DEFAULTS["num_warps"],
         # Contracting a*b + c into an FMA would round differently from the reference.
         enable_fp_fusion=False,

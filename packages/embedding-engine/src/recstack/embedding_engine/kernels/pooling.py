@@ -66,6 +66,7 @@ from recstack.core.checks import check_int
 from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.host import next_pow2, prev_pow2
+from recstack.core.kernels.launch import FastKernel
 from recstack.core.kernels.paged_rows import gather_paged_rows_reference
 from recstack.embedding_engine.kernels.lookup_grad import GRAD_DEFAULTS, lookup_grad_sums
 
@@ -176,6 +177,8 @@ if HAS_TRITON:
         acc = acc / denom[:, None]
         dst = out_ptr + b[:, None] * out_stride_b + k[:, None] * out_stride_k + cols[None, :]
         tl.store(dst, tl_to_table_dtype(acc, OUT_KIND), mask=bag_ok[:, None] & col_ok[None, :])
+
+    _POOLED_FWD = FastKernel(_pooled_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,7 +510,8 @@ def pooled_lookup(
     tile = group * block_n * block_d
     num_warps = num_warps or POOLING_DEFAULTS["num_warps"] or max(1, min(8, tile // 1024))
     grid = (triton.cdiv(num_bags, group), triton.cdiv(dim, block_d))
-    _pooled_fwd_kernel[grid](
+    _POOLED_FWD(
+        grid,
         table.page_table,
         rows,
         offsets,
@@ -521,13 +525,13 @@ def pooled_lookup(
         out.stride(1),
         table.page_shift,
         table.page_mask,
-        KIND=TABLE_KINDS[table.dtype],
-        OUT_KIND=TABLE_KINDS[out_dtype],
-        ALIGNED=bool(getattr(table, "_pages_aligned", False)),
-        HAS_WEIGHTS=weights is not None,
-        G=group,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        TABLE_KINDS[table.dtype],
+        TABLE_KINDS[out_dtype],
+        bool(getattr(table, "_pages_aligned", False)),
+        weights is not None,
+        group,
+        block_n,
+        block_d,
         num_warps=num_warps,
     )
     record_launch("pooled_lookup")

@@ -1,6 +1,7 @@
 """Sharded tables with the saver: 4 gloo ranks train, checkpoint (each rank its own part
 files), and 2 ranks resume; every id's row and Adam moments then equal one process's
 trained without interruption, and one unsharded process loads the 4-rank checkpoint.
+Dynamic tables (one with admission), a fixed-size table sharded and one replicated.
 
 Run as a script (``python test_sharded_training.py PHASE RANK WORLD INIT DIR``) this file
 is one gloo rank of those runs.
@@ -34,13 +35,16 @@ BATCH, VOCAB, SAVE_AT, STEPS = 16, 40, 3, 5
 TABLES = [
     TableConfig("item", dim=4),
     TableConfig("user", dim=2, admission=Admission(min_count=2, counter_slots=4096)),
-    TableConfig("cat", dim=3, fixed_size=VOCAB),
+    TableConfig("cat", dim=3, fixed_size=VOCAB),  # replicated: small
+    TableConfig("zone", dim=2, fixed_size=VOCAB),  # sharded: left out of REPLICATED
 ]
+REPLICATED = ["cat"]
 FEATURES = [
     FeatureConfig("item", "item", pooling="sum"),
     FeatureConfig("hist", "item", pooling="none", max_len=3),
     FeatureConfig("user", "user", pooling="mean"),
     FeatureConfig("cat", "cat", pooling="sum"),
+    FeatureConfig("zone", "zone", pooling="mean"),
 ]
 
 
@@ -89,12 +93,15 @@ def _train(model: Holder, opt: SparseAdam, steps: range, rows_of) -> None:  # no
 
 
 def _rows(ec: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every held id's row and optimizer slots, by ``table.slot``, with the keys."""
+    """Every held id's row and optimizer slots, by ``table.slot``, with the keys. A
+    replicated table's row metadata counts each rank's own sightings: left out."""
     out = {}
     for table, state in ec.keyed_states().items():
         for keys, slots in state.export_chunks(1 << 20):
             out[f"{table}.keys"] = keys
-            out.update({f"{table}.{s}": v.float() for s, v in slots.items()})
+            for s, v in slots.items():
+                if not (table in REPLICATED and s in ("hit_count", "last_seen")):
+                    out[f"{table}.{s}"] = v.float()
     return out
 
 
@@ -115,7 +122,7 @@ def _by_key(parts: list[dict[str, torch.Tensor]]) -> dict[tuple[str, int], torch
 
 def _rank(phase: str, rank: int, world: int, init: str, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    model = Holder(ShardedEmbeddingCollection(TABLES, FEATURES))
+    model = Holder(ShardedEmbeddingCollection(TABLES, FEATURES, replicate=REPLICATED))
     opt = SparseAdam(model.ec.sparse_parameters(), lr=0.05, step_count="per_row")
     ckpt = Checkpointer(Path(root) / "ckpt", progress=False)
     mine = range(rank, BATCH, world)

@@ -38,6 +38,7 @@ TABLES = [
     TableConfig("item", dim=6),
     TableConfig("user", dim=3, admission=Admission(min_count=2)),
     TableConfig("cat", dim=6),
+    TableConfig("tag", dim=3, fixed_size=30),  # small fixed-size: replicated by default
 ]
 FEATURES = [
     FeatureConfig("item", "item", pooling="sum"),
@@ -48,6 +49,7 @@ FEATURES = [
     FeatureConfig("seq", "item", pooling="none"),
     FeatureConfig("recent", "cat", pooling="none", max_len=2, with_lengths=True),
     FeatureConfig("tiled", "user", pooling="tile", max_len=2),
+    FeatureConfig("tags", "tag", pooling="mean"),
 ]
 BATCH, STEPS, VOCAB = 12, 3, 30
 _CAPTURE = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
@@ -131,13 +133,17 @@ def _train(ec, picks: list[list[int]]) -> dict[str, torch.Tensor]:
     return first
 
 
-def _table_rows(ec: EmbeddingCollection) -> dict[str, torch.Tensor]:
-    """Every id's row (NaN where the collection holds no row for the id), by table."""
+def _table_rows(ec) -> dict[str, torch.Tensor]:
+    """Every id's row (NaN where the collection holds no row for the id), by table; for a
+    sharded collection, its shard's rows and its replicas'."""
     out = {}
     ids = torch.arange(VOCAB)
     for t in TABLES:
-        rows = ec.find_rows(t.name, ids)
-        values = ec.physical_tables[ec.physical_table_of(t.name)].values
+        local = ec
+        if isinstance(ec, ShardedEmbeddingCollection):
+            local = ec.replicas if t.name in ec.replicated else ec.shard
+        rows = local.find_rows(t.name, ids)
+        values = local.physical_tables[local.physical_table_of(t.name)].values
         table = torch.full((VOCAB, t.dim), float("nan"))
         found = rows >= 0
         table[found] = values.gather_rows(rows[found]).float()
@@ -155,7 +161,8 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     tensors["load.sent"] = torch.tensor(load.keys_sent)
     tensors["load.received"] = torch.tensor(load.keys_received)
     tensors["load.bytes"] = torch.tensor([load.id_bytes_sent, load.row_bytes_sent])
-    tensors.update({f"table.{k}": v for k, v in _table_rows(ec.shard).items()})
+    assert ec.replicated == {"tag"}
+    tensors.update({f"table.{k}": v for k, v in _table_rows(ec).items()})
     save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
@@ -193,6 +200,10 @@ def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path: Path, world: 
         assert int(got["load.bytes"][0]) == 24 * others
     for t in TABLES:
         held = [got[f"table.{t.name}"] for got in ranks]
+        if t.fixed_size is not None:  # replicated: every rank holds every row, the same
+            for h in held:
+                torch.testing.assert_close(h, expected[t.name], equal_nan=True, msg=t.name)
+            continue
         present = [~h.isnan().any(dim=1) for h in held]
         # Each id lives on exactly one rank: its owner.
         assert torch.equal(sum(p.int() for p in present), (~expected[t.name].isnan().any(1)).int())
@@ -235,7 +246,7 @@ def test_one_rank_is_an_embedding_collection(one_rank) -> None:
     for name, value in expected.items():
         torch.testing.assert_close(first[name], value, msg=name)
     for name, table in _table_rows(single).items():
-        torch.testing.assert_close(_table_rows(sharded.shard)[name], table, equal_nan=True)
+        torch.testing.assert_close(_table_rows(sharded)[name], table, equal_nan=True)
     # The module's state and its tables' names are an EmbeddingCollection's.
     assert sharded.state_dict().keys() == single.state_dict().keys() == {"_extra_state"}
     assert sharded.state_dict()["_extra_state"] == single.state_dict()["_extra_state"]
@@ -272,7 +283,9 @@ def test_bad_batches_are_refused(one_rank) -> None:
     with pytest.raises(ValueError, match=r"the batch has no feature \['hist', 'user', 'cat'"):
         ec(partial)
     names = [f.name for f in FEATURES]
-    unweighted = KeyedJaggedTensor(names, torch.tensor([1]), torch.tensor([1] + [0] * 7))
+    unweighted = KeyedJaggedTensor(
+        names, torch.tensor([1]), torch.tensor([1] + [0] * (len(names) - 1))
+    )
     with pytest.raises(ValueError, match="feature 'cat' is weighted but the batch carries no"):
         ec(unweighted)
 
@@ -325,3 +338,19 @@ def _train_on(ec, device: str) -> dict[str, torch.Tensor]:
         opt.step()
         opt.zero_grad()
     return first
+
+
+def test_which_tables_are_replicated() -> None:
+    from recstack.embedding_engine.replicated import REPLICATE_MAX_ELEMENTS, replicated_tables
+
+    big = TableConfig("big", dim=64, fixed_size=REPLICATE_MAX_ELEMENTS // 64 + 1)
+    tables = [*TABLES, big]
+    assert replicated_tables(tables, None) == {"tag"}  # small fixed-size ones only
+    assert replicated_tables(tables, ["big"]) == {"big"}
+    assert replicated_tables(tables, []) == set()
+    with pytest.raises(ValueError, match="table 'item' is dynamic; only fixed-size tables"):
+        replicated_tables(tables, ["item"])
+    with pytest.raises(ValueError, match=r"no table 'nope'"):
+        replicated_tables(tables, ["nope"])
+    with pytest.raises(TypeError, match="list of table names"):
+        replicated_tables(tables, "tag")

@@ -9,6 +9,7 @@ to ``OUT_DIR/rank<R>.safetensors``.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,10 +25,16 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     model = SparseToy(sharded=True)
     share = sparse_data(rank=rank, world=world)
+    if rank == 1:  # one batch more than rank 0: the epoch ends on both when rank 0's does
+        share += sparse_data(seed=9, rank=rank, world=world, batches=1)
     evals = sparse_data(seed=5, rank=rank, world=world, batches=3 + rank)  # uneven on purpose
     trainer = trainer_for(model, share, evals, Checkpointer(out / "ckpt", progress=False))
-    result = trainer.fit()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.fit()
     assert result.step == 8, result
+    if rank == 1:
+        assert any("leaves its remaining batches" in str(w.message) for w in caught)
     tensors = {f"dense.{k}": v.contiguous() for k, v in model.tower.state_dict().items()}
     tensors.update(rows_of(model.ec))
     tensors["auc"] = torch.tensor(result.metrics["label/auc"])

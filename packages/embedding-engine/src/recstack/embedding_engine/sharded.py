@@ -41,6 +41,11 @@ counts (``SparseAdam(step_count="per_row")``) are the same whatever the sharding
 a table whose shard a step missed corrects its bias by a count one lower than unsharded
 (never, in practice, for tables of thousands of ids or more).
 
+**Replicated tables.** Small fixed-size tables (by default those of at most 16M values;
+``replicate=[...]`` names them) are replicated on every rank instead: looked up locally
+with no exchange, and trained data parallel, every rank's gradients summed before the
+optimizer applies them (:mod:`~recstack.embedding_engine.replicated`).
+
 **Deferred features.** A feature with ``gather=False`` (rows left in the table for a
 consumer's kernel to read, DIN's fused target attention) comes out gathered, as a
 ``JaggedTensor`` of its rows: a sharded table's rows live on their owners, not in this
@@ -65,6 +70,11 @@ from recstack.embedding_engine.collection import EmbeddingCollection
 from recstack.embedding_engine.config import FeatureConfig, TableConfig, check_configs
 from recstack.embedding_engine.parameters import EmbeddingSparseParameter
 from recstack.embedding_engine.planner import FeatureOutput, sequence_output
+from recstack.embedding_engine.replicated import (
+    ReplicaState,
+    ReplicatedSparseParameter,
+    replicated_tables,
+)
 
 __all__ = ["ExchangeLoad", "ShardedEmbeddingCollection"]
 
@@ -144,6 +154,9 @@ class ShardedEmbeddingCollection(nn.Module):
             of the mean of the ranks' losses, as ``DistributedDataParallel`` averages
             dense gradients (the ``Trainer`` sets it), so ``W`` ranks with batches of
             ``b`` rows train as one process with batches of ``W * b``. Default: the sum.
+        replicate: the tables to replicate on every rank instead of sharding (fixed-size
+            tables only; see :mod:`~recstack.embedding_engine.replicated`). Default: the
+            fixed-size tables of at most 16M values (64 MiB in fp32).
 
     Raises:
         ValueError, TypeError: bad configs (as ``EmbeddingCollection``).
@@ -179,6 +192,7 @@ class ShardedEmbeddingCollection(nn.Module):
         *,
         page_rows: int | None = None,
         average_gradients: bool = False,
+        replicate: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -193,9 +207,12 @@ class ShardedEmbeddingCollection(nn.Module):
         self.world_size = dist.get_world_size(process_group)
         self._features = list(features)
         self._tables = list(tables)
-        self._table_index = {t.name: i for i, t in enumerate(self._tables)}
         self._fixed = {t.name: t.fixed_size is not None for t in self._tables}
-        used = {f.table for f in features}
+        self._replicated = replicated_tables(self._tables, replicate)
+        self._sharded = [t.name for t in self._tables if t.name not in self._replicated]
+        # A sharded table's index in the shard: the tag its ids travel with.
+        self._table_index = {name: i for i, name in enumerate(self._sharded)}
+        used = {f.table for f in features if f.table not in self._replicated}
         self._used = [t.name for t in self._tables if t.name in used]
         # Rows travel back in one exchange per width and dtype (ids in one for all).
         self._groups: dict[tuple[int, torch.dtype], list[str]] = {}
@@ -203,24 +220,47 @@ class ShardedEmbeddingCollection(nn.Module):
             if t.name in used:
                 self._groups.setdefault((t.dim, t.dtype), []).append(t.name)
         extra = {} if page_rows is None else {"page_rows": page_rows}
+        sharded = [t for t in self._tables if t.name in self._table_index]
         shard = EmbeddingCollection(
-            self._tables,
-            [FeatureConfig(_row_feature(t.name), t.name, pooling="sum") for t in self._tables],
+            sharded,
+            [FeatureConfig(_row_feature(t.name), t.name, pooling="sum") for t in sharded],
             device,
             merge_tables=True,
             **extra,
-        )
+        ) if sharded else None  # fmt: skip
+        replicas = None
+        if self._replicated:
+            replicas = EmbeddingCollection(
+                [t for t in self._tables if t.name in self._replicated],
+                [f for f in self._features if f.table in self._replicated],
+                device,
+                **extra,
+            )
         # Outside the module tree (see the module docs): state dicts and checkpoint names
         # then match an unsharded collection's.
         object.__setattr__(self, "_shard", shard)
-        self._device = shard.device
+        object.__setattr__(self, "_replicas", replicas)
+        self._local = [c for c in (shard, replicas) if c is not None]
+        self._device = self._local[0].device
         #: What the last forward exchanged (``None`` before the first).
         self.last_load: ExchangeLoad | None = None
 
     @property
-    def shard(self) -> EmbeddingCollection:
-        """This rank's shard: an ``EmbeddingCollection`` of the ids this rank owns."""
+    def shard(self) -> EmbeddingCollection | None:
+        """This rank's shard: an ``EmbeddingCollection`` of the ids this rank owns of the
+        sharded tables (``None`` when every table is replicated)."""
         return self._shard
+
+    @property
+    def replicas(self) -> EmbeddingCollection | None:
+        """The replicated tables, whole, with the features that read them (``None`` when
+        no table is replicated)."""
+        return self._replicas
+
+    @property
+    def replicated(self) -> frozenset[str]:
+        """The names of the replicated tables."""
+        return frozenset(self._replicated)
 
     @property
     def device(self) -> torch.device:
@@ -230,12 +270,14 @@ class ShardedEmbeddingCollection(nn.Module):
     def train(self, mode: bool = True) -> ShardedEmbeddingCollection:
         """Training or eval mode, for this module and its shard (eval inserts nothing)."""
         super().train(mode)
-        self._shard.train(mode)
+        for c in self._local:
+            c.train(mode)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> ShardedEmbeddingCollection:
-        self._shard._apply(fn, recurse)
-        self._device = self._shard.device
+        for c in self._local:
+            c._apply(fn, recurse)
+        self._device = self._local[0].device
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------------ the step
@@ -279,10 +321,14 @@ class ShardedEmbeddingCollection(nn.Module):
             unique[table], inverse[table], counts[table] = torch.unique(
                 ids, return_inverse=True, return_counts=True
             )
-        rows = self._exchange(unique, counts)
+        rows = self._exchange(unique, counts) if self._used else {}
+        local = self._replicas(kjt) if self._replicas is not None else {}
         out: dict[str, FeatureOutput] = {}
         start: dict[str, int] = {}
         for f in self._features:
+            if f.table in self._replicated:
+                out[f.name] = local[f.name]
+                continue
             jt = jagged[f.name]
             n = jt.values.numel()
             first = start.get(f.table, 0)
@@ -356,11 +402,11 @@ class ShardedEmbeddingCollection(nn.Module):
         # bags of one, padded with empty bags to the largest table's count.
         by_table = torch.argsort(asked[:, _TAG], stable=True)
         ordered = asked.index_select(0, by_table)
-        per_table = torch.bincount(ordered[:, _TAG], minlength=len(self._tables))
+        per_table = torch.bincount(ordered[:, _TAG], minlength=len(self._sharded))
         sizes = per_table.tolist()
         widest = torch.arange(max(sizes, default=0), device=self._device)
         lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
-        keys = [_row_feature(t.name) for t in self._tables]
+        keys = [_row_feature(t) for t in self._sharded]
         local = KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths)
         seen = dict(zip(keys, ordered[:, _COUNT].split(sizes), strict=True))
         looked = self._shard(local, id_counts=seen)
@@ -379,25 +425,29 @@ class ShardedEmbeddingCollection(nn.Module):
         each rank owns (``recstack.saver``). A fixed-size table holds a row for every id
         on every rank; it exports only the ids this rank owns (the others are never read
         or trained here), so each id is saved once."""
-        states = self._shard.keyed_states()
-        spec = ShardSpec(self.world_size, self.rank)
-        for name, state in states.items():
-            if self._fixed[name]:
-                states[name] = _OwnedRows(state, spec)
-        return states
+        states: dict[str, KeyedState] = {}
+        if self._shard is not None:
+            spec = ShardSpec(self.world_size, self.rank)
+            for name, state in self._shard.keyed_states().items():
+                states[name] = _OwnedRows(state, spec) if self._fixed[name] else state
+        if self._replicas is not None:
+            for name, state in self._replicas.keyed_states().items():
+                states[name] = ReplicaState(state, self.rank)
+        return dict(sorted(states.items()))
 
     def get_extra_state(self) -> dict[str, int]:
         """The step counters, as an ``EmbeddingCollection``'s (the same on every rank)."""
-        return self._shard.get_extra_state()
+        return self._local[0].get_extra_state()
 
     def set_extra_state(self, state: object) -> None:
         """Restore :meth:`get_extra_state` output (from ``load_state_dict``)."""
-        self._shard.set_extra_state(state)
+        for c in self._local:
+            c.set_extra_state(state)
 
     @property
     def step(self) -> int:
         """The step the next training forward stamps on its rows."""
-        return self._shard.step
+        return self._local[0].step
 
     def evict(
         self,
@@ -409,31 +459,57 @@ class ShardedEmbeddingCollection(nn.Module):
         """Erase this rank's ids last seen before ``older_than_step`` or seen fewer than
         ``min_count`` times, as ``EmbeddingCollection.evict`` (no collective: every rank
         calls it at the same step); returns the ids erased here, by table."""
-        return self._shard.evict(table, older_than_step=older_than_step, min_count=min_count)
+        if table is not None:
+            return self._holder(table).evict(
+                table, older_than_step=older_than_step, min_count=min_count
+            )
+        out: dict[str, int] = {}
+        for c in self._local:
+            out.update(c.evict(older_than_step=older_than_step, min_count=min_count))
+        return out
 
     def maybe_evict(self) -> dict[str, int]:
         """As ``EmbeddingCollection.maybe_evict``, on this rank's shard."""
-        return self._shard.maybe_evict()
+        out: dict[str, int] = {}
+        for c in self._local:
+            out.update(c.maybe_evict())
+        return out
+
+    def _holder(self, table: str) -> EmbeddingCollection:
+        holder = self._replicas if table in self._replicated else self._shard
+        if holder is None or table not in self._fixed:
+            raise KeyError(f"ShardedEmbeddingCollection: unknown table {table!r}")
+        return holder
 
     def sparse_parameters(self) -> Iterator[EmbeddingSparseParameter]:
-        """This rank's shard of every table, for a ``recstack.sparse_optim`` optimizer."""
-        return self._shard.sparse_parameters()
+        """This rank's shard of every sharded table and the replicated tables (whose
+        gradients are every rank's, summed), for a ``recstack.sparse_optim`` optimizer."""
+        if self._shard is not None:
+            yield from self._shard.sparse_parameters()
+        if self._replicas is not None:
+            for param in self._replicas.sparse_parameters():
+                yield ReplicatedSparseParameter(param, self.group, self.average_gradients)
 
     def sparse_grads(self) -> dict[str, SparseGrad]:
-        """This rank's shard's sparse gradients, by physical table."""
-        return self._shard.sparse_grads()
+        """This rank's own sparse gradients (of its shard and its replicas, before the sum
+        over ranks), by physical table."""
+        out: dict[str, SparseGrad] = {}
+        for c in self._local:
+            out.update(c.sparse_grads())
+        return out
 
     def zero_grad_sparse(self) -> None:
         """Drop this rank's stored sparse gradients."""
-        self._shard.zero_grad_sparse()
+        for c in self._local:
+            c.zero_grad_sparse()
 
     def find_rows(self, table: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows of ``ids`` in this rank's shard of ``table`` (-1 for ids it does not hold)."""
-        return self._shard.find_rows(table, ids)
+        return self._holder(table).find_rows(table, ids)
 
     def num_ids(self, table: str) -> int:
         """Ids this rank's shard of ``table`` holds."""
-        return self._shard.num_ids(table)
+        return self._holder(table).num_ids(table)
 
 
 class _OwnedRows:

@@ -43,8 +43,9 @@ __all__ = [
 #: The most ranks the Triton path serves (beyond, the reference's sort).
 MAX_TRITON_RANKS = 256
 
-# Elements of a program's one-hot [block, ranks] matrix.
+# Elements of a program's one-hot [block, ranks] matrix, and the most keys of a block.
 _TILE = 8192
+_MAX_BLOCK = 1024
 
 
 def partition_by_owner_reference(
@@ -105,7 +106,9 @@ if HAS_TRITON:
 
 def _blocking(world_size: int) -> tuple[int, int]:
     ranks = max(2, next_pow2(world_size))
-    return max(16, _TILE // ranks), ranks
+    # At most 1024 keys a block: the placing kernel's cumulative sum spills registers past
+    # it (sm_90, 2 ranks and 4096 keys: 88 B a thread).
+    return max(16, min(_MAX_BLOCK, _TILE // ranks)), ranks
 
 
 def partition_by_owner(

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
 
+from recstack.pipelines import Callback
 from recstack.saver import Checkpointer
 
 
@@ -29,10 +30,19 @@ def main() -> None:
         share += sparse_data(seed=9, rank=rank, world=world, batches=1)
     evals = sparse_data(seed=5, rank=rank, world=world, batches=3 + rank)  # uneven on purpose
     trainer = trainer_for(model, share, evals, Checkpointer(out / "ckpt", progress=False))
+    seen: list[dict[str, float]] = []
+
+    class Loads(Callback):
+        def on_step_end(self, trainer, step, logs) -> None:  # noqa: ANN001
+            seen.append(dict(logs))
+
+    trainer.callbacks.append(Loads())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = trainer.fit()
     assert result.step == 8, result
+    assert len(seen) == 8 and all(s["exchange/keys_sent"] > 0 for s in seen)
+    assert all(s["exchange/bytes_sent"] > 0 and s["exchange/keys_served"] > 0 for s in seen)
     if rank == 1:
         assert any("leaves its remaining batches" in str(w.message) for w in caught)
     tensors = {f"dense.{k}": v.contiguous() for k, v in model.tower.state_dict().items()}

@@ -138,7 +138,9 @@ class Trainer:
     their rows' gradients over the ranks too, so ``W`` ranks with batches of ``b`` rows
     train as one process with batches of ``W * b``. Each forward of a sharded collection is
     a collective, so evaluation also runs the same number of batches on every rank: it
-    ends on all when one rank's evaluation data runs out.
+    ends on all when one rank's evaluation data runs out. Each step's logs then carry the
+    tables' load report for this rank: ``exchange/keys_sent``, ``exchange/keys_served``
+    (the lookups it did as an owner) and ``exchange/bytes_sent`` (ids, rows, gradients).
 
     Evaluation puts the model in ``eval()`` mode under ``torch.no_grad()``: in training
     mode a forward inserts unseen ids into the tables and advances their step even under
@@ -653,6 +655,7 @@ class Trainer:
                     f"Trainer: the loss is {logs['loss']} at step {self.step}", stacklevel=2
                 )
             self._loss_sum, self._task_sums, self._loss_steps = None, {}, 0
+        logs.update(self._exchange_logs())
         if self.evict_every and self.step % self.evict_every == 0:
             self.evict()
         for c in self.callbacks:
@@ -661,6 +664,25 @@ class Trainer:
             self._evaluate_and_report()
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
             self.save_checkpoint(blocking=not self.async_checkpoints)
+
+    def _exchange_logs(self) -> dict[str, float]:
+        """The sharded tables' load report of the step's last forward, summed over the
+        model's sharded collections: what this rank sent and served (host counters, no
+        sync)."""
+        loads = [
+            c.last_load
+            for c in self.collections
+            if isinstance(c, ShardedEmbeddingCollection) and c.last_load is not None
+        ]
+        if not loads:
+            return {}
+        return {
+            "exchange/keys_sent": float(sum(sum(x.keys_sent) for x in loads)),
+            "exchange/keys_served": float(sum(x.served for x in loads)),
+            "exchange/bytes_sent": float(
+                sum(x.id_bytes_sent + 2 * x.row_bytes_sent for x in loads)
+            ),
+        }
 
     def evict(self) -> dict[str, int]:
         """Run eviction on every table of the model by the trainer's rules; return the

@@ -1,4 +1,4 @@
-"""recstack.pipelines.launch: torchrun's environment read, each rank's GPU, and
+"""recstack.pipelines.launch: each rank's GPU from torchrun's environment, and
 ``recstack train`` under ``torchrun`` with 2 gloo ranks: the tables sharded, the run
 reported once, a checkpoint with each rank's table parts."""
 
@@ -15,38 +15,27 @@ import pytest
 import torch
 from config_testdata import DEMO, TINY
 
-from recstack.pipelines.launch import (
-    TorchrunRanks,
-    distributed_run,
-    one_writer,
-    rank_device,
-    torchrun_ranks,
-)
+from recstack.pipelines.launch import distributed_run, one_writer, rank_device
 
 
-def test_torchrun_ranks_reads_the_environment() -> None:
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-    assert torchrun_ranks(env) == TorchrunRanks(3, 8, 1)
-    assert torchrun_ranks({}) is None
-    assert torchrun_ranks({"WORLD_SIZE": "1", "RANK": "0"}) is None  # one process
-    assert torchrun_ranks({"WORLD_SIZE": "2", "RANK": "1"}) == TorchrunRanks(1, 2, 1)
-    with pytest.raises(ValueError, match=r"RANK=None is not an integer"):
-        torchrun_ranks({"WORLD_SIZE": "2"})
-    with pytest.raises(ValueError, match=r"RANK=5 is outside WORLD_SIZE=2"):
-        torchrun_ranks({"WORLD_SIZE": "2", "RANK": "5"})
+def test_each_rank_gets_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rank_device("cuda") == torch.device("cuda", 1)
+    assert rank_device("cuda:0") == torch.device("cuda", 0)  # given: kept
+    assert rank_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("RANK", "9")
+    with pytest.raises(ValueError, match=r"RANK=9 must be in \[0, WORLD_SIZE=8\)"):
+        rank_device("cuda")
 
 
-def test_each_rank_gets_its_gpu() -> None:
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
-    assert rank_device("cuda", env) == torch.device("cuda", 1)
-    assert rank_device("cuda:0", env) == torch.device("cuda", 0)  # given: kept
-    assert rank_device("cpu", env) == torch.device("cpu")
-    assert rank_device("cuda", {}) == torch.device("cuda")
-
-
-def test_outside_torchrun_nothing_is_set_up() -> None:
-    with distributed_run("cpu", env={}) as ranks:
-        assert ranks is None
+def test_outside_torchrun_nothing_is_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert rank_device("cuda") == torch.device("cuda")
+    with distributed_run("cpu"):
+        assert not torch.distributed.is_initialized()
     calls = []
     assert one_writer(lambda: calls.append(1) or "files") == "files"
     assert calls == [1]

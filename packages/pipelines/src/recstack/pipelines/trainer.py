@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from recstack.core import distributed as rdist
 from recstack.core.checks import check_int
 from recstack.embedding_engine import EmbeddingCollection, ShardedEmbeddingCollection
 from recstack.pipelines.callbacks.base import Callback
@@ -287,15 +288,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision)
 
-    def _world(self) -> int:
-        """The number of ranks (1 without an initialized process group)."""
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_world_size()
-        return 1
-
     def _sharded(self) -> bool:
         """Whether forwards are collectives: sharded tables over several ranks."""
-        return self._world() > 1 and any(
+        return rdist.world_size() > 1 and any(
             isinstance(c, ShardedEmbeddingCollection) for c in self.collections
         )
 
@@ -304,7 +299,7 @@ class Trainer:
         model in ``DistributedDataParallel``: every rank reads its share of the data and
         the dense gradients are averaged across ranks; sharded tables average their rows'
         gradients likewise."""
-        world = self._world()
+        world = rdist.world_size()
         if world == 1:
             return None
         plain = [c for c in self.collections if isinstance(c, EmbeddingCollection)]

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from recstack.core.distributed import dist_env
 from recstack.pipelines.config.builder import build_data, build_model, build_run, run_device
 from recstack.pipelines.config.errors import ConfigError
 from recstack.pipelines.config.loader import load_config
 from recstack.pipelines.config.schema import RunConfig
-from recstack.pipelines.launch import distributed_run, torchrun_ranks
+from recstack.pipelines.launch import distributed_run
 from recstack.pipelines.online import OnlineResult
 from recstack.pipelines.trainer import FitResult, Trainer
 from recstack.saver import Checkpointer, CheckpointError
@@ -160,8 +161,7 @@ def train_command(
     except CheckpointError as e:  # a checkpoint to resume from that does not fit the run
         err.write(f"error: {e}\n")
         return 1
-    ranks = torchrun_ranks()
-    if ranks is not None and ranks.rank != 0:
+    if dist_env().rank != 0:
         return 0  # every rank trained alike and agrees on the metrics: rank 0 reports
     if isinstance(result, OnlineResult):
         _report_online(result, out)

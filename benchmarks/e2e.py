@@ -931,7 +931,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, help="evaluation rows (262,144)")
     p.add_argument("--num-workers", type=int, help="the baseline's DataLoader workers (4)")
     p.add_argument("--reader-threads", type=int, help="ColumnReader decoding threads (4)")
-    p.add_argument("--reader-worker", choices=("thread", "process"), default="thread")
+    p.add_argument("--reader-worker", choices=("auto", "thread", "process"), default="auto")
     p.add_argument("--sparse-lr", type=float, default=0.01)
     p.add_argument("--dense-lr", type=float, default=0.002)
     p.add_argument("--seed", type=int, default=0)

@@ -395,11 +395,13 @@ def test_pinned_batches_reach_the_gpu_intact(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker", ["auto", "thread"])
+def test_reader_delivers_on_the_gpu(tmp_path: Path, worker: str) -> None:
     paths = write_parts(tmp_path, [300, 77], row_group=64)
     cols = ["id", "name", "hist", "tags", "vec"]
     want = list(ColumnReader(paths, cols, batch_size=50))
-    reader = ColumnReader(paths, cols, batch_size=50, device="cuda", shuffle=False)
+    reader = ColumnReader(paths, cols, batch_size=50, device="cuda", shuffle=False, worker=worker)
+    assert reader.worker == ("process" if worker == "auto" else worker)
     got = []
     for b in reader:
         torch.cuda._sleep(1_000_000)  # the compute stream lags the copies
@@ -413,6 +415,25 @@ def test_reader_delivers_on_the_gpu(tmp_path: Path) -> None:
         assert torch.equal(g["vec"].cpu(), w["vec"])
     state = reader.state_dict()
     assert state["epoch"] == 1
+
+
+def test_auto_worker_reads_on_threads_for_host_batches(tmp_path: Path) -> None:
+    paths = write_parts(tmp_path, [30], row_group=10)
+    assert ColumnReader(paths, ["id"], batch_size=8).worker == "thread"
+    assert ColumnReader(paths, ["id"], batch_size=8, device="cpu").worker == "thread"
+    with pytest.raises(ValueError, match="'auto', 'thread' or 'process'"):
+        ColumnReader(paths, ["id"], batch_size=8, worker="fibers")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_auto_worker_keeps_threads_when_a_process_cannot_read(tmp_path: Path) -> None:
+    import pyarrow.fs as pafs
+
+    paths = write_parts(tmp_path, [30], row_group=10)
+    fs = ColumnReader(paths, ["id"], batch_size=8, device="cuda", filesystem=pafs.LocalFileSystem())
+    assert fs.worker == "thread"
+    odd = ColumnReader(paths, [Column("id", default=object())], batch_size=8, device="cuda")
+    assert odd.worker == "thread"
 
 
 # ---------------------------------------------------------------- torch.utils.data

@@ -26,3 +26,16 @@ def test_no_blocks_and_empty_blocks(device) -> None:
     assert batch_tags([], [], device).tags.numel() == 0
     bt = batch_tags([1, 0], [0, 0], device)
     assert bt.tags.numel() == 0 and bt.order is not None and bt.order.numel() == 0
+
+
+def test_random_blocks_match_a_per_block_reference(device) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        k = int(torch.randint(1, 9, (1,), generator=gen))
+        indices = torch.randint(0, 4, (k,), generator=gen).tolist()
+        sizes = torch.randint(0, 5, (k,), generator=gen).tolist()
+        bt = batch_tags(indices, sizes, device)
+        want = [t for t, n in zip(indices, sizes, strict=True) for _ in range(n)]
+        assert bt.tags.tolist() == want
+        order = bt.order.tolist() if bt.order is not None else list(range(len(want)))
+        assert order == sorted(range(len(want)), key=lambda p: (want[p], p))

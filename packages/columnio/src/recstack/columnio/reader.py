@@ -151,6 +151,8 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
             shared memory, so the training thread never waits for Python's GIL on account
             of data loading (the better choice for GPU training; it needs ``paths`` as
             strings or URIs, not a ``filesystem`` object, and JSON-able column defaults).
+            ``"auto"`` (the default) takes the process when batches go to a CUDA device
+            and those conditions hold, else threads; :attr:`worker` says which.
             Call :meth:`close` (or use ``with``) to stop the process early.
         **read_options: any other :class:`ReadOptions` field by name: ``format``,
             ``filesystem``, ``rank``, ``world_size`` (together the ``world_size`` readers
@@ -180,14 +182,14 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
         drop_last: bool = False,
         prefetch: int = 4,
         device: torch.device | str | None = None,
-        worker: Literal["thread", "process"] = "thread",
+        worker: Literal["auto", "thread", "process"] = "auto",
         **read_options: Unpack[ReadOptionsArgs],
     ) -> None:
         opts = resolve_options(
             "ColumnReader", options, columns=columns, batch_size=batch_size, **read_options
         ).sharded()
-        if worker not in ("thread", "process"):
-            raise ValueError(f"worker must be 'thread' or 'process', got {worker!r}")
+        if worker not in ("auto", "thread", "process"):
+            raise ValueError(f"worker must be 'auto', 'thread' or 'process', got {worker!r}")
         if worker == "process" and opts.filesystem is not None:
             raise ValueError(
                 "worker='process' re-opens the files in the reader process: give paths as "
@@ -232,6 +234,8 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
             list(itertools.accumulate(u.rows for u in self._units)), dtype=torch.int64
         )
         self._fingerprint = self._make_fingerprint()
+        if self.worker == "auto":
+            self.worker = "process" if self._process_fits() else "thread"
         self.epoch = 0
         self._position = 0
         self._active: EpochRun | None = None
@@ -393,6 +397,24 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
             run.close()
             if self._active is run:
                 self._active = None
+
+    def _process_fits(self) -> bool:
+        """Whether ``worker="auto"`` takes a reader process: batches go to a CUDA device
+        (where the training thread's launches must not wait for the GIL behind batch
+        assembly) and the process can re-open the files and get the column defaults."""
+        if self.device is None or self.device.type != "cuda":
+            return False
+        if self.options.filesystem is not None:
+            return False
+        paths = self._paths_arg
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+        if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+            return False
+        try:
+            self._process_config()
+        except ValueError:
+            return False
+        return True
 
     def _process_config(self) -> dict[str, Any]:
         paths = self._paths_arg

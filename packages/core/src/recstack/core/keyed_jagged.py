@@ -268,7 +268,12 @@ class KeyedJaggedTensor:
     def dtype(self) -> torch.dtype:
         return self._values.dtype
 
-    def _key_index(self, key: str) -> int:
+    def key_index(self, key: str) -> int:
+        """The position of feature ``key`` among the keys.
+
+        Raises:
+            KeyError: no such key.
+        """
         try:
             return self._index[key]
         except (KeyError, TypeError):
@@ -276,7 +281,7 @@ class KeyedJaggedTensor:
 
     def __getitem__(self, key: str) -> JaggedTensor:
         """Feature ``key`` as a JaggedTensor: ``values``/``weights`` are slices (no copy)."""
-        k = self._key_index(key)
+        k = self.key_index(key)
         opk = self.offset_per_key()
         lo, hi = opk[k], opk[k + 1]
         b = self._stride

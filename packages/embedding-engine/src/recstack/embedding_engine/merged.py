@@ -52,20 +52,30 @@ def batch_tags(indices: Sequence[int], sizes: Sequence[int], device: torch.devic
         >>> bt.tags.tolist(), bt.order.tolist()
         ([1, 1, 0, 1], [2, 0, 1, 3])
     """
-    tags = torch.cat(
-        [
-            torch.full((n,), i, dtype=torch.int32, device=device)
-            for i, n in zip(indices, sizes, strict=True)
-        ]
-        or [torch.zeros(0, dtype=torch.int32, device=device)]
-    )
-    if all(indices[i] <= indices[i + 1] for i in range(len(indices) - 1)):
+    total = sum(sizes)
+    ascending = all(indices[i] <= indices[i + 1] for i in range(len(indices) - 1))
+    if not indices or total == 0:
+        tags = torch.zeros(total, dtype=torch.int32, device=device)
+        order = None if ascending else torch.zeros(total, dtype=torch.int64, device=device)
+        return BatchTags(tags, order)
+    # One small copy and a repeat or two, not a kernel per block: a merged table may be read
+    # by dozens of features.
+    rows = [list(indices), list(sizes)]
+    if not ascending:
+        # Blocks by ascending tag (stably); block i's positions move by a constant.
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        blocks = sorted(range(len(indices)), key=lambda i: (indices[i], i))
+        moved, at = [], 0
+        for i in blocks:
+            moved.append(starts[i] - at)
+            at += sizes[i]
+        rows += [moved, [sizes[i] for i in blocks]]
+    spec = torch.tensor(rows, dtype=torch.int64).to(device)
+    tags = torch.repeat_interleave(spec[0].to(torch.int32), spec[1], output_size=total)
+    if ascending:
         return BatchTags(tags, None)
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
-    blocks = sorted(range(len(indices)), key=lambda i: (indices[i], i))
-    order = torch.cat(
-        [torch.arange(starts[i], starts[i + 1], dtype=torch.int64, device=device) for i in blocks]
-    )
+    shift = torch.repeat_interleave(spec[2], spec[3], output_size=total)
+    order = torch.arange(total, dtype=torch.int64, device=device) + shift
     return BatchTags(tags, order)

@@ -36,6 +36,7 @@ from recstack.core import JaggedTensor, KeyedJaggedTensor, PagedTensor, SparseGr
 from recstack.embedding_engine.autograd import LookupPlan, RowSort
 from recstack.embedding_engine.config import FeatureConfig
 from recstack.embedding_engine.dedup import SortedIds, sort_ids
+from recstack.embedding_engine.feature_batch import FeatureBatch
 from recstack.embedding_engine.insert import insert_ids
 from recstack.embedding_engine.kernels.init_rows import init_rows
 from recstack.embedding_engine.kernels.pooling import MODE_MEAN, MODE_SUM
@@ -137,14 +138,15 @@ class LookupPlanner:
             reads.modes = reads.modes.to(device)
         self._device = device
 
-    def batch_features(self, name: str, kjt: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def batch_features(self, name: str, kjt: KeyedJaggedTensor) -> FeatureBatch:
         """The batch's features that read physical table ``name``, by feature name.
 
         Args:
             name: the physical table.
             kjt: the batch.
         """
-        return {f.config.name: kjt[f.config.name] for f in self._reads[name].features}
+        reads = self._reads[name]
+        return FeatureBatch(kjt, [f.config.name for f in reads.features], len(reads.pooled))
 
     # ------------------------------------------------------------------------------------
     # Plans
@@ -153,7 +155,7 @@ class LookupPlanner:
     def plan(
         self,
         phys: PhysicalTable,
-        jts: Mapping[str, JaggedTensor],
+        jts: FeatureBatch,
         batch: int,
         *,
         training: bool,
@@ -180,16 +182,15 @@ class LookupPlanner:
         """
         reads = self._reads[phys.name]
         feats = reads.features
-        ids = [jts[f.config.name].values.to(torch.int64) for f in feats]
+        ids = jts.ids
         # Read to the host with the forward's first sync: no sync of its own.
         bad = self._bad_flag(phys, ids)
-        keys = torch.cat(ids)
+        keys = jts.keys
         # A merged table's entries are (id, logical table index) pairs.
         tags = None
         if len(phys.tables) > 1:
-            sizes = [x.numel() for x in ids]
-            tags = batch_tags([f.table_index for f in feats], sizes, self._device)
-        n_pooled = sum(x.numel() for x in ids[: len(reads.pooled)])
+            tags = batch_tags([f.table_index for f in feats], jts.sizes, self._device)
+        n_pooled = sum(jts.sizes[: len(reads.pooled)])
         sink: Callable[[str, SparseGrad], None] = grads.add
         updater = grads.updater if training else None
         row_sort = None
@@ -228,7 +229,7 @@ class LookupPlanner:
             table, rows = self._eval_rows(phys, feats, ids, keys, tags, bad)
         offsets, weights = self._pooled_layout(reads.pooled, jts)
         deferred = tuple(not f.config.gather for f in reads.sequence)
-        sizes = tuple(x.numel() for x in ids[len(reads.pooled) :]) if any(deferred) else ()
+        sizes = tuple(jts.sizes[len(reads.pooled) :]) if any(deferred) else ()
         return LookupPlan(
             name=phys.name,
             table=table,
@@ -274,8 +275,11 @@ class LookupPlanner:
         """
         reads = self._reads[name]
         out: dict[str, FeatureOutput] = {}
-        for k, f in enumerate(reads.pooled):
-            out[f.config.name] = pooled[:, k, :]
+        if reads.pooled:
+            # One unbind, not a select per feature: each select's backward would write a
+            # zero-filled [B, K_p, dim] gradient and add it to the others (K_p of each).
+            for f, bag in zip(reads.pooled, pooled.unbind(1), strict=True):
+                out[f.config.name] = bag
         start = at = 0
         for i, f in enumerate(reads.sequence):
             jt = jts[f.config.name]
@@ -321,14 +325,12 @@ class LookupPlanner:
         return compact_table(phys, s.unique, s.unique_tags, rows_u), s.inverse
 
     def _pooled_layout(
-        self, pooled: list[FeatureRead], jts: Mapping[str, JaggedTensor]
+        self, pooled: list[FeatureRead], jts: FeatureBatch
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Key-major offsets ``[K_p * B + 1]`` and per-id weights of the pooled features."""
-        zero = torch.zeros(1, dtype=torch.int64, device=self._device)
         if not pooled:
-            return zero, None
-        lengths = [jts[f.config.name].lengths() for f in pooled]
-        offsets = torch.cat([zero, torch.cat(lengths).cumsum(0)])
+            return torch.zeros(1, dtype=torch.int64, device=self._device), None
+        offsets = torch.nn.functional.pad(jts.pooled_lengths.cumsum(0), (1, 0))
         if not any(f.config.weighted for f in pooled):
             return offsets, None
         weights = []

@@ -329,7 +329,7 @@ if HAS_TRITON:
         else:
             tl.store(out_ptr + offs, h.to(tl.int64, bitcast=True), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _fmix64_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n

@@ -60,7 +60,7 @@ _MODE = {"set": 0, "add_atomic": 1, "add_unique": 2}
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _paged_gather_kernel(
         page_table_ptr,
         rows_ptr,
@@ -86,7 +86,7 @@ if HAS_TRITON:
         x = tl.load(src[:, None] + cols[None, :], mask=mask)
         tl.store(out_ptr + r[:, None] * out_stride + cols[None, :], x, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _paged_scatter_kernel(
         page_table_ptr,
         rows_ptr,

@@ -84,7 +84,7 @@ if HAS_TRITON:
         counts = tl.sum(hit.to(tl.int32), axis=0)
         tl.store(hist_ptr + pid.to(tl.int64) * world_size + ranks, counts, mask=ranks < world_size)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _place_kernel(
         owners_ptr, first_ptr, order_ptr, n, world_size, BLOCK: tl.constexpr, RANKS: tl.constexpr
     ):

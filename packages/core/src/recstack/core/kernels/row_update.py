@@ -249,7 +249,7 @@ if HAS_TRITON:
             g = tl.load(gp[:, None] + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
             tl_apply_row_update(rows, ok, cols, col_ok, g.to(tl.float32), update, UPDATE)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _row_update_kernel(
         rows_ptr,
         grad_ptr,
@@ -273,7 +273,7 @@ if HAS_TRITON:
             n = tl.where((tl.load(gate_ptr) | tl.load(gate_ptr + 1)) == 0, n, 0)
         tl_update_rows(r, rows_ptr, grad_ptr, grad_stride, n, update, UPDATE, BLOCK_D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "num_rows"])
     def _check_kernel(
         values_ptr,
         stride,

@@ -72,7 +72,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _segment_sum_kernel(
         val_ptr,
         order_ptr,
@@ -113,7 +113,7 @@ if HAS_TRITON:
             sem="relaxed",
         )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _zero_rows_kernel(
         out_ptr, count_ptr, n, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
     ):  # fmt: skip

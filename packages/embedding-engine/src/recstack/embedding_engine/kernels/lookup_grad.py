@@ -208,7 +208,7 @@ def lookup_grads(
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _zero_crossing_kernel(
         seg_ptr,
         dest_ptr,
@@ -312,7 +312,7 @@ if HAS_TRITON:
         shared = (seg == before) | (seg == after)
         return sums, seg, is_last, shared
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _grad_sum_kernel(
         grads,
         dest_ptr,

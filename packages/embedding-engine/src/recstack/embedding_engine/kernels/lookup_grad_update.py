@@ -42,7 +42,7 @@ FUSED_GRAD_DEFAULTS: dict[str, int] = {"tile_elems": 2048, "max_block_d": 256, "
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])
     def _grad_update_kernel(
         grads,
         seg_rows_ptr,
@@ -72,7 +72,7 @@ if HAS_TRITON:
         dst = scratch_ptr + seg[:, None] * scratch_stride + cols[None, :]
         tl.atomic_add(dst, sums, mask=(is_last & shared)[:, None] & col_ok[None, :], sem="relaxed")
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "min_seg"])
     def _crossing_update_kernel(
         seg_ptr,
         seg_rows_ptr,

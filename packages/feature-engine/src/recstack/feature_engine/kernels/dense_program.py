@@ -208,7 +208,7 @@ def dense_program_reference(
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["batch", "b_tiles"])
     def _dense_program_kernel(
         x_ptr,
         ops_ptr,

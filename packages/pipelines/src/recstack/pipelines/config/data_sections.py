@@ -91,7 +91,8 @@ class ReaderConfig:
         format: ``"parquet"``, ``"orc"`` or ``"ipc"`` (``None``: from the extension).
         num_threads: decoding threads.
         prefetch: batches assembled ahead.
-        worker: ``"thread"`` or ``"process"`` (a reader process, see ColumnReader).
+        worker: ``"auto"`` (a reader process when batches go to a CUDA device), ``"thread"``
+            or ``"process"`` (a reader process, see ColumnReader).
         on_error: ``"raise"`` or ``"skip"`` a bad file.
         pin_memory: page-locked batches (CUDA only).
         keyed_jagged: integer columns packed into one KeyedJaggedTensor.
@@ -108,7 +109,7 @@ class ReaderConfig:
     format: Format | None = None
     num_threads: int = 2
     prefetch: int = 4
-    worker: Literal["thread", "process"] = "thread"
+    worker: Literal["auto", "thread", "process"] = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     pin_memory: bool = False
     keyed_jagged: tuple[str, ...] | None = None

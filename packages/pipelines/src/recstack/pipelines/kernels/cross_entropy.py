@@ -67,7 +67,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row_offset"])
     def _cross_entropy_rows_kernel(
         logits_ptr,
         row_stride,

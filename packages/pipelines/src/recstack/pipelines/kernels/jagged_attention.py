@@ -137,7 +137,7 @@ if HAS_TRITON:
         sig = tl.sigmoid(x)
         return sig * (1.0 + x * (1.0 - sig))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs", "total"])
     def _jagged_attention_fwd_kernel(
         q_ptr,
         k_ptr,
@@ -266,7 +266,7 @@ if HAS_TRITON:
             mask=tile_ok,
         )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs", "total"])
     def _jagged_attention_dq_kernel(
         q_ptr,
         k_ptr,
@@ -403,7 +403,7 @@ if HAS_TRITON:
             mask=tile_ok,
         )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs", "total"])
     def _jagged_attention_dkdv_kernel(
         q_ptr,
         k_ptr,

@@ -63,6 +63,7 @@ import torch
 from recstack.core.kernels import HAS_TRITON, interpret_mode, record_launch, use_triton
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.host import next_pow2
+from recstack.core.kernels.launch import FastKernel
 from recstack.core.paged import PagedTensor
 
 if HAS_TRITON:
@@ -129,10 +130,15 @@ class TargetAttentionSaved(NamedTuple):
     Attributes:
         stats: fp32 ``[B, 2]``: each row's score max and sum of ``exp(s - max)``.
         out_f32: fp32 ``[B, D]``: the output before rounding to the input dtype.
+        prepared: the layers' weights as the kernels read them and each row's first-layer
+            bias, as the forward computed them (the backward reuses them instead of
+            recomputing; ``None``: recompute). Valid while the weights and query are
+            unchanged.
     """
 
     stats: torch.Tensor | None
     out_f32: torch.Tensor | None
+    prepared: _Prepared | None = None
 
 
 class TargetAttentionGrads(NamedTuple):
@@ -353,7 +359,7 @@ if HAS_TRITON:
             tl.store(out_f32_ptr + b * dim + cols, acc, mask=col_ok)
         tl.store(out_ptr + b * out_stride + cols, tl_to_table_dtype(acc, OUT_KIND), mask=col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["batch"])
     def _target_attention_bwd_kernel(
         grad_ptr,
         query_ptr,
@@ -527,6 +533,11 @@ if HAS_TRITON:
             tl.store(part_w3_ptr + p * hidden2 + hid2, acc_w3, mask=hid2_ok)
         else:
             tl.store(part_w3_ptr + p * hidden1 + hid1, acc_w3, mask=hid1_ok)
+
+    # About 40 arguments each: Triton's own launcher binds them in more host time than a
+    # small batch's kernel takes.
+    _FWD = FastKernel(_target_attention_fwd_kernel)
+    _BWD = FastKernel(_target_attention_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1202,7 +1213,8 @@ def target_attention_forward(
     dot_bf16, precision = _dot_options(dtype, bf16_dots)
     two = len(inputs.hidden) == 2
     src = _source(inputs)
-    _target_attention_fwd_kernel[(batch,)](
+    _FWD(
+        (batch,),
         inputs.query,
         src.ptr,
         inputs.row_ids if inputs.row_ids is not None else inputs.starts,
@@ -1226,24 +1238,24 @@ def target_attention_forward(
         out.stride(0),
         src.page_shift,
         src.page_mask,
-        ACT=inputs.act,
-        SOFTMAX=bool(softmax),
-        GATHER=inputs.row_ids is not None,
-        PAGED=src.paged,
-        ALIGNED=src.aligned,
-        ROWS_KIND=src.rows_kind,
-        TWO_LAYERS=two,
-        OUT_KIND=TABLE_KINDS[dtype],
-        DOT_BF16=dot_bf16,
-        PRECISION=precision,
-        BLOCK_L=block_l,
-        BLOCK_D=block_d,
-        BLOCK_H1=block_h1,
-        BLOCK_H2=block_h2,
+        inputs.act,
+        bool(softmax),
+        inputs.row_ids is not None,
+        src.paged,
+        src.aligned,
+        src.rows_kind,
+        two,
+        TABLE_KINDS[dtype],
+        dot_bf16,
+        precision,
+        block_l,
+        block_d,
+        block_h1,
+        block_h2,
         num_warps=num_warps or TARGET_ATTENTION_DEFAULTS["num_warps"],
     )
     record_launch("target_attention_fwd")
-    return out, TargetAttentionSaved(stats, out_f32)
+    return out, TargetAttentionSaved(stats, out_f32, prep)
 
 
 def _row_order(lengths: torch.Tensor, programs: int) -> torch.Tensor:
@@ -1350,7 +1362,7 @@ def target_attention_backward(
     hidden = inputs.hidden
     two = len(hidden) == 2
     h_last = hidden[-1]
-    prep = _prepare(inputs)
+    prep = saved.prepared if saved.prepared is not None else _prepare(inputs)
     # Offsets cover every position; spans may leave some (padding) that must read zero.
     alloc = torch.empty if inputs.offsets is not None else torch.zeros
     d_rows = alloc((inputs.num_rows, dim), dtype=rows_dtype, device=device)
@@ -1373,7 +1385,8 @@ def target_attention_backward(
         dot_bf16, precision = _dot_options(dtype, bf16_dots)
         row_order = _row_order(inputs.lengths, n_prog)
         src = _source(inputs)
-        _target_attention_bwd_kernel[(n_prog,)](
+        _BWD(
+            (n_prog,),
             grad_out,
             inputs.query,
             src.ptr,
@@ -1408,20 +1421,20 @@ def target_attention_backward(
             src.stride,
             src.page_shift,
             src.page_mask,
-            ACT=inputs.act,
-            SOFTMAX=bool(softmax),
-            GATHER=inputs.row_ids is not None,
-            PAGED=src.paged,
-            ALIGNED=src.aligned,
-            ROWS_KIND=src.rows_kind,
-            TWO_LAYERS=two,
-            D_ROWS_KIND=TABLE_KINDS[rows_dtype],
-            DOT_BF16=dot_bf16,
-            PRECISION=precision,
-            BLOCK_L=block_l,
-            BLOCK_D=block_d,
-            BLOCK_H1=block_h1,
-            BLOCK_H2=block_h2,
+            inputs.act,
+            bool(softmax),
+            inputs.row_ids is not None,
+            src.paged,
+            src.aligned,
+            src.rows_kind,
+            two,
+            TABLE_KINDS[rows_dtype],
+            dot_bf16,
+            precision,
+            block_l,
+            block_d,
+            block_h1,
+            block_h2,
             num_warps=num_warps or defaults["backward_num_warps"],
         )
         record_launch("target_attention_bwd")

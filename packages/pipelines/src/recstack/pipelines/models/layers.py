@@ -49,17 +49,13 @@ class Dice(nn.Module):
         Args:
             x: the input, channels last.
         """
-        flat = x.reshape(-1, x.shape[-1]).float()
-        if self.training and flat.shape[0] > 0:
-            var, mean = torch.var_mean(flat, dim=0, unbiased=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach(), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((x.float() - mean) * torch.rsqrt(var + self.eps))
-        xf = x.float()
-        return (p * xf + (1 - p) * self.alpha * xf).to(x.dtype)
+        # Imported here: the ops package imports this module.
+        from recstack.pipelines.ops.dice import dice
+
+        return dice(
+            x, self.alpha, self.running_mean, self.running_var, training=self.training,
+            eps=self.eps, momentum=self.momentum,
+        )  # fmt: skip
 
 
 def make_activation(name: Activation, dim: int) -> nn.Module:

@@ -1,6 +1,6 @@
-"""Fused dense-side ops with autograd: losses over large vocabularies and attention over
-jagged sequences. Each op runs its Triton kernels on CUDA and its torch reference on
-the CPU."""
+"""Fused dense-side ops with autograd: losses over large vocabularies, attention over
+jagged sequences and DIN's Dice activation. Each op runs its Triton kernels on CUDA and
+its torch reference on the CPU."""
 
 from recstack.pipelines.ops.cross_entropy import (
     LOGITS_BLOCK_BYTES,
@@ -10,6 +10,7 @@ from recstack.pipelines.ops.cross_entropy import (
     logits_chunk_rows,
     sampled_softmax_loss,
 )
+from recstack.pipelines.ops.dice import dice
 from recstack.pipelines.ops.jagged_attention import JaggedSelfAttention, jagged_attention
 from recstack.pipelines.ops.target_attention import (
     FusedTargetAttention,
@@ -22,6 +23,7 @@ __all__ = [
     "FusedTargetAttention",
     "JaggedSelfAttention",
     "LinearCrossEntropy",
+    "dice",
     "in_batch_softmax_loss",
     "jagged_attention",
     "linear_cross_entropy",

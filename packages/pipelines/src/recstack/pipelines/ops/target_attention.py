@@ -137,6 +137,7 @@ class _TargetAttentionFunction(torch.autograd.Function):
             saved.stats, saved.out_f32, *flat_layers,
         )  # fmt: skip
         ctx.paged = paged
+        ctx.prepared = saved.prepared  # fresh tensors of the forward's: no version to check
         ctx.options = (activation, softmax, grad_sink, bf16_dots, _depends_on_meta(depends_on))
         return out
 
@@ -152,7 +153,8 @@ class _TargetAttentionFunction(torch.autograd.Function):
         gather = row_ids is not None
         with torch.autocast(query.device.type, enabled=False):
             grads = target_attention_backward(
-                grad_out, query, offsets, layers, TargetAttentionSaved(stats, out_f32),
+                grad_out, query, offsets, layers,
+                TargetAttentionSaved(stats, out_f32, ctx.prepared),
                 values=None if gather else source, table=source if gather else None,
                 row_ids=row_ids, starts=starts, lengths=lengths, activation=activation,
                 softmax=softmax, rows_dtype=torch.float32 if gather else None,

@@ -115,6 +115,16 @@ def _worker(backend: str, seed: int) -> None:
         want = torch.cat([part(k, s, me) for s in range(world)])
         _expect_equal(got, want, f"rank {me} list tensor {k}")
 
+    # Started exchanges overlap later work and each other; waiting gives the same rows.
+    first = rd.all_to_all_v_start(sends, splits)
+    second = rd.all_to_all_v_start([sends[0] * 2], splits)
+    busy = torch.ones(256, 256, device=device) @ torch.ones(256, 256, device=device)
+    assert second.recv_splits == recv_splits
+    for k, (got, want) in enumerate(zip(first.wait()[0], got_list, strict=True)):
+        _expect_equal(got, want, f"rank {me} started tensor {k}")
+    _expect_equal(second.wait()[0][0], got_list[0] * 2, f"rank {me} second started exchange")
+    assert first.wait()[1] == recv_splits and float(busy[0, 0]) == 256.0
+
     # Nobody sends anything.
     empty = torch.empty(0, 3, dtype=torch.float32, device=device)
     got, recv_splits = rd.all_to_all_v(empty, [0] * world)

@@ -114,16 +114,19 @@ def _picks(world: int, rank: int | None) -> list[list[int]]:
     return out
 
 
-def _train(ec, picks: list[list[int]]) -> dict[str, torch.Tensor]:
+def _train(ec, picks: list[list[int]], ahead: bool = False) -> dict[str, torch.Tensor]:
     """STEPS steps of SparseAdam, step ``s`` on global rows ``picks[s]``; the first
-    outputs."""
+    outputs. ``ahead``: each step's ids are sent (prefetched) before the previous step's
+    backward and optimizer step."""
     opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
     weights = _weights()
     first = {}
+    kjts = [_kjt([_rows(step)[i] for i in picks[step]]) for step in range(STEPS)]
     for step in range(STEPS):
         idx = picks[step]
-        every = _rows(step)
-        out = {k: _dense(v) for k, v in ec(_kjt([every[i] for i in idx])).items()}
+        out = {k: _dense(v) for k, v in ec(kjts[step]).items()}
+        if ahead and step + 1 < STEPS:
+            ec.prefetch(kjts[step + 1])
         if step == 0:
             first = {k: v.detach().clone() for k, v in out.items()}
         loss = sum((v * weights[k][idx]).sum() for k, v in out.items())
@@ -151,10 +154,10 @@ def _table_rows(ec) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
+def _rank(rank: int, world: int, init: str, out: str, ahead: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     ec = ShardedEmbeddingCollection(TABLES, FEATURES)
-    first = _train(ec, _picks(world, rank))
+    first = _train(ec, _picks(world, rank), ahead)
     tensors = {f"out.{k}": v for k, v in first.items()}
     load = ec.last_load
     assert load is not None
@@ -168,9 +171,13 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_train_like_one_process_on_the_whole_batch(tmp_path: Path, world: int) -> None:
-    args = [str(world), str(tmp_path / "init"), str(tmp_path)]
+@pytest.mark.parametrize(("world", "ahead"), [(2, False), (3, False), (3, True)])
+def test_ranks_train_like_one_process_on_the_whole_batch(
+    tmp_path: Path, world: int, ahead: bool
+) -> None:
+    """``ahead``: each step's ids prefetched during the previous step (a pipelined
+    Trainer): the same results."""
+    args = [str(world), str(tmp_path / "init"), str(tmp_path), str(int(ahead))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ranks = [
         subprocess.Popen([sys.executable, str(THIS), str(r), *args], env=env, **_CAPTURE)
@@ -263,6 +270,30 @@ def test_one_rank_is_an_embedding_collection(one_rank) -> None:
         torch.testing.assert_close(_dense(got[name]), _dense(want[name]), msg=name)
 
 
+def test_prefetched_ids_give_the_same_training(one_rank) -> None:
+    """Prefetching the next batch (also one never looked up, or twice) changes nothing."""
+    plain = ShardedEmbeddingCollection(TABLES, FEATURES)
+    ahead = ShardedEmbeddingCollection(TABLES, FEATURES)
+    want = _train(plain, _picks(1, 0))
+    got = _train(ahead, _picks(1, 0), ahead=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, msg=name)
+    for name, table in _table_rows(plain).items():
+        torch.testing.assert_close(_table_rows(ahead)[name], table, equal_nan=True)
+    stray, kjt = _kjt(_rows(0)), _kjt(_rows(1))
+    ahead.prefetch(stray)
+    ahead.prefetch(kjt)  # replaces the first
+    ahead.eval(), plain.eval()
+    with torch.no_grad():
+        for batch in (kjt, stray):  # the second was not prefetched (any more)
+            got_out, want_out = ahead(batch), plain(batch)
+            for name in want_out:
+                torch.testing.assert_close(_dense(got_out[name]), _dense(want_out[name]))
+    ahead.prefetch(stray)
+    with pytest.raises(TypeError, match="expected a KeyedJaggedTensor"):
+        ahead.prefetch({"item": torch.tensor([1])})
+
+
 def test_deferred_features_come_out_gathered(one_rank) -> None:
     deferred = [*FEATURES[:1], FeatureConfig("hist", "item", pooling="none", gather=False)]
     sharded = ShardedEmbeddingCollection(TABLES[:1], deferred)
@@ -298,7 +329,7 @@ def test_it_needs_a_process_group() -> None:
 
 
 if __name__ == "__main__":
-    _rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    _rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1")
 
 
 @pytest.mark.gpu

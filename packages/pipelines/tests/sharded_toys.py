@@ -69,7 +69,7 @@ def sparse_data(
     return out
 
 
-def trainer_for(model: SparseToy, data, evals, checkpointer=None) -> Trainer:  # noqa: ANN001
+def trainer_for(model: SparseToy, data, evals, checkpointer=None, pipeline="off") -> Trainer:  # noqa: ANN001
     return Trainer(
         model,
         data,
@@ -81,6 +81,7 @@ def trainer_for(model: SparseToy, data, evals, checkpointer=None) -> Trainer:  #
         epochs=2,
         progress=False,
         checkpointer=checkpointer,
+        pipeline=pipeline,
     )
 
 

@@ -336,7 +336,11 @@ SHARDED_WORKER = Path(__file__).with_name("sharded_worker.py")
 
 
 @pytest.mark.slow
-def test_two_ranks_with_sharded_tables_train_like_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["off", "ids"])
+def test_two_ranks_with_sharded_tables_train_like_one_process(
+    tmp_path: Path, pipeline: str
+) -> None:
+    """``pipeline="ids"`` (the next batch's ids sent during each step) trains the same."""
     from safetensors.torch import load_file
     from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
 
@@ -344,7 +348,7 @@ def test_two_ranks_with_sharded_tables_train_like_one_process(tmp_path: Path) ->
     run_ranks(
         SHARDED_WORKER,
         world,
-        lambda r: [str(tmp_path / "init"), str(tmp_path)],
+        lambda r: [str(tmp_path / "init"), str(tmp_path), pipeline],
         env={"PYTHONPATH": str(SHARDED_WORKER.parent)},
     )
     single = SparseToy(sharded=False)
@@ -370,3 +374,16 @@ def test_two_ranks_with_sharded_tables_train_like_one_process(tmp_path: Path) ->
     for r in ranks:
         assert float(r["auc"]) == pytest.approx(result.metrics["label/auc"], abs=1e-6)
     assert (tmp_path / "ckpt" / "step-000000000008" / "manifest.json").is_file()
+
+
+def test_pipeline_without_sharded_tables_changes_nothing() -> None:
+    """One process, no sharded tables: ``pipeline="ids"`` has nothing to send ahead and
+    trains exactly as without it."""
+    plain, t_plain = make(None)
+    t_plain.fit()
+    ahead, t_ahead = make(None, pipeline="ids")  # seeds dropout alike
+    t_ahead.fit()
+    assert same(plain, ahead) and t_ahead.step == t_plain.step
+    assert t_ahead._prefetch is not None and t_ahead._prefetch.sent == 0
+    with pytest.raises(ValueError, match="Trainer: pipeline"):
+        make(None, pipeline="always")

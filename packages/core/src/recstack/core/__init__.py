@@ -18,7 +18,14 @@
 """
 
 from recstack.core import distributed, kernels
-from recstack.core.distributed import DistEnv, all_to_all_v, all_to_all_v_list, dist_env
+from recstack.core.distributed import (
+    DistEnv,
+    PendingExchange,
+    all_to_all_v,
+    all_to_all_v_list,
+    all_to_all_v_start,
+    dist_env,
+)
 from recstack.core.hashing import hash64, mix64
 from recstack.core.jagged import JaggedTensor
 from recstack.core.jagged_build import DenseFeatures, PaddedFeatures
@@ -55,6 +62,7 @@ __all__ = [
     "KeyedState",
     "PaddedFeatures",
     "PagedTensor",
+    "PendingExchange",
     "RowUpdate",
     "RowUpdater",
     "ShardSpec",
@@ -63,6 +71,7 @@ __all__ = [
     "__version__",
     "all_to_all_v",
     "all_to_all_v_list",
+    "all_to_all_v_start",
     "check_json_metadata",
     "dist_env",
     "distributed",

@@ -20,14 +20,17 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DistEnv",
+    "PendingExchange",
     "all_to_all_v",
     "all_to_all_v_list",
+    "all_to_all_v_start",
     "destroy_process_group",
     "dist_env",
     "init_process_group",
@@ -247,12 +250,47 @@ def _exchange_splits(
     return both[:world], both[world:]
 
 
+class PendingExchange:
+    """An all-to-all whose rows are still travelling: :meth:`wait` gives the received
+    tensors (in input order) and the receive splits.
+
+    From :func:`all_to_all_v_start`. The split sizes were exchanged when it was started;
+    the rows move in the background (gloo's threads, or NCCL's stream) until :meth:`wait`,
+    which on CUDA makes the current stream wait for them rather than blocking the host.
+    """
+
+    def __init__(
+        self,
+        outputs: list[torch.Tensor],
+        recv: list[int],
+        works: list[Any] | None = None,
+        in_flight: list[torch.Tensor] | None = None,
+    ) -> None:
+        self._outputs, self._recv = outputs, recv
+        self._works, self._in_flight = works or [], in_flight or []
+        self._done = not self._works
+
+    @property
+    def recv_splits(self) -> list[int]:
+        """Rows received from each rank (known since the start)."""
+        return list(self._recv)
+
+    def wait(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The received tensors and the receive splits (once the rows have arrived; a
+        second call returns them again)."""
+        if not self._done:
+            for work in self._works:
+                work.wait()
+            self._works, self._in_flight, self._done = [], [], True
+        return self._outputs, list(self._recv)
+
+
 def _exchange_data(
     tensors: Sequence[torch.Tensor],
     send: list[int],
     recv: list[int],
     group: dist.ProcessGroup | None,
-) -> list[torch.Tensor]:
+) -> PendingExchange:
     total = sum(recv)
     outputs, works, in_flight = [], [], []
     for tensor in tensors:
@@ -271,10 +309,7 @@ def _exchange_data(
             async_op=True,
         )
         works.append(work)
-    for work in works:
-        work.wait()
-    del in_flight
-    return outputs
+    return PendingExchange(outputs, recv, works, in_flight)
 
 
 def _check_group(group: dist.ProcessGroup | None, device: torch.device) -> int:
@@ -302,6 +337,25 @@ def all_to_all_v_list(
     their weights), and lives on the same device. Returns the received tensors, in input
     order, and ``recv_splits``. See :func:`all_to_all_v` for the semantics.
     """
+    return all_to_all_v_start(tensors, send_splits, group).wait()
+
+
+def all_to_all_v_start(
+    tensors: Sequence[torch.Tensor],
+    send_splits: Sequence[int] | torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> PendingExchange:
+    """:func:`all_to_all_v_list` in two halves: exchange the split sizes now (one host
+    sync) and start moving the rows; :meth:`PendingExchange.wait` finishes it. Work queued
+    in between overlaps the transfer (a training step's id exchange for the next batch
+    overlaps this batch's compute this way). Every rank must start and wait in the same
+    order, as for any collective.
+
+    Examples:
+        >>> pending = all_to_all_v_start([torch.arange(3)], [3])  # one process
+        >>> [t.tolist() for t in pending.wait()[0]], pending.recv_splits
+        ([[0, 1, 2]], [3])
+    """
     tensors = list(tensors)
     if not tensors:
         raise ValueError("tensors must contain at least one tensor")
@@ -325,12 +379,12 @@ def all_to_all_v_list(
         # pay a single host sync.
         _check_split_values(splits.tolist(), rows, names)
     if world == 1:
-        return tensors, splits.tolist()
+        return PendingExchange(tensors, splits.tolist())
     send, recv = _exchange_splits(splits, device, group)
     _check_split_values(send, rows, names)
     if any(r < 0 for r in recv):
         raise RuntimeError(f"received negative split sizes {recv} from peers")
-    return _exchange_data(tensors, send, recv, group), recv
+    return _exchange_data(tensors, send, recv, group)
 
 
 def all_to_all_v(

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recstack.core import JaggedTensor, KeyedJaggedTensor, KeyedState, SparseGrad
-from recstack.core.distributed import all_to_all_v
+from recstack.core.distributed import PendingExchange, all_to_all_v, all_to_all_v_start
 from recstack.core.keyed_state import select_owned
 from recstack.core.sharding import ShardSpec, owner_partition
 from recstack.embedding_engine.collection import EmbeddingCollection
@@ -79,6 +79,24 @@ from recstack.embedding_engine.replicated import (
 __all__ = ["ExchangeLoad", "ShardedEmbeddingCollection"]
 
 _POOLED = ("sum", "mean")
+
+
+@dataclass
+class _IdExchange:
+    """A batch whose unique ids were sent to their owners (or are on their way)."""
+
+    kjt: KeyedJaggedTensor
+    jagged: dict[str, JaggedTensor]
+    unique: dict[str, torch.Tensor]
+    inverse: dict[str, torch.Tensor]
+    tags: torch.Tensor | None = None
+    ranks: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    splits: list[int] | None = None
+    sent: torch.Tensor | None = None
+    pending: PendingExchange | None = None
+
+
 # The columns of an exchange's request: the id, its table's index, its occurrences.
 _ID, _TAG, _COUNT = 0, 1, 2
 
@@ -244,6 +262,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self._device = self._local[0].device
         #: What the last forward exchanged (``None`` before the first).
         self.last_load: ExchangeLoad | None = None
+        self._ahead: _IdExchange | None = None
 
     @property
     def shard(self) -> EmbeddingCollection | None:
@@ -261,6 +280,11 @@ class ShardedEmbeddingCollection(nn.Module):
     def replicated(self) -> frozenset[str]:
         """The names of the replicated tables."""
         return frozenset(self._replicated)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The features a batch must carry, in config order."""
+        return tuple(f.name for f in self._features)
 
     @property
     def device(self) -> torch.device:
@@ -285,10 +309,42 @@ class ShardedEmbeddingCollection(nn.Module):
         """Every feature's output for this rank's batch ``kjt``, as an
         ``EmbeddingCollection`` gives it.
 
+        When :meth:`prefetch` was given this very ``kjt``, its ids are already on their
+        way to their owners and the forward continues from there.
+
         Raises:
             TypeError, ValueError: ``kjt`` is not a KeyedJaggedTensor, misses a feature,
                 lives on another device, or a weighted feature has no weights.
         """
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.kjt is kjt:
+            return self._finish(ahead)
+        if ahead is not None and ahead.pending is not None:
+            ahead.pending.wait()  # every rank started it: finish it before the next one
+        return self._finish(self._start(kjt))
+
+    def prefetch(self, kjt: KeyedJaggedTensor) -> None:
+        """Send the ids of a batch the next forward will read to their owners now.
+
+        The id exchange is a collective that depends on the ids alone, not on any row, so
+        it can run while the previous batch's backward and optimizer step do (a
+        pipelined :class:`~recstack.pipelines.Trainer`, ``pipeline="ids"``); the forward
+        of this ``kjt`` then waits for it instead of starting it. The lookups happen in
+        that forward, after the previous step's updates, so the results equal an
+        unpipelined run's. Every rank must prefetch the same batches in the same order.
+        One batch ahead: a second prefetch before the forward finishes the first one's
+        exchange and replaces it.
+
+        Raises:
+            TypeError, ValueError: as :meth:`forward`.
+        """
+        if self._ahead is not None and self._ahead.pending is not None:
+            self._ahead.pending.wait()
+        self._ahead = None
+        self._ahead = self._start(kjt)
+
+    def _start(self, kjt: KeyedJaggedTensor) -> _IdExchange:
+        """Check the batch, dedup each table's ids and start sending them to owners."""
         if not isinstance(kjt, KeyedJaggedTensor):
             raise TypeError(
                 f"ShardedEmbeddingCollection: expected a KeyedJaggedTensor, got "
@@ -298,7 +354,6 @@ class ShardedEmbeddingCollection(nn.Module):
         missing = [f.name for f in self._features if f.name not in present]
         if missing:
             raise ValueError(f"ShardedEmbeddingCollection: the batch has no feature {missing}")
-        batch = kjt.stride()
         jagged = {f.name: kjt[f.name] for f in self._features}
         for f in self._features:
             if f.weighted and jagged[f.name].weights is None:
@@ -321,19 +376,34 @@ class ShardedEmbeddingCollection(nn.Module):
             unique[table], inverse[table], counts[table] = torch.unique(
                 ids, return_inverse=True, return_counts=True
             )
-        rows = self._exchange(unique, counts) if self._used else {}
-        local = self._replicas(kjt) if self._replicas is not None else {}
+        x = _IdExchange(kjt, jagged, unique, inverse)
+        if not self._used:
+            return x
+        x.tags = torch.cat([torch.full_like(unique[t], self._table_index[t]) for t in self._used])
+        ids = torch.cat([unique[t] for t in self._used])
+        x.ranks, x.order, counts_per_rank = owner_partition(ids, self.world_size)
+        x.splits = counts_per_rank.tolist()
+        occurrences = torch.cat([counts[t] for t in self._used])
+        x.sent = torch.stack([ids, x.tags, occurrences], dim=1).index_select(0, x.order)
+        x.pending = all_to_all_v_start([x.sent], x.splits, self.group)
+        return x
+
+    def _finish(self, x: _IdExchange) -> dict[str, FeatureOutput]:
+        """The features' outputs of a started exchange: look up, rows back, pool."""
+        batch = x.kjt.stride()
+        rows = self._exchange(x) if self._used else {}
+        local = self._replicas(x.kjt) if self._replicas is not None else {}
         out: dict[str, FeatureOutput] = {}
         start: dict[str, int] = {}
         for f in self._features:
             if f.table in self._replicated:
                 out[f.name] = local[f.name]
                 continue
-            jt = jagged[f.name]
+            jt = x.jagged[f.name]
             n = jt.values.numel()
             first = start.get(f.table, 0)
             start[f.table] = first + n
-            feature_rows = rows[f.table].index_select(0, inverse[f.table][first : first + n])
+            feature_rows = rows[f.table].index_select(0, x.inverse[f.table][first : first + n])
             if f.pooling in _POOLED:
                 out[f.name] = _pool(f, jt, feature_rows, batch)
             else:
@@ -341,25 +411,20 @@ class ShardedEmbeddingCollection(nn.Module):
                 out[f.name] = sequence_output(f, JaggedTensor(feature_rows, jt.offsets), batch, dim)
         return out
 
-    def _exchange(
-        self, unique: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """Each table's rows of its unique ids, from their owners: the ids in one
-        all-to-all, one lookup in the shard (its step advances once), the rows back in
-        one all-to-all per width and dtype."""
-        tags = torch.cat([torch.full_like(unique[t], self._table_index[t]) for t in self._used])
-        ids = torch.cat([unique[t] for t in self._used])
-        ranks, order, counts_per_rank = owner_partition(ids, self.world_size)
-        splits = counts_per_rank.tolist()
-        occurrences = torch.cat([counts[t] for t in self._used])
-        sent = torch.stack([ids, tags, occurrences], dim=1).index_select(0, order)
-        asked, asked_splits = all_to_all_v(sent, splits, self.group)
+    def _exchange(self, x: _IdExchange) -> dict[str, torch.Tensor]:
+        """Each table's rows of its unique ids, from their owners: the ids (sent by
+        :meth:`_start` in one all-to-all), one lookup in the shard (its step advances
+        once), the rows back in one all-to-all per width and dtype."""
+        assert x.pending is not None and x.tags is not None and x.ranks is not None
+        assert x.order is not None and x.splits is not None and x.sent is not None
+        (asked,), asked_splits = x.pending.wait()
+        unique, tags, order, splits, sent = x.unique, x.tags, x.order, x.splits, x.sent
         looked, received_order = self._look_up(asked)
         source = torch.repeat_interleave(
             torch.arange(self.world_size, device=self._device),
             torch.tensor(asked_splits, device=self._device),
         )
-        sent_ranks, sent_tags = ranks.index_select(0, order), sent[:, _TAG]
+        sent_ranks, sent_tags = x.ranks.index_select(0, order), sent[:, _TAG]
         out: dict[str, torch.Tensor] = {}
         row_bytes = 0
         for (dim, dtype), tables in self._groups.items():

@@ -9,7 +9,7 @@ import inspect
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +25,7 @@ from recstack.embedding_engine import EmbeddingCollection, ShardedEmbeddingColle
 from recstack.pipelines.callbacks.base import Callback
 from recstack.pipelines.choices import check_choice
 from recstack.pipelines.evaluation import evaluate_model
+from recstack.pipelines.id_prefetch import IdPrefetch
 from recstack.pipelines.online import OnlineResult, run_online
 from recstack.pipelines.rank_agreement import RankAgreement
 from recstack.pipelines.signals import StopSignals
@@ -38,6 +39,8 @@ __all__ = ["FitResult", "Precision", "Trainer"]
 #: The dense side's autocast: ``"auto"`` (bf16 on a GPU that has it, else none), ``"bf16"``,
 #: ``"fp16"`` or ``"fp32"`` (none).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+#: ``"ids"``: each step sends the next batch's ids to their owners during its backward.
+Pipeline = Literal["off", "ids"]
 _STATE = "recstack.pipelines.Trainer"
 
 
@@ -132,6 +135,13 @@ class Trainer:
             naming the rank and step instead of hanging. Before each step the ranks agree
             whether all have a full step of data (the epoch ends for all when one runs out:
             uneven shares never hang) and whether any was told to stop.
+        pipeline: ``"ids"``: right after each step's (last) forward, take the next batch,
+            run the feature step on it and send its ids to the ranks owning their rows
+            (:meth:`ShardedEmbeddingCollection.prefetch
+            <recstack.embedding_engine.ShardedEmbeddingCollection.prefetch>`), so that
+            exchange overlaps this step's backward and optimizer step; the lookups stay
+            in the next forward, so training is exactly as without it. ``"off"``: each
+            forward sends its own ids. Only sharded tables have ids to send.
 
     Under ``torchrun`` the dense parameters train data parallel (``DistributedDataParallel``
     averages their gradients) and the embedding tables must be sharded
@@ -178,6 +188,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         progress: bool | None = None,
         rank_timeout: float = 1800.0,
+        pipeline: Pipeline = "off",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
@@ -263,6 +274,10 @@ class Trainer:
         if not (isinstance(rank_timeout, (int, float)) and rank_timeout > 0):
             raise ValueError(f"Trainer: rank_timeout must be > 0 seconds, got {rank_timeout!r}")
         self.rank_timeout = float(rank_timeout)
+        check_choice(pipeline, "Trainer: pipeline", Pipeline)
+        self.pipeline = pipeline
+        sharded = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
+        self._prefetch = IdPrefetch(sharded) if pipeline == "ids" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False
         self.step = 0
@@ -545,7 +560,9 @@ class Trainer:
 
     def _run_epoch(self, signals: StopSignals) -> bool:
         """Steps over the rest of the epoch; ``True`` when its data ran out."""
-        batches = iter(self.train_stream)
+        batches: Iterator[Any] = iter(self.train_stream)
+        if self._prefetch is not None:
+            batches = self._prefetch.wrap(batches)
         limit = self.stages[self.stage].max_steps
         while True:
             if limit is not None and self.step - self.stage_start_step >= limit:
@@ -597,10 +614,18 @@ class Trainer:
         for c in self.callbacks:
             c.on_step_start(self, self.step + 1)
         n = len(micro)
-        for batch in micro:
-            inputs = batch if featurized else self._inputs(batch)
+        for i, batch in enumerate(micro):
+            if featurized:
+                inputs = batch
+            elif self._prefetch is not None:
+                inputs = self._prefetch.inputs(batch, self._inputs)
+            else:
+                inputs = self._inputs(batch)
             with self._autocast():
                 outputs = self._forward(inputs)
+            if self._prefetch is not None and i == n - 1 and not featurized:
+                # The next batch's ids travel while this backward and step run.
+                self._prefetch.send_next(self._inputs, self._ranks, self.step + 2)
             preds = predictions_of(outputs, self.tasks)
             loss, each = compute_losses(preds, inputs, self.tasks)
             (loss / n).backward()

@@ -11,7 +11,7 @@ from recstack.pipelines.callbacks.early_stopping import Mode
 from recstack.pipelines.config.data_sections import ReaderConfig
 from recstack.pipelines.config.errors import Invalid
 from recstack.pipelines.config.fields import Where, at_least, parse_value
-from recstack.pipelines.trainer import Precision
+from recstack.pipelines.trainer import Pipeline, Precision
 
 __all__ = [
     "CheckpointConfig",
@@ -46,6 +46,7 @@ class TrainerConfig:
         evict_min_count: evict ids seen fewer than this many times.
         log_every: read the loss back every this many steps.
         rank_timeout: under torchrun, seconds a rank waits for the others before a step.
+        pipeline: ``"ids"``: send the next batch's ids to their owners during each step.
     """
 
     device: str | None = None
@@ -63,6 +64,7 @@ class TrainerConfig:
     evict_min_count: int | None = None
     log_every: int = 50
     rank_timeout: float = 1800.0
+    pipeline: Pipeline = "off"
 
     def __post_init__(self) -> None:
         at_least(

@@ -39,8 +39,8 @@ if HAS_TRITON:
 __all__ = ["DiceSaved", "dice_backward", "dice_forward", "dice_reference"]
 
 #: Rows per block of the partial-sum kernels, and the most channels a program covers.
-_BLOCK_N = 64
-_MAX_BLOCK_C = 128
+_BLOCK_N = 32
+_MAX_BLOCK_C = 64
 
 
 class DiceSaved(NamedTuple):

@@ -1,0 +1,124 @@
+"""The Trainer's ``pipeline="ids"``: the next batch's ids travel to their owners while this
+step's backward and optimizer step run.
+
+A sharded collection's forward starts with a collective that depends on nothing but the
+batch's ids: each rank sends its unique ids to the ranks that own them
+(:meth:`~recstack.embedding_engine.ShardedEmbeddingCollection.prefetch`). :class:`IdPrefetch`
+holds the next batch back from the data, runs the feature engine on it and starts that
+exchange right after the current batch's forward, so the transfer overlaps the backward
+and the optimizer step; the next forward then waits for it instead of starting it. The
+lookups stay in that forward, after this step's updates: training is exactly what it is
+without the pipeline.
+
+Every rank must start the same exchanges: before each one the ranks agree that all of
+them have a next batch (one small host all-reduce); at the end of the data none starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from recstack.core import KeyedJaggedTensor
+from recstack.embedding_engine import ShardedEmbeddingCollection
+from recstack.pipelines.rank_agreement import RankAgreement
+
+__all__ = ["IdPrefetch", "Lookahead"]
+
+_NOTHING = object()
+
+
+class Lookahead(Iterator[Any]):
+    """An iterator whose next item can be looked at (:meth:`peek`) before it is taken.
+
+    Args:
+        items: the underlying iterator.
+
+    Examples:
+        >>> it = Lookahead(iter([1, 2]))
+        >>> it.peek(), next(it), next(it), it.peek()
+        (1, 1, 2, None)
+    """
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+        self._held: Any = _NOTHING
+
+    def peek(self) -> Any:
+        """The next item, left in place (``None`` at the end)."""
+        if self._held is _NOTHING:
+            self._held = next(self._items, None)
+        return self._held
+
+    def __next__(self) -> Any:
+        if self._held is _NOTHING:
+            return next(self._items)
+        held, self._held = self._held, _NOTHING
+        if held is None:
+            raise StopIteration
+        return held
+
+
+class IdPrefetch:
+    """Featurizes the next batch and prefetches its ids into the sharded collections.
+
+    Args:
+        collections: the model's sharded collections (others have nothing to send).
+    """
+
+    def __init__(self, collections: list[ShardedEmbeddingCollection]) -> None:
+        self.collections = collections
+        self._batches: Lookahead | None = None
+        self._ready: tuple[Any, dict[str, Any]] | None = None
+        #: Batches whose ids were sent ahead (for tests and logs).
+        self.sent = 0
+
+    def wrap(self, batches: Iterator[Any]) -> Lookahead:
+        """The epoch's batches, with the next one visible to :meth:`send_next`."""
+        self._batches = Lookahead(batches)
+        self._ready = None
+        return self._batches
+
+    def inputs(self, batch: Any, featurize: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        """``batch``'s inputs: those :meth:`send_next` made for it, else ``featurize``'s."""
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] is batch:
+            return ready[1]
+        return featurize(batch)
+
+    def send_next(
+        self,
+        featurize: Callable[[Any], dict[str, Any]],
+        ranks: RankAgreement | None,
+        step: int,
+    ) -> bool:
+        """Featurize the next batch and start its id exchanges, when every rank has one.
+
+        Args:
+            featurize: the Trainer's feature step.
+            ranks: the run's rank agreement (``None``: one process).
+            step: the step the next batch belongs to (for error messages).
+
+        Returns:
+            Whether the exchanges were started.
+        """
+        if self._batches is None or not self.collections:
+            return False
+        batch = self._batches.peek()
+        if ranks is not None:
+            agreed = ranks.agree(batches=int(batch is not None), stop=False, step=step)
+            if agreed.fewest == 0:
+                return False
+        elif batch is None:
+            return False
+        inputs = featurize(batch)
+        self._ready = (batch, inputs)
+        kjts = [v for v in inputs.values() if isinstance(v, KeyedJaggedTensor)]
+        for c in self.collections:
+            kjt = next((k for k in kjts if all(n in k for n in c.feature_names)), None)
+            if kjt is None:
+                # Every rank builds the same inputs, so every rank skips this one alike.
+                continue
+            c.prefetch(kjt)
+        self.sent += 1
+        return True

@@ -86,6 +86,28 @@ def dice_reference(
 
 if HAS_TRITON:
 
+    @triton.jit
+    def _tile(n, c, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's channels and rows: ``(cols, col_ok, ok, at)``, ``at`` the
+        ``[BLOCK_N, BLOCK_C]`` element offsets and ``ok`` their mask."""
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < c
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (rows < n)[:, None] & col_ok[None, :]
+        return cols, col_ok, ok, rows[:, None] * c + cols[None, :]
+
+    @triton.jit
+    def _sum_blocks(part_ptr, slot, n_blocks, c, cols, col_ok, BLOCK_P: tl.constexpr):
+        """Per channel, the sum over the row blocks of ``part[slot]`` (``[S, n_blocks, c]``)."""
+        acc = tl.zeros(cols.shape, dtype=tl.float32)
+        base = part_ptr + slot * n_blocks.to(tl.int64) * c
+        for start in range(0, n_blocks, BLOCK_P):
+            blk = start + tl.arange(0, BLOCK_P)
+            m = (blk < n_blocks)[:, None] & col_ok[None, :]
+            at = blk.to(tl.int64)[:, None] * c + cols[None, :]
+            acc += tl.sum(tl.load(base + at, mask=m, other=0.0), axis=0)
+        return acc
+
     @triton.jit(do_not_specialize=["n"])
     def _dice_stats_kernel(
         x_ptr,
@@ -96,19 +118,14 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         # part [2, n_blocks, c]: sums of x - x[0] and of its square over this row block.
-        pid_n = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        n_blocks = tl.num_programs(0)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < c
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (rows < n)[:, None] & col_ok[None, :]
+        cols, col_ok, ok, at = _tile(n, c, BLOCK_N, BLOCK_C)
         shift = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        v = tl.load(x_ptr + rows[:, None] * c + cols[None, :], mask=ok, other=0.0)
+        v = tl.load(x_ptr + at, mask=ok, other=0.0)
         d = tl.where(ok, v.to(tl.float32) - shift[None, :], 0.0)
-        at = pid_n.to(tl.int64) * c + cols
-        tl.store(part_ptr + at, tl.sum(d, axis=0), mask=col_ok)
-        tl.store(part_ptr + n_blocks.to(tl.int64) * c + at, tl.sum(d * d, axis=0), mask=col_ok)
+        out = tl.program_id(0).to(tl.int64) * c + cols
+        tl.store(part_ptr + out, tl.sum(d, axis=0), mask=col_ok)
+        step = tl.num_programs(0).to(tl.int64) * c
+        tl.store(part_ptr + step + out, tl.sum(d * d, axis=0), mask=col_ok)
 
     @triton.jit(do_not_specialize=["n", "n_blocks"])
     def _dice_apply_kernel(
@@ -130,28 +147,17 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < c
+        cols, col_ok, ok, at = _tile(n, c, BLOCK_N, BLOCK_C)
         if BATCH_STATS:
-            s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-            s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for start in range(0, n_blocks, BLOCK_P):
-                blk = start + tl.arange(0, BLOCK_P)
-                m = (blk < n_blocks)[:, None] & col_ok[None, :]
-                at = blk.to(tl.int64)[:, None] * c + cols[None, :]
-                s1 += tl.sum(tl.load(part_ptr + at, mask=m, other=0.0), axis=0)
-                s2 += tl.sum(
-                    tl.load(part_ptr + n_blocks.to(tl.int64) * c + at, mask=m, other=0.0), axis=0
-                )
+            s1 = _sum_blocks(part_ptr, 0, n_blocks, c, cols, col_ok, BLOCK_P)
+            s2 = _sum_blocks(part_ptr, 1, n_blocks, c, cols, col_ok, BLOCK_P)
             shift = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             inv_n = 1.0 / n.to(tl.float32)
             dm = s1 * inv_n
             var = tl.maximum(s2 * inv_n - dm * dm, 0.0)
             mean = shift + dm
             rstd = 1.0 / tl.sqrt(var + eps)
-            if pid_n == 0:
+            if tl.program_id(0) == 0:
                 tl.store(mean_ptr + cols, mean, mask=col_ok)
                 tl.store(rstd_ptr + cols, rstd, mask=col_ok)
                 rm = tl.load(run_mean_ptr + cols, mask=col_ok, other=0.0)
@@ -162,9 +168,6 @@ if HAS_TRITON:
             mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
             rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
         alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (rows < n)[:, None] & col_ok[None, :]
-        at = rows[:, None] * c + cols[None, :]
         v = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
         p = tl.sigmoid((v - mean[None, :]) * rstd[None, :])
         y = v * (alpha[None, :] + (1.0 - alpha[None, :]) * p)
@@ -184,14 +187,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         # part [3, n_blocks, c]: sums of g, g * z and dy * x * (1 - p) over this row block.
-        pid_n = tl.program_id(0)
-        pid_c = tl.program_id(1)
+        cols, col_ok, ok, at = _tile(n, c, BLOCK_N, BLOCK_C)
         n_blocks = tl.num_programs(0).to(tl.int64)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < c
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (rows < n)[:, None] & col_ok[None, :]
-        at = rows[:, None] * c + cols[None, :]
         v = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
@@ -202,7 +199,7 @@ if HAS_TRITON:
         dyx = dy * v
         g = tl.where(ok, dyx * (1.0 - alpha[None, :]) * p * (1.0 - p), 0.0)
         da = tl.where(ok, dyx * (1.0 - p), 0.0)
-        out = pid_n.to(tl.int64) * c + cols
+        out = tl.program_id(0).to(tl.int64) * c + cols
         tl.store(part_ptr + out, tl.sum(g, axis=0), mask=col_ok)
         tl.store(part_ptr + n_blocks * c + out, tl.sum(g * z, axis=0), mask=col_ok)
         tl.store(part_ptr + 2 * n_blocks * c + out, tl.sum(da, axis=0), mask=col_ok)
@@ -225,30 +222,16 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < c
-        nb = n_blocks.to(tl.int64)
-        sg = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sgz = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sa = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start in range(0, n_blocks, BLOCK_P):
-            blk = start + tl.arange(0, BLOCK_P)
-            m = (blk < n_blocks)[:, None] & col_ok[None, :]
-            at = blk.to(tl.int64)[:, None] * c + cols[None, :]
-            sg += tl.sum(tl.load(part_ptr + at, mask=m, other=0.0), axis=0)
-            sgz += tl.sum(tl.load(part_ptr + nb * c + at, mask=m, other=0.0), axis=0)
-            sa += tl.sum(tl.load(part_ptr + 2 * nb * c + at, mask=m, other=0.0), axis=0)
-        if pid_n == 0:
+        cols, col_ok, ok, at = _tile(n, c, BLOCK_N, BLOCK_C)
+        sg = _sum_blocks(part_ptr, 0, n_blocks, c, cols, col_ok, BLOCK_P)
+        sgz = _sum_blocks(part_ptr, 1, n_blocks, c, cols, col_ok, BLOCK_P)
+        if tl.program_id(0) == 0:
+            sa = _sum_blocks(part_ptr, 2, n_blocks, c, cols, col_ok, BLOCK_P)
             tl.store(dalpha_ptr + cols, sa, mask=col_ok)
         inv_n = 1.0 / n.to(tl.float32)
         mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
         rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
         alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (rows < n)[:, None] & col_ok[None, :]
-        at = rows[:, None] * c + cols[None, :]
         v = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
         z = (v - mean[None, :]) * rstd[None, :]

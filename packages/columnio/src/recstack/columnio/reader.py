@@ -402,17 +402,11 @@ class ColumnReader(ReadOptionsFields, IterableDataset[Batch]):
         """Whether ``worker="auto"`` takes a reader process: batches go to a CUDA device
         (where the training thread's launches must not wait for the GIL behind batch
         assembly) and the process can re-open the files and get the column defaults."""
-        if self.device is None or self.device.type != "cuda":
-            return False
-        if self.options.filesystem is not None:
-            return False
-        paths = self._paths_arg
-        paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
-        if not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        if self.device is None or self.device.type != "cuda" or self.options.filesystem is not None:
             return False
         try:
-            self._process_config()
-        except ValueError:
+            self._process_config()  # paths that are not strings or paths, odd defaults
+        except (TypeError, ValueError):
             return False
         return True
 

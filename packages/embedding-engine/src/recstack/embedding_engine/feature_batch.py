@@ -53,11 +53,15 @@ class FeatureBatch(Mapping[str, JaggedTensor]):
         self._index = dict(zip(self._names, index, strict=True))
         opk = kjt.offset_per_key()
         values = kjt.values()
-        self.sizes = [opk[k + 1] - opk[k] for k in index]
-        self.ids = [values[opk[k] : opk[k + 1]].to(torch.int64) for k in index]
+        spans = [(opk[k], opk[k + 1]) for k in index]
+        self.sizes = [b - a for a, b in spans]
         if _consecutive(index):
-            self.keys = values[opk[index[0]] : opk[index[-1] + 1]].to(torch.int64)
+            # One conversion of the whole run (a view when the ids are int64 already).
+            lo = spans[0][0]
+            self.keys = values[lo : spans[-1][1]].to(torch.int64)
+            self.ids = [self.keys[a - lo : b - lo] for a, b in spans]
         else:
+            self.ids = [values[a:b].to(torch.int64) for a, b in spans]
             self.keys = torch.cat(self.ids) if self.ids else values[:0].to(torch.int64)
         lengths, b = kjt.lengths(), kjt.stride()
         pooled = index[:num_pooled]

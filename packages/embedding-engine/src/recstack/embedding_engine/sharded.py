@@ -316,12 +316,7 @@ class ShardedEmbeddingCollection(nn.Module):
             TypeError, ValueError: ``kjt`` is not a KeyedJaggedTensor, misses a feature,
                 lives on another device, or a weighted feature has no weights.
         """
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.kjt is kjt:
-            return self._finish(ahead)
-        if ahead is not None and ahead.pending is not None:
-            ahead.pending.wait()  # every rank started it: finish it before the next one
-        return self._finish(self._start(kjt))
+        return self._finish(self._take_ahead(kjt) or self._start(kjt))
 
     def prefetch(self, kjt: KeyedJaggedTensor) -> None:
         """Send the ids of a batch the next forward will read to their owners now.
@@ -338,10 +333,17 @@ class ShardedEmbeddingCollection(nn.Module):
         Raises:
             TypeError, ValueError: as :meth:`forward`.
         """
-        if self._ahead is not None and self._ahead.pending is not None:
-            self._ahead.pending.wait()
-        self._ahead = None
-        self._ahead = self._start(kjt)
+        self._ahead = self._take_ahead(kjt) or self._start(kjt)
+
+    def _take_ahead(self, kjt: KeyedJaggedTensor) -> _IdExchange | None:
+        """The prefetched exchange of ``kjt``, if any; another batch's is finished (every
+        rank started it, so every rank waits for it) and dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.kjt is kjt:
+            return ahead
+        if ahead.pending is not None:
+            ahead.pending.wait()
+        return None
 
     def _start(self, kjt: KeyedJaggedTensor) -> _IdExchange:
         """Check the batch, dedup each table's ids and start sending them to owners."""

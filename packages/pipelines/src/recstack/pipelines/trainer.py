@@ -345,6 +345,12 @@ class Trainer:
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.features(batch) if self.features is not None else batch
 
+    def _step_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A training batch's inputs: those the id prefetch already made for it, if any."""
+        if self._prefetch is None:
+            return self._inputs(batch)
+        return self._prefetch.inputs(batch, self._inputs)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The trainer's own counters and its callbacks' state (JSON)."""
@@ -615,12 +621,7 @@ class Trainer:
             c.on_step_start(self, self.step + 1)
         n = len(micro)
         for i, batch in enumerate(micro):
-            if featurized:
-                inputs = batch
-            elif self._prefetch is not None:
-                inputs = self._prefetch.inputs(batch, self._inputs)
-            else:
-                inputs = self._inputs(batch)
+            inputs = batch if featurized else self._step_inputs(batch)
             with self._autocast():
                 outputs = self._forward(inputs)
             if self._prefetch is not None and i == n - 1 and not featurized:

@@ -306,7 +306,10 @@ def dice_forward(
         return y, DiceSaved(mean, rstd)
     block_c, n_blocks, block_p = _tiles(n, c)
     grid = (n_blocks, triton.cdiv(c, block_c))
-    part = torch.empty((2, n_blocks, c), dtype=torch.float32, device=x.device)
+    # Without batch statistics the apply kernel reads no partial sums.
+    part = (
+        torch.empty((2, n_blocks, c), dtype=torch.float32, device=x.device) if batch_stats else mean
+    )
     if batch_stats:
         _STATS(grid, x, part, n, c, _BLOCK_N, block_c, num_warps=4)
         record_launch("dice_stats")
@@ -338,9 +341,9 @@ def dice_backward(
     n, c = x.shape
     dy = dy.contiguous()
     dx = torch.empty_like(x)
-    dalpha = torch.zeros(c, dtype=torch.float32, device=x.device)
     if n == 0 or c == 0:
-        return dx, dalpha
+        return dx, torch.zeros(c, dtype=torch.float32, device=x.device)
+    dalpha = torch.empty(c, dtype=torch.float32, device=x.device)
     block_c, n_blocks, block_p = _tiles(n, c)
     grid = (n_blocks, triton.cdiv(c, block_c))
     part = torch.empty((3, n_blocks, c), dtype=torch.float32, device=x.device)

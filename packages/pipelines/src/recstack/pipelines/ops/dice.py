@@ -80,7 +80,7 @@ def dice(
         (torch.Size([8, 4]), torch.Size([4]))
     """
     shape = x.shape
-    flat = x.reshape(-1, shape[-1]) if x.dim() != 2 else x
+    flat = x.reshape(-1, shape[-1])
     if not use_triton(flat, op="dice"):
         kw = {"training": training, "eps": eps, "momentum": momentum}
         return dice_reference(flat, alpha, running_mean, running_var, **kw).reshape(shape)

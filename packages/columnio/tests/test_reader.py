@@ -261,6 +261,14 @@ _ITEM_NULL_COLUMNS = [
 ]
 
 
+# Parquet files whose fixed-size list column has a null row are read back by pyarrow 26
+# on; earlier versions raise "Expected all lists to be of size=2" on the row group.
+_READS_NULL_FIXED_LISTS = int(pa.__version__.split(".")[0]) >= 26
+
+
+@pytest.mark.skipif(
+    not _READS_NULL_FIXED_LISTS, reason="pyarrow < 26 cannot read a null fixed-size list row"
+)
 @pytest.mark.parametrize("worker", ["thread", "process"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_nulls_filled_counts_row_and_item_nulls(

@@ -69,7 +69,14 @@ def sparse_data(
     return out
 
 
-def trainer_for(model: SparseToy, data, evals, checkpointer=None, pipeline="off") -> Trainer:  # noqa: ANN001
+def trainer_for(  # noqa: ANN201
+    model: SparseToy,
+    data,  # noqa: ANN001
+    evals,  # noqa: ANN001
+    checkpointer=None,  # noqa: ANN001
+    pipeline="off",  # noqa: ANN001
+    dense_parallel="ddp",  # noqa: ANN001
+) -> Trainer:
     return Trainer(
         model,
         data,
@@ -82,7 +89,16 @@ def trainer_for(model: SparseToy, data, evals, checkpointer=None, pipeline="off"
         progress=False,
         checkpointer=checkpointer,
         pipeline=pipeline,
+        dense_parallel=dense_parallel,
     )
+
+
+def dense_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state as whole tensors (FSDP2 holds a slice of each on every rank)."""
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous()
+        for k, v in module.state_dict().items()
+    }
 
 
 def rows_of(ec: nn.Module) -> dict[str, torch.Tensor]:

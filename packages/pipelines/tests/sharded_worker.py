@@ -1,10 +1,11 @@
 """One gloo rank of the Trainer's sharded-tables test (run as a script, not collected).
 
-``python sharded_worker.py RANK WORLD INIT_FILE OUT_DIR PIPELINE``: trains the sharded toy
-model (``PIPELINE`` the Trainer's ``pipeline``) on
-this rank's share of every global batch under the Trainer (dense data parallel, tables
+``python sharded_worker.py RANK WORLD INIT_FILE OUT_DIR PIPELINE DENSE``: trains the
+sharded toy model (``PIPELINE`` the Trainer's ``pipeline``, ``DENSE`` its
+``dense_parallel``) on this rank's share of every global batch under the Trainer (tables
 sharded), checkpointing under OUT_DIR, then writes its dense weights and its shard's rows
-to ``OUT_DIR/rank<R>.safetensors``.
+to ``OUT_DIR/rank<R>.safetensors``. It then loads the checkpoint into a new model and
+trainer of the same kind and checks the dense weights and optimizer state came back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
+from sharded_toys import SparseToy, dense_state, rows_of, sparse_data, trainer_for
 
 from recstack.pipelines import Callback
 from recstack.saver import Checkpointer
@@ -24,7 +25,7 @@ from recstack.saver import Checkpointer
 
 def main() -> None:
     rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    pipeline = sys.argv[5]
+    pipeline, dense = sys.argv[5], sys.argv[6]
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     model = SparseToy(sharded=True)
     share = sparse_data(rank=rank, world=world)
@@ -32,7 +33,7 @@ def main() -> None:
         share += sparse_data(seed=9, rank=rank, world=world, batches=1)
     evals = sparse_data(seed=5, rank=rank, world=world, batches=3 + rank)  # uneven on purpose
     ckpt = Checkpointer(out / "ckpt", progress=False)
-    trainer = trainer_for(model, share, evals, ckpt, pipeline=pipeline)
+    trainer = trainer_for(model, share, evals, ckpt, pipeline=pipeline, dense_parallel=dense)
     seen: list[dict[str, float]] = []
 
     class Loads(Callback):
@@ -51,11 +52,36 @@ def main() -> None:
     assert all(s["exchange/bytes_sent"] > 0 and s["exchange/keys_served"] > 0 for s in seen)
     if rank == 1:
         assert any("leaves its remaining batches" in str(w.message) for w in caught)
-    tensors = {f"dense.{k}": v.contiguous() for k, v in model.tower.state_dict().items()}
+    if dense == "fsdp":  # each rank holds half of the first layer and its moments
+        weight = model.tower[0].weight
+        assert type(weight).__name__ == "DTensor" and weight.to_local().shape[0] == 8 // world
+        assert trainer.dense_optimizer.param_groups[0]["params"][0] is weight
+        assert type(trainer.dense_optimizer.state[weight]["exp_avg"]).__name__ == "DTensor"
+    trained = dense_state(model.tower)
+    tensors = {f"dense.{k}": v for k, v in trained.items()}
     tensors.update(rows_of(model.ec))
     tensors["auc"] = torch.tensor(result.metrics["label/auc"])
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    moments = _moments(trainer.dense_optimizer)
+    again = SparseToy(sharded=True)
+    resumed = trainer_for(again, share, evals, ckpt, pipeline=pipeline, dense_parallel=dense)
+    resumed.checkpointer.load(**resumed.checkpoint_objects({}))
+    for k, v in dense_state(again.tower).items():
+        assert torch.equal(v, trained[k]), k
+    for a, b in zip(_moments(resumed.dense_optimizer), moments, strict=True):
+        assert torch.equal(a, b)
     dist.destroy_process_group()
+
+
+def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every per-parameter tensor of the optimizer's state, whole, in parameter order."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for v in optimizer.state[p].values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    out.append(v.full_tensor() if hasattr(v, "full_tensor") else v)
+    return out
 
 
 if __name__ == "__main__":

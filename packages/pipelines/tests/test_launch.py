@@ -1,6 +1,6 @@
 """recstack.pipelines.launch: each rank's GPU from torchrun's environment, and
-``recstack train`` under ``torchrun`` with 2 gloo ranks: the tables sharded, the run
-reported once, a checkpoint with each rank's table parts."""
+``recstack train`` under ``torchrun`` with 2 gloo ranks: the tables sharded, the dense
+side in DDP or FSDP2, the run reported once, a checkpoint with each rank's table parts."""
 
 from __future__ import annotations
 
@@ -48,9 +48,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_recstack_train_under_torchrun_shards_the_tables(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dense", ["ddp", "fsdp"])
+def test_recstack_train_under_torchrun_shards_the_tables(tmp_path: Path, dense: str) -> None:
+    """``trainer.dense_parallel`` picks DDP or FSDP2 for the demo's DIN tower."""
     script = Path(sys.executable).with_name("recstack")
-    sets = [x for kv in TINY for x in ("--set", kv)]
+    sets = [x for kv in [*TINY, f"trainer.dense_parallel={dense}"] for x in ("--set", kv)]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),

@@ -336,11 +336,16 @@ SHARDED_WORKER = Path(__file__).with_name("sharded_worker.py")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["off", "ids"])
+@pytest.mark.parametrize(
+    ("pipeline", "dense"), [("off", "ddp"), ("ids", "ddp"), ("off", "fsdp"), ("ids", "fsdp")]
+)
 def test_two_ranks_with_sharded_tables_train_like_one_process(
-    tmp_path: Path, pipeline: str
+    tmp_path: Path, pipeline: str, dense: str
 ) -> None:
-    """``pipeline="ids"`` (the next batch's ids sent during each step) trains the same."""
+    """``pipeline="ids"`` (the next batch's ids sent during each step) and
+    ``dense_parallel="fsdp"`` (FSDP2: each rank holds half of every dense parameter and
+    its AdamW moments) train the same; the FSDP2 checkpoint holds whole tensors that load
+    into one process as into two ranks."""
     from safetensors.torch import load_file
     from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
 
@@ -348,7 +353,7 @@ def test_two_ranks_with_sharded_tables_train_like_one_process(
     run_ranks(
         SHARDED_WORKER,
         world,
-        lambda r: [str(tmp_path / "init"), str(tmp_path), pipeline],
+        lambda r: [str(tmp_path / "init"), str(tmp_path), pipeline, dense],
         env={"PYTHONPATH": str(SHARDED_WORKER.parent)},
     )
     single = SparseToy(sharded=False)
@@ -374,6 +379,15 @@ def test_two_ranks_with_sharded_tables_train_like_one_process(
     for r in ranks:
         assert float(r["auc"]) == pytest.approx(result.metrics["label/auc"], abs=1e-6)
     assert (tmp_path / "ckpt" / "step-000000000008" / "manifest.json").is_file()
+    # The ranks' checkpoint, loaded by one process: whole dense tensors, every table row.
+    loaded = SparseToy(sharded=False)
+    one = trainer_for(loaded, sparse_data(), [], Checkpointer(tmp_path / "ckpt", progress=False))
+    one.checkpointer.load(**one.checkpoint_objects({}))
+    for name, value in loaded.tower.state_dict().items():
+        assert torch.equal(value, ranks[0][f"dense.{name}"]), name
+    assert sorted(rows_of(loaded.ec)["item.keys"].tolist()) == sorted(
+        k for r in ranks for k in r["item.keys"].tolist()
+    )
 
 
 def test_pipeline_without_sharded_tables_changes_nothing() -> None:
@@ -387,3 +401,25 @@ def test_pipeline_without_sharded_tables_changes_nothing() -> None:
     assert t_ahead._prefetch is not None and t_ahead._prefetch.sent == 0
     with pytest.raises(ValueError, match="Trainer: pipeline"):
         make(None, pipeline="always")
+
+
+DENSE_MODELS_WORKER = Path(__file__).with_name("dense_models_worker.py")
+
+
+@pytest.mark.slow
+def test_every_reference_model_trains_alike_in_ddp_and_fsdp(tmp_path: Path) -> None:
+    """FSDP2 gathers every block's weights where the model reads them (the DIN's padded
+    attention calls ``forward_padded``): two ranks train each reference model as DDP does."""
+    from safetensors.torch import load_file
+
+    for dense in ("ddp", "fsdp"):
+        run_ranks(
+            DENSE_MODELS_WORKER,
+            2,
+            lambda r, d=dense: [str(tmp_path / f"init-{d}"), str(tmp_path), d],
+            env={"PYTHONPATH": str(DENSE_MODELS_WORKER.parent)},
+        )
+    ddp, fsdp = (load_file(str(tmp_path / f"{d}-rank0.safetensors")) for d in ("ddp", "fsdp"))
+    assert set(ddp) == set(fsdp) and any(k.startswith("hstu.") for k in ddp)
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -280,6 +280,35 @@ def test_tables_reshard_from_n_writers_to_m_readers(tmp_path: Path, n: int, m: i
 
 
 @pytest.mark.slow
+def test_fsdp_sharded_dense_state_is_saved_whole(tmp_path: Path) -> None:
+    """A model and AdamW sharded by FSDP2 on 2 ranks: the checkpoint holds whole tensors,
+    which load into 3 sharded ranks and into one plain process alike."""
+    from mp_worker import fsdp_model
+    from safetensors.torch import load_file
+
+    root, saved, loaded = tmp_path / "ckpt", tmp_path / "saved", tmp_path / "loaded"
+    for d in (root, saved, loaded):
+        d.mkdir()
+    run_ranks("save", root, 2, saved, mode="fsdp", suffix="safetensors")
+    run_ranks("load", root, 3, loaded, mode="fsdp", suffix="safetensors")
+    want = load_file(str(saved / "0.safetensors"))
+    assert set(want) >= {"model.0.weight", "opt.0.exp_avg", "opt.3.exp_avg_sq"}
+    for r in range(3):
+        got = load_file(str(loaded / f"{r}.safetensors"))
+        assert set(got) == set(want)
+        for k, v in want.items():
+            assert torch.equal(got[k], v), (r, k)
+    plain = fsdp_model(seed=1)
+    opt = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    Checkpointer(root, progress=False).load(model=plain, opt=opt)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, want[f"model.{k}"]), k
+    for i, p in enumerate(plain.parameters()):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, want[f"opt.{i}.{k}"]), (i, k)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 3), (3, 2), (4, 1)])
 def test_gloo_ranks_reshard(tmp_path: Path, n: int, m: int) -> None:
     from mp_worker import ALL_KEYS

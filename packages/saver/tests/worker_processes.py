@@ -21,8 +21,10 @@ def spawn(*args: object) -> subprocess.Popen:
     )
 
 
-def run_ranks(action: str, root: Path, world: int, out: Path) -> None:
-    procs = [spawn("reshard", action, root, r, world, out / f"{r}.json") for r in range(world)]
+def run_ranks(
+    action: str, root: Path, world: int, out: Path, mode: str = "reshard", suffix: str = "json"
+) -> None:
+    procs = [spawn(mode, action, root, r, world, out / f"{r}.{suffix}") for r in range(world)]
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]

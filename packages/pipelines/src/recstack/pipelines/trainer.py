@@ -5,7 +5,6 @@ with evaluation, checkpoints, exact resume and callbacks.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 import warnings
@@ -17,13 +16,13 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from recstack.core import distributed as rdist
 from recstack.core.checks import check_int
 from recstack.embedding_engine import EmbeddingCollection, ShardedEmbeddingCollection
 from recstack.pipelines.callbacks.base import Callback
 from recstack.pipelines.choices import check_choice
+from recstack.pipelines.dense_parallel import DenseParallel, data_parallel, shard_dense
 from recstack.pipelines.evaluation import evaluate_model
 from recstack.pipelines.id_prefetch import IdPrefetch
 from recstack.pipelines.online import OnlineResult, run_online
@@ -142,16 +141,26 @@ class Trainer:
             exchange overlaps this step's backward and optimizer step; the lookups stay
             in the next forward, so training is exactly as without it. ``"off"``: each
             forward sends its own ids. Only sharded tables have ids to send.
+        dense_parallel: under ``torchrun``, how the dense parameters spread over the
+            ranks: ``"ddp"`` (``DistributedDataParallel``: each rank holds them all and
+            their gradients are averaged) or ``"fsdp"`` (FSDP2's ``fully_shard``: each
+            rank holds ``1/W`` of every parameter, gradient and optimizer state, and
+            each block is gathered for its forward and backward; see
+            :mod:`recstack.pipelines.dense_parallel`). With ``"fsdp"`` the
+            ``dense_optimizer`` is rebound to the sharded parameters, so make it on the
+            model's parameters before the Trainer and without state; checkpoints hold
+            the whole tensors either way, loadable on any number of ranks.
 
-    Under ``torchrun`` the dense parameters train data parallel (``DistributedDataParallel``
-    averages their gradients) and the embedding tables must be sharded
+    Under ``torchrun`` the dense parameters train data parallel (DDP or FSDP2 averages
+    their gradients) and the embedding tables must be sharded
     (:class:`~recstack.embedding_engine.ShardedEmbeddingCollection`), which then average
     their rows' gradients over the ranks too, so ``W`` ranks with batches of ``b`` rows
-    train as one process with batches of ``W * b``. Each forward of a sharded collection is
-    a collective, so evaluation also runs the same number of batches on every rank: it
-    ends on all when one rank's evaluation data runs out. Each step's logs then carry the
-    tables' load report for this rank: ``exchange/keys_sent``, ``exchange/keys_served``
-    (the lookups it did as an owner) and ``exchange/bytes_sent`` (ids, rows, gradients).
+    train as one process with batches of ``W * b``. Each forward of a sharded collection (or
+    of an FSDP2-sharded model) is a collective, so evaluation also runs the same number of
+    batches on every rank: it ends on all when one rank's evaluation data runs out. Each
+    step's logs then carry the tables' load report for this rank: ``exchange/keys_sent``,
+    ``exchange/keys_served`` (the lookups it did as an owner) and ``exchange/bytes_sent``
+    (ids, rows, gradients).
 
     Evaluation puts the model in ``eval()`` mode under ``torch.no_grad()``: in training
     mode a forward inserts unseen ids into the tables and advances their step even under
@@ -189,6 +198,7 @@ class Trainer:
         progress: bool | None = None,
         rank_timeout: float = 1800.0,
         pipeline: Pipeline = "off",
+        dense_parallel: DenseParallel = "ddp",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
@@ -269,8 +279,10 @@ class Trainer:
             for m in self.model.modules()
             if isinstance(m, (EmbeddingCollection, ShardedEmbeddingCollection))
         ]
-        self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        check_choice(dense_parallel, "Trainer: dense_parallel", DenseParallel)
+        self.dense_parallel = dense_parallel
         self._ddp = self._data_parallel()
+        self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
         if not (isinstance(rank_timeout, (int, float)) and rank_timeout > 0):
             raise ValueError(f"Trainer: rank_timeout must be > 0 seconds, got {rank_timeout!r}")
         self.rank_timeout = float(rank_timeout)
@@ -303,17 +315,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.precision)
 
-    def _sharded(self) -> bool:
-        """Whether forwards are collectives: sharded tables over several ranks."""
-        return rdist.world_size() > 1 and any(
+    def _collective_forward(self) -> bool:
+        """Whether forwards are collectives: sharded tables or FSDP2-sharded dense
+        parameters over several ranks."""
+        if rdist.world_size() == 1:
+            return False
+        return self.dense_parallel == "fsdp" or any(
             isinstance(c, ShardedEmbeddingCollection) for c in self.collections
         )
 
     def _data_parallel(self) -> nn.Module | None:
-        """Under ``torchrun`` (an initialized process group of several ranks), wrap the
-        model in ``DistributedDataParallel``: every rank reads its share of the data and
-        the dense gradients are averaged across ranks; sharded tables average their rows'
-        gradients likewise."""
+        """Under ``torchrun`` (an initialized process group of several ranks), spread the
+        dense parameters over the ranks (``dense_parallel``): a ``DistributedDataParallel``
+        wrapper to call, or ``None`` when FSDP2 sharded the model in place. Every rank
+        reads its share of the data; sharded tables average their rows' gradients over
+        the ranks as the dense side does."""
         world = rdist.world_size()
         if world == 1:
             return None
@@ -329,15 +345,13 @@ class Trainer:
             )
         for c in self.collections:
             assert isinstance(c, ShardedEmbeddingCollection)
-            c.average_gradients = True  # as DDP averages the dense gradients
-        if not self.dense_parameters:
+            c.average_gradients = True  # as the dense side averages its gradients
+        if not any(p.requires_grad for p in self.model.parameters()):
             return None
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # Buffers (batch-norm statistics) stay each rank's own between steps; newer torch
-        # names the option differently.
-        params = inspect.signature(DistributedDataParallel).parameters
-        sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-        return DistributedDataParallel(self.model, device_ids=ids, **{sync: False})
+        if self.dense_parallel == "fsdp":
+            shard_dense(self.model, self.collections, self.device, world, self.dense_optimizer)
+            return None
+        return data_parallel(self.model, self.device)
 
     def _forward(self, inputs: dict[str, Any]) -> Any:
         return (self._ddp or self.model)(inputs)
@@ -753,7 +767,7 @@ class Trainer:
             raise ValueError("Trainer.evaluate: no data (pass data or give eval_data)")
         limit = max_batches if max_batches is not None else self.eval_batches
         agreement = None
-        if self._sharded():
+        if self._collective_forward():
             agreement = self._ranks if self._ranks is not None else RankAgreement(self.rank_timeout)
         try:
             return evaluate_model(

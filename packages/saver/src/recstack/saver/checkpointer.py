@@ -46,6 +46,7 @@ from recstack.saver.progress import Progress
 from recstack.saver.read import default_keep_bytes
 from recstack.saver.rng import capture_rng
 from recstack.saver.serving_export import export_for_serving
+from recstack.saver.sharded_dense import gather_sharded, holds_sharded
 from recstack.saver.snapshot import (
     GpuStage,
     PinnedPool,
@@ -222,7 +223,7 @@ class Checkpointer:
         pinned = self._pinned if snapshot and cuda else None
         stage = GpuStage(self.gpu_snapshot_fraction) if snapshot and cuda else None
         tables = self._table_jobs(objs, delta, snapshot, pinned, stage)
-        dense = self._dense_job(objs, snapshot, pinned, stage) if self.rank == 0 else None
+        dense = self._dense_job(objs, snapshot, pinned, stage)
         per_rank, per_rank_tensors = self._per_rank_job(objs, snapshot, pinned, stage)
         self.last_gpu_snapshot_bytes = 0 if stage is None else stage.staged_bytes
         job = RankJob(
@@ -383,12 +384,21 @@ class Checkpointer:
 
     def _dense_job(
         self, objs: Sorted, snapshot: bool, pinned: PinnedPool | None, stage: GpuStage | None
-    ) -> DenseJob:
+    ) -> DenseJob | None:
+        """Rank 0's dense state to write (``None`` on the other ranks). State sharded
+        over the ranks (FSDP2) is gathered whole first, by every rank."""
+        states = {
+            name: obj if isinstance(obj, dict) else obj.state_dict()
+            for name, obj in objs.dense.items()
+        }
+        if holds_sharded(states):
+            states = gather_sharded(states)
+        if self.rank != 0:
+            return None
         trees: dict[str, Any] = {}
         tensors: dict[str, torch.Tensor] = {}
         for name, obj in objs.dense.items():
-            state = obj if isinstance(obj, dict) else obj.state_dict()
-            tree, ts = encode_tree(state, name)
+            tree, ts = encode_tree(states[name], name)
             kind = (
                 "module"
                 if isinstance(obj, nn.Module)

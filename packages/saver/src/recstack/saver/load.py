@@ -38,6 +38,7 @@ from recstack.saver.read import (
 )
 from recstack.saver.replay import ChainFiles, chain_files
 from recstack.saver.rng import restore_rng
+from recstack.saver.sharded_dense import shard_like_module, shard_like_optimizer
 from recstack.saver.stateful import Sorted
 from recstack.saver.tree import decode_tree, tensor_names
 
@@ -346,12 +347,14 @@ def load_chain(
         report.loaded.append(name)
     bar.close()
     for name, (module, state) in modules.items():
-        module.load_state_dict(state, strict=False)
+        module.load_state_dict(shard_like_module(module, state), strict=False)
         report.loaded += [f"{name}.{k}" for k in state]
     for name, (obj, state) in {**objects, **per_rank}.items():
         if isinstance(obj, dict):
             obj.clear()
             obj.update(state)
+        elif isinstance(obj, torch.optim.Optimizer):
+            obj.load_state_dict(shard_like_optimizer(obj, state))
         else:
             obj.load_state_dict(state)
         report.loaded.append(name)

@@ -11,6 +11,7 @@ from recstack.pipelines.callbacks.early_stopping import Mode
 from recstack.pipelines.config.data_sections import ReaderConfig
 from recstack.pipelines.config.errors import Invalid
 from recstack.pipelines.config.fields import Where, at_least, parse_value
+from recstack.pipelines.dense_parallel import DenseParallel
 from recstack.pipelines.trainer import Pipeline, Precision
 
 __all__ = [
@@ -47,6 +48,7 @@ class TrainerConfig:
         log_every: read the loss back every this many steps.
         rank_timeout: under torchrun, seconds a rank waits for the others before a step.
         pipeline: ``"ids"``: send the next batch's ids to their owners during each step.
+        dense_parallel: under torchrun, ``"ddp"`` or ``"fsdp"`` (FSDP2) for the dense side.
     """
 
     device: str | None = None
@@ -65,6 +67,7 @@ class TrainerConfig:
     log_every: int = 50
     rank_timeout: float = 1800.0
     pipeline: Pipeline = "off"
+    dense_parallel: DenseParallel = "ddp"
 
     def __post_init__(self) -> None:
         at_least(

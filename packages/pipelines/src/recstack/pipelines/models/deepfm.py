@@ -86,7 +86,7 @@ class DeepFM(EmbeddingModel[DeepFMConfig]):
         self.dim = self.features.common_dim("sparse_features", config.sparse_features)
         n = len(config.sparse_features)
         self.first_order = nn.Parameter(torch.randn(n, self.dim) * 0.01)
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(1))  # 1-D: FSDP2 shards no scalar
         dense_dim = config.dense_dim
         self.dense_linear = nn.Linear(dense_dim, 1, bias=False) if dense_dim else None
         width = n * self.dim + dense_dim

@@ -175,6 +175,11 @@ class Report:
         return row
 
     def markdown(self) -> str:
+        """The run as a markdown table; without MBU columns, and with the rows' notes,
+        when the report has no copy bandwidth (``0``: workloads without a copy roofline,
+        such as exchanges between ranks)."""
+        if self.bandwidth <= 0:
+            return self._markdown_without_mbu()
         lines = [
             f"**{self.title}** on {self.device}, {self.date}; {self.versions}; "
             f"copy bandwidth {self.bandwidth / 1e9:,.0f} GB/s (read + write); `{self.command}`",
@@ -188,6 +193,20 @@ class Report:
                 f"| {r.workload} | {r.ours_s * 1e3:.3f} | {r.baseline_s * 1e3:.3f} | {r.baseline} "
                 f"| {r.speedup():.2f}x | {r.mbu(self.bandwidth, r.ours_s):.0%} "
                 f"| {r.mbu(self.bandwidth, r.baseline_s):.0%} |"
+            )
+        return "\n".join(lines)
+
+    def _markdown_without_mbu(self) -> str:
+        lines = [
+            f"**{self.title}** on {self.device}, {self.date}; {self.versions}; `{self.command}`",
+            "",
+            "| workload | ours (ms) | baseline (ms) | baseline | ratio | notes |",
+            "| --- | ---: | ---: | --- | ---: | --- |",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.workload} | {r.ours_s * 1e3:,.1f} | {r.baseline_s * 1e3:,.1f} "
+                f"| {r.baseline} | {r.speedup():.2f}x | {r.notes} |"
             )
         return "\n".join(lines)
 

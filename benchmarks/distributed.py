@@ -114,23 +114,6 @@ def _run(world: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def _markdown(report: Report) -> str:
-    """The report as a table without MBU columns (exchanges have no copy roofline)."""
-    lines = [
-        f"**{report.title}** on {report.device}, {report.date}; {report.versions}; "
-        f"`{report.command}`",
-        "",
-        "| workload | ours (ms) | baseline (ms) | baseline | ratio | notes |",
-        "| --- | ---: | ---: | --- | ---: | --- |",
-    ]
-    for r in report.rows:
-        lines.append(
-            f"| {r.workload} | {r.ours_s * 1e3:,.1f} | {r.baseline_s * 1e3:,.1f} | {r.baseline} "
-            f"| {r.speedup():.2f}x | {r.notes} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +166,7 @@ def main() -> None:
             )
         )
     print()
-    print(_markdown(report))
+    print(report.markdown())
     save(report_result(report, "distributed", device, args, mbu=False), args.json)
 
 

@@ -294,6 +294,54 @@ def test_prefetched_ids_give_the_same_training(one_rank) -> None:
         ahead.prefetch({"item": torch.tensor([1])})
 
 
+def _train_semi_sync(ec, semi: bool = True) -> None:
+    """STEPS steps of a loss quadratic in the rows (a linear one's gradients would not
+    depend on them) where, with ``semi``, each step's batch is looked up before the
+    previous step's sparse update: by ``lookahead`` (sharded) or by calling the forward
+    at that point."""
+    opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
+    weights, idx = _weights(), _picks(1, 0)
+    kjts = [_kjt([_rows(step)[i] for i in idx[step]]) for step in range(STEPS)]
+    out = ec(kjts[0])
+    for step in range(STEPS):
+        loss = sum(((_dense(v) * weights[k][idx[step]]) ** 2).sum() for k, v in out.items())
+        loss.backward()
+        if semi and step + 1 < STEPS:
+            opt.accumulate()  # a forward refuses unread gradients
+            if isinstance(ec, ShardedEmbeddingCollection):
+                ec.lookahead(kjts[step + 1])
+            out = ec(kjts[step + 1])  # sharded: the looked-up outputs
+        opt.step()
+        opt.zero_grad()
+        if not semi and step + 1 < STEPS:
+            out = ec(kjts[step + 1])
+
+
+def test_lookahead_reads_the_rows_before_the_update(one_rank) -> None:
+    """Semi-synchronous training: a batch looked up ahead reads the rows as they were
+    before the previous step's update, as a forward called at that point does; training
+    then differs from the synchronous run where consecutive batches share ids."""
+    ahead = ShardedEmbeddingCollection(TABLES, FEATURES)
+    single = EmbeddingCollection(TABLES, FEATURES)
+    sync = ShardedEmbeddingCollection(TABLES, FEATURES)
+    _train_semi_sync(ahead)
+    _train_semi_sync(single)
+    _train_semi_sync(sync, semi=False)
+    rows, want, synced = _table_rows(ahead), _table_rows(single), _table_rows(sync)
+    for name, table in want.items():
+        torch.testing.assert_close(rows[name], table, equal_nan=True, msg=name)
+    assert any(not torch.allclose(rows[n], synced[n], equal_nan=True) for n in rows)
+    # A forward of another batch drops what was looked up; its own lookup runs.
+    kjt, other = _kjt(_rows(0)), _kjt(_rows(1))
+    ahead.lookahead(kjt)
+    ahead.eval(), single.eval()
+    with torch.no_grad():
+        got, expect = ahead(other), single(other)
+    for name in expect:
+        torch.testing.assert_close(_dense(got[name]), _dense(expect[name]), msg=name)
+    assert ahead._looked is None
+
+
 def test_deferred_features_come_out_gathered(one_rank) -> None:
     deferred = [*FEATURES[:1], FeatureConfig("hist", "item", pooling="none", gather=False)]
     sharded = ShardedEmbeddingCollection(TABLES[:1], deferred)

@@ -44,15 +44,18 @@ class SparseToy(nn.Module):
 
 
 def sparse_data(
-    *, seed: int = 0, rank: int = 0, world: int = 1, batches: int = 4
+    *, seed: int = 0, rank: int = 0, world: int = 1, batches: int = 4, disjoint: bool = False
 ) -> list[dict[str, Any]]:
     """Global batches of ``BATCH`` rows; rank ``rank`` of ``world`` gets rows
-    ``rank::world`` of each."""
+    ``rank::world`` of each. ``disjoint``: consecutive batches share no id (odd batches
+    draw from another range)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(batches):
+    for b in range(batches):
+        low = VOCAB * (b % 2) if disjoint else 0
         ids = [
-            [torch.randint(0, VOCAB, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g)
+            [torch.randint(low, low + VOCAB, (int(torch.randint(0, 4, (1,), generator=g)),),
+                           generator=g)
              for _ in FEATURES]
             for _ in range(BATCH)
         ]  # fmt: skip

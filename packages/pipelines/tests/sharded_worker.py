@@ -28,7 +28,8 @@ def main() -> None:
     pipeline, dense = sys.argv[5], sys.argv[6]
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     model = SparseToy(sharded=True)
-    share = sparse_data(rank=rank, world=world)
+    disjoint = pipeline == "semi-sync"
+    share = sparse_data(rank=rank, world=world, disjoint=disjoint)
     if rank == 1:  # one batch more than rank 0: the epoch ends on both when rank 0's does
         share += sparse_data(seed=9, rank=rank, world=world, batches=1)
     evals = sparse_data(seed=5, rank=rank, world=world, batches=3 + rank)  # uneven on purpose
@@ -45,9 +46,10 @@ def main() -> None:
         warnings.simplefilter("always")
         result = trainer.fit()
     assert result.step == 8, result
-    if pipeline == "ids":
+    if pipeline != "off":
         # Ahead of every step but each epoch's first; none past the shorter share's end.
         assert trainer._prefetch is not None and trainer._prefetch.sent == 6
+        assert trainer._prefetch.looked == (6 if pipeline == "semi-sync" else 0)
     assert len(seen) == 8 and all(s["exchange/keys_sent"] > 0 for s in seen)
     assert all(s["exchange/bytes_sent"] > 0 and s["exchange/keys_served"] > 0 for s in seen)
     if rank == 1:

@@ -55,6 +55,16 @@ def test_overrides_apply_in_order_and_create_sections() -> None:
     assert config.data.eval.num_threads == 3
 
 
+def test_a_bare_off_is_the_choice_not_a_bool() -> None:
+    """YAML 1.1 reads ``off`` as false; a field whose choices include "off" takes it."""
+    config = parse_config(demo_doc(), overrides=["trainer.pipeline=off"])
+    assert config.trainer.pipeline == "off"
+    config = parse_config(demo_doc(), overrides=["trainer.pipeline=semi-sync"])
+    assert config.trainer.pipeline == "semi-sync"
+    with pytest.raises(ConfigError, match="trainer.pipeline"):
+        parse_config(demo_doc(), overrides=["trainer.pipeline=true"])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

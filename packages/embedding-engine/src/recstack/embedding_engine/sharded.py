@@ -263,6 +263,7 @@ class ShardedEmbeddingCollection(nn.Module):
         #: What the last forward exchanged (``None`` before the first).
         self.last_load: ExchangeLoad | None = None
         self._ahead: _IdExchange | None = None
+        self._looked: tuple[KeyedJaggedTensor, dict[str, FeatureOutput]] | None = None
 
     @property
     def shard(self) -> EmbeddingCollection | None:
@@ -310,13 +311,37 @@ class ShardedEmbeddingCollection(nn.Module):
         ``EmbeddingCollection`` gives it.
 
         When :meth:`prefetch` was given this very ``kjt``, its ids are already on their
-        way to their owners and the forward continues from there.
+        way to their owners and the forward continues from there; when :meth:`lookahead`
+        was, its outputs are returned.
 
         Raises:
             TypeError, ValueError: ``kjt`` is not a KeyedJaggedTensor, misses a feature,
                 lives on another device, or a weighted feature has no weights.
         """
+        looked, self._looked = self._looked, None
+        if looked is not None and looked[0] is kjt:
+            return looked[1]
         return self._finish(self._take_ahead(kjt) or self._start(kjt))
+
+    def lookahead(self, kjt: KeyedJaggedTensor) -> None:
+        """Look up a batch the next forward will read now, before the current step's
+        sparse update: semi-synchronous training.
+
+        The lookups, the rows' exchange back and the pooling run now (the exchanges
+        overlap whatever follows, such as the previous step's optimizer step), and the
+        forward of this very ``kjt`` returns their outputs. Rows of ids the previous step
+        also trains are then read one update early; their gradients still reach the
+        rows (by slot) at the next step. Store or accumulate the previous backward's
+        gradients first (the sparse optimizer's ``accumulate()``): a training forward
+        refuses unread ones. Every rank must look ahead at the same batches in the same
+        order (a pipelined :class:`~recstack.pipelines.Trainer`,
+        ``pipeline="semi-sync"``).
+
+        Raises:
+            TypeError, ValueError: as :meth:`forward`.
+        """
+        self._looked = None
+        self._looked = (kjt, self._finish(self._take_ahead(kjt) or self._start(kjt)))
 
     def prefetch(self, kjt: KeyedJaggedTensor) -> None:
         """Send the ids of a batch the next forward will read to their owners now.

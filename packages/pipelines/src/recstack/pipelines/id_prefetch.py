@@ -1,5 +1,6 @@
 """The Trainer's ``pipeline="ids"``: the next batch's ids travel to their owners while this
-step's backward and optimizer step run.
+step's backward and optimizer step run; ``pipeline="semi-sync"`` also looks that batch up
+before this step's sparse update.
 
 A sharded collection's forward starts with a collective that depends on nothing but the
 batch's ids: each rank sends its unique ids to the ranks that own them
@@ -44,6 +45,12 @@ class Lookahead(Iterator[Any]):
         self._items = items
         self._held: Any = _NOTHING
 
+    @property
+    def holding(self) -> bool:
+        """Whether :meth:`peek` took an item from the underlying iterator that
+        ``next()`` has not handed out yet."""
+        return self._held is not _NOTHING
+
     def peek(self) -> Any:
         """The next item, left in place (``None`` at the end)."""
         if self._held is _NOTHING:
@@ -70,14 +77,35 @@ class IdPrefetch:
         self.collections = collections
         self._batches: Lookahead | None = None
         self._ready: tuple[Any, dict[str, Any]] | None = None
-        #: Batches whose ids were sent ahead (for tests and logs).
+        self._sent: list[tuple[ShardedEmbeddingCollection, KeyedJaggedTensor]] = []
+        self._position: Callable[[], dict[str, Any]] | None = None
+        self._held_position: dict[str, Any] | None = None
+        #: Batches whose ids were sent ahead, and looked up ahead (for tests and logs).
         self.sent = 0
+        self.looked = 0
 
-    def wrap(self, batches: Iterator[Any]) -> Lookahead:
-        """The epoch's batches, with the next one visible to :meth:`send_next`."""
+    def wrap(
+        self, batches: Iterator[Any], position: Callable[[], dict[str, Any]] | None = None
+    ) -> Lookahead:
+        """The epoch's batches, with the next one visible to :meth:`send_next`.
+
+        Args:
+            batches: the epoch's batches.
+            position: the data position after the last batch taken (the stream's
+                ``state_dict``), read before each look ahead for :meth:`position`.
+        """
         self._batches = Lookahead(batches)
         self._ready = None
+        self._position, self._held_position = position, None
         return self._batches
+
+    def position(self) -> dict[str, Any] | None:
+        """While a batch is held back for the next step, the data position before it (a
+        checkpoint taken now must resume at that batch, which no step trained yet);
+        otherwise ``None``: the stream's own position is right."""
+        if self._batches is not None and self._batches.holding:
+            return self._held_position
+        return None
 
     def inputs(self, batch: Any, featurize: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         """``batch``'s inputs: those :meth:`send_next` made for it, else ``featurize``'s."""
@@ -104,6 +132,8 @@ class IdPrefetch:
         """
         if self._batches is None or not self.collections:
             return False
+        if not self._batches.holding and self._position is not None:
+            self._held_position = self._position()
         batch = self._batches.peek()
         if ranks is not None:
             agreed = ranks.agree(batches=int(batch is not None), stop=False, step=step)
@@ -114,11 +144,29 @@ class IdPrefetch:
         inputs = featurize(batch)
         self._ready = (batch, inputs)
         kjts = [v for v in inputs.values() if isinstance(v, KeyedJaggedTensor)]
+        self._sent = []
         for c in self.collections:
             kjt = next((k for k in kjts if all(n in k for n in c.feature_names)), None)
             if kjt is None:
                 # Every rank builds the same inputs, so every rank skips this one alike.
                 continue
             c.prefetch(kjt)
+            self._sent.append((c, kjt))
         self.sent += 1
         return True
+
+    def look_next(self) -> bool:
+        """Look up the batch :meth:`send_next` sent ahead now, before this step's sparse
+        update (``pipeline="semi-sync"``:
+        :meth:`~recstack.embedding_engine.ShardedEmbeddingCollection.lookahead`). Every
+        rank sent the same batches, so every rank looks ahead alike.
+
+        Returns:
+            Whether a batch was looked up (not at the end of the data).
+        """
+        sent, self._sent = self._sent, []
+        for c, kjt in sent:
+            c.lookahead(kjt)
+        if sent:
+            self.looked += 1
+        return bool(sent)

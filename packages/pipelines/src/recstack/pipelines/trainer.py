@@ -38,8 +38,9 @@ __all__ = ["FitResult", "Precision", "Trainer"]
 #: The dense side's autocast: ``"auto"`` (bf16 on a GPU that has it, else none), ``"bf16"``,
 #: ``"fp16"`` or ``"fp32"`` (none).
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-#: ``"ids"``: each step sends the next batch's ids to their owners during its backward.
-Pipeline = Literal["off", "ids"]
+#: ``"ids"``: each step sends the next batch's ids to their owners during its backward;
+#: ``"semi-sync"``: it also looks the next batch up before its own sparse update.
+Pipeline = Literal["off", "ids", "semi-sync"]
 _STATE = "recstack.pipelines.Trainer"
 
 
@@ -139,7 +140,12 @@ class Trainer:
             (:meth:`ShardedEmbeddingCollection.prefetch
             <recstack.embedding_engine.ShardedEmbeddingCollection.prefetch>`), so that
             exchange overlaps this step's backward and optimizer step; the lookups stay
-            in the next forward, so training is exactly as without it. ``"off"``: each
+            in the next forward, so training is exactly as without it.
+            ``"semi-sync"``: as ``"ids"``, and after the backward the next batch is also
+            looked up (:meth:`ShardedEmbeddingCollection.lookahead
+            <recstack.embedding_engine.ShardedEmbeddingCollection.lookahead>`) before
+            this step's sparse update, so its rows come back while the optimizer steps;
+            rows both batches touch are read one update early. ``"off"``: each
             forward sends its own ids. Only sharded tables have ids to send.
         dense_parallel: under ``torchrun``, how the dense parameters spread over the
             ranks: ``"ddp"`` (``DistributedDataParallel``: each rank holds them all and
@@ -289,7 +295,7 @@ class Trainer:
         check_choice(pipeline, "Trainer: pipeline", Pipeline)
         self.pipeline = pipeline
         sharded = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
-        self._prefetch = IdPrefetch(sharded) if pipeline == "ids" else None
+        self._prefetch = IdPrefetch(sharded) if pipeline != "off" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False
         self.step = 0
@@ -582,7 +588,7 @@ class Trainer:
         """Steps over the rest of the epoch; ``True`` when its data ran out."""
         batches: Iterator[Any] = iter(self.train_stream)
         if self._prefetch is not None:
-            batches = self._prefetch.wrap(batches)
+            batches = self._prefetch.wrap(batches, self.train_stream.state_dict)
         limit = self.stages[self.stage].max_steps
         while True:
             if limit is not None and self.step - self.stage_start_step >= limit:
@@ -650,6 +656,12 @@ class Trainer:
                 # The next forward would refuse unread gradients: the optimizer keeps them
                 # (and drops rows an eviction hands to new ids before the step).
                 self.sparse_optimizer.accumulate()
+        if self._looks_ahead(featurized):
+            assert self.sparse_optimizer is not None and self._prefetch is not None
+            if n == 1:
+                self.sparse_optimizer.accumulate()  # as above: the lookahead is a forward
+            with self._autocast():
+                self._prefetch.look_next()
         if self.clip_grad_norm is not None and self.dense_parameters:
             torch.nn.utils.clip_grad_norm_(self.dense_parameters, self.clip_grad_norm)
         if self.sparse_optimizer is not None and self._train_embeddings:
@@ -666,6 +678,15 @@ class Trainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.step += 1
+
+    def _looks_ahead(self, featurized: bool) -> bool:
+        """Whether this step looks the next batch up before its sparse update."""
+        return (
+            self.pipeline == "semi-sync"
+            and not featurized
+            and self.sparse_optimizer is not None
+            and self._train_embeddings
+        )
 
     def _accumulate_loss(self, loss: torch.Tensor, each: Mapping[str, torch.Tensor]) -> None:
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -821,7 +842,12 @@ class _Position:
 
     def state_dict(self) -> dict[str, Any]:
         t = self._trainer
-        return {"stage": t.stage, "stream": t.train_stream.state_dict()}
+        # A batch the id prefetch holds back for the next step was read, not trained.
+        held = t._prefetch.position() if t._prefetch is not None else None
+        return {
+            "stage": t.stage,
+            "stream": held if held is not None else t.train_stream.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending = dict(state)

@@ -334,6 +334,9 @@ def parse_value(hint: Any, value: object, path: str, where: Where) -> Any:
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
+        # YAML 1.1 reads a bare off / on as a bool: a choice of that name is meant.
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"
         hint_text = did_you_mean(value, [a for a in args if isinstance(a, str)])
         raise where.error(
             path, f"expected {_describe(hint)}, got {describe_value(value)}{hint_text}"

@@ -47,7 +47,8 @@ class TrainerConfig:
         evict_min_count: evict ids seen fewer than this many times.
         log_every: read the loss back every this many steps.
         rank_timeout: under torchrun, seconds a rank waits for the others before a step.
-        pipeline: ``"ids"``: send the next batch's ids to their owners during each step.
+        pipeline: ``"ids"``: send the next batch's ids to their owners during each step;
+            ``"semi-sync"``: also look it up before the step's sparse update.
         dense_parallel: under torchrun, ``"ddp"`` or ``"fsdp"`` (FSDP2) for the dense side.
     """
 

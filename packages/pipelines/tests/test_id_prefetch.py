@@ -19,9 +19,13 @@ class _Collection:
 
     def __init__(self) -> None:
         self.sent: list[KeyedJaggedTensor] = []
+        self.looked: list[KeyedJaggedTensor] = []
 
     def prefetch(self, kjt: KeyedJaggedTensor) -> None:
         self.sent.append(kjt)
+
+    def lookahead(self, kjt: KeyedJaggedTensor) -> None:
+        self.looked.append(kjt)
 
 
 def _batches(n: int) -> list[dict[str, Any]]:
@@ -51,6 +55,9 @@ def test_a_held_batch_is_not_in_the_checkpoint_position() -> None:
     assert inputs["sparse"] is ec.sent[0]  # the very batch whose ids went ahead
     assert prefetch.inputs(first, _featurize)["n"] == 0  # any other batch: featurized anew
     assert prefetch.send_next(_featurize, None, step=3) and prefetch.position()["batches"] == 2
+    # Semi-synchronous: the batch sent ahead is looked up once.
+    assert prefetch.sent_ahead and prefetch.look_next() and ec.looked == [ec.sent[1]]
+    assert not prefetch.sent_ahead and not prefetch.look_next() and prefetch.looked == 1
     next(batches)
     assert not prefetch.send_next(_featurize, None, step=4)  # the end: nothing to send
-    assert prefetch.position() == stream.state_dict()
+    assert prefetch.position() == stream.state_dict() and not prefetch.sent_ahead

@@ -155,6 +155,12 @@ class IdPrefetch:
         self.sent += 1
         return True
 
+    @property
+    def sent_ahead(self) -> bool:
+        """Whether :meth:`send_next` sent a batch that :meth:`look_next` has not looked
+        up yet."""
+        return bool(self._sent)
+
     def look_next(self) -> bool:
         """Look up the batch :meth:`send_next` sent ahead now, before this step's sparse
         update (``pipeline="semi-sync"``:

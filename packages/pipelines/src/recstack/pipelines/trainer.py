@@ -680,10 +680,13 @@ class Trainer:
         self.step += 1
 
     def _looks_ahead(self, featurized: bool) -> bool:
-        """Whether this step looks the next batch up before its sparse update."""
+        """Whether this step looks the next batch up before its sparse update: one was
+        sent ahead (sharded tables, not at the end of the data) and is trained."""
         return (
             self.pipeline == "semi-sync"
             and not featurized
+            and self._prefetch is not None
+            and self._prefetch.sent_ahead
             and self.sparse_optimizer is not None
             and self._train_embeddings
         )

@@ -30,6 +30,7 @@ TRAINING_PAGES = {
     ROOT / "packages" / "pipelines" / "README.md",
     *ROOT.glob("docs/pipelines/*.md"),
     *ROOT.glob("docs/models/*.md"),
+    ROOT / "docs" / "embedding-engine" / "tiered.md",
 }
 # CommonMark: a fence is 3+ backticks or tildes, indented or not (superfences nests them in
 # admonitions and lists); a backtick fence's info string may not contain a backtick.

@@ -11,6 +11,7 @@ rank of those runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -268,6 +269,24 @@ def test_one_rank_is_an_embedding_collection(one_rank) -> None:
         got, want = sharded(kjt), single.eval()(kjt)
     for name in want:
         torch.testing.assert_close(_dense(got[name]), _dense(want[name]), msg=name)
+
+
+def test_tiered_tables_shard_like_all_gpu_ones(one_rank) -> None:
+    """A tiered table's budget holds on each rank's shard; training is unchanged."""
+
+    def budget(rows: int) -> list[TableConfig]:
+        return [t if t.fixed_size else dataclasses.replace(t, hbm_budget=rows) for t in TABLES]
+
+    tiered = ShardedEmbeddingCollection(budget(8), FEATURES)
+    full = ShardedEmbeddingCollection(budget(10**9), FEATURES)
+    got, want = _train(tiered, _picks(1, 0)), _train(full, _picks(1, 0))
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    rows, rows_full = _table_rows(tiered), _table_rows(full)
+    for name, table in rows_full.items():
+        torch.testing.assert_close(rows[name], table, rtol=0, atol=0, equal_nan=True)
+    stats = tiered.shard.tier_stats()
+    assert stats["item"].rows > stats["item"].device_rows == 8
 
 
 def test_prefetched_ids_give_the_same_training(one_rank) -> None:

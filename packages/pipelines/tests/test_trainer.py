@@ -174,11 +174,16 @@ def engine() -> FeatureEngine:
 
 
 class Small(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, hbm_budget: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
+        tiered = {"hbm_budget": hbm_budget}
         self.embeddings = EmbeddingCollection(
-            [TableConfig("a", dim=4), TableConfig("b", dim=4), TableConfig("user", dim=4)],
+            [
+                TableConfig("a", dim=4, **tiered),
+                TableConfig("b", dim=4),
+                TableConfig("user", dim=4, **tiered),
+            ],  # fmt: skip
             [FeatureConfig("a", "a"), FeatureConfig("b", "b"), FeatureConfig("user", "user")],
         )
         self.head = nn.Sequential(nn.Linear(13, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 1))
@@ -195,9 +200,10 @@ def build(
     *,
     batch_size: int = 128,
     shuffle: bool | str = "window",
+    hbm_budget: int | None = None,
     **kw,
 ) -> tuple[Small, Trainer]:
-    model = Small()
+    model = Small(hbm_budget)
     cols = [*SCHEMA, "label"]
     kw.setdefault("epochs", 2)
     trainer = Trainer(
@@ -254,6 +260,28 @@ def test_kill_and_resume_is_exact_with_tables(
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_tiered_tables_train_and_resume_exactly_as_all_gpu_ones(
+    data: list[str], tmp_path: Path
+) -> None:
+    """Tables with a tenth of their rows in the GPU tier: the Trainer hands them each next
+    batch (prefetch), and training, its checkpoints and a resume are unchanged."""
+    full, t_full = build(data, None, hbm_budget=10**9)
+    t_full.fit()
+    tiered, t_tiered = build(data, None, hbm_budget=24)
+    t_tiered.fit()
+    assert t_tiered._prefetch is not None and t_tiered._prefetch.sent > 0
+    stats = tiered.embeddings.tier_stats()
+    assert stats["a"].rows > 9 * stats["a"].device_rows and stats["a"].promoted > 0
+    a, b = snapshot(full), snapshot(tiered)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, first = build(data, tmp_path, hbm_budget=24, max_steps=11, checkpoint_every=100)
+    first.fit()
+    resumed, second = build(data, tmp_path, hbm_budget=24, checkpoint_every=100)
+    assert second.fit().resumed_from == 11
+    c = snapshot(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_accumulation_matches_one_big_batch_for_the_tables(data: list[str]) -> None:

@@ -40,7 +40,7 @@ from recstack.core.keyed_state import (
     select_owned,
     validate_chunk,
 )
-from recstack.core.paged import Companion, PagedTensor
+from recstack.core.paged import Companion, PagedTensor, move_rows
 from recstack.core.row_update import RowUpdate, RowUpdater
 from recstack.core.sharding import SHARD_SEED, ShardSpec, owner, owner_partition
 from recstack.core.sparse_grad import SparseGrad
@@ -80,6 +80,7 @@ __all__ = [
     "iter_chunks",
     "kernels",
     "mix64",
+    "move_rows",
     "owner",
     "owner_partition",
     "select_owned",

@@ -5,6 +5,13 @@ Embedding values and every optimizer state slot are PagedTensors. Rows live in c
 kernel reaches row ``r`` at page ``r >> page_shift``, offset ``r & page_mask``. Growing
 adds pages and never moves an existing row, so pointers and rows handed out stay valid.
 
+Pages can live in two tiers: :meth:`PagedTensor.place_pages` keeps the first ``n`` pages
+on the store's device and the rest in host memory (pinned when the device is a GPU, so
+kernels read and write those rows in place through the same page table: CUDA maps pinned
+host memory into the GPU's address space). A row's number says its tier: rows below
+:attr:`PagedTensor.device_rows` are on the device. On a CPU store the two tiers are two
+sets of host pages, so the tier logic runs (and is tested) everywhere.
+
 A PagedTensor can carry *companions*: named PagedTensors row-aligned with it (a sparse
 optimizer's moments of an embedding table). A companion grows with its table, its rows
 are reset to its initial value when the table announces them reset (a new id took an
@@ -25,8 +32,9 @@ from typing import NamedTuple
 import torch
 
 from recstack.core.kernels.paged_rows import gather_paged_rows, scatter_paged_rows
+from recstack.core.kernels.paged_swap import swap_paged_rows
 
-__all__ = ["Companion", "PagedTensor"]
+__all__ = ["Companion", "PagedTensor", "move_rows"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A shift this large maps every valid row of a wrapped tensor to page 0, so one kernel
@@ -57,6 +65,28 @@ def _check_dtype(dtype: torch.dtype, name: str) -> None:
             f"PagedTensor {name!r}: dtype {dtype} is not supported; use one of "
             f"{', '.join(str(d) for d in _DTYPES)}"
         )
+
+
+def move_rows(rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``rows`` with each row found in ``src`` replaced by its ``dst`` (what
+    :meth:`PagedTensor.rows_moved` announces), the others unchanged.
+
+    Args:
+        rows: int64 rows, any shape.
+        src: int64 ``[n]`` rows that moved, distinct, on ``rows``' device.
+        dst: int64 ``[n]``, where each went.
+
+    Examples:
+        >>> import torch
+        >>> move_rows(torch.tensor([4, 1, 7]), torch.tensor([7, 4]), torch.tensor([4, 7])).tolist()
+        [7, 1, 4]
+    """
+    if not src.numel() or not rows.numel():
+        return rows
+    order = torch.argsort(src)
+    s, d = src[order], dst[order]
+    pos = torch.searchsorted(s, rows).clamp_(max=s.numel() - 1)
+    return torch.where(s[pos] == rows, d[pos], rows)
 
 
 class Companion(NamedTuple):
@@ -121,6 +151,7 @@ class PagedTensor:
         self._fixed = False
         self._page_table = torch.empty(0, dtype=torch.int64, device=self._device)
         self._pages_aligned = True
+        self._device_pages: int | None = None
         self._reserve(capacity)
 
     @classmethod
@@ -164,6 +195,7 @@ class PagedTensor:
         self._pages = [tensor]
         self._num_rows = int(tensor.shape[0])
         self._fixed = True
+        self._device_pages = None
         self._rebuild_page_table()
         return self
 
@@ -194,9 +226,10 @@ class PagedTensor:
             dtype=dtype,
             device=other.device,
             page_rows=other.page_rows,
-            capacity=other.num_rows,
+            capacity=0,
             name=name,
         )
+        out._device_pages = other._device_pages
         out.append_rows(other.num_rows)
         return out
 
@@ -232,6 +265,17 @@ class PagedTensor:
     @property
     def num_pages(self) -> int:
         return len(self._pages)
+
+    @property
+    def device_pages(self) -> int | None:
+        """Pages kept on :attr:`device`; the rest live in host memory (``None``: all on the
+        device). See :meth:`place_pages`."""
+        return self._device_pages
+
+    @property
+    def device_rows(self) -> int | None:
+        """Rows below this live in device pages (``None``: every row does)."""
+        return None if self._device_pages is None else self._device_pages * self._page_rows
 
     @property
     def capacity(self) -> int:
@@ -274,11 +318,40 @@ class PagedTensor:
         if missing <= 0:
             return
         for _ in range(missing):
-            # Zeroed, not empty: rows past num_rows must never expose stale memory.
-            self._pages.append(
-                torch.zeros((self._page_rows, self._dim), dtype=self._dtype, device=self._device)
-            )
+            self._pages.append(self._new_page(len(self._pages)))
         self._rebuild_page_table()
+
+    def reserve(self, rows: int) -> None:
+        """Allocate pages for ``rows`` rows now (``num_rows`` does not change)."""
+        n = _as_int(rows)
+        if n is None or n < 0:
+            raise ValueError(f"PagedTensor {self._name!r}: reserve needs an int >= 0, got {rows!r}")
+        if self._fixed and n > self.capacity:
+            raise ValueError(
+                f"PagedTensor {self._name!r} wraps a fixed tensor of {self.capacity} rows; "
+                f"cannot reserve {n}"
+            )
+        self._reserve(n)
+
+    def _on_device(self, page: int) -> bool:
+        return self._device_pages is None or page < self._device_pages
+
+    def _new_page(self, index: int) -> torch.Tensor:
+        # Zeroed, not empty: rows past num_rows must never expose stale memory.
+        shape = (self._page_rows, self._dim)
+        if self._on_device(index):
+            return torch.zeros(shape, dtype=self._dtype, device=self._device)
+        return torch.zeros(shape, dtype=self._dtype, pin_memory=self._device.type == "cuda")
+
+    def _page_in_tier(self, page: torch.Tensor, index: int) -> torch.Tensor:
+        """``page`` moved to where page ``index`` belongs (itself if it is there)."""
+        if self._on_device(index):
+            return page if page.device == self._device else page.to(self._device)
+        pinned = self._device.type == "cuda"
+        if page.device.type == "cpu" and (page.is_pinned() or not pinned):
+            return page
+        moved = torch.empty(page.shape, dtype=page.dtype, pin_memory=pinned)
+        return moved.copy_(page)
 
     def _fill_range(self, start: int, stop: int, value: float) -> None:
         row = start
@@ -358,7 +431,7 @@ class PagedTensor:
             if row >= self._num_rows:
                 break
             take = min(self._num_rows - row, page.shape[0])
-            parts.append(page[:take])
+            parts.append(page[:take].to(self._device))
             row += take
         if not parts:
             return torch.empty((0, self._dim), dtype=self._dtype, device=self._device)
@@ -432,6 +505,7 @@ class PagedTensor:
                 f"{where} {name!r}: the store has {store.num_rows} rows, more than the "
                 f"table's {self._num_rows}"
             )
+        store._place(self._device_pages)
         store.ensure_rows(self._num_rows, fill=init)
         store.__dict__["_companion_of"] = weakref.ref(self)
         companions[name] = Companion(store, init)
@@ -463,6 +537,90 @@ class PagedTensor:
         ref = self.__dict__.get("_companion_of")
         return None if ref is None else ref()
 
+    # ------------------------------------------------------------------ tiers
+    def place_pages(self, device_pages: int | None) -> PagedTensor:
+        """Keep the first ``device_pages`` pages on :attr:`device`, the others in host memory.
+
+        Host pages are pinned when the device is a GPU: every kernel reaches their rows
+        through the page table as it reaches device rows (over the bus, so slower), which
+        is what lets a table hold more rows than the GPU's memory. Pages added later land
+        by the same rule. Companions are placed alike (they are row-aligned). Row numbers
+        and values never change; only where the pages sit.
+
+        Args:
+            device_pages: pages on the device (an int >= 0), or ``None`` for all.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: this store is a companion (place its table) or a :meth:`wrap` view,
+                or ``device_pages`` is negative.
+        """
+        where = f"PagedTensor {self._name!r}: place_pages({device_pages!r})"
+        n = None if device_pages is None else _as_int(device_pages)
+        if device_pages is not None and (n is None or n < 0):
+            raise ValueError(f"{where}: device_pages must be None or an int >= 0")
+        table = self.companion_of
+        if table is not None:
+            raise ValueError(f"{where}: it is a companion of table {table.name!r}; place that")
+        stores = [self, *(c.store for c in self.companions.values())]
+        if any(s._fixed for s in stores):
+            raise ValueError(f"{where}: a wrapped tensor has one page that cannot move")
+        for s in stores:
+            s._place(n)
+        return self
+
+    def _place(self, device_pages: int | None) -> None:
+        if self._fixed:
+            if device_pages is not None:
+                raise ValueError(
+                    f"PagedTensor {self._name!r}: a wrapped tensor cannot keep pages in host memory"
+                )
+            return
+        self._device_pages = device_pages
+        pages = [self._page_in_tier(p, i) for i, p in enumerate(self._pages)]
+        if any(a is not b for a, b in zip(pages, self._pages, strict=True)):
+            self._pages = pages
+            self._rebuild_page_table()
+
+    def swap_rows(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Exchange the contents of rows ``a[i]`` and ``b[i]``, in this table and every
+        companion, then announce the moves (:meth:`rows_moved`). No host sync.
+
+        Args:
+            a: int64 ``[n]`` rows below :attr:`num_rows` (not checked), each in one pair
+                (``a[i] == b[i]`` is a pair left as it is); ``-1`` skips the pair, so a
+                caller can size the pairs before it knows which move.
+            b: int64 ``[n]``, the other row of each pair (``-1`` skips it too).
+        """
+        if not a.numel():
+            return
+        for s in (self, *(c.store for c in self.companions.values())):
+            swap_paged_rows(s, a, b)
+        ok = (a >= 0) & (b >= 0)
+        a, b = torch.where(ok, a, -1), torch.where(ok, b, -1)
+        self.rows_moved(torch.cat([a, b]), torch.cat([b, a]))
+
+    def on_rows_moved(self, callback: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Register ``callback(src, dst)``, called by every :meth:`rows_moved` of this table.
+
+        Whatever holds row numbers of this table across calls (a sparse optimizer's
+        accumulated gradients) registers here to follow its rows. Callbacks are held for
+        the table's life; one that should not keep its owner alive holds it weakly.
+        """
+        if not callable(callback):
+            raise TypeError(f"PagedTensor {self._name!r}: on_rows_moved takes a callable")
+        self.__dict__.setdefault("_move_listeners", []).append(callback)
+
+    def rows_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Announce that the contents of rows ``src[i]`` now live at ``dst[i]`` (1-D int64;
+        a row appears in ``src`` once, or several times with the same ``dst``; ``-1``
+        entries are nothing; rows not in ``src`` stayed): every :meth:`on_rows_moved`
+        callback is called with them, in registration order."""
+        for callback in self.__dict__.get("_move_listeners", ()):
+            callback(src, dst)
+
     def fill_(self, value: float) -> PagedTensor:
         """Set every row to ``value``; returns ``self``."""
         self._fill_range(0, self._num_rows, float(value))
@@ -470,6 +628,9 @@ class PagedTensor:
 
     def move_to_(self, device: torch.device | str | int) -> PagedTensor:
         """Move the pages, the page table and every companion to ``device``, in place.
+
+        Pages :meth:`place_pages` keeps in host memory stay there (pinned when ``device``
+        is a GPU).
 
         The object stays the same, so whatever holds it (an optimizer's state keyed by
         it, its companions, :meth:`on_rows_reset` callbacks) keeps working; row numbers
@@ -504,15 +665,25 @@ class PagedTensor:
                 )
         if all(s._device == device for s in stores):
             return self
-        moved = [[page.to(device) for page in s._pages] for s in stores]
+        old = [s._device for s in stores]
+        try:
+            moved = []
+            for s in stores:
+                s._device = device  # where _page_in_tier puts device pages
+                moved.append([s._page_in_tier(p, i) for i, p in enumerate(s._pages)])
+        except BaseException:
+            for s, d in zip(stores, old, strict=True):
+                s._device = d
+            raise
         for s, pages in zip(stores, moved, strict=True):
             s._pages = pages
-            s._device = device
             s._rebuild_page_table()
         return self
 
     def __repr__(self) -> str:
         kind = ", wrapped" if self._fixed else ""
+        if self._device_pages is not None:
+            kind += f", device_pages={self._device_pages}"
         return (
             f"PagedTensor(name={self._name!r}, num_rows={self._num_rows}, dim={self._dim}, "
             f"dtype={self._dtype}, device={self._device}, page_rows={self._page_rows}, "

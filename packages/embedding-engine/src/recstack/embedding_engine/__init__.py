@@ -37,6 +37,7 @@ from recstack.embedding_engine.state import (
     import_collection_chunk,
 )
 from recstack.embedding_engine.table_rows import RowGradSink, TableRows
+from recstack.embedding_engine.tiers import RowTiers, TierStats
 
 __version__ = "0.1.0"
 
@@ -60,6 +61,8 @@ __all__ = [
     "TableConfig",
     "TableMemory",
     "TableRows",
+    "RowTiers",
+    "TierStats",
     "__version__",
     "CollectionTableState",
     "check_configs",

@@ -102,6 +102,8 @@ class LookupPlan:
             consumer to read (a :class:`~recstack.embedding_engine.table_rows.TableRows`)
             instead of gathered; the consumer's backward hands their gradient to
             :meth:`receive` before the lookup's backward runs.
+        check: called first by the backward; raises when the rows read cannot be
+            trusted any more (a tiered table moved them since).
     """
 
     name: str
@@ -119,6 +121,7 @@ class LookupPlan:
     sequence_sizes: tuple[int, ...] = ()
     deferred: tuple[bool, ...] = ()
     deferred_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    check: Callable[[], None] | None = None
 
     @property
     def num_pooled(self) -> int:
@@ -375,6 +378,8 @@ class EmbeddingLookupFunction(torch.autograd.Function):
         _grad_depends_on: torch.Tensor | None,
     ) -> tuple[None, None]:
         plan: LookupPlan = ctx.plan
+        if plan.check is not None:
+            plan.check()
         grad_sequence = plan.full_sequence_grad(grad_sequence)
         plan.deferred_grads.clear()
         live = _live_grads(plan, grad_pooled, grad_sequence)

@@ -127,6 +127,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -151,6 +152,7 @@ from recstack.embedding_engine.sequence import PaddedSequence
 from recstack.embedding_engine.sparse_grads import SparseGradStore
 from recstack.embedding_engine.state import collection_table_states
 from recstack.embedding_engine.table_rows import TableRows
+from recstack.embedding_engine.tiers import TierStats
 
 # FixedIndex and PhysicalTable are what ``physical_tables`` holds: importable from here too.
 __all__ = ["DEFAULT_PAGE_ROWS", "EmbeddingCollection", "FixedIndex", "PhysicalTable"]
@@ -229,6 +231,12 @@ class EmbeddingCollection(nn.Module):
         self._features = list(features)
         self._planner = LookupPlanner(self._physical, self._located, features, self._device)
         self._grads = SparseGradStore()
+        # A prefetch promoted the next training batch's rows: its forward needs not.
+        self._prefetched = False
+        for name, phys in self._physical.items():
+            if phys.tiers is not None:
+                # A stored gradient follows the rows a promotion moves.
+                phys.values.on_rows_moved(partial(self._grads.move_rows, name))
 
     # ------------------------------------------------------------------------------------
     # Introspection
@@ -243,6 +251,11 @@ class EmbeddingCollection(nn.Module):
     def physical_tables(self) -> dict[str, PhysicalTable]:
         """Physical tables by name (e.g. ``"item+user"``), in config order."""
         return dict(self._physical)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The features a batch must carry, in config order."""
+        return tuple(f.name for f in self._features)
 
     @property
     def table_groups(self) -> dict[str, tuple[str, ...]]:
@@ -282,7 +295,7 @@ class EmbeddingCollection(nn.Module):
         phys = self._physical[pname]
         ids = _as_ids(ids, f"EmbeddingCollection.find_rows({table!r})", self._device)
         phys.check_ids(ids, f"find_rows of table {table!r}", table)
-        return phys.hash_table.find(ids, index, check_keys=False)
+        return phys.physical(phys.hash_table.find(ids, index, check_keys=False))
 
     def num_ids(self, table: str) -> int:
         """How many ids of logical table ``table`` have a row."""
@@ -388,6 +401,51 @@ class EmbeddingCollection(nn.Module):
         Returns ``{logical table: ids evicted}`` for the tables with such rules.
         """
         return apply_eviction_rules(self._physical.values(), self._step)
+
+    # ------------------------------------------------------------------------------------
+    # Tiered tables
+    # ------------------------------------------------------------------------------------
+
+    def prefetch(self, kjt: KeyedJaggedTensor) -> None:
+        """Promote the rows ``kjt`` will read into the GPU tier of every tiered table
+        (``TableConfig(hbm_budget=...)``), ahead of its training forward.
+
+        Call it once the current batch's training forward has run (the Trainer does, with
+        ``pipeline="ids"``): rows of the latest two training forwards stay where they
+        are, rows no one needs now go to host memory to make room, and the forward of
+        ``kjt`` then finds its rows on the GPU and promotes none itself. Ids without a row
+        yet are inserted by that forward, as always (in host memory when the GPU tier is
+        full, until a later promotion moves them). Prefetching another batch than the next
+        one trained only costs speed: rows that forward finds in host memory are read and
+        updated there. Tables without a budget are left alone (a collection without tiered
+        tables does nothing).
+
+        Args:
+            kjt: the next batch's ids (the keys this collection reads; others are ignored).
+
+        Raises:
+            TypeError, ValueError: as :meth:`forward` for a bad ``kjt``.
+        """
+        tiered = [(n, p) for n, p in self._physical.items() if p.tiers is not None]
+        if not tiered:
+            return
+        self._check_kjt(kjt)
+        for pname, phys in tiered:
+            assert phys.tiers is not None
+            jts = self._planner.batch_features(pname, kjt)
+            if not jts.keys.numel():
+                continue
+            # Each row once, without a host sync: repeats after a sort become -1.
+            rows = torch.sort(phys.hash_table.find(jts.keys, 0, check_keys=False)).values
+            repeat = torch.zeros_like(rows, dtype=torch.bool)
+            repeat[1:] = rows[1:] == rows[:-1]
+            phys.tiers.promote(torch.where(repeat, -1, rows), keep_from=self._step - 2)
+        self._prefetched = True
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        """What each tiered table did (:class:`~recstack.embedding_engine.tiers.TierStats`:
+        the GPU tier's rows, its hit rate, rows promoted and bytes moved), by table."""
+        return {n: p.tiers.stats() for n, p in self._physical.items() if p.tiers is not None}
 
     # ------------------------------------------------------------------------------------
     # Sparse gradients
@@ -509,6 +567,7 @@ class EmbeddingCollection(nn.Module):
                 step=self._step,
                 grads=self._grads,
                 id_counts=id_counts,
+                promote=not self._prefetched,
             )
             depends_on = None
             if track:
@@ -519,6 +578,7 @@ class EmbeddingCollection(nn.Module):
                 self._planner.outputs(pname, jts, pooled, seq, batch, phys.dim, plan, depends_on)
             )
         if self.training:
+            self._prefetched = False
             stamped = self._step
             self._step += 1
             self._forwards += 1

@@ -37,6 +37,7 @@ from recstack.core import kernels
 from recstack.core.checks import check_int
 from recstack.core.hashing import hash64
 from recstack.core.jagged import JaggedTensor
+from recstack.embedding_engine.hbm_budget import parse_hbm_budget
 
 __all__ = [
     "ADMISSION_COUNTER_SLOTS",
@@ -509,6 +510,10 @@ class TableConfig:
         init_seed: seed of the initializer, an int in ``[0, 2**64)``; ``None`` derives one
             from the table name (XXH64 of its UTF-8 bytes), so two tables given the same
             id start with independent rows.
+        hbm_budget: how much of a dynamic table stays in GPU memory: a row count or a
+            size (``"24GiB"``); rows past it live in pinned host memory and the most
+            recently used are promoted to the GPU between steps
+            (:mod:`recstack.embedding_engine.tiers`). ``None`` (default): all of it.
 
     Examples:
         >>> t = TableConfig("user", dim=16)
@@ -528,6 +533,7 @@ class TableConfig:
     fixed_size: int | None = None
     eval_default: EvalDefault = "initializer"
     init_seed: int | None = None
+    hbm_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         _identifier("TableConfig", "name", self.name)
@@ -545,7 +551,16 @@ class TableConfig:
         _choice(owner, "eval_default", self.eval_default, EVAL_DEFAULTS)
         seed = _name_seed(self.name) if self.init_seed is None else self.init_seed
         set_(self, "init_seed", _int(owner, "init_seed", seed, 0, 2**64 - 1))
+        try:
+            set_(self, "hbm_budget", parse_hbm_budget(owner, self.hbm_budget))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.fixed_size is not None:
+            if self.hbm_budget is not None:
+                raise ConfigError(
+                    f"{owner}: a fixed-size table (fixed_size={self.fixed_size}) stays on the "
+                    "GPU whole; hbm_budget is for dynamic tables"
+                )
             if self.eviction.enabled:
                 raise ConfigError(
                     f"{owner}: a fixed-size table (fixed_size={self.fixed_size}) does not "
@@ -581,6 +596,7 @@ class TableConfig:
             "fixed_size": self.fixed_size,
             "eval_default": self.eval_default,
             "init_seed": self.init_seed,
+            "hbm_budget": self.hbm_budget,
         }
 
     @classmethod

@@ -82,9 +82,11 @@ def move_tables_(
         for part in reversed(moved):
             part.move_to_(source)  # type: ignore[attr-defined]
         raise
-    # The removal logs are small: moved after the tables, they cannot fail for lack of
-    # memory where the tables fit.
+    # The removal logs and tier maps are small: moved after the tables, they cannot fail
+    # for lack of memory where the tables fit.
     for phys in tables.values():
+        if phys.tiers is not None:
+            phys.tiers.move_to_(device)
         phys.removal_logs = {
             index: [ids.to(device) for ids in log] for index, log in phys.removal_logs.items()
         }

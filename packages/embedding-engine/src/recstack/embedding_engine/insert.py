@@ -43,7 +43,8 @@ def insert_ids(
         step: the training step stamped on the rows.
 
     Returns:
-        ``(rows, partial)``: ``rows`` int64 ``[U]``, -1 for ids admission keeps out, and
+        ``(rows, partial)``: ``rows`` int64 ``[U]``, the hash table's rows (a tiered
+        table's value slots are ``phys.physical(rows)``), -1 for ids admission keeps out;
         ``partial`` whether there are any.
     """
     if not unique.numel():
@@ -62,14 +63,16 @@ def insert_ids(
         rows_a = keys_a
         is_new = torch.zeros(0, dtype=torch.bool, device=unique.device)
     n_new = len(phys.hash_table) - held  # known on the host: no sync to find the new rows
-    n_rows = phys.hash_table.num_rows_allocated
-    phys.values.ensure_rows(n_rows)
-    phys.meta.ensure_rows(n_rows)
+    phys.grow(phys.hash_table.num_rows_allocated)
     phys.meta.touch(rows_a, step, hits_a, is_new)
+    if phys.tiers is not None:
+        # The hit rate counts rows the table held before: new ones have nowhere to be yet.
+        phys.tiers.count(phys.tiers.physical(torch.where(is_new, -1, rows_a)))
     if n_new:
         new = torch.nonzero_static(is_new, size=n_new).squeeze(1)
         new_tags = None if tags_a is None else tags_a.index_select(0, new)
-        init_new_rows(phys, rows_a.index_select(0, new), keys_a.index_select(0, new), new_tags)
+        new_slots = phys.physical(rows_a.index_select(0, new))
+        init_new_rows(phys, new_slots, keys_a.index_select(0, new), new_tags)
     if admit is None:
         return rows_a, False
     rows = torch.full_like(unique, -1)
@@ -88,7 +91,7 @@ def init_new_rows(
 
     Args:
         phys: the physical table.
-        new_rows: int64 rows the new ids took.
+        new_rows: int64 value-store slots the new ids took.
         new_ids: the new ids (logical ids).
         tags: their logical table indices, ``None`` for a physical table of one.
     """

@@ -31,18 +31,38 @@ if TYPE_CHECKING:
     from recstack.embedding_engine.collection import EmbeddingCollection
     from recstack.embedding_engine.physical import PhysicalTable
 
-__all__ = ["MemoryStats", "TableMemory", "collection_memory", "paged_nbytes", "table_memory"]
+__all__ = [
+    "MemoryStats",
+    "TableMemory",
+    "collection_memory",
+    "host_nbytes",
+    "paged_nbytes",
+    "table_memory",
+]
 
 _COLUMNS = ("values", "hash_slots", "metadata", "optimizer_slots", "admission", "total")
 
 
 def paged_nbytes(store: PagedTensor) -> int:
-    """Bytes of a ``PagedTensor``'s pages (all allocated rows) and its page table.
+    """Bytes of a ``PagedTensor``'s pages on its device (all allocated rows) and its page
+    table; pages a tiered table keeps in host memory are :func:`host_nbytes`.
 
     Args:
         store: the row store.
     """
-    return sum(p.nbytes for p in store.pages) + store.page_table.nbytes
+    pages = store.pages if store.device_pages is None else store.pages[: store.device_pages]
+    return sum(p.nbytes for p in pages) + store.page_table.nbytes
+
+
+def host_nbytes(store: PagedTensor) -> int:
+    """Bytes of the pages a tiered ``PagedTensor`` keeps in host memory (0 for others).
+
+    Args:
+        store: the row store.
+    """
+    if store.device_pages is None:
+        return 0
+    return sum(p.nbytes for p in store.pages[store.device_pages :])
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,8 @@ class TableMemory:
         metadata: the row metadata (last-seen step, hit count, changed flag).
         optimizer_slots: the value store's companions (a sparse optimizer's state).
         admission: the admission filters' count-min counters.
+        host: values and optimizer slots a tiered table keeps in (pinned) host memory,
+            not counted in the others (0 for a table without ``hbm_budget``).
     """
 
     name: str
@@ -69,10 +91,11 @@ class TableMemory:
     metadata: int
     optimizer_slots: int
     admission: int
+    host: int = 0
 
     @property
     def total(self) -> int:
-        """All of the above."""
+        """All of the above but :attr:`host`: what the device holds."""
         return self.values + self.hash_slots + self.metadata + self.optimizer_slots + self.admission
 
 
@@ -81,7 +104,8 @@ class MemoryStats:
     """The bytes every physical table of a collection holds, and their totals.
 
     Index it by physical table name (``stats["item+user"]``); ``str(stats)`` is a table,
-    one line per physical table and one of totals, in B, KiB, MiB or GiB.
+    one line per physical table and one of totals, in B, KiB, MiB or GiB (with a ``host``
+    column when tiered tables keep rows in host memory).
 
     Attributes:
         device: where the tables live.
@@ -137,15 +161,22 @@ class MemoryStats:
 
     @property
     def total(self) -> int:
-        """Every byte the tables hold."""
+        """Every byte the tables hold on the device."""
         return sum(t.total for t in self.tables)
 
+    @property
+    def host(self) -> int:
+        """Bytes tiered tables keep in host memory, all tables."""
+        return sum(t.host for t in self.tables)
+
     def __str__(self) -> str:
-        head = ["table", "rows", *_COLUMNS]
+        # Host memory gets a column only where a tiered table keeps rows there.
+        cols = (*_COLUMNS, "host") if self.host else _COLUMNS
+        head = ["table", "rows", *cols]
         lines = [
-            [t.name, f"{t.rows:,}", *(_size(getattr(t, c)) for c in _COLUMNS)] for t in self.tables
+            [t.name, f"{t.rows:,}", *(_size(getattr(t, c)) for c in cols)] for t in self.tables
         ]
-        lines.append(["total", f"{self.rows:,}", *(_size(getattr(self, c)) for c in _COLUMNS)])
+        lines.append(["total", f"{self.rows:,}", *(_size(getattr(self, c)) for c in cols)])
         widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
 
         def fmt(row: list[str]) -> str:
@@ -181,6 +212,7 @@ def table_memory(phys: PhysicalTable) -> TableMemory:
         metadata=phys.meta.nbytes,
         optimizer_slots=sum(paged_nbytes(c.store) for c in companions),
         admission=sum(s.counters.nbytes for s in phys.sketches.values()),
+        host=sum(host_nbytes(s) for s in (phys.values, *(c.store for c in companions))),
     )
 
 

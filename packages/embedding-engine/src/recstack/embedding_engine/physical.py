@@ -9,7 +9,9 @@ table's index among the physical table's tables in config order
 (:mod:`recstack.embedding_engine.merged`), so ids keep the full int64 range and never
 collide. A fixed-size table is always its own physical table: it indexes rows by id
 (:class:`~recstack.embedding_engine.fixed_index.FixedIndex`), so it cannot share a key space,
-and its ``fixed_size`` rows are made and initialized up front.
+and its ``fixed_size`` rows are made and initialized up front. A table with an
+``hbm_budget`` is its own physical table too, with :class:`~recstack.embedding_engine.tiers.
+RowTiers` between its hash table's rows and its value store's slots.
 
 A :class:`PhysicalTable` also keeps the books of its logical tables: how many ids each holds
 and, once a delta checkpoint has marked a table, the ids erased from it since.
@@ -41,6 +43,7 @@ from recstack.embedding_engine.eviction import RowMetadata
 from recstack.embedding_engine.fixed_index import FixedIndex
 from recstack.embedding_engine.hash_table import HashTable
 from recstack.embedding_engine.kernels.init_rows import init_rows_into
+from recstack.embedding_engine.tiers import RowTiers, tier_page_rows
 
 __all__ = ["DEFAULT_PAGE_ROWS", "PhysicalTable", "TableLocation", "build_physical_tables"]
 
@@ -83,6 +86,8 @@ class PhysicalTable:
             a table of one reads ``len(hash_table)``, see :meth:`num_ids`).
         removal_logs: by table index, the ids erased since a delta checkpoint marked the
             table (:meth:`start_removal_log`); tables never marked keep none.
+        tiers: for a table with an ``hbm_budget``, the map from the hash table's rows to
+            the value store's slots in GPU and host memory; ``None``: row = slot.
     """
 
     name: str
@@ -97,6 +102,7 @@ class PhysicalTable:
     fixed_size: int | None = None
     id_counts: list[int] = field(default_factory=list)
     removal_logs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    tiers: RowTiers | None = None
     # New ids per logical table counted on the device by training steps, folded into
     # id_counts when read: a step's inserts then cost no host sync.
     _pending_counts: torch.Tensor | None = field(default=None, repr=False)
@@ -158,6 +164,19 @@ class PhysicalTable:
             f"table {table!r} is a fixed-size table whose ids must lie in {self.id_range()} "
             "(ids are never wrapped)"
         )
+
+    def physical(self, rows: torch.Tensor) -> torch.Tensor:
+        """The value-store slots of hash-table ``rows`` (``-1`` stays; the same rows but
+        in a tiered table)."""
+        return rows if self.tiers is None else self.tiers.physical(rows)
+
+    def grow(self, n_rows: int) -> None:
+        """Make the value store, its companions, the row metadata and the tier map cover
+        ``n_rows`` rows (the hash table's ``num_rows_allocated``)."""
+        self.values.ensure_rows(n_rows)
+        self.meta.ensure_rows(n_rows)
+        if self.tiers is not None:
+            self.tiers.ensure_rows(n_rows)
 
     # ------------------------------------------------------------------------------------
     # Entries and the books kept per logical table
@@ -299,8 +318,8 @@ def build_physical_tables(
     """
     groups: dict[object, list[TableConfig]] = {}
     for t in tables:
-        if t.fixed_size is not None:
-            group: object = ("fixed", t.name)
+        if t.fixed_size is not None or t.hbm_budget is not None:
+            group: object = ("own", t.name)
         else:
             group = (t.dim, t.dtype) if merge_tables else t.name
         groups.setdefault(group, []).append(t)
@@ -331,6 +350,17 @@ def _dynamic_table(
         if t.admission.enabled
     }
     dim, dtype = members[0].dim, members[0].dtype
+    budget = members[0].hbm_budget
+    if budget is not None:
+        page_rows = tier_page_rows(budget, dim, dtype.itemsize, page_rows)
+    meta = RowMetadata(device)
+    values = PagedTensor(dim, dtype=dtype, device=device, page_rows=page_rows, name=name)
+    tiers = None
+    if budget is not None:
+        # Placed before the capacity hint is reserved: no page is made on the GPU twice.
+        policy = "lfu" if members[0].eviction.policy == "lfu" else "lru"
+        tiers = RowTiers(name, values, meta, budget, policy)
+    values.reserve(hint)
     return PhysicalTable(
         name=name,
         tables=tuple(members),
@@ -338,11 +368,10 @@ def _dynamic_table(
         dtype=dtype,
         tag_bits=0 if n == 1 else (n - 1).bit_length(),
         hash_table=HashTable(slots, device, max_load=_MAX_LOAD, num_tags=n),
-        values=PagedTensor(
-            dim, dtype=dtype, device=device, page_rows=page_rows, capacity=hint, name=name
-        ),
-        meta=RowMetadata(device),
+        values=values,
+        meta=meta,
         sketches=sketches,
+        tiers=tiers,
     )
 
 

@@ -45,6 +45,7 @@ from recstack.embedding_engine.physical import PhysicalTable, TableLocation
 from recstack.embedding_engine.sequence import PaddedSequence, padded_sequence
 from recstack.embedding_engine.sparse_grads import SparseGradStore
 from recstack.embedding_engine.table_rows import TableRows
+from recstack.embedding_engine.tiers import RowTiers
 
 __all__ = [
     "FeatureOutput",
@@ -162,6 +163,7 @@ class LookupPlanner:
         step: int,
         grads: SparseGradStore,
         id_counts: Mapping[str, torch.Tensor] | None = None,
+        promote: bool = True,
     ) -> LookupPlan:
         """The lookup plan of ``phys`` for one batch; in training, inserts the new ids.
 
@@ -175,6 +177,8 @@ class LookupPlanner:
             grads: where the backward's gradient goes (and the fused optimizer, if any).
             id_counts: per feature, how many sightings each of its ids stands for (what
                 admission and the hit counts see; default one each).
+            promote: in training, move a tiered table's rows of this batch that sit in
+                host memory to the GPU first (``False`` when a prefetch already did).
 
         Raises:
             ValueError: an id out of a fixed-size table's range, or a weighted feature
@@ -194,6 +198,7 @@ class LookupPlanner:
         sink: Callable[[str, SparseGrad], None] = grads.add
         updater = grads.updater if training else None
         row_sort = None
+        check = None
         if training and keys.numel():
             # One sort dedups the entries and, kept in the plan, groups them for the backward.
             s = _sort_entries(keys, tags, read_with=[bad])
@@ -212,6 +217,9 @@ class LookupPlanner:
                 _check_batch_ids(phys, feats, ids, int(bad))
         elif training and keys.numel():
             rows_u, partial_rows = insert_ids(phys, s.unique, s.unique_tags, s.counts, step)
+            if phys.tiers is not None:
+                rows_u = _tiered_slots(phys.tiers, rows_u, step, promote)
+                check = partial(phys.tiers.check_unmoved, step)
             if partial_rows:
                 # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
                 table = compact_table(phys, s.unique, s.unique_tags, rows_u)
@@ -246,6 +254,7 @@ class LookupPlanner:
             one_pass=grads.one_pass,
             sequence_sizes=sizes,
             deferred=deferred if any(deferred) else (),
+            check=check,
         )
 
     def outputs(
@@ -314,6 +323,7 @@ class LookupPlanner:
         """``(table, rows)`` of an eval lookup: the physical rows when every id has one (one
         find, one sync, no dedup), else a compact table of the batch's unique entries."""
         rows = phys.hash_table.find(keys, None if tags is None else tags.tags, check_keys=False)
+        rows = phys.physical(rows)
         missing = (rows < 0).any() if rows.numel() else torch.zeros_like(bad)
         bad_v, missing_v = torch.stack([bad, missing]).tolist()
         _check_batch_ids(phys, feats, ids, bad_v)
@@ -385,6 +395,15 @@ def _recount(
     ]
     counts = torch.zeros_like(s.counts).index_add_(0, s.inverse, torch.cat(each))
     return replace(s, counts=counts)
+
+
+def _tiered_slots(tiers: RowTiers, rows: torch.Tensor, step: int, promote: bool) -> torch.Tensor:
+    """A training batch's value slots in a tiered table, once its rows are promoted to the
+    GPU tier (rows of this and the previous training forward stay where they are: their
+    backward may still be pending)."""
+    if promote:
+        tiers.promote(rows, keep_from=step - 1)
+    return tiers.physical(rows)
 
 
 def compact_table(

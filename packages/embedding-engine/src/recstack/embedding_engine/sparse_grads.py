@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from recstack.core import PagedTensor, RowUpdater, SparseGrad
+from recstack.core import PagedTensor, RowUpdater, SparseGrad, move_rows
 from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 
 __all__ = ["SparseGradStore", "merge_sparse_grads"]
@@ -145,6 +145,22 @@ class SparseGradStore:
                 "or drop them with ec.zero_grad_sparse()"
             )
         self._grads.clear()
+
+    def move_rows(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Physical table ``name``'s rows ``src`` moved to ``dst`` (a tiered table's
+        promotion): its stored gradient follows them.
+
+        Args:
+            name: the physical table.
+            src: int64 ``[n]`` rows that moved (as ``PagedTensor.rows_moved`` says).
+            dst: int64 ``[n]``, where each went.
+        """
+        g = self._grads.get(name)
+        if g is None or not g.rows.numel():
+            return
+        rows = move_rows(g.rows, src.to(g.rows.device), dst.to(g.rows.device))
+        rows, order = torch.sort(rows)
+        self._grads[name] = SparseGrad(rows, g.values[order], is_coalesced=True)
 
     def move_to_(self, device: torch.device) -> None:
         """Move the stored gradients to ``device``.

@@ -226,7 +226,6 @@ def _export_physical(
     ids, tags, rows = phys.entries()
     meta = _row_metadata(phys)
     stores = {name: c.store for name, c in _companions(phys).items()}
-    stores.update(meta)
     for index, cfg in enumerate(phys.tables):
         if only is not None and index != only:
             continue
@@ -243,8 +242,11 @@ def _export_physical(
             ids_t, rows_t = ids, rows
         for start in range(0, ids_t.numel(), chunk_rows):
             r = rows_t[start : start + chunk_rows]
-            slots = {VALUES_SLOT: phys.values.gather_rows(r, check_bounds=False)}
-            slots.update((name, _gather(store, r)) for name, store in stores.items())
+            # Values and optimizer slots sit at a tiered table's slots, metadata at rows.
+            at = phys.physical(r)
+            slots = {VALUES_SLOT: phys.values.gather_rows(at, check_bounds=False)}
+            slots.update((name, _gather(store, at)) for name, store in stores.items())
+            slots.update((name, _gather(store, r)) for name, store in meta.items())
             yield cfg.name, ids_t[start : start + chunk_rows], slots
 
 
@@ -488,14 +490,18 @@ def import_collection_chunk(
     n_new = len(phys.hash_table) - held  # known on the host: no sync to count new keys
     n_rows = phys.hash_table.num_rows_allocated
     phys.values.ensure_rows(n_rows)
-    new_rows = rows[:0]
+    if phys.tiers is not None:
+        phys.tiers.ensure_rows(n_rows)
+    at = phys.physical(rows)  # values and optimizer slots; metadata is by row
+    new_rows = new_slots = rows[:0]
     if n_new:
         new_rows = rows.index_select(0, torch.nonzero_static(is_new, size=n_new).squeeze(1))
+        new_slots = phys.physical(new_rows)
         # A new key may take a row an evicted key freed: whatever is kept per row
         # elsewhere (a sparse optimizer's moments) must not carry over to it, exactly as
         # when a training forward inserts the key. Chunk slots written below still win.
-        phys.values.rows_reset(new_rows)
-    phys.values.scatter_rows(rows, slots[VALUES_SLOT], check_bounds=False)
+        phys.values.rows_reset(new_slots)
+    phys.values.scatter_rows(at, slots[VALUES_SLOT], check_bounds=False)
     for name, (width, init) in new_companions.items():
         # The table gets the slot a checkpoint carries (an optimizer's state): the
         # optimizer of this table takes it over when it first needs it.
@@ -510,7 +516,7 @@ def import_collection_chunk(
         companions[name] = phys.values.companions[name]
     for name, companion in companions.items():
         if name in slots:
-            companion.store.scatter_rows(rows, slots[name], check_bounds=False)
+            companion.store.scatter_rows(at, slots[name], check_bounds=False)
     if getattr(phys, "meta", None) is not None:
         # The collection's metadata grows with its table; its views change when it does.
         phys.meta.ensure_rows(n_rows)

@@ -13,6 +13,11 @@ without the pipeline.
 
 Every rank must start the same exchanges: before each one the ranks agree that all of
 them have a next batch (one small host all-reduce); at the end of the data none starts.
+
+Tiered tables (``TableConfig(hbm_budget=...)``) take the next batch too, whatever the
+pipeline: :meth:`EmbeddingCollection.prefetch
+<recstack.embedding_engine.EmbeddingCollection.prefetch>` moves its rows that sit in host
+memory to the GPU before its forward (results are unchanged; only where rows sit).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from recstack.core import KeyedJaggedTensor
-from recstack.embedding_engine import ShardedEmbeddingCollection
+from recstack.embedding_engine import EmbeddingCollection, ShardedEmbeddingCollection
 from recstack.pipelines.rank_agreement import RankAgreement
 
 __all__ = ["IdPrefetch", "Lookahead"]
@@ -67,17 +72,20 @@ class Lookahead(Iterator[Any]):
 
 
 class IdPrefetch:
-    """Featurizes the next batch and prefetches its ids into the sharded collections.
+    """Featurizes the next batch and prefetches its ids into the sharded collections (and
+    the collections with tiered tables).
 
     Args:
-        collections: the model's sharded collections (others have nothing to send).
+        collections: the model's sharded collections, and its collections with tiered
+            tables (others have nothing to do ahead).
     """
 
-    def __init__(self, collections: list[ShardedEmbeddingCollection]) -> None:
+    def __init__(self, collections: list[EmbeddingCollection | ShardedEmbeddingCollection]) -> None:
         self.collections = collections
         self._batches: Lookahead | None = None
         self._ready: tuple[Any, dict[str, Any]] | None = None
-        self._sent: list[tuple[ShardedEmbeddingCollection, KeyedJaggedTensor]] = []
+        # Sharded collections sent a batch ahead, which look_next looks up.
+        self._sent: list[tuple[Any, KeyedJaggedTensor]] = []
         self._position: Callable[[], dict[str, Any]] | None = None
         self._held_position: dict[str, Any] | None = None
         #: Batches whose ids were sent ahead, and looked up ahead (for tests and logs).
@@ -151,7 +159,8 @@ class IdPrefetch:
                 # Every rank builds the same inputs, so every rank skips this one alike.
                 continue
             c.prefetch(kjt)
-            self._sent.append((c, kjt))
+            if hasattr(c, "lookahead"):  # a sharded collection: looked up ahead by look_next
+                self._sent.append((c, kjt))
         self.sent += 1
         return True
 

@@ -146,7 +146,12 @@ class Trainer:
             <recstack.embedding_engine.ShardedEmbeddingCollection.lookahead>`) before
             this step's sparse update, so its rows come back while the optimizer steps;
             rows both batches touch are read one update early. ``"off"``: each
-            forward sends its own ids. Only sharded tables have ids to send.
+            forward sends its own ids. Only sharded tables have ids to send. Tables with
+            an ``hbm_budget`` (tiered: part of their rows in host memory) get the next
+            batch's ids after each forward whatever the pipeline
+            (:meth:`EmbeddingCollection.prefetch
+            <recstack.embedding_engine.EmbeddingCollection.prefetch>`), to bring its rows
+            to the GPU ahead of its forward; that changes no result either.
         dense_parallel: under ``torchrun``, how the dense parameters spread over the
             ranks: ``"ddp"`` (``DistributedDataParallel``: each rank holds them all and
             their gradients are averaged) or ``"fsdp"`` (FSDP2's ``fully_shard``: each
@@ -294,8 +299,11 @@ class Trainer:
         self.rank_timeout = float(rank_timeout)
         check_choice(pipeline, "Trainer: pipeline", Pipeline)
         self.pipeline = pipeline
-        sharded = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
-        self._prefetch = IdPrefetch(sharded) if pipeline != "off" else None
+        ahead: list[EmbeddingCollection | ShardedEmbeddingCollection] = []
+        if pipeline != "off":
+            ahead = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
+        ahead += [c for c in self.collections if _is_tiered(c)]
+        self._prefetch = IdPrefetch(ahead) if ahead or pipeline != "off" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False
         self.step = 0
@@ -859,3 +867,10 @@ class _Position:
         pending, self._pending = self._pending, None
         if pending is not None and int(pending.get("stage", 0)) == stage:
             self._trainer.train_stream.load_state_dict(pending["stream"])
+
+
+def _is_tiered(collection: object) -> bool:
+    """Whether ``collection`` is an ``EmbeddingCollection`` with a tiered table."""
+    return isinstance(collection, EmbeddingCollection) and any(
+        p.tiers is not None for p in collection.physical_tables.values()
+    )

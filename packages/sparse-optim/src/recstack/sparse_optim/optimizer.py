@@ -40,7 +40,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from recstack.core import PagedTensor, SparseGrad, SparseParameter
+from recstack.core import PagedTensor, SparseGrad, SparseParameter, move_rows
 from recstack.core.kernels.row_update import apply_row_update, check_rows
 from recstack.core.kernels.row_update_many import RowJob, check_and_apply_row_updates
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
@@ -386,7 +386,9 @@ class SparseOptimizer(torch.optim.Optimizer):
 
         A row of a ``PagedTensor`` parameter that its table announces reset before the
         step (``PagedTensor.rows_reset``: a new id took an evicted id's row) leaves the
-        accumulated gradients: they were the evicted id's.
+        accumulated gradients: they were the evicted id's. A row the table announces moved
+        (``PagedTensor.rows_moved``: a tiered table promoting rows to the GPU) takes its
+        accumulated gradients along.
         """
         explicit = self._explicit(grads)
         for group in self.param_groups:
@@ -418,7 +420,13 @@ class SparseOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt._drop_pending_rows(key, rows)
 
+        def move(src: torch.Tensor, dst: torch.Tensor) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._move_pending_rows(key, src, dst)
+
         table.on_rows_reset(drop)
+        table.on_rows_moved(move)
 
     def _drop_pending_rows(self, key: int, rows: torch.Tensor) -> None:
         parts = self._pending.get(key)
@@ -430,6 +438,21 @@ class SparseOptimizer(torch.optim.Optimizer):
             # A subset of sorted unique rows is still sorted and unique.
             kept.append(SparseGrad(g.rows[keep], g.values[keep], is_coalesced=g.is_coalesced))
         self._pending[key] = kept
+
+    def _move_pending_rows(self, key: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        parts = self._pending.get(key)
+        if not parts:
+            return
+        moved = []
+        for g in parts:
+            rows = move_rows(g.rows, src.to(g.rows.device), dst.to(g.rows.device))
+            if g.is_coalesced:
+                # Moving a permutation of rows keeps them unique, not sorted.
+                rows, order = torch.sort(rows)
+                moved.append(SparseGrad(rows, g.values[order], is_coalesced=True))
+            else:
+                moved.append(SparseGrad(rows, g.values, is_coalesced=False))
+        self._pending[key] = moved
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

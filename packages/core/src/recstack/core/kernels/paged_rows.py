@@ -218,7 +218,8 @@ def gather_paged_rows_reference(
     if out is None:
         out = torch.empty((rows.numel(), table.dim), dtype=table.dtype, device=table.device)
     for page, pos, offsets in _pages_by_row(table, rows):
-        picked = page.index_select(0, offsets)
+        # A page in the host tier of a GPU table is read where it is.
+        picked = page.index_select(0, offsets.to(page.device)).to(out.device)
         if pos is None:
             out.copy_(picked)
         else:
@@ -235,6 +236,7 @@ def scatter_paged_rows_reference(
         rows, values = coalesce_rows_reference(rows, values, out_dtype=torch.float32)
     for page, pos, offsets in _pages_by_row(table, rows):
         v = values if pos is None else values.index_select(0, pos)
+        v, offsets = v.to(page.device), offsets.to(page.device)
         if reduce == "set":
             page.index_put_((offsets,), v.to(table.dtype))
         elif table.dtype == torch.float32:

@@ -1,0 +1,312 @@
+"""Tiered tables: rows in GPU memory up to a budget, the rest in pinned host memory.
+
+A dynamic table with ``TableConfig(hbm_budget=...)`` keeps the first pages of its value
+store (and of every optimizer slot on it) in GPU memory and the others in pinned host
+memory (``PagedTensor.place_pages``). Kernels reach host rows through the same page table
+(CUDA maps pinned memory into the GPU's address space), so every lookup, gradient and
+optimizer update is correct wherever a row sits; host rows are only slower to reach.
+
+**Two row numbers.** The hash table hands out *logical* rows, which never move (row
+metadata, eviction and checkpoints keep to them). :class:`RowTiers` maps each logical row
+to a *physical* slot of the value store (``loc``) and back (``owner``): slots below
+:attr:`RowTiers.device_rows` are in GPU memory. Everything that reads or writes values
+(lookups, gradients, optimizers, state export) uses physical slots; the map is applied
+once per batch, after the hash table's lookup.
+
+**Promotion.** :meth:`RowTiers.promote` brings the rows a batch is about to read into the
+GPU tier: each such row in host memory swaps slots with a GPU row that is neither wanted
+now nor in flight, the least recently (or, with an ``lfu`` eviction policy, least
+frequently) seen among a window of GPU slots that moves round the tier like a clock hand.
+Values and optimizer slots swap in a few batched gathers and scatters, and the moves are
+announced (``PagedTensor.rows_moved``) so gradients that sparse optimizers hold follow
+their rows. A training forward promotes its own batch's rows (on demand); given the next
+batch ahead (``EmbeddingCollection.prefetch``, which the Trainer calls with
+``pipeline="ids"``), the forward finds them promoted already.
+
+**In flight.** Rows the latest two training forwards read are never demoted: a pending
+backward (or a batch being trained while the next one is prefetched) still uses their
+slots. A backward whose rows a promotion could have moved since its forward (three or
+more training forwards before one backward) raises instead of updating the wrong rows.
+
+**A budget smaller than a batch.** Promotion stops when no GPU slot is free to take; the
+rows left in host memory are read and updated there, in place (slower, never wrong). The
+collection's :meth:`~recstack.embedding_engine.EmbeddingCollection.tier_stats` reports the
+share of lookups served from the GPU tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recstack.core import PagedTensor
+from recstack.embedding_engine.eviction import RowMetadata
+from recstack.embedding_engine.hbm_budget import ROW_OVERHEAD_BYTES, budget_bytes
+
+__all__ = ["RowTiers", "TierStats", "tier_page_rows"]
+
+_NEVER = torch.iinfo(torch.int64).max
+# The clock hand scans at least this many GPU slots per promotion (and four per row it
+# must place), so victims are chosen among many candidates even for a few rows.
+_MIN_WINDOW = 8192
+# A promotion makes pairs for at least this many rows.
+_MIN_PAIRS = 1024
+
+
+def tier_page_rows(budget: int | str, dim: int, itemsize: int, page_rows: int) -> int:
+    """The page size of a tiered table: at most ``page_rows``, and small enough that whole
+    pages fill the budget to within an eighth.
+
+    Args:
+        budget: the table's ``hbm_budget``.
+        dim: its row width.
+        itemsize: its element size (a byte budget is turned into rows with the values
+            alone here; optimizer slots only make pages finer still).
+        page_rows: the collection's page size (a power of two).
+    """
+    nbytes = budget_bytes(budget)
+    rows = budget if nbytes is None else nbytes // (dim * itemsize + ROW_OVERHEAD_BYTES)
+    assert isinstance(rows, int)
+    target = max(rows // 8, 1)
+    return min(page_rows, 1 << (target.bit_length() - 1))
+
+
+@dataclass
+class TierStats:
+    """What a tiered table did since it was made (or :meth:`RowTiers.reset_stats`).
+
+    Attributes:
+        device_rows: rows the GPU tier holds.
+        rows: rows allocated in all.
+        lookups: unique rows training forwards read that the table held before (new
+            ids' rows are made then, and not counted).
+        device_hits: how many of those were in the GPU tier when the forward asked.
+        promoted: rows moved to the GPU tier (as many moved out).
+        host_bytes: bytes moved between the tiers (values and optimizer slots, both ways).
+    """
+
+    device_rows: int
+    rows: int
+    lookups: int
+    device_hits: int
+    promoted: int
+    host_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of looked-up rows found in the GPU tier (1.0 before any lookup)."""
+        return self.device_hits / self.lookups if self.lookups else 1.0
+
+
+class RowTiers:
+    """The logical-row to physical-slot map of one tiered physical table, and its moves.
+
+    Args:
+        name: the physical table's name (for messages).
+        values: its value store (optimizer slots are its companions).
+        meta: its row metadata (by logical row), whose last-seen steps and hit counts pick
+            the rows to demote.
+        budget: the ``hbm_budget`` (rows, or a size string).
+        policy: ``"lru"`` or ``"lfu"``: which score picks rows to demote.
+    """
+
+    def __init__(
+        self, name: str, values: PagedTensor, meta: RowMetadata, budget: int | str, policy: str
+    ) -> None:
+        self.name = name
+        self.values = values
+        self.meta = meta
+        self.budget = budget
+        self.policy = policy
+        device = values.device
+        self.loc = torch.empty(0, dtype=torch.int64, device=device)
+        self.owner = torch.empty(0, dtype=torch.int64, device=device)
+        self.hold = torch.empty(0, dtype=torch.int64, device=device)
+        self._token = 0
+        self._hand = 0
+        self._row_bytes = -1
+        # The highest "rows seen at or after this step are kept" of any promotion that
+        # moved rows: a backward of an older forward may find its rows moved.
+        self.moved_below = -1
+        # Lookups, GPU-tier hits and promotions, counted on the device.
+        self._counts = torch.zeros(3, dtype=torch.int64, device=device)
+        # How many wanted rows the last promotion found in host memory (an estimate).
+        self._host_estimate = _MIN_PAIRS
+        self._host_seen: torch.Tensor | None = None
+        self._host_seen_event: torch.cuda.Event | None = None
+        self._host_pending = False
+        self.place()
+
+    # ---------------------------------------------------------------- placement
+    @property
+    def device_rows(self) -> int:
+        """Slots below this live in GPU memory."""
+        rows = self.values.device_rows
+        return self.values.capacity if rows is None else rows
+
+    def row_bytes(self) -> int:
+        """Bytes one row takes: values, every optimizer slot on them, and bookkeeping."""
+        stores = [self.values, *(c.store for c in self.values.companions.values())]
+        per_row = sum(s.dim * s.dtype.itemsize for s in stores)
+        return per_row + ROW_OVERHEAD_BYTES
+
+    def place(self) -> None:
+        """Keep as many pages in GPU memory as the budget allows, given the optimizer
+        slots registered now (a byte budget shrinks when an optimizer adds slots)."""
+        row_bytes = self.row_bytes()
+        if row_bytes == self._row_bytes:
+            return
+        self._row_bytes = row_bytes
+        nbytes = budget_bytes(self.budget)
+        rows = self.budget if nbytes is None else nbytes // row_bytes
+        assert isinstance(rows, int)
+        pages = rows // self.values.page_rows
+        if pages != self.values.device_pages:
+            self.values.place_pages(pages)
+
+    def ensure_rows(self, n: int) -> None:
+        """Map logical rows up to ``n`` (new rows take the slot of their own number).
+
+        The maps keep one scratch entry past the last row: writes a promotion skips land
+        there, so it never has to count its moves on the host.
+        """
+        have = self.loc.numel() - 1 if self.loc.numel() else 0
+        if n <= have:
+            return
+        device = self.loc.device
+        new = torch.arange(have, n + 1, dtype=torch.int64, device=device)
+        self.loc = torch.cat([self.loc[:have], new])
+        self.owner = torch.cat([self.owner[:have], new])
+        self.hold = torch.cat([self.hold[:have], torch.full_like(new, -1)])
+
+    def physical(self, rows: torch.Tensor) -> torch.Tensor:
+        """Physical slots of logical ``rows`` (``-1`` stays ``-1``)."""
+        if not rows.numel():
+            return rows
+        return torch.where(rows >= 0, self.loc[rows.clamp(min=0)], rows)
+
+    def move_to_(self, device: torch.device) -> None:
+        """Move the maps to ``device`` (the value store moves itself)."""
+        self.loc, self.owner = self.loc.to(device), self.owner.to(device)
+        self.hold, self._counts = self.hold.to(device), self._counts.to(device)
+
+    # ---------------------------------------------------------------- promotion
+    def count(self, slots: torch.Tensor) -> None:
+        """Count a training lookup of unique physical ``slots`` (``-1`` entries are ids
+        without a row, not counted); no host sync."""
+        if slots.numel():
+            valid = slots >= 0
+            hits = valid & (slots < self.device_rows)
+            self._counts[:2] += torch.stack([valid.sum(), hits.sum()])
+
+    def promote(self, rows: torch.Tensor, keep_from: int) -> None:
+        """Bring logical ``rows`` into the GPU tier, demoting rows no one needs now.
+
+        No host sync: every wanted row gets a candidate pair, and pairs without a row in
+        host memory to move, or without a GPU slot free to take, are skipped on the device.
+
+        Args:
+            rows: int64 logical rows about to be read, each once (``-1`` entries ignored).
+            keep_from: rows last seen at or after this step are in flight and stay.
+        """
+        self.place()
+        r = self.device_rows
+        n = rows.numel()
+        if not n or r == 0 or self.values.num_rows <= r:
+            return  # nothing lives in host memory (known on the host)
+        scratch = self.loc.numel() - 1
+        self._token += 1
+        token = self._token
+        valid = rows >= 0
+        rows = torch.where(valid, rows, scratch)
+        slots = self.loc[rows]
+        self.hold[slots] = token
+        is_host = valid & (slots >= r)
+        rank = torch.cumsum(is_host, 0) - 1
+        # Pairs for at most k rows: twice the last promotion's host rows (read back when
+        # its copy has landed, never waited for), so choosing victims costs what moves,
+        # not what is wanted. Rows past k stay in host memory this time (read in place).
+        self._update_estimate()
+        k = min(n, max(_MIN_PAIRS, 2 * self._host_estimate))
+        window = min(r, max(_MIN_WINDOW, 4 * k))
+        k = min(k, window)
+        cand = (self._hand + torch.arange(window, device=rows.device)) % r
+        self._hand = (self._hand + window) % r
+        owners = self.owner[cand]
+        score = self.meta.counts if self.policy == "lfu" else self.meta.last_seen
+        busy = (self.hold[cand] == token) | (self.meta.last_seen[owners] >= keep_from)
+        score = torch.where(busy, _NEVER, score[owners])
+        best, pick = torch.topk(score, k, largest=False, sorted=True)
+        j = rank.clamp(0, k - 1)
+        move = is_host & (rank < k) & (best[j] < _NEVER)
+        victims = cand[pick[j]]
+        self.values.swap_rows(torch.where(move, victims, -1), torch.where(move, slots, -1))
+        up = torch.where(move, victims, scratch)  # where the promoted rows go
+        down = torch.where(move, slots, scratch)  # where the demoted rows go
+        demoted = torch.where(move, self.owner[victims], scratch)
+        promoted = torch.where(move, rows, scratch)
+        self.loc[promoted] = up
+        self.loc[demoted] = down
+        self.owner[up] = promoted
+        self.owner[down] = demoted
+        self.loc[scratch] = scratch
+        self.owner[scratch] = scratch
+        self.hold[up] = token
+        self._counts[2] += move.sum()
+        self.moved_below = max(self.moved_below, keep_from)
+        self._note_host_rows(is_host.sum())
+
+    def _note_host_rows(self, count: torch.Tensor) -> None:
+        """Start copying this call's host-row count to the host, without waiting."""
+        if count.device.type != "cuda":
+            self._host_estimate = int(count)
+            return
+        if self._host_seen is None:
+            self._host_seen = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            self._host_seen_event = torch.cuda.Event()
+        self._host_seen.copy_(count.reshape(1), non_blocking=True)
+        assert self._host_seen_event is not None
+        self._host_seen_event.record()
+        self._host_pending = True
+
+    def _update_estimate(self) -> None:
+        """Take the last count of rows in host memory, if its copy has landed."""
+        event = self._host_seen_event
+        if self._host_pending and event is not None and event.query():
+            assert self._host_seen is not None
+            self._host_estimate = int(self._host_seen[0])
+            self._host_pending = False
+
+    def check_unmoved(self, stamp: int) -> None:
+        """Raise if rows a training forward stamped ``stamp`` read may have moved since.
+
+        Raises:
+            RuntimeError: a promotion that kept only rows seen from a later step on ran
+                after that forward.
+        """
+        if stamp < self.moved_below:
+            raise RuntimeError(
+                f"EmbeddingCollection: table {self.name!r} is tiered (hbm_budget) and moved "
+                "rows between tiers after the forward this backward belongs to; a tiered "
+                "table keeps in place only the rows of its latest two training forwards. "
+                "Call backward before the third training forward"
+            )
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> TierStats:
+        """What this table did since it was made (one host sync)."""
+        lookups, hits, promoted = self._counts.tolist()
+        payload = self.row_bytes() - ROW_OVERHEAD_BYTES
+        return TierStats(
+            device_rows=min(self.device_rows, self.values.num_rows),
+            rows=self.values.num_rows,
+            lookups=lookups,
+            device_hits=hits,
+            promoted=promoted,
+            host_bytes=2 * promoted * payload,
+        )
+
+    def reset_stats(self) -> None:
+        """Start the counts of :meth:`stats` again."""
+        self._counts.zero_()

@@ -141,7 +141,7 @@ def test_a_tenth_on_the_gpu_trains_exactly_like_all_of_it(device, prefetch):
     stats = tiered.tier_stats()["item"]
     assert stats.rows > 9 * stats.device_rows  # most rows live in the host tier
     assert stats.promoted > 0 and stats.host_bytes > 0
-    assert 0.0 < stats.hit_rate < 1.0
+    assert 0.0 < stats.hit_rate <= 1.0 and (prefetch or stats.hit_rate < 1.0)
     values = tiered.physical_tables["item"].values
     assert values.device_pages is not None and values.num_pages > values.device_pages
     if device.type == "cuda":
@@ -227,24 +227,33 @@ def test_eval_reads_rows_in_either_tier(device):
     assert torch.equal(want, b["seq"].values)
 
 
-def test_a_backward_three_forwards_late_raises(device):
-    data = batches(device, 3)
+def test_a_backward_ten_forwards_late_raises(device):
+    data = batches(device, 10)
     ec = collection(device, 16)
-    outs = [ec(kjt) for kjt in data]  # the third forward may move the first one's rows
+    # The ninth forward gives up on the first one, the tenth may move its rows.
+    outs = [ec(kjt) for kjt in data]
+    sum(loss_of(o) for o in outs[2:]).backward()  # the eight in flight are fine
     with pytest.raises(RuntimeError, match="tiered"):
-        sum(loss_of(o) for o in outs).backward()
+        loss_of(outs[0]).backward()
 
 
-def test_two_forwards_then_one_backward_is_fine(device):
-    data = batches(device, 8)
-    full, tiered = collection(device, 10**9), collection(device, 64)
+@pytest.mark.parametrize("forwards", [2, 5])
+def test_several_forwards_then_one_backward_are_fine(device, forwards):
+    """Rows of forwards whose backward is pending never move, even when the next forward
+    wants them (a row in both batches in host memory stays there)."""
+    data = batches(device, 4 * forwards)
+    full, tiered = collection(device, 10**9), collection(device, 32)
     for ec in (full, tiered):
         opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
-        for a, b in zip(data[::2], data[1::2], strict=True):
-            (loss_of(ec(a)) + loss_of(ec(b))).backward()
+        for i in range(0, len(data), forwards):
+            group = data[i : i + forwards]
+            sum(loss_of(ec(kjt)) for kjt in group).backward()
+            if i + forwards < len(data):
+                ec.prefetch(data[i + forwards])
             opt.step()
             opt.zero_grad()
     assert_same_state(full, tiered)
+    assert tiered.tier_stats()["item"].promoted > 0
 
 
 def test_a_byte_budget_counts_the_optimizer_slots(device):

@@ -86,3 +86,15 @@ def test_config_without_a_file_name_errors_without_one() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"data": {}})
     assert str(info.value) == "tables: required key is missing"
+
+
+def test_a_table_budget_makes_a_tiered_table(tmp_path: Path) -> None:
+    text = SMALL_YAML.replace(
+        "{name: user, dim: 8, initializer:", "{name: user, dim: 8, hbm_budget: 24GiB, initializer:"
+    )
+    (tmp_path / "run.yaml").write_text(text)
+    config = load_config(tmp_path / "run.yaml")
+    assert config.tables[0].hbm_budget == "24GiB" and config.tables[1].hbm_budget is None
+    (tmp_path / "bad.yaml").write_text(text.replace("24GiB", "lots"))
+    with pytest.raises(ConfigError, match="bad.yaml.*'user'.*hbm_budget 'lots' is not a size"):
+        load_config(tmp_path / "bad.yaml")

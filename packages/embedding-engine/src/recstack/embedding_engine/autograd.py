@@ -104,6 +104,7 @@ class LookupPlan:
             :meth:`receive` before the lookup's backward runs.
         check: called first by the backward; raises when the rows read cannot be
             trusted any more (a tiered table moved them since).
+        done: called when the backward has run (a tiered table may move the rows now).
     """
 
     name: str
@@ -122,6 +123,7 @@ class LookupPlan:
     deferred: tuple[bool, ...] = ()
     deferred_grads: dict[int, torch.Tensor] = field(default_factory=dict)
     check: Callable[[], None] | None = None
+    done: Callable[[], None] | None = None
 
     @property
     def num_pooled(self) -> int:
@@ -380,19 +382,30 @@ class EmbeddingLookupFunction(torch.autograd.Function):
         plan: LookupPlan = ctx.plan
         if plan.check is not None:
             plan.check()
-        grad_sequence = plan.full_sequence_grad(grad_sequence)
-        plan.deferred_grads.clear()
-        live = _live_grads(plan, grad_pooled, grad_sequence)
-        has_grad = any(g is not None for g in live)
-        update = None
-        if plan.updater is not None and has_grad:
-            update = plan.updater.begin_row_update(plan.table)
-        if update is not None:
-            assert plan.updater is not None
-            gate = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
-            plan.updater.end_row_update(plan.table, gate=gate)
-            return None, None
-        grad = lookup_backward(plan, grad_pooled, grad_sequence)
-        if plan.sink is not None:
-            plan.sink(plan.name, grad)
+        try:
+            _backward(plan, grad_pooled, grad_sequence)
+        finally:
+            if plan.done is not None:
+                plan.done()
         return None, None
+
+
+def _backward(
+    plan: LookupPlan, grad_pooled: torch.Tensor | None, grad_sequence: torch.Tensor | None
+) -> None:
+    """The lookup's backward: a fused update, or a gradient handed to the plan's sink."""
+    grad_sequence = plan.full_sequence_grad(grad_sequence)
+    plan.deferred_grads.clear()
+    live = _live_grads(plan, grad_pooled, grad_sequence)
+    has_grad = any(g is not None for g in live)
+    update = None
+    if plan.updater is not None and has_grad:
+        update = plan.updater.begin_row_update(plan.table)
+    if update is not None:
+        assert plan.updater is not None
+        gate = lookup_backward_fused(plan, *live, update, one_pass=plan.one_pass)
+        plan.updater.end_row_update(plan.table, gate=gate)
+        return
+    grad = lookup_backward(plan, grad_pooled, grad_sequence)
+    if plan.sink is not None:
+        plan.sink(plan.name, grad)

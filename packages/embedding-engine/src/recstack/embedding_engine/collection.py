@@ -410,8 +410,8 @@ class EmbeddingCollection(nn.Module):
         """Promote the rows ``kjt`` will read into the GPU tier of every tiered table
         (``TableConfig(hbm_budget=...)``), ahead of its training forward.
 
-        Call it once the current batch's training forward has run (the Trainer does, with
-        ``pipeline="ids"``): rows of the latest two training forwards stay where they
+        Call it any time between training forwards (the Trainer calls it right after each
+        forward): rows of training forwards whose backward has not run stay where they
         are, rows no one needs now go to host memory to make room, and the forward of
         ``kjt`` then finds its rows on the GPU and promotes none itself. Ids without a row
         yet are inserted by that forward, as always (in host memory when the GPU tier is
@@ -439,7 +439,8 @@ class EmbeddingCollection(nn.Module):
             rows = torch.sort(phys.hash_table.find(jts.keys, 0, check_keys=False)).values
             repeat = torch.zeros_like(rows, dtype=torch.bool)
             repeat[1:] = rows[1:] == rows[:-1]
-            phys.tiers.promote(torch.where(repeat, -1, rows), keep_from=self._step - 2)
+            keep_from = phys.tiers.keep_from(self._step)
+            phys.tiers.promote(torch.where(repeat, -1, rows), keep_from=keep_from)
         self._prefetched = True
 
     def tier_stats(self) -> dict[str, TierStats]:
@@ -571,6 +572,8 @@ class EmbeddingCollection(nn.Module):
             )
             depends_on = None
             if track:
+                if phys.tiers is not None and plan.done is not None:
+                    phys.tiers.begin(self._step)  # its slots stay until its backward
                 pooled, seq, depends_on = EmbeddingLookupFunction.apply(anchor, plan)
             else:
                 pooled, seq = lookup_forward(plan)

@@ -198,7 +198,7 @@ class LookupPlanner:
         sink: Callable[[str, SparseGrad], None] = grads.add
         updater = grads.updater if training else None
         row_sort = None
-        check = None
+        check = done = None
         if training and keys.numel():
             # One sort dedups the entries and, kept in the plan, groups them for the backward.
             s = _sort_entries(keys, tags, read_with=[bad])
@@ -220,6 +220,7 @@ class LookupPlanner:
             if phys.tiers is not None:
                 rows_u = _tiered_slots(phys.tiers, rows_u, step, promote)
                 check = partial(phys.tiers.check_unmoved, step)
+                done = partial(phys.tiers.finish, step)
             if partial_rows:
                 # Not-yet-admitted ids: read a compact table, send admitted rows' grads on.
                 table = compact_table(phys, s.unique, s.unique_tags, rows_u)
@@ -255,6 +256,7 @@ class LookupPlanner:
             sequence_sizes=sizes,
             deferred=deferred if any(deferred) else (),
             check=check,
+            done=done,
         )
 
     def outputs(
@@ -399,11 +401,13 @@ def _recount(
 
 def _tiered_slots(tiers: RowTiers, rows: torch.Tensor, step: int, promote: bool) -> torch.Tensor:
     """A training batch's value slots in a tiered table, once its rows are promoted to the
-    GPU tier (rows of this and the previous training forward stay where they are: their
-    backward may still be pending)."""
+    GPU tier (slots of forwards whose backward is pending stay where they are), stamped
+    with the step."""
     if promote:
-        tiers.promote(rows, keep_from=step - 1)
-    return tiers.physical(rows)
+        tiers.promote(rows, keep_from=tiers.keep_from(step))
+    slots = tiers.physical(rows)
+    tiers.mark(slots, step)
+    return slots
 
 
 def compact_table(

@@ -23,10 +23,12 @@ their rows. A training forward promotes its own batch's rows (on demand); given 
 batch ahead (``EmbeddingCollection.prefetch``, which the Trainer calls with
 ``pipeline="ids"``), the forward finds them promoted already.
 
-**In flight.** Rows the latest two training forwards read are never demoted: a pending
-backward (or a batch being trained while the next one is prefetched) still uses their
-slots. A backward whose rows a promotion could have moved since its forward (three or
-more training forwards before one backward) raises instead of updating the wrong rows.
+**In flight.** Each training forward stamps the slots it read; until its backward has run,
+slots with its stamp or a later one never move, whether to make room or to be promoted
+(a batch being trained while the next one is prefetched keeps its rows where its backward
+will look for them). At most the latest eight such forwards are kept in flight; a backward
+whose forward was given up on, or run a second time after a promotion, raises instead of
+updating the wrong rows.
 
 **A budget smaller than a batch.** Promotion stops when no GPU slot is free to take; the
 rows left in host memory are read and updated there, in place (slower, never wrong). The
@@ -52,6 +54,8 @@ _NEVER = torch.iinfo(torch.int64).max
 _MIN_WINDOW = 8192
 # A promotion makes pairs for at least this many rows.
 _MIN_PAIRS = 1024
+# Training forwards kept in flight at most (their slots never move).
+_MAX_PENDING = 8
 
 
 def tier_page_rows(budget: int | str, dim: int, itemsize: int, page_rows: int) -> int:
@@ -123,12 +127,18 @@ class RowTiers:
         self.loc = torch.empty(0, dtype=torch.int64, device=device)
         self.owner = torch.empty(0, dtype=torch.int64, device=device)
         self.hold = torch.empty(0, dtype=torch.int64, device=device)
+        # The stamp of the latest training forward that read each slot.
+        self.stamp = torch.empty(0, dtype=torch.int64, device=device)
         self._token = 0
         self._hand = 0
         self._row_bytes = -1
-        # The highest "rows seen at or after this step are kept" of any promotion that
-        # moved rows: a backward of an older forward may find its rows moved.
-        self.moved_below = -1
+        # Training forwards whose backward has not run (by stamp, oldest first): their
+        # slots never move. Past _MAX_PENDING the oldest is given up on.
+        self._pending: dict[int, None] = {}
+        # Promotions so far, and how many had run when a stamp left _pending: a backward
+        # of a stamp no longer pending is safe only if no promotion ran since.
+        self._promotions = 0
+        self._left: dict[int, int] = {}
         # Lookups, GPU-tier hits and promotions, counted on the device.
         self._counts = torch.zeros(3, dtype=torch.int64, device=device)
         # How many wanted rows the last promotion found in host memory (an estimate).
@@ -179,6 +189,7 @@ class RowTiers:
         self.loc = torch.cat([self.loc[:have], new])
         self.owner = torch.cat([self.owner[:have], new])
         self.hold = torch.cat([self.hold[:have], torch.full_like(new, -1)])
+        self.stamp = torch.cat([self.stamp[:have], torch.full_like(new, -1)])
 
     def physical(self, rows: torch.Tensor) -> torch.Tensor:
         """Physical slots of logical ``rows`` (``-1`` stays ``-1``)."""
@@ -190,6 +201,7 @@ class RowTiers:
         """Move the maps to ``device`` (the value store moves itself)."""
         self.loc, self.owner = self.loc.to(device), self.owner.to(device)
         self.hold, self._counts = self.hold.to(device), self._counts.to(device)
+        self.stamp = self.stamp.to(device)
 
     # ---------------------------------------------------------------- promotion
     def count(self, slots: torch.Tensor) -> None:
@@ -208,7 +220,9 @@ class RowTiers:
 
         Args:
             rows: int64 logical rows about to be read, each once (``-1`` entries ignored).
-            keep_from: rows last seen at or after this step are in flight and stay.
+            keep_from: slots a training forward stamped at or after this step are in
+                flight (their backward may not have run) and stay where they are, whether
+                wanted or not (:meth:`keep_from`).
         """
         self.place()
         r = self.device_rows
@@ -222,7 +236,7 @@ class RowTiers:
         rows = torch.where(valid, rows, scratch)
         slots = self.loc[rows]
         self.hold[slots] = token
-        is_host = valid & (slots >= r)
+        is_host = valid & (slots >= r) & (self.stamp[slots] < keep_from)
         rank = torch.cumsum(is_host, 0) - 1
         # Pairs for at most k rows: twice the last promotion's host rows (read back when
         # its copy has landed, never waited for), so choosing victims costs what moves,
@@ -235,7 +249,7 @@ class RowTiers:
         self._hand = (self._hand + window) % r
         owners = self.owner[cand]
         score = self.meta.counts if self.policy == "lfu" else self.meta.last_seen
-        busy = (self.hold[cand] == token) | (self.meta.last_seen[owners] >= keep_from)
+        busy = (self.hold[cand] == token) | (self.stamp[cand] >= keep_from)
         score = torch.where(busy, _NEVER, score[owners])
         best, pick = torch.topk(score, k, largest=False, sorted=True)
         j = rank.clamp(0, k - 1)
@@ -254,7 +268,7 @@ class RowTiers:
         self.owner[scratch] = scratch
         self.hold[up] = token
         self._counts[2] += move.sum()
-        self.moved_below = max(self.moved_below, keep_from)
+        self._promotions += 1
         self._note_host_rows(is_host.sum())
 
     def _note_host_rows(self, count: torch.Tensor) -> None:
@@ -278,20 +292,48 @@ class RowTiers:
             self._host_estimate = int(self._host_seen[0])
             self._host_pending = False
 
+    # ---------------------------------------------------------------- in flight
+    def keep_from(self, current: int) -> int:
+        """The oldest stamp whose slots must stay: the oldest training forward whose
+        backward has not run, else ``current`` (what the caller is about to stamp)."""
+        return min(next(iter(self._pending), current), current)
+
+    def mark(self, slots: torch.Tensor, stamp: int) -> None:
+        """A training forward stamped ``stamp`` reads ``slots`` (``-1`` entries ignored)."""
+        if slots.numel():
+            scratch = self.stamp.numel() - 1
+            self.stamp[torch.where(slots >= 0, slots, scratch)] = stamp
+
+    def begin(self, stamp: int) -> None:
+        """A training forward whose backward is to come read slots stamped ``stamp``."""
+        self._pending[stamp] = None
+        while len(self._pending) > _MAX_PENDING:
+            oldest = next(iter(self._pending))
+            self.finish(oldest)
+
+    def finish(self, stamp: int) -> None:
+        """The backward of the forward stamped ``stamp`` ran (its slots may move now)."""
+        if self._pending.pop(stamp, 0) is None:
+            self._left[stamp] = self._promotions
+            for old in [s for s in self._left if s < stamp - 4 * _MAX_PENDING]:
+                del self._left[old]
+
     def check_unmoved(self, stamp: int) -> None:
-        """Raise if rows a training forward stamped ``stamp`` read may have moved since.
+        """Raise if slots the training forward stamped ``stamp`` read may have moved.
 
         Raises:
-            RuntimeError: a promotion that kept only rows seen from a later step on ran
-                after that forward.
+            RuntimeError: that forward was no longer in flight (its backward ran, or more
+                than a few forwards came after it) when a promotion ran.
         """
-        if stamp < self.moved_below:
-            raise RuntimeError(
-                f"EmbeddingCollection: table {self.name!r} is tiered (hbm_budget) and moved "
-                "rows between tiers after the forward this backward belongs to; a tiered "
-                "table keeps in place only the rows of its latest two training forwards. "
-                "Call backward before the third training forward"
-            )
+        if stamp in self._pending or self._left.get(stamp) == self._promotions:
+            return
+        raise RuntimeError(
+            f"EmbeddingCollection: table {self.name!r} is tiered (hbm_budget) and may have "
+            "moved the rows of the forward this backward belongs to: a tiered table keeps "
+            f"in place the rows of the latest {_MAX_PENDING} training forwards whose "
+            "backward has not run (and a backward run twice over a promotion is refused). "
+            "Call backward before more training forwards pile up"
+        )
 
     # ---------------------------------------------------------------- stats
     def stats(self) -> TierStats:

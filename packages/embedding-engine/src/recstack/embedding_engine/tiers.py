@@ -113,6 +113,13 @@ class RowTiers:
             the rows to demote.
         budget: the ``hbm_budget`` (rows, or a size string).
         policy: ``"lru"`` or ``"lfu"``: which score picks rows to demote.
+
+    Attributes:
+        loc: int64, the slot of each logical row (one scratch entry past the last row).
+        owner: int64, the logical row in each slot (the inverse of ``loc``).
+        hold: int64 per slot, the promotion that last wanted it (kept out of its victims).
+        stamp: int64 per slot, the training forward that last read it (slots of forwards
+            whose backward is pending never move).
     """
 
     def __init__(

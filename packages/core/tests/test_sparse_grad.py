@@ -68,3 +68,15 @@ def test_sparse_grad_validation(device):
         coalesce_rows(rows.float(), values)
     with pytest.raises(ValueError, match="coalesce_rows.*rows"):
         coalesce_rows(rows, torch.zeros(3, 3, device=device))
+
+
+def test_a_gradient_follows_moved_rows() -> None:
+    g = SparseGrad(torch.tensor([1, 4, 7]), torch.tensor([[1.0], [4.0], [7.0]]), is_coalesced=True)
+    moved = g.moved(torch.tensor([4, 9, -1]), torch.tensor([9, 4, -1]))  # 4 <-> 9
+    assert moved.is_coalesced and moved.rows.tolist() == [1, 7, 9]
+    assert moved.values.squeeze(1).tolist() == [1.0, 7.0, 4.0]
+    loose = SparseGrad(torch.tensor([4, 4, 1]), torch.ones(3, 1)).moved(
+        torch.tensor([4]), torch.tensor([0])
+    )
+    assert not loose.is_coalesced and loose.rows.tolist() == [0, 0, 1]
+    assert g.moved(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64)) is g

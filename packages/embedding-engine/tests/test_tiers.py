@@ -263,7 +263,7 @@ def test_a_byte_budget_counts_the_optimizer_slots(device):
     tiers = ec.physical_tables["item"].tiers
     assert tiers is not None
     # values (8 fp32) + Adam's two moments (16 fp32) + bookkeeping per row
-    assert tiers.row_bytes() == (8 + 16) * 4 + 41
+    assert tiers.row_bytes() == (8 + 16) * 4 + 49
     assert tiers.device_rows == (16 * 1024 // tiers.row_bytes()) // values.page_rows * (
         values.page_rows
     )
@@ -287,7 +287,7 @@ def test_a_tiered_table_is_its_own_physical_table():
         [TableConfig("a", dim=4), TableConfig("b", dim=4), TableConfig("c", dim=4, hbm_budget=9)],
         [FeatureConfig("a", "a"), FeatureConfig("b", "b"), FeatureConfig("c", "c")],
     )
-    assert list(ec.physical_tables) == ["a+b", "c"]
+    assert list(ec.physical_tables) == ["a+b", "c"] and ec.tiered_tables == ("c",)
     assert ec.physical_tables["c"].tiers is not None
     assert ec.physical_tables["a+b"].tiers is None
     assert ec.tier_stats()["c"].lookups == 0

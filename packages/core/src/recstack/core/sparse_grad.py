@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from recstack.core.kernels.segment_sum import coalesce_rows
+from recstack.core.paged import move_rows
 
 __all__ = ["SparseGrad"]
 
@@ -113,6 +114,23 @@ class SparseGrad:
             return self
         rows, values = coalesce_rows(self._rows, self._values, **tile)
         return SparseGrad(rows, values, is_coalesced=True)
+
+    def moved(self, src: torch.Tensor, dst: torch.Tensor) -> SparseGrad:
+        """This gradient after its table's rows ``src`` moved to ``dst``
+        (``PagedTensor.rows_moved``; see :func:`~recstack.core.paged.move_rows`). A
+        coalesced gradient stays coalesced: its rows are sorted again.
+
+        Args:
+            src: int64 ``[n]`` rows that moved.
+            dst: int64 ``[n]``, where each went.
+        """
+        if not self._rows.numel() or not src.numel():
+            return self
+        rows = move_rows(self._rows, src.to(self.device), dst.to(self.device))
+        if not self._coalesced:
+            return SparseGrad(rows, self._values, is_coalesced=False)
+        rows, order = torch.sort(rows)
+        return SparseGrad(rows, self._values[order], is_coalesced=True)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SparseGrad:
         """This gradient on ``device`` (``self`` when already there)."""

@@ -258,6 +258,12 @@ class EmbeddingCollection(nn.Module):
         return tuple(f.name for f in self._features)
 
     @property
+    def tiered_tables(self) -> tuple[str, ...]:
+        """The tables with an ``hbm_budget`` (each its own physical table), in config
+        order: those :meth:`prefetch` works on."""
+        return tuple(n for n, p in self._physical.items() if p.tiers is not None)
+
+    @property
     def table_groups(self) -> dict[str, tuple[str, ...]]:
         """The logical tables each physical table holds: ``{physical: (logical, ...)}``."""
         return {name: p.table_names for name, p in self._physical.items()}
@@ -426,11 +432,12 @@ class EmbeddingCollection(nn.Module):
         Raises:
             TypeError, ValueError: as :meth:`forward` for a bad ``kjt``.
         """
-        tiered = [(n, p) for n, p in self._physical.items() if p.tiers is not None]
+        tiered = self.tiered_tables
         if not tiered:
             return
         self._check_kjt(kjt)
-        for pname, phys in tiered:
+        for pname in tiered:
+            phys = self._physical[pname]
             assert phys.tiers is not None
             jts = self._planner.batch_features(pname, kjt)
             if not jts.keys.numel():

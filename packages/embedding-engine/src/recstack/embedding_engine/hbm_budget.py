@@ -23,9 +23,9 @@ from recstack.core.checks import check_int
 __all__ = ["ROW_OVERHEAD_BYTES", "budget_bytes", "parse_hbm_budget"]
 
 #: Bytes of bookkeeping per row besides values and optimizer slots: the last-seen step and
-#: hit count (int64 each), the delta-checkpoint flag, and the tier maps (two int64s and a
-#: hold stamp).
-ROW_OVERHEAD_BYTES = 8 + 8 + 1 + 8 + 8 + 8
+#: hit count (int64 each), the delta-checkpoint flag, and the tier maps (``loc``, ``owner``,
+#: ``hold`` and ``stamp``, int64 each).
+ROW_OVERHEAD_BYTES = 8 + 8 + 1 + 4 * 8
 
 _UNITS = {
     "b": 1,

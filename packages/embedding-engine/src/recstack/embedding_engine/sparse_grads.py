@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from recstack.core import PagedTensor, RowUpdater, SparseGrad, move_rows
+from recstack.core import PagedTensor, RowUpdater, SparseGrad
 from recstack.core.kernels.row_update import apply_row_update, check_rows, new_gate
 
 __all__ = ["SparseGradStore", "merge_sparse_grads"]
@@ -156,11 +156,8 @@ class SparseGradStore:
             dst: int64 ``[n]``, where each went.
         """
         g = self._grads.get(name)
-        if g is None or not g.rows.numel():
-            return
-        rows = move_rows(g.rows, src.to(g.rows.device), dst.to(g.rows.device))
-        rows, order = torch.sort(rows)
-        self._grads[name] = SparseGrad(rows, g.values[order], is_coalesced=True)
+        if g is not None:
+            self._grads[name] = g.moved(src, dst)
 
     def move_to_(self, device: torch.device) -> None:
         """Move the stored gradients to ``device``.

@@ -489,9 +489,7 @@ def import_collection_chunk(
     rows, is_new = phys.hash_table.find_or_insert(keys, index)
     n_new = len(phys.hash_table) - held  # known on the host: no sync to count new keys
     n_rows = phys.hash_table.num_rows_allocated
-    phys.values.ensure_rows(n_rows)
-    if phys.tiers is not None:
-        phys.tiers.ensure_rows(n_rows)
+    phys.grow(n_rows)
     at = phys.physical(rows)  # values and optimizer slots; metadata is by row
     new_rows = new_slots = rows[:0]
     if n_new:
@@ -518,8 +516,7 @@ def import_collection_chunk(
         if name in slots:
             companion.store.scatter_rows(at, slots[name], check_bounds=False)
     if getattr(phys, "meta", None) is not None:
-        # The collection's metadata grows with its table; its views change when it does.
-        phys.meta.ensure_rows(n_rows)
+        # The collection's metadata grew with its table (grow): its views changed.
         phys.meta.mark_dirty(rows)
         meta_stores = _row_metadata(phys)
     phys.add_ids(index, n_new)  # capacity caps read the per-table id counts

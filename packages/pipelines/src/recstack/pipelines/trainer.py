@@ -302,7 +302,9 @@ class Trainer:
         ahead: list[EmbeddingCollection | ShardedEmbeddingCollection] = []
         if pipeline != "off":
             ahead = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
-        ahead += [c for c in self.collections if _is_tiered(c)]
+        ahead += [
+            c for c in self.collections if isinstance(c, EmbeddingCollection) and c.tiered_tables
+        ]
         self._prefetch = IdPrefetch(ahead) if ahead or pipeline != "off" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False
@@ -867,10 +869,3 @@ class _Position:
         pending, self._pending = self._pending, None
         if pending is not None and int(pending.get("stage", 0)) == stage:
             self._trainer.train_stream.load_state_dict(pending["stream"])
-
-
-def _is_tiered(collection: object) -> bool:
-    """Whether ``collection`` is an ``EmbeddingCollection`` with a tiered table."""
-    return isinstance(collection, EmbeddingCollection) and any(
-        p.tiers is not None for p in collection.physical_tables.values()
-    )

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from recstack.core import PagedTensor, SparseGrad, SparseParameter, move_rows
+from recstack.core import PagedTensor, SparseGrad, SparseParameter
 from recstack.core.kernels.row_update import apply_row_update, check_rows
 from recstack.core.kernels.row_update_many import RowJob, check_and_apply_row_updates
 from recstack.core.kernels.segment_sum import coalesce_rows_padded
@@ -443,16 +443,7 @@ class SparseOptimizer(torch.optim.Optimizer):
         parts = self._pending.get(key)
         if not parts:
             return
-        moved = []
-        for g in parts:
-            rows = move_rows(g.rows, src.to(g.rows.device), dst.to(g.rows.device))
-            if g.is_coalesced:
-                # Moving a permutation of rows keeps them unique, not sorted.
-                rows, order = torch.sort(rows)
-                moved.append(SparseGrad(rows, g.values[order], is_coalesced=True))
-            else:
-                moved.append(SparseGrad(rows, g.values, is_coalesced=False))
-        self._pending[key] = moved
+        self._pending[key] = [g.moved(src, dst) for g in parts]
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

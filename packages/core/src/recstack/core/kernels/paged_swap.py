@@ -22,6 +22,8 @@ from recstack.core.kernels import HAS_TRITON, record_launch, use_triton
 from recstack.core.kernels.device import TABLE_KINDS
 from recstack.core.kernels.paged_rows import (
     PAGED_ROWS_DEFAULTS,
+    _check_rows,
+    _tile,
     gather_paged_rows_reference,
     scatter_paged_rows_reference,
 )
@@ -70,17 +72,12 @@ if HAS_TRITON:
 
 
 def _check(table: PagedTensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    what = f"swap_rows on {table.name!r}"
-    for name, rows in (("a", a), ("b", b)):
-        if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
-            raise ValueError(f"{what}: {name} must be a 1-D tensor of rows")
-        if rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise TypeError(f"{what}: {name} must hold integer rows, got {rows.dtype}")
-        if rows.device != table.device:
-            raise ValueError(f"{what}: {name} is on {rows.device}, the table on {table.device}")
+    a, b = _check_rows(table, a, "swap_rows"), _check_rows(table, b, "swap_rows")
     if a.shape != b.shape:
-        raise ValueError(f"{what}: a and b differ in length ({a.numel()} and {b.numel()})")
-    return a.to(torch.int64).contiguous(), b.to(torch.int64).contiguous()
+        raise ValueError(
+            f"swap_rows on {table.name!r}: a and b differ in length ({a.numel()} and {b.numel()})"
+        )
+    return a, b
 
 
 def swap_paged_rows_reference(table: PagedTensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -115,8 +112,7 @@ def swap_paged_rows(table: PagedTensor, a: torch.Tensor, b: torch.Tensor) -> Non
         swap_paged_rows_reference(table, a, b)
         return
     dim = table.dim
-    block_d = min(triton.next_power_of_2(dim), PAGED_ROWS_DEFAULTS["max_block_d"])
-    block_r = max(1, PAGED_ROWS_DEFAULTS["tile_elems"] // block_d)
+    block_r, block_d = _tile(dim, None, None)
     grid = (triton.cdiv(n, block_r), triton.cdiv(dim, block_d))
     _paged_swap_kernel[grid](
         table.page_table,

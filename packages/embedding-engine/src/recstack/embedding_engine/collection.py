@@ -442,12 +442,9 @@ class EmbeddingCollection(nn.Module):
             jts = self._planner.batch_features(pname, kjt)
             if not jts.keys.numel():
                 continue
-            # Each row once, without a host sync: repeats after a sort become -1.
-            rows = torch.sort(phys.hash_table.find(jts.keys, 0, check_keys=False)).values
-            repeat = torch.zeros_like(rows, dtype=torch.bool)
-            repeat[1:] = rows[1:] == rows[:-1]
-            keep_from = phys.tiers.keep_from(self._step)
-            phys.tiers.promote(torch.where(repeat, -1, rows), keep_from=keep_from)
+            # Repeats need no dedup: the promotion claims each row once.
+            rows = phys.hash_table.find(jts.keys, 0, check_keys=False)
+            phys.tiers.promote(rows, keep_from=phys.tiers.keep_from(self._step))
         self._prefetched = True
 
     def tier_stats(self) -> dict[str, TierStats]:

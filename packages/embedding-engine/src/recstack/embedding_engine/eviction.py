@@ -138,10 +138,11 @@ class RowMetadata:
         if not rows.numel():
             return
         hits = hits.to(torch.int64)
-        self._last_seen[rows] = step
+        # index_fill_ takes the scalar as a kernel argument: no host-to-device copy, no sync.
+        self._last_seen.index_fill_(0, rows, step)
         self._counts[rows] = torch.where(is_new, hits, self._counts[rows] + hits)
         # A row looked up in training may be updated by the optimizer step that follows.
-        self._dirty[rows] = True
+        self._dirty.index_fill_(0, rows, True)
 
     def set_rows(self, rows: torch.Tensor, last_seen: torch.Tensor, counts: torch.Tensor) -> None:
         """Overwrite the metadata of ``rows`` (for state import); rows must be covered."""

@@ -67,7 +67,7 @@ def insert_ids(
     phys.meta.touch(rows_a, step, hits_a, is_new)
     if phys.tiers is not None:
         # The hit rate counts rows the table held before: new ones have nowhere to be yet.
-        phys.tiers.count(phys.tiers.physical(torch.where(is_new, -1, rows_a)))
+        phys.tiers.count(torch.where(is_new, -1, rows_a))
     if n_new:
         new = torch.nonzero_static(is_new, size=n_new).squeeze(1)
         new_tags = None if tags_a is None else tags_a.index_select(0, new)

@@ -405,9 +405,7 @@ def _tiered_slots(tiers: RowTiers, rows: torch.Tensor, step: int, promote: bool)
     with the step."""
     if promote:
         tiers.promote(rows, keep_from=tiers.keep_from(step))
-    slots = tiers.physical(rows)
-    tiers.mark(slots, step)
-    return slots
+    return tiers.physical(rows, mark=step)
 
 
 def compact_table(

@@ -16,8 +16,10 @@ once per batch, after the hash table's lookup.
 **Promotion.** :meth:`RowTiers.promote` brings the rows a batch is about to read into the
 GPU tier: each such row in host memory swaps slots with a GPU row that is neither wanted
 now nor in flight, the least recently (or, with an ``lfu`` eviction policy, least
-frequently) seen among a window of GPU slots that moves round the tier like a clock hand.
-Values and optimizer slots swap in a few batched gathers and scatters, and the moves are
+frequently) seen of a few candidate GPU slots its own, taken from a window that moves round
+the tier like a clock hand (sampled LRU). The plan is three kernels and a cumulative sum,
+with no sort and no host sync (:mod:`recstack.embedding_engine.kernels.tier_moves`);
+values and optimizer slots swap in one kernel per store, and the moves are
 announced (``PagedTensor.rows_moved``) so gradients that sparse optimizers hold follow
 their rows. A training forward promotes its own batch's rows (on demand); given the next
 batch ahead (``EmbeddingCollection.prefetch``, which the Trainer calls with
@@ -45,13 +47,17 @@ import torch
 from recstack.core import PagedTensor
 from recstack.embedding_engine.eviction import RowMetadata
 from recstack.embedding_engine.hbm_budget import ROW_OVERHEAD_BYTES, budget_bytes
+from recstack.embedding_engine.kernels.tier_moves import plan_promotion, tier_slots
 
 __all__ = ["RowTiers", "TierStats", "tier_page_rows"]
 
-_NEVER = torch.iinfo(torch.int64).max
-# The clock hand scans at least this many GPU slots per promotion (and four per row it
-# must place), so victims are chosen among many candidates even for a few rows.
+# The clock hand passes at least this many GPU slots per promotion (and four per row it
+# must place), shared out among the rows to place, at most _MAX_GROUP each.
 _MIN_WINDOW = 8192
+_MIN_GROUP = 4
+_MAX_GROUP = 16
+# Promotions claim slots with keys token * 2**32 + position (int64).
+_MAX_TOKEN = 1 << 30
 # A promotion makes pairs for at least this many rows.
 _MIN_PAIRS = 1024
 # Training forwards kept in flight at most (their slots never move).
@@ -117,7 +123,9 @@ class RowTiers:
     Attributes:
         loc: int64, the slot of each logical row (one scratch entry past the last row).
         owner: int64, the logical row in each slot (the inverse of ``loc``).
-        hold: int64 per slot, the promotion that last wanted it (kept out of its victims).
+        hold: int64 per slot, the claim of the promotion that last wanted it (its token
+            times 2**32, plus a position): slots the current promotion claims are not
+            demoted by it.
         stamp: int64 per slot, the training forward that last read it (slots of forwards
             whose backward is pending never move).
     """
@@ -198,11 +206,16 @@ class RowTiers:
         self.hold = torch.cat([self.hold[:have], torch.full_like(new, -1)])
         self.stamp = torch.cat([self.stamp[:have], torch.full_like(new, -1)])
 
-    def physical(self, rows: torch.Tensor) -> torch.Tensor:
-        """Physical slots of logical ``rows`` (``-1`` stays ``-1``)."""
-        if not rows.numel():
-            return rows
-        return torch.where(rows >= 0, self.loc[rows.clamp(min=0)], rows)
+    def physical(self, rows: torch.Tensor, *, mark: int | None = None) -> torch.Tensor:
+        """Physical slots of logical ``rows`` (``-1`` stays ``-1``); with ``mark``, a
+        training forward stamped ``mark`` reads them (:meth:`begin`). One launch."""
+        return tier_slots(
+            rows,
+            self.loc,
+            device_rows=self.device_rows,
+            stamp=None if mark is None else self.stamp,
+            stamp_value=0 if mark is None else mark,
+        )
 
     def move_to_(self, device: torch.device) -> None:
         """Move the maps to ``device`` (the value store moves itself)."""
@@ -211,22 +224,22 @@ class RowTiers:
         self.stamp = self.stamp.to(device)
 
     # ---------------------------------------------------------------- promotion
-    def count(self, slots: torch.Tensor) -> None:
-        """Count a training lookup of unique physical ``slots`` (``-1`` entries are ids
-        without a row, not counted); no host sync."""
-        if slots.numel():
-            valid = slots >= 0
-            hits = valid & (slots < self.device_rows)
-            self._counts[:2] += torch.stack([valid.sum(), hits.sum()])
+    def count(self, rows: torch.Tensor) -> None:
+        """Count a training lookup of unique logical ``rows`` (``-1`` entries are ids
+        without a row, not counted) and how many are in the GPU tier; no host sync."""
+        tier_slots(rows, self.loc, device_rows=self.device_rows, counts=self._counts)
 
     def promote(self, rows: torch.Tensor, keep_from: int) -> None:
         """Bring logical ``rows`` into the GPU tier, demoting rows no one needs now.
 
-        No host sync: every wanted row gets a candidate pair, and pairs without a row in
-        host memory to move, or without a GPU slot free to take, are skipped on the device.
+        No host sync: a fixed number of pairs is planned on the device
+        (:func:`~recstack.embedding_engine.kernels.tier_moves.plan_promotion`), and pairs
+        without a row in host memory to move, or without a GPU slot free to take, are
+        skipped there.
 
         Args:
-            rows: int64 logical rows about to be read, each once (``-1`` entries ignored).
+            rows: int64 logical rows about to be read, in any order (repeats and ``-1``
+                entries are ignored).
             keep_from: slots a training forward stamped at or after this step are in
                 flight (their backward may not have run) and stay where they are, whether
                 wanted or not (:meth:`keep_from`).
@@ -236,47 +249,38 @@ class RowTiers:
         n = rows.numel()
         if not n or r == 0 or self.values.num_rows <= r:
             return  # nothing lives in host memory (known on the host)
-        scratch = self.loc.numel() - 1
+        if self._token >= _MAX_TOKEN:  # claims are token * 2**32 in an int64: start again
+            self.hold.fill_(-1)
+            self._token = 0
         self._token += 1
-        token = self._token
-        valid = rows >= 0
-        rows = torch.where(valid, rows, scratch)
-        slots = self.loc[rows]
-        self.hold[slots] = token
-        is_host = valid & (slots >= r) & (self.stamp[slots] < keep_from)
-        rank = torch.cumsum(is_host, 0) - 1
         # Pairs for at most k rows: twice the last promotion's host rows (read back when
         # its copy has landed, never waited for), so choosing victims costs what moves,
         # not what is wanted. Rows past k stay in host memory this time (read in place).
         self._update_estimate()
-        k = min(n, max(_MIN_PAIRS, 2 * self._host_estimate))
+        # Each gets at least _MIN_GROUP candidates, so a small tier full of rows in flight
+        # still offers a few free slots to each.
+        k = min(n, max(1, r // _MIN_GROUP), max(_MIN_PAIRS, 2 * self._host_estimate))
         window = min(r, max(_MIN_WINDOW, 4 * k))
-        k = min(k, window)
-        cand = (self._hand + torch.arange(window, device=rows.device)) % r
-        self._hand = (self._hand + window) % r
-        owners = self.owner[cand]
-        score = self.meta.counts if self.policy == "lfu" else self.meta.last_seen
-        busy = (self.hold[cand] == token) | (self.stamp[cand] >= keep_from)
-        score = torch.where(busy, _NEVER, score[owners])
-        best, pick = torch.topk(score, k, largest=False, sorted=True)
-        j = rank.clamp(0, k - 1)
-        move = is_host & (rank < k) & (best[j] < _NEVER)
-        victims = cand[pick[j]]
-        self.values.swap_rows(torch.where(move, victims, -1), torch.where(move, slots, -1))
-        up = torch.where(move, victims, scratch)  # where the promoted rows go
-        down = torch.where(move, slots, scratch)  # where the demoted rows go
-        demoted = torch.where(move, self.owner[victims], scratch)
-        promoted = torch.where(move, rows, scratch)
-        self.loc[promoted] = up
-        self.loc[demoted] = down
-        self.owner[up] = promoted
-        self.owner[down] = demoted
-        self.loc[scratch] = scratch
-        self.owner[scratch] = scratch
-        self.hold[up] = token
-        self._counts[2] += move.sum()
+        group = max(1, min(_MAX_GROUP, window // k))
+        plan = plan_promotion(
+            rows,
+            loc=self.loc,
+            owner=self.owner,
+            hold=self.hold,
+            stamp=self.stamp,
+            score=self.meta.counts if self.policy == "lfu" else self.meta.last_seen,
+            counts=self._counts,
+            device_rows=r,
+            keep_from=keep_from,
+            token=self._token,
+            hand=self._hand,
+            k=k,
+            group=group,
+        )
+        self._hand = (self._hand + k * group) % r
+        self.values.swap_rows(plan.victims, plan.slots)
         self._promotions += 1
-        self._note_host_rows(is_host.sum())
+        self._note_host_rows(plan.host_rows)
 
     def _note_host_rows(self, count: torch.Tensor) -> None:
         """Start copying this call's host-row count to the host, without waiting."""
@@ -284,7 +288,7 @@ class RowTiers:
             self._host_estimate = int(count)
             return
         if self._host_seen is None:
-            self._host_seen = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            self._host_seen = torch.zeros(1, dtype=count.dtype, pin_memory=True)
             self._host_seen_event = torch.cuda.Event()
         self._host_seen.copy_(count.reshape(1), non_blocking=True)
         assert self._host_seen_event is not None
@@ -304,12 +308,6 @@ class RowTiers:
         """The oldest stamp whose slots must stay: the oldest training forward whose
         backward has not run, else ``current`` (what the caller is about to stamp)."""
         return min(next(iter(self._pending), current), current)
-
-    def mark(self, slots: torch.Tensor, stamp: int) -> None:
-        """A training forward stamped ``stamp`` reads ``slots`` (``-1`` entries ignored)."""
-        if slots.numel():
-            scratch = self.stamp.numel() - 1
-            self.stamp[torch.where(slots >= 0, slots, scratch)] = stamp
 
     def begin(self, stamp: int) -> None:
         """A training forward whose backward is to come read slots stamped ``stamp``."""

@@ -7,7 +7,9 @@ ids (sum pooling), backpropagates a random linear loss and steps the optimizer. 
 ``hbm_budget`` (a share of the rows, ``--budgets``) runs with promotion on demand (each
 forward brings its own rows to the GPU) and with prefetch (the next batch's rows promoted
 after each forward, as the Trainer does), and the baseline is the same table without a
-budget, in the same run. Reported per run: the step time and the baseline's, the
+budget, in the same run: built and timed right before each tiered table, ``--repeats``
+times, with the median of each reported (a host whose speed drifts, or differs between
+machines, moves both alike). Reported per run: the step time and the baseline's, the
 throughput ratio, the GPU-tier hit rate (rows found on the GPU when a forward asked) and
 the bytes moved between the tiers per step. A table that does not fit the card's memory is
 reported as such.
@@ -31,8 +33,8 @@ from recstack.core import KeyedJaggedTensor
 from recstack.embedding_engine import EmbeddingCollection, FeatureConfig, TableConfig
 from recstack.sparse_optim import SparseAdam
 
-GPU = {"rows": None, "batch": 16384, "steps": 50, "warmup": 30, "fill_chunk": 1 << 23}
-CPU = {"rows": 200_000, "batch": 512, "steps": 5, "warmup": 5, "fill_chunk": 1 << 16}
+GPU = {"rows": None, "batch": 16384, "steps": 50, "warmup": 30, "fill_chunk": 1 << 23, "repeats": 3}
+CPU = {"rows": 200_000, "batch": 512, "steps": 5, "warmup": 5, "fill_chunk": 1 << 16, "repeats": 1}
 
 
 def zipf_ids(rows: int, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -114,6 +116,11 @@ def timed(args, device, ec, opt, data, weight, prefetch: bool) -> dict[str, floa
     return got
 
 
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median step time (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
+
+
 def run(args, device, budget_share, data, weight) -> dict[bool, dict[str, float]]:
     """One table at one budget (``None``: no budget), trained on demand on ``data[False]``,
     then with prefetch on ``data[True]`` (other ids: the first run warmed nothing for it);
@@ -160,6 +167,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, help="steps before timing (the GPU tier fills)")
     p.add_argument("--fill-chunk", type=int, help="ids imported at once when filling")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25, 1.0])
+    p.add_argument("--repeats", type=int, help="baseline and tiered runs per budget (GPU 3)")
     p.add_argument(
         "--no-baseline",
         action="store_true",
@@ -182,7 +190,6 @@ def main() -> None:
     count = args.warmup + args.steps + 1
     data = {False: batches(args, device, count, 7), True: batches(args, device, count, 8)}
     weight = torch.randn(args.batch, args.dim, device=device)
-    base = None if args.no_baseline else run(args, device, None, data, weight)
     report = Report(
         f"Tiered table: {args.rows:,} rows x {args.dim} with Adam, lookup + backward + update",
         device_name(device),
@@ -191,20 +198,33 @@ def main() -> None:
     row_bytes = args.dim * 4 * 3  # values and two Adam moments
     unique = float(torch.unique(data[False][0].values()).numel())
     for share in args.budgets:
-        for prefetch, got in run(args, device, share, data, weight).items():
-            if not base:
+        ours: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        base: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            if not args.no_baseline:
+                for prefetch, got in run(args, device, None, data, weight).items():
+                    base[prefetch].append(got)
+            for prefetch, got in run(args, device, share, data, weight).items():
+                ours[prefetch].append(got)
+        for prefetch in (False, True):
+            if not ours[prefetch] or not base[prefetch]:
                 continue
+            got, ref = median_run(ours[prefetch]), median_run(base[prefetch])
+            pairs = zip(ours[prefetch], base[prefetch], strict=False)  # a run may not fit
+            ratios = [b["step_s"] / o["step_s"] for o, b in pairs]
             mode = "prefetch" if prefetch else "on demand"
             report.add(
                 Row(
                     f"budget {share:.0%} of rows, {mode}",
                     got["step_s"],
-                    base[prefetch]["step_s"],
+                    ref["step_s"],
                     int(unique * row_bytes * 2),
                     baseline="the same table all in GPU memory",
                     notes=f"hit rate {got['hit_rate']:.3f}, "
-                    f"{got['host_bytes_per_step'] / 2**20:.1f} MiB between tiers a step",
-                    extra=got,
+                    f"{got['host_bytes_per_step'] / 2**20:.1f} MiB between tiers a step, "
+                    f"median of {len(ratios)} runs (each beside its baseline: ratios "
+                    f"{min(ratios):.2f}-{max(ratios):.2f})",
+                    extra=got | {"ratio_min": min(ratios), "ratio_max": max(ratios)},
                 )
             )
     if report.rows:

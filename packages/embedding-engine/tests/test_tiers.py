@@ -211,6 +211,24 @@ def test_a_budget_smaller_than_a_batch_reads_the_rest_in_place(device):
     assert stats.device_rows == 8 and stats.hit_rate < 0.5
 
 
+def test_lfu_victims_and_restarted_claims_train_alike(device, monkeypatch):
+    """An ``lfu`` policy picks victims by counts; when the promotions' claim numbers run
+    out they start again (the claims reset) and training goes on unchanged."""
+    from recstack.embedding_engine import tiers as tiers_module
+
+    monkeypatch.setattr(tiers_module, "_MAX_TOKEN", 5)
+    lfu = Eviction(policy="lfu", max_rows=2000)
+    data = batches(device, 20)
+    full, tiered = collection(device, 10**9, lfu), collection(device, 96, lfu)
+    same(train(full, data), train(tiered, data, prefetch=True))
+    assert_same_state(full, tiered)
+    rt = tiered.physical_tables["item"].tiers
+    assert rt is not None and rt.policy == "lfu" and 1 <= rt._token <= 5
+    assert tiered.tier_stats()["item"].promoted > 0
+    # The maps are still inverse permutations of each other.
+    assert torch.equal(rt.owner[rt.loc], torch.arange(rt.loc.numel(), device=device))
+
+
 def test_eval_reads_rows_in_either_tier(device):
     data = batches(device, 12)
     full, tiered = collection(device, 10**9), collection(device, 64)

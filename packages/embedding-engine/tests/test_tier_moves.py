@@ -15,18 +15,17 @@ from recstack.embedding_engine.kernels.tier_moves import (
 
 
 def tier_state(device, rows: int, seed: int) -> dict[str, torch.Tensor]:
-    """Maps of ``rows`` logical rows (plus the scratch entry) shuffled over the slots, with
-    random scores, stamps and old claims."""
+    """Maps of ``rows`` logical rows shuffled over the slots, with random scores, stamps
+    and old claims."""
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(rows, generator=g)
-    loc = torch.cat([perm, torch.tensor([rows])])
+    loc = torch.randperm(rows, generator=g)
     owner = torch.empty_like(loc)
-    owner[loc] = torch.arange(rows + 1)
+    owner[loc] = torch.arange(rows)
     return {
         "loc": loc.to(device),
         "owner": owner.to(device),
-        "hold": torch.randint(-1, 3 << 32, (rows + 1,), generator=g).to(device),
-        "stamp": torch.randint(-1, 12, (rows + 1,), generator=g).to(device),
+        "hold": torch.randint(-1, 3 << 32, (rows,), generator=g).to(device),
+        "stamp": torch.randint(-1, 12, (rows,), generator=g).to(device),
         "score": torch.randint(0, 5, (rows,), generator=g).to(device),  # ties on purpose
         "counts": torch.zeros(3, dtype=torch.int64, device=device),
     }
@@ -75,7 +74,7 @@ def test_plan_promotion_moves_free_host_rows_into_free_gpu_slots(device, backend
         )
     loc, owner, stamp = state["loc"].cpu(), state["owner"].cpu(), before["stamp"].cpu()
     # The maps stay inverse permutations.
-    assert torch.equal(owner[loc], torch.arange(rows + 1))
+    assert torch.equal(owner[loc], torch.arange(rows))
     wanted_rows = {int(x) for x in want.cpu() if x >= 0}
     old_loc = before["loc"].cpu()
     first_seen = list(dict.fromkeys(int(x) for x in want.cpu() if x >= 0))  # rank order
@@ -104,8 +103,8 @@ def test_plan_promotion_moves_free_host_rows_into_free_gpu_slots(device, backend
 def test_plan_promotion_prefers_the_oldest_free_candidate(device):
     rows, r = 20, 8
     state = tier_state(device, rows, 1)
-    state["loc"] = torch.arange(rows + 1, device=device)
-    state["owner"] = torch.arange(rows + 1, device=device)
+    state["loc"] = torch.arange(rows, device=device)
+    state["owner"] = torch.arange(rows, device=device)
     state["hold"].fill_(-1)
     state["stamp"].fill_(-1)
     state["stamp"][1] = 5  # in flight: never a victim

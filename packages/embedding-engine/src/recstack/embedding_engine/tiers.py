@@ -121,7 +121,7 @@ class RowTiers:
         policy: ``"lru"`` or ``"lfu"``: which score picks rows to demote.
 
     Attributes:
-        loc: int64, the slot of each logical row (one scratch entry past the last row).
+        loc: int64, the slot of each logical row.
         owner: int64, the logical row in each slot (the inverse of ``loc``).
         hold: int64 per slot, the claim of the promotion that last wanted it (its token
             times 2**32, plus a position): slots the current promotion claims are not
@@ -191,20 +191,15 @@ class RowTiers:
             self.values.place_pages(pages)
 
     def ensure_rows(self, n: int) -> None:
-        """Map logical rows up to ``n`` (new rows take the slot of their own number).
-
-        The maps keep one scratch entry past the last row: writes a promotion skips land
-        there, so it never has to count its moves on the host.
-        """
-        have = self.loc.numel() - 1 if self.loc.numel() else 0
+        """Map logical rows up to ``n`` (new rows take the slot of their own number)."""
+        have = self.loc.numel()
         if n <= have:
             return
-        device = self.loc.device
-        new = torch.arange(have, n + 1, dtype=torch.int64, device=device)
-        self.loc = torch.cat([self.loc[:have], new])
-        self.owner = torch.cat([self.owner[:have], new])
-        self.hold = torch.cat([self.hold[:have], torch.full_like(new, -1)])
-        self.stamp = torch.cat([self.stamp[:have], torch.full_like(new, -1)])
+        new = torch.arange(have, n, dtype=torch.int64, device=self.loc.device)
+        self.loc = torch.cat([self.loc, new])
+        self.owner = torch.cat([self.owner, new])
+        self.hold = torch.cat([self.hold, torch.full_like(new, -1)])
+        self.stamp = torch.cat([self.stamp, torch.full_like(new, -1)])
 
     def physical(self, rows: torch.Tensor, *, mark: int | None = None) -> torch.Tensor:
         """Physical slots of logical ``rows`` (``-1`` stays ``-1``); with ``mark``, a

@@ -247,11 +247,6 @@ def tier_slots(
     return out
 
 
-def _group_size(k: int, window: int) -> int:
-    """Candidates per ranked row: the window shared out, between 1 and 16."""
-    return max(1, min(16, window // max(k, 1)))
-
-
 def plan_promotion_reference(
     rows: torch.Tensor,
     *,

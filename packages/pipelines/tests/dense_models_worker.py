@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from model_testdata import MODELS, make_batch, synthetic_rows
+from rank_exit import end_rank
 from safetensors.torch import save_file
 
 from recstack.pipelines import Trainer
@@ -53,8 +54,8 @@ def main() -> None:
                 whole = value.full_tensor() if hasattr(value, "full_tensor") else value
                 tensors[f"{name}.{key}"] = whole.contiguous()
     save_file(tensors, str(out / f"{dense}-rank{rank}.safetensors"))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_rank()  # after main returns: its trainers and models are gone

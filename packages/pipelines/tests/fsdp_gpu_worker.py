@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 from model_testdata import FEATURES, FEATURES_OF, MODELS, TABLES, make_batch, synthetic_rows
+from rank_exit import end_rank
 from safetensors.torch import save_file
 
 from recstack.pipelines import Trainer
@@ -59,8 +60,8 @@ def main() -> None:
                     whole = value.full_tensor() if hasattr(value, "full_tensor") else value
                     tensors[f"{mode}.{name}.{key}"] = whole.float().cpu().contiguous()
     save_file(tensors, out)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_rank()  # after main returns: its trainers and models are gone

@@ -19,7 +19,8 @@ def ranks_ended(
 ) -> list[tuple[int, str]]:
     """Run ``python worker RANK WORLD *args(RANK)`` for every rank at once; each rank's exit
     code and output."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A rank that aborts in native code prints every thread's Python stack.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
         # Added to the caller's path (packages run from source), not in its place.
         environment["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_exit import end_rank
 from safetensors.torch import save_file
 from sharded_toys import SparseToy, dense_state, rows_of, sparse_data, trainer_for
 
@@ -72,7 +73,6 @@ def main() -> None:
         assert torch.equal(v, trained[k]), k
     for a, b in zip(_moments(resumed.dense_optimizer), moments, strict=True):
         assert torch.equal(a, b)
-    dist.destroy_process_group()
 
 
 def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -88,3 +88,4 @@ def _moments(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 if __name__ == "__main__":
     main()
+    end_rank()  # after main returns: its trainers and models are gone

@@ -11,7 +11,7 @@ WORKER = Path(__file__).with_name("mp_worker.py")
 
 
 def spawn(*args: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
         stdout=subprocess.PIPE,

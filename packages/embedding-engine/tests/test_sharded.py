@@ -155,10 +155,19 @@ def _table_rows(ec) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank(rank: int, world: int, init: str, out: str, ahead: bool) -> None:
+def _budget(rows: int) -> list[TableConfig]:
+    """TABLES with an ``hbm_budget`` of ``rows`` on each dynamic table (tiered)."""
+    return [t if t.fixed_size else dataclasses.replace(t, hbm_budget=rows) for t in TABLES]
+
+
+def _rank(rank: int, world: int, init: str, out: str, ahead: bool, tiered: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    ec = ShardedEmbeddingCollection(TABLES, FEATURES)
+    ec = ShardedEmbeddingCollection(_budget(8) if tiered else TABLES, FEATURES)
     first = _train(ec, _picks(world, rank), ahead)
+    if tiered:
+        stats = ec.tier_stats()
+        assert set(stats) == {"item", "user", "cat"}
+        assert stats["item"].rows > stats["item"].device_rows  # part in host memory
     tensors = {f"out.{k}": v for k, v in first.items()}
     load = ec.last_load
     assert load is not None
@@ -172,13 +181,17 @@ def _rank(rank: int, world: int, init: str, out: str, ahead: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("world", "ahead"), [(2, False), (3, False), (3, True)])
+@pytest.mark.parametrize(
+    ("world", "ahead", "tiered"),
+    [(2, False, False), (3, False, False), (3, True, False), (2, True, True)],
+)
 def test_ranks_train_like_one_process_on_the_whole_batch(
-    tmp_path: Path, world: int, ahead: bool
+    tmp_path: Path, world: int, ahead: bool, tiered: bool
 ) -> None:
     """``ahead``: each step's ids prefetched during the previous step (a pipelined
-    Trainer): the same results."""
-    args = [str(world), str(tmp_path / "init"), str(tmp_path), str(int(ahead))]
+    Trainer): the same results. ``tiered``: each shard keeps 8 rows of a table in its GPU
+    tier, the rest in host memory (the prefetch promotes each owner's rows): the same."""
+    args = [str(world), str(tmp_path / "init"), str(tmp_path), str(int(ahead)), str(int(tiered))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ranks = [
         subprocess.Popen([sys.executable, str(THIS), str(r), *args], env=env, **_CAPTURE)
@@ -271,22 +284,52 @@ def test_one_rank_is_an_embedding_collection(one_rank) -> None:
         torch.testing.assert_close(_dense(got[name]), _dense(want[name]), msg=name)
 
 
-def test_tiered_tables_shard_like_all_gpu_ones(one_rank) -> None:
-    """A tiered table's budget holds on each rank's shard; training is unchanged."""
-
-    def budget(rows: int) -> list[TableConfig]:
-        return [t if t.fixed_size else dataclasses.replace(t, hbm_budget=rows) for t in TABLES]
-
-    tiered = ShardedEmbeddingCollection(budget(8), FEATURES)
-    full = ShardedEmbeddingCollection(budget(10**9), FEATURES)
-    got, want = _train(tiered, _picks(1, 0)), _train(full, _picks(1, 0))
+@pytest.mark.parametrize("ahead", [False, True])
+def test_tiered_tables_shard_like_all_gpu_ones(one_rank, ahead: bool) -> None:
+    """A tiered table's budget holds on each rank's shard; training is unchanged, with
+    each next batch prefetched (``ahead``) or not."""
+    tiered = ShardedEmbeddingCollection(_budget(8), FEATURES)
+    full = ShardedEmbeddingCollection(_budget(10**9), FEATURES)
+    assert tiered.tiered_tables == ("item", "user", "cat")
+    got, want = _train(tiered, _picks(1, 0), ahead), _train(full, _picks(1, 0), ahead)
     for name, value in want.items():
         assert torch.equal(got[name], value), name
     rows, rows_full = _table_rows(tiered), _table_rows(full)
     for name, table in rows_full.items():
         torch.testing.assert_close(rows[name], table, rtol=0, atol=0, equal_nan=True)
-    stats = tiered.shard.tier_stats()
+    stats = tiered.tier_stats()
+    assert stats == tiered.shard.tier_stats()
     assert stats["item"].rows > stats["item"].device_rows == 8
+
+
+def test_prefetch_promotes_the_rows_each_owner_will_serve(one_rank) -> None:
+    """A prefetch moves the next batch's rows that sit in host memory to the shard's GPU
+    tier before that batch's forward, which then finds them there and moves nothing."""
+    ec = ShardedEmbeddingCollection(
+        [TableConfig("item", dim=4, hbm_budget=64)], [FeatureConfig("item", "item")]
+    )
+    opt = SparseAdam(ec.sparse_parameters(), lr=0.05)
+
+    def batch(ids: torch.Tensor) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(["item"], ids, torch.ones_like(ids))
+
+    for start in range(0, 512, 32):  # 512 rows, 64 of them in the GPU tier
+        ec(batch(torch.arange(start, start + 32)))["item"].sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert ec.shard is not None
+    tiers = ec.shard.physical_tables["item"].tiers
+    assert tiers is not None
+    # find_rows gives value-store slots: those past device_rows are in host memory.
+    host = torch.nonzero(ec.shard.find_rows("item", torch.arange(512)) >= 64).flatten()[:8]
+    assert host.numel() == 8 and tiers.device_rows == 64
+    ec.prefetch(batch(host))
+    assert bool((ec.shard.find_rows("item", host) < 64).all())
+    before = tiers.stats()
+    ec(batch(host))
+    after = tiers.stats()
+    assert after.promoted == before.promoted
+    assert after.device_hits - before.device_hits == after.lookups - before.lookups == 8
 
 
 def test_prefetched_ids_give_the_same_training(one_rank) -> None:
@@ -396,7 +439,7 @@ def test_it_needs_a_process_group() -> None:
 
 
 if __name__ == "__main__":
-    _rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1")
+    _rank(*map(int, sys.argv[1:3]), *sys.argv[3:5], sys.argv[5] == "1", sys.argv[6] == "1")
 
 
 @pytest.mark.gpu

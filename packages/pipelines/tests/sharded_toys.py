@@ -3,6 +3,7 @@ the Trainer with sharded tables."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -28,11 +29,12 @@ BATCH, VOCAB = 32, 50
 
 
 class SparseToy(nn.Module):
-    def __init__(self, *, sharded: bool) -> None:
+    def __init__(self, *, sharded: bool, hbm_budget: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(3)
         cls = ShardedEmbeddingCollection if sharded else EmbeddingCollection
-        self.ec = cls(TABLES, FEATURES)
+        tables = [dataclasses.replace(t, hbm_budget=hbm_budget) for t in TABLES]
+        self.ec = cls(tables, FEATURES)
         self.tower = nn.Sequential(nn.Linear(4 + 12 + 4 + 1, 8), nn.ReLU(), nn.Linear(8, 1))
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:

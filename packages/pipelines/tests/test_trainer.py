@@ -457,3 +457,30 @@ def test_every_reference_model_trains_alike_in_ddp_and_fsdp(tmp_path: Path) -> N
     assert set(ddp) == set(fsdp) and any(k.startswith("hstu.") for k in ddp)
     for key, value in ddp.items():
         torch.testing.assert_close(fsdp[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sharded_tiered_tables_get_each_next_batch(tmp_path: Path) -> None:
+    """A sharded collection with tiered tables takes each next batch from the Trainer
+    (whatever the pipeline), each owner promoting the rows it will serve; training is
+    exactly that of all-GPU tables."""
+    import torch.distributed as dist
+    from sharded_toys import SparseToy, rows_of, sparse_data, trainer_for
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        rows = []
+        for budget in (8, 10**9):
+            model = SparseToy(sharded=True, hbm_budget=budget)
+            trainer = trainer_for(model, sparse_data(batches=6), None)
+            assert trainer.fit().step == 12
+            assert trainer._prefetch is not None and trainer._prefetch.collections == [model.ec]
+            assert trainer._prefetch.sent == 10  # ahead of every step but each epoch's first
+            stats = model.ec.tier_stats()["item"]
+            if budget == 8:
+                assert stats.rows > stats.device_rows == 8 and stats.promoted > 0
+            rows.append(rows_of(model.ec))
+    finally:
+        dist.destroy_process_group()
+    assert rows[0].keys() == rows[1].keys()
+    for k in rows[0]:
+        assert torch.equal(rows[0][k], rows[1][k]), k

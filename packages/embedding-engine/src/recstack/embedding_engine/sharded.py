@@ -41,6 +41,10 @@ counts (``SparseAdam(step_count="per_row")``) are the same whatever the sharding
 a table whose shard a step missed corrects its bias by a count one lower than unsharded
 (never, in practice, for tables of thousands of ids or more).
 
+**Tiered tables.** A table's ``hbm_budget`` holds for each rank's shard. Each owner
+promotes the rows its forward serves; :meth:`ShardedEmbeddingCollection.prefetch` of the
+next batch promotes them ahead of that forward (the Trainer calls it after each forward).
+
 **Replicated tables.** Small fixed-size tables (by default those of at most 16M values;
 ``replicate=[...]`` names them) are replicated on every rank instead: looked up locally
 with no exchange, and trained data parallel, every rank's gradients summed before the
@@ -75,6 +79,7 @@ from recstack.embedding_engine.replicated import (
     ReplicatedSparseParameter,
     replicated_tables,
 )
+from recstack.embedding_engine.tiers import TierStats
 
 __all__ = ["ExchangeLoad", "ShardedEmbeddingCollection"]
 
@@ -283,6 +288,20 @@ class ShardedEmbeddingCollection(nn.Module):
         return frozenset(self._replicated)
 
     @property
+    def tiered_tables(self) -> tuple[str, ...]:
+        """The sharded tables with an ``hbm_budget`` (see
+        :attr:`EmbeddingCollection.tiered_tables
+        <recstack.embedding_engine.EmbeddingCollection.tiered_tables>`): those whose rows
+        :meth:`prefetch` also moves to each owner's GPU tier."""
+        return self._shard.tiered_tables if self._shard is not None else ()
+
+    def tier_stats(self) -> dict[str, TierStats]:
+        """What each tiered table's shard on this rank did, by table (see
+        :meth:`EmbeddingCollection.tier_stats
+        <recstack.embedding_engine.EmbeddingCollection.tier_stats>`)."""
+        return self._shard.tier_stats() if self._shard is not None else {}
+
+    @property
     def feature_names(self) -> tuple[str, ...]:
         """The features a batch must carry, in config order."""
         return tuple(f.name for f in self._features)
@@ -355,10 +374,23 @@ class ShardedEmbeddingCollection(nn.Module):
         One batch ahead: a second prefetch before the forward finishes the first one's
         exchange and replaces it.
 
+        Tiered tables (:attr:`tiered_tables`): each owner also moves the rows it will
+        serve that batch to its GPU tier now, as :meth:`EmbeddingCollection.prefetch
+        <recstack.embedding_engine.EmbeddingCollection.prefetch>` does, so the forward
+        finds them there. For that the exchange finishes here rather than in the forward:
+        on CUDA the stream waits for it (the host goes on), with gloo the host does.
+
         Raises:
             TypeError, ValueError: as :meth:`forward`.
         """
         self._ahead = self._take_ahead(kjt) or self._start(kjt)
+        if self.tiered_tables and self._ahead.pending is not None:
+            # An owner can only promote rows whose ids it has: the exchange finishes now
+            # (on CUDA the stream waits for it, not the host), then the shard moves the
+            # rows it will serve to its GPU tier, while this step's backward is queued.
+            (asked,), _ = self._ahead.pending.wait()
+            assert self._shard is not None
+            self._shard.prefetch(self._local_batch(asked)[1])
 
     def _take_ahead(self, kjt: KeyedJaggedTensor) -> _IdExchange | None:
         """The prefetched exchange of ``kjt``, if any; another batch's is finished (every
@@ -490,6 +522,23 @@ class ShardedEmbeddingCollection(nn.Module):
         """The owner's side: the rows of the received ``(id, tag, count)`` requests, read
         through the shard's row features in one call, by table, and for each width and
         dtype group (keyed by its first table) the received positions of its rows."""
+        by_table, local, sizes = self._local_batch(asked)
+        ordered = asked.index_select(0, by_table)
+        seen = dict(zip(local.keys(), ordered[:, _COUNT].split(sizes), strict=True))
+        looked = self._shard(local, id_counts=seen)
+        rows = {t: looked[_row_feature(t)][: sizes[self._table_index[t]]] for t in self._used}
+        positions = {}
+        for tables in self._groups.values():
+            # Requests sorted by tag list each group's tables in order, as ``rows`` do.
+            tag_set = torch.tensor([self._table_index[t] for t in tables], device=self._device)
+            positions[tables[0]] = by_table[torch.isin(ordered[:, _TAG], tag_set)]
+        return rows, positions
+
+    def _local_batch(
+        self, asked: torch.Tensor
+    ) -> tuple[torch.Tensor, KeyedJaggedTensor, list[int]]:
+        """The received ``(id, tag, count)`` requests as a batch of the shard's row
+        features: the order that sorts them by table, the batch, and each table's count."""
         # A KeyedJaggedTensor has one batch size for all keys, so each table's ids are
         # bags of one, padded with empty bags to the largest table's count.
         by_table = torch.argsort(asked[:, _TAG], stable=True)
@@ -499,16 +548,7 @@ class ShardedEmbeddingCollection(nn.Module):
         widest = torch.arange(max(sizes, default=0), device=self._device)
         lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
         keys = [_row_feature(t) for t in self._sharded]
-        local = KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths)
-        seen = dict(zip(keys, ordered[:, _COUNT].split(sizes), strict=True))
-        looked = self._shard(local, id_counts=seen)
-        rows = {t: looked[_row_feature(t)][: sizes[self._table_index[t]]] for t in self._used}
-        positions = {}
-        for tables in self._groups.values():
-            # Requests sorted by tag list each group's tables in order, as ``rows`` do.
-            tag_set = torch.tensor([self._table_index[t] for t in tables], device=self._device)
-            positions[tables[0]] = by_table[torch.isin(ordered[:, _TAG], tag_set)]
-        return rows, positions
+        return by_table, KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths), sizes
 
     # ------------------------------------------------------------------ the shard's state
     def keyed_states(self) -> dict[str, KeyedState]:

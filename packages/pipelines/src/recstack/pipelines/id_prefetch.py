@@ -17,7 +17,8 @@ them have a next batch (one small host all-reduce); at the end of the data none 
 Tiered tables (``TableConfig(hbm_budget=...)``) take the next batch too, whatever the
 pipeline: :meth:`EmbeddingCollection.prefetch
 <recstack.embedding_engine.EmbeddingCollection.prefetch>` moves its rows that sit in host
-memory to the GPU before its forward (results are unchanged; only where rows sit).
+memory to the GPU before its forward (results are unchanged; only where rows sit). A
+sharded collection's ``prefetch`` does the same on each owner, for the rows it will serve.
 """
 
 from __future__ import annotations

@@ -150,8 +150,9 @@ class Trainer:
             an ``hbm_budget`` (tiered: part of their rows in host memory) get the next
             batch's ids after each forward whatever the pipeline
             (:meth:`EmbeddingCollection.prefetch
-            <recstack.embedding_engine.EmbeddingCollection.prefetch>`), to bring its rows
-            to the GPU ahead of its forward; that changes no result either.
+            <recstack.embedding_engine.EmbeddingCollection.prefetch>`; sharded ones
+            through their own ``prefetch``, each owner promoting the rows it serves), to
+            bring its rows to the GPU ahead of its forward; that changes no result either.
         dense_parallel: under ``torchrun``, how the dense parameters spread over the
             ranks: ``"ddp"`` (``DistributedDataParallel``: each rank holds them all and
             their gradients are averaged) or ``"fsdp"`` (FSDP2's ``fully_shard``: each
@@ -302,9 +303,7 @@ class Trainer:
         ahead: list[EmbeddingCollection | ShardedEmbeddingCollection] = []
         if pipeline != "off":
             ahead = [c for c in self.collections if isinstance(c, ShardedEmbeddingCollection)]
-        ahead += [
-            c for c in self.collections if isinstance(c, EmbeddingCollection) and c.tiered_tables
-        ]
+        ahead += [c for c in self.collections if c.tiered_tables and c not in ahead]
         self._prefetch = IdPrefetch(ahead) if ahead or pipeline != "off" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
         self._peer_stop = False

@@ -82,6 +82,25 @@ def test_swap_rows_moves_companions_and_announces(device):
     assert seen[-1] == ([-1, -1, -1, -1], [-1, -1, -1, -1])
 
 
+def test_swap_rows_announces_only_to_listeners_holding_rows(device):
+    t = filled(device)
+    t.place_pages(2)
+    seen, holding = [], [False]
+    t.on_rows_moved(lambda src, dst: seen.append(src.tolist()), holds=lambda: holding[0])
+    a, b = torch.tensor([1], device=device), torch.tensor([17], device=device)
+    before = t.to_dense()
+    t.swap_rows(a, b)
+    assert seen == []  # nobody held a row: no announcement
+    assert torch.equal(t.to_dense()[[1, 17]], before[[17, 1]])  # the rows still moved
+    holding[0] = True
+    t.swap_rows(a, b)
+    assert seen == [[1, 17]]
+    t.rows_moved(a, b)  # an explicit announcement reaches every listener
+    assert seen == [[1, 17], [1]]
+    with pytest.raises(TypeError, match="holds is not callable"):
+        t.on_rows_moved(lambda src, dst: None, holds=True)
+
+
 @pytest.mark.parametrize("n", [0, 1, 7, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swap_kernel_matches_its_reference(device, n, dtype):

@@ -598,27 +598,43 @@ class PagedTensor:
             return
         for s in (self, *(c.store for c in self.companions.values())):
             swap_paged_rows(s, a, b)
+        listeners = self.__dict__.get("_move_listeners", ())
+        if not any(holds is None or holds() for _, holds in listeners):
+            return  # nobody holds rows of this table now: five launches saved
         ok = (a >= 0) & (b >= 0)
         a, b = torch.where(ok, a, -1), torch.where(ok, b, -1)
         self.rows_moved(torch.cat([a, b]), torch.cat([b, a]))
 
-    def on_rows_moved(self, callback: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+    def on_rows_moved(
+        self,
+        callback: Callable[[torch.Tensor, torch.Tensor], None],
+        *,
+        holds: Callable[[], bool] | None = None,
+    ) -> None:
         """Register ``callback(src, dst)``, called by every :meth:`rows_moved` of this table.
 
         Whatever holds row numbers of this table across calls (a sparse optimizer's
         accumulated gradients) registers here to follow its rows. Callbacks are held for
         the table's life; one that should not keep its owner alive holds it weakly.
+
+        Args:
+            callback: called with the moves.
+            holds: says whether the callback holds any row now (``None``: always). When
+                every callback says no, :meth:`swap_rows` skips building its
+                announcement (a few small launches); :meth:`rows_moved` still calls them.
         """
         if not callable(callback):
             raise TypeError(f"PagedTensor {self._name!r}: on_rows_moved takes a callable")
-        self.__dict__.setdefault("_move_listeners", []).append(callback)
+        if holds is not None and not callable(holds):
+            raise TypeError(f"PagedTensor {self._name!r}: on_rows_moved's holds is not callable")
+        self.__dict__.setdefault("_move_listeners", []).append((callback, holds))
 
     def rows_moved(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Announce that the contents of rows ``src[i]`` now live at ``dst[i]`` (1-D int64;
         a row appears in ``src`` once, or several times with the same ``dst``; ``-1``
         entries are nothing; rows not in ``src`` stayed): every :meth:`on_rows_moved`
         callback is called with them, in registration order."""
-        for callback in self.__dict__.get("_move_listeners", ()):
+        for callback, _ in self.__dict__.get("_move_listeners", ()):
             callback(src, dst)
 
     def fill_(self, value: float) -> PagedTensor:

@@ -236,7 +236,9 @@ class EmbeddingCollection(nn.Module):
         for name, phys in self._physical.items():
             if phys.tiers is not None:
                 # A stored gradient follows the rows a promotion moves.
-                phys.values.on_rows_moved(partial(self._grads.move_rows, name))
+                phys.values.on_rows_moved(
+                    partial(self._grads.move_rows, name), holds=partial(self._grads.holds, name)
+                )
 
     # ------------------------------------------------------------------------------------
     # Introspection

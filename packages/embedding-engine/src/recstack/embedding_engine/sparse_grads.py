@@ -146,6 +146,10 @@ class SparseGradStore:
             )
         self._grads.clear()
 
+    def holds(self, name: str) -> bool:
+        """Whether a gradient of physical table ``name`` is stored now."""
+        return name in self._grads
+
     def move_rows(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Physical table ``name``'s rows ``src`` moved to ``dst`` (a tiered table's
         promotion): its stored gradient follows them.

@@ -425,8 +425,12 @@ class SparseOptimizer(torch.optim.Optimizer):
             if opt is not None:
                 opt._move_pending_rows(key, src, dst)
 
+        def holds() -> bool:
+            opt = ref()
+            return opt is not None and bool(opt._pending.get(key))
+
         table.on_rows_reset(drop)
-        table.on_rows_moved(move)
+        table.on_rows_moved(move, holds=holds)
 
     def _drop_pending_rows(self, key: int, rows: torch.Tensor) -> None:
         parts = self._pending.get(key)

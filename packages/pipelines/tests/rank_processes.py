@@ -21,6 +21,7 @@ def ranks_ended(
     code and output."""
     # A rank that aborts in native code prints every thread's Python stack.
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    environment.update(interpreted_kernels_off())
     if env and "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
         # Added to the caller's path (packages run from source), not in its place.
         environment["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], os.environ["PYTHONPATH"]])
@@ -42,6 +43,14 @@ def ranks_ended(
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, log) for p, log in zip(procs, logs, strict=True)]
+
+
+def interpreted_kernels_off() -> dict[str, str]:
+    """Environment for a child process of a CPU test run: under Triton's interpreter (the
+    kernel tests' CPU mode) the children take core's torch path instead. The kernels are
+    tested in the test process itself; interpreting them again in every rank only makes
+    the multi-process tests minutes slower. On a GPU nothing changes."""
+    return {"RECSTACK_KERNELS": "torch"} if os.environ.get("TRITON_INTERPRET") == "1" else {}
 
 
 def run_ranks(

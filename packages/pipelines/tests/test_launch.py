@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from config_testdata import DEMO, TINY
+from rank_processes import interpreted_kernels_off
 
 from recstack.pipelines.launch import distributed_run, one_writer, rank_device
 
@@ -58,7 +59,7 @@ def test_recstack_train_under_torchrun_shards_the_tables(tmp_path: Path, dense: 
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         str(script), "train", str(DEMO), *sets,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **interpreted_kernels_off()}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from recstack.columnio.host_hash import host_mix64
 from recstack.columnio.plan import permutation, seed_key
-from recstack.core import mix64
 
 __all__ = ["BucketPlan", "estimated_passes"]
 
@@ -107,7 +107,7 @@ class BucketPlan:
         """
         key = seed_key(self.seed, self.epoch, _BUCKET_TAG)
         # remainder of a uniform 64-bit hash: bias below num_buckets / 2**64.
-        return torch.remainder(mix64(rows ^ key), self.num_buckets)
+        return torch.remainder(host_mix64(rows ^ key), self.num_buckets)
 
     def start(self, bucket: int) -> int:
         """The stream position of the bucket's first row.

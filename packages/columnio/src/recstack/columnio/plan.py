@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recstack.core import mix64
+from recstack.columnio.host_hash import host_mix64
 
 __all__ = [
     "Segment",
@@ -96,7 +96,7 @@ def permutation(n: int, *parts: int) -> torch.Tensor:
     if n <= 1:
         return torch.arange(n, dtype=torch.int64)
     idx = torch.arange(n, dtype=torch.int64)
-    keys = mix64(idx ^ seed_key(*parts))
+    keys = host_mix64(idx ^ seed_key(*parts))
     return torch.argsort(keys, stable=True)
 
 

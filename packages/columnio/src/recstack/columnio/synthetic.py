@@ -50,8 +50,8 @@ import pyarrow.fs as pafs
 import torch
 
 from recstack.columnio.errors import ColumnIOError, logger
+from recstack.columnio.host_hash import host_mix64
 from recstack.columnio.writer import resolve_path, write_parquet
-from recstack.core import mix64
 from recstack.core.checks import check_int
 
 __all__ = [
@@ -256,7 +256,7 @@ class SyntheticCTRInfo:
 def _fmix64(x: np.ndarray) -> np.ndarray:
     """``recstack.core.mix64`` of uint64 values (through int64 views, no copies)."""
     bits = torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint64).view(np.int64))
-    return mix64(bits).numpy().view(np.uint64)
+    return host_mix64(bits).numpy().view(np.uint64)
 
 
 def _effect(ids: np.ndarray, salt: np.uint64) -> np.ndarray:

@@ -100,6 +100,19 @@ class _IdExchange:
     splits: list[int] | None = None
     sent: torch.Tensor | None = None
     pending: PendingExchange | None = None
+    # The owner's side, once the ids arrived: kept when a prefetch needed it early.
+    received: _Received | None = None
+
+
+@dataclass(frozen=True)
+class _Received:
+    """The ``(id, tag, count)`` requests an owner received, as a batch of its shard's row
+    features (each table's ids bags of one)."""
+
+    by_table: torch.Tensor  # the order that sorts the requests by table
+    ordered: torch.Tensor  # the requests in that order
+    batch: KeyedJaggedTensor
+    sizes: list[int]  # requests per table
 
 
 # The columns of an exchange's request: the id, its table's index, its occurrences.
@@ -390,7 +403,8 @@ class ShardedEmbeddingCollection(nn.Module):
             # rows it will serve to its GPU tier, while this step's backward is queued.
             (asked,), _ = self._ahead.pending.wait()
             assert self._shard is not None
-            self._shard.prefetch(self._local_batch(asked)[1])
+            self._ahead.received = self._local_batch(asked)
+            self._shard.prefetch(self._ahead.received.batch)
 
     def _take_ahead(self, kjt: KeyedJaggedTensor) -> _IdExchange | None:
         """The prefetched exchange of ``kjt``, if any; another batch's is finished (every
@@ -478,7 +492,7 @@ class ShardedEmbeddingCollection(nn.Module):
         assert x.order is not None and x.splits is not None and x.sent is not None
         (asked,), asked_splits = x.pending.wait()
         unique, tags, order, splits, sent = x.unique, x.tags, x.order, x.splits, x.sent
-        looked, received_order = self._look_up(asked)
+        looked, received_order = self._look_up(x.received or self._local_batch(asked))
         source = torch.repeat_interleave(
             torch.arange(self.world_size, device=self._device),
             torch.tensor(asked_splits, device=self._device),
@@ -517,13 +531,17 @@ class ShardedEmbeddingCollection(nn.Module):
         return out
 
     def _look_up(
-        self, asked: torch.Tensor
+        self, received: _Received
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The owner's side: the rows of the received ``(id, tag, count)`` requests, read
         through the shard's row features in one call, by table, and for each width and
         dtype group (keyed by its first table) the received positions of its rows."""
-        by_table, local, sizes = self._local_batch(asked)
-        ordered = asked.index_select(0, by_table)
+        by_table, ordered, local, sizes = (
+            received.by_table,
+            received.ordered,
+            received.batch,
+            received.sizes,
+        )
         seen = dict(zip(local.keys(), ordered[:, _COUNT].split(sizes), strict=True))
         looked = self._shard(local, id_counts=seen)
         rows = {t: looked[_row_feature(t)][: sizes[self._table_index[t]]] for t in self._used}
@@ -534,11 +552,9 @@ class ShardedEmbeddingCollection(nn.Module):
             positions[tables[0]] = by_table[torch.isin(ordered[:, _TAG], tag_set)]
         return rows, positions
 
-    def _local_batch(
-        self, asked: torch.Tensor
-    ) -> tuple[torch.Tensor, KeyedJaggedTensor, list[int]]:
+    def _local_batch(self, asked: torch.Tensor) -> _Received:
         """The received ``(id, tag, count)`` requests as a batch of the shard's row
-        features: the order that sorts them by table, the batch, and each table's count."""
+        features."""
         # A KeyedJaggedTensor has one batch size for all keys, so each table's ids are
         # bags of one, padded with empty bags to the largest table's count.
         by_table = torch.argsort(asked[:, _TAG], stable=True)
@@ -548,7 +564,8 @@ class ShardedEmbeddingCollection(nn.Module):
         widest = torch.arange(max(sizes, default=0), device=self._device)
         lengths = (widest[None, :] < per_table[:, None]).to(torch.int64).reshape(-1)
         keys = [_row_feature(t) for t in self._sharded]
-        return by_table, KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths), sizes
+        batch = KeyedJaggedTensor(keys, ordered[:, _ID].contiguous(), lengths)
+        return _Received(by_table, ordered, batch, sizes)
 
     # ------------------------------------------------------------------ the shard's state
     def keyed_states(self) -> dict[str, KeyedState]:

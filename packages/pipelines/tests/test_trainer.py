@@ -269,11 +269,26 @@ def test_tiered_tables_train_and_resume_exactly_as_all_gpu_ones(
     batch (prefetch), and training, its checkpoints and a resume are unchanged."""
     full, t_full = build(data, None, hbm_budget=10**9)
     t_full.fit()
-    tiered, t_tiered = build(data, None, hbm_budget=24)
-    t_tiered.fit()
+    tiered, t_tiered = build(data, None, hbm_budget=24, log_every=4)
+    logged: list[dict[str, float]] = []
+
+    class Logs(Callback):
+        def on_step_end(self, trainer, step, logs) -> None:  # noqa: ANN001
+            logged.append(dict(logs))
+
+    t_tiered.callbacks.append(Logs())
+    assert t_tiered.fit().step == 32
     assert t_tiered._prefetch is not None and t_tiered._prefetch.sent > 0
     stats = tiered.embeddings.tier_stats()
     assert stats["a"].rows > 9 * stats["a"].device_rows and stats["a"].promoted > 0
+    # Every 4th step logs what each tiered table did since the previous log step.
+    tier = [x for x in logged if "tier/a/hit_rate" in x]
+    assert [int(x["step"]) for x in tier] == list(range(4, 33, 4))
+    assert "tier/b/hit_rate" not in logged[-1]  # b has no budget
+    for name in ("a", "user"):
+        assert all(0.0 <= x[f"tier/{name}/hit_rate"] <= 1.0 for x in tier)
+        assert sum(x[f"tier/{name}/promoted"] for x in tier) == stats[name].promoted
+        assert sum(x[f"tier/{name}/host_bytes"] for x in tier) == stats[name].host_bytes
     a, b = snapshot(full), snapshot(tiered)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _, first = build(data, tmp_path, hbm_budget=24, max_steps=11, checkpoint_every=100)

@@ -174,6 +174,11 @@ class Trainer:
     ``exchange/keys_served`` (the lookups it did as an owner) and ``exchange/bytes_sent``
     (ids, rows, gradients).
 
+    Tables with an ``hbm_budget`` (tiered) add, on each ``log_every`` step and for this
+    rank, what they did since the previous one: ``tier/<table>/hit_rate`` (the share of
+    looked-up rows found in the GPU tier), ``tier/<table>/promoted`` (rows moved to it) and
+    ``tier/<table>/host_bytes`` (bytes moved between the tiers, both ways).
+
     Evaluation puts the model in ``eval()`` mode under ``torch.no_grad()``: in training
     mode a forward inserts unseen ids into the tables and advances their step even under
     ``no_grad``, so evaluating in training mode would change the model.
@@ -306,6 +311,8 @@ class Trainer:
         ahead += [c for c in self.collections if c.tiered_tables and c not in ahead]
         self._prefetch = IdPrefetch(ahead) if ahead or pipeline != "off" else None
         self._ranks: RankAgreement | None = None  # made by fit() on every rank
+        # Each tiered table's counts at the previous log step (see _tier_logs).
+        self._tier_seen: dict[str, list[int]] = {}
         self._peer_stop = False
         self.step = 0
         self.epoch = 0
@@ -723,6 +730,7 @@ class Trainer:
                     f"Trainer: the loss is {logs['loss']} at step {self.step}", stacklevel=2
                 )
             self._loss_sum, self._task_sums, self._loss_steps = None, {}, 0
+            logs.update(self._tier_logs())
         logs.update(self._exchange_logs())
         if self.evict_every and self.step % self.evict_every == 0:
             self.evict()
@@ -751,6 +759,29 @@ class Trainer:
                 sum(x.id_bytes_sent + 2 * x.row_bytes_sent for x in loads)
             ),
         }
+
+    def _tier_logs(self) -> dict[str, float]:
+        """Each tiered table's GPU-tier hit rate, rows promoted and bytes moved between
+        the tiers since the previous log step (summed over collections holding a table
+        of that name). Read on log steps only: each table's counts are one host read."""
+        totals: dict[str, list[int]] = {}
+        for c in self.collections:
+            for name, st in c.tier_stats().items():
+                t = totals.setdefault(name, [0, 0, 0, 0])
+                for i, v in enumerate((st.lookups, st.device_hits, st.promoted, st.host_bytes)):
+                    t[i] += v
+        logs: dict[str, float] = {}
+        for name, now in totals.items():
+            before = self._tier_seen.get(name, [0, 0, 0, 0])
+            # Counts that went down were reset (reset_stats): count from zero again.
+            lookups, hits, promoted, moved = (
+                a - b if a >= b else a for a, b in zip(now, before, strict=True)
+            )
+            self._tier_seen[name] = now
+            logs[f"tier/{name}/hit_rate"] = hits / lookups if lookups else 1.0
+            logs[f"tier/{name}/promoted"] = float(promoted)
+            logs[f"tier/{name}/host_bytes"] = float(moved)
+        return logs
 
     def evict(self) -> dict[str, int]:
         """Run eviction on every table of the model by the trainer's rules; return the

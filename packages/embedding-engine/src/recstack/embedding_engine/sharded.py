@@ -536,20 +536,15 @@ class ShardedEmbeddingCollection(nn.Module):
         """The owner's side: the rows of the received ``(id, tag, count)`` requests, read
         through the shard's row features in one call, by table, and for each width and
         dtype group (keyed by its first table) the received positions of its rows."""
-        by_table, ordered, local, sizes = (
-            received.by_table,
-            received.ordered,
-            received.batch,
-            received.sizes,
-        )
-        seen = dict(zip(local.keys(), ordered[:, _COUNT].split(sizes), strict=True))
-        looked = self._shard(local, id_counts=seen)
-        rows = {t: looked[_row_feature(t)][: sizes[self._table_index[t]]] for t in self._used}
+        r = received
+        seen = dict(zip(r.batch.keys(), r.ordered[:, _COUNT].split(r.sizes), strict=True))
+        looked = self._shard(r.batch, id_counts=seen)
+        rows = {t: looked[_row_feature(t)][: r.sizes[self._table_index[t]]] for t in self._used}
         positions = {}
         for tables in self._groups.values():
             # Requests sorted by tag list each group's tables in order, as ``rows`` do.
             tag_set = torch.tensor([self._table_index[t] for t in tables], device=self._device)
-            positions[tables[0]] = by_table[torch.isin(ordered[:, _TAG], tag_set)]
+            positions[tables[0]] = r.by_table[torch.isin(r.ordered[:, _TAG], tag_set)]
         return rows, positions
 
     def _local_batch(self, asked: torch.Tensor) -> _Received:
